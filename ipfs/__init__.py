@@ -1,0 +1,1 @@
+"""Content layer: Kubo-compatible UnixFS CIDs, blockstore, trustless gateway, model shards."""

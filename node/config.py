@@ -1,0 +1,129 @@
+"""The one config loader: defaults, then a TOML file, then `SHARDMARKET_<SECTION>_<KEY>` variables."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    rpc_url: str = "http://127.0.0.1:8545"
+    brownie_network: str = "shardmarket-anvil"
+    deployments_dir: Path = Path("deployments")  # relative paths are under Config.home
+
+
+@dataclass(frozen=True)
+class IpfsConfig:
+    store: Path = Path("blocks")
+    api: str = ""  # a Kubo RPC API, e.g. http://127.0.0.1:5001; empty: the local blockstore
+    gateways: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    host: str = "127.0.0.1"
+    port: int = 7300
+    data_dir: Path = Path("node")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_key: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path = Path.home() / ".shardmarket"  # SHARDMARKET_HOME
+    chain: ChainConfig = field(default_factory=ChainConfig)
+    ipfs: IpfsConfig = field(default_factory=IpfsConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or variable that cannot be used; the message says which and why."""
+
+
+def _coerce(value: object, kind: object, where: str) -> object:
+    origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(f"expected true or false, got {value!r}")
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            return int(value)
+        if kind is float:
+            return float(value)
+        if kind is Path:
+            return Path(os.path.expanduser(str(value)))
+        if origin is list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [str(item).strip() for item in items if str(item).strip()]
+        if kind is str:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError(f"expected a string, got {type(value).__name__}")
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    raise ConfigError(f"{where}: unsupported type {kind}")
+
+
+def _section(cls: type, base: object, values: dict, where: str) -> object:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    return replace(base, **{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+def load_config(path: Path | str | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Read the config: `path`, else `SHARDMARKET_CONFIG`, else `<home>/config.toml` if it exists."""
+    environ = os.environ if environ is None else environ
+    config = Config()
+    if environ.get("SHARDMARKET_HOME"):
+        config = replace(config, home=Path(os.path.expanduser(environ["SHARDMARKET_HOME"])))
+    file = Path(path or environ.get("SHARDMARKET_CONFIG") or config.home / "config.toml")
+    file_values: dict = {}
+    if path or environ.get("SHARDMARKET_CONFIG") or file.exists():
+        try:
+            file_values = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+    hints = typing.get_type_hints(Config)
+    sections = {f.name for f in fields(Config) if f.name != "home"}
+    unknown = set(file_values) - sections
+    if unknown:
+        raise ConfigError(f"{file}: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(sections))}")
+    for name in sections:
+        cls = hints[name]
+        section = getattr(config, name)
+        values = file_values.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{file}: [{name}] must be a table")
+        section = _section(cls, section, values, f"{file} [{name}]")
+        prefix = f"SHARDMARKET_{name.upper()}_"
+        from_env = {k[len(prefix):].lower(): v for k, v in environ.items() if k.startswith(prefix)}
+        section = _section(cls, section, from_env, f"environment {prefix}*")
+        paths = {f.name: config.home / getattr(section, f.name) for f in fields(section) if _is_path(cls, f.name)}
+        config = replace(config, **{name: replace(section, **paths)})
+    return config
+
+
+def _is_path(cls: type, name: str) -> bool:
+    return typing.get_type_hints(cls)[name] is Path
