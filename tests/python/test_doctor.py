@@ -1,7 +1,8 @@
 import subprocess
 import sys
 
-from node import doctor, toolchain
+from node import toolchain
+from node.cli import doctor
 
 
 def test_doctor_passes_on_a_set_up_machine():

@@ -1,28 +1,32 @@
-"""`shardmarket ...`: the command line of operators and clients."""
+"""`shardmarket ...`: the command line of operators and clients.
+
+Each module of this package adds one group of subcommands with `register(commands)`; the parser
+calls the handler it set with `set_defaults(run=...)`, which returns the exit code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from node import __version__
+
+GROUPS = ["node.cli.doctor"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardmarket", description="A market for running LLMs split by layers.")
     parser.add_argument("--version", action="version", version=f"shardmarket {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("doctor", help="check the toolchain and say how to fix what is missing")
+    for module in GROUPS:
+        importlib.import_module(module).register(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "doctor":
-        from node.doctor import main as doctor
-
-        return doctor()
-    return 2
+    return args.run(args)
 
 
 if __name__ == "__main__":

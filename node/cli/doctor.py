@@ -138,6 +138,12 @@ def run_checks() -> list[Check]:
     ]
 
 
+def register(commands) -> None:
+    commands.add_parser("doctor", help="check the toolchain and say how to fix what is missing").set_defaults(
+        run=lambda args: main()
+    )
+
+
 def main() -> int:
     checks = run_checks()
     width = max(len(c.name) for c in checks)
