@@ -98,7 +98,7 @@ class FileBuilder:
 
     def __init__(self, options: ImportOptions, sink: BlockSink | None = None) -> None:
         self.options = options
-        self.sink = sink or _Discard()
+        self.sink = _Discard() if sink is None else sink
         self.levels: list[list[Entry]] = [[]]
         self.size = 0
 
@@ -196,7 +196,7 @@ def directory_node(options: ImportOptions, children: dict[str, Entry], sink: Blo
         raise AddError(f"a directory with {len(names)} entries would be HAMT-sharded by Kubo, which is not "
                            "supported; split it into smaller directories")
     links = [pb.Link(children[name].cid, name, children[name].tsize) for name in names]
-    cid, tsize = _dag_pb_block(options, links, pb.encode_unixfs(pb.DIRECTORY), sink or _Discard())
+    cid, tsize = _dag_pb_block(options, links, pb.encode_unixfs(pb.DIRECTORY), _Discard() if sink is None else sink)
     return Entry(cid, sum(children[name].size for name in names), tsize)
 
 

@@ -1,13 +1,12 @@
-// Prints the root CID npm's ipfs-unixfs-importer (Helia's importer) gives a file or directory tree.
-// usage: node js_import.mjs PATH CID_VERSION RAW_LEAVES(0|1) CHUNK_SIZE
-import { createReadStream, readdirSync, statSync } from 'node:fs'
+// Prints the root CID that npm's ipfs-unixfs-importer (Helia's importer) gives each job, one per line.
+// stdin: JSON list of {path, cidVersion, rawLeaves, chunkSize}; a directory is imported recursively
+// (hidden entries skipped, as `ipfs add -r` does).
+import { createReadStream, readdirSync, readFileSync, statSync } from 'node:fs'
 import { basename, join } from 'node:path'
 import { importer } from 'ipfs-unixfs-importer'
 import { fixedSize } from 'ipfs-unixfs-importer/chunker'
 import { balanced } from 'ipfs-unixfs-importer/layout'
 import { MemoryBlockstore } from 'blockstore-core/memory'
-
-const [path, cidVersion, rawLeaves, chunkSize] = process.argv.slice(2)
 
 function * entries (full, rel) {
   if (statSync(full).isDirectory()) {
@@ -20,15 +19,17 @@ function * entries (full, rel) {
   }
 }
 
-let root
-for await (const entry of importer(entries(path, basename(path)), new MemoryBlockstore(), {
-  cidVersion: Number(cidVersion),
-  rawLeaves: rawLeaves === '1',
-  reduceSingleLeafToSelf: true,
-  leafType: 'file',
-  chunker: fixedSize({ chunkSize: Number(chunkSize) }),
-  layout: balanced({ maxChildrenPerNode: 174 })
-})) {
-  root = entry
+for (const job of JSON.parse(readFileSync(0, 'utf8'))) {
+  let root
+  for await (const entry of importer(entries(job.path, basename(job.path)), new MemoryBlockstore(), {
+    cidVersion: job.cidVersion,
+    rawLeaves: job.rawLeaves,
+    reduceSingleLeafToSelf: true,
+    leafType: 'file',
+    chunker: fixedSize({ chunkSize: job.chunkSize }),
+    layout: balanced({ maxChildrenPerNode: 174 })
+  })) {
+    root = entry
+  }
+  console.log(root.cid.toString())
 }
-console.log(root.cid.toString())
