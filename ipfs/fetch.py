@@ -78,18 +78,19 @@ class DagFetcher:
                 units = [Unit(root, a, min(a + n, filesize)) for a in range(0, filesize, n)]
             else:
                 units = [Unit(link.cid) for link in links]
-            queue: asyncio.Queue[Unit] = asyncio.Queue()
+            self.pending: list[Unit] = []
             for unit in units:
                 if self._missing(unit):
-                    queue.put_nowait(unit)
+                    self.pending.append(unit)
                 else:
                     self.bar.update(self._unit_bytes(unit, links))
-            workers = [asyncio.create_task(self._worker(gw, queue, links))
-                       for gw in self.gateways for _ in range(WORKERS_PER_GATEWAY)]
+            self.failed: dict[Unit, set[str]] = {}
+            self.alive, self.in_flight = set(self.gateways), 0
+            workers = [asyncio.create_task(self._worker(gw)) for gw in self.gateways for _ in range(WORKERS_PER_GATEWAY)]
             await asyncio.gather(*workers)
         self.bar.close()
-        if not queue.empty():
-            raise FetchError(f"{queue.qsize()} part(s) of {to_str(root)} could not be fetched from any gateway; "
+        if self.pending:
+            raise FetchError(f"{len(self.pending)} part(s) of {to_str(root)} could not be fetched from any gateway; "
                              "verified blocks are kept, run the same command again to resume")
 
     def _unit_bytes(self, unit: Unit, links: list[pb.Link]) -> int:
@@ -163,13 +164,24 @@ class DagFetcher:
 
         return walk(unit.cid, unit.start, unit.stop)
 
-    async def _worker(self, gateway: str, queue: asyncio.Queue, links: list[pb.Link]) -> None:
+    def _take(self, gateway: str) -> Unit | None:
+        """The next unit for `gateway`: one it has not failed on, unless every live gateway has."""
+        for i, unit in enumerate(self.pending):
+            tried = self.failed.get(unit, set())
+            if gateway not in tried or self.alive <= tried:
+                return self.pending.pop(i)
+        return None
+
+    async def _worker(self, gateway: str) -> None:
         failures = 0
-        while failures < MAX_FAILURES:
-            try:
-                unit = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
+        while failures < MAX_FAILURES and gateway in self.alive:
+            unit = self._take(gateway)
+            if unit is None:
+                if not self.pending and not self.in_flight:
+                    return
+                await asyncio.sleep(0.02)  # units are in flight elsewhere and may come back
+                continue
+            self.in_flight += 1
             try:
                 await self._fetch_unit(gateway, unit)
                 if self._missing(unit):
@@ -177,11 +189,15 @@ class DagFetcher:
                 failures = 0
             except (aiohttp.ClientError, asyncio.TimeoutError, CarError, FetchError, pb.DecodeError) as exc:
                 failures += 1
+                self.failed.setdefault(unit, set()).add(gateway)
                 log.warning("gateway %s failed on %s (%s); another gateway will retry it", gateway,
                             to_str(unit.cid), exc or type(exc).__name__)
-                queue.put_nowait(unit)
-                await asyncio.sleep(0.05 * failures)
-        log.warning("gateway %s dropped after %d failures in a row", gateway, failures)
+                self.pending.append(unit)
+            finally:
+                self.in_flight -= 1
+        if failures >= MAX_FAILURES:
+            log.warning("gateway %s dropped after %d failures in a row", gateway, failures)
+            self.alive.discard(gateway)
 
     async def _fetch_unit(self, gateway: str, unit: Unit) -> None:
         parser = CarParser()
@@ -189,9 +205,13 @@ class DagFetcher:
             if resp.status != 200:
                 raise FetchError(f"HTTP {resp.status}: {(await resp.text())[:200].strip()}")
             async for chunk in resp.content.iter_chunked(1 << 20):
-                for cid, block in parser.feed(chunk):  # hashes are checked by the parser
-                    self._accept(cid, block)
+                # hashing and disk writes release the GIL: a thread lets the socket keep reading meanwhile
+                await asyncio.to_thread(self._ingest, parser, chunk)
         parser.close()
+
+    def _ingest(self, parser: CarParser, chunk: bytes) -> None:
+        for cid, block in parser.feed(chunk):  # hashes are checked by the parser
+            self._accept(cid, block)
 
     def _accept(self, cid: bytes, block: bytes) -> None:
         mh = split(cid)[1]
