@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ipfs.blockstore import Blockstore  # noqa: E402
+from ipfs.blockstore import Blockstore, MemoryBlockstore  # noqa: E402
 from ipfs.fetch import DagFetcher  # noqa: E402
 from ipfs.unixfs import ImportOptions, import_path  # noqa: E402
 
@@ -106,19 +106,33 @@ def bench_gateway(tmp: Path) -> dict:
             except OSError:
                 time.sleep(0.1)
 
-        def fetch_once() -> float:
-            store = Blockstore(tmp / "client")
+        def fetch_once(to_disk: bool) -> float:
+            store = Blockstore(tmp / "client") if to_disk else MemoryBlockstore()
             fetcher = DagFetcher(store, [f"http://127.0.0.1:{port}"], progress=False)
             took = timed(lambda: asyncio.run(fetcher.fetch(entry.cid)))
-            subprocess.run(["rm", "-rf", str(store.path)], check=True)
+            if to_disk:
+                subprocess.run(["rm", "-rf", str(store.path)], check=True)
             return took
 
-        fetched = median_rate(size, fetch_once)
+        fetched = median_rate(size, lambda: fetch_once(False))
+        stored = median_rate(size, lambda: fetch_once(True))
     finally:
         server.terminate()
         server.wait(10)
+    disk = median_rate(size, lambda: timed(lambda: _write_blocks(tmp / "disk", size)))
     return {"gateway_file_mb": size // MB, "gateway_sha256_mb_per_s": round(sha, 1),
-            "gateway_fetch_verify_mb_per_s": round(fetched, 1), "gateway_fetch_vs_sha256": round(fetched / sha, 3)}
+            "gateway_fetch_verify_mb_per_s": round(fetched, 1), "gateway_fetch_vs_sha256": round(fetched / sha, 3),
+            "gateway_fetch_to_blockstore_mb_per_s": round(stored, 1),
+            "plain_256k_file_writes_mb_per_s": round(disk, 1)}
+
+
+def _write_blocks(folder: Path, size: int) -> None:
+    """The disk floor of a blockstore: the same bytes as 256 KiB files, no hashing."""
+    folder.mkdir()
+    block = os.urandom(262144)
+    for i in range(size // len(block)):
+        (folder / str(i)).write_bytes(block)
+    subprocess.run(["rm", "-rf", str(folder)], check=True)
 
 
 RSS_PROBE = """
@@ -126,7 +140,8 @@ import resource, sys
 from ipfs.blockstore import Blockstore
 from ipfs.unixfs import ImportOptions, import_path
 if sys.argv[1] != "baseline":
-    import_path(sys.argv[1], ImportOptions(), Blockstore(sys.argv[2]))
+    entry = import_path(sys.argv[1], ImportOptions(), Blockstore(sys.argv[2]))
+    assert entry.size == 1024 ** 3, entry
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 

@@ -182,3 +182,28 @@ class Blockstore:
             if time.time() - path.stat().st_mtime > 3600:
                 path.unlink(missing_ok=True)
         return removed, freed
+
+
+class MemoryBlockstore:
+    """Blocks held in memory with the Blockstore interface the fetcher and exporter use (tests, benchmarks,
+    loading weights straight into RAM)."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[bytes, bytes] = {}
+
+    def has(self, cid: bytes) -> bool:
+        return split(cid)[1] in self.blocks
+
+    def put(self, cid: bytes, parts: Sequence[bytes | memoryview]) -> None:
+        self.blocks.setdefault(split(cid)[1], b"".join(bytes(p) for p in parts) if len(parts) > 1 else bytes(parts[0]))
+
+    def add_block(self, cid: bytes, data: bytes | memoryview) -> None:
+        if not verify(cid, data):
+            raise CorruptBlock(f"block offered as {to_str(cid)} does not hash to that CID; it was not stored")
+        self.put(cid, (data,))
+
+    def get(self, cid: bytes) -> bytes:
+        try:
+            return self.blocks[split(cid)[1]]
+        except KeyError:
+            raise BlockNotFound(f"block {to_str(cid)} is not in memory") from None

@@ -16,7 +16,7 @@ import aiohttp
 from tqdm import tqdm
 
 from ipfs import pb
-from ipfs.blockstore import Blockstore, BlockstoreError
+from ipfs.blockstore import Blockstore, BlockstoreError, MemoryBlockstore
 from ipfs.car import CarError, CarParser
 from ipfs.cids import DAG_PB, split, to_str, verify
 from ipfs.gateway import CAR_TYPE, RAW_TYPE
@@ -50,7 +50,7 @@ class Unit:
 class DagFetcher:
     """Fetches the DAG under one root into a blockstore."""
 
-    def __init__(self, store: Blockstore, gateways: list[str], *, range_bytes: int = RANGE_BYTES,
+    def __init__(self, store: Blockstore | MemoryBlockstore, gateways: list[str], *, range_bytes: int = RANGE_BYTES,
                  progress: bool = True, timeout_s: float = 60) -> None:
         if not gateways:
             raise FetchError("no gateway to fetch from: pass --gateway URL or set SHARDMARKET_IPFS_GATEWAYS")
@@ -67,7 +67,7 @@ class DagFetcher:
         """Fetch every block under `root` (already present blocks are not fetched again)."""
         root = bytes(root)
         self.expected.add(split(root)[1])
-        async with aiohttp.ClientSession(timeout=self.timeout) as session:
+        async with aiohttp.ClientSession(timeout=self.timeout, read_bufsize=1 << 20) as session:
             self.session = session
             block = await self._root_block(root)
             links, sizes, filesize = self._learn(root, block)
