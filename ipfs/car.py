@@ -29,13 +29,6 @@ def section(cid: bytes, data: bytes | memoryview) -> tuple[bytes, bytes | memory
     return varint(len(cid) + len(data)) + bytes(cid), data
 
 
-def write_car(out: BinaryIO, roots: list[bytes], blocks: Iterable[tuple[bytes, bytes]]) -> None:
-    out.write(header(roots))
-    for cid, data in blocks:
-        for part in section(cid, data):
-            out.write(part)
-
-
 def cid_length(buf: bytes | memoryview, pos: int) -> int:
     """Length of the binary CID starting at `pos`."""
     if buf[pos] == 0x12 and pos + 1 < len(buf) and buf[pos + 1] == 0x20:

@@ -60,11 +60,6 @@ def split(cid: bytes) -> tuple[int, bytes]:
     return codec, bytes(cid[pos:])
 
 
-def codec_of(cid: bytes) -> int:
-    """The codec of a binary CID."""
-    return split(cid)[0]
-
-
 def multihash_of(cid: bytes) -> bytes:
     """The multihash part of a binary CID."""
     return split(cid)[1]

@@ -12,7 +12,6 @@ from aiohttp import web
 
 from ipfs.blockstore import Blockstore
 from ipfs.car import CarError, CarParser, read_car
-from ipfs.cids import to_str
 from ipfs.gateway import make_app
 from ipfs.unixfs import ImportOptions, import_bytes, import_path
 
