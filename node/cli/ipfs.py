@@ -183,6 +183,44 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_dag_export(args) -> int:
+    from ipfs.car import header, section
+    from ipfs.gateway import dag_blocks
+
+    try:
+        cid = bytes(parse(args.cid))
+        store = local_store()
+        _ensure_local(cid, store, args)
+        out = sys.stdout.buffer
+        out.write(header([cid]))
+        for c, data in dag_blocks(store, cid):
+            out.write(b"".join(section(c, data)))
+        out.flush()
+    except ERRORS as exc:
+        return _fail(exc)
+    return 0
+
+
+def cmd_dag_import(args) -> int:
+    from ipfs.car import read_car
+
+    store = local_store()
+    try:
+        with open(args.car, "rb") as f:
+            roots, blocks = read_car(f)
+            count = 0
+            for cid, data in blocks:  # each block is verified by the reader before it is stored
+                store.put(cid, (data,))
+                count += 1
+        for root in roots:
+            store.pin(root)
+    except ERRORS as exc:
+        return _fail(exc)
+    for root in roots:
+        print(f"pinned root {to_str(root)} ({count} blocks imported)")
+    return 0
+
+
 def _bool(text: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise ValueError(text)
@@ -228,3 +266,13 @@ def register(commands) -> None:
         ValueError(f"pin {args.action} needs a CID")))
 
     sub.add_parser("gc", help="delete blocks that no pin reaches").set_defaults(run=cmd_gc)
+
+    dag = sub.add_parser("dag", help="CAR v1 archives: dag export CID > FILE.car, dag import FILE.car")
+    dag_sub = dag.add_subparsers(dest="dag_command", required=True, metavar="COMMAND")
+    export_ = dag_sub.add_parser("export", help="write the DAG of a CID as a CAR to stdout")
+    export_.add_argument("cid", metavar="CID")
+    export_.add_argument("--gateway", action="append", metavar="URL", help="trustless gateway for missing blocks")
+    export_.set_defaults(run=cmd_dag_export)
+    import_ = dag_sub.add_parser("import", help="verify and store every block of a CAR, pin its roots")
+    import_.add_argument("car", type=Path, metavar="FILE.car")
+    import_.set_defaults(run=cmd_dag_import)

@@ -81,3 +81,28 @@ def test_pin_and_gc(tmp_path, capsys):
 def test_bad_cid_is_a_clear_error(capsys):
     assert main(["ipfs", "cat", "QmNotACid"]) == 1
     assert "is not a valid CID" in capsys.readouterr().err
+
+
+def test_dag_import_of_an_npm_ipfs_car_pack(tmp_path, capsys):
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    data = tmp_path / "data.bin"
+    data.write_bytes(random.Random(9).randbytes(600_000))
+    car = tmp_path / "data.car"
+    subprocess.run([str(root / "node_modules/.bin/ipfs-car"), "pack", str(data), "--no-wrap", "--output", str(car)],
+                   check=True, capture_output=True, timeout=120)
+    assert main(["ipfs", "dag", "import", str(car)]) == 0
+    cid = capsys.readouterr().out.split()[2]
+    assert cid == import_bytes(data.read_bytes(), ImportOptions(cid_version=1, chunk_size=1048576)).cid_str
+    assert main(["ipfs", "get", cid, "-o", str(tmp_path / "back.bin")]) == 0
+    assert (tmp_path / "back.bin").read_bytes() == data.read_bytes()
+    # a truncated CAR: a clear error, and every block that was stored is whole
+    truncated = tmp_path / "cut.car"
+    truncated.write_bytes(car.read_bytes()[:-1000])
+    assert main(["ipfs", "pin", "rm", cid]) == 0 and main(["ipfs", "gc"]) == 0
+    capsys.readouterr()
+    assert main(["ipfs", "dag", "import", str(truncated)]) == 1
+    assert "truncated" in capsys.readouterr().err
+    assert store().pins() == set() and not list(store().keys())
