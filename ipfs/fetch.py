@@ -125,8 +125,8 @@ class DagFetcher:
     def _learn(self, cid: bytes, block: bytes) -> tuple[list[pb.Link], list[int], int | None]:
         """Record a verified block's links as expected; return links, block sizes and file size."""
         self.present.add(split(cid)[1])
-        if split(cid)[0] != DAG_PB:
-            return [], [], None
+        if split(cid)[0] != DAG_PB or block[:1] != b"\x12":
+            return [], [], None  # raw, or dag-pb without links (they come first in a dag-pb block)
         links, data = pb.decode_node(block)
         for link in links:
             self.expected.add(split(link.cid)[1])
