@@ -70,7 +70,7 @@ class DagFetcher:
         async with aiohttp.ClientSession(timeout=self.timeout, read_bufsize=1 << 20) as session:
             self.session = session
             block = await self._root_block(root)
-            links, sizes, filesize = self._learn(root, block)
+            links, _, filesize = self._learn(root, block)
             self.bar.total = len(block) + sum(link.tsize for link in links)
             self.bar.update(len(block))
             if filesize is not None and links:
