@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from aiohttp import web
 
@@ -69,10 +69,10 @@ def _peek(store: Blockstore, cid: bytes) -> tuple[int, list[pb.Link], pb.UnixFSD
     return len(block), links, fs
 
 
-def dag_plan(store: Blockstore, root: bytes, scope: str = "all",
-             byte_range: str | None = None) -> list[tuple[bytes, int]]:
+def dag_plan(store: Blockstore, root: bytes, scope: str = "all", byte_range: str | None = None,
+             already_sent: Iterable[bytes] = ()) -> list[tuple[bytes, int]]:
     """(CID, size) of the DAG's blocks in depth-first order without duplicates, limited by `dag-scope`."""
-    seen: set[bytes] = set()
+    seen: set[bytes] = {split(cid)[1] for cid in already_sent}
     plan: list[tuple[bytes, int]] = []
 
     def walk(cid: bytes, depth: int, window: tuple[int, int] | None) -> None:
@@ -202,11 +202,12 @@ async def _car_response(request: web.Request, store: Blockstore, root: bytes, ci
     byte_range = request.query.get("entity-bytes")
     if byte_range is not None and scope != "entity":
         raise BadRequest("entity-bytes needs dag-scope=entity")
-    plan = dag_plan(store, cid, scope, byte_range)  # every block is located before a byte is sent: 404 early
+    # every block is located before a byte is sent, so a missing one is a 404, not a cut stream
+    plan = dag_plan(store, cid, scope, byte_range, already_sent=[c for c, _ in trail])
     key = f"{request.path}|{scope}|{byte_range}".encode()
     etag = f'W/"{to_str(root)}.car.{hashlib.sha256(key).hexdigest()[:16]}"'
     headers = _common_headers(etag, f"{CAR_TYPE}; version=1; order=dfs; dups=n", f"{to_str(root)}.car")
-    headers["X-Ipfs-Roots"] = ",".join(to_str(c) for c, _ in trail + [plan[0]])
+    headers["X-Ipfs-Roots"] = ",".join(to_str(c) for c in [*(c for c, _ in trail), cid])
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers=headers)
     head = header([root])
