@@ -6,16 +6,7 @@ Wiring: the DisputeManager gets the StakeManager's SLASHER_ROLE, then the deploy
 role, so no one else can ever slash. Slashed stake goes partly to the reporter, the rest to the treasury.
 """
 
-from brownie import (
-    DisputeManager,
-    ModelRegistry,
-    NodeRegistry,
-    PaymentEscrow,
-    StakeManager,
-    TestToken,
-    accounts,
-    network,
-)
+from brownie import accounts, network, project
 
 from node.chain.deployments import write_deployments
 
@@ -42,17 +33,18 @@ def main(deployer=None, token=None, treasury=None) -> dict:
         if not accounts:
             raise SystemExit("no account to deploy from: load one with `accounts.load(...)` or pass main(deployer)")
         deployer = accounts[0]
+    contracts = _loaded_project()
     tx = {"from": deployer}
     chain_id = network.chain.id
     print(f"deploying to chain {chain_id} from {deployer.address}")
     if token is None:
-        token = TestToken.deploy(INITIAL_SUPPLY, tx)
+        token = contracts.TestToken.deploy(INITIAL_SUPPLY, tx)
     treasury = treasury or deployer.address
-    stake = StakeManager.deploy(token, UNBONDING_DELAY, deployer, tx)
-    models = ModelRegistry.deploy(tx)
-    registry = NodeRegistry.deploy(stake, models, MIN_STAKE, tx)
-    escrow = PaymentEscrow.deploy(token, WITHDRAWAL_TIMELOCK, tx)
-    disputes = DisputeManager.deploy(stake, registry, treasury, tuple(DISPUTE_PARAMS.values()), tx)
+    stake = contracts.StakeManager.deploy(token, UNBONDING_DELAY, deployer, tx)
+    models = contracts.ModelRegistry.deploy(tx)
+    registry = contracts.NodeRegistry.deploy(stake, models, MIN_STAKE, tx)
+    escrow = contracts.PaymentEscrow.deploy(token, WITHDRAWAL_TIMELOCK, tx)
+    disputes = contracts.DisputeManager.deploy(stake, registry, treasury, tuple(DISPUTE_PARAMS.values()), tx)
     stake.grantRole(stake.SLASHER_ROLE(), disputes, tx)
     stake.renounceRole(stake.DEFAULT_ADMIN_ROLE(), deployer, tx)
     addresses = {
@@ -67,3 +59,10 @@ def main(deployer=None, token=None, treasury=None) -> dict:
     path = write_deployments(chain_id, addresses, block=network.chain.height)
     print(f"deployed {', '.join(f'{k} at {v}' for k, v in addresses.items())}; wrote {path}")
     return addresses
+
+
+def _loaded_project():
+    loaded = project.get_loaded_projects()
+    if not loaded:
+        raise SystemExit("no brownie project is loaded: run `brownie run scripts/deploy.py` from the repository root")
+    return loaded[0]
