@@ -1,0 +1,160 @@
+"""EIP-712 receipts and commitments: what a client/node signs is what the other side recovers."""
+
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_keys import keys
+from eth_utils import keccak
+
+from node.chain.eip712 import (
+    SECP256K1_N,
+    Commitment,
+    Domain,
+    InvalidSignature,
+    Receipt,
+    UsageRecord,
+    chain_usage_hash,
+    commitment_digest,
+    commitment_typed_data,
+    receipt_digest,
+    receipt_typed_data,
+    recover_commitment_signer,
+    recover_receipt_signer,
+    sign_commitment,
+    sign_receipt,
+    split_signature,
+    tensor_hash,
+)
+
+CLIENT = Account.from_key(b"\x01" * 32)
+NODE = Account.from_key(b"\x02" * 32)
+ESCROW = "0x" + "ab" * 20
+DOMAIN = Domain(chain_id=31337, verifying_contract=ESCROW)
+
+
+def receipt(amount: int = 10**18, nonce: int = 1) -> Receipt:
+    return Receipt(CLIENT.address, NODE.address, amount, b"\x11" * 32, nonce)
+
+
+def commitment(output: bytes = b"\x44" * 32) -> Commitment:
+    return Commitment(b"\x22" * 32, 7, b"\x33" * 32, output)
+
+
+def high_s(signature: bytes) -> bytes:
+    """The malleated twin of a valid signature: s -> n - s, v flipped."""
+    s = int.from_bytes(signature[32:64], "big")
+    return signature[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - signature[64]])
+
+
+def test_receipt_round_trip_recovers_the_client():
+    signature = sign_receipt(CLIENT.key, receipt(), DOMAIN)
+    assert len(signature) == 65 and signature[64] in (27, 28)
+    assert recover_receipt_signer(receipt(), signature, DOMAIN) == CLIENT.address
+
+
+def test_commitment_round_trip_recovers_the_node():
+    signature = sign_commitment(NODE.key, commitment(), DOMAIN)
+    assert recover_commitment_signer(commitment(), signature, DOMAIN) == NODE.address
+
+
+def test_digests_match_eth_account_typed_data_encoding():
+    for digest, typed in (
+        (receipt_digest(receipt(), DOMAIN), receipt_typed_data(receipt(), DOMAIN)),
+        (commitment_digest(commitment(), DOMAIN), commitment_typed_data(commitment(), DOMAIN)),
+    ):
+        message = encode_typed_data(full_message=typed)
+        assert digest == keccak(b"\x19" + message.version + message.header + message.body)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [Domain(chain_id=1, verifying_contract=ESCROW), Domain(chain_id=31337, verifying_contract="0x" + "cd" * 20)],
+    ids=["other-chain-id", "other-contract"],
+)
+def test_signature_for_another_domain_recovers_someone_else(other):
+    signature = sign_receipt(CLIENT.key, receipt(), other)
+    assert recover_receipt_signer(receipt(), signature, DOMAIN) != CLIENT.address
+
+
+def test_changed_amount_recovers_someone_else():
+    signature = sign_receipt(CLIENT.key, receipt(amount=1), DOMAIN)
+    assert recover_receipt_signer(receipt(amount=2), signature, DOMAIN) != CLIENT.address
+
+
+def test_high_s_twin_is_rejected():
+    signature = sign_receipt(CLIENT.key, receipt(), DOMAIN)
+    twin = high_s(signature)
+    # the twin is a valid ECDSA signature for the same key: only the low-s rule rejects it
+    v, r, s = twin[64] - 27, int.from_bytes(twin[:32], "big"), int.from_bytes(twin[32:64], "big")
+    assert keys.Signature(vrs=(v, r, s)).recover_public_key_from_msg_hash(
+        receipt_digest(receipt(), DOMAIN)
+    ).to_checksum_address() == CLIENT.address
+    with pytest.raises(InvalidSignature, match="lower half"):
+        recover_receipt_signer(receipt(), twin, DOMAIN)
+
+
+@pytest.mark.parametrize(
+    "signature, message",
+    [
+        (b"", "65 bytes"),
+        (b"\x01" * 64, "65 bytes"),
+        (b"\x01" * 66, "65 bytes"),
+        ("0x" + "01" * 65, "65 bytes"),
+        (b"\x01" * 64 + b"\x00", "v must be 27 or 28"),
+        (b"\x00" * 32 + b"\x01" * 32 + b"\x1b", "out of range"),
+        (b"\x01" * 32 + b"\x00" * 32 + b"\x1b", "out of range"),
+        (SECP256K1_N.to_bytes(32, "big") + b"\x01" * 32 + b"\x1b", "out of range"),
+    ],
+)
+def test_malformed_signature_is_rejected(signature, message):
+    with pytest.raises(InvalidSignature, match=message):
+        recover_receipt_signer(receipt(), signature, DOMAIN)
+
+
+def test_signature_with_r_off_the_curve_is_rejected():
+    # r = 5 is below n but no curve point has x = 5 with this parity: recovery must fail cleanly
+    bad = (5).to_bytes(32, "big") + (1).to_bytes(32, "big") + b"\x1b"
+    with pytest.raises(InvalidSignature):
+        recover_commitment_signer(commitment(), bad, DOMAIN)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Receipt("0x1234", NODE.address, 1, b"\x00" * 32, 0),
+        lambda: Receipt(CLIENT.address, NODE.address, -1, b"\x00" * 32, 0),
+        lambda: Receipt(CLIENT.address, NODE.address, 2**256, b"\x00" * 32, 0),
+        lambda: Receipt(CLIENT.address, NODE.address, 1, b"\x00" * 31, 0),
+        lambda: Commitment(b"\x00" * 32, 2**64, b"\x00" * 32, b"\x00" * 32),
+        lambda: Commitment(b"\x00" * 32, 1, "00" * 32, b"\x00" * 32),
+        lambda: Domain(chain_id=1, verifying_contract="not an address"),
+        lambda: UsageRecord(b"\x00" * 32, 0, -5, b"\x00" * 32, b"\x00" * 32),
+    ],
+)
+def test_bad_fields_raise_a_clear_value_error(make):
+    with pytest.raises(ValueError, match="must be"):
+        make()
+
+
+def test_usage_hash_chain_depends_on_every_record_and_their_order():
+    a = UsageRecord(b"\x01" * 32, 0, 5, tensor_hash(b"in"), tensor_hash(b"out"))
+    b = UsageRecord(b"\x01" * 32, 1, 1, tensor_hash(b"out"), tensor_hash(b"next"))
+    start = b"\x00" * 32
+    ab = chain_usage_hash(chain_usage_hash(start, a), b)
+    ba = chain_usage_hash(chain_usage_hash(start, b), a)
+    assert len(ab) == 32 and ab != ba
+    assert ab != chain_usage_hash(chain_usage_hash(start, a), UsageRecord(b"\x01" * 32, 1, 2, b.input_hash, b.output_hash))
+    with pytest.raises(ValueError, match="previous must be 32 bytes"):
+        chain_usage_hash(b"short", a)
+
+
+def test_tensor_hash_is_keccak256():
+    assert tensor_hash(b"").hex() == "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470"
+
+
+def test_split_signature_gives_v_r_s():
+    signature = sign_receipt(CLIENT.key, receipt(), DOMAIN)
+    v, r, s = split_signature(signature)
+    assert v in (27, 28) and bytes([*r, *s, v]) == signature
+    with pytest.raises(InvalidSignature, match="65 bytes"):
+        split_signature(signature[:64])
