@@ -77,7 +77,8 @@ _counter = itertools.count()
 class Lab:
     """Namespaces `pub`, `rtr`, `lan` (and `cgn` for double NAT); use as a context manager, it always tears down."""
 
-    def __init__(self, variant: Variant | str) -> None:
+    def __init__(self, variant: Variant | str, relay_rate_mbit: float = 80.0) -> None:
+        self.relay_rate_mbit = relay_rate_mbit
         self.variant = VARIANTS[variant] if isinstance(variant, str) else variant
         self.tag = f"sm{os.getpid() % 100000}x{next(_counter)}"
         self.names = {role: f"{self.tag}-{role}" for role in ("pub", "rtr", "lan", "cgn")}
@@ -155,6 +156,7 @@ class Lab:
         self.run_in("lan", ["ip", "route", "add", "default", "via", f"{HOME_NET}.1"])
         self._nat("rtr", "lan0", symmetric=v.symmetric)
         self.start_coturn()
+        self.start_relay()
         if v.miniupnpd:
             self.start_miniupnpd()
         self.close_wan()
@@ -207,6 +209,13 @@ table inet filter {{
                 *(f"--listening-ip={ip}" for ip in ips)]
         self.spawn_in("pub", argv, log="coturn.log")
         self._wait_for(lambda: all(self._listening("pub", "-lun", f"{ip}:{STUN_PORT}") for ip in ips), "coturn")
+
+    def start_relay(self) -> None:
+        """An opted-in public node serving as relay and verifier on the public side."""
+        argv = [sys.executable, "-m", "node", "relay", "--public-host", f"{PUBLIC_NET}.1",
+                "--host", f"{PUBLIC_NET}.1", "--port", str(RELAY_PORT), "--rate-mbit", str(self.relay_rate_mbit)]
+        self.spawn_in("pub", argv, log="relay.log")
+        self._wait_for(lambda: self._listening("pub", "-ltn", f"{PUBLIC_NET}.1:{RELAY_PORT}"), "relay")
 
     def start_miniupnpd(self) -> None:
         """Debian's miniupnpd on the home router, /dev/console bound to /dev/null (it logs there, slowly)."""
