@@ -48,8 +48,12 @@ def _port_free(port: int) -> bool:
 async def _probe_responder(port: int) -> web.AppRunner:
     """A stand-in /health on the node's port while no daemon runs, so the endpoint can be verified."""
     token = secrets.token_hex(16)
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"probe": token})
+
     app = web.Application()
-    app.router.add_get("/health", lambda request: web.json_response({"probe": token}))
+    app.router.add_get("/health", health)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()

@@ -118,9 +118,12 @@ class RelayServer:
         app = web.Application()
         app.router.add_get("/relay", self.handle_node)
         app.router.add_post("/verify", self.handle_verify)
-        app.router.add_get("/health", lambda request: web.json_response({"relay": True, "nodes": len(self.slots)}))
+        app.router.add_get("/health", self.handle_health)
         app.on_cleanup.append(self._cleanup)
         return app
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        return web.json_response({"relay": True, "nodes": len(self.slots)})
 
     async def _cleanup(self, app: web.Application) -> None:
         for slot in self.slots.values():
@@ -145,7 +148,7 @@ class RelayServer:
         if not (0 < len(node) <= 128 and 16 <= len(token) <= 128):
             raise web.HTTPBadRequest(text="give ?node=<id up to 128 chars>&token=<16-128 chars secret>")
         slot = await self._slot(node, token)
-        ws = web.WebSocketResponse(heartbeat=15, max_msg_size=CHUNK + FRAME.size)
+        ws = web.WebSocketResponse(heartbeat=15, max_msg_size=2 * CHUNK)
         await ws.prepare(request)
         if slot.tunnel is not None:  # a reconnect replaces the old tunnel
             await slot.tunnel.ws.close()
@@ -222,7 +225,7 @@ class RelayClient:
         url = f"{self.relay_url}/relay?node={self.node_id}&token={self.token}"
         try:
             ws = await self.session.ws_connect(url, heartbeat=15, timeout=aiohttp.ClientWSTimeout(ws_receive=timeout),
-                                               max_msg_size=CHUNK + FRAME.size)
+                                               max_msg_size=2 * CHUNK)
             hello = await ws.receive(timeout)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise RelayError(f"cannot reach relay {self.relay_url}: {exc or type(exc).__name__}") from None

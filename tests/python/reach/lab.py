@@ -246,9 +246,15 @@ deny 0-65535 0.0.0.0/0 0-65535
         self._wait_for(lambda: self.miniupnpd.poll() is None and all(self._listening("rtr", f, a) for f, a in probes),
                        "miniupnpd", alive=self.miniupnpd)
 
-    def restart_miniupnpd(self) -> None:
-        """Stop and start the router's miniupnpd (it forgets its mappings and flushes its chains)."""
+    def stop_router(self) -> None:
+        """Stop miniupnpd and flush its chains, as a router reboot would forget every mapping."""
         self.stop(self.miniupnpd)
+        for chain in ("miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd"):
+            self.run_in("rtr", ["nft", "flush", "chain", "inet", "filter", chain])
+        self.run_in("rtr", ["conntrack", "-F"], check=False)
+
+    def start_router(self) -> None:
+        """Start miniupnpd again (its STUN self-test needs the WAN open while it starts)."""
         self.run_in("rtr", ["nft", "delete", "rule", "inet", "filter", "input", "handle",
                             self._wan_drop_handle("rtr")])
         self.start_miniupnpd()

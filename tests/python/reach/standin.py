@@ -33,8 +33,11 @@ def app(node_id: str) -> web.Application:
             await ws.send_bytes(msg.data if isinstance(msg.data, bytes) else msg.data.encode())
         return ws
 
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"node": node_id})
+
     application = web.Application()
-    application.router.add_get("/health", lambda request: web.json_response({"node": node_id}))
+    application.router.add_get("/health", health)
     application.router.add_get("/stream", stream)
     application.router.add_get("/ws", echo)
     return application
