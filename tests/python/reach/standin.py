@@ -13,6 +13,7 @@ import sys
 from aiohttp import web
 
 from node.net.reachability import Reachability
+from node.net.relay import RelayClient
 
 
 def app(node_id: str) -> web.Application:
@@ -50,11 +51,18 @@ async def main(args: argparse.Namespace) -> None:
     reach = Reachability(args.port, stun_servers=args.stun, relays=args.relay, methods=args.methods.split(","),
                          refresh_s=args.refresh_s, node_id=args.node_id)
     report = await reach.establish()
-    print(json.dumps(report.to_dict()), flush=True)
+    result = report.to_dict()
+    extra_relay = None
+    if args.also_relay and report.method != "relay":  # a second path, to compare latency with the direct one
+        extra_relay = RelayClient(args.relay[0], args.port, f"{args.node_id}-extra")
+        result["relay_endpoint"] = await extra_relay.start()
+    print(json.dumps(result), flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     await reach.close()
+    if extra_relay:
+        await extra_relay.close()
     await runner.cleanup()
     print(json.dumps({"closed": True}), flush=True)
 
@@ -67,4 +75,5 @@ if __name__ == "__main__":
     parser.add_argument("--methods", default="pcp,natpmp,upnp")
     parser.add_argument("--refresh-s", type=float, default=30.0)
     parser.add_argument("--node-id", default="standin")
+    parser.add_argument("--also-relay", action="store_true", help="also hold a relayed endpoint (for benchmarks)")
     asyncio.run(main(parser.parse_args(sys.argv[1:])))
