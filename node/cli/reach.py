@@ -20,7 +20,8 @@ from node.net.relay import RelayServer
 def register(commands) -> None:
     reach = commands.add_parser("reachability", help="find how this node can be reached from outside and say so")
     reach.add_argument("--port", type=int, help="the node's TCP port (default: [node] port)")
-    reach.add_argument("--stun", action="append", metavar="HOST[:PORT]", help="STUN server (default: [reach] stun_servers)")
+    reach.add_argument("--stun", action="append", metavar="HOST[:PORT]",
+                       help="STUN server (default: [reach] stun_servers)")
     reach.add_argument("--relay", action="append", metavar="URL", help="relay/verifier URL (default: [reach] relays)")
     reach.add_argument("--methods", help="comma-separated port mapping methods to try (default: [reach] methods)")
     reach.add_argument("--json", action="store_true", help="print the report as one JSON line")
@@ -82,7 +83,8 @@ def print_report(report: Report) -> None:
     for a in report.attempts:
         print(f"  {'ok  ' if a.ok else 'FAIL'} {a.method:<14} {a.seconds:6.3f} s  {a.detail}")
     if report.verified:
-        print(f"endpoint        {report.endpoint}  (by {report.method}, verified from outside in {report.seconds:.2f} s)")
+        how = f"by {report.method}, verified from outside in {report.seconds:.2f} s"
+        print(f"endpoint        {report.endpoint}  ({how})")
     else:
         print(f"endpoint        none verified after {report.seconds:.2f} s: configure a relay ([reach] relays) "
               "or forward the port on the router by hand")
@@ -103,6 +105,7 @@ def run_reachability(args) -> int:
 
 def run_relay(args) -> int:
     server = RelayServer(args.public_host, args.host, args.rate_mbit * 1e6 / 8, args.max_nodes)
-    print(f"relay on http://{args.host}:{args.port}, public host {args.public_host}, {args.rate_mbit:g} Mbit/s per node")
+    print(f"relay on http://{args.host}:{args.port}, public host {args.public_host}, "
+          f"{args.rate_mbit:g} Mbit/s per node")
     web.run_app(server.app(), host=args.host, port=args.port, print=None)
     return 0

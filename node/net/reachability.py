@@ -69,7 +69,8 @@ class Reachability:
     ) -> None:
         unknown = set(methods) - set(METHODS)
         if unknown:
-            raise ValueError(f"unknown port mapping method(s) {', '.join(sorted(unknown))}; known: {', '.join(METHODS)}")
+            names = ", ".join(sorted(unknown))
+            raise ValueError(f"unknown port mapping method(s) {names}; known: {', '.join(METHODS)}")
         self.port, self.methods, self.lease_s, self.refresh_s = port, list(methods), lease_s, refresh_s
         self.stun_servers = [stun.parse_server(s) for s in stun_servers]
         self.relays, self.timeout = list(relays), timeout

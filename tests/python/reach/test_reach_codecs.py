@@ -66,7 +66,8 @@ def test_nat_type_names():
 
 def pcp_response(nonce: bytes, result: int = 0, version: int = 2, opcode: int = 0x81) -> bytes:
     header = struct.pack("!BBxBII12x", version, opcode, result, 7200, 99)
-    return header + struct.pack("!12sB3xHH16s", nonce, 6, 7300, 40000, ipaddress.IPv6Address("::ffff:198.51.100.9").packed)
+    external = ipaddress.IPv6Address("::ffff:198.51.100.9").packed
+    return header + struct.pack("!12sB3xHH16s", nonce, 6, 7300, 40000, external)
 
 
 def test_pcp_map_request_layout():

@@ -46,11 +46,23 @@ def test_node_becomes_reachable_and_streams(lab_for, variant):
     assert answer["status"] == 200 and answer["events"] == [f"token {i} {'x' * 16}" for i in range(32)]
     if method != "relay":
         assert report["endpoint"] == direct and f"dnat ip to {lab.node_ip}:{NODE_PORT}" in miniupnpd_rules(lab)
+    if method == "upnp":  # miniupnpc, an independent UPnP client, sees the same mapping
+        listed = lab.run_in("lan", ["upnpc", "-i", "-l"]).stdout
+        assert f"TCP  {NODE_PORT}->{lab.node_ip}:{NODE_PORT}" in listed, listed
 
     wait_for_closed(lab, proc)
     assert not from_public(lab, "health", report["endpoint"], 1)["ok"], "the endpoint outlived the node"
     if lab.variant.miniupnpd:
         assert "dnat" not in miniupnpd_rules(lab), "the node left its port mapping behind"
+
+
+def test_natpmp_maps_when_pcp_is_not_wanted(lab_for):
+    lab = lab_for("pcp")
+    proc, report = start_node(lab, "--methods", "natpmp,upnp")
+    assert (report["method"], report["verified"]) == ("natpmp", True), report
+    assert from_public(lab, "stream", report["endpoint"], 4)["events"][-1].startswith("token 3")
+    wait_for_closed(lab, proc)
+    assert "dnat" not in miniupnpd_rules(lab)
 
 
 def test_mapping_that_does_not_answer_from_outside_is_not_registered(lab_for):
