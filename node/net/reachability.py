@@ -8,10 +8,12 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
+from node.config import Config
 from node.net import stun
 from node.net.natpmp import NatPmpMapper
 from node.net.pcp import PcpMapper, UnsupportedVersion
@@ -66,6 +68,7 @@ class Reachability:
         refresh_s: float = 30.0,
         node_id: str | None = None,
         timeout: float = 1.5,
+        on_endpoint_change: Callable[[str], None] | None = None,
     ) -> None:
         unknown = set(methods) - set(METHODS)
         if unknown:
@@ -78,6 +81,20 @@ class Reachability:
         self.lease: Lease | None = None
         self.relay: RelayClient | None = None
         self.report = Report()
+        self.on_endpoint_change = on_endpoint_change
+
+    @classmethod
+    def from_config(cls, config: Config, port: int | None = None, **kw) -> Reachability:
+        """The node daemon's way in: settings from [reach], the port from [node] unless given."""
+        reach = config.reach
+        return cls(port or config.node.port, stun_servers=reach.stun_servers, relays=reach.relays,
+                   methods=reach.methods, lease_s=reach.lease_s, refresh_s=reach.refresh_s, **kw)
+
+    def _moved(self, endpoint: str) -> None:
+        """The router or relay handed out a new public address: the registered endpoint must follow."""
+        self.report.endpoint = endpoint
+        if self.on_endpoint_change:
+            self.on_endpoint_change(endpoint)
 
     async def _local_health(self) -> str | None:
         try:
@@ -156,7 +173,8 @@ class Reachability:
             if mapped:
                 mapper, mapping = mapped
                 if await self._use(mapping.endpoint, mapping.method, expected, time.monotonic(), t0):
-                    self.lease = Lease(mapper, mapping, self.lease_s, self.refresh_s)
+                    self.lease = Lease(mapper, mapping, self.lease_s, self.refresh_s,
+                                       on_change=lambda fresh: self._moved(fresh.endpoint))
                     return self.report
                 await self._unmap(mapper, mapping)
             if classify:
@@ -193,7 +211,7 @@ class Reachability:
     async def _open_relay(self) -> str | None:
         start = time.monotonic()
         for url in self.relays:
-            client = RelayClient(url, self.port, self.node_id)
+            client = RelayClient(url, self.port, self.node_id, on_change=self._moved)
             try:
                 endpoint = await client.start(timeout=self.timeout + 3)
                 self.relay = client

@@ -15,6 +15,7 @@ import logging
 import secrets
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -109,9 +110,9 @@ class RelayServer:
     """The relay side: `app()` serves GET /relay (the node's WebSocket), POST /verify and GET /health."""
 
     def __init__(self, public_host: str, bind_host: str = "0.0.0.0", rate_bytes_per_s: float = 10e6,
-                 max_nodes: int = 64) -> None:
+                 max_nodes: int = 64, max_streams: int = 256) -> None:
         self.public_host, self.bind_host = public_host, bind_host
-        self.rate, self.max_nodes = rate_bytes_per_s, max_nodes
+        self.rate, self.max_nodes, self.max_streams = rate_bytes_per_s, max_nodes, max_streams
         self.slots: dict[str, _Slot] = {}
 
     def app(self) -> web.Application:
@@ -119,15 +120,18 @@ class RelayServer:
         app.router.add_get("/relay", self.handle_node)
         app.router.add_post("/verify", self.handle_verify)
         app.router.add_get("/health", self.handle_health)
-        app.on_cleanup.append(self._cleanup)
+        app.on_shutdown.append(self._shutdown)
         return app
 
     async def handle_health(self, request: web.Request) -> web.Response:
         return web.json_response({"relay": True, "nodes": len(self.slots)})
 
-    async def _cleanup(self, app: web.Application) -> None:
+    async def _shutdown(self, app: web.Application) -> None:
+        """Close every relayed port and node WebSocket, so shutting down does not wait on them."""
         for slot in self.slots.values():
             slot.server.close()
+            if slot.tunnel is not None:
+                await slot.tunnel.ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"relay shutting down")
 
     async def _slot(self, node: str, token: str) -> _Slot:
         slot = self.slots.get(node)
@@ -170,7 +174,7 @@ class RelayServer:
 
     async def _client(self, slot: _Slot, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tunnel = slot.tunnel
-        if tunnel is None or tunnel.ws.closed:
+        if tunnel is None or tunnel.ws.closed or len(tunnel.streams) >= self.max_streams:
             writer.close()
             return
         stream, slot.next_stream = slot.next_stream, slot.next_stream + 1
@@ -207,8 +211,10 @@ class RelayClient:
     """The node side: holds the WebSocket to a relay, opens a local TCP connection per relayed stream,
     reconnects (keeping its public port) when the relay drops it."""
 
-    def __init__(self, relay_url: str, local_port: int, node_id: str, local_host: str = "127.0.0.1") -> None:
+    def __init__(self, relay_url: str, local_port: int, node_id: str, local_host: str = "127.0.0.1",
+                 on_change: Callable[[str], None] | None = None) -> None:
         self.relay_url, self.local = relay_url.rstrip("/"), (local_host, local_port)
+        self.on_change = on_change
         self.node_id, self.token = node_id, secrets.token_hex(16)
         self.endpoint: str | None = None
         self.session: aiohttp.ClientSession | None = None
@@ -240,9 +246,12 @@ class RelayClient:
             await self._serve(ws)
             while True:
                 await asyncio.sleep(delay)
+                previous = self.endpoint
                 try:
                     ws = await self._connect(5.0)
                     delay = 0.5
+                    if self.endpoint != previous and self.on_change:  # the relay restarted: new port
+                        self.on_change(self.endpoint)
                     break
                 except RelayError as exc:
                     delay = min(30.0, delay * 2)
@@ -255,7 +264,7 @@ class RelayClient:
             if msg.type != aiohttp.WSMsgType.BINARY or len(msg.data) < FRAME.size:
                 continue
             kind, stream = FRAME.unpack_from(msg.data)
-            if kind == OPEN:
+            if kind == OPEN and stream not in tunnel.pending:
                 tunnel.pending[stream] = asyncio.Queue()
                 task = asyncio.create_task(self._open(tunnel, stream))
                 tasks.add(task)

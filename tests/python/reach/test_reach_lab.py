@@ -76,10 +76,11 @@ def test_mapping_that_does_not_answer_from_outside_is_not_registered(lab_for):
     wait_for_closed(lab, proc)
 
 
-def test_mapping_is_recreated_after_the_router_restarts(lab_for):
-    lab = lab_for("pcp")
+@pytest.mark.parametrize("variant", ["pcp", "upnp"])
+def test_mapping_is_recreated_after_the_router_restarts(lab_for, variant):
+    lab = lab_for(variant)
     proc, report = start_node(lab, "--refresh-s", "0.5")
-    assert report["method"] == "pcp"
+    assert report["method"] == variant
     lab.stop_router()
     assert "dnat" not in miniupnpd_rules(lab)
     assert not from_public(lab, "health", report["endpoint"], 1)["ok"]

@@ -15,10 +15,10 @@ from node.net.relay import RelayClient, RelayServer, verify
 from tests.python.reach.standin import app as standin_app
 
 
-async def serve(app: web.Application, host: str = "127.0.0.1") -> tuple[web.AppRunner, int]:
+async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, host, 0)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     return runner, site._server.sockets[0].getsockname()[1]
 
@@ -115,3 +115,27 @@ def test_verifier_checks_the_body_and_refuses_third_parties():
         assert not ok and "400" in why
 
     asyncio.run(within_relay(run))
+
+
+def test_node_follows_a_restarted_relay_to_its_new_port():
+    async def run():
+        relay_runner, relay_port = await serve(RelayServer("127.0.0.1", "127.0.0.1").app())
+        node_runner, node_port = await serve(standin_app("n2"))
+        moved: list[str] = []
+        client = RelayClient(f"http://127.0.0.1:{relay_port}", node_port, "n2", on_change=moved.append)
+        try:
+            first = await client.start()
+            await relay_runner.cleanup()  # the relay goes away with every slot it held
+            relay_runner, _ = await serve(RelayServer("127.0.0.1", "127.0.0.1").app(), port=relay_port)
+            for _ in range(100):
+                if moved:
+                    break
+                await asyncio.sleep(0.1)
+            assert moved and moved[-1] == client.endpoint != first
+            assert "n2" in await get_text(f"{client.endpoint}/health")
+        finally:
+            await client.close()
+            await node_runner.cleanup()
+            await relay_runner.cleanup()
+
+    asyncio.run(run())
