@@ -25,7 +25,8 @@ def register(commands) -> None:
     reach.add_argument("--stun", action="append", metavar="HOST[:PORT]",
                        help="STUN server (default: [reach] stun_servers)")
     reach.add_argument("--relay", action="append", metavar="URL", help="relay/verifier URL (default: [reach] relays)")
-    reach.add_argument("--methods", help="comma-separated port mapping methods to try (default: [reach] methods)")
+    reach.add_argument("--methods",
+                       help="comma-separated port mapping methods to try, '' for none (default: [reach] methods)")
     reach.add_argument("--json", action="store_true", help="print the report as one JSON line")
     reach.add_argument("--hold", action="store_true",
                        help="keep the mapping or relay (renewed) until Ctrl-C/SIGTERM, for a node already running")
@@ -75,7 +76,7 @@ async def _hold_until_signal() -> None:
 async def _reachability(args) -> Report:
     config = load_config()
     port = args.port or config.node.port
-    methods = args.methods.split(",") if args.methods else config.reach.methods
+    methods = args.methods.split(",") if args.methods is not None else config.reach.methods
     reach = Reachability(port, stun_servers=args.stun or config.reach.stun_servers,
                          relays=args.relay or config.reach.relays, methods=[m for m in methods if m])
     runner = await _probe_responder(port) if _port_free(port) else None

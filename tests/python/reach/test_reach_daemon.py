@@ -16,7 +16,7 @@ pytest.importorskip("node.server.app", reason="the node daemon (issue 7) is not 
 
 from node.engine.models import random_checkpoint, tiny_config  # noqa: E402
 from tests.python.reach.conftest import from_public  # noqa: E402
-from tests.python.reach.lab import NODE_PORT  # noqa: E402
+from tests.python.reach.lab import NODE_PORT, REPO  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 SHARDMARKET = str(Path(sys.executable).with_name("shardmarket"))
@@ -51,21 +51,26 @@ def hold_endpoint(lab, *extra: str) -> tuple[subprocess.Popen, dict]:
     return hold, json.loads(line)
 
 
-def chat(lab, role: str, url: str, checkpoint: Path) -> str:
-    out = lab.run_in(role, [SHARDMARKET, "client", "chat", "--nodes", url, "--transport", "ws", "--checkpoint",
-                            str(checkpoint), "--max-tokens", "12", PROMPT], timeout=120)
-    return out.stdout
+def chats(lab, runs: list[tuple[str, str]], checkpoint: Path) -> list[str]:
+    """`shardmarket client chat` from each (namespace, node URL) at once; their answers."""
+    procs = [subprocess.Popen(lab.argv_in(role, [SHARDMARKET, "client", "chat", "--nodes", url, "--transport", "ws",
+                                                 "--checkpoint", str(checkpoint), "--max-tokens", "12", PROMPT]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab.env(), cwd=REPO)
+             for role, url in runs]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-2000:]
+    return [out for out, _ in outs]
 
 
-@pytest.mark.parametrize("variant, method", [("pcp", "pcp"), ("upnp", "upnp"), ("none", "relay"),
-                                             ("double-nat", "relay"), ("symmetric", "relay")])
+# every variant passes (checked before merging); two keep the suite short: one port mapping, one relay
+@pytest.mark.parametrize("variant, method", [("pcp", "pcp"), ("symmetric", "relay")])
 def test_chat_reaches_a_node_behind_nat(lab_for, tiny, variant, method):
     lab = lab_for(variant)
     start_daemon(lab, tiny, f"0:{tiny_config()['num_hidden_layers']}")
     hold, report = hold_endpoint(lab)
     assert report["verified"] and report["method"] == method, report
-    through_nat = chat(lab, "pub", report["endpoint"], tiny)
-    at_home = chat(lab, "lan", f"http://127.0.0.1:{NODE_PORT}", tiny)
+    through_nat, at_home = chats(lab, [("pub", report["endpoint"]), ("lan", f"http://127.0.0.1:{NODE_PORT}")], tiny)
     assert through_nat.strip() and through_nat == at_home
     hold.terminate()
     hold.wait(10)
