@@ -67,7 +67,8 @@ def test_natpmp_maps_when_pcp_is_not_wanted(lab_for):
 
 def test_short_leases_are_renewed_before_they_expire(lab_for):
     lab = lab_for("pcp")
-    one_shot = "import asyncio; from node.net.pcp import PcpMapper; asyncio.run(PcpMapper('10.99.1.1').map(7400, 7400, 3))"
+    one_shot = ("import asyncio; from node.net.pcp import PcpMapper; "
+                "asyncio.run(PcpMapper('10.99.1.1').map(7400, 7400, 3))")
     lab.python_in("lan", ["-c", one_shot])  # control: a 3 s mapping nobody renews
     proc, report = start_node(lab, "--lease-s", "3")
     granted = next(a["detail"] for a in report["attempts"] if a["method"] == "pcp")
@@ -140,5 +141,6 @@ def test_lab_says_why_it_cannot_run(monkeypatch):
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     assert "needs root" in missing_tools()
     monkeypatch.setattr("os.geteuid", lambda: 0)
-    monkeypatch.setattr("shutil.which", lambda tool: None if tool in ("miniupnpd", "turnserver") else f"/usr/bin/{tool}")
+    absent = ("miniupnpd", "turnserver")
+    monkeypatch.setattr("shutil.which", lambda tool: None if tool in absent else f"/usr/bin/{tool}")
     assert missing_tools() == "the NAT lab needs coturn, miniupnpd (make setup installs them as root)"
