@@ -236,7 +236,7 @@ class Stage:
             raise ShapeError(f"positions up to {start + steps} exceed the session's max_length {session.max_length}")
         return steps
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _forward(self, sessions: list[SessionCache], starts: list[int], hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = hidden.to(self.device)
         positions = positions.to(self.device)
