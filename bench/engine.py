@@ -5,9 +5,10 @@ In one run, for the default model (SmolLM2-135M-Instruct) and a seeded random ~8
 - decode ms/token of the whole model run locally by transformers vs the same model split into 3
   in-process stages (goal: split/local speed >= 0.97), with tokens_equal and max_abs_logit_diff;
 - for the 850M model, ms/token vs the memory-bandwidth floor: bytes of weights read per token divided
-  by the copy bandwidth measured in this run (goal: within 1.2x);
+  by the copy bandwidth of a large tensor, sampled after every token of the same run (goal: within 1.2x);
 - throughput of 8 concurrent sessions (step_batch) vs 1, and vs 8 sessions stepped one by one.
-Medians of per-token times. Run it alone: the machine is shared and timings are noisy.
+Local and split decode alternate token by token, so both see the same load; figures are medians of
+per-token times. Run it alone: the machine is shared and timings are noisy.
 """
 
 from __future__ import annotations
@@ -55,59 +56,77 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def copy_gb_per_s(nbytes: int = 512 * 2**20) -> float:
-    """Median copy bandwidth of a large torch tensor, counting bytes read plus bytes written (STREAM's convention)."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(7):
+class CopyProbe:
+    """Copy bandwidth of a large torch tensor, counting bytes read plus bytes written (STREAM's convention)."""
+
+    def __init__(self, nbytes: int = 256 * 2**20):
+        self.src = torch.ones(nbytes // 4)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)
+
+    def sample(self) -> float:
+        """GB/s of one copy."""
         start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / statistics.median(times) / 1e9
+        self.dst.copy_(self.src)
+        return 2 * self.src.numel() * 4 / (time.perf_counter() - start) / 1e9
 
 
-@torch.no_grad()
-def local_decode(model, ids: list[int], new_tokens: int) -> tuple[list[float], list[int], torch.Tensor]:
-    """Greedy decode with transformers on the whole model: per-token seconds, tokens, logits."""
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
-    tokens, logits, times = [], [], []
-    for _ in range(new_tokens):
-        step_logits = out.logits[0, -1]
-        token = int(torch.argmax(step_logits))
-        tokens.append(token)
-        logits.append(step_logits)
-        start = time.perf_counter()
-        out = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True, logits_to_keep=1)
-        times.append(time.perf_counter() - start)
-    return times, tokens, torch.stack(logits)
+class LocalDecoder:
+    """The whole model run locally by transformers, with its DynamicCache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+
+    @torch.no_grad()
+    def __call__(self, ids: list[int], start: int) -> torch.Tensor:
+        out = self.model(input_ids=torch.tensor([ids]), cache=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
 
 
-def split_decode(head: Head, stages: list[Stage], ids: list[int], new_tokens: int) -> tuple[list[float], list[int], torch.Tensor]:
-    """Greedy decode through the stages: per-token seconds, tokens, logits."""
-    session = f"bench-{time.monotonic_ns()}"
-    for stage in stages:
-        stage.open_session(session, len(ids) + new_tokens + 1)
+class SplitDecoder:
+    """The same model as a head and in-process stages."""
 
-    def run(hidden, positions):
+    def __init__(self, head: Head, stages: list[Stage], max_length: int):
+        self.head, self.stages = head, stages
+        self.session = f"bench-{time.monotonic_ns()}"
         for stage in stages:
-            hidden = stage.step(session, hidden, positions)
-        return head.logits(hidden[:, -1:])[0, -1]
+            stage.open_session(self.session, max_length)
 
-    step_logits = run(head.embed(torch.tensor([ids])), torch.arange(len(ids))[None])
-    tokens, logits, times = [], [], []
+    def __call__(self, ids: list[int], start: int) -> torch.Tensor:
+        hidden = self.head.embed(torch.tensor([ids]))
+        positions = torch.arange(start, start + len(ids))[None]
+        for stage in self.stages:
+            hidden = stage.step(self.session, hidden, positions)
+        return self.head.logits(hidden[:, -1:])[0, -1]
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.close_session(self.session)
+
+
+def lockstep(model, head: Head, stages: list[Stage], ids: list[int], new_tokens: int, probe: CopyProbe | None) -> dict:
+    """Greedy decode locally and through the stages token by token, alternating which goes first.
+
+    Per-token seconds of both, their tokens and logits, and a copy-bandwidth sample after every token.
+    """
+    local, split = LocalDecoder(model), SplitDecoder(head, stages, len(ids) + new_tokens + 1)
+    logits = {"local": local(ids, 0), "split": split(ids, 0)}
+    record = {name: {"times": [], "tokens": [], "logits": []} for name in logits}
+    bandwidth = []
     for i in range(new_tokens):
-        token = int(torch.argmax(step_logits))
-        tokens.append(token)
-        logits.append(step_logits)
-        start = time.perf_counter()
-        step_logits = run(head.embed(torch.tensor([[token]])), torch.tensor([[len(ids) + i]]))
-        times.append(time.perf_counter() - start)
-    for stage in stages:
-        stage.close_session(session)
-    return times, tokens, torch.stack(logits)
+        order = [("local", local), ("split", split)][:: 1 if i % 2 == 0 else -1]
+        for name, decoder in order:
+            token = int(torch.argmax(logits[name]))
+            record[name]["tokens"].append(token)
+            record[name]["logits"].append(logits[name])
+            start = time.perf_counter()
+            logits[name] = decoder([token], len(ids) + i)
+            record[name]["times"].append(time.perf_counter() - start)
+        if probe is not None:
+            bandwidth.append(probe.sample())
+    split.close()
+    return {**record, "bandwidth": bandwidth}
 
 
 def concurrent_decode(head: Head, stages: list[Stage], ids: list[int], sessions: int, steps: int, batched: bool) -> float:
@@ -144,31 +163,39 @@ def concurrent_decode(head: Head, stages: list[Stage], ids: list[int], sessions:
     return sessions / statistics.median(times)
 
 
-def bench_model(label: str, checkpoint: Path, new_tokens: int, bandwidth: float | None) -> dict:
-    """Local vs 3-stage split, concurrency, and (given a bandwidth) the memory-bandwidth floor of one model."""
+def model_params(head: Head, stages: list[Stage]) -> list[torch.Tensor]:
+    """Every weight tensor of the model once (tied embeddings count once)."""
+    weights = {id(t): t for t in (head.embed_weight, head.lm_head_weight, head.norm.weight)}
+    weights.update({id(p): p for s in stages for p in s.body.parameters()})
+    return list(weights.values())
+
+
+def bench_model(label: str, checkpoint: Path, new_tokens: int, floor: bool) -> dict:
+    """Local vs 3-stage split, concurrency, and optionally ms/token vs the memory-bandwidth floor, of one model."""
     say(f"[{label}] loading the whole model with transformers and 3 stages")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     head = Head.load(checkpoint)
     stages = [Stage.load(checkpoint, a, b) for a, b in even_splits(head.num_layers, 3)]
     ids = list(head.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-    local_times, split_times = [], []
+    probe = CopyProbe() if floor else None
+    local_times, split_times, bandwidth = [], [], []
     for repeat in range(REPEATS):
-        say(f"[{label}] decode {new_tokens} tokens, repeat {repeat + 1}/{REPEATS}")
-        t, local_tokens, local_logits = local_decode(model, ids, new_tokens)
-        local_times += t
-        t, split_tokens, split_logits = split_decode(head, stages, ids, new_tokens)
-        split_times += t
-    del model
+        say(f"[{label}] decode {new_tokens} tokens locally and split, token by token, repeat {repeat + 1}/{REPEATS}")
+        run = lockstep(model, head, stages, ids, new_tokens, probe)
+        local_times += run["local"]["times"]
+        split_times += run["split"]["times"]
+        bandwidth += run["bandwidth"]
+    del model, probe
     local_ms = 1000 * statistics.median(local_times)
     split_ms = 1000 * statistics.median(split_times)
     result = {
-        "params_m": round(sum(p.numel() for s in stages for p in s.body.parameters()) / 1e6 + head.embed_weight.numel() / 1e6 * (1 if head.lm_head_weight is head.embed_weight else 2), 1),
+        "params_m": round(sum(p.numel() for p in model_params(head, stages)) / 1e6, 1),
         "new_tokens": new_tokens,
         "local_ms_per_token": round(local_ms, 2),
         "split3_ms_per_token": round(split_ms, 2),
         "split_over_local_speed": round(local_ms / split_ms, 3),
-        "tokens_equal": local_tokens == split_tokens,
-        "max_abs_logit_diff": float(torch.max(torch.abs(local_logits - split_logits))),
+        "tokens_equal": run["local"]["tokens"] == run["split"]["tokens"],
+        "max_abs_logit_diff": float(torch.max(torch.abs(torch.stack(run["local"]["logits"]) - torch.stack(run["split"]["logits"])))),
     }
     say(f"[{label}] 8 concurrent sessions vs 1")
     steps = 12
@@ -181,11 +208,13 @@ def bench_model(label: str, checkpoint: Path, new_tokens: int, bandwidth: float 
         sessions8_unbatched_tokens_per_s=round(eight_unbatched, 2),
         sessions8_over_1_throughput=round(eight / one, 2),
     )
-    if bandwidth is not None:
+    if floor:
+        copy_gb_s = statistics.median(bandwidth)
         weight_bytes = sum(p.numel() * p.element_size() for s in stages for p in s.body.parameters())
         weight_bytes += head.lm_head_weight.numel() * head.lm_head_weight.element_size()
-        floor_ms = 1000 * weight_bytes / (bandwidth * 1e9)
+        floor_ms = 1000 * weight_bytes / (copy_gb_s * 1e9)
         result.update(
+            copy_gb_per_s=round(copy_gb_s, 2),
             weight_gb_read_per_token=round(weight_bytes / 1e9, 3),
             floor_ms_per_token=round(floor_ms, 2),
             split3_over_floor=round(split_ms / floor_ms, 3),
@@ -200,17 +229,16 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per decode run (default 32)")
     parser.add_argument("--skip-default", action="store_true", help="do not bench the default model")
     args = parser.parse_args()
-    bandwidth = copy_gb_per_s()
-    say(f"copy bandwidth {bandwidth:.1f} GB/s (read + write), {torch.get_num_threads()} torch threads")
-    results: dict = {"copy_gb_per_s": round(bandwidth, 2), "torch_threads": torch.get_num_threads()}
+    say(f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+    results: dict = {"torch_threads": torch.get_num_threads()}
     if not args.skip_default:
-        results["default_model"] = bench_model("SmolLM2-135M", default_model(), args.tokens, None)
+        results["default_model"] = bench_model("SmolLM2-135M", default_model(), args.tokens, floor=False)
     config = json.loads(args.config.read_text()) if args.config else LLAMA_850M
     label = args.config.stem if args.config else "llama_850m"
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         say(f"[{label}] building the seeded random checkpoint (fp32)")
         checkpoint = random_checkpoint(config, Path(tmp) / label, seed=0)
-        results[label] = bench_model(label, checkpoint, args.tokens, bandwidth)
+        results[label] = bench_model(label, checkpoint, args.tokens, floor=True)
     print(json.dumps(results))
     return 0
 
