@@ -228,7 +228,10 @@ def main() -> int:
     parser.add_argument("--config", type=Path, help="a Llama/Mistral/Qwen2 config JSON to bench (random init) instead of the 850M Llama")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per decode run (default 32)")
     parser.add_argument("--skip-default", action="store_true", help="do not bench the default model")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     say(f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     results: dict = {"torch_threads": torch.get_num_threads()}
     if not args.skip_default:
