@@ -16,6 +16,7 @@ GROUPS = [
     "node.cli.doctor",
     "node.cli.ipfs",
     "node.cli.model",
+    "node.cli.engine",
     "node.cli.reach",
 ]
 
