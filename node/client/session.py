@@ -165,7 +165,10 @@ class InferenceSession:
             self.failovers += 1
             if self.failovers > self.max_failovers:
                 raise RouteError(f"gave up after {self.max_failovers} fail-overs; last failure: {reason}")
-            route = plan_route(self.nodes, old.node.start, old.node.end, self._payload_bytes(), self.failed)
+            try:
+                route = plan_route(self.nodes, old.node.start, old.node.end, self._payload_bytes(), self.failed)
+            except RouteError as exc:
+                raise RouteError(f"{exc}; the last failure: {reason}") from None
             try:
                 new_hops = await self._open_hops(route)
                 await self._replay(new_hops, old.inputs)

@@ -109,8 +109,10 @@ def load_service(settings: NodeSettings, config: Config) -> NodeService:
     """Load the layers and the node's keys."""
     stage = Stage.load(settings.checkpoint, settings.start, settings.end, dtype=settings.dtype, idle_timeout_s=config.node.idle_timeout_s)
     identity = load_or_create_identity(config.node.data_dir)
+    worker = StageWorker(stage)
+    worker.warm_up()
     return NodeService(
-        StageWorker(stage), identity, commitment_domain(config), idle_timeout_s=config.node.idle_timeout_s, fault=settings.fault
+        worker, identity, commitment_domain(config), idle_timeout_s=config.node.idle_timeout_s, fault=settings.fault
     )
 
 
