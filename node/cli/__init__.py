@@ -12,7 +12,7 @@ import sys
 
 from node import __version__
 
-GROUPS = ["node.cli.doctor", "node.cli.node", "node.cli.client"]
+GROUPS = ["node.cli.doctor", "node.cli.engine", "node.cli.node", "node.cli.client"]
 
 
 def build_parser() -> argparse.ArgumentParser:
