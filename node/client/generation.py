@@ -11,7 +11,7 @@ from pathlib import Path
 
 from node.chain.eip712 import Domain
 from node.client.routing import NodeInfo, RouteError, discover, plan_route
-from node.client.session import InferenceSession, ReceiptSource
+from node.client.session import HopTiming, InferenceSession, ReceiptSource
 from node.engine.head import Head
 from node.engine.sampling import SamplingParams, generate
 
@@ -29,6 +29,7 @@ class Completion:
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
     failovers: int = 0
+    hop_timings: list[HopTiming] = field(default_factory=list)
 
 
 class RemoteModel:
@@ -97,4 +98,5 @@ class RemoteModel:
             cancelled.set()
             await asyncio.shield(worker)
             completion.failovers = session.failovers
+            completion.hop_timings = session.timings
             await session.close()

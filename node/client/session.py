@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +32,16 @@ ReceiptSource = Callable[[NodeInfo, bytes, int, int], bytes | None]
 
 class NodeFailure(Exception):
     """A node did not answer a step correctly; the session replaces it."""
+
+
+@dataclass(frozen=True)
+class HopTiming:
+    """One step through one node: wall time seen by the client and the node's reported compute time."""
+
+    url: str
+    tokens: int
+    wall_s: float
+    compute_s: float
 
 
 @dataclass
@@ -66,6 +77,7 @@ class InferenceSession:
         self.hops: list[Hop] = []
         self.commitments: list[tuple[str, SignedCommitment]] = []
         self.failovers = 0
+        self.timings: list[HopTiming] = []
 
     def _payload_bytes(self) -> int:
         return self.nodes[0].hidden_size * 4 if self.nodes else 0
@@ -132,9 +144,12 @@ class InferenceSession:
             receipt = self.receipt_source(node, self.request_id, step, hidden.shape[1])
             if receipt is not None:
                 fields["receipt"] = receipt
+        started = time.perf_counter()
         await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
         reply = await asyncio.wait_for(hop.channel.recv(), self.step_timeout_s)
-        return self._check_result(hop, reply, step, sent, payload)
+        output = self._check_result(hop, reply, step, sent, payload)
+        self.timings.append(HopTiming(node.url, hidden.shape[1], time.perf_counter() - started, reply.fields.get("compute_us", 0) / 1e6))
+        return output
 
     def _check_result(self, hop: Hop, reply: Message, step: int, sent: torch.Tensor, payload: bytes) -> torch.Tensor:
         node = hop.node

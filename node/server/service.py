@@ -229,7 +229,7 @@ class NodeService:
     async def _run(self, session: _Session, message: Message) -> _Answer:
         hidden, positions = self._check_input(session, message)
         try:
-            output = await self.worker.step(session.stage_id, hidden, positions)
+            output, compute_s = await self.worker.step(session.stage_id, hidden, positions)
         except UnknownSession:
             self.sessions.pop(session.request_id, None)
             raise StepRefused("unknown_session", "the session expired on this node; open it again and replay") from None
@@ -240,7 +240,8 @@ class NodeService:
         output = output.contiguous()
         payload = wire.tensor_bytes(output)
         signed = commit(self.identity.operator_key, session.request_id, message.step, message.payload, payload, self.domain)
-        answer = _Answer(signed.commitment.input_hash, output, payload, signed.to_fields())
+        fields = {**signed.to_fields(), "compute_us": int(compute_s * 1e6)}
+        answer = _Answer(signed.commitment.input_hash, output, payload, fields)
         session.answers[message.step] = answer
         while len(session.answers) > CACHED_STEPS:
             session.answers.popitem(last=False)
