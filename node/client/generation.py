@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.chain.eip712 import Domain
+from node.client.failures import RecentFailures
 from node.client.routing import NodeInfo, RouteError, discover, plan_route
 from node.client.session import HopTiming, InferenceSession, ReceiptSource
 from node.engine.head import Head
@@ -39,7 +40,7 @@ class RemoteModel:
                  step_timeout_s: float = 60.0, receipt_source: ReceiptSource | None = None) -> None:
         self.head, self.model_id, self.nodes, self.domain = head, model_id, nodes, domain
         self.transport, self.step_timeout_s, self.receipt_source = transport, step_timeout_s, receipt_source
-        self.failed: set[str] = set()
+        self.failed = RecentFailures()
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="generate")
 
     @classmethod

@@ -22,6 +22,7 @@ from node.net import wire
 from node.net.channel import SecureChannel, client_handshake, open_transport
 from node.net.commitment import CommitmentError, SignedCommitment, check_commitment
 from node.net.wire import Message, WireError
+from node.client.failures import RecentFailures
 from node.client.routing import NodeInfo, RouteError, plan_route
 
 log = logging.getLogger("shardmarket.client")
@@ -67,12 +68,12 @@ class InferenceSession:
         step_timeout_s: float = 60.0,
         max_failovers: int = 4,
         receipt_source: ReceiptSource | None = None,
-        failed: set[str] | None = None,
+        failed: RecentFailures | None = None,
     ) -> None:
         self.nodes, self.num_layers, self.domain = nodes, num_layers, domain
         self.max_length, self.transport, self.step_timeout_s = max_length, transport, step_timeout_s
         self.max_failovers, self.receipt_source = max_failovers, receipt_source
-        self.failed = failed if failed is not None else set()  # node URLs that failed (shared between sessions)
+        self.failed = failed if failed is not None else RecentFailures()  # shared between sessions
         self.request_id = os.urandom(32)
         self.hops: list[Hop] = []
         self.commitments: list[tuple[str, SignedCommitment]] = []
@@ -85,7 +86,7 @@ class InferenceSession:
     async def open(self) -> None:
         """Plan the route over live nodes and open a session on each hop."""
         while True:
-            route = plan_route(self.nodes, 0, self.num_layers, self._payload_bytes(), self.failed)
+            route = plan_route(self.nodes, 0, self.num_layers, self._payload_bytes(), self.failed.current())
             try:
                 self.hops = await self._open_hops(route)
                 return
@@ -181,7 +182,7 @@ class InferenceSession:
             if self.failovers > self.max_failovers:
                 raise RouteError(f"gave up after {self.max_failovers} fail-overs; last failure: {reason}")
             try:
-                route = plan_route(self.nodes, old.node.start, old.node.end, self._payload_bytes(), self.failed)
+                route = plan_route(self.nodes, old.node.start, old.node.end, self._payload_bytes(), self.failed.current())
             except RouteError as exc:
                 raise RouteError(f"{exc}; the last failure: {reason}") from None
             try:

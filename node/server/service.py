@@ -23,6 +23,7 @@ from node.server.worker import StageWorker
 log = logging.getLogger("shardmarket.node")
 CACHED_STEPS = 4  # answers kept per session for retries
 MAX_BAD_FRAMES = 8  # frames failing authentication before the node hangs up
+MAX_RECEIPT_BYTES = 1024  # the client's signed payment receipt riding on a step (checked by the payment issue)
 
 
 class StepRefused(Exception):
@@ -218,6 +219,9 @@ class NodeService:
             raise StepRefused("bad_tensor", f"a step carries hidden states of shape [1, T, {expected[2]}], got {got}")
         if hidden.dtype != self.stage.dtype:
             raise StepRefused("bad_tensor", f"this node computes in {self.stage.dtype}, got {hidden.dtype}")
+        receipt = message.fields.get("receipt")
+        if receipt is not None and (not isinstance(receipt, bytes) or len(receipt) > MAX_RECEIPT_BYTES):
+            raise StepRefused("bad_receipt", f"the receipt field must be at most {MAX_RECEIPT_BYTES} bytes")
         position = message.fields.get("position")
         if position != session.next_position:
             raise StepRefused("bad_position", f"step starts at position {position!r}, expected {session.next_position}")
