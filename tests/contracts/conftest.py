@@ -1,17 +1,15 @@
 import pytest
+from eth_account import Account
+
+from node.chain import eip712
+
+TOKEN = 10**18
+KEYED_ACCOUNTS = 10
 
 
 @pytest.fixture(autouse=True)
 def isolate(fn_isolation):
     """Every test starts from the same chain state."""
-
-
-@pytest.fixture(scope="module")
-def deployment(accounts, tmp_path_factory, monkeypatch_module):
-    from scripts import deploy
-
-    monkeypatch_module.setenv("SHARDMARKET_HOME", str(tmp_path_factory.mktemp("home")))
-    return deploy.main(accounts[0])
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +19,127 @@ def monkeypatch_module():
 
 
 @pytest.fixture(scope="module")
+def deployment(accounts, tmp_path_factory, monkeypatch_module):
+    from scripts import deploy
+
+    monkeypatch_module.setenv("SHARDMARKET_HOME", str(tmp_path_factory.mktemp("home")))
+    return deploy.main(accounts[0], treasury=accounts[9])
+
+
+@pytest.fixture(scope="module")
 def token(deployment, TestToken):
     return TestToken.at(deployment["TestToken"])
+
+
+@pytest.fixture(scope="module")
+def stake_manager(deployment, StakeManager):
+    return StakeManager.at(deployment["StakeManager"])
+
+
+@pytest.fixture(scope="module")
+def models(deployment, ModelRegistry):
+    return ModelRegistry.at(deployment["ModelRegistry"])
+
+
+@pytest.fixture(scope="module")
+def registry(deployment, NodeRegistry):
+    return NodeRegistry.at(deployment["NodeRegistry"])
+
+
+@pytest.fixture(scope="module")
+def escrow(deployment, PaymentEscrow):
+    return PaymentEscrow.at(deployment["PaymentEscrow"])
+
+
+@pytest.fixture(scope="module")
+def disputes(deployment, DisputeManager):
+    return DisputeManager.at(deployment["DisputeManager"])
+
+
+@pytest.fixture(scope="module")
+def treasury(accounts):
+    return accounts[9]
+
+
+@pytest.fixture(scope="module")
+def keyed(accounts):
+    """Accounts whose private keys the tests hold (to sign receipts and commitments), with ETH for gas."""
+    out = []
+    for i in range(KEYED_ACCOUNTS):
+        account = accounts.add(Account.from_key((0x5EED0000 + i).to_bytes(32, "big")).key.hex())
+        accounts[0].transfer(account, 10**18)
+        out.append(account)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clients(keyed):
+    return keyed[:3]
+
+
+@pytest.fixture(scope="module")
+def nodes(keyed):
+    return keyed[3:]
+
+
+@pytest.fixture(scope="module")
+def market(deployment, token, stake_manager, models, registry, escrow, disputes, accounts):
+    return Market(token, stake_manager, models, registry, escrow, disputes, accounts[0])
+
+
+class Market:
+    """Test-side driver of a deployed market: funding, staking, registering, signing."""
+
+    MODEL = "tiny-llama"
+    LAYERS = 8
+
+    def __init__(self, token, stake_manager, models, registry, escrow, disputes, owner):
+        self.token, self.stake, self.models, self.registry = token, stake_manager, models, registry
+        self.escrow, self.disputes, self.owner = escrow, disputes, owner
+        self.escrow_domain = eip712.Domain(31337, escrow.address)
+        self.dispute_domain = eip712.Domain(31337, disputes.address)
+        models.registerModel(self.MODEL, "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi",
+                             self.LAYERS, b"\x07" * 32, {"from": owner})
+        self.model_id = models.modelIdOf(self.MODEL)
+
+    def fund(self, account, amount):
+        self.token.transfer(account, amount, {"from": self.owner})
+
+    def stake_for(self, node, amount):
+        self.fund(node, amount)
+        self.token.approve(self.stake, amount, {"from": node})
+        return self.stake.stake(amount, {"from": node})
+
+    def register(self, node, start=0, end=4, price=10, stake=100 * TOKEN):
+        if stake:
+            self.stake_for(node, stake)
+        return self.registry.register(self.model_id, start, end, price, b"\x01" * 32,
+                                      [f"http://{node.address[:10].lower()}.example:7300"], {"from": node})
+
+    def deposit(self, client, amount):
+        self.fund(client, amount)
+        self.token.approve(self.escrow, amount, {"from": client})
+        return self.escrow.deposit(client, amount, {"from": client})
+
+    def receipt(self, client, node, amount, nonce=1, domain=None, signer=None):
+        """(eip712.Receipt, signature) signed by `signer` (default: the client)."""
+        receipt = eip712.Receipt(client.address, node.address, amount, b"\x11" * 32, nonce)
+        key = (signer or client).private_key
+        return receipt, eip712.sign_receipt(key, receipt, domain or self.escrow_domain)
+
+    def redeem(self, receipt, signature, sender):
+        return self.escrow.redeem(receipt.client, receipt.node, receipt.cumulative_amount, receipt.usage_hash,
+                                  receipt.nonce, signature, {"from": sender})
+
+    @staticmethod
+    def batch_item(receipt, signature):
+        return (receipt.client, receipt.cumulative_amount, receipt.usage_hash, receipt.nonce,
+                *eip712.split_signature(signature))
+
+    def commitment(self, node, request=b"\x22" * 32, step=0, output=b"\x44" * 32, inp=b"\x33" * 32):
+        commitment = eip712.Commitment(request, step, inp, output)
+        signature = eip712.sign_commitment(node.private_key, commitment, self.dispute_domain)
+        return (request, step, inp, output), signature
 
 
 @pytest.fixture

@@ -1,0 +1,257 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {ModelRegistry} from "./ModelRegistry.sol";
+import {StakeManager} from "./StakeManager.sol";
+
+/// @title NodeRegistry
+/// @notice A node (its operator account) announces where it listens, its X25519 encryption key, the model
+/// and layer range [start, end) it serves and its price per token. It is listed only while it is not
+/// paused and its bonded stake is at least `minStake`. Nodes are enumerable per model (for clients) and
+/// per slice (model, start, end) (for the DisputeManager's verifier choice).
+contract NodeRegistry {
+    struct Node {
+        bool registered;
+        bool paused;
+        uint16 layerStart;
+        uint16 layerEnd;
+        uint128 pricePerToken;
+        bytes32 modelId;
+        bytes32 encryptionKey;
+        string[] endpoints;
+    }
+
+    uint256 public constant MAX_ENDPOINTS = 4;
+    uint256 public constant MAX_ENDPOINT_LENGTH = 256;
+    uint256 public constant MAX_PAGE = 100;
+
+    /// @notice Where stakes are read.
+    StakeManager public immutable stakeManager;
+    /// @notice Where models and their layer counts are read.
+    ModelRegistry public immutable modelRegistry;
+    /// @notice Bonded stake a node needs to register and to stay listed.
+    uint256 public immutable minStake;
+
+    mapping(address operator => Node) private _nodes;
+    mapping(bytes32 modelId => address[]) private _modelNodes;
+    mapping(bytes32 sliceKey => address[]) private _sliceNodes;
+    mapping(address operator => uint256) private _modelIndex; // index + 1 in _modelNodes
+    mapping(address operator => uint256) private _sliceIndex; // index + 1 in _sliceNodes
+
+    event NodeRegistered(
+        address indexed operator,
+        bytes32 indexed modelId,
+        uint16 layerStart,
+        uint16 layerEnd,
+        uint128 pricePerToken,
+        bytes32 encryptionKey,
+        string[] endpoints
+    );
+    event NodeUpdated(
+        address indexed operator,
+        bytes32 indexed modelId,
+        uint16 layerStart,
+        uint16 layerEnd,
+        uint128 pricePerToken,
+        bytes32 encryptionKey,
+        string[] endpoints
+    );
+    event NodePaused(address indexed operator);
+    event NodeUnpaused(address indexed operator);
+    event NodeDeregistered(address indexed operator);
+
+    error AlreadyRegistered(address operator);
+    error NotRegistered(address operator);
+    error UnknownModel(bytes32 modelId);
+    error InvalidLayerRange(uint16 start, uint16 end, uint16 layerCount);
+    error InsufficientStake(uint256 bonded, uint256 required);
+    error InvalidEndpoints();
+    error ZeroEncryptionKey();
+    error AlreadyPaused(address operator);
+    error NotPaused(address operator);
+    error PageTooLarge(uint256 limit);
+
+    /// @param stakeManager_ Stake contract whose bonded stake gates listing.
+    /// @param modelRegistry_ Model registry that validates model ids and layer ranges.
+    /// @param minStake_ Minimum bonded stake of a listed node.
+    constructor(StakeManager stakeManager_, ModelRegistry modelRegistry_, uint256 minStake_) {
+        stakeManager = stakeManager_;
+        modelRegistry = modelRegistry_;
+        minStake = minStake_;
+    }
+
+    /// @notice Register the caller as a node serving layers [layerStart, layerEnd) of `modelId`.
+    /// @param modelId Model id from the ModelRegistry.
+    /// @param layerStart First served layer.
+    /// @param layerEnd One past the last served layer (at most the model's layer count).
+    /// @param pricePerToken Price per processed token, in the escrow token's smallest unit.
+    /// @param encryptionKey X25519 public key clients encrypt frames to.
+    /// @param endpoints 1-4 URLs (each at most 256 bytes) where the node listens.
+    function register(
+        bytes32 modelId,
+        uint16 layerStart,
+        uint16 layerEnd,
+        uint128 pricePerToken,
+        bytes32 encryptionKey,
+        string[] calldata endpoints
+    ) external {
+        Node storage node = _nodes[msg.sender];
+        if (node.registered) revert AlreadyRegistered(msg.sender);
+        uint256 bonded = stakeManager.bondedOf(msg.sender);
+        if (bonded < minStake) revert InsufficientStake(bonded, minStake);
+        _write(node, modelId, layerStart, layerEnd, pricePerToken, encryptionKey, endpoints);
+        node.registered = true;
+        _add(msg.sender, modelId, layerStart, layerEnd);
+        emit NodeRegistered(msg.sender, modelId, layerStart, layerEnd, pricePerToken, encryptionKey, endpoints);
+    }
+
+    /// @notice Change everything the caller announced; same rules as `register`.
+    /// @param modelId Model id from the ModelRegistry.
+    /// @param layerStart First served layer.
+    /// @param layerEnd One past the last served layer.
+    /// @param pricePerToken Price per processed token.
+    /// @param encryptionKey X25519 public key.
+    /// @param endpoints 1-4 URLs.
+    function update(
+        bytes32 modelId,
+        uint16 layerStart,
+        uint16 layerEnd,
+        uint128 pricePerToken,
+        bytes32 encryptionKey,
+        string[] calldata endpoints
+    ) external {
+        Node storage node = _requireRegistered(msg.sender);
+        _remove(msg.sender, node.modelId, node.layerStart, node.layerEnd);
+        _write(node, modelId, layerStart, layerEnd, pricePerToken, encryptionKey, endpoints);
+        _add(msg.sender, modelId, layerStart, layerEnd);
+        emit NodeUpdated(msg.sender, modelId, layerStart, layerEnd, pricePerToken, encryptionKey, endpoints);
+    }
+
+    /// @notice Stop being listed (e.g. for maintenance) without losing the registration.
+    function pause() external {
+        Node storage node = _requireRegistered(msg.sender);
+        if (node.paused) revert AlreadyPaused(msg.sender);
+        node.paused = true;
+        emit NodePaused(msg.sender);
+    }
+
+    /// @notice Be listed again after `pause`.
+    function unpause() external {
+        Node storage node = _requireRegistered(msg.sender);
+        if (!node.paused) revert NotPaused(msg.sender);
+        node.paused = false;
+        emit NodeUnpaused(msg.sender);
+    }
+
+    /// @notice Remove the caller's registration (its stake stays in the StakeManager).
+    function deregister() external {
+        Node storage node = _requireRegistered(msg.sender);
+        _remove(msg.sender, node.modelId, node.layerStart, node.layerEnd);
+        delete _nodes[msg.sender];
+        emit NodeDeregistered(msg.sender);
+    }
+
+    /// @notice The registration of `operator`; reverts with NotRegistered if none.
+    function getNode(address operator) external view returns (Node memory) {
+        Node memory node = _nodes[operator];
+        if (!node.registered) revert NotRegistered(operator);
+        return node;
+    }
+
+    /// @notice Whether `operator` is registered, not paused and holds at least `minStake` bonded.
+    function isListed(address operator) public view returns (bool) {
+        Node storage node = _nodes[operator];
+        return node.registered && !node.paused && stakeManager.bondedOf(operator) >= minStake;
+    }
+
+    /// @notice Number of registered nodes (listed or not) serving some layers of `modelId`.
+    function modelNodeCount(bytes32 modelId) external view returns (uint256) {
+        return _modelNodes[modelId].length;
+    }
+
+    /// @notice Up to `limit` (at most 100) registered nodes of `modelId` from position `offset`; check `isListed`.
+    function modelNodes(bytes32 modelId, uint256 offset, uint256 limit) external view returns (address[] memory page) {
+        return _page(_modelNodes[modelId], offset, limit);
+    }
+
+    /// @notice Key of the slice (model, layers [start, end)) used by `sliceNodeCount` and `sliceNodeAt`.
+    function sliceKey(bytes32 modelId, uint16 layerStart, uint16 layerEnd) public pure returns (bytes32) {
+        return keccak256(abi.encode(modelId, layerStart, layerEnd));
+    }
+
+    /// @notice Number of registered nodes serving exactly the slice `key`.
+    function sliceNodeCount(bytes32 key) external view returns (uint256) {
+        return _sliceNodes[key].length;
+    }
+
+    /// @notice The `index`-th registered node of slice `key`.
+    function sliceNodeAt(bytes32 key, uint256 index) external view returns (address) {
+        return _sliceNodes[key][index];
+    }
+
+    function _write(
+        Node storage node,
+        bytes32 modelId,
+        uint16 layerStart,
+        uint16 layerEnd,
+        uint128 pricePerToken,
+        bytes32 encryptionKey,
+        string[] calldata endpoints
+    ) private {
+        uint16 layerCount = modelRegistry.layerCountOf(modelId);
+        if (layerCount == 0) revert UnknownModel(modelId);
+        if (layerStart >= layerEnd || layerEnd > layerCount) revert InvalidLayerRange(layerStart, layerEnd, layerCount);
+        if (encryptionKey == bytes32(0)) revert ZeroEncryptionKey();
+        if (endpoints.length == 0 || endpoints.length > MAX_ENDPOINTS) revert InvalidEndpoints();
+        node.modelId = modelId;
+        node.layerStart = layerStart;
+        node.layerEnd = layerEnd;
+        node.pricePerToken = pricePerToken;
+        node.encryptionKey = encryptionKey;
+        delete node.endpoints;
+        for (uint256 i = 0; i < endpoints.length; ++i) {
+            uint256 length = bytes(endpoints[i]).length;
+            if (length == 0 || length > MAX_ENDPOINT_LENGTH) revert InvalidEndpoints();
+            node.endpoints.push(endpoints[i]);
+        }
+    }
+
+    function _requireRegistered(address operator) private view returns (Node storage node) {
+        node = _nodes[operator];
+        if (!node.registered) revert NotRegistered(operator);
+    }
+
+    function _add(address operator, bytes32 modelId, uint16 layerStart, uint16 layerEnd) private {
+        address[] storage models = _modelNodes[modelId];
+        models.push(operator);
+        _modelIndex[operator] = models.length;
+        address[] storage slice = _sliceNodes[sliceKey(modelId, layerStart, layerEnd)];
+        slice.push(operator);
+        _sliceIndex[operator] = slice.length;
+    }
+
+    function _remove(address operator, bytes32 modelId, uint16 layerStart, uint16 layerEnd) private {
+        _swapAndPop(_modelNodes[modelId], _modelIndex, operator);
+        _swapAndPop(_sliceNodes[sliceKey(modelId, layerStart, layerEnd)], _sliceIndex, operator);
+    }
+
+    function _swapAndPop(address[] storage list, mapping(address => uint256) storage indexOf, address operator)
+        private
+    {
+        uint256 index = indexOf[operator] - 1;
+        address last = list[list.length - 1];
+        list[index] = last;
+        indexOf[last] = index + 1;
+        list.pop();
+        delete indexOf[operator];
+    }
+
+    function _page(address[] storage list, uint256 offset, uint256 limit) private view returns (address[] memory page) {
+        if (limit > MAX_PAGE) revert PageTooLarge(limit);
+        uint256 end = offset + limit < list.length ? offset + limit : list.length;
+        page = new address[](end > offset ? end - offset : 0);
+        for (uint256 i = 0; i < page.length; ++i) {
+            page[i] = list[offset + i];
+        }
+    }
+}
