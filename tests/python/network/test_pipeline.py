@@ -36,7 +36,7 @@ def cluster(smollm, tmp_path_factory):
         "a": start_node(smollm, "0:10", home / "a"),
         "b": start_node(smollm, "10:20", home / "b"),
         "c": start_node(smollm, "20:30", home / "c"),
-        "spare": start_node(smollm, "10:20", home / "spare", "--price", "5"),
+        "spare": start_node(smollm, "10:20", home / "spare", "--price", "1000"),
         "wrong": start_node(smollm, "20:30", home / "wrong", "--test-fault", "wrong-shape"),
     }
     try:
