@@ -12,7 +12,6 @@ import sys
 
 import openai
 import pytest
-import torch
 
 from node.chain.eip712 import Domain
 from node.client.generation import Completion, RemoteModel
