@@ -21,6 +21,7 @@ from node.chain.eip712 import Domain
 from node.net import wire
 from node.net.channel import SecureChannel, client_handshake, open_transport
 from node.net.commitment import CommitmentError, SignedCommitment, check_commitment
+from node.net.crypto import DecryptError
 from node.net.wire import Message, WireError
 from node.client.failures import RecentFailures
 from node.client.routing import NodeInfo, RouteError, plan_route
@@ -33,6 +34,10 @@ ReceiptSource = Callable[[NodeInfo, bytes, int, int], bytes | None]
 
 class NodeFailure(Exception):
     """A node did not answer a step correctly; the session replaces it."""
+
+
+# everything that means "this node failed this step": the session routes around the node
+HOP_ERRORS = (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError, DecryptError)
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class InferenceSession:
         self.failed = failed if failed is not None else RecentFailures()  # shared between sessions
         self.request_id = os.urandom(32)
         self.hops: list[Hop] = []
-        self.commitments: list[tuple[str, SignedCommitment]] = []
+        self.commitments: list[tuple[str, SignedCommitment]] = []  # (node URL, commitment): evidence for disputes
         self.failovers = 0
         self.timings: list[HopTiming] = []
 
@@ -98,7 +103,7 @@ class InferenceSession:
         for node in route:
             try:
                 hops.append(await self._open_hop(node))
-            except (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError) as exc:
+            except HOP_ERRORS as exc:
                 await self._close_hops(hops)
                 self._mark_failed(node, exc)
                 raise NodeFailure(f"cannot open a session on {node.url}: {exc}") from None
@@ -128,7 +133,7 @@ class InferenceSession:
             hop = self.hops[index]
             try:
                 output = await self._step(hop, len(hop.inputs), position, hidden)
-            except (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError) as exc:
+            except HOP_ERRORS as exc:
                 await self._replace(index, exc)
                 continue  # retry this step on the replacement hop(s)
             hop.inputs.append((position, hidden))
@@ -200,7 +205,7 @@ class InferenceSession:
         for hop in hops:
             try:
                 inputs = await self._replay_hop(hop, inputs)
-            except (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError) as exc:
+            except HOP_ERRORS as exc:
                 self._mark_failed(hop.node, exc)
                 await self._close_hops(hops)
                 raise NodeFailure(f"replay on {hop.node.url} failed: {exc}") from None
