@@ -19,7 +19,6 @@ GROUPS = [
     "node.cli.engine",
     "node.cli.node",
     "node.cli.client",
-    "node.cli.reach",
 ]
 
 

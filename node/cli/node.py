@@ -7,6 +7,8 @@ import asyncio
 import logging
 from pathlib import Path
 
+from node.cli import reach
+
 from node.config import load_config
 
 DTYPE_NAMES = ["bfloat16", "float16", "float32"]  # node.net.wire.DTYPES, named without importing torch
@@ -37,6 +39,7 @@ def register(commands) -> None:
     run.add_argument("--threads", type=int, help="torch threads (config node.threads)")
     run.add_argument("--test-fault", choices=["wrong-shape"], help="misbehave on purpose (for tests of clients)")
     run.set_defaults(run=run_node)
+    reach.register(group)  # node reachability, node relay
 
 
 def run_node(args: argparse.Namespace) -> int:

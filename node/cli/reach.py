@@ -1,7 +1,4 @@
-"""`shardmarket reachability` (how this node can be reached from outside) and `shardmarket relay` (serve as one).
-
-Both move under `shardmarket node ...` once the node command group exists.
-"""
+"""`shardmarket node reachability` (how this node can be reached from outside) and `shardmarket node relay` (serve as one)."""
 
 from __future__ import annotations
 
@@ -20,6 +17,7 @@ from node.net.relay import RelayServer
 
 
 def register(commands) -> None:
+    """Add `reachability` and `relay` under the `shardmarket node` group."""
     reach = commands.add_parser("reachability", help="find how this node can be reached from outside and say so")
     reach.add_argument("--port", type=int, help="the node's TCP port (default: [node] port)")
     reach.add_argument("--stun", action="append", metavar="HOST[:PORT]",

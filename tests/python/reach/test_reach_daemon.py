@@ -1,5 +1,5 @@
 """The real node daemon and client (issue 7) through the NAT lab: `shardmarket client chat` on the public side
-gets a streamed answer from `shardmarket node run` in the home LAN, by the path `shardmarket reachability` chose.
+gets a streamed answer from `shardmarket node run` in the home LAN, by the path `shardmarket node reachability` chose.
 Skips until the daemon's modules are in the tree."""
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def start_daemon(lab, checkpoint: Path, layers: str) -> subprocess.Popen:
 
 
 def hold_endpoint(lab, *extra: str) -> tuple[subprocess.Popen, dict]:
-    """`shardmarket reachability --hold` next to the daemon; returns it and its report."""
-    hold = lab.spawn_in("lan", [SHARDMARKET, "reachability", "--port", str(NODE_PORT), "--json", "--hold", *extra],
+    """`shardmarket node reachability --hold` next to the daemon; returns it and its report."""
+    hold = lab.spawn_in("lan", [SHARDMARKET, "node", "reachability", "--port", str(NODE_PORT), "--json", "--hold", *extra],
                         log="reach.log", stdout=subprocess.PIPE, stderr=open(lab.dir / "reach.err", "w"), text=True)
     line = hold.stdout.readline()
     assert line, lab.log("reach.err")[-2000:]

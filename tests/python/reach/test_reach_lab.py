@@ -112,13 +112,13 @@ def test_mapping_is_recreated_after_the_router_restarts(lab_for, variant):
 
 def test_cli_prints_what_it_found(lab_for):
     lab = lab_for("upnp")
-    out = lab.run_in("lan", [SHARDMARKET, "reachability", "--port", str(NODE_PORT)], timeout=60)
+    out = lab.run_in("lan", [SHARDMARKET, "node", "reachability", "--port", str(NODE_PORT)], timeout=60)
     assert "NAT type        port-restricted-cone NAT" in out.stdout
     assert "public address  10.99.0.10" in out.stdout
     assert "FAIL pcp" in out.stdout and "ok   upnp" in out.stdout
     assert f"endpoint        http://10.99.0.10:{NODE_PORT}  (by upnp, verified" in out.stdout
     assert "dnat" not in miniupnpd_rules(lab), "the one-shot report left its mapping behind"
-    refused = lab.run_in("lan", [SHARDMARKET, "reachability", "--methods", "pcp", "--relay", "http://10.99.0.1:1"],
+    refused = lab.run_in("lan", [SHARDMARKET, "node", "reachability", "--methods", "pcp", "--relay", "http://10.99.0.1:1"],
                          check=False, timeout=60)
     assert refused.returncode == 1 and "none verified" in refused.stdout
 
