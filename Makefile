@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 setup: $(STAMPS)/python $(STAMPS)/npm $(STAMPS)/toolchain $(STAMPS)/brownie-network $(STAMPS)/apt
 	@echo "set-up complete: run 'make test' or '$(BIN)/shardmarket doctor'"
 
-$(STAMPS)/python: pyproject.toml
+$(STAMPS)/python: pyproject.toml Makefile
 	@mkdir -p $(STAMPS)
 	@test -x $(BIN)/python || { echo "creating the virtual environment in $(VENV)"; $(PYTHON) -m venv $(VENV); }
 	@echo "installing PyTorch 2.13.0 (CPU build) first, then shardmarket and its dev tools"
