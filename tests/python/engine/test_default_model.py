@@ -16,8 +16,7 @@ from .conftest import chain, prompt_ids, reference, run_pipeline
 
 SPLIT = [(0, 7), (7, 19), (19, 30)]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-# 24 tokens rather than 64: transformers' generate on the whole model is the slow half of this test on 2 CPU cores.
-NEW_TOKENS = 24
+NEW_TOKENS = 64
 
 
 @pytest.fixture(scope="module")
