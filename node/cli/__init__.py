@@ -12,7 +12,7 @@ import sys
 
 from node import __version__
 
-GROUPS = ["node.cli.doctor"]
+GROUPS = ["node.cli.doctor", "node.cli.ipfs", "node.cli.model"]
 
 
 def build_parser() -> argparse.ArgumentParser:

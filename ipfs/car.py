@@ -1,0 +1,129 @@
+"""CAR v1 archives: a dag-cbor header {roots, version: 1}, then varint-framed (CID, block) sections."""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Iterable, Iterator
+
+import dag_cbor
+from multiformats import CID
+
+from ipfs.cids import to_str, verify
+from ipfs.pb import DecodeError, read_varint, varint
+
+MAX_SECTION = 4 * 1024 * 1024  # no IPFS block is this large; a bigger length means a broken or hostile CAR
+MAX_HEADER = 64 * 1024
+
+
+class CarError(ValueError):
+    """A CAR that is malformed, truncated, or holds a block that does not match its CID."""
+
+
+def header(roots: Iterable[bytes]) -> bytes:
+    """The framed CAR v1 header for these root CIDs."""
+    body = dag_cbor.encode({"roots": [CID.decode(bytes(r)) for r in roots], "version": 1})
+    return varint(len(body)) + body
+
+
+def section(cid: bytes, data: bytes | memoryview) -> tuple[bytes, bytes | memoryview]:
+    """The framing and bytes of one block section (CIDv0 written as its bare multihash, as go-car does)."""
+    return varint(len(cid) + len(data)) + bytes(cid), data
+
+
+def cid_length(buf: bytes | memoryview, pos: int) -> int:
+    """Length of the binary CID starting at `pos`."""
+    if buf[pos] == 0x12 and pos + 1 < len(buf) and buf[pos + 1] == 0x20:
+        return 34
+    version, p = read_varint(buf, pos)
+    if version != 1:
+        raise CarError(f"section CID has unknown version {version}")
+    _, p = read_varint(buf, p)  # codec
+    _, p = read_varint(buf, p)  # multihash code
+    size, p = read_varint(buf, p)
+    return p + size - pos
+
+
+class CarParser:
+    """Incremental CAR v1 reader: `feed` bytes as they arrive, get verified (cid, block) pairs back."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.roots: list[bytes] | None = None
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
+        self.buf += chunk
+        out: list[tuple[bytes, bytes]] = []
+        pos = 0
+        view = memoryview(self.buf)
+        try:
+            while True:
+                try:
+                    length, start = read_varint(view, pos)
+                except DecodeError:
+                    break  # the length itself is still incomplete
+                if self.roots is None:
+                    if length > MAX_HEADER:
+                        raise CarError(f"CAR header claims {length} bytes; not a CAR v1")
+                    if start + length > len(view):
+                        break
+                    self._header(bytes(view[start : start + length]))
+                else:
+                    if not 0 < length <= MAX_SECTION:
+                        raise CarError(f"CAR section of {length} bytes is out of bounds")
+                    if start + length > len(view):
+                        break
+                    out.append(self._section(view[start : start + length]))
+                pos = start + length
+        finally:
+            view.release()
+        del self.buf[:pos]
+        return out
+
+    def _header(self, body: bytes) -> None:
+        try:
+            value = dag_cbor.decode(body)
+        except Exception as exc:
+            raise CarError(f"CAR header is not dag-cbor: {exc}") from None
+        if not isinstance(value, dict) or value.get("version") != 1:
+            raise CarError("only CAR version 1 is supported (the header says otherwise)")
+        roots = value.get("roots")
+        if not isinstance(roots, list) or not all(isinstance(r, CID) for r in roots):
+            raise CarError("CAR header has no list of root CIDs")
+        self.roots = [bytes(r) for r in roots]
+
+    def _section(self, sec: memoryview) -> tuple[bytes, bytes]:
+        try:
+            n = cid_length(sec, 0)
+        except (DecodeError, IndexError):
+            raise CarError("CAR section starts with a malformed CID") from None
+        if n > len(sec):
+            raise CarError("CAR section is shorter than its CID")
+        cid, data = bytes(sec[:n]), bytes(sec[n:])
+        if not verify(cid, data):
+            raise CarError(f"block {to_str(cid)} in the CAR does not match its CID")
+        return cid, data
+
+    def close(self) -> None:
+        """Call at end of input: leftover bytes or a missing header mean the CAR was truncated."""
+        if self.roots is None:
+            raise CarError("CAR ended before its header: empty or truncated")
+        if self.buf:
+            raise CarError(f"CAR is truncated: {len(self.buf)} bytes of an incomplete section at the end")
+
+
+def read_car(stream: BinaryIO, chunk_size: int = 1 << 20) -> tuple[list[bytes], Iterator[tuple[bytes, bytes]]]:
+    """Roots and a generator of verified blocks of a CAR file; errors surface as CarError."""
+    parser = CarParser()
+    pending: list[tuple[bytes, bytes]] = []
+    while parser.roots is None:
+        chunk = stream.read(chunk_size)
+        if not chunk:
+            parser.close()
+        pending += parser.feed(chunk)
+
+    def blocks() -> Iterator[tuple[bytes, bytes]]:
+        yield from pending
+        while chunk := stream.read(chunk_size):
+            yield from parser.feed(chunk)
+        parser.close()
+
+    return parser.roots, blocks()

@@ -1,0 +1,228 @@
+"""Fetch a DAG from several trustless gateways in parallel, verifying every block before it is stored.
+
+A file is split into byte ranges, each asked for as a CAR (`dag-scope=entity&entity-bytes=a:b`) from
+whichever gateway is free; every block must hash to its CID and be linked from a block already
+verified. A failed range goes back to the queue for another gateway; verified blocks stay in the
+blockstore, so a new run resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+from tqdm import tqdm
+
+from ipfs import pb
+from ipfs.blockstore import Blockstore, BlockstoreError, MemoryBlockstore
+from ipfs.car import CarError, CarParser
+from ipfs.cids import DAG_PB, split, to_str, verify
+from ipfs.gateway import CAR_TYPE, RAW_TYPE
+
+log = logging.getLogger(__name__)
+
+RANGE_BYTES = 16 * 1024 * 1024
+WORKERS_PER_GATEWAY = 2
+MAX_FAILURES = 3
+
+
+class FetchError(RuntimeError):
+    """The DAG could not be fetched completely; what was verified is kept for the next attempt."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One request: a whole sub-DAG, or a byte range [start, stop) of the file at `cid`."""
+
+    cid: bytes
+    start: int | None = None
+    stop: int | None = None
+
+    def url(self, gateway: str) -> str:
+        base = f"{gateway.rstrip('/')}/ipfs/{to_str(self.cid)}?format=car"
+        if self.start is None:
+            return base + "&dag-scope=all"
+        return base + f"&dag-scope=entity&entity-bytes={self.start}:{self.stop - 1}"
+
+
+class DagFetcher:
+    """Fetches the DAG under one root into a blockstore."""
+
+    def __init__(self, store: Blockstore | MemoryBlockstore, gateways: list[str], *, range_bytes: int = RANGE_BYTES,
+                 progress: bool = True, timeout_s: float = 60) -> None:
+        if not gateways:
+            raise FetchError("no gateway to fetch from: pass --gateway URL or set SHARDMARKET_IPFS_GATEWAYS")
+        self.store = store
+        self.gateways = gateways
+        self.range_bytes = range_bytes
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout_s, sock_connect=timeout_s)
+        self.expected: set[bytes] = set()  # multihashes linked from verified blocks (or the root)
+        self.nodes: dict[bytes, tuple[list[bytes], list[int]]] = {}  # dag-pb file/dir nodes: links, sizes
+        self.present: set[bytes] = set()  # multihashes verified and stored during this run
+        self.bar = tqdm(total=0, unit="B", unit_scale=True, desc="fetch", disable=not progress)
+
+    async def fetch(self, root: bytes) -> None:
+        """Fetch every block under `root` (already present blocks are not fetched again)."""
+        root = bytes(root)
+        self.expected.add(split(root)[1])
+        async with aiohttp.ClientSession(timeout=self.timeout, read_bufsize=1 << 20) as session:
+            self.session = session
+            block = await self._root_block(root)
+            links, sizes, filesize = self._learn(root, block)
+            self.bar.total = len(block) + sum(link.tsize for link in links)
+            self.bar.update(len(block))
+            if filesize is not None and links:
+                n = self.range_bytes
+                units = [Unit(root, a, min(a + n, filesize)) for a in range(0, filesize, n)]
+            else:
+                units = [Unit(link.cid) for link in links]
+            self.pending: list[Unit] = []
+            for unit in units:
+                if self._missing(unit):
+                    self.pending.append(unit)
+                else:
+                    self.bar.update(self._unit_bytes(unit, links))
+            self.failed: dict[Unit, set[str]] = {}
+            self.alive, self.in_flight = set(self.gateways), 0
+            workers = [asyncio.create_task(self._worker(gw)) for gw in self.gateways for _ in range(WORKERS_PER_GATEWAY)]
+            await asyncio.gather(*workers)
+        self.bar.close()
+        if self.pending:
+            raise FetchError(f"{len(self.pending)} part(s) of {to_str(root)} could not be fetched from any gateway; "
+                             "verified blocks are kept, run the same command again to resume")
+
+    def _unit_bytes(self, unit: Unit, links: list[pb.Link]) -> int:
+        if unit.start is None:
+            return next((link.tsize for link in links if link.cid == unit.cid), 0)
+        return unit.stop - unit.start
+
+    async def _root_block(self, root: bytes) -> bytes:
+        if self.store.has(root):
+            try:
+                return self.store.get(root)
+            except BlockstoreError:
+                pass
+        errors = []
+        for gateway in self.gateways:
+            url = f"{gateway.rstrip('/')}/ipfs/{to_str(root)}?format=raw"
+            try:
+                async with self.session.get(url, headers={"Accept": RAW_TYPE}) as resp:
+                    if resp.status != 200:
+                        errors.append(f"{gateway}: HTTP {resp.status}")
+                        continue
+                    block = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                errors.append(f"{gateway}: {exc or type(exc).__name__}")
+                continue
+            if verify(root, block):
+                self.store.add_block(root, block)
+                return block
+            errors.append(f"{gateway}: sent bytes that do not match {to_str(root)}")
+        raise FetchError(f"no gateway had {to_str(root)} ({'; '.join(errors)})")
+
+    def _learn(self, cid: bytes, block: bytes) -> tuple[list[pb.Link], list[int], int | None]:
+        """Record a verified block's links as expected; return links, block sizes and file size."""
+        self.present.add(split(cid)[1])
+        if split(cid)[0] != DAG_PB:
+            return [], [], None
+        links, data = pb.decode_node(block)
+        for link in links:
+            self.expected.add(split(link.cid)[1])
+        fs = pb.decode_unixfs(data) if data is not None else None
+        is_file = fs is not None and fs.type in (pb.FILE, pb.RAW)
+        if links:
+            self.nodes[split(cid)[1]] = ([link.cid for link in links], fs.blocksizes if is_file else [])
+        return links, fs.blocksizes if is_file else [], fs.filesize if is_file else None
+
+    def _missing(self, unit: Unit) -> bool:
+        """Whether any block the unit covers is absent locally (walks verified nodes only)."""
+        def walk(cid: bytes, start: int | None, stop: int | None) -> bool:
+            mh = split(cid)[1]
+            if mh not in self.nodes:
+                if mh in self.present:
+                    return False  # a leaf verified in this run
+                if not self.store.has(cid):
+                    return True
+                if split(cid)[0] == DAG_PB:
+                    try:
+                        self._learn(cid, self.store.get(cid))
+                    except BlockstoreError:
+                        return True
+                if mh not in self.nodes:
+                    return False  # a leaf, present
+            children, sizes = self.nodes[mh]
+            if start is None or len(sizes) != len(children):
+                return any(walk(c, None, None) for c in children)
+            offset = 0
+            for child, size in zip(children, sizes):
+                if offset < stop and offset + size > start and walk(child, max(start - offset, 0), min(stop - offset, size)):
+                    return True
+                offset += size
+            return False
+
+        return walk(unit.cid, unit.start, unit.stop)
+
+    def _take(self, gateway: str) -> Unit | None:
+        """The next unit for `gateway`: one it has not failed on, unless every live gateway has."""
+        for i, unit in enumerate(self.pending):
+            tried = self.failed.get(unit, set())
+            if gateway not in tried or self.alive <= tried:
+                return self.pending.pop(i)
+        return None
+
+    async def _worker(self, gateway: str) -> None:
+        failures = 0
+        while failures < MAX_FAILURES and gateway in self.alive:
+            unit = self._take(gateway)
+            if unit is None:
+                if not self.pending and not self.in_flight:
+                    return
+                await asyncio.sleep(0.02)  # units are in flight elsewhere and may come back
+                continue
+            self.in_flight += 1
+            try:
+                await self._fetch_unit(gateway, unit)
+                if self._missing(unit):
+                    raise FetchError("the CAR ended without every block of the range")
+                failures = 0
+            except (aiohttp.ClientError, asyncio.TimeoutError, CarError, FetchError, pb.DecodeError) as exc:
+                failures += 1
+                self.failed.setdefault(unit, set()).add(gateway)
+                log.warning("gateway %s failed on %s (%s); another gateway will retry it", gateway,
+                            to_str(unit.cid), exc or type(exc).__name__)
+                self.pending.append(unit)
+            finally:
+                self.in_flight -= 1
+        if failures >= MAX_FAILURES:
+            log.warning("gateway %s dropped after %d failures in a row", gateway, failures)
+            self.alive.discard(gateway)
+
+    async def _fetch_unit(self, gateway: str, unit: Unit) -> None:
+        parser = CarParser()
+        async with self.session.get(unit.url(gateway), headers={"Accept": CAR_TYPE}) as resp:
+            if resp.status != 200:
+                raise FetchError(f"HTTP {resp.status}: {(await resp.text())[:200].strip()}")
+            async for chunk in resp.content.iter_chunked(1 << 20):
+                # hashing and disk writes release the GIL: a thread lets the socket keep reading meanwhile
+                await asyncio.to_thread(self._ingest, parser, chunk)
+        parser.close()
+
+    def _ingest(self, parser: CarParser, chunk: bytes) -> None:
+        for cid, block in parser.feed(chunk):  # hashes are checked by the parser
+            self._accept(cid, block)
+
+    def _accept(self, cid: bytes, block: bytes) -> None:
+        mh = split(cid)[1]
+        if mh not in self.expected:
+            raise FetchError(f"gateway sent block {to_str(cid)}, which no verified block links to")
+        if not self.store.has(cid):
+            self.store.put(cid, (block,))
+            self.bar.update(len(block))
+        self._learn(cid, block)
+
+
+def fetch_dag(root: bytes, store: Blockstore, gateways: list[str], **kwargs) -> None:
+    """Synchronous wrapper: fetch the DAG under `root` into `store` from `gateways`."""
+    asyncio.run(DagFetcher(store, gateways, **kwargs).fetch(root))
