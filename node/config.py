@@ -12,6 +12,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class ChainConfig:
     rpc_url: str = "http://127.0.0.1:8545"
+    chain_id: int = 31337
     brownie_network: str = "shardmarket-anvil"
     deployments_dir: Path = Path("deployments")  # relative paths are under Config.home
 
@@ -28,6 +29,10 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 7300
     data_dir: Path = Path("node")
+    tcp_port: int = 0  # raw TCP session port; 0: the HTTP port + 1
+    price: int = 0  # token units per token processed by this node's layers
+    threads: int = 0  # torch threads; 0: torch's default
+    idle_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,9 @@ class ClientConfig:
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_key: str = ""
+    nodes: list[str] = field(default_factory=list)  # base URLs of known nodes (the chain registry comes later)
+    transport: str = "tcp"  # "tcp" or "ws"
+    step_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)

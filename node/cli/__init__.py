@@ -17,6 +17,8 @@ GROUPS = [
     "node.cli.ipfs",
     "node.cli.model",
     "node.cli.engine",
+    "node.cli.node",
+    "node.cli.client",
 ]
 
 

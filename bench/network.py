@@ -1,0 +1,214 @@
+"""Network benchmark: ms/token of a model run locally vs over a 3-node loopback pipeline (encryption and
+signed commitments on, TCP and WebSocket transports), the per-hop overhead of framing + encryption +
+signing in microseconds, and the time from `node run` to ready. Prints JSON on its last line.
+
+Usage: .venv/bin/python bench/network.py [--tokens 32] [--no-850m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+from eth_account import Account
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from node.chain.eip712 import Domain  # noqa: E402
+from node.client.generation import Completion, RemoteModel  # noqa: E402
+from node.config import load_config  # noqa: E402
+from node.engine.head import Head  # noqa: E402
+from node.engine.models import default_model, random_checkpoint, tiny_config  # noqa: E402
+from node.engine.sampling import SamplingParams, generate  # noqa: E402
+from node.engine.stage import Stage  # noqa: E402
+from node.net import wire  # noqa: E402
+from node.net.commitment import check_commitment, commit  # noqa: E402
+from node.net.crypto import ClientHandshake, node_handshake  # noqa: E402
+from node.net.wire import Message  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
+
+DOMAIN = Domain(31337, "0x" + "00" * 20)
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+CONFIG_850M = tiny_config(
+    "llama", vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=30,
+    num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048, initializer_range=0.02,
+)
+
+
+def per_hop_overhead_us(hidden_size: int, repeats: int = 500) -> dict:
+    """Microseconds per hop per decode token spent on framing, encryption, signing and checking the commitment."""
+    node_key, operator = X25519PrivateKey.generate(), Account.create()
+    handshake = ClientHandshake(node_key.public_key().public_bytes_raw())
+    node_eph, node_cipher = node_handshake(node_key, handshake.hello_key)
+    client_cipher = handshake.finish(node_eph)
+    request_id = os.urandom(32)
+    spent = {"framing": [], "encryption": [], "signing": [], "verifying": []}
+    for step in range(repeats):
+        hidden = torch.randn(1, 1, hidden_size)
+        t0 = time.perf_counter()
+        payload = wire.tensor_bytes(hidden)
+        frame = wire.encode(Message(wire.STEP, request_id, step, {"position": step}, hidden, payload))
+        t1 = time.perf_counter()
+        sealed = client_cipher.seal(frame)
+        opened = node_cipher.open(sealed)
+        t2 = time.perf_counter()
+        received = wire.decode(opened)
+        output = received.tensor  # the layers would run here
+        out_payload = wire.tensor_bytes(output)
+        t3 = time.perf_counter()
+        signed = commit(operator.key, request_id, step, received.payload, out_payload, DOMAIN)
+        t4 = time.perf_counter()
+        reply = wire.encode(Message(wire.RESULT, request_id, step, signed.to_fields(), output, out_payload))
+        t5 = time.perf_counter()
+        back = client_cipher.open(node_cipher.seal(reply))
+        t6 = time.perf_counter()
+        result = wire.decode(back)
+        t7 = time.perf_counter()
+        check_commitment(result.fields, request_id, step, payload, result.payload, operator.address, DOMAIN)
+        t8 = time.perf_counter()
+        spent["framing"].append((t1 - t0) + (t3 - t2) + (t5 - t4) + (t7 - t6))
+        spent["encryption"].append((t2 - t1) + (t6 - t5))
+        spent["signing"].append(t4 - t3)
+        spent["verifying"].append(t8 - t7)
+    medians = {k: statistics.median(v) * 1e6 for k, v in spent.items()}
+    medians["total"] = sum(medians.values())
+    return {k: round(v, 1) for k, v in medians.items()}
+
+
+def local_run(checkpoint: Path, head: Head, ids: list[int], params: SamplingParams, runs: int) -> tuple[float, list[int]]:
+    """Median ms/token of the whole model in this process (the baseline)."""
+    stage = Stage.load(checkpoint, 0, head.num_layers)
+    timings, tokens = [], []
+    for run in range(runs):
+        stage.open_session(f"local-{run}", len(ids) + params.max_tokens)
+        started = time.perf_counter()
+        tokens = list(generate(head, lambda h, p: stage.step(f"local-{run}", h, p), ids, params))
+        timings.append((time.perf_counter() - started) * 1000 / len(tokens))
+        stage.close_session(f"local-{run}")
+    del stage
+    gc.collect()
+    return statistics.median(timings), tokens
+
+
+def start_nodes(checkpoint: Path, ranges: list[str], home: Path, threads: int) -> tuple[list[subprocess.Popen], list[str], list[float]]:
+    """Start one node per range, one after the other, timing each from spawn to /health answering."""
+    processes, urls, ready_s = [], [], []
+    env = dict(os.environ, SHARDMARKET_HOME=str(home), OMP_WAIT_POLICY="PASSIVE")
+    for i, layers in enumerate(ranges):
+        port, tcp_port = _free_port(), _free_port()
+        env["SHARDMARKET_NODE_DATA_DIR"] = str(home / f"node{i}")
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "node", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers,
+             "--port", str(port), "--tcp-port", str(tcp_port), "--threads", str(threads)],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"node {layers} exited with {process.returncode}")
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.05)
+        ready_s.append(time.perf_counter() - started)
+        urls.append(url)
+    return processes, urls, ready_s
+
+
+async def pipeline_run(checkpoint: Path, urls: list[str], ids: list[int], params: SamplingParams, transport: str, runs: int) -> tuple[float, list[int]]:
+    """Median ms/token through the nodes, encryption and commitments on."""
+    model = await RemoteModel.connect(checkpoint, urls, DOMAIN, transport=transport)
+    timings, tokens = [], []
+    for _ in range(runs):
+        completion = Completion(len(ids))
+        started = time.perf_counter()
+        tokens = [t async for t in model.stream(ids, params, completion)]
+        timings.append((time.perf_counter() - started) * 1000 / len(tokens))
+    return statistics.median(timings), tokens
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def thirds(layers: int) -> list[str]:
+    a, b = layers // 3, 2 * layers // 3
+    return [f"0:{a}", f"{a}:{b}", f"{b}:{layers}"]
+
+
+def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: int) -> dict:
+    """Local vs 3-node pipeline (TCP and WebSocket) for one model."""
+    head = Head.load(checkpoint)
+    text = head.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+    ids = head.tokenizer.encode(text, add_special_tokens=False)
+    params = SamplingParams(max_tokens=tokens)
+    local_ms, local_tokens = local_run(checkpoint, head, ids, params, runs)
+    with tempfile.TemporaryDirectory() as home:
+        processes, urls, ready_s = start_nodes(checkpoint, thirds(head.num_layers), Path(home), threads)
+        try:
+            tcp_ms, tcp_tokens = asyncio.run(pipeline_run(checkpoint, urls, ids, params, "tcp", runs))
+            ws_ms, ws_tokens = asyncio.run(pipeline_run(checkpoint, urls, ids, params, "ws", runs))
+        finally:
+            for process in processes:
+                process.terminate()
+                process.wait()
+    best = min(tcp_ms, ws_ms)
+    return {
+        f"{name}_local_ms_per_token": round(local_ms, 2),
+        f"{name}_pipeline_tcp_ms_per_token": round(tcp_ms, 2),
+        f"{name}_pipeline_ws_ms_per_token": round(ws_ms, 2),
+        f"{name}_pipeline_over_local_speed": round(local_ms / best, 3),
+        f"{name}_overhead_ms_per_hop": round((best - local_ms) / 3, 3),
+        f"{name}_same_tokens": local_tokens == tcp_tokens == ws_tokens,
+        f"{name}_node_ready_s": round(statistics.median(ready_s), 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-850m", action="store_true", help="skip the ~850M random model")
+    args = parser.parse_args()
+    threads = torch.get_num_threads()
+    models = [("default", default_model)]
+    if not args.no_850m:
+        models.append(("random850m", lambda: _random_850m(load_config().home / "models" / "random-850m")))
+    result: dict = {"threads": threads}
+    hop = per_hop_overhead_us(576)
+    result.update({f"per_hop_{k}_us": v for k, v in hop.items()})
+    result["per_hop_total_us_hidden_1536"] = per_hop_overhead_us(1536)["total"]
+    for name, build in tqdm(models, desc="models", file=sys.stderr):
+        result.update(compare(name, build(), args.tokens, args.runs, threads))
+    print(json.dumps(result))
+
+
+def _random_850m(path: Path) -> Path:
+    """The seeded ~850M-parameter random Llama, built once under <home>/models."""
+    if not (path / "config.json").exists():
+        print(f"building the ~850M random model at {path} (once)", file=sys.stderr)
+        random_checkpoint(CONFIG_850M, path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

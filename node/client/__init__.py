@@ -1,0 +1,1 @@
+"""The client: routing over nodes, inference sessions with fail-over, the OpenAI-compatible API."""

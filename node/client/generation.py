@@ -1,0 +1,100 @@
+"""The client's model: embeddings and LM head run locally (Head), every decoder layer on the remote route."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from node.chain.eip712 import Domain
+from node.client.routing import NodeInfo, RouteError, discover, plan_route
+from node.client.session import InferenceSession, ReceiptSource
+from node.engine.head import Head
+from node.engine.sampling import SamplingParams, generate
+
+_DONE = object()
+
+
+class GenerationCancelled(Exception):
+    """The caller stopped reading; the generation thread stops at its next step."""
+
+
+@dataclass
+class Completion:
+    """What one generation produced, for usage and finish reasons."""
+
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    failovers: int = 0
+
+
+class RemoteModel:
+    """Generates with a local Head and a remote pipeline chosen by routing over the known nodes."""
+
+    def __init__(self, head: Head, model_id: str, nodes: list[NodeInfo], domain: Domain, *, transport: str = "tcp",
+                 step_timeout_s: float = 60.0, receipt_source: ReceiptSource | None = None) -> None:
+        self.head, self.model_id, self.nodes, self.domain = head, model_id, nodes, domain
+        self.transport, self.step_timeout_s, self.receipt_source = transport, step_timeout_s, receipt_source
+        self.failed: set[str] = set()
+        self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="generate")
+
+    @classmethod
+    async def connect(cls, checkpoint: Path, urls: list[str], domain: Domain, *, model_id: str | None = None, **kwargs) -> RemoteModel:
+        """Load the Head, measure the nodes, and check that some route covers every layer."""
+        head = await asyncio.to_thread(Head.load, checkpoint)
+        model_id = model_id or checkpoint.name
+        nodes = await discover(urls, model_id)
+        mismatched = [n.url for n in nodes if n.num_layers != head.num_layers]
+        if mismatched:
+            raise RouteError(f"nodes {mismatched} serve a model with a different layer count than {checkpoint}")
+        model = cls(head, model_id, nodes, domain, **kwargs)
+        plan_route(nodes, 0, head.num_layers, head.config.hidden_size * 4)
+        return model
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of a plain completion prompt."""
+        return self.head.tokenizer.encode(prompt)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a chat, rendered with the model's chat template."""
+        text = self.head.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.head.tokenizer.encode(text, add_special_tokens=False)
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, completion: Completion) -> AsyncIterator[int]:
+        """Yield generated token ids as they come; the pipeline session is closed at the end."""
+        loop = asyncio.get_running_loop()
+        session = InferenceSession(
+            self.nodes, self.head.num_layers, self.domain, max_length=len(prompt_ids) + params.max_tokens,
+            transport=self.transport, step_timeout_s=self.step_timeout_s, receipt_source=self.receipt_source, failed=self.failed,
+        )
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def run_layers(hidden, positions):
+            if cancelled.is_set():
+                raise GenerationCancelled()
+            return asyncio.run_coroutine_threadsafe(session.run_layers(hidden, positions), loop).result()
+
+        def produce() -> None:
+            try:
+                for token in generate(self.head, run_layers, prompt_ids, params):
+                    loop.call_soon_threadsafe(queue.put_nowait, token)
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        worker = loop.run_in_executor(self._threads, produce)
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                completion.tokens.append(item)
+                yield item
+        finally:
+            cancelled.set()
+            await asyncio.shield(worker)
+            completion.failovers = session.failovers
+            await session.close()

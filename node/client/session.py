@@ -1,0 +1,223 @@
+"""An inference session across a route of nodes that survives a node dying mid-generation.
+
+The client keeps every input it sent to each hop. When a node fails (connection lost, timeout, error
+frame, wrong shape, bad commitment), the hop's inputs are replayed in order to a replacement route for
+the same layers, which rebuilds the same KV cache, and the step is retried there: the output is the
+same as an undisturbed run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from node.chain.eip712 import Domain
+from node.net import wire
+from node.net.channel import SecureChannel, client_handshake, open_transport
+from node.net.commitment import CommitmentError, SignedCommitment, check_commitment
+from node.net.wire import Message, WireError
+from node.client.routing import NodeInfo, RouteError, plan_route
+
+log = logging.getLogger("shardmarket.client")
+
+# receipt_source(node, request_id, step, tokens) -> the client's signed receipt bytes for this step, or None
+ReceiptSource = Callable[[NodeInfo, bytes, int, int], bytes | None]
+
+
+class NodeFailure(Exception):
+    """A node did not answer a step correctly; the session replaces it."""
+
+
+@dataclass
+class Hop:
+    """One node of the route, its open channel, and every input sent to it (for replay)."""
+
+    node: NodeInfo
+    channel: SecureChannel
+    inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, hidden) per step
+
+
+class InferenceSession:
+    """One request's pipeline: `run_layers(hidden, positions)` runs every layer on the remote route."""
+
+    def __init__(
+        self,
+        nodes: list[NodeInfo],
+        num_layers: int,
+        domain: Domain,
+        *,
+        max_length: int,
+        transport: str = "tcp",
+        step_timeout_s: float = 60.0,
+        max_failovers: int = 4,
+        receipt_source: ReceiptSource | None = None,
+        failed: set[str] | None = None,
+    ) -> None:
+        self.nodes, self.num_layers, self.domain = nodes, num_layers, domain
+        self.max_length, self.transport, self.step_timeout_s = max_length, transport, step_timeout_s
+        self.max_failovers, self.receipt_source = max_failovers, receipt_source
+        self.failed = failed if failed is not None else set()  # node URLs that failed (shared between sessions)
+        self.request_id = os.urandom(32)
+        self.hops: list[Hop] = []
+        self.commitments: list[tuple[str, SignedCommitment]] = []
+        self.failovers = 0
+
+    def _payload_bytes(self) -> int:
+        return self.nodes[0].hidden_size * 4 if self.nodes else 0
+
+    async def open(self) -> None:
+        """Plan the route over live nodes and open a session on each hop."""
+        while True:
+            route = plan_route(self.nodes, 0, self.num_layers, self._payload_bytes(), self.failed)
+            try:
+                self.hops = await self._open_hops(route)
+                return
+            except NodeFailure:
+                continue  # the failing node is now excluded; plan again
+
+    async def _open_hops(self, route: list[NodeInfo]) -> list[Hop]:
+        hops = []
+        for node in route:
+            try:
+                hops.append(await self._open_hop(node))
+            except (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError) as exc:
+                await self._close_hops(hops)
+                self._mark_failed(node, exc)
+                raise NodeFailure(f"cannot open a session on {node.url}: {exc}") from None
+        return hops
+
+    async def _open_hop(self, node: NodeInfo) -> Hop:
+        transport = await open_transport(node.url, self.transport, node.tcp_port, wire.DEFAULT_LIMITS, self.step_timeout_s)
+        try:
+            channel = await asyncio.wait_for(client_handshake(transport, node.x25519_public_key), self.step_timeout_s)
+            await channel.send(Message(wire.OPEN, self.request_id, 0, {"max_length": self.max_length}))
+            reply = await asyncio.wait_for(channel.recv(), self.step_timeout_s)
+        except BaseException:
+            await transport.close()
+            raise
+        if reply.type != wire.OPENED:
+            await channel.close()
+            raise NodeFailure(f"node {node.url} refused the session: {reply.fields.get('message', reply.type)}")
+        return Hop(node, channel)
+
+    async def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Send `hidden` [1, T, H] at absolute `positions` [1, T] through every hop; returns the last hop's output."""
+        if not self.hops:
+            await self.open()
+        position = int(positions[0, 0])
+        index = 0
+        while index < len(self.hops):
+            hop = self.hops[index]
+            try:
+                output = await self._step(hop, len(hop.inputs), position, hidden)
+            except (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError) as exc:
+                await self._replace(index, exc)
+                continue  # retry this step on the replacement hop(s)
+            hop.inputs.append((position, hidden))
+            hidden = output
+            index += 1
+        return hidden
+
+    async def _step(self, hop: Hop, step: int, position: int, hidden: torch.Tensor) -> torch.Tensor:
+        node = hop.node
+        sent = hidden.to(wire.DTYPES[node.dtype]).contiguous()
+        payload = wire.tensor_bytes(sent)
+        fields: dict = {"position": position}
+        if self.receipt_source is not None:
+            receipt = self.receipt_source(node, self.request_id, step, hidden.shape[1])
+            if receipt is not None:
+                fields["receipt"] = receipt
+        await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
+        reply = await asyncio.wait_for(hop.channel.recv(), self.step_timeout_s)
+        return self._check_result(hop, reply, step, sent, payload)
+
+    def _check_result(self, hop: Hop, reply: Message, step: int, sent: torch.Tensor, payload: bytes) -> torch.Tensor:
+        node = hop.node
+        if reply.type == wire.ERROR:
+            raise NodeFailure(f"node {node.url} refused step {step}: {reply.fields.get('message')}")
+        if reply.type != wire.RESULT or reply.step != step or reply.session != self.request_id:
+            raise NodeFailure(f"node {node.url} answered step {step} with a {reply.type} frame for step {reply.step}")
+        if reply.tensor is None or reply.tensor.shape != sent.shape or reply.tensor.dtype != sent.dtype:
+            got = None if reply.tensor is None else (list(reply.tensor.shape), reply.tensor.dtype)
+            raise NodeFailure(f"node {node.url} answered step {step} with a wrong shape: {got}, expected {list(sent.shape)} {sent.dtype}")
+        try:
+            signed = check_commitment(reply.fields, self.request_id, step, payload, reply.payload, node.operator, self.domain)
+        except CommitmentError as exc:
+            raise NodeFailure(f"node {node.url}: {exc}") from None
+        self.commitments.append((node.url, signed))
+        return reply.tensor.to(torch.float32)
+
+    def _mark_failed(self, node: NodeInfo, reason: BaseException) -> None:
+        log.warning("node %s failed (%s); routing around it", node.url, reason or type(reason).__name__)
+        self.failed.add(node.url)
+
+    async def _replace(self, index: int, reason: BaseException) -> None:
+        """Swap hop `index` for a new route over the same layers and replay its inputs there."""
+        old = self.hops[index]
+        self._mark_failed(old.node, reason)
+        await self._close_hops([old])
+        while True:
+            self.failovers += 1
+            if self.failovers > self.max_failovers:
+                raise RouteError(f"gave up after {self.max_failovers} fail-overs; last failure: {reason}")
+            try:
+                route = plan_route(self.nodes, old.node.start, old.node.end, self._payload_bytes(), self.failed)
+            except RouteError as exc:
+                raise RouteError(f"{exc}; the last failure: {reason}") from None
+            try:
+                new_hops = await self._open_hops(route)
+                await self._replay(new_hops, old.inputs)
+            except NodeFailure as exc:
+                reason = exc
+                continue
+            break
+        log.info("replaced %s by %s after replaying %d step(s)", old.node.url, [h.node.url for h in new_hops], len(old.inputs))
+        self.hops[index : index + 1] = new_hops
+
+    async def _replay(self, hops: list[Hop], inputs: list[tuple[int, torch.Tensor]]) -> None:
+        """Send every earlier input through `hops`, pipelined per hop; a hop that fails is marked and all are closed."""
+        for hop in hops:
+            try:
+                inputs = await self._replay_hop(hop, inputs)
+            except (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError) as exc:
+                self._mark_failed(hop.node, exc)
+                await self._close_hops(hops)
+                raise NodeFailure(f"replay on {hop.node.url} failed: {exc}") from None
+
+    async def _replay_hop(self, hop: Hop, inputs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+        sent = []
+        for step, (position, hidden) in enumerate(inputs):
+            tensor = hidden.to(wire.DTYPES[hop.node.dtype]).contiguous()
+            payload = wire.tensor_bytes(tensor)
+            await hop.channel.send(Message(wire.STEP, self.request_id, step, {"position": position}, tensor, payload))
+            sent.append((tensor, payload))
+        outputs = []
+        for step, (tensor, payload) in enumerate(sent):
+            reply = await asyncio.wait_for(hop.channel.recv(), self.step_timeout_s)
+            outputs.append((inputs[step][0], self._check_result(hop, reply, step, tensor, payload)))
+        hop.inputs = list(inputs)
+        return outputs
+
+    async def close(self) -> None:
+        """Close the session on every hop (best effort)."""
+        for hop in self.hops:
+            try:
+                await hop.channel.send(Message(wire.CLOSE, self.request_id))
+                await asyncio.wait_for(hop.channel.recv(), 2.0)
+            except (ConnectionError, OSError, asyncio.TimeoutError, WireError, ValueError):
+                pass
+        await self._close_hops(self.hops)
+        self.hops = []
+
+    @staticmethod
+    async def _close_hops(hops: list[Hop]) -> None:
+        for hop in hops:
+            try:
+                await hop.channel.close()
+            except (ConnectionError, OSError):
+                pass

@@ -1,0 +1,60 @@
+"""Result commitments on the wire: a node signs (request id, step, input hash, output hash) for every step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from node.chain.eip712 import Commitment, Domain, InvalidSignature, recover_commitment_signer, sign_commitment, tensor_hash
+from node.config import Config
+
+ZERO_ADDRESS = "0x" + "00" * 20
+
+
+def commitment_domain(config: Config) -> Domain:
+    """The EIP-712 domain of commitments: the configured chain and its DisputeManager (zero address if none)."""
+    from node.chain.deployments import read_deployments
+
+    try:
+        verifier = read_deployments(config.chain.chain_id).get("DisputeManager", ZERO_ADDRESS)
+    except (FileNotFoundError, KeyError, ValueError):
+        verifier = ZERO_ADDRESS
+    return Domain(config.chain.chain_id, verifier)
+
+
+@dataclass(frozen=True)
+class SignedCommitment:
+    """A commitment and its 65-byte signature, as it rides in a result frame."""
+
+    commitment: Commitment
+    signature: bytes
+
+    def to_fields(self) -> dict:
+        c = self.commitment
+        return {"input_hash": c.input_hash, "output_hash": c.output_hash, "signature": self.signature}
+
+
+def commit(private_key: bytes, request_id: bytes, step: int, input_bytes: bytes, output_bytes: bytes, domain: Domain) -> SignedCommitment:
+    """Hash both tensors as they travel and sign the commitment with the node's operator key."""
+    commitment = Commitment(request_id, step, tensor_hash(input_bytes), tensor_hash(output_bytes))
+    return SignedCommitment(commitment, sign_commitment(private_key, commitment, domain))
+
+
+class CommitmentError(ValueError):
+    """A result whose commitment does not match what was sent and received, or was signed by someone else."""
+
+
+def check_commitment(
+    fields: dict, request_id: bytes, step: int, input_bytes: bytes, output_bytes: bytes, operator: str, domain: Domain
+) -> SignedCommitment:
+    """Check a result frame's commitment against the bytes sent and received and the node's operator address."""
+    signature = fields.get("signature")
+    commitment = Commitment(request_id, step, tensor_hash(input_bytes), tensor_hash(output_bytes))
+    if fields.get("input_hash") != commitment.input_hash or fields.get("output_hash") != commitment.output_hash:
+        raise CommitmentError(f"step {step}: the node committed to hashes that differ from the tensors exchanged")
+    try:
+        signer = recover_commitment_signer(commitment, signature, domain)
+    except (InvalidSignature, TypeError) as exc:
+        raise CommitmentError(f"step {step}: commitment signature is invalid: {exc}") from None
+    if signer.lower() != operator.lower():
+        raise CommitmentError(f"step {step}: commitment signed by {signer}, not by the node's operator {operator}")
+    return SignedCommitment(commitment, signature)

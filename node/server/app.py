@@ -1,0 +1,152 @@
+"""The node daemon's HTTP side (aiohttp): /health, /info, /probe, the WebSocket session endpoint, and the run loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from aiohttp import web
+
+from node import __version__
+from node.config import Config
+from node.engine.stage import Stage
+from node.net import wire
+from node.net.channel import SESSION_PATH, StreamTransport, WebSocketTransport
+from node.net.commitment import commitment_domain
+from node.server.identity import load_or_create_identity
+from node.server.service import Fault, NodeService
+from node.server.worker import StageWorker
+
+log = logging.getLogger("shardmarket.node")
+MAX_PROBE_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What `shardmarket node run` was asked to serve."""
+
+    checkpoint: Path
+    start: int
+    end: int
+    model_id: str
+    host: str
+    port: int
+    tcp_port: int
+    price: int
+    dtype: torch.dtype = torch.float32
+    fault: Fault = Fault()
+    shutdown_timeout_s: float = 30.0
+
+
+def info(service: NodeService, settings: NodeSettings, tcp_port: int) -> dict:
+    """What a client needs to route to and talk to this node."""
+    stage = service.stage
+    return {
+        "version": __version__,
+        "wire_version": wire.WIRE_VERSION,
+        "model": {
+            "id": settings.model_id,
+            "num_layers": stage.config.num_hidden_layers,
+            "hidden_size": stage.hidden_size,
+            "dtype": str(stage.dtype).removeprefix("torch."),
+        },
+        "layers": [stage.start, stage.end],
+        "price": settings.price,
+        "load": {
+            "sessions": len(service.sessions),
+            "queued": service.worker.queued,
+            "in_flight": service.steps_in_flight,
+            "decode_ms": round(service.worker.decode_ms, 3),
+            "steps_served": service.steps_served,
+            "draining": service.draining,
+        },
+        "x25519_public_key": service.identity.x25519_public.hex(),
+        "operator": service.identity.operator,
+        "commitment_domain": {"chain_id": service.domain.chain_id, "verifying_contract": service.domain.verifying_contract},
+        "transports": {"ws": SESSION_PATH, "tcp": tcp_port},
+    }
+
+
+def build_app(service: NodeService, settings: NodeSettings, tcp_port: int) -> web.Application:
+    """The node's HTTP routes."""
+    routes = web.RouteTableDef()
+
+    @routes.get("/health")
+    async def health(request: web.Request) -> web.Response:
+        status = 503 if service.draining else 200
+        return web.json_response({"status": "draining" if service.draining else "ok"}, status=status)
+
+    @routes.get("/info")
+    async def node_info(request: web.Request) -> web.Response:
+        return web.json_response(info(service, settings, tcp_port))
+
+    @routes.get("/probe")
+    async def probe(request: web.Request) -> web.Response:
+        """N zero bytes, so clients can measure throughput to this node."""
+        try:
+            size = int(request.query.get("bytes", "65536"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="bytes must be an integer") from None
+        return web.Response(body=bytes(max(0, min(size, MAX_PROBE_BYTES))), content_type="application/octet-stream")
+
+    @routes.get(SESSION_PATH)
+    async def session(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=service.limits.max_frame_bytes)
+        await ws.prepare(request)
+        await service.serve(WebSocketTransport(ws))
+        return ws
+
+    app = web.Application()
+    app.add_routes(routes)
+    return app
+
+
+def load_service(settings: NodeSettings, config: Config) -> NodeService:
+    """Load the layers and the node's keys."""
+    stage = Stage.load(settings.checkpoint, settings.start, settings.end, dtype=settings.dtype, idle_timeout_s=config.node.idle_timeout_s)
+    identity = load_or_create_identity(config.node.data_dir)
+    worker = StageWorker(stage)
+    worker.warm_up()
+    return NodeService(
+        worker, identity, commitment_domain(config), idle_timeout_s=config.node.idle_timeout_s, fault=settings.fault
+    )
+
+
+async def serve(service: NodeService, settings: NodeSettings, ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM, then finish the steps running and stop."""
+    service.worker.start()
+    expiry = asyncio.get_running_loop().create_task(service.expire_idle())
+
+    async def handle_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await service.serve(StreamTransport(reader, writer, service.limits))
+
+    tcp_server = await asyncio.start_server(handle_tcp, settings.host, settings.tcp_port, limit=2**20)
+    tcp_port = tcp_server.sockets[0].getsockname()[1]
+    runner = web.AppRunner(build_app(service, settings, tcp_port), handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    port = runner.addresses[0][1]
+    print(
+        f"node ready: http://{settings.host}:{port} (tcp {tcp_port}) layers {service.stage.start}:{service.stage.end} "
+        f"of {settings.model_id}, operator {service.identity.operator}",
+        flush=True,
+    )
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    print("shutting down: finishing the steps in progress", flush=True)
+    tcp_server.close()
+    await service.drain(settings.shutdown_timeout_s)
+    expiry.cancel()
+    await runner.cleanup()
+    await service.worker.stop()
+    print("node stopped", flush=True)

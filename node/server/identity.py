@@ -1,0 +1,43 @@
+"""A node's keys under `<home>/node`: the operator account (signs commitments) and the X25519 session key."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from eth_account import Account
+
+from node.net.crypto import load_or_create_static_key, public_bytes
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """The operator's private key and address, and the X25519 key clients encrypt to."""
+
+    operator_key: bytes
+    operator: str
+    x25519: X25519PrivateKey
+
+    @property
+    def x25519_public(self) -> bytes:
+        return public_bytes(self.x25519)
+
+
+def load_or_create_identity(data_dir: Path) -> NodeIdentity:
+    """Read the node's keys from `data_dir`, creating them (mode 0600) on first start."""
+    path = data_dir / "operator.key"
+    if path.exists():
+        try:
+            key = bytes.fromhex(path.read_text().strip().removeprefix("0x"))
+            account = Account.from_key(key)
+        except ValueError:
+            raise ValueError(f"{path} is not a hex secp256k1 private key; move it away to create a new one") from None
+    else:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        account = Account.create()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(account.key.hex())
+    return NodeIdentity(bytes(account.key), account.address, load_or_create_static_key(data_dir / "x25519.key"))

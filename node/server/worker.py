@@ -1,0 +1,104 @@
+"""Runs a Stage off the event loop: one compute thread, with concurrent decode steps batched together."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from node.engine.stage import Stage
+
+
+@dataclass
+class _Work:
+    session_id: str
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    done: asyncio.Future
+
+
+class StageWorker:
+    """Queues steps for one Stage; decode steps (T == 1) waiting together run as one `step_batch`."""
+
+    def __init__(self, stage: Stage, max_batch: int = 32) -> None:
+        self.stage = stage
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[_Work] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
+        self._task: asyncio.Task | None = None
+        self.decode_ms = 0.0  # moving average of one decode step's compute time
+
+    def warm_up(self, steps: int = 4) -> None:
+        """Run a few decode steps of a throwaway session, so the first client is fast and `decode_ms` is known."""
+        session_id = "warm-up"
+        self.stage.open_session(session_id, steps)
+        try:
+            hidden = torch.zeros(1, 1, self.stage.hidden_size, dtype=self.stage.dtype)
+            timings = []
+            for position in range(steps):
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    self.stage.step(session_id, hidden, torch.tensor([[position]]))
+                timings.append((time.perf_counter() - started) * 1000)
+            self.decode_ms = min(timings[1:] or timings)
+        finally:
+            self.stage.close_session(session_id)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def step(self, session_id: str, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run this stage's layers on `hidden`; raises the engine's errors."""
+        done = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Work(session_id, hidden, positions, done))
+        return await done
+
+    async def call(self, fn, *args):
+        """Run `fn(*args)` on the compute thread (session open/close must not race a step)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            if first.hidden.shape[1] == 1:
+                held = []
+                while not self._queue.empty() and len(batch) < self.max_batch:
+                    item = self._queue.get_nowait()
+                    (batch if item.hidden.shape[1] == 1 else held).append(item)
+                for item in held:  # prefill steps wait for the next round, in order
+                    self._queue.put_nowait(item)
+            started = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._compute, batch)
+            except Exception as exc:  # engine errors go back to each waiting step
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_exception(exc)
+                continue
+            if first.hidden.shape[1] == 1:
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                self.decode_ms = elapsed_ms if not self.decode_ms else 0.8 * self.decode_ms + 0.2 * elapsed_ms
+            for item, output in zip(batch, outputs):
+                if not item.done.done():
+                    item.done.set_result(output)
+
+    def _compute(self, batch: list[_Work]) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            if len(batch) == 1:
+                item = batch[0]
+                return [self.stage.step(item.session_id, item.hidden, item.positions)]
+            return self.stage.step_batch([(w.session_id, w.hidden, w.positions) for w in batch])

@@ -1,0 +1,229 @@
+"""A real node process on loopback, spoken to frame by frame: bad frames get error frames, the node survives,
+retries return the same signed commitment, the wrong key is refused, shutdown finishes the running step."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import struct
+
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from node.chain.eip712 import Commitment, Domain, recover_commitment_signer, tensor_hash
+from node.net import wire
+from node.net.channel import KeyMismatch, SecureChannel, client_handshake, open_transport
+from node.net.crypto import public_bytes
+from node.net.wire import Message
+
+from network_processes import get_json, start_node, wait_ready
+
+HIDDEN = 64  # tiny_config's hidden size
+
+
+@pytest.fixture(scope="module")
+def node(tiny, tmp_path_factory):
+    process = start_node(tiny, "0:2", tmp_path_factory.mktemp("protocol-node"))
+    wait_ready(process)
+    yield process
+    process.stop()
+
+
+@pytest.fixture()
+def info(node) -> dict:
+    return node.info()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def connect(node, info, kind: str = "tcp") -> SecureChannel:
+    transport = await open_transport(node.url, kind, node.tcp_port, wire.DEFAULT_LIMITS, 10)
+    return await client_handshake(transport, bytes.fromhex(info["x25519_public_key"]))
+
+
+async def open_session(channel: SecureChannel, request_id: bytes, max_length: int = 64) -> None:
+    await channel.send(Message(wire.OPEN, request_id, 0, {"max_length": max_length}))
+    reply = await channel.recv()
+    assert reply.type == wire.OPENED, reply.fields
+
+
+def step(request_id: bytes, number: int, position: int, hidden: torch.Tensor, **fields) -> Message:
+    return Message(wire.STEP, request_id, number, {"position": position, **fields}, hidden)
+
+
+def assert_alive(node) -> None:
+    assert node.process.poll() is None
+    assert get_json(f"{node.url}/health")["status"] == "ok"
+
+
+def test_info_advertises_what_a_client_needs(info):
+    assert info["layers"] == [0, 2] and info["model"]["num_layers"] == 5 and info["model"]["hidden_size"] == HIDDEN
+    assert len(bytes.fromhex(info["x25519_public_key"])) == 32
+    assert info["operator"].startswith("0x") and info["transports"]["tcp"] and info["transports"]["ws"] == "/v1/session"
+    assert {"sessions", "queued", "decode_ms"} <= set(info["load"])
+
+
+@pytest.mark.parametrize("kind", ["tcp", "ws"])
+def test_steps_are_answered_with_a_commitment_signed_by_the_operator(node, info, kind):
+    async def go():
+        channel = await connect(node, info, kind)
+        request_id = os.urandom(32)
+        await open_session(channel, request_id)
+        hidden = torch.randn(1, 4, HIDDEN)
+        await channel.send(step(request_id, 0, 0, hidden, receipt=b"reserved for the next issue"))
+        reply = await channel.recv()
+        await channel.close()
+        return request_id, hidden, reply
+
+    request_id, hidden, reply = run(go())
+    assert reply.type == wire.RESULT and reply.tensor.shape == (1, 4, HIDDEN)
+    assert not torch.equal(reply.tensor, hidden)
+    commitment = Commitment(request_id, 0, tensor_hash(wire.tensor_bytes(hidden)), tensor_hash(reply.payload))
+    domain = Domain(info["commitment_domain"]["chain_id"], info["commitment_domain"]["verifying_contract"])
+    assert recover_commitment_signer(commitment, reply.fields["signature"], domain) == info["operator"]
+
+
+def test_retried_step_returns_the_cached_answer_and_the_same_commitment(node, info):
+    async def go():
+        channel = await connect(node, info)
+        request_id = os.urandom(32)
+        await open_session(channel, request_id)
+        hidden = torch.randn(1, 3, HIDDEN)
+        await channel.send(step(request_id, 0, 0, hidden))
+        first = await channel.recv()
+        await channel.close()
+        channel = await connect(node, info)  # a reconnect, as after a network blip
+        await open_session(channel, request_id)
+        await channel.send(step(request_id, 0, 0, hidden))
+        again = await channel.recv()
+        await channel.send(step(request_id, 0, 0, torch.randn(1, 3, HIDDEN)))
+        conflict = await channel.recv()
+        await channel.send(step(request_id, 5, 3, torch.randn(1, 1, HIDDEN)))
+        ahead = await channel.recv()
+        await channel.close()
+        return first, again, conflict, ahead
+
+    first, again, conflict, ahead = run(go())
+    assert again.type == wire.RESULT and again.payload == first.payload
+    assert again.fields["signature"] == first.fields["signature"]
+    assert conflict.type == wire.ERROR and conflict.fields["code"] == "conflict"
+    assert ahead.type == wire.ERROR and ahead.fields["code"] == "out_of_order"
+
+
+def test_bad_steps_get_error_frames_and_the_session_stays_usable(node, info):
+    async def go():
+        channel = await connect(node, info)
+        request_id = os.urandom(32)
+        await open_session(channel, request_id, max_length=8)
+        answers = []
+        for bad in (
+            step(request_id, 0, 0, torch.randn(1, 2, HIDDEN - 1)),  # wrong hidden size
+            step(request_id, 0, 0, torch.randn(1, 2, HIDDEN).half()),  # wrong dtype
+            step(request_id, 0, 3, torch.randn(1, 2, HIDDEN)),  # wrong position
+            step(request_id, 0, 0, torch.randn(1, 9, HIDDEN)),  # past max_length
+            step(os.urandom(32), 0, 0, torch.randn(1, 2, HIDDEN)),  # never opened
+            Message(wire.RESULT, request_id),  # a type a node does not take
+        ):
+            await channel.send(bad)
+            answers.append(await channel.recv())
+        await channel.send(step(request_id, 0, 0, torch.randn(1, 2, HIDDEN)))
+        answers.append(await channel.recv())
+        await channel.close()
+        return answers
+
+    *errors, good = run(go())
+    assert [e.fields["code"] for e in errors] == ["bad_tensor", "bad_tensor", "bad_position", "too_long", "unknown_session", "bad_type"]
+    assert all(e.type == wire.ERROR and e.fields["message"] for e in errors)
+    assert good.type == wire.RESULT
+    assert_alive(node)
+
+
+def test_malformed_oversized_replayed_and_tampered_frames_inside_the_session(node, info):
+    async def go():
+        channel = await connect(node, info)
+        transport, cipher = channel.transport, channel.cipher
+        request_id = os.urandom(32)
+        await open_session(channel, request_id)
+        codes = []
+        await transport.send(cipher.seal(b"\x00\x00\x00\x05garbage"))  # authentic but malformed
+        codes.append((await channel.recv()).fields["code"])
+        huge = {"v": 1, "type": "step", "session": request_id, "dtype": "float32", "shape": [1, 2**20, 2**20], "nbytes": 2**42}
+        import msgpack
+
+        packed = msgpack.packb(huge, use_bin_type=True)
+        await transport.send(cipher.seal(struct.pack(">I", len(packed)) + packed))  # claims 4 TiB
+        codes.append((await channel.recv()).fields["code"])
+        sealed = cipher.seal(wire.encode(step(request_id, 0, 0, torch.randn(1, 1, HIDDEN))))
+        await transport.send(sealed)
+        codes.append((await channel.recv()).type)
+        await transport.send(sealed)  # replayed by someone on the path
+        codes.append((await channel.recv()).fields["code"])
+        await transport.send(sealed[:-1] + bytes([sealed[-1] ^ 1]))  # tampered
+        codes.append((await channel.recv()).fields["code"])
+        await channel.send(step(request_id, 1, 1, torch.randn(1, 1, HIDDEN)))
+        codes.append((await channel.recv()).type)
+        await channel.close()
+        return codes
+
+    assert run(go()) == ["bad_frame", "too_large", wire.RESULT, "auth_failed", "auth_failed", wire.RESULT]
+    assert_alive(node)
+
+
+def test_garbage_truncated_and_oversized_streams_leave_the_node_running(node, info):
+    async def raw(data: bytes, read: bool = True) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.tcp_port)
+        writer.write(data)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(65536), 10) if read else b""
+        writer.close()
+        return answer
+
+    garbage = run(raw(wire.stream_frame(b"\xff" * 40)))  # not a hello
+    error = wire.decode(garbage[4:])
+    assert error.type == wire.ERROR and "handshake" in error.fields["message"]
+    oversized = wire.decode(run(raw(struct.pack(">I", 2**31)))[4:])  # a length over the limit: error, then hang up
+    assert oversized.type == wire.ERROR and oversized.fields["code"] == "too_large"
+    run(raw(struct.pack(">I", 1000) + b"short", read=False))  # truncated, then gone
+    assert_alive(node)
+
+
+def test_a_client_pinning_another_key_refuses_the_node(node, info):
+    async def go():
+        transport = await open_transport(node.url, "tcp", node.tcp_port, wire.DEFAULT_LIMITS, 10)
+        try:
+            await client_handshake(transport, public_bytes(X25519PrivateKey.generate()))
+        finally:
+            await transport.close()
+
+    with pytest.raises(KeyMismatch, match="pinned"):
+        run(go())
+    assert_alive(node)
+
+
+def test_graceful_shutdown_finishes_the_running_steps(tiny, tmp_path):
+    node = start_node(tiny, "0:5", tmp_path / "draining")
+    wait_ready(node)
+    info = node.info()
+
+    async def go():
+        channels = [await connect(node, info) for _ in range(4)]
+        for channel in channels:
+            request_id = os.urandom(32)
+            await open_session(channel, request_id, max_length=512)
+            await channel.send(step(request_id, 0, 0, torch.randn(1, 500, HIDDEN)))
+        await asyncio.sleep(0.01)
+        node.process.send_signal(signal.SIGTERM)
+        return await asyncio.gather(*(channel.recv() for channel in channels))
+
+    try:
+        answers = run(go())
+        assert [a.type for a in answers] == [wire.RESULT] * 4
+        assert all(a.tensor.shape == (1, 500, HIDDEN) for a in answers)
+        assert node.process.wait(30) == 0
+        assert "node stopped" in node.log.read_text()
+    finally:
+        node.stop()

@@ -1,0 +1,197 @@
+"""The real default model split over 3 node processes (+ a spare) on loopback: same greedy text as a local
+run, the OpenAI API through the official `openai` package, 20 concurrent streams, a wrong-shape node and a
+kill -9 of the middle node during generation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import openai
+import pytest
+import torch
+
+from node.chain.eip712 import Domain
+from node.client.generation import Completion, RemoteModel
+from node.client.routing import RouteError
+from node.engine.head import Head
+from node.engine.sampling import SamplingParams, generate
+from node.engine.stage import Stage
+from network_processes import ROOT, child_env, free_port, start_node, wait_http, wait_ready
+
+DOMAIN = Domain(31337, "0x" + "00" * 20)  # what nodes use when no DisputeManager is deployed
+QUESTION = [{"role": "user", "content": "Write a short poem about the sea."}]
+MAX_TOKENS = 12
+API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def cluster(smollm, tmp_path_factory):
+    """Nodes a [0,10), b [10,20), c [20,30), a pricier spare [10,20) and a node that answers with a wrong shape."""
+    home = tmp_path_factory.mktemp("cluster")
+    nodes = {
+        "a": start_node(smollm, "0:10", home / "a"),
+        "b": start_node(smollm, "10:20", home / "b"),
+        "c": start_node(smollm, "20:30", home / "c"),
+        "spare": start_node(smollm, "10:20", home / "spare", "--price", "5"),
+        "wrong": start_node(smollm, "20:30", home / "wrong", "--test-fault", "wrong-shape"),
+    }
+    try:
+        wait_ready(*nodes.values())
+        yield nodes
+    finally:
+        for node in nodes.values():
+            node.stop()
+
+
+@pytest.fixture(scope="module")
+def head(smollm) -> Head:
+    return Head.load(smollm)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm, head) -> list[int]:
+    """Greedy tokens of the whole model run locally in this process."""
+    stage = Stage.load(smollm, 0, head.num_layers)
+    stage.open_session("local", 256)
+    ids = chat_ids(head)
+    return list(generate(head, lambda hidden, positions: stage.step("local", hidden, positions), ids, SamplingParams(max_tokens=MAX_TOKENS)))
+
+
+def chat_ids(head: Head) -> list[int]:
+    text = head.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    return head.tokenizer.encode(text, add_special_tokens=False)
+
+
+def remote_tokens(smollm, urls, *, transport="tcp", on_token=None, prefer=None) -> tuple[list[int], Completion, RemoteModel]:
+    async def go():
+        model = await RemoteModel.connect(smollm, urls, DOMAIN, transport=transport, step_timeout_s=30)
+        for node in model.nodes:
+            if prefer is not None and node.url not in prefer:
+                node.price = 1000  # steer routing to the preferred nodes
+        ids = model.chat_ids(QUESTION)
+        completion = Completion(len(ids))
+        tokens = []
+        async for token in model.stream(ids, SamplingParams(max_tokens=MAX_TOKENS), completion):
+            tokens.append(token)
+            if on_token is not None:
+                on_token(len(tokens))
+        return tokens, completion, model
+
+    return asyncio.run(asyncio.wait_for(go(), 120))
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+def test_greedy_output_over_three_nodes_equals_local_generate(smollm, cluster, reference, transport):
+    urls = [cluster[n].url for n in ("a", "b", "c", "spare")]
+    tokens, completion, model = remote_tokens(smollm, urls, transport=transport)
+    assert tokens == reference and len(tokens) == MAX_TOKENS
+    assert completion.failovers == 0
+    served = {name: cluster[name].info()["load"]["steps_served"] for name in ("a", "b", "c", "spare")}
+    assert served["a"] and served["b"] and served["c"] and not served["spare"]  # the cheaper [10,20) node was chosen
+
+
+def test_a_node_answering_with_a_wrong_shape_is_refused(smollm, cluster, reference):
+    with pytest.raises(RouteError, match="wrong shape"):
+        remote_tokens(smollm, [cluster[n].url for n in ("a", "b", "wrong")])
+    preferred = {cluster[n].url for n in ("a", "b", "wrong")}
+    tokens, completion, _ = remote_tokens(smollm, [cluster[n].url for n in ("a", "b", "wrong", "c")], prefer=preferred)
+    assert tokens == reference and completion.failovers == 1
+
+
+@pytest.fixture(scope="module")
+def api(smollm, cluster, tmp_path_factory):
+    """`shardmarket client serve` over nodes a, b, c and the spare."""
+    home = tmp_path_factory.mktemp("api")
+    port = free_port()
+    nodes = ",".join(cluster[n].url for n in ("a", "b", "c", "spare"))
+    log = home / "api.log"
+    env = dict(child_env(home), SHARDMARKET_CLIENT_API_KEY=API_KEY)
+    cmd = [sys.executable, "-m", "node", "client", "serve", "--checkpoint", str(smollm), "--nodes", nodes, "--port", str(port)]
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", process, log, headers={"Authorization": f"Bearer {API_KEY}"})
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def test_openai_package_chat_and_completions(api, smollm, head, reference):
+    client = openai.OpenAI(base_url=api, api_key=API_KEY, max_retries=0)
+    expected = head.tokenizer.decode(reference, skip_special_tokens=True)
+    assert [m.id for m in client.models.list()] == [smollm.name]
+
+    answer = client.chat.completions.create(model=smollm.name, messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0)
+    assert answer.choices[0].message.content == expected
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.prompt_tokens == len(chat_ids(head)) and answer.usage.completion_tokens == MAX_TOKENS
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + MAX_TOKENS
+
+    stream = client.chat.completions.create(
+        model=smollm.name, messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # it really streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == MAX_TOKENS
+
+    prompt = "The capital of France is"
+    completion = client.completions.create(model=smollm.name, prompt=prompt, max_tokens=4, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model=smollm.name, prompt=prompt, max_tokens=4, temperature=0, stream=True))
+    assert completion.choices[0].text == streamed and completion.usage.completion_tokens == 4
+
+
+def test_openai_errors_have_openai_shape(api, smollm):
+    with pytest.raises(openai.AuthenticationError) as err:
+        openai.OpenAI(base_url=api, api_key="wrong", max_retries=0).models.list()
+    assert err.value.body["code"] == "invalid_api_key"
+    client = openai.OpenAI(base_url=api, api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4", messages=QUESTION)
+    assert err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=smollm.name, messages=QUESTION, temperature=7)
+    assert err.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=smollm.name, messages=[])
+    assert err.value.body["param"] == "messages"
+
+
+def test_twenty_concurrent_streams_through_one_pipeline(api, smollm, head):
+    client = openai.AsyncOpenAI(base_url=api, api_key=API_KEY, max_retries=0, timeout=180)
+    questions = [f"Say the number {i}." for i in range(20)]
+
+    async def ask(question: str) -> str:
+        stream = await client.chat.completions.create(
+            model=smollm.name, messages=[{"role": "user", "content": question}], max_tokens=6, temperature=0, stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def ask_all() -> tuple[list[str], str]:
+        answers = await asyncio.gather(*(ask(q) for q in questions))
+        return answers, await ask(questions[7])
+
+    answers, alone = asyncio.run(ask_all())
+    assert all(answers) and len(answers) == 20
+    assert answers[7] == alone  # batching with 19 other streams does not change a greedy answer
+
+
+def test_kill_9_of_the_middle_node_fails_over_to_the_spare_with_the_same_text(smollm, cluster, reference):
+    b, spare = cluster["b"], cluster["spare"]
+    before = spare.info()["load"]["steps_served"]
+
+    def kill_after_five(count: int) -> None:
+        if count == 5:
+            os.kill(b.process.pid, signal.SIGKILL)
+            b.process.wait()
+
+    tokens, completion, _ = remote_tokens(smollm, [cluster[n].url for n in ("a", "b", "c", "spare")], on_token=kill_after_five)
+    assert b.process.returncode == -signal.SIGKILL
+    assert tokens == reference
+    assert completion.failovers == 1
+    assert spare.info()["load"]["steps_served"] > before
