@@ -46,12 +46,22 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class ReachConfig:
+    stun_servers: list[str] = field(default_factory=list)  # host[:port]; two IPs classify the NAT's mapping
+    relays: list[str] = field(default_factory=list)  # http://relay:port of public nodes that relay and verify
+    methods: list[str] = field(default_factory=lambda: ["pcp", "natpmp", "upnp"])
+    lease_s: int = 3600
+    refresh_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     home: Path = Path.home() / ".shardmarket"  # SHARDMARKET_HOME
     chain: ChainConfig = field(default_factory=ChainConfig)
     ipfs: IpfsConfig = field(default_factory=IpfsConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    reach: ReachConfig = field(default_factory=ReachConfig)
 
 
 class ConfigError(ValueError):

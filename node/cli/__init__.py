@@ -19,6 +19,7 @@ GROUPS = [
     "node.cli.engine",
     "node.cli.node",
     "node.cli.client",
+    "node.cli.reach",
 ]
 
 

@@ -1,0 +1,327 @@
+"""Relays: a public node that opts in gives a node behind NAT a public TCP port and forwards its connections.
+
+The node keeps one outgoing WebSocket to the relay; every client connection to the relayed port becomes a
+stream multiplexed over it as binary frames `kind (1 byte) | stream id (4 bytes) | payload`. The relay moves
+opaque bytes (the node protocol is end-to-end encrypted above it) and caps each node's bandwidth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import secrets
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+FRAME = struct.Struct("!BI")
+OPEN, DATA, CLOSE = 1, 2, 3
+CHUNK = 64 * 1024
+
+
+class RelayError(Exception):
+    """The relay refused or dropped the node; the message says why."""
+
+
+class TokenBucket:
+    """Bytes per second with a burst of one second: `take` waits until the bytes may pass."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.level, self.stamp = rate, rate, time.monotonic()
+
+    async def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        self.level = min(self.rate, self.level + (now - self.stamp) * self.rate) - n
+        self.stamp = now
+        if self.level < 0:
+            await asyncio.sleep(-self.level / self.rate)
+
+
+class Tunnel:
+    """One node's WebSocket on either side: sends frames under a lock, keeps a writer per open stream."""
+
+    def __init__(self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, bucket: TokenBucket) -> None:
+        self.ws, self.bucket = ws, bucket
+        self.lock = asyncio.Lock()
+        self.streams: dict[int, asyncio.StreamWriter] = {}
+        self.pending: dict[int, asyncio.Queue[bytes | None]] = {}
+
+    async def send(self, kind: int, stream: int, payload: bytes = b"") -> None:
+        if kind == DATA:
+            await self.bucket.take(len(payload))
+        async with self.lock:
+            await self.ws.send_bytes(FRAME.pack(kind, stream) + payload)
+
+    async def pump(self, stream: int, reader: asyncio.StreamReader) -> None:
+        """Copy a TCP stream into DATA frames, then CLOSE."""
+        try:
+            while chunk := await reader.read(CHUNK):
+                await self.send(DATA, stream, chunk)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if not self.ws.closed:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.send(CLOSE, stream)
+
+    async def deliver(self, stream: int, payload: bytes) -> None:
+        """Write a DATA frame's payload to its TCP stream (bandwidth counted both ways)."""
+        writer = self.streams.get(stream)
+        if writer is None:
+            return
+        await self.bucket.take(len(payload))
+        writer.write(payload)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+
+    def close_stream(self, stream: int) -> None:
+        writer = self.streams.pop(stream, None)
+        if writer is not None:
+            writer.close()
+
+    def close_all(self) -> None:
+        for stream in list(self.streams):
+            self.close_stream(stream)
+
+
+@dataclass
+class _Slot:
+    token: str
+    server: asyncio.Server
+    port: int
+    tunnel: Tunnel | None = None
+    next_stream: int = 1
+    tasks: set = field(default_factory=set)
+
+
+class RelayServer:
+    """The relay side: `app()` serves GET /relay (the node's WebSocket), POST /verify and GET /health."""
+
+    def __init__(self, public_host: str, bind_host: str = "0.0.0.0", rate_bytes_per_s: float = 10e6,
+                 max_nodes: int = 64, max_streams: int = 256) -> None:
+        self.public_host, self.bind_host = public_host, bind_host
+        self.rate, self.max_nodes, self.max_streams = rate_bytes_per_s, max_nodes, max_streams
+        self.slots: dict[str, _Slot] = {}
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/relay", self.handle_node)
+        app.router.add_post("/verify", self.handle_verify)
+        app.router.add_get("/health", self.handle_health)
+        app.on_shutdown.append(self._shutdown)
+        return app
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        return web.json_response({"relay": True, "nodes": len(self.slots)})
+
+    async def _shutdown(self, app: web.Application) -> None:
+        """Close every relayed port and node WebSocket, so shutting down does not wait on them."""
+        for slot in self.slots.values():
+            slot.server.close()
+            if slot.tunnel is not None:
+                await slot.tunnel.ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"relay shutting down")
+
+    async def _slot(self, node: str, token: str) -> _Slot:
+        slot = self.slots.get(node)
+        if slot is not None:
+            if not secrets.compare_digest(slot.token, token):
+                raise web.HTTPForbidden(text=f"node id {node} is held by another token: pick another id")
+            return slot
+        if len(self.slots) >= self.max_nodes:
+            raise web.HTTPServiceUnavailable(text=f"this relay serves its maximum of {self.max_nodes} nodes")
+        slot = _Slot(token, None, 0)  # type: ignore[arg-type]
+        slot.server = await asyncio.start_server(lambda r, w: self._client(slot, r, w), self.bind_host, 0)
+        slot.port = slot.server.sockets[0].getsockname()[1]
+        self.slots[node] = slot
+        return slot
+
+    async def handle_node(self, request: web.Request) -> web.WebSocketResponse:
+        node, token = request.query.get("node", ""), request.query.get("token", "")
+        if not (0 < len(node) <= 128 and 16 <= len(token) <= 128):
+            raise web.HTTPBadRequest(text="give ?node=<id up to 128 chars>&token=<16-128 chars secret>")
+        slot = await self._slot(node, token)
+        ws = web.WebSocketResponse(heartbeat=15, max_msg_size=2 * CHUNK)
+        await ws.prepare(request)
+        if slot.tunnel is not None:  # a reconnect replaces the old tunnel
+            await slot.tunnel.ws.close()
+        tunnel = slot.tunnel = Tunnel(ws, TokenBucket(self.rate))
+        await ws.send_str(json.dumps({"endpoint": f"http://{self.public_host}:{slot.port}"}))
+        log.info("node %s relayed on port %d", node, slot.port)
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.BINARY or len(msg.data) < FRAME.size:
+                continue
+            kind, stream = FRAME.unpack_from(msg.data)
+            if kind == DATA:
+                await tunnel.deliver(stream, msg.data[FRAME.size:])
+            elif kind == CLOSE:
+                tunnel.close_stream(stream)
+        tunnel.close_all()
+        if slot.tunnel is tunnel:
+            slot.tunnel = None
+        return ws
+
+    async def _client(self, slot: _Slot, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tunnel = slot.tunnel
+        if tunnel is None or tunnel.ws.closed or len(tunnel.streams) >= self.max_streams:
+            writer.close()
+            return
+        stream, slot.next_stream = slot.next_stream, slot.next_stream + 1
+        tunnel.streams[stream] = writer
+        try:
+            await tunnel.send(OPEN, stream)
+            await tunnel.pump(stream, reader)
+        except (ConnectionError, RuntimeError):
+            tunnel.close_stream(stream)
+
+    async def handle_verify(self, request: web.Request) -> web.Response:
+        """Connect back to a node's endpoint and return what its /health answered (only the caller's own address
+        or this relay's ports, so the relay cannot be used to probe third parties)."""
+        try:
+            endpoint = str((await request.json())["endpoint"])
+            url = urlsplit(endpoint)
+            host, port = url.hostname or "", url.port or 80
+            ipaddress.ip_address(host)
+        except (ValueError, KeyError, TypeError):
+            raise web.HTTPBadRequest(text='send JSON {"endpoint": "http://<ip>:<port>"}') from None
+        if host not in (request.remote, self.public_host):
+            raise web.HTTPForbidden(text=f"{host} is neither your address ({request.remote}) nor this relay's")
+        try:
+            timeout = aiohttp.ClientTimeout(total=3)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.get(f"http://{host}:{port}/health") as resp:
+                    body = await resp.text()
+                    return web.json_response({"reachable": True, "status": resp.status, "body": body[:4096]})
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return web.json_response({"reachable": False, "error": str(exc) or type(exc).__name__})
+
+
+class RelayClient:
+    """The node side: holds the WebSocket to a relay, opens a local TCP connection per relayed stream,
+    reconnects (keeping its public port) when the relay drops it."""
+
+    def __init__(self, relay_url: str, local_port: int, node_id: str, local_host: str = "127.0.0.1",
+                 on_change: Callable[[str], None] | None = None) -> None:
+        self.relay_url, self.local = relay_url.rstrip("/"), (local_host, local_port)
+        self.on_change = on_change
+        self.node_id, self.token = node_id, secrets.token_hex(16)
+        self.endpoint: str | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.task: asyncio.Task | None = None
+
+    async def start(self, timeout: float = 5.0) -> str:
+        """Connect, and return the public endpoint the relay gives this node."""
+        self.session = aiohttp.ClientSession()
+        ws = await self._connect(timeout)
+        self.task = asyncio.create_task(self._serve_forever(ws))
+        return self.endpoint
+
+    async def _connect(self, timeout: float) -> aiohttp.ClientWebSocketResponse:
+        url = f"{self.relay_url}/relay?node={self.node_id}&token={self.token}"
+        try:
+            ws = await self.session.ws_connect(url, heartbeat=15, timeout=aiohttp.ClientWSTimeout(ws_receive=timeout),
+                                               max_msg_size=2 * CHUNK)
+            hello = await ws.receive(timeout)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise RelayError(f"cannot reach relay {self.relay_url}: {exc or type(exc).__name__}") from None
+        if hello.type != aiohttp.WSMsgType.TEXT:
+            raise RelayError(f"relay {self.relay_url} did not send an endpoint")
+        self.endpoint = json.loads(hello.data)["endpoint"]
+        return ws
+
+    async def _serve_forever(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        delay = 0.5
+        while True:
+            await self._serve(ws)
+            while True:
+                await asyncio.sleep(delay)
+                previous = self.endpoint
+                try:
+                    ws = await self._connect(5.0)
+                    delay = 0.5
+                    if self.endpoint != previous and self.on_change:  # the relay restarted: new port
+                        self.on_change(self.endpoint)
+                    break
+                except RelayError as exc:
+                    delay = min(30.0, delay * 2)
+                    log.warning("%s; retrying in %.0f s", exc, delay)
+
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        tunnel = Tunnel(ws, TokenBucket(0))
+        tasks: set[asyncio.Task] = set()
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.BINARY or len(msg.data) < FRAME.size:
+                continue
+            kind, stream = FRAME.unpack_from(msg.data)
+            if kind == OPEN and stream not in tunnel.pending:
+                tunnel.pending[stream] = asyncio.Queue()
+                task = asyncio.create_task(self._open(tunnel, stream))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            elif kind in (DATA, CLOSE) and stream in tunnel.pending:
+                tunnel.pending[stream].put_nowait(msg.data[FRAME.size:] if kind == DATA else None)
+        for task in tasks:
+            task.cancel()
+        tunnel.close_all()
+
+    async def _open(self, tunnel: Tunnel, stream: int) -> None:
+        """Connect the stream to the local service, then copy both ways until either side closes."""
+        queue = tunnel.pending[stream]
+        try:
+            reader, writer = await asyncio.open_connection(*self.local)
+        except OSError:
+            tunnel.pending.pop(stream, None)
+            await tunnel.send(CLOSE, stream)
+            return
+        tunnel.streams[stream] = writer
+        pump = asyncio.create_task(tunnel.pump(stream, reader))
+        try:
+            while (payload := await queue.get()) is not None:
+                writer.write(payload)
+                await writer.drain()
+            writer.write_eof()
+            await pump
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            pump.cancel()
+            tunnel.pending.pop(stream, None)
+            tunnel.close_stream(stream)
+
+    async def close(self) -> None:
+        if self.task:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        if self.session:
+            await self.session.close()
+
+
+async def verify(verifier_url: str, endpoint: str, expected_body: str | None, timeout: float = 5.0) -> tuple[bool, str]:
+    """Ask a relay to connect back to `endpoint`; (True, "") when its /health answers 200 (with `expected_body`)."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+            async with session.post(f"{verifier_url.rstrip('/')}/verify", json={"endpoint": endpoint}) as resp:
+                if resp.status != 200:
+                    return False, f"verifier refused: HTTP {resp.status} {(await resp.text())[:200]}"
+                answer = await resp.json()
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        return False, f"verifier {verifier_url} failed: {exc or type(exc).__name__}"
+    if not answer.get("reachable"):
+        return False, f"{endpoint} did not answer from outside: {answer.get('error', '')}"
+    if answer.get("status") != 200:
+        return False, f"{endpoint}/health answered HTTP {answer.get('status')} from outside"
+    if expected_body is not None and answer.get("body") != expected_body:
+        return False, f"{endpoint} is answered by another host, not this node"
+    return True, ""

@@ -1,0 +1,141 @@
+"""The relay on loopback: streams pass through unchanged and multiplexed, bandwidth is capped per node,
+reconnects keep the public port, and the verifier only connects back to the caller's own address."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from node.net.relay import RelayClient, RelayServer, verify
+from tests.python.reach.standin import app as standin_app
+
+
+async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def relayed():
+    """(relay server, relay API URL, node port, relay client) on 127.0.0.1, all closed afterwards."""
+    server = RelayServer("127.0.0.1", "127.0.0.1", rate_bytes_per_s=50e6)
+    relay_runner, relay_port = await serve(server.app())
+    node_runner, node_port = await serve(standin_app("n1"))
+    client = RelayClient(f"http://127.0.0.1:{relay_port}", node_port, "n1")
+    try:
+        yield server, f"http://127.0.0.1:{relay_port}", node_port, client
+    finally:
+        await client.close()
+        await node_runner.cleanup()
+        await relay_runner.cleanup()
+
+
+async def within_relay(test) -> None:
+    async with relayed() as fixtures:
+        await test(fixtures)
+
+
+async def get_text(url: str) -> str:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.get(url) as resp:
+            assert resp.status == 200
+            return await resp.text()
+
+
+def test_streams_arrive_unchanged_and_multiplexed():
+    async def run(relayed):
+        _, _, node_port, client = relayed
+        endpoint = await client.start()
+        direct = await get_text(f"http://127.0.0.1:{node_port}/stream?n=300&size=500")
+        many = await asyncio.gather(*(get_text(f"{endpoint}/stream?n=300&size=500") for _ in range(4)))
+        assert all(text == direct for text in many) and direct.count("data: token") == 300
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{endpoint}/ws") as ws:
+                for i in range(20):
+                    await ws.send_bytes(bytes([i]) * 1000)
+                    assert await ws.receive_bytes() == bytes([i]) * 1000
+
+    asyncio.run(within_relay(run))
+
+
+def test_bandwidth_is_capped_per_node():
+    async def run(relayed):
+        server, _, _, client = relayed
+        server.rate = 400_000  # bytes per second, burst of one second
+        endpoint = await client.start()
+        t = time.monotonic()
+        text = await get_text(f"{endpoint}/stream?n=1000&size=1200")  # ~1.25 MB: at least ~2 s at the cap
+        elapsed = time.monotonic() - t
+        assert len(text) > 1_200_000
+        assert elapsed > 1.5, f"1.2 MB passed a 400 kB/s cap in {elapsed:.2f} s"
+
+    asyncio.run(within_relay(run))
+
+
+def test_reconnect_keeps_the_port_and_other_tokens_are_refused():
+    async def run(relayed):
+        server, relay_url, node_port, client = relayed
+        endpoint = await client.start()
+        await next(iter(server.slots.values())).tunnel.ws.close()  # the relay drops the node
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            try:
+                if "node" in await get_text(f"{endpoint}/health"):
+                    break
+            except (aiohttp.ClientError, AssertionError):
+                continue
+        assert client.endpoint == endpoint and "n1" in await get_text(f"{endpoint}/health")
+        thief = RelayClient(relay_url, node_port, "n1")
+        with pytest.raises(Exception, match="403"):
+            await thief.start(timeout=2)
+        await thief.close()
+
+    asyncio.run(within_relay(run))
+
+
+def test_verifier_checks_the_body_and_refuses_third_parties():
+    async def run(relayed):
+        _, relay_url, node_port, client = relayed
+        endpoint = await client.start()
+        body = await get_text(f"http://127.0.0.1:{node_port}/health")
+        assert await verify(relay_url, endpoint, body) == (True, "")
+        ok, why = await verify(relay_url, endpoint, '{"node": "someone else"}')
+        assert not ok and "another host" in why
+        ok, why = await verify(relay_url, "http://192.0.2.1:80", None)  # not the caller's address: never contacted
+        assert not ok and "403" in why
+        ok, why = await verify(relay_url, "not a url", None)
+        assert not ok and "400" in why
+
+    asyncio.run(within_relay(run))
+
+
+def test_node_follows_a_restarted_relay_to_its_new_port():
+    async def run():
+        relay_runner, relay_port = await serve(RelayServer("127.0.0.1", "127.0.0.1").app())
+        node_runner, node_port = await serve(standin_app("n2"))
+        moved: list[str] = []
+        client = RelayClient(f"http://127.0.0.1:{relay_port}", node_port, "n2", on_change=moved.append)
+        try:
+            first = await client.start()
+            await relay_runner.cleanup()  # the relay goes away with every slot it held
+            relay_runner, _ = await serve(RelayServer("127.0.0.1", "127.0.0.1").app(), port=relay_port)
+            for _ in range(100):
+                if moved:
+                    break
+                await asyncio.sleep(0.1)
+            assert moved and moved[-1] == client.endpoint != first
+            assert "n2" in await get_text(f"{client.endpoint}/health")
+        finally:
+            await client.close()
+            await node_runner.cleanup()
+            await relay_runner.cleanup()
+
+    asyncio.run(run())
