@@ -14,6 +14,7 @@ from node import __version__
 
 GROUPS = [
     "node.cli.doctor",
+    "node.cli.keys",
     "node.cli.ipfs",
     "node.cli.model",
     "node.cli.engine",

@@ -17,7 +17,8 @@ from node.engine.stage import Stage
 from node.net import wire
 from node.net.channel import SESSION_PATH, StreamTransport, WebSocketTransport
 from node.net.commitment import commitment_domain
-from node.server.identity import load_or_create_identity
+from node.server.identity import NodeIdentity, load_or_create_identity
+from node.server.payments import PaymentGate
 from node.server.service import Fault, NodeService
 from node.server.worker import StageWorker
 
@@ -105,14 +106,16 @@ def build_app(service: NodeService, settings: NodeSettings, tcp_port: int) -> we
     return app
 
 
-def load_service(settings: NodeSettings, config: Config) -> NodeService:
-    """Load the layers and the node's keys."""
+def load_service(settings: NodeSettings, config: Config, identity: NodeIdentity | None = None,
+                 payments: PaymentGate | None = None) -> NodeService:
+    """Load the layers and the node's keys (those under the data dir unless `identity` is given)."""
     stage = Stage.load(settings.checkpoint, settings.start, settings.end, dtype=settings.dtype, idle_timeout_s=config.node.idle_timeout_s)
-    identity = load_or_create_identity(config.node.data_dir)
+    identity = identity or load_or_create_identity(config.node.data_dir)
     worker = StageWorker(stage)
     worker.warm_up()
     return NodeService(
-        worker, identity, commitment_domain(config), idle_timeout_s=config.node.idle_timeout_s, fault=settings.fault
+        worker, identity, commitment_domain(config), idle_timeout_s=config.node.idle_timeout_s, fault=settings.fault,
+        payments=payments,
     )
 
 
