@@ -71,10 +71,8 @@ def test_client_that_stops_paying_gets_no_more_than_its_credit_limit(market):
         with market.acting_as(name):
             store = ReceiptStore(load_config().node.data_dir / "receipts.sqlite", market.accounts[name])
         stored = store.get(market.accounts["mallory"])
-        if stored is None:
-            continue
-        assert stored.receipt.cumulative_amount == PRICE * len(PROMPT)
-        assert stored.served - stored.receipt.cumulative_amount <= credit
+        assert stored.receipt.cumulative_amount == PRICE * len(PROMPT)  # only the first step was paid
+        assert stored.receipt.cumulative_amount < stored.served <= stored.receipt.cumulative_amount + credit
 
 
 def test_withdrawal_request_triggers_redemption(market):
