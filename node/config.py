@@ -37,7 +37,7 @@ class NodeConfig:
     credit_limit: int = 0  # token units a node serves a client beyond its newest receipt; 0: 64 tokens' worth
     redeem_min_value: int = 0  # a node redeems once its unredeemed receipts are worth this much (0: gas cost x 2)
     redeem_interval_s: float = 60.0  # how often a node checks whether redeeming is worth it
-    redeem_margin_s: float = 600.0  # redeem a client's receipts this long before its withdrawal unlocks
+    dispute_tolerance: float = 1e-3  # verifier duty: largest relative difference of hidden states counted as equal
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ MODEL = "SmolLM2-135M-Instruct"
 NODES = [("node-a", "0:10", 2_000_000_000), ("node-b", "10:20", 3_000_000_000), ("node-c", "20:30", 2_000_000_000),
          ("spare", "10:20", 4_000_000_000)]
 STAKE = 100 * 10**18
+BOND = 10 * 10**18  # DisputeManager's challenge bond (scripts/deploy.py)
+CHEATER = "node-b"
 DEPOSIT = 10**18
 
 
@@ -30,6 +32,7 @@ def register(commands) -> None:
     demo.add_argument("--questions", type=int, default=len(QUESTIONS), help="how many questions the client asks")
     demo.add_argument("--max-tokens", type=int, default=24)
     demo.add_argument("--workdir", type=Path, help="keep the market's files here (default: a temporary folder)")
+    demo.add_argument("--cheat", choices=["noise"], help="node-b adds noise to its answers; the client's spot checks catch it and the spare votes")
     demo.set_defaults(run=run_demo)
 
 
@@ -101,6 +104,22 @@ def _stream_answer(base: str, key: str, question: str, max_tokens: int) -> tuple
     return usage, first or 0.0
 
 
+def _await_dispute(chain, cheater: str, timeout: float = 180) -> None:
+    """Wait until the first dispute is resolved; print who was accused and what happened."""
+    functions = chain.disputes.functions
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if chain.read(functions.disputeCount()) > 0:
+            node, _, status = chain.read(functions.getDispute(1))[:3]
+            if status != 1:
+                outcome = {2: "the node was slashed", 3: "the challenger lost its bond", 4: "void (tie or no votes)"}[status]
+                print(f"dispute 1 against {node} ({'the cheater' if node.lower() == cheater.lower() else 'an honest node'}): {outcome}; "
+                      f"its stake is now {chain.read(chain.stake.functions.totalStakeOf(node))}", flush=True)
+                return
+        time.sleep(1)
+    raise RuntimeError(f"no dispute was resolved within {timeout:.0f} s")
+
+
 def _wait_api(base: str, key: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
     import requests
 
@@ -150,7 +169,7 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
             market.node_port(name)
             market.cli(name, "node", "register", "--model", MODEL, "--layers", layers, "--price", str(price), "--stake", str(STAKE))
         _say("the client creates keys and deposits into the escrow")
-        market.new_account("client", tokens=2 * DEPOSIT)
+        market.new_account("client", tokens=2 * DEPOSIT + BOND)
         market.cli("client", "client", "deposit", str(DEPOSIT))
         names = {"client": market.accounts["client"], **{n: market.accounts[n] for n, _, _ in NODES},
                  "treasury": market.addresses["Treasury"]}
@@ -161,14 +180,18 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
         before = _snapshot(chain, names)
         _say("starting the 4 node daemons (each fetches its shards by manifest CID)")
         for name, _, _ in NODES:
-            market.start_node(name, wait=False)
+            cheating = args.cheat == "noise" and name == CHEATER
+            market.start_node(name, *(["--cheat-noise", "0.1"] if cheating else []), wait=False)
+            if cheating:
+                print(f"{name} will add noise to every answer it gives", flush=True)
         for name in market.nodes:
             market.wait_ready(market.nodes[name])
             print(f"{name} ready at {market.nodes[name].url}", flush=True)
         port, key = free_port(), secrets.token_urlsafe(16)
         base = f"http://127.0.0.1:{port}/v1"
         log = root / "client-api.log"
-        env = {**os.environ, **market.env("client"), "SHARDMARKET_CLIENT_API_KEY": key, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **market.env("client"), "SHARDMARKET_CLIENT_API_KEY": key, "OMP_NUM_THREADS": "1",
+               "SHARDMARKET_CLIENT_SPOT_CHECK_RATE": "1.0" if args.cheat else "0"}
         client_api = subprocess.Popen(
             [sys.executable, "-m", "node", "client", "serve", "--checkpoint", str(checkpoint), "--model-id", MODEL, "--port", str(port)],
             cwd=REPO, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -191,6 +214,9 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
                 print(f"(first token {time.monotonic() - started:.1f} s after the demo started)", flush=True)
             print(f"[usage: {usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens, "
                   f"cost {usage.get('cost')} token units]", flush=True)
+        if args.cheat:
+            _say("the client's spot checks re-run every hop on another node and locally; waiting for the dispute")
+            _await_dispute(chain, names[CHEATER])
         _say("every node redeems its receipts in one batch and withdraws its earnings")
         for name, _, _ in NODES:
             market.cli(name, "node", "redeem")
@@ -201,7 +227,9 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
         paid = before["client"]["escrow"] - after["client"]["escrow"]
         earned = sum(after[n]["wallet"] - before[n]["wallet"] for n, _, _ in NODES)
         print(f"\nclient paid {paid}; nodes earned {earned}; the API reported costs summing to {sum(costs)}", flush=True)
-        if not paid == earned == sum(costs):
+        if args.cheat:  # spot checks paid the checking nodes too
+            print(f"of which {paid - sum(costs)} paid for spot checks", flush=True)
+        if paid != earned or (not args.cheat and paid != sum(costs)):
             print("error: the balances do not reconcile", file=sys.stderr)
             return 1
         print(f"reconciled to the last token unit. demo took {time.monotonic() - started:.0f} s", flush=True)

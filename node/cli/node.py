@@ -37,7 +37,7 @@ def register(commands) -> None:
     run.add_argument("--price", type=int, help="token units per token processed (config node.price)")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     run.add_argument("--threads", type=int, help="torch threads (config node.threads)")
-    run.add_argument("--test-fault", choices=["wrong-shape"], help="misbehave on purpose (for tests of clients)")
+    run.add_argument("--test-fault", choices=["wrong-shape", "equivocate"], help="misbehave on purpose (for tests of clients)")
     run.add_argument("--cheat-noise", type=float, default=0.0, help="add noise of this scale to every answer (demo of a dishonest node)")
     run.add_argument("--password-file", type=Path, help="keystore password file (chain mode; else SHARDMARKET_PASSWORD or a prompt)")
     run.set_defaults(run=run_node)

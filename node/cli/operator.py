@@ -239,6 +239,7 @@ def _run_market_node(args: argparse.Namespace) -> int:
     from node.server.receipts import ReceiptStore
     from node.server.service import Fault
     from node.server.settlement import Settler, redeem_pending
+    from node.server.verifier import VerifierDuty
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_config()
@@ -269,7 +270,7 @@ def _run_market_node(args: argparse.Namespace) -> int:
     settings = NodeSettings(
         checkpoint=checkpoint, start=start, end=end, model_id=name, host=args.host or config.node.host, port=port,
         tcp_port=args.tcp_port if args.tcp_port is not None else (config.node.tcp_port or port + 1), price=price,
-        dtype=DTYPES[args.dtype], fault=Fault(noise=args.cheat_noise),
+        dtype=DTYPES[args.dtype], fault=Fault(noise=args.cheat_noise, equivocate=args.test_fault == "equivocate"),
     )
     store = ReceiptStore(receipts_path(config), me)
     settler: Settler | None = None
@@ -281,13 +282,16 @@ def _run_market_node(args: argparse.Namespace) -> int:
     settler = Settler(market, store, gate, interval_s=config.node.redeem_interval_s, min_value=config.node.redeem_min_value)
     print(f"loading layers {start}:{end} of {name} ({'paused, not listed' if paused else 'listed'}), price {price}", flush=True)
     service = load_service(settings, config, identity=identity, payments=gate)
+    duty = VerifierDuty(market, service.worker, local_store(), config.ipfs.gateways, config.node.dispute_tolerance)
 
     async def main() -> None:
-        task = asyncio.get_running_loop().create_task(settler.run())
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(settler.run()), loop.create_task(duty.run())]
         try:
             await serve(service, settings)
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             try:
                 await asyncio.to_thread(redeem_pending, market, store, gate)
             except ChainError as exc:

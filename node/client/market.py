@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 
 from node.chain.contracts import ChainError, Market
+from ipfs.blockstore import Blockstore
+from node.client.audit import Auditor
 from node.client.generation import RemoteModel
 from node.client.payer import Payer
 from node.client.routing import NodeInfo, RouteError, discover, plan_route
@@ -59,10 +61,17 @@ async def connect_paid(checkpoint: Path, config: Config, account, model_name: st
     head = await asyncio.to_thread(Head.load, checkpoint)
     nodes = await chain_nodes(market, model_name)
     payer = Payer(account, market.escrow_domain(), config.home / "client" / "ledger.sqlite")
-    model = RemoteModel(head, model_name, nodes, market.dispute_domain(), receipt_source=payer.receipt,
-                        on_commitment=payer.answered, **kwargs)
+    model = RemoteModel(head, model_name, nodes, market.dispute_domain(), receipt_source=payer.receipt, **kwargs)
+    auditor = Auditor(model, market, Blockstore(config.ipfs.store), rate=config.client.spot_check_rate,
+                      tolerance=config.client.spot_check_tolerance, checkpoint=checkpoint)
+
+    def on_commitment(node: NodeInfo, signed, tokens: int) -> None:
+        payer.answered(node, signed, tokens)
+        auditor.on_commitment(node, signed, tokens)
+
+    model.on_commitment, model.on_finished = on_commitment, auditor.on_finished
     model.request_costs = payer.request_costs
-    model.payer, model.market = payer, market
+    model.payer, model.market, model.auditor = payer, market, auditor
     plan_route(nodes, 0, head.num_layers, head.config.hidden_size * 4)
     spendable = await asyncio.to_thread(market.read, market.escrow.functions.spendableOf(account.address))
     if spendable == 0:

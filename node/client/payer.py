@@ -8,7 +8,9 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
-from node.chain.eip712 import Domain, Receipt, UsageRecord, chain_usage_hash, sign_receipt
+from eth_keys import keys
+
+from node.chain.eip712 import Domain, Receipt, UsageRecord, chain_usage_hash, receipt_digest
 from node.net.commitment import SignedCommitment
 from node.server.payments import receipt_fields
 
@@ -22,6 +24,7 @@ class Payer:
 
     def __init__(self, account, domain: Domain, ledger: Path) -> None:
         self.account, self.domain = account, domain
+        self._key = keys.PrivateKey(bytes(account.key))
         ledger.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(ledger, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -47,7 +50,12 @@ class Payer:
             self._db.execute("INSERT OR REPLACE INTO channels VALUES (?, ?, ?, ?)", (key, str(cumulative), nonce, usage))
             self.request_costs[request_id] += cost
         receipt = Receipt(self.account.address, node.operator, cumulative, usage, nonce)
-        return receipt_fields(receipt, sign_receipt(self.account.key, receipt, self.domain))
+        return receipt_fields(receipt, self._sign(receipt))
+
+    def _sign(self, receipt: Receipt) -> bytes:
+        """The same 65-byte r||s||v as eip712.sign_receipt, signing the digest directly (3x faster, once per hop per token)."""
+        signature = self._key.sign_msg_hash(receipt_digest(receipt, self.domain))
+        return signature.to_bytes()[:64] + bytes([signature.v + 27])
 
     def answered(self, node, signed: SignedCommitment, tokens: int) -> None:
         """Chain the usage record of a step `node` answered into that node's usage hash."""

@@ -7,6 +7,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+import requests
+
 from node.chain.contracts import ChainError, Market
 from node.server.payments import PaymentGate, PaymentRefused
 from node.server.receipts import ReceiptStore
@@ -106,7 +108,7 @@ class Settler:
                 elapsed = 0.0
             try:
                 await asyncio.to_thread(self.settle_once, periodic)
-            except ChainError as exc:
+            except (ChainError, requests.RequestException) as exc:
                 log.warning("settlement postponed: %s", exc)
             except Exception:
                 log.exception("settlement failed; retrying at the next interval")
