@@ -8,7 +8,9 @@ redeems every client's newest receipt again and again). The baseline is N single
 """
 
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from eth_account import Account
@@ -29,9 +31,6 @@ def main() -> dict:
     proj = project.load(ROOT, name="ShardmarketGas")
     network.connect("shardmarket-anvil")
     try:
-        import tempfile
-        import os
-
         os.environ["SHARDMARKET_HOME"] = tempfile.mkdtemp(prefix="shardmarket-gas-")
         from scripts import deploy
 
@@ -75,7 +74,7 @@ def main() -> dict:
             items = []
             for client in batch_clients:
                 receipt, sig = signed(client, amount)
-                items.append((receipt.client, amount, receipt.usage_hash, receipt.nonce, sig[64], sig[:32], sig[32:64]))
+                items.append((receipt.client, amount, receipt.usage_hash, receipt.nonce, *eip712.split_signature(sig)))
             tx = escrow.redeemBatch(node, items, {"from": node})
             assert tx.events["BatchRedeemed"]["redeemed"] == len(batch_clients), "a bench receipt was rejected"
             return tx.gas_used

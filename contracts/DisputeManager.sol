@@ -176,8 +176,8 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
         bytes calldata signatureB
     ) external nonReentrant returns (uint256 slashed) {
         if (a.requestId != b.requestId || a.step != b.step || a.outputHash == b.outputHash) revert NotEquivocation();
-        address node = _signer(a, signatureA);
-        if (node == address(0) || _signer(b, signatureB) != node) revert CommitmentNotSignedByNode();
+        address node = _signer(_commitmentDigest(a), signatureA);
+        if (node == address(0) || _signer(_commitmentDigest(b), signatureB) != node) revert CommitmentNotSignedByNode();
         bytes32 key = keccak256(abi.encode(node, a.requestId, a.step));
         if (equivocationSlashed[key]) revert AlreadySlashed(key);
         equivocationSlashed[key] = true;
@@ -201,8 +201,7 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
         returns (uint256 disputeId)
     {
         bytes32 digest = _commitmentDigest(commitment);
-        (address signer,,) = ECDSA.tryRecover(digest, signature);
-        if (signer != node || signer == address(0)) revert CommitmentNotSignedByNode();
+        if (_signer(digest, signature) != node || node == address(0)) revert CommitmentNotSignedByNode();
         if (challenged[digest]) revert AlreadyChallenged(digest);
         if (!nodeRegistry.isListed(node)) revert NotListed(node);
         challenged[digest] = true;
@@ -271,8 +270,8 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
         dispute.status = outcome;
         stakeManager.unlock(node);
         uint256 penalties = _penalizeAbsentVerifiers(disputeId, dispute);
-        uint256 slashed;
-        uint256 reward;
+        uint256 slashed = 0;
+        uint256 reward = 0;
         if (outcome == Status.NodeSlashed) {
             slashed = stakeManager.slash(node, stakeManager.totalStakeOf(node) * wrongOutputSlashBps / BPS);
             reward = slashed * challengerRewardBps / BPS;
@@ -385,8 +384,11 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
         if (dispute.status != Status.Open) revert DisputeClosed(disputeId);
     }
 
-    function _signer(Commitment calldata commitment, bytes calldata signature) private view returns (address signer) {
-        (signer,,) = ECDSA.tryRecover(_commitmentDigest(commitment), signature);
+    /// @dev The signer of `digest`, or address(0) for a malformed or high-s signature.
+    function _signer(bytes32 digest, bytes calldata signature) private pure returns (address) {
+        // slither-disable-next-line unused-return
+        (address signer, ECDSA.RecoverError error,) = ECDSA.tryRecover(digest, signature);
+        return error == ECDSA.RecoverError.NoError ? signer : address(0);
     }
 
     function _commitmentDigest(Commitment calldata commitment) private view returns (bytes32) {

@@ -155,8 +155,11 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
         bytes calldata signature
     ) external returns (uint256 paid) {
         if (cumulativeAmount > type(uint128).max) revert AmountTooLarge(cumulativeAmount);
-        (address signer,,) = ECDSA.tryRecover(_digest(client, node, cumulativeAmount, usageHash, nonce), signature);
-        if (signer != client || signer == address(0)) revert InvalidReceiptSignature();
+        // The third return value only details the error, which is rejected whatever it is.
+        // slither-disable-next-line unused-return
+        (address signer, ECDSA.RecoverError error,) =
+            ECDSA.tryRecover(_digest(client, node, cumulativeAmount, usageHash, nonce), signature);
+        if (error != ECDSA.RecoverError.NoError || signer != client) revert InvalidReceiptSignature();
         Channel memory channel = _channels[client][node];
         if (cumulativeAmount <= channel.paid) revert ReceiptNotNewer(cumulativeAmount, channel.paid);
         paid = _settle(client, node, cumulativeAmount, channel);
@@ -169,7 +172,7 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     /// @param receipts The receipts, each signed by its client (a client twice: the second pays only if newer).
     /// @return paid Total tokens credited to the node.
     function redeemBatch(address node, SignedReceipt[] calldata receipts) external returns (uint256 paid) {
-        uint256 rejected;
+        uint256 rejected = 0;
         for (uint256 i = 0; i < receipts.length; ++i) {
             SignedReceipt calldata receipt = receipts[i];
             Rejection reason = _check(node, receipt);
@@ -242,8 +245,9 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
         if (receipt.cumulativeAmount > type(uint128).max) return Rejection.AmountTooLarge;
         if (receipt.cumulativeAmount <= _channels[receipt.client][node].paid) return Rejection.NotNewer;
         bytes32 digest = _digest(receipt.client, node, receipt.cumulativeAmount, receipt.usageHash, receipt.nonce);
-        (address signer,,) = ECDSA.tryRecover(digest, receipt.v, receipt.r, receipt.s);
-        if (signer != receipt.client || signer == address(0)) return Rejection.BadSignature;
+        // slither-disable-next-line unused-return
+        (address signer, ECDSA.RecoverError error,) = ECDSA.tryRecover(digest, receipt.v, receipt.r, receipt.s);
+        if (error != ECDSA.RecoverError.NoError || signer != receipt.client) return Rejection.BadSignature;
         return Rejection.None;
     }
 

@@ -219,6 +219,13 @@ def recover_commitment_signer(commitment: Commitment, signature: bytes, domain: 
     return _recover(commitment_digest(commitment, domain), signature)
 
 
+def split_signature(signature: bytes) -> tuple[int, bytes, bytes]:
+    """(v, r, s) of a 65-byte r||s||v signature, as PaymentEscrow.redeemBatch takes it."""
+    if not isinstance(signature, (bytes, bytearray)) or len(signature) != 65:
+        raise InvalidSignature(f"a signature is 65 bytes r||s||v, got {_describe(signature)}")
+    return signature[64], bytes(signature[:32]), bytes(signature[32:64])
+
+
 def chain_usage_hash(previous: bytes, record: UsageRecord) -> bytes:
     """Next link of a usage-hash chain: keccak256(abi.encode(previous, requestId, step, tokens, inputHash, outputHash))."""
     _check_bytes32(previous, "previous")

@@ -134,7 +134,7 @@ class Market:
     @staticmethod
     def batch_item(receipt, signature):
         return (receipt.client, receipt.cumulative_amount, receipt.usage_hash, receipt.nonce,
-                signature[64], signature[:32], signature[32:64])
+                *eip712.split_signature(signature))
 
     def commitment(self, node, request=b"\x22" * 32, step=0, output=b"\x44" * 32, inp=b"\x33" * 32):
         commitment = eip712.Commitment(request, step, inp, output)

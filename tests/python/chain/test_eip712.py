@@ -22,6 +22,7 @@ from node.chain.eip712 import (
     recover_receipt_signer,
     sign_commitment,
     sign_receipt,
+    split_signature,
     tensor_hash,
 )
 
@@ -149,3 +150,11 @@ def test_usage_hash_chain_depends_on_every_record_and_their_order():
 
 def test_tensor_hash_is_keccak256():
     assert tensor_hash(b"").hex() == "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470"
+
+
+def test_split_signature_gives_v_r_s():
+    signature = sign_receipt(CLIENT.key, receipt(), DOMAIN)
+    v, r, s = split_signature(signature)
+    assert v in (27, 28) and bytes([*r, *s, v]) == signature
+    with pytest.raises(InvalidSignature, match="65 bytes"):
+        split_signature(signature[:64])

@@ -1,0 +1,81 @@
+"""Reentrancy through a token with transfer hooks: the guarded calls refuse to be entered twice."""
+
+import brownie
+import pytest
+from eth_utils import keccak
+
+from conftest import TOKEN
+from node.chain import eip712
+
+GUARD_ERROR = "0x" + keccak(text="ReentrancyGuardReentrantCall()")[:4].hex()
+DELAY = 3600
+
+
+@pytest.fixture(scope="module")
+def hook_token(HookToken, accounts):
+    return HookToken.deploy(10**9 * TOKEN, {"from": accounts[0]})
+
+
+@pytest.fixture(scope="module")
+def hook_escrow(PaymentEscrow, hook_token, accounts):
+    return PaymentEscrow.deploy(hook_token, DELAY, {"from": accounts[0]})
+
+
+@pytest.fixture(scope="module")
+def hook_stake(StakeManager, hook_token, accounts):
+    return StakeManager.deploy(hook_token, DELAY, accounts[0], {"from": accounts[0]})
+
+
+@pytest.fixture(scope="module")
+def attacker(Reenterer, hook_token, accounts):
+    contract = Reenterer.deploy({"from": accounts[0]})
+    contract.execute(hook_token, hook_token.registerHook.encode_input(), {"from": accounts[0]})
+    return contract
+
+
+def as_attacker(attacker, contract, method, *args):
+    return attacker.execute(contract, getattr(contract, method).encode_input(*args), {"from": brownie.accounts[0]})
+
+
+def test_client_withdrawal_cannot_be_reentered(hook_token, hook_escrow, attacker, accounts):
+    hook_token.transfer(attacker, 10 * TOKEN, {"from": accounts[0]})
+    as_attacker(attacker, hook_token, "approve", hook_escrow, 10 * TOKEN)
+    as_attacker(attacker, hook_escrow, "deposit", attacker, 10 * TOKEN)
+    as_attacker(attacker, hook_escrow, "requestWithdrawal", 4 * TOKEN)
+    brownie.chain.sleep(DELAY + 1)
+    attacker.arm(hook_escrow, hook_escrow.withdraw.encode_input(), {"from": accounts[0]})
+    as_attacker(attacker, hook_escrow, "withdraw")
+    assert attacker.attempted() and not attacker.reentered()
+    assert attacker.reentryError() == GUARD_ERROR
+    assert hook_token.balanceOf(attacker) == 4 * TOKEN
+    assert hook_escrow.balanceOf(attacker) == 6 * TOKEN
+    assert hook_token.balanceOf(hook_escrow) == 6 * TOKEN
+
+
+def test_node_earnings_cannot_be_withdrawn_twice_by_reentering(hook_token, hook_escrow, attacker, clients, accounts):
+    client = clients[0]
+    hook_token.approve(hook_escrow, 10 * TOKEN, {"from": accounts[0]})
+    hook_escrow.deposit(client, 10 * TOKEN, {"from": accounts[0]})
+    receipt = eip712.Receipt(client.address, attacker.address, 3 * TOKEN, b"\x00" * 32, 1)
+    signature = eip712.sign_receipt(client.private_key, receipt, eip712.Domain(31337, hook_escrow.address))
+    hook_escrow.redeem(client, attacker, 3 * TOKEN, receipt.usage_hash, 1, signature, {"from": accounts[0]})
+    attacker.arm(hook_escrow, hook_escrow.withdrawEarnings.encode_input(attacker), {"from": accounts[0]})
+    as_attacker(attacker, hook_escrow, "withdrawEarnings", attacker)
+    assert attacker.attempted() and not attacker.reentered()
+    assert attacker.reentryError() == GUARD_ERROR
+    assert hook_token.balanceOf(attacker) == 3 * TOKEN
+    assert hook_token.balanceOf(hook_escrow) == 7 * TOKEN
+
+
+def test_stake_withdrawal_cannot_be_reentered(hook_token, hook_stake, attacker, accounts):
+    hook_token.transfer(attacker, 10 * TOKEN, {"from": accounts[0]})
+    as_attacker(attacker, hook_token, "approve", hook_stake, 10 * TOKEN)
+    as_attacker(attacker, hook_stake, "stake", 10 * TOKEN)
+    as_attacker(attacker, hook_stake, "unbond", 5 * TOKEN)
+    brownie.chain.sleep(DELAY + 1)
+    attacker.arm(hook_stake, hook_stake.withdraw.encode_input(), {"from": accounts[0]})
+    as_attacker(attacker, hook_stake, "withdraw")
+    assert attacker.attempted() and not attacker.reentered()
+    assert attacker.reentryError() == GUARD_ERROR
+    assert hook_token.balanceOf(attacker) == 5 * TOKEN
+    assert hook_stake.totalStakeOf(attacker) == 5 * TOKEN
