@@ -84,6 +84,14 @@ class Blockstore:
         except FileNotFoundError:
             raise BlockNotFound(f"block {to_str(cid)} is not in the store at {self.path}") from None
 
+    def head(self, cid: bytes, n: int) -> tuple[int, bytes]:
+        """A block's size and first `n` bytes, unchecked (to plan a traversal without reading leaves)."""
+        try:
+            with open(self.block_path(cid), "rb") as f:
+                return os.fstat(f.fileno()).st_size, f.read(n)
+        except FileNotFoundError:
+            raise BlockNotFound(f"block {to_str(cid)} is not in the store at {self.path}") from None
+
     def get(self, cid: bytes) -> bytes:
         """Read a block and check its hash; a corrupt file is removed and reported."""
         path = self.block_path(cid)

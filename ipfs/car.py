@@ -43,40 +43,67 @@ def cid_length(buf: bytes | memoryview, pos: int) -> int:
 
 
 class CarParser:
-    """Incremental CAR v1 reader: `feed` bytes as they arrive, get verified (cid, block) pairs back."""
+    """Incremental CAR v1 reader: `feed` bytes as they arrive, get verified (cid, block) pairs back.
+
+    Blocks inside one fed chunk come back as memoryviews of it (no copy); only a block that straddles two
+    chunks is assembled in a buffer.
+    """
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.roots: list[bytes] | None = None
 
-    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
-        self.buf += chunk
-        out: list[tuple[bytes, bytes]] = []
-        pos = 0
-        view = memoryview(self.buf)
-        try:
-            while True:
-                try:
-                    length, start = read_varint(view, pos)
-                except DecodeError:
-                    break  # the length itself is still incomplete
-                if self.roots is None:
-                    if length > MAX_HEADER:
-                        raise CarError(f"CAR header claims {length} bytes; not a CAR v1")
-                    if start + length > len(view):
-                        break
-                    self._header(bytes(view[start : start + length]))
-                else:
-                    if not 0 < length <= MAX_SECTION:
-                        raise CarError(f"CAR section of {length} bytes is out of bounds")
-                    if start + length > len(view):
-                        break
-                    out.append(self._section(view[start : start + length]))
-                pos = start + length
-        finally:
-            view.release()
-        del self.buf[:pos]
+    def feed(self, chunk: bytes) -> list[tuple[bytes, memoryview]]:
+        out: list[tuple[bytes, memoryview]] = []
+        view = memoryview(chunk)
+        while self.buf and view:
+            # finish the item left over from the last chunk with just the bytes it still needs
+            total = self._item_length(self.buf)
+            take = 1 if total is None else total - len(self.buf)  # a varint grows one byte at a time
+            self.buf += view[:take]
+            view = view[take:]
+            if total is not None and len(self.buf) == total:
+                self._parse(memoryview(bytes(self.buf)), out)
+                self.buf = bytearray()
+        if self.buf:
+            return out
+        used = self._parse(view, out)
+        self.buf = bytearray(view[used:])
         return out
+
+    def _item_length(self, buf: bytes | bytearray) -> int | None:
+        """Total bytes (varint + body) of the first item in `buf`, or None while its varint is incomplete."""
+        try:
+            length, start = read_varint(buf, 0)
+        except DecodeError:
+            if len(buf) >= 10:
+                raise CarError("CAR section length is not a valid varint") from None
+            return None
+        return start + length
+
+    def _parse(self, view: memoryview, out: list) -> int:
+        """Parse every complete item of `view`; return how many bytes were used."""
+        pos = 0
+        while pos < len(view):
+            try:
+                length, start = read_varint(view, pos)
+            except DecodeError:
+                if len(view) - pos >= 10:
+                    raise CarError("CAR section length is not a valid varint") from None
+                break  # the length itself is still incomplete
+            if self.roots is None:
+                if length > MAX_HEADER:
+                    raise CarError(f"CAR header claims {length} bytes; not a CAR v1")
+            elif not 0 < length <= MAX_SECTION:
+                raise CarError(f"CAR section of {length} bytes is out of bounds")
+            if start + length > len(view):
+                break
+            if self.roots is None:
+                self._header(bytes(view[start : start + length]))
+            else:
+                out.append(self._section(view[start : start + length]))
+            pos = start + length
+        return pos
 
     def _header(self, body: bytes) -> None:
         try:
@@ -90,14 +117,14 @@ class CarParser:
             raise CarError("CAR header has no list of root CIDs")
         self.roots = [bytes(r) for r in roots]
 
-    def _section(self, sec: memoryview) -> tuple[bytes, bytes]:
+    def _section(self, sec: memoryview) -> tuple[bytes, memoryview]:
         try:
             n = cid_length(sec, 0)
         except (DecodeError, IndexError):
             raise CarError("CAR section starts with a malformed CID") from None
         if n > len(sec):
             raise CarError("CAR section is shorter than its CID")
-        cid, data = bytes(sec[:n]), bytes(sec[n:])
+        cid, data = bytes(sec[:n]), sec[n:]
         if not verify(cid, data):
             raise CarError(f"block {to_str(cid)} in the CAR does not match its CID")
         return cid, data
@@ -110,17 +137,17 @@ class CarParser:
             raise CarError(f"CAR is truncated: {len(self.buf)} bytes of an incomplete section at the end")
 
 
-def read_car(stream: BinaryIO, chunk_size: int = 1 << 20) -> tuple[list[bytes], Iterator[tuple[bytes, bytes]]]:
+def read_car(stream: BinaryIO, chunk_size: int = 1 << 20) -> tuple[list[bytes], Iterator[tuple[bytes, memoryview]]]:
     """Roots and a generator of verified blocks of a CAR file; errors surface as CarError."""
     parser = CarParser()
-    pending: list[tuple[bytes, bytes]] = []
+    pending: list[tuple[bytes, memoryview]] = []
     while parser.roots is None:
         chunk = stream.read(chunk_size)
         if not chunk:
             parser.close()
         pending += parser.feed(chunk)
 
-    def blocks() -> Iterator[tuple[bytes, bytes]]:
+    def blocks() -> Iterator[tuple[bytes, memoryview]]:
         yield from pending
         while chunk := stream.read(chunk_size):
             yield from parser.feed(chunk)

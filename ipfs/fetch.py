@@ -37,6 +37,7 @@ class Unit:
     """One request: a whole sub-DAG, or a byte range [start, stop) of the file at `cid`."""
 
     cid: bytes
+    size: int  # bytes it brings, for progress
     start: int | None = None
     stop: int | None = None
 
@@ -70,20 +71,15 @@ class DagFetcher:
         async with aiohttp.ClientSession(timeout=self.timeout, read_bufsize=1 << 20) as session:
             self.session = session
             block = await self._root_block(root)
-            links, sizes, filesize = self._learn(root, block)
+            links, _, _ = self._learn(root, block)
             self.bar.total = len(block) + sum(link.tsize for link in links)
             self.bar.update(len(block))
-            if filesize is not None and links:
-                n = self.range_bytes
-                units = [Unit(root, a, min(a + n, filesize)) for a in range(0, filesize, n)]
-            else:
-                units = [Unit(link.cid) for link in links]
             self.pending: list[Unit] = []
-            for unit in units:
+            for unit in await self._plan(root, block):
                 if self._missing(unit):
                     self.pending.append(unit)
                 else:
-                    self.bar.update(self._unit_bytes(unit, links))
+                    self.bar.update(unit.size)
             self.failed: dict[Unit, set[str]] = {}
             self.alive, self.in_flight = set(self.gateways), 0
             workers = [asyncio.create_task(self._worker(gw)) for gw in self.gateways for _ in range(WORKERS_PER_GATEWAY)]
@@ -93,10 +89,20 @@ class DagFetcher:
             raise FetchError(f"{len(self.pending)} part(s) of {to_str(root)} could not be fetched from any gateway; "
                              "verified blocks are kept, run the same command again to resume")
 
-    def _unit_bytes(self, unit: Unit, links: list[pb.Link]) -> int:
-        if unit.start is None:
-            return next((link.tsize for link in links if link.cid == unit.cid), 0)
-        return unit.stop - unit.start
+    async def _plan(self, cid: bytes, block: bytes) -> list[Unit]:
+        """Units for the DAG under a verified block: byte ranges of a file; the entries of a directory,
+        where an entry bigger than a range is itself split into ranges."""
+        links, _, filesize = self._learn(cid, block)
+        if filesize is not None and links:
+            n = self.range_bytes
+            return [Unit(cid, min(a + n, filesize) - a, a, min(a + n, filesize)) for a in range(0, filesize, n)]
+        units = []
+        for link in links:
+            if link.tsize > self.range_bytes:
+                units += await self._plan(link.cid, await self._root_block(link.cid))
+            else:
+                units.append(Unit(link.cid, link.tsize))
+        return units
 
     async def _root_block(self, root: bytes) -> bytes:
         if self.store.has(root):
@@ -125,8 +131,8 @@ class DagFetcher:
     def _learn(self, cid: bytes, block: bytes) -> tuple[list[pb.Link], list[int], int | None]:
         """Record a verified block's links as expected; return links, block sizes and file size."""
         self.present.add(split(cid)[1])
-        if split(cid)[0] != DAG_PB:
-            return [], [], None
+        if split(cid)[0] != DAG_PB or block[:1] != b"\x12":
+            return [], [], None  # raw, or dag-pb without links (they come first in a dag-pb block)
         links, data = pb.decode_node(block)
         for link in links:
             self.expected.add(split(link.cid)[1])

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from aiohttp import web
 
 from ipfs import pb
 from ipfs.blockstore import Blockstore, BlockNotFound, CorruptBlock
 from ipfs.car import header, section
+from ipfs.pb import varint
 from ipfs.cids import DAG_PB, BadCID, parse, split, to_str
 
 log = logging.getLogger(__name__)
@@ -54,18 +55,33 @@ def _node(store: Blockstore, cid: bytes) -> tuple[bytes, list[pb.Link], pb.UnixF
     return block, links, fs
 
 
-def dag_blocks(store: Blockstore, root: bytes, scope: str = "all",
-               byte_range: str | None = None) -> Iterator[tuple[bytes, bytes]]:
-    """Blocks of the DAG under `root` in depth-first order without duplicates, limited by `dag-scope`."""
-    seen: set[bytes] = set()
+def _peek(store: Blockstore, cid: bytes) -> tuple[int, list[pb.Link], pb.UnixFSData | None]:
+    """Size, links and UnixFS data of a block; a block that cannot have links is not read at all.
 
-    def walk(cid: bytes, depth: int, window: tuple[int, int] | None) -> Iterator[tuple[bytes, bytes]]:
+    dag-pb puts Links (tag 0x12) before Data, so a dag-pb block not starting with 0x12 has none.
+    """
+    if split(cid)[0] != DAG_PB:
+        return store.head(cid, 0)[0], [], None
+    size, first = store.head(cid, 1)
+    if first != b"\x12":
+        return size, [], None
+    block, links, fs = _node(store, cid)
+    return len(block), links, fs
+
+
+def dag_plan(store: Blockstore, root: bytes, scope: str = "all", byte_range: str | None = None,
+             already_sent: Iterable[bytes] = ()) -> list[tuple[bytes, int]]:
+    """(CID, size) of the DAG's blocks in depth-first order without duplicates, limited by `dag-scope`."""
+    seen: set[bytes] = {split(cid)[1] for cid in already_sent}
+    plan: list[tuple[bytes, int]] = []
+
+    def walk(cid: bytes, depth: int, window: tuple[int, int] | None) -> None:
         mh = split(cid)[1]
         if mh in seen:
             return
         seen.add(mh)
-        block, links, fs = _node(store, cid)
-        yield cid, block
+        size, links, fs = _peek(store, cid)
+        plan.append((cid, size))
         if scope == "block" and depth == 0:
             return
         is_file = fs is not None and fs.type in (pb.FILE, pb.RAW)
@@ -75,16 +91,24 @@ def dag_blocks(store: Blockstore, root: bytes, scope: str = "all",
             window = parse_entity_bytes(byte_range, fs.filesize or 0)
         if window is None or not is_file or len(fs.blocksizes) != len(links):
             for link in links:
-                yield from walk(link.cid, depth + 1, None)
+                walk(link.cid, depth + 1, None)
             return
         start, stop = window
         offset = len(fs.data or b"")
-        for link, size in zip(links, fs.blocksizes):
-            if offset < stop and offset + size > start and start < stop:
-                yield from walk(link.cid, depth + 1, (max(start - offset, 0), min(stop - offset, size)))
-            offset += size
+        for link, child_size in zip(links, fs.blocksizes):
+            if offset < stop and offset + child_size > start and start < stop:
+                walk(link.cid, depth + 1, (max(start - offset, 0), min(stop - offset, child_size)))
+            offset += child_size
 
-    yield from walk(root, 0, None)
+    walk(root, 0, None)
+    return plan
+
+
+def dag_blocks(store: Blockstore, root: bytes, scope: str = "all",
+               byte_range: str | None = None) -> Iterator[tuple[bytes, bytes]]:
+    """The blocks of `dag_plan`, read one at a time."""
+    for cid, _ in dag_plan(store, root, scope, byte_range):
+        yield cid, store.get_unchecked(cid)
 
 
 def resolve(store: Blockstore, root: bytes, path: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -178,23 +202,31 @@ async def _car_response(request: web.Request, store: Blockstore, root: bytes, ci
     byte_range = request.query.get("entity-bytes")
     if byte_range is not None and scope != "entity":
         raise BadRequest("entity-bytes needs dag-scope=entity")
-    blocks = dag_blocks(store, cid, scope, byte_range)
-    first = next(blocks)  # raises BlockNotFound (404) before any byte is sent
+    # every block is located before a byte is sent, so a missing one is a 404, not a cut stream
+    plan = dag_plan(store, cid, scope, byte_range, already_sent=[c for c, _ in trail])
     key = f"{request.path}|{scope}|{byte_range}".encode()
     etag = f'W/"{to_str(root)}.car.{hashlib.sha256(key).hexdigest()[:16]}"'
     headers = _common_headers(etag, f"{CAR_TYPE}; version=1; order=dfs; dups=n", f"{to_str(root)}.car")
-    headers["X-Ipfs-Roots"] = ",".join(to_str(c) for c, _ in trail + [first])
+    headers["X-Ipfs-Roots"] = ",".join(to_str(c) for c in [*(c for c, _ in trail), cid])
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers=headers)
+    head = header([root])
+    trail_sections = [b"".join(section(c, data)) for c, data in trail]
     response = web.StreamResponse(headers=headers)
+    response.content_length = len(head) + sum(map(len, trail_sections)) + sum(
+        len(varint(len(c) + size)) + len(c) + size for c, size in plan)
     await response.prepare(request)
     if request.method == "HEAD":
         return response
-    await response.write(header([root]))
+    await response.write(head + b"".join(trail_sections))
     try:
-        for c, data in [*trail, first, *blocks]:
-            for part in section(c, data):
-                await response.write(part)
+        for c, size in plan:
+            data = store.get_unchecked(c)
+            if len(data) != size:
+                raise CorruptBlock(f"block {to_str(c)} changed size while being served")
+            framing, _ = section(c, data)
+            await response.write(framing)
+            await response.write(data)
     except (BlockNotFound, CorruptBlock) as exc:
         log.warning("CAR for %s cut short: %s", to_str(root), exc)
         raise  # the connection is dropped, so the client sees a truncated CAR instead of a silent gap

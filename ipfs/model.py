@@ -165,8 +165,14 @@ def load_manifest(store: Blockstore, manifest_cid: str, gateways: list[str] = ()
 
 
 def fetch_model(manifest_cid: str, layers: tuple[int, int], dest: Path, gateways: list[str] = (), *,
-                store: Blockstore, head: bool = False, progress: bool = True) -> Path:
-    """Write a checkpoint folder with config.json and only the shards of layers [start, end) (+ head)."""
+                store: Blockstore | None = None, head: bool = False, progress: bool = True) -> Path:
+    """Write a checkpoint folder with config.json and only the shards of layers [start, end) (+ head).
+
+    Fetched shards are pinned in `store` (default: the configured blockstore), so this node can serve them."""
+    if store is None:
+        from node.config import load_config
+
+        store = Blockstore(load_config().ipfs.store)
     manifest = load_manifest(store, manifest_cid, gateways, progress)
     start, end = layers
     if not 0 <= start < end <= manifest["num_layers"]:
@@ -182,6 +188,7 @@ def fetch_model(manifest_cid: str, layers: tuple[int, int], dest: Path, gateways
             raise ModelError(f"manifest names an unsafe shard file {file!r}")
         cid = bytes(parse(shard["cid"]))
         _ensure(store, cid, list(gateways), progress)
+        store.pin(cid)
         export(store, cid, dest / file)
         sha = hashlib.sha256()
         with open(dest / file, "rb") as f:
@@ -199,6 +206,7 @@ def fetch_model(manifest_cid: str, layers: tuple[int, int], dest: Path, gateways
             export(store, tokenizer, Path(tmp) / "tokenizer")
             for file in (Path(tmp) / "tokenizer").iterdir():
                 shutil.move(str(file), dest / file.name)
+    store.pin(bytes(parse(manifest_cid)))
     (dest / "config.json").write_text(json.dumps(manifest["config"], indent=2))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

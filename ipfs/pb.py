@@ -113,11 +113,13 @@ def _fields(buf: bytes | memoryview):
 
 
 def decode_node(block: bytes | memoryview) -> tuple[list[Link], memoryview | None]:
-    """Decode a dag-pb block into its links and Data bytes."""
+    """Decode a dag-pb block into its links and Data bytes (links must come first, as the spec requires)."""
     links: list[Link] = []
     data = None
     for number, wire, value in _fields(block):
         if number == 2 and wire == 2:
+            if data is not None:
+                raise DecodeError("dag-pb links after the Data field: not a valid dag-pb block")
             cid, name, tsize = None, "", 0
             for n, w, v in _fields(value):
                 if n == 1 and w == 2:

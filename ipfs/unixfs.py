@@ -204,12 +204,25 @@ def import_path(path: Path, options: ImportOptions = ImportOptions(), sink: Bloc
                 recursive: bool = False, hidden: bool = False,
                 on_added: Callable[[str, Entry], None] | None = None,
                 progress: Callable[[int], None] | None = None) -> Entry:
-    """Import a file or (with `recursive`) a directory tree; `on_added(name, entry)` is called post-order."""
-    path = Path(path)
+    """Import a file or (with `recursive`) a directory tree.
+
+    `on_added(name, entry)` reports in Kubo's order: each file as it is added, then every directory post-order.
+    """
+    directories: list[tuple[str, Entry]] = []
+    entry = _import(Path(path), options, sink, recursive, hidden, on_added, progress, directories)
+    for name, directory in directories:
+        if on_added:
+            on_added(name, directory)
+    return entry
+
+
+def _import(path: Path, options: ImportOptions, sink: BlockSink | None, recursive: bool, hidden: bool,
+            on_added: Callable[[str, Entry], None] | None, progress: Callable[[int], None] | None,
+            directories: list[tuple[str, Entry]], prefix: str = "") -> Entry:
     mode = os.lstat(path).st_mode
     if stat.S_ISLNK(mode):
         raise AddError(f"{path} is a symbolic link; symlinks are not supported, add its target instead")
-    name = path.name or str(path)
+    name = prefix + (path.name or str(path))
     if stat.S_ISDIR(mode):
         if not recursive:
             raise AddError(f"{path} is a directory; use -r to add it recursively")
@@ -217,16 +230,15 @@ def import_path(path: Path, options: ImportOptions = ImportOptions(), sink: Bloc
         for child in sorted(os.listdir(path)):
             if child.startswith(".") and not hidden:
                 continue
-            sub = import_path(path / child, options, sink, recursive=True, hidden=hidden,
-                              on_added=(lambda n, e: on_added(f"{name}/{n}", e)) if on_added else None,
-                              progress=progress)
-            children[child] = sub
+            children[child] = _import(path / child, options, sink, recursive, hidden, on_added, progress,
+                                      directories, f"{name}/")
         entry = directory_node(options, children, sink)
-    elif stat.S_ISREG(mode):
-        with open(path, "rb") as f:
-            entry = import_stream(f, options, sink, progress)
-    else:
+        directories.append((name, entry))
+        return entry
+    if not stat.S_ISREG(mode):
         raise AddError(f"{path} is neither a regular file nor a directory")
+    with open(path, "rb") as f:
+        entry = import_stream(f, options, sink, progress)
     if on_added:
         on_added(name, entry)
     return entry

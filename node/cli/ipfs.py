@@ -222,6 +222,7 @@ def cmd_dag_import(args) -> int:
 
 
 def _bool(text: str) -> bool:
+    """Kubo's boolean option values: --flag=true or --flag=false."""
     if text.lower() not in ("true", "false"):
         raise ValueError(text)
     return text.lower() == "true"

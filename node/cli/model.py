@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ipfs.model import ModelError, fetch_model, pack_model
 from node.cli.ipfs import ERRORS, _fail, _gateways, local_store
 
 
@@ -17,6 +16,8 @@ def _layers(text: str) -> tuple[int, int]:
 
 
 def cmd_pack(args) -> int:
+    from ipfs.model import ModelError, pack_model  # torch loads only for model commands
+
     try:
         cid = pack_model(args.checkpoint, local_store(), model_id=args.model_id, progress=sys.stderr.isatty())
     except (ModelError, *ERRORS) as exc:
@@ -26,6 +27,8 @@ def cmd_pack(args) -> int:
 
 
 def cmd_fetch(args) -> int:
+    from ipfs.model import ModelError, fetch_model
+
     start, end = args.layers
     dest = args.dest or Path(f"{args.manifest}-{start}-{end}")
     try:

@@ -43,7 +43,7 @@ def test_directory_needs_r_and_then_round_trips(tmp_path, capsys):
     assert "use -r" in capsys.readouterr().err
     assert main(["ipfs", "add", "-r", str(tmp_path / "site")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[2] for line in lines] == ["site/css/a.css", "site/css", "site/index.html", "site"]
+    assert [line.split()[2] for line in lines] == ["site/css/a.css", "site/index.html", "site/css", "site"]
     root = lines[-1].split()[1]
     assert main(["ipfs", "cat", root]) == 1
     assert "is a directory" in capsys.readouterr().err

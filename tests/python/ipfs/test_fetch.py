@@ -156,3 +156,28 @@ def test_directory_and_missing_root(tmp_path):
 
     dest = asyncio.run(main())
     assert {p.name for p in dest.keys()} == {p.name for p in src.keys()}
+
+
+def test_big_file_inside_a_directory_is_split_into_ranges(tmp_path):
+    src = Blockstore(tmp_path / "src")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "big.bin").write_bytes(DATA)
+    (tmp_path / "d" / "small.txt").write_text("small\n")
+    root = import_path(tmp_path / "d", ImportOptions(chunk_size=8192), src, recursive=True)
+
+    async def main():
+        hits = Counter()
+        a, url_a = await start(honest(src, hits, "a"))
+        b, url_b = await start(honest(src, hits, "b"))
+        try:
+            dest = Blockstore(tmp_path / "dest")
+            await fetch(dest, [url_a, url_b], root.cid)
+            return dest, hits
+        finally:
+            await a.cleanup()
+            await b.cleanup()
+
+    dest, hits = asyncio.run(main())
+    assert {p.name for p in dest.keys()} == {p.name for p in src.keys()}
+    # the directory and big.bin's root block, then 10 ranges of big.bin and small.txt whole, over both gateways
+    assert hits["a"] + hits["b"] == 2 + 10 + 1 and hits["a"] >= 3 and hits["b"] >= 3

@@ -104,6 +104,7 @@ def test_fetch_only_the_layer_range(gateway, checkpoint, tmp_path, monkeypatch, 
     assert fetched.has(bytes(parse(manifest["layers"][1]["cid"])))
     assert not fetched.has(bytes(parse(manifest["layers"][0]["cid"])))
     assert not fetched.has(bytes(parse(manifest["head"]["cid"])))
+    assert fetched.pins() == {cid, manifest["layers"][1]["cid"], manifest["layers"][2]["cid"]}  # kept for serving
 
 
 def test_full_fetch_loads_in_transformers(gateway, checkpoint, tmp_path, monkeypatch):
