@@ -46,19 +46,11 @@ def import_gguf_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def even_splits(num_layers: int, stages: int) -> list[tuple[int, int]]:
-    """`stages` contiguous layer ranges of nearly equal size covering [0, num_layers)."""
-    if not 1 <= stages <= num_layers:
-        raise EngineError(f"--stages must be within 1..{num_layers}")
-    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
-    return list(zip(bounds, bounds[1:]))
-
-
 def generate_command(args: argparse.Namespace) -> int:
     from node.engine.head import Head
     from node.engine.models import default_model
     from node.engine.sampling import SamplingParams, generate
-    from node.engine.stage import Stage
+    from node.engine.stage import Stage, even_splits
 
     try:
         checkpoint = args.model or default_model()

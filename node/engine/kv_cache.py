@@ -16,8 +16,10 @@ class SessionCache:
         self.length = 0
         self.last_used = time.monotonic()
         # torch.empty reserves address space; pages are only committed as positions are written (on CPU).
-        self.keys = [torch.empty(1, heads, max_length, dim, dtype=dtype, device=dev) for heads, dim, dev in shapes]
-        self.values = [torch.empty(1, heads, max_length, dim, dtype=dtype, device=dev) for heads, dim, dev in shapes]
+        # Inference tensors, like the forward passes that write them, whatever mode the caller is in.
+        with torch.inference_mode():
+            self.keys = [torch.empty(1, heads, max_length, dim, dtype=dtype, device=dev) for heads, dim, dev in shapes]
+            self.values = [torch.empty(1, heads, max_length, dim, dtype=dtype, device=dev) for heads, dim, dev in shapes]
 
     @staticmethod
     def nbytes(shapes: list[tuple[int, int, torch.device]], max_length: int, dtype: torch.dtype) -> int:

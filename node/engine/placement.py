@@ -71,7 +71,9 @@ def place_weights(
         if device == "disk":
             index = offload_weight(tensor.to(dtype), name, str(offload_dir), index=index)
         else:
-            set_module_tensor_to_device(body, name, device, value=tensor, dtype=dtype)
+            # A copy: safetensors tensors are backed by the file's mmap, whose first touch would land on a decode step.
+            value = tensor.to(dtype=dtype, copy=True) if tensor.device.type == "cpu" else tensor.to(dtype)
+            set_module_tensor_to_device(body, name, device, value=value)
     if index:
         save_offload_index(index, str(offload_dir))
     if len(set(device_map.values())) > 1 or "disk" in device_map.values():

@@ -25,6 +25,14 @@ from node.engine.weights import layer_tensors, tensor_index
 EXPIRED_MEMORY = 4096  # how many expired ids are remembered, to say "expired" rather than "unknown"
 
 
+def even_splits(num_layers: int, stages: int) -> list[tuple[int, int]]:
+    """`stages` contiguous layer ranges of nearly equal size covering [0, num_layers)."""
+    if not 1 <= stages <= num_layers:
+        raise EngineError(f"the number of stages must be within 1..{num_layers} (one layer at least per stage)")
+    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
 class StageLayers(nn.Module):
     """The decoder layers of a stage, numbered from 0, as accelerate places them."""
 
@@ -228,7 +236,7 @@ class Stage:
             raise ShapeError(f"positions up to {start + steps} exceed the session's max_length {session.max_length}")
         return steps
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _forward(self, sessions: list[SessionCache], starts: list[int], hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = hidden.to(self.device)
         positions = positions.to(self.device)

@@ -14,6 +14,10 @@ from node.engine.models import random_checkpoint, tiny_config
 from node.engine.sampling import SamplingParams, generate
 from node.engine.stage import Stage
 
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a second OpenMP thread waiting
+# for a busy core stalls every op.
+torch.set_num_threads(1)
+
 CHAT = [{"role": "user", "content": "Split the model across machines, then pay each node."}]
 FAMILIES = ("llama", "mistral", "qwen2")
 

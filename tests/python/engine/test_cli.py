@@ -13,6 +13,6 @@ def test_generate_through_stages(tiny_checkpoints, capsys):
 
 def test_bad_arguments_say_what_to_do(tiny_checkpoints, tmp_path, capsys):
     assert main(["engine", "generate", "--model", str(tiny_checkpoints["llama"]), "--stages", "9", "hi"]) == 1
-    assert "--stages must be within 1..5" in capsys.readouterr().err
+    assert "number of stages must be within 1..5" in capsys.readouterr().err
     assert main(["engine", "import-gguf", str(tmp_path / "missing.gguf")]) == 1
     assert "is not a file" in capsys.readouterr().err

@@ -110,3 +110,15 @@ def test_chunked_prefill_equals_one_prefill(tiny_checkpoints):
     whole = stage.step("whole", prompt, positions(0, 40))
     chunks = torch.cat([stage.step("chunks", prompt[:, i : i + 7], positions(i, prompt[:, i : i + 7].shape[1])) for i in range(0, 40, 7)], 1)
     assert torch.allclose(whole, chunks, rtol=1e-5, atol=1e-4)
+
+
+def test_works_inside_and_outside_inference_mode(stage):
+    """A server may open sessions and step in any autograd mode (e.g. steps under torch.inference_mode)."""
+    with torch.inference_mode():
+        stage.open_session("a", 8)
+    stage.open_session("b", 8)
+    first = stage.step("a", hidden(2), positions(0, 2))
+    with torch.inference_mode():
+        assert torch.equal(stage.step("b", hidden(2), positions(0, 2)), first)
+        stage.step("a", hidden(1), positions(2, 1))
+    stage.step("b", hidden(1), positions(2, 1))
