@@ -21,9 +21,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-import torch
-from eth_account import Account
-from tqdm import tqdm
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall badly on a shared machine
+
+import torch  # noqa: E402
+from eth_account import Account  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -89,19 +91,15 @@ def per_hop_overhead_us(hidden_size: int, repeats: int = 500) -> dict:
     return {k: round(v, 1) for k, v in medians.items()}
 
 
-def local_run(checkpoint: Path, head: Head, ids: list[int], params: SamplingParams, runs: int) -> tuple[float, list[int]]:
-    """Median ms/token of the whole model in this process (the baseline)."""
-    stage = Stage.load(checkpoint, 0, head.num_layers)
-    timings, tokens = [], []
-    for run in range(runs):
-        stage.open_session(f"local-{run}", len(ids) + params.max_tokens)
-        started = time.perf_counter()
-        tokens = list(generate(head, lambda h, p: stage.step(f"local-{run}", h, p), ids, params))
-        timings.append((time.perf_counter() - started) * 1000 / len(tokens))
-        stage.close_session(f"local-{run}")
-    del stage
-    gc.collect()
-    return statistics.median(timings), tokens
+def local_generate(stage: Stage, head: Head, ids: list[int], params: SamplingParams) -> tuple[float, list[int]]:
+    """ms/token and tokens of the whole model in this process (the baseline)."""
+    session = os.urandom(8).hex()
+    stage.open_session(session, len(ids) + params.max_tokens)
+    started = time.perf_counter()
+    tokens = list(generate(head, lambda h, p: stage.step(session, h, p), ids, params))
+    elapsed = (time.perf_counter() - started) * 1000 / len(tokens)
+    stage.close_session(session)
+    return elapsed, tokens
 
 
 def start_nodes(checkpoint: Path, ranges: list[str], home: Path, threads: int) -> tuple[list[subprocess.Popen], list[str], list[float]]:
@@ -132,16 +130,13 @@ def start_nodes(checkpoint: Path, ranges: list[str], home: Path, threads: int) -
     return processes, urls, ready_s
 
 
-async def pipeline_run(checkpoint: Path, urls: list[str], ids: list[int], params: SamplingParams, transport: str, runs: int) -> tuple[float, list[int]]:
-    """Median ms/token through the nodes, encryption and commitments on."""
-    model = await RemoteModel.connect(checkpoint, urls, DOMAIN, transport=transport)
-    timings, tokens = [], []
-    for _ in range(runs):
-        completion = Completion(len(ids))
-        started = time.perf_counter()
-        tokens = [t async for t in model.stream(ids, params, completion)]
-        timings.append((time.perf_counter() - started) * 1000 / len(tokens))
-    return statistics.median(timings), tokens
+async def pipeline_generate(model: RemoteModel, ids: list[int], params: SamplingParams) -> tuple[float, list[int], list[float]]:
+    """ms/token, tokens, and each decode hop's wall time minus the node's compute time (s), through the nodes."""
+    completion = Completion(len(ids))
+    started = time.perf_counter()
+    tokens = [t async for t in model.stream(ids, params, completion)]
+    overheads = [t.wall_s - t.compute_s for t in completion.hop_timings if t.tokens == 1]
+    return (time.perf_counter() - started) * 1000 / len(tokens), tokens, overheads
 
 
 def _free_port() -> int:
@@ -155,30 +150,45 @@ def thirds(layers: int) -> list[str]:
     return [f"0:{a}", f"{a}:{b}", f"{b}:{layers}"]
 
 
-def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: int) -> dict:
-    """Local vs 3-node pipeline (TCP and WebSocket) for one model."""
+async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: int) -> dict:
+    """Local vs 3-node pipeline (TCP and WebSocket) for one model, the three runs interleaved."""
     head = Head.load(checkpoint)
     text = head.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
     ids = head.tokenizer.encode(text, add_special_tokens=False)
     params = SamplingParams(max_tokens=tokens)
-    local_ms, local_tokens = local_run(checkpoint, head, ids, params, runs)
+    stage = Stage.load(checkpoint, 0, head.num_layers)
+    timings: dict[str, list[float]] = {"local": [], "tcp": [], "ws": []}
+    overheads: dict[str, list[float]] = {"tcp": [], "ws": []}
+    outputs: dict[str, list[int]] = {}
     with tempfile.TemporaryDirectory() as home:
         processes, urls, ready_s = start_nodes(checkpoint, thirds(head.num_layers), Path(home), threads)
         try:
-            tcp_ms, tcp_tokens = asyncio.run(pipeline_run(checkpoint, urls, ids, params, "tcp", runs))
-            ws_ms, ws_tokens = asyncio.run(pipeline_run(checkpoint, urls, ids, params, "ws", runs))
+            remote = {kind: await RemoteModel.connect(checkpoint, urls, DOMAIN, transport=kind) for kind in ("tcp", "ws")}
+            for _ in tqdm(range(runs), desc=f"{name}: local, tcp, ws", file=sys.stderr):
+                ms, outputs["local"] = await asyncio.to_thread(local_generate, stage, head, ids, params)
+                timings["local"].append(ms)
+                for kind, model in remote.items():
+                    ms, outputs[kind], hop_overheads = await pipeline_generate(model, ids, params)
+                    timings[kind].append(ms)
+                    overheads[kind] += hop_overheads
         finally:
             for process in processes:
                 process.terminate()
                 process.wait()
+    del stage
+    gc.collect()
+    local_ms, tcp_ms, ws_ms = (statistics.median(timings[k]) for k in ("local", "tcp", "ws"))
     best = min(tcp_ms, ws_ms)
+    fastest = {k: min(v) for k, v in timings.items()}
     return {
         f"{name}_local_ms_per_token": round(local_ms, 2),
         f"{name}_pipeline_tcp_ms_per_token": round(tcp_ms, 2),
         f"{name}_pipeline_ws_ms_per_token": round(ws_ms, 2),
         f"{name}_pipeline_over_local_speed": round(local_ms / best, 3),
-        f"{name}_overhead_ms_per_hop": round((best - local_ms) / 3, 3),
-        f"{name}_same_tokens": local_tokens == tcp_tokens == ws_tokens,
+        f"{name}_pipeline_over_local_speed_fastest_runs": round(fastest["local"] / min(fastest["tcp"], fastest["ws"]), 3),
+        f"{name}_hop_overhead_tcp_us": round(statistics.median(overheads["tcp"]) * 1e6),
+        f"{name}_hop_overhead_ws_us": round(statistics.median(overheads["ws"]) * 1e6),
+        f"{name}_same_tokens": outputs["local"] == outputs["tcp"] == outputs["ws"],
         f"{name}_node_ready_s": round(statistics.median(ready_s), 2),
     }
 
@@ -186,7 +196,7 @@ def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--no-850m", action="store_true", help="skip the ~850M random model")
     args = parser.parse_args()
     threads = torch.get_num_threads()
@@ -198,7 +208,7 @@ def main() -> None:
     result.update({f"per_hop_{k}_us": v for k, v in hop.items()})
     result["per_hop_total_us_hidden_1536"] = per_hop_overhead_us(1536)["total"]
     for name, build in tqdm(models, desc="models", file=sys.stderr):
-        result.update(compare(name, build(), args.tokens, args.runs, threads))
+        result.update(asyncio.run(compare(name, build(), args.tokens, args.runs, threads)))
     print(json.dumps(result))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from node.config import load_config
+from node.engine.errors import EngineError
 from node.net.wire import DTYPES
 from node.server.service import Fault
 
@@ -82,7 +83,7 @@ def run_node(args: argparse.Namespace) -> int:
     print(f"loading layers {settings.start}:{settings.end} of {checkpoint}", flush=True)
     try:
         service = load_service(settings, config)
-    except (ValueError, OSError) as exc:
+    except (EngineError, ValueError, OSError) as exc:
         print(f"error: cannot load layers {settings.start}:{settings.end} of {checkpoint}: {exc}")
         return 2
     try:

@@ -143,7 +143,7 @@ class Auditor:
     async def _spot_check(self, record: _HopRecord, max_length: int) -> None:
         self.checks += 1
         node = record.node
-        others = [n for n in self.model.nodes if (n.start, n.end) == (node.start, node.end) and n.url != node.url and n.url not in self.model.failed]
+        others = [n for n in self.model.nodes if (n.start, n.end) == (node.start, node.end) and n.url != node.url and n.url not in self.model.failed.current()]
         if others:
             other = self.rng.choice(others)
             try:

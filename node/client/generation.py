@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.chain.eip712 import Domain
+from node.client.failures import RecentFailures
 from node.client.routing import NodeInfo, RouteError, discover, plan_route
-from node.client.session import CommitmentSink, InferenceSession, ReceiptSource
+from node.client.session import CommitmentSink, HopTiming, InferenceSession, ReceiptSource
 from node.engine.head import Head
 from node.engine.sampling import SamplingParams, generate
 
@@ -30,6 +31,7 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     failovers: int = 0
     cost: int = 0  # token units promised to the nodes for this request
+    hop_timings: list[HopTiming] = field(default_factory=list)
 
 
 class RemoteModel:
@@ -42,7 +44,7 @@ class RemoteModel:
         self.transport, self.step_timeout_s, self.receipt_source = transport, step_timeout_s, receipt_source
         self.on_commitment, self.on_finished = on_commitment, on_finished
         self.request_costs: dict[bytes, int] | None = None  # filled per request by a payer, when there is one
-        self.failed: set[str] = set()
+        self.failed = RecentFailures()
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="generate")
 
     @classmethod
@@ -106,4 +108,5 @@ class RemoteModel:
                 completion.cost = self.request_costs.pop(session.request_id, 0)
             if self.on_finished is not None:
                 self.on_finished(session)
+            completion.hop_timings = session.timings
             await session.close()

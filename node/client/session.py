@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from node.net import wire
 from node.net.channel import SecureChannel, client_handshake, open_transport
 from node.net.commitment import CommitmentError, SignedCommitment, check_commitment
 from node.net.wire import Message, WireError
+from node.client.failures import RecentFailures
 from node.client.routing import NodeInfo, RouteError, plan_route
 
 log = logging.getLogger("shardmarket.client")
@@ -33,6 +35,16 @@ CommitmentSink = Callable[[NodeInfo, SignedCommitment, int], None]
 
 class NodeFailure(Exception):
     """A node did not answer a step correctly; the session replaces it."""
+
+
+@dataclass(frozen=True)
+class HopTiming:
+    """One step through one node: wall time seen by the client and the node's reported compute time."""
+
+    url: str
+    tokens: int
+    wall_s: float
+    compute_s: float
 
 
 @dataclass
@@ -59,17 +71,18 @@ class InferenceSession:
         step_timeout_s: float = 60.0,
         max_failovers: int = 4,
         receipt_source: ReceiptSource | None = None,
-        failed: set[str] | None = None,
+        failed: RecentFailures | None = None,
         on_commitment: CommitmentSink | None = None,
     ) -> None:
         self.nodes, self.num_layers, self.domain = nodes, num_layers, domain
         self.max_length, self.transport, self.step_timeout_s = max_length, transport, step_timeout_s
         self.max_failovers, self.receipt_source, self.on_commitment = max_failovers, receipt_source, on_commitment
-        self.failed = failed if failed is not None else set()  # node URLs that failed (shared between sessions)
+        self.failed = failed if failed is not None else RecentFailures()  # shared between sessions
         self.request_id = os.urandom(32)
         self.hops: list[Hop] = []
         self.commitments: list[tuple[str, SignedCommitment]] = []
         self.failovers = 0
+        self.timings: list[HopTiming] = []
 
     def _payload_bytes(self) -> int:
         return self.nodes[0].hidden_size * 4 if self.nodes else 0
@@ -77,7 +90,7 @@ class InferenceSession:
     async def open(self) -> None:
         """Plan the route over live nodes and open a session on each hop."""
         while True:
-            route = plan_route(self.nodes, 0, self.num_layers, self._payload_bytes(), self.failed)
+            route = plan_route(self.nodes, 0, self.num_layers, self._payload_bytes(), self.failed.current())
             try:
                 self.hops = await self._open_hops(route)
                 return
@@ -133,9 +146,12 @@ class InferenceSession:
         sent = hidden.to(wire.DTYPES[node.dtype]).contiguous()
         payload = wire.tensor_bytes(sent)
         fields = self._fields(node, step, position, hidden.shape[1])
+        started = time.perf_counter()
         await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
         reply = await asyncio.wait_for(hop.channel.recv(), self.step_timeout_s)
-        return self._check_result(hop, reply, step, sent, payload)
+        output = self._check_result(hop, reply, step, sent, payload)
+        self.timings.append(HopTiming(node.url, hidden.shape[1], time.perf_counter() - started, reply.fields.get("compute_us", 0) / 1e6))
+        return output
 
     def _fields(self, node: NodeInfo, step: int, position: int, tokens: int) -> dict:
         """A step's fields: its position and, when the client pays, its receipt for `node`."""
@@ -178,7 +194,7 @@ class InferenceSession:
             if self.failovers > self.max_failovers:
                 raise RouteError(f"gave up after {self.max_failovers} fail-overs; last failure: {reason}")
             try:
-                route = plan_route(self.nodes, old.node.start, old.node.end, self._payload_bytes(), self.failed)
+                route = plan_route(self.nodes, old.node.start, old.node.end, self._payload_bytes(), self.failed.current())
             except RouteError as exc:
                 raise RouteError(f"{exc}; the last failure: {reason}") from None
             try:

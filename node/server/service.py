@@ -24,6 +24,7 @@ from node.server.worker import StageWorker
 log = logging.getLogger("shardmarket.node")
 CACHED_STEPS = 4  # answers kept per session for retries
 MAX_BAD_FRAMES = 8  # frames failing authentication before the node hangs up
+MAX_RECEIPT_BYTES = 1024  # the client's signed payment receipt riding on a step (checked by the payment issue)
 
 
 class StepRefused(Exception):
@@ -247,6 +248,9 @@ class NodeService:
             raise StepRefused("bad_tensor", f"a step carries hidden states of shape [1, T, {expected[2]}], got {got}")
         if hidden.dtype != self.stage.dtype:
             raise StepRefused("bad_tensor", f"this node computes in {self.stage.dtype}, got {hidden.dtype}")
+        receipt = message.fields.get("receipt")
+        if receipt is not None and (not isinstance(receipt, bytes) or len(receipt) > MAX_RECEIPT_BYTES):
+            raise StepRefused("bad_receipt", f"the receipt field must be at most {MAX_RECEIPT_BYTES} bytes")
         position = message.fields.get("position")
         if position != session.next_position:
             raise StepRefused("bad_position", f"step starts at position {position!r}, expected {session.next_position}")
@@ -258,7 +262,7 @@ class NodeService:
     async def _run(self, session: _Session, message: Message) -> _Answer:
         hidden, positions = self._check_input(session, message)
         try:
-            output = await self.worker.step(session.stage_id, hidden, positions)
+            output, compute_s = await self.worker.step(session.stage_id, hidden, positions)
         except UnknownSession:
             self.sessions.pop(session.request_id, None)
             raise StepRefused("unknown_session", "the session expired on this node; open it again and replay") from None
@@ -271,7 +275,8 @@ class NodeService:
         output = output.contiguous()
         payload = wire.tensor_bytes(output)
         signed = commit(self.identity.operator_key, session.request_id, message.step, message.payload, payload, self.domain)
-        answer = _Answer(signed.commitment.input_hash, output, payload, signed.to_fields())
+        fields = {**signed.to_fields(), "compute_us": int(compute_s * 1e6)}
+        answer = _Answer(signed.commitment.input_hash, output, payload, fields)
         session.answers[message.step] = answer
         while len(session.answers) > CACHED_STEPS:
             session.answers.popitem(last=False)

@@ -21,7 +21,8 @@ class _Work:
 
 
 class StageWorker:
-    """Queues steps for one Stage; decode steps (T == 1) waiting together run as one `step_batch`."""
+    """Queues steps for one Stage and runs them one batch at a time: decode steps (T == 1) waiting together
+    run as one `step_batch` on the event loop's thread, prefills on a compute thread."""
 
     def __init__(self, stage: Stage, max_batch: int = 32) -> None:
         self.stage = stage
@@ -59,8 +60,8 @@ class StageWorker:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    async def step(self, session_id: str, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Run this stage's layers on `hidden`; raises the engine's errors."""
+    async def step(self, session_id: str, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Run this stage's layers on `hidden`; returns the output and the seconds the layers took (its batch's)."""
         done = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Work(session_id, hidden, positions, done))
         return await done
@@ -81,24 +82,29 @@ class StageWorker:
                     (batch if item.hidden.shape[1] == 1 else held).append(item)
                 for item in held:  # prefill steps wait for the next round, in order
                     self._queue.put_nowait(item)
-            started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._compute, batch)
+                if first.hidden.shape[1] == 1:  # a decode step is short: run it here, saving two thread wake-ups
+                    outputs, elapsed = self._compute(batch)
+                else:  # a prefill may be long: keep the event loop free meanwhile
+                    outputs, elapsed = await loop.run_in_executor(self._executor, self._compute, batch)
             except Exception as exc:  # engine errors go back to each waiting step
                 for item in batch:
                     if not item.done.done():
                         item.done.set_exception(exc)
                 continue
             if first.hidden.shape[1] == 1:
-                elapsed_ms = (time.perf_counter() - started) * 1000
+                elapsed_ms = elapsed * 1000
                 self.decode_ms = elapsed_ms if not self.decode_ms else 0.8 * self.decode_ms + 0.2 * elapsed_ms
             for item, output in zip(batch, outputs):
                 if not item.done.done():
-                    item.done.set_result(output)
+                    item.done.set_result((output, elapsed))
 
-    def _compute(self, batch: list[_Work]) -> list[torch.Tensor]:
+    def _compute(self, batch: list[_Work]) -> tuple[list[torch.Tensor], float]:
+        started = time.perf_counter()
         with torch.inference_mode():
             if len(batch) == 1:
                 item = batch[0]
-                return [self.stage.step(item.session_id, item.hidden, item.positions)]
-            return self.stage.step_batch([(w.session_id, w.hidden, w.positions) for w in batch])
+                outputs = [self.stage.step(item.session_id, item.hidden, item.positions)]
+            else:
+                outputs = self.stage.step_batch([(w.session_id, w.hidden, w.positions) for w in batch])
+        return outputs, time.perf_counter() - started
