@@ -59,6 +59,39 @@ def relay_vs_direct() -> dict:
     return {k: round(v, 4) for k, v in figures.items()}
 
 
+def daemon_relay_vs_direct(tokens: int = 32) -> dict:
+    """ms/token of the default model on one real node daemon (issue 7), reached through its PCP mapping and
+    through the relay, alternating, in the same lab."""
+    try:
+        from node.engine.models import default_model
+        from tests.python.reach.test_reach_daemon import hold_endpoint, start_daemon
+    except (ImportError, pytest_skip()) as exc:
+        return {"daemon_ms_per_token": f"not measured: {exc}"}
+    checkpoint = default_model()
+    layers = json.loads((checkpoint / "config.json").read_text())["num_hidden_layers"]
+    with Lab("pcp") as lab:
+        start_daemon(lab, checkpoint, f"0:{layers}")
+        _, direct = hold_endpoint(lab)
+        _, relayed = hold_endpoint(lab, "--methods", "")
+        assert (direct["method"], relayed["method"]) == ("pcp", "relay"), (direct, relayed)
+        figures: dict[str, list[float]] = {"direct": [], "relay": []}
+        for path, report in [("direct", direct), ("relay", relayed)] * 3:
+            out = lab.python_in("pub", ["-m", "tests.python.reach.chat_timing", str(checkpoint), report["endpoint"],
+                                        str(tokens)], timeout=300)
+            figures[path].append(json.loads(out.stdout.strip().splitlines()[-1])["ms_per_token_median"])
+    direct_ms, relay_ms = statistics.median(figures["direct"]), statistics.median(figures["relay"])
+    return {"daemon_model": checkpoint.name, "daemon_ms_per_token_direct": round(direct_ms, 3),
+            "daemon_ms_per_token_relay": round(relay_ms, 3),
+            "daemon_relay_ms_per_token_ratio": round(relay_ms / direct_ms, 3)}
+
+
+def pytest_skip() -> type[BaseException]:
+    """The exception pytest.importorskip raises when the daemon's modules are missing."""
+    import pytest
+
+    return pytest.skip.Exception
+
+
 def main() -> None:
     why = missing_tools()
     if why:
@@ -66,7 +99,7 @@ def main() -> None:
         return
     runs = {name: (name,) for name in VARIANTS} | {"pcp-lab, NAT-PMP only": ("pcp", "--methods", "natpmp")}
     variants = {label: variant_figures(*run) for label, run in tqdm(runs.items(), desc="variants")}
-    result = {"variants": variants, "repeats": REPEATS, **relay_vs_direct(),
+    result = {"variants": variants, "repeats": REPEATS, **relay_vs_direct(), **daemon_relay_vs_direct(),
               "all_variants_reachable": all(v["reachable"] for v in variants.values()),
               "all_meet_goal": all(v["meets_goal"] for v in variants.values())}
     print(json.dumps(result))

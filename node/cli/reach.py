@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import signal
 import socket
+import sys
 
 from aiohttp import web
 
@@ -23,8 +25,11 @@ def register(commands) -> None:
     reach.add_argument("--stun", action="append", metavar="HOST[:PORT]",
                        help="STUN server (default: [reach] stun_servers)")
     reach.add_argument("--relay", action="append", metavar="URL", help="relay/verifier URL (default: [reach] relays)")
-    reach.add_argument("--methods", help="comma-separated port mapping methods to try (default: [reach] methods)")
+    reach.add_argument("--methods",
+                       help="comma-separated port mapping methods to try, '' for none (default: [reach] methods)")
     reach.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    reach.add_argument("--hold", action="store_true",
+                       help="keep the mapping or relay (renewed) until Ctrl-C/SIGTERM, for a node already running")
     reach.set_defaults(run=run_reachability)
 
     relay = commands.add_parser("relay", help="relay for nodes behind NAT: give them a public port, verify endpoints")
@@ -61,15 +66,26 @@ async def _probe_responder(port: int) -> web.AppRunner:
     return runner
 
 
+async def _hold_until_signal() -> None:
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def _reachability(args) -> Report:
     config = load_config()
     port = args.port or config.node.port
-    methods = args.methods.split(",") if args.methods else config.reach.methods
+    methods = args.methods.split(",") if args.methods is not None else config.reach.methods
     reach = Reachability(port, stun_servers=args.stun or config.reach.stun_servers,
                          relays=args.relay or config.reach.relays, methods=[m for m in methods if m])
     runner = await _probe_responder(port) if _port_free(port) else None
     try:
-        return await reach.establish()
+        report = await reach.establish()
+        if args.hold and report.verified:
+            show(report, args.json)
+            await _hold_until_signal()
+        return report
     finally:
         await reach.close()
         if runner:
@@ -90,16 +106,24 @@ def print_report(report: Report) -> None:
               "or forward the port on the router by hand")
 
 
+def show(report: Report, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report.to_dict()), flush=True)
+    else:
+        print_report(report)
+        sys.stdout.flush()
+
+
 def run_reachability(args) -> int:
     try:
         report = asyncio.run(_reachability(args))
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
-    if args.json:
-        print(json.dumps(report.to_dict()))
+    if args.hold and report.verified:
+        print("released the endpoint", flush=True)
     else:
-        print_report(report)
+        show(report, args.json)
     return 0 if report.verified else 1
 
 

@@ -230,8 +230,7 @@ class RelayClient:
     async def _connect(self, timeout: float) -> aiohttp.ClientWebSocketResponse:
         url = f"{self.relay_url}/relay?node={self.node_id}&token={self.token}"
         try:
-            ws = await self.session.ws_connect(url, heartbeat=15, timeout=aiohttp.ClientWSTimeout(ws_receive=timeout),
-                                               max_msg_size=2 * CHUNK)
+            ws = await asyncio.wait_for(self.session.ws_connect(url, heartbeat=15, max_msg_size=2 * CHUNK), timeout)
             hello = await ws.receive(timeout)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise RelayError(f"cannot reach relay {self.relay_url}: {exc or type(exc).__name__}") from None
@@ -243,7 +242,10 @@ class RelayClient:
     async def _serve_forever(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         delay = 0.5
         while True:
-            await self._serve(ws)
+            try:
+                await self._serve(ws)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                log.warning("the relay connection broke (%s); reconnecting", exc or type(exc).__name__)
             while True:
                 await asyncio.sleep(delay)
                 previous = self.endpoint

@@ -61,7 +61,11 @@ def missing_tools() -> str | None:
     if os.geteuid() != 0:
         return "the NAT lab needs root (network namespaces, nftables)"
     missing = sorted({pkg for tool, pkg in TOOLS.items() if not shutil.which(tool)})
-    return f"the NAT lab needs {', '.join(missing)} (make setup installs them as root)" if missing else None
+    if missing:
+        return f"the NAT lab needs {', '.join(missing)} (make setup installs them as root)"
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
+        return "this machine does not allow network namespaces (a container without CAP_SYS_ADMIN?)"
+    return None
 
 
 def _sh(argv: list[str], check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:

@@ -117,3 +117,11 @@ def test_lab_tears_down_when_a_test_fails():
     assert lab.tag not in listed and not lab.dir.exists()
     for pid in daemons:
         assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived the lab"
+
+
+def test_lab_says_why_it_cannot_run(monkeypatch):
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert "needs root" in missing_tools()
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("shutil.which", lambda tool: None if tool in ("miniupnpd", "turnserver") else f"/usr/bin/{tool}")
+    assert missing_tools() == "the NAT lab needs coturn, miniupnpd (make setup installs them as root)"

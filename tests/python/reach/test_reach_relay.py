@@ -66,6 +66,16 @@ def test_streams_arrive_unchanged_and_multiplexed():
     asyncio.run(within_relay(run))
 
 
+def test_an_idle_tunnel_stays_open():
+    async def run(relayed):
+        _, _, _, client = relayed
+        endpoint = await client.start(timeout=0.5)
+        await asyncio.sleep(1.5)  # idle for longer than the connect timeout
+        assert "n1" in await get_text(f"{endpoint}/health")
+
+    asyncio.run(within_relay(run))
+
+
 def test_bandwidth_is_capped_per_node():
     async def run(relayed):
         server, _, _, client = relayed
