@@ -28,7 +28,7 @@ from node.client.routing import NodeInfo, RouteError, plan_route
 log = logging.getLogger("shardmarket.client")
 
 # receipt_source(node, request_id, step, tokens) -> the client's signed receipt fields for this step, or None
-ReceiptSource = Callable[[NodeInfo, bytes, int, int], dict | None]
+ReceiptSource = Callable[[NodeInfo, bytes, int, int], bytes | None]
 # on_commitment(node, signed commitment, tokens): called for every verified answer (usage records, spot checks)
 CommitmentSink = Callable[[NodeInfo, SignedCommitment, int], None]
 

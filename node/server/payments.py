@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from eth_utils import to_checksum_address
+
 from node.chain.eip712 import Domain, InvalidSignature, Receipt, recover_receipt_signer
 from node.server.receipts import ReceiptStore, StoredReceipt
 
@@ -35,15 +37,22 @@ class _Account:
     redeemed: int
 
 
-def receipt_fields(receipt: Receipt, signature: bytes) -> dict:
-    """A receipt as it rides in a step frame (the node field is implied: the receiving node)."""
-    return {
-        "client": receipt.client,
-        "cumulative_amount": receipt.cumulative_amount.to_bytes(32, "big"),
-        "usage_hash": receipt.usage_hash,
-        "nonce": receipt.nonce.to_bytes(32, "big"),
-        "signature": signature,
-    }
+RECEIPT_BYTES = 20 + 32 + 32 + 32 + 65
+
+
+def encode_receipt(receipt: Receipt, signature: bytes) -> bytes:
+    """A receipt as it rides in a step frame: client || cumulativeAmount || usageHash || nonce || signature
+    (181 bytes; the node field is implied: the receiving node)."""
+    return (bytes.fromhex(receipt.client[2:]) + receipt.cumulative_amount.to_bytes(32, "big") + receipt.usage_hash
+            + receipt.nonce.to_bytes(32, "big") + signature)
+
+
+def decode_receipt(data: bytes, node: str) -> tuple[Receipt, bytes]:
+    """The receipt and signature of `encode_receipt`'s bytes, addressed to `node`; raises ValueError if malformed."""
+    if not isinstance(data, bytes) or len(data) != RECEIPT_BYTES:
+        raise ValueError(f"a receipt is {RECEIPT_BYTES} bytes")
+    receipt = Receipt(to_checksum_address(data[:20]), node, int.from_bytes(data[20:52], "big"), data[52:84], int.from_bytes(data[84:116], "big"))
+    return receipt, data[116:]
 
 
 class PaymentGate:
@@ -59,15 +68,12 @@ class PaymentGate:
         self._session_clients: dict[bytes, str] = {}
 
     def _parse(self, raw: object) -> tuple[Receipt, bytes]:
-        if not isinstance(raw, dict):
+        if raw is None:
             raise PaymentRefused("payment_required", f"this node charges {self.price} token units per token: send a receipt with every step")
         try:
-            receipt = Receipt(
-                raw["client"], self.node, int.from_bytes(raw["cumulative_amount"], "big"), raw["usage_hash"], int.from_bytes(raw["nonce"], "big")
-            )
-            signature = raw["signature"]
+            receipt, signature = decode_receipt(raw, self.node)
             signer = recover_receipt_signer(receipt, signature, self.domain)
-        except (KeyError, TypeError, ValueError, InvalidSignature) as exc:
+        except (TypeError, ValueError, InvalidSignature) as exc:
             raise PaymentRefused("bad_receipt", f"the receipt is malformed or its signature is invalid ({exc}); sign it again") from None
         if signer.lower() != receipt.client.lower():
             raise PaymentRefused("bad_receipt", f"the receipt names client {receipt.client} but was signed by {signer}")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import requests
 
 from node.chain.contracts import ChainError, Market
+from node.chain.eip712 import split_signature
 from node.server.payments import PaymentGate, PaymentRefused
 from node.server.receipts import ReceiptStore
 
@@ -34,11 +35,8 @@ def redeem_pending(market: Market, store: ReceiptStore, gate: PaymentGate | None
     done = []
     for first in range(0, len(pending), BATCH):
         chunk = pending[first : first + BATCH]
-        items = [
-            (s.receipt.client, s.receipt.cumulative_amount, s.receipt.usage_hash, s.receipt.nonce,
-             s.signature[64], s.signature[:32], s.signature[32:64])
-            for s in chunk
-        ]
+        items = [(s.receipt.client, s.receipt.cumulative_amount, s.receipt.usage_hash, s.receipt.nonce, *split_signature(s.signature))
+                 for s in chunk]
         before = market.read(market.escrow.functions.earningsOf(node))
         tx = market.transact(market.escrow.functions.redeemBatch(node, items), f"redeeming {len(items)} receipt(s)")
         paid = market.read(market.escrow.functions.earningsOf(node)) - before

@@ -8,6 +8,7 @@ from eth_account import Account
 
 from node.chain.eip712 import Domain, Receipt, recover_receipt_signer, sign_receipt
 from node.client.payer import Payer
+from node.server.payments import decode_receipt
 
 DOMAIN = Domain(31337, "0x" + "22" * 20)
 
@@ -23,12 +24,11 @@ def test_receipts_accumulate_sign_like_eip712_and_survive_a_restart(tmp_path):
     node = _Node(Account.create().address, 7)
     payer = Payer(account, DOMAIN, tmp_path / "ledger.sqlite")
     payer.receipt(node, bytes(32), 0, 10)
-    fields = payer.receipt(node, bytes(32), 1, 1)
-    receipt = Receipt(account.address, node.operator, 77, fields["usage_hash"], 2)
-    assert int.from_bytes(fields["cumulative_amount"], "big") == 77
-    assert fields["signature"] == sign_receipt(account.key, receipt, DOMAIN)
-    assert recover_receipt_signer(receipt, fields["signature"], DOMAIN) == account.address
+    receipt, signature = decode_receipt(payer.receipt(node, bytes(32), 1, 1), node.operator)
+    assert receipt == Receipt(account.address, node.operator, 77, receipt.usage_hash, 2)
+    assert signature == sign_receipt(account.key, receipt, DOMAIN)
+    assert recover_receipt_signer(receipt, signature, DOMAIN) == account.address
     payer.close()
     again = Payer(account, DOMAIN, tmp_path / "ledger.sqlite")
-    assert int.from_bytes(again.receipt(node, bytes(32), 2, 1)["cumulative_amount"], "big") == 84  # never signs less than before
+    assert decode_receipt(again.receipt(node, bytes(32), 2, 1), node.operator)[0].cumulative_amount == 84  # never signs less than before
     assert again.receipt(_Node(node.operator, 0), bytes(32), 3, 5) is None  # free nodes need no receipt
