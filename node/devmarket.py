@@ -30,6 +30,7 @@ class NodeProcess:
     process: subprocess.Popen
     url: str
     log: Path
+    log_start: int = 0  # where this process's output begins in the (appended) log
 
 
 @dataclass
@@ -39,6 +40,7 @@ class DevMarket:
     root: Path
     threads: int = 1
     anvil: subprocess.Popen | None = None
+    chain_port: int = 0
     rpc_url: str = ""
     addresses: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
@@ -47,10 +49,19 @@ class DevMarket:
     def start_chain(self) -> None:
         """Start anvil on a free port and deploy every contract with brownie."""
         self.root.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        self.anvil = start_anvil(port, self.root / "anvil.log")
-        self.rpc_url = f"http://127.0.0.1:{port}"
+        self.chain_port = free_port()
+        self.anvil = start_anvil(self.chain_port, self.root / "anvil.log", state=self.root / "chain-state.json")
+        self.rpc_url = f"http://127.0.0.1:{self.chain_port}"
         self.addresses = deploy(self.rpc_url, self.root / "deployments")
+
+    def stop_chain(self) -> None:
+        """Take the chain down (anvil saves its state)."""
+        self.anvil.terminate()
+        self.anvil.wait(30)
+
+    def restart_chain(self) -> None:
+        """Bring the chain back on the same port with the state it had."""
+        self.anvil = start_anvil(self.chain_port, self.root / "anvil.log", state=self.root / "chain-state.json")
 
     @property
     def w3(self) -> Web3:
@@ -119,10 +130,11 @@ class DevMarket:
         """Start `shardmarket node run` (chain mode) as `name`; returns once it is ready (if `wait`)."""
         log = self.root / f"{name}.log"
         port = self.node_port(name)
+        log_start = log.stat().st_size if log.exists() else 0
         env = {**os.environ, **self.env(name), "OMP_NUM_THREADS": str(self.threads)}
         cmd = [sys.executable, "-m", "node", "node", "run", "--tcp-port", str(port + 1), "--threads", str(self.threads), *extra]
         process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        node = NodeProcess(name, process, f"http://127.0.0.1:{port}", log)
+        node = NodeProcess(name, process, f"http://127.0.0.1:{port}", log, log_start)
         self.nodes[name] = node
         if wait:
             self.wait_ready(node)
@@ -143,7 +155,7 @@ class DevMarket:
         while time.monotonic() < deadline:
             if node.process.poll() is not None:
                 raise RuntimeError(f"node {node.name} exited with {node.process.returncode}:\n{node.log.read_text()[-3000:]}")
-            if b"node ready" in node.log.read_bytes():
+            if b"node ready" in node.log.read_bytes()[node.log_start :]:
                 return
             time.sleep(0.2)
         raise RuntimeError(f"node {node.name} was not ready within {timeout:.0f} s:\n{node.log.read_text()[-3000:]}")

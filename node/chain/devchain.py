@@ -36,13 +36,12 @@ def anvil_binary() -> str:
     return found
 
 
-def start_anvil(port: int, log: Path | None = None, accounts: int = 10) -> subprocess.Popen:
-    """Start anvil (base fee 0) on `port` and wait until it answers."""
+def start_anvil(port: int, log: Path | None = None, accounts: int = 10, state: Path | None = None) -> subprocess.Popen:
+    """Start anvil (base fee 0) on `port` and wait until it answers; with `state`, the chain is saved there on
+    exit and reloaded from there on start."""
     out = open(log, "ab") if log else subprocess.DEVNULL
-    process = subprocess.Popen(
-        [anvil_binary(), "--port", str(port), "--block-base-fee-per-gas", "0", "--accounts", str(accounts), "--chain-id", "31337"],
-        stdout=out, stderr=subprocess.STDOUT,
-    )
+    cmd = [anvil_binary(), "--port", str(port), "--block-base-fee-per-gas", "0", "--accounts", str(accounts), "--chain-id", "31337"]
+    process = subprocess.Popen(cmd + (["--state", str(state)] if state else []), stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 
 import requests
+from eth_utils import to_checksum_address
 
 from node.chain.contracts import ChainError, Market
 from node.chain.eip712 import split_signature
@@ -79,7 +80,7 @@ class Settler:
 
     def _refresh_balances(self) -> None:
         for client in list(self.gate.balances):
-            self.gate.balances[client] = self.market.read(self.market.escrow.functions.spendableOf(client))
+            self.gate.balances[client] = self.market.read(self.market.escrow.functions.spendableOf(to_checksum_address(client)))
 
     def _unredeemed(self, clients: set[str] | None = None) -> int:
         return sum(s.unredeemed for s in self.store.all() if clients is None or s.receipt.client.lower() in clients)

@@ -99,3 +99,51 @@ def test_kill_9_between_ack_and_redeem_loses_nothing(market):
     chain = chain_as(market, "dave")
     paid, _ = chain.read(chain.escrow.functions.channelOf(market.accounts["dave"], market.accounts["node1"]))
     assert paid == completion.cost // len(RANGES)
+
+
+def test_chain_down_and_back_loses_nothing(market, capsys):
+    model = asyncio.run(client_model(market, "erin"))
+    _, first = asyncio.run(generate(model, PROMPT, 2))
+    market.stop_chain()
+    try:
+        _, second = asyncio.run(generate(model, PROMPT, 4))  # nodes keep serving a client whose balance they know
+        with pytest.raises(RuntimeError):
+            market.cli("node0", "node", "redeem")
+        assert "cannot reach the chain" in capsys.readouterr().err
+    finally:
+        market.restart_chain()
+    market.cli("node0", "node", "redeem")
+    chain = chain_as(market, "erin")
+    paid, _ = chain.read(chain.escrow.functions.channelOf(market.accounts["erin"], market.accounts["node0"]))
+    assert paid == (first.cost + second.cost) // len(RANGES)
+
+
+def test_operator_mistakes_get_clear_errors_and_change_nothing(market, capsys):
+    import os
+
+    from node.cli import main
+
+    market.new_account("newbie", tokens=10**18)
+    market.node_port("newbie")
+    cases = [
+        (["--model", "nope", "--layers", "0:2", "--stake", "100e18"], "unknown model 'nope'"),
+        (["--model", "tiny", "--layers", "0:9", "--stake", "100e18"], "outside the model"),
+        (["--model", "tiny", "--layers", "0:2", "--stake", "1e18"], "too little stake"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(RuntimeError):
+            market.cli("newbie", "node", "register", "--price", "1", *argv)
+        assert message in capsys.readouterr().err
+    market.new_account("broke", eth=0, tokens=100 * 10**18)
+    market.node_port("broke")
+    with pytest.raises(RuntimeError):
+        market.cli("broke", "node", "register", "--model", "tiny", "--layers", "0:2", "--price", "1", "--stake", "100e18")
+    assert "not enough gas money" in capsys.readouterr().err
+    with market.acting_as("newbie"):
+        os.environ["SHARDMARKET_CHAIN_RPC_URL"] = "http://127.0.0.1:9"
+        assert main(["node", "status"]) == 1
+    assert "cannot reach the chain at http://127.0.0.1:9" in capsys.readouterr().err
+    chain = chain_as(market, "newbie")
+    for name in ("newbie", "broke"):
+        assert chain.read(chain.stake.functions.totalStakeOf(market.accounts[name])) == 0
+        assert not chain.read(chain.registry.functions.isListed(market.accounts[name]))
