@@ -39,6 +39,8 @@ def register(commands) -> None:
     run.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     run.add_argument("--threads", type=int, help="torch threads (config node.threads)")
     run.add_argument("--test-fault", choices=["wrong-shape", "equivocate"], help="misbehave on purpose (for tests of clients)")
+    run.add_argument("--max-memory-mb", type=float, help="CPU memory for this node's weights; what does not fit is offloaded to disk")
+    run.add_argument("--offload-folder", type=Path, help="folder for weights that do not fit in --max-memory-mb")
     run.add_argument("--cheat-noise", type=float, default=0.0, help="add noise of this scale to every answer (demo of a dishonest node)")
     run.add_argument("--password-file", type=Path, help="keystore password file (chain mode; else SHARDMARKET_PASSWORD or a prompt)")
     run.set_defaults(run=run_node)
@@ -79,6 +81,8 @@ def run_node(args: argparse.Namespace) -> int:
         price=args.price if args.price is not None else config.node.price,
         dtype=DTYPES[args.dtype],
         fault=Fault(wrong_shape=args.test_fault == "wrong-shape", noise=args.cheat_noise),
+        max_memory_mb=args.max_memory_mb,
+        offload_folder=args.offload_folder,
     )
     print(f"loading layers {settings.start}:{settings.end} of {checkpoint}", flush=True)
     try:

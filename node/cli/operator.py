@@ -271,6 +271,7 @@ def _run_market_node(args: argparse.Namespace) -> int:
         checkpoint=checkpoint, start=start, end=end, model_id=name, host=args.host or config.node.host, port=port,
         tcp_port=args.tcp_port if args.tcp_port is not None else (config.node.tcp_port or port + 1), price=price,
         dtype=DTYPES[args.dtype], fault=Fault(noise=args.cheat_noise, equivocate=args.test_fault == "equivocate"),
+        max_memory_mb=args.max_memory_mb, offload_folder=args.offload_folder,
     )
     store = ReceiptStore(receipts_path(config), me)
     settler: Settler | None = None

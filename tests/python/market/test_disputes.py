@@ -1,5 +1,5 @@
 """Checks on nodes, on a real anvil with real node processes: spot checks never accuse honest nodes that
-compute with other thread counts, a node adding noise is challenged and slashed by the verifiers' vote, a node
+compute with other thread counts or from disk-offloaded layers, a node adding noise is challenged and slashed by the verifiers' vote, a node
 signing two answers for one step is slashed for equivocation."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 
 from node.chain.contracts import Market
 from node.chain.keys import load_account
+from node.chain.evidence import relative_difference
 from node.client.session import InferenceSession
 from node.config import load_config
 from node.devmarket import PASSWORD, DevMarket
@@ -26,6 +27,7 @@ NODES = [
     ("a", "0:2", 1000, ["--threads", "1"]),
     ("b1", "2:4", 1000, ["--threads", "1"]),
     ("b2", "2:4", 1000, ["--threads", "2"]),
+    ("b3", "2:4", 1000, ["--threads", "1", "--max-memory-mb", "0", "--offload-folder", "{root}/offload-b3"]),  # layers on disk
     ("c", "4:5", 1000, ["--threads", "1"]),
 ]
 
@@ -45,7 +47,7 @@ def market(tmp_path_factory):
             market.node_port(name)
             market.cli(name, "node", "register", "--model", MODEL, "--layers", layers, "--price", str(price), "--stake", "100e18")
         for name, _, _, extra in NODES:
-            market.start_node(name, *extra, wait=False)
+            market.start_node(name, *(arg.format(root=root) for arg in extra), wait=False)
         for node in market.nodes.values():
             market.wait_ready(node)
         yield market
@@ -81,9 +83,28 @@ def test_honest_nodes_with_other_thread_counts_are_never_accused(market):
         await model.auditor.wait()
         return model.auditor
 
+    async def same_range_outputs():
+        model = await auditing_client(market, "honest-client", rate=0.0)
+        inputs = [(0, torch.randn(1, 4, model.head.config.hidden_size)), (4, torch.randn(1, 1, model.head.config.hidden_size))]
+        outputs = {}
+        for node in [n for n in model.nodes if (n.start, n.end) == (2, 4)]:
+            session = InferenceSession([node], model.head.num_layers, model.domain, max_length=8, receipt_source=model.receipt_source)
+            hop = (await session._open_hops([node]))[0]
+            outputs[node.url] = [o for _, o in await session._replay_hop(hop, inputs)]
+            await session.close()
+        return outputs
+
     auditor = asyncio.run(scenario())
     assert auditor.checks >= 6  # every hop of both requests was re-run elsewhere or locally
     assert auditor.findings == []
+    outputs = list(asyncio.run(same_range_outputs()).values())
+    assert len(outputs) == 3  # one thread, two threads, layers offloaded to disk
+    for other in outputs[1:]:
+        for a, b in zip(outputs[0], other):
+            assert relative_difference(a, b) <= 1e-5  # the same within floating-point noise, far below the tolerance
+    with market.acting_as("a"):
+        chain = Market.connect(load_config())
+    assert chain.read(chain.disputes.functions.disputeCount()) == 0
 
 
 def test_noisy_node_is_challenged_and_slashed_by_the_verifiers(market):
