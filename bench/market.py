@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -25,7 +26,7 @@ from node.chain.keys import load_account  # noqa: E402
 from node.client.generation import Completion, RemoteModel  # noqa: E402
 from node.client.market import connect_paid  # noqa: E402
 from node.config import load_config  # noqa: E402
-from node.devmarket import PASSWORD, DevMarket  # noqa: E402
+from node.devmarket import PASSWORD, DevMarket, NodeProcess  # noqa: E402
 from node.engine.models import default_model, random_checkpoint, tiny_config  # noqa: E402
 from node.engine.sampling import SamplingParams  # noqa: E402
 from node.server.receipts import ReceiptStore  # noqa: E402
@@ -91,7 +92,8 @@ def gas_per_request(market: DevMarket, root: Path, requests: int, clients: int) 
             gas += redemption.gas
             receipts += redemption.receipts
     market.stop()
-    return {"redeem_gas_total": gas, "receipts_redeemed": receipts, "gas_per_paid_request": round(gas / requests, 1)}
+    return {"redeem_gas_total": gas, "receipts_redeemed": receipts, "redeem_gas_per_receipt": round(gas / max(receipts, 1)),
+            "gas_per_paid_request": round(gas / requests, 1)}
 
 
 def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
@@ -105,13 +107,11 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
         name = f"f{i}"
         port = market.node_port(name)
         log = market.root / f"{name}.log"
-        env = {**__import__("os").environ, **market.env(name), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **market.env(name), "OMP_NUM_THREADS": "1"}
         process = subprocess.Popen(
             [sys.executable, "-m", "node", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers, "--port", str(port),
              "--tcp-port", str(port + 1), "--threads", "1"], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
         )
-        from node.devmarket import NodeProcess
-
         market.nodes[name] = NodeProcess(name, process, f"http://127.0.0.1:{port}", log)
         free.append(market.nodes[name].url)
     for name in [f"f{i}" for i in range(3)]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,11 @@ def register(commands) -> None:
     demo.add_argument("--workdir", type=Path, help="keep the market's files here (default: a temporary folder)")
     demo.add_argument("--cheat", choices=["noise"], help="node-b adds noise to its answers; the client's spot checks catch it and the spare votes")
     demo.set_defaults(run=run_demo)
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM stops `demo --serve` as Ctrl-C does, so everything it started is stopped too."""
+    raise KeyboardInterrupt
 
 
 def _say(text: str) -> None:
@@ -199,6 +205,7 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
         _wait_api(base, key, client_api, log)
         if args.serve:
             _say(f"market running: OpenAI base URL {base}  API key {key}  (Ctrl-C stops everything)")
+            signal.signal(signal.SIGTERM, _interrupt)
             try:
                 client_api.wait()
             except KeyboardInterrupt:
