@@ -83,7 +83,7 @@ class PaymentGate:
         """Check the step's receipt and reserve its cost; raises PaymentRefused when the client must pay first."""
         if self.price == 0 and "receipt" not in fields:
             return None
-        receipt, signature = self._parse(fields.get("receipt"))
+        receipt, signature = await asyncio.to_thread(self._parse, fields.get("receipt"))  # off the loop: overlaps the compute
         client = receipt.client.lower()
         bound = self._session_clients.setdefault(request_id, client)
         if bound != client:

@@ -203,14 +203,23 @@ class NodeService:
             if answer is None:
                 if self.draining:
                     raise StepRefused("shutting_down", "this node is shutting down; use another node for this range")
-                charge = await self._authorize(session, message)
-                stored = asyncio.ensure_future(self.payments.record(charge)) if charge is not None else None
-                try:
-                    answer = await self._run(session, message)
-                finally:
-                    if stored is not None:
-                        await stored  # the answer is acknowledged only once its receipt is durable
+                answer = await (self._run(session, message) if self.payments is None else self._run_paid(session, message))
         return Message(wire.RESULT, session.request_id, message.step, dict(answer.fields), answer.output, answer.payload)
+
+    async def _run_paid(self, session: _Session, message: Message) -> _Answer:
+        """Run the step while its receipt is checked and stored durably; the answer goes out only after both, and a
+        refused step's answer never does (its session is dropped, so a retry cannot fetch it from the cache)."""
+        running = asyncio.ensure_future(self._run(session, message))
+        try:
+            charge = await self._authorize(session, message)
+            if charge is not None:
+                await self.payments.record(charge)
+        except BaseException:
+            await asyncio.gather(running, return_exceptions=True)
+            self.sessions.pop(session.request_id, None)
+            await self._close_stage_session(session)
+            raise
+        return await running
 
     async def _authorize(self, session: _Session, message: Message):
         """Check the step's receipt (when this node charges); raises StepRefused when the client must pay first."""
