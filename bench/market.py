@@ -140,6 +140,41 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
             "speed_ratio_on_vs_off": round(ms_off / ms_on, 3)}
 
 
+def payment_path_us(root: Path, steps: int = 300) -> dict:
+    """Median microseconds per hop per token of each payment stage: client signs (and records) the receipt,
+    node decodes and recovers it, node stores it durably (SQLite WAL, synchronous=FULL)."""
+    from types import SimpleNamespace
+
+    from eth_account import Account
+
+    from node.chain.eip712 import Domain
+    from node.client.payer import Payer
+    from node.server.payments import PaymentGate
+
+    client, node = Account.create(), Account.create()
+    domain = Domain(31337, "0x" + "33" * 20)
+    payer = Payer(client, domain, root / "micro-ledger.sqlite")
+    store = ReceiptStore(root / "micro-receipts.sqlite", node.address)
+    gate = PaymentGate(store, node.address, PRICE, domain, 0, None)
+    sign, verify, durable = [], [], []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        raw = payer.receipt(SimpleNamespace(operator=node.address, price=PRICE), bytes(32), step, 1)
+        t1 = time.perf_counter()
+        receipt, signature = gate._parse(raw)
+        t2 = time.perf_counter()
+        store.record(receipt, signature, PRICE)
+        t3 = time.perf_counter()
+        sign.append(t1 - t0)
+        verify.append(t2 - t1)
+        durable.append(t3 - t2)
+
+    def us(values: list[float]) -> int:
+        return round(statistics.median(values) * 1e6)
+
+    return {"client_sign_us": us(sign), "node_verify_us": us(verify), "node_store_fsync_us": us(durable)}
+
+
 def demo_first_token() -> dict:
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "node", "demo", "--questions", "1", "--max-tokens", "8"], capture_output=True, text=True)
@@ -158,6 +193,7 @@ def main() -> None:
     args = parser.parse_args()
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-market-") as tmp:
+        results.update(payment_path_us(Path(tmp)))
         market = DevMarket(Path(tmp) / "gas")
         try:
             market.start_chain()

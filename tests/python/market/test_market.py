@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from node.chain.contracts import Market
 from node.chain.keys import load_account
@@ -147,3 +148,27 @@ def test_operator_mistakes_get_clear_errors_and_change_nothing(market, capsys):
     for name in ("newbie", "broke"):
         assert chain.read(chain.stake.functions.totalStakeOf(market.accounts[name])) == 0
         assert not chain.read(chain.registry.functions.isListed(market.accounts[name]))
+
+
+def test_a_refused_step_is_never_answered_even_on_retry(market):
+    from node.client.session import InferenceSession, NodeFailure
+
+    async def scenario():
+        model = await client_model(market, "frank")
+        node = next(n for n in model.nodes if n.start == 0)
+
+        def forged(node, request_id, step, tokens):  # a valid receipt whose signature was tampered with
+            receipt = bytearray(model.receipt_source(node, request_id, step, tokens))
+            receipt[-10] ^= 0xFF
+            return bytes(receipt)
+
+        session = InferenceSession([node], model.head.num_layers, model.domain, max_length=8, receipt_source=forged)
+        hop = (await session._open_hops([node]))[0]
+        hidden = torch.randn(1, 2, node.hidden_size)
+        with pytest.raises(NodeFailure, match="signature is invalid|signed by"):
+            await session._step(hop, 0, 0, hidden)
+        with pytest.raises(NodeFailure, match="no open session"):
+            await session._step(hop, 0, 0, hidden)  # the computed answer was thrown away with the session
+        await session.close()
+
+    asyncio.run(scenario())
