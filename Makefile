@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(ANVIL_BIN):$(PATH)
 export SOLCX_BINARY_PATH := $(CURDIR)/toolchain/solcx
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup test test-contracts test-python doctor bench clean demo demo-serve demo-dispute
+.PHONY: setup test test-contracts test-python doctor bench slither clean demo demo-serve demo-dispute
 
 setup: $(STAMPS)/python $(STAMPS)/npm $(STAMPS)/toolchain $(STAMPS)/brownie-network $(STAMPS)/apt
 	@echo "set-up complete: run 'make test' or '$(BIN)/shardmarket doctor'"
@@ -82,5 +82,9 @@ doctor: setup
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# Static analysis of the contracts (slither in its own venv, .slither-venv; not part of `make test`).
+slither: setup
+	toolchain/slither.sh
+
 clean:
-	rm -rf $(VENV) node_modules $(STAMPS) build reports .pytest_cache
+	rm -rf .slither-venv $(VENV) node_modules $(STAMPS) build reports .pytest_cache

@@ -91,6 +91,8 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
     uint256 public immutable absentVerifierPenalty;
 
     uint256 public disputeCount;
+    // Written through storage pointers; see PaymentEscrow._accounts for why slither calls it uninitialized.
+    // slither-disable-next-line uninitialized-state
     mapping(uint256 disputeId => Dispute) private _disputes;
     mapping(uint256 disputeId => mapping(address verifier => Ballot)) private _ballots;
     /// @notice Equivocations already slashed, by keccak256(node, requestId, step).

@@ -337,3 +337,12 @@ def test_constructor_rejects_a_zero_treasury(DisputeManager, stake_manager, regi
     with reverts_with("InvalidParams"):
         DisputeManager.deploy(stake_manager, registry, "0x" + "00" * 20, tuple(DISPUTE_PARAMS.values()),
                               {"from": accounts[0]})
+
+
+def test_a_large_slice_gives_exactly_verifier_count_distinct_verifiers(market, disputes, nodes, challenger):
+    for node in nodes[:7]:
+        market.register(node, 0, 4)
+    _, tx = open_dispute(market, disputes, nodes[0], challenger)
+    chosen = tx.events["DisputeOpened"]["verifiers"]
+    assert len(chosen) == len(set(chosen)) == DISPUTE_PARAMS["verifierCount"]
+    assert set(chosen) <= {n.address for n in nodes[1:7]}

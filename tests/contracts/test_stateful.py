@@ -4,6 +4,8 @@ After every step: every token is accounted for (holders and contracts sum to the
 holds exactly what it owes, and no node was ever paid more than its newest receipt.
 """
 
+from itertools import count
+
 import brownie
 from hypothesis import strategies as st
 
@@ -13,6 +15,7 @@ from scripts.deploy import UNBONDING_DELAY, WITHDRAWAL_TIMELOCK
 
 SETTINGS = {"max_examples": 15, "stateful_step_count": 15, "deadline": None, "database": None}
 START_DEPOSIT, START_STAKE = 40 * TOKEN, 50 * TOKEN
+REQUEST_IDS = count(1)  # never reused, so no two runs send byte-identical slash transactions
 
 
 class MarketMachine:
@@ -40,7 +43,6 @@ class MarketMachine:
     def setup(self):
         self.signed = {}  # (client, node) -> (receipt, signature) with the highest amount signed
         self.paid = {}  # (client, node) -> tokens the model expects the channel to have paid
-        self.requests = 0
 
     # ---- escrow
 
@@ -134,8 +136,7 @@ class MarketMachine:
             self.market.stake.withdraw({"from": account})
 
     def rule_slash_equivocation(self, node="st_node"):
-        self.requests += 1
-        request = self.requests.to_bytes(32, "big")
+        request = next(REQUEST_IDS).to_bytes(32, "big")
         a, sig_a = self.market.commitment(self.nodes[node], request=request, output=b"\x01" * 32)
         b, sig_b = self.market.commitment(self.nodes[node], request=request, output=b"\x02" * 32)
         before = self.market.stake.totalStakeOf(self.nodes[node])
