@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -58,9 +59,11 @@ def _write_atomically(dest: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         write(tmp)
-        if dest.exists():
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # dest exists and is not empty
             shutil.rmtree(dest)
-        os.rename(tmp, dest)
+            os.rename(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -95,7 +98,6 @@ def import_gguf(gguf_path: Path, dest: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         # The weights are plain fp32 once dequantized: drop the GGUF quantizer marker so save_pretrained accepts them.
         model.hf_quantizer = None
-        model.config.quantization_config = None
         del model.config.quantization_config
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -118,6 +120,9 @@ def default_gguf() -> Path:
 def default_model(dest_root: Path | None = None) -> Path:
     """SmolLM2-135M-Instruct as a safetensors checkpoint under <home>/models, imported from its GGUF the first time."""
     dest = Path(dest_root or load_config().home / "models") / DEFAULT_MODEL
-    if (dest / "config.json").exists() and any(dest.glob("*.safetensors")):
-        return dest
-    return import_gguf(default_gguf(), dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{DEFAULT_MODEL}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # processes starting together import it once
+        if (dest / "config.json").exists() and any(dest.glob("*.safetensors")):
+            return dest
+        return import_gguf(default_gguf(), dest)

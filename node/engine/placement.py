@@ -34,6 +34,7 @@ def device_map_for(
         raise EngineError(
             f"max_memory {max_memory} cannot hold the stage's layers; give an offload folder or more memory"
         )
+    log.info("device map of the stage within max_memory %s: %s", max_memory, dict(device_map))
     return device_map
 
 
