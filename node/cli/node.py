@@ -7,12 +7,9 @@ import asyncio
 import logging
 from pathlib import Path
 
-import torch
-
 from node.config import load_config
-from node.engine.errors import EngineError
-from node.net.wire import DTYPES
-from node.server.service import Fault
+
+DTYPE_NAMES = ["bfloat16", "float16", "float32"]  # node.net.wire.DTYPES, named without importing torch
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -36,7 +33,7 @@ def register(commands) -> None:
     run.add_argument("--port", type=int, help="HTTP port for /info, /health and WebSocket sessions (config node.port)")
     run.add_argument("--tcp-port", type=int, help="raw TCP session port (default: HTTP port + 1)")
     run.add_argument("--price", type=int, help="token units per token processed (config node.price)")
-    run.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    run.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     run.add_argument("--threads", type=int, help="torch threads (config node.threads)")
     run.add_argument("--test-fault", choices=["wrong-shape", "equivocate"], help="misbehave on purpose (for tests of clients)")
     run.add_argument("--max-memory-mb", type=float, help="CPU memory for this node's weights; what does not fit is offloaded to disk")
@@ -50,7 +47,12 @@ def register(commands) -> None:
 
 
 def run_node(args: argparse.Namespace) -> int:
+    import torch
+
+    from node.engine.errors import EngineError
+    from node.net.wire import DTYPES
     from node.server.app import NodeSettings, load_service, serve
+    from node.server.service import Fault
 
     if args.layers is None:
         from node.cli.operator import run_market_node

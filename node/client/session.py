@@ -21,6 +21,7 @@ from node.chain.eip712 import Domain
 from node.net import wire
 from node.net.channel import SecureChannel, client_handshake, open_transport
 from node.net.commitment import CommitmentError, SignedCommitment, check_commitment
+from node.net.crypto import DecryptError
 from node.net.wire import Message, WireError
 from node.client.failures import RecentFailures
 from node.client.routing import NodeInfo, RouteError, plan_route
@@ -35,6 +36,10 @@ CommitmentSink = Callable[[NodeInfo, SignedCommitment, int], None]
 
 class NodeFailure(Exception):
     """A node did not answer a step correctly; the session replaces it."""
+
+
+# everything that means "this node failed this step": the session routes around the node
+HOP_ERRORS = (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError, DecryptError)
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ class InferenceSession:
         self.failed = failed if failed is not None else RecentFailures()  # shared between sessions
         self.request_id = os.urandom(32)
         self.hops: list[Hop] = []
-        self.commitments: list[tuple[str, SignedCommitment]] = []
+        self.commitments: list[tuple[str, SignedCommitment]] = []  # (node URL, commitment): evidence for disputes
         self.failovers = 0
         self.timings: list[HopTiming] = []
 
@@ -102,7 +107,7 @@ class InferenceSession:
         for node in route:
             try:
                 hops.append(await self._open_hop(node))
-            except (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError) as exc:
+            except HOP_ERRORS as exc:
                 await self._close_hops(hops)
                 self._mark_failed(node, exc)
                 raise NodeFailure(f"cannot open a session on {node.url}: {exc}") from None
@@ -132,7 +137,7 @@ class InferenceSession:
             hop = self.hops[index]
             try:
                 output = await self._step(hop, len(hop.inputs), position, hidden)
-            except (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError) as exc:
+            except HOP_ERRORS as exc:
                 await self._replace(index, exc)
                 continue  # retry this step on the replacement hop(s)
             hop.inputs.append((position, hidden))
@@ -212,7 +217,7 @@ class InferenceSession:
         for hop in hops:
             try:
                 inputs = await self._replay_hop(hop, inputs)
-            except (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError) as exc:
+            except HOP_ERRORS as exc:
                 self._mark_failed(hop.node, exc)
                 await self._close_hops(hops)
                 raise NodeFailure(f"replay on {hop.node.url} failed: {exc}") from None

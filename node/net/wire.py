@@ -39,6 +39,10 @@ class WireError(ValueError):
         self.code = code
 
 
+class StreamDesync(WireError):
+    """A byte stream whose frame boundaries are lost (a length over the limit): the connection must close."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """Upper bounds every received frame is checked against before anything is allocated."""
@@ -178,7 +182,7 @@ async def read_stream_frame(reader: asyncio.StreamReader, limits: Limits = DEFAU
     """Read one `u32 length | bytes` frame from a byte stream, refusing lengths above the limit first."""
     (length,) = _U32.unpack(await reader.readexactly(_U32.size))
     if length > limits.max_frame_bytes:
-        raise WireError(f"frame of {length} bytes exceeds the limit of {limits.max_frame_bytes}", "too_large")
+        raise StreamDesync(f"frame of {length} bytes exceeds the limit of {limits.max_frame_bytes}; closing", "too_large")
     return await reader.readexactly(length)
 
 

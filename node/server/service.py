@@ -16,7 +16,7 @@ from node.net import wire
 from node.net.channel import HANDSHAKE_CONFIRM, ChannelClosed, SecureChannel, Transport
 from node.net.commitment import commit
 from node.net.crypto import DecryptError, node_handshake
-from node.net.wire import Limits, Message, WireError
+from node.net.wire import Limits, Message, StreamDesync, WireError
 from node.server.identity import NodeIdentity
 from node.server.payments import PaymentGate, PaymentRefused
 from node.server.worker import StageWorker
@@ -135,6 +135,9 @@ class NodeService:
                 if bad_frames >= MAX_BAD_FRAMES:
                     return
                 continue
+            except StreamDesync as exc:
+                await channel.send(wire.error_message(exc.code, str(exc)))
+                return
             except WireError as exc:
                 await channel.send(wire.error_message(exc.code, f"{exc}; fix the frame and send it again"))
                 continue
@@ -250,11 +253,10 @@ class NodeService:
         return answer
 
     def _check_input(self, session: _Session, message: Message) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = message.tensor
-        expected = (1, None, self.stage.hidden_size)
-        if hidden is None or hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.stage.hidden_size:
+        hidden, size = message.tensor, self.stage.hidden_size
+        if hidden is None or hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != size:
             got = None if hidden is None else list(hidden.shape)
-            raise StepRefused("bad_tensor", f"a step carries hidden states of shape [1, T, {expected[2]}], got {got}")
+            raise StepRefused("bad_tensor", f"a step carries hidden states of shape [1, T, {size}], got {got}")
         if hidden.dtype != self.stage.dtype:
             raise StepRefused("bad_tensor", f"this node computes in {self.stage.dtype}, got {hidden.dtype}")
         receipt = message.fields.get("receipt")

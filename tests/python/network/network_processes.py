@@ -44,13 +44,20 @@ class NodeProcess:
         return get_json(f"{self.url}/info")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_all([self])
+
+
+def stop_all(nodes: list[NodeProcess]) -> None:
+    """SIGTERM every node at once, then wait (kill after 15 s)."""
+    running = [n.process for n in nodes if n.process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    for process in running:
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def child_env(home: Path) -> dict:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from node.chain.eip712 import Commitment, Domain, recover_commitment_signer, tensor_hash
 from node.net import wire
-from node.net.channel import KeyMismatch, SecureChannel, client_handshake, open_transport
+from node.net.channel import ChannelClosed, KeyMismatch, SecureChannel, client_handshake, open_transport
 from node.net.crypto import public_bytes
 from node.net.wire import Message
 
@@ -167,10 +167,16 @@ def test_malformed_oversized_replayed_and_tampered_frames_inside_the_session(nod
         codes.append((await channel.recv()).fields["code"])
         await channel.send(step(request_id, 1, 1, torch.randn(1, 1, HIDDEN)))
         codes.append((await channel.recv()).type)
+        transport.writer.write(struct.pack(">I", 2**31))  # a stream length over the limit: error, then hang up
+        codes.append((await channel.recv()).fields["code"])
+        try:
+            await channel.recv()
+        except ChannelClosed:
+            codes.append("closed")
         await channel.close()
         return codes
 
-    assert run(go()) == ["bad_frame", "too_large", wire.RESULT, "auth_failed", "auth_failed", wire.RESULT]
+    assert run(go()) == ["bad_frame", "too_large", wire.RESULT, "auth_failed", "auth_failed", wire.RESULT, "too_large", "closed"]
     assert_alive(node)
 
 

@@ -12,7 +12,6 @@ import sys
 
 import openai
 import pytest
-import torch
 
 from node.chain.eip712 import Domain
 from node.client.generation import Completion, RemoteModel
@@ -20,7 +19,7 @@ from node.client.routing import RouteError
 from node.engine.head import Head
 from node.engine.sampling import SamplingParams, generate
 from node.engine.stage import Stage
-from network_processes import ROOT, child_env, free_port, start_node, wait_http, wait_ready
+from network_processes import ROOT, child_env, free_port, start_node, stop_all, wait_http, wait_ready
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)  # what nodes use when no DisputeManager is deployed
 QUESTION = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -36,15 +35,14 @@ def cluster(smollm, tmp_path_factory):
         "a": start_node(smollm, "0:10", home / "a"),
         "b": start_node(smollm, "10:20", home / "b"),
         "c": start_node(smollm, "20:30", home / "c"),
-        "spare": start_node(smollm, "10:20", home / "spare", "--price", "5"),
+        "spare": start_node(smollm, "10:20", home / "spare", "--price", "1000"),
         "wrong": start_node(smollm, "20:30", home / "wrong", "--test-fault", "wrong-shape"),
     }
     try:
         wait_ready(*nodes.values())
         yield nodes
     finally:
-        for node in nodes.values():
-            node.stop()
+        stop_all(list(nodes.values()))
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +177,15 @@ def test_twenty_concurrent_streams_through_one_pipeline(api, smollm, head):
     answers, alone = asyncio.run(ask_all())
     assert all(answers) and len(answers) == 20
     assert answers[7] == alone  # batching with 19 other streams does not change a greedy answer
+
+
+def test_client_chat_streams_the_answer_to_the_terminal(smollm, cluster, head, reference, tmp_path):
+    nodes = ",".join(cluster[n].url for n in ("a", "b", "c"))
+    cmd = [sys.executable, "-m", "node", "client", "chat", QUESTION[0]["content"], "--checkpoint", str(smollm),
+           "--nodes", nodes, "--max-tokens", str(MAX_TOKENS)]
+    done = subprocess.run(cmd, cwd=ROOT, env=child_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == head.tokenizer.decode(reference, skip_special_tokens=True) + "\n"
 
 
 def test_kill_9_of_the_middle_node_fails_over_to_the_spare_with_the_same_text(smollm, cluster, reference):

@@ -115,3 +115,9 @@ def test_stream_frame_length_is_checked_before_reading_the_body():
 def test_encode_refuses_a_dtype_that_cannot_travel():
     with pytest.raises(WireError, match="cannot travel"):
         wire.encode(Message(wire.STEP, tensor=torch.zeros(2, dtype=torch.int64)))
+
+
+def test_node_cli_offers_exactly_the_wire_dtypes():
+    from node.cli.node import DTYPE_NAMES
+
+    assert sorted(DTYPE_NAMES) == sorted(wire.DTYPES)
