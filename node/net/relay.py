@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 FRAME = struct.Struct("!BI")
 OPEN, DATA, CLOSE = 1, 2, 3
 CHUNK = 64 * 1024
+MAX_UNREAD = 4 * 2**20  # bytes a relayed client may leave unread before the relay drops its stream
 
 
 class RelayError(Exception):
@@ -77,14 +78,18 @@ class Tunnel:
                     await self.send(CLOSE, stream)
 
     async def deliver(self, stream: int, payload: bytes) -> None:
-        """Write a DATA frame's payload to its TCP stream (bandwidth counted both ways)."""
+        """Write a DATA frame's payload to its TCP stream (bandwidth counted both ways) without waiting for the
+        reader: a client that lets more than MAX_UNREAD bytes pile up is cut off, so it cannot stall the others."""
         writer = self.streams.get(stream)
         if writer is None:
             return
         await self.bucket.take(len(payload))
         writer.write(payload)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
+        if writer.transport.get_write_buffer_size() > MAX_UNREAD:
+            log.warning("stream %d reads too slowly (over %d bytes unread); closing it", stream, MAX_UNREAD)
+            self.close_stream(stream)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.send(CLOSE, stream)
 
     def close_stream(self, stream: int) -> None:
         writer = self.streams.pop(stream, None)
@@ -278,7 +283,7 @@ class RelayClient:
         tunnel.close_all()
 
     async def _open(self, tunnel: Tunnel, stream: int) -> None:
-        """Connect the stream to the local service, then copy both ways until either side closes."""
+        """Connect the stream to the local service, then copy both ways until the client or the service closes."""
         queue = tunnel.pending[stream]
         try:
             reader, writer = await asyncio.open_connection(*self.local)
@@ -289,11 +294,9 @@ class RelayClient:
         tunnel.streams[stream] = writer
         pump = asyncio.create_task(tunnel.pump(stream, reader))
         try:
-            while (payload := await queue.get()) is not None:
+            while (payload := await queue.get()) is not None:  # None: the client is gone, stop sending
                 writer.write(payload)
                 await writer.drain()
-            writer.write_eof()
-            await pump
         except (ConnectionError, OSError):
             pass
         finally:

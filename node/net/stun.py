@@ -150,15 +150,6 @@ class StunClient(asyncio.DatagramProtocol):
         self.transport.close()
 
 
-async def binding(server: tuple[str, int], *, timeout: float = 2.0) -> Binding:
-    """The public address of a fresh UDP socket, as `server` sees it."""
-    client = await StunClient.open()
-    try:
-        return await client.binding(server, timeout=timeout)
-    finally:
-        client.close()
-
-
 async def _answered(client: StunClient, server: tuple[str, int], timeout: float, **change: bool) -> bool:
     try:
         await client.binding(server, timeout=timeout, **change)
@@ -196,14 +187,3 @@ async def classify(servers: list[tuple[str, int]], *, timeout: float = 1.0) -> N
     else:
         filtering = "address-and-port-dependent"
     return NatBehavior(first.mapped[0], mapping, filtering)
-
-
-async def _main(argv: list[str]) -> None:
-    behavior = await classify([parse_server(a) for a in argv])
-    print(behavior.nat_type, behavior)
-
-
-if __name__ == "__main__":
-    import sys
-
-    asyncio.run(_main(sys.argv[1:]))

@@ -49,7 +49,7 @@ async def main(args: argparse.Namespace) -> None:
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", args.port).start()
     reach = Reachability(args.port, stun_servers=args.stun, relays=args.relay, methods=args.methods.split(","),
-                         refresh_s=args.refresh_s, node_id=args.node_id)
+                         refresh_s=args.refresh_s, lease_s=args.lease_s, node_id=args.node_id)
     report = await reach.establish()
     result = report.to_dict()
     extra_relay = None
@@ -74,6 +74,7 @@ if __name__ == "__main__":
     parser.add_argument("--relay", action="append", default=[])
     parser.add_argument("--methods", default="pcp,natpmp,upnp")
     parser.add_argument("--refresh-s", type=float, default=30.0)
+    parser.add_argument("--lease-s", type=int, default=3600)
     parser.add_argument("--node-id", default="standin")
     parser.add_argument("--also-relay", action="store_true", help="also hold a relayed endpoint (for benchmarks)")
     asyncio.run(main(parser.parse_args(sys.argv[1:])))

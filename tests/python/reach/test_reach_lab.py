@@ -65,6 +65,24 @@ def test_natpmp_maps_when_pcp_is_not_wanted(lab_for):
     assert "dnat" not in miniupnpd_rules(lab)
 
 
+def test_short_leases_are_renewed_before_they_expire(lab_for):
+    lab = lab_for("pcp")
+    one_shot = ("import asyncio; from node.net.pcp import PcpMapper; "
+                "asyncio.run(PcpMapper('10.99.1.1').map(7400, 7400, 3))")
+    lab.python_in("lan", ["-c", one_shot])  # control: a 3 s mapping nobody renews
+    proc, report = start_node(lab, "--lease-s", "3")
+    granted = next(a["detail"] for a in report["attempts"] if a["method"] == "pcp")
+    assert report["method"] == "pcp" and granted.endswith("for 3 s"), report
+    start = time.monotonic()
+    while "7400" in miniupnpd_rules(lab):
+        assert time.monotonic() - start < 10, "miniupnpd does not expire leases: this test would prove nothing"
+        time.sleep(0.2)
+    time.sleep(max(0.0, 4.5 - (time.monotonic() - start)))  # well past the node's own 3 s lease
+    assert f"dnat ip to {lab.node_ip}:{NODE_PORT}" in miniupnpd_rules(lab)
+    assert from_public(lab, "health", report["endpoint"], 1)["ok"]
+    wait_for_closed(lab, proc)
+
+
 def test_mapping_that_does_not_answer_from_outside_is_not_registered(lab_for):
     lab = lab_for("pcp")
     lab.run_in("rtr", ["nft", "insert", "rule", "inet", "filter", "forward", "tcp", "dport", str(NODE_PORT), "drop"])
@@ -123,5 +141,6 @@ def test_lab_says_why_it_cannot_run(monkeypatch):
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     assert "needs root" in missing_tools()
     monkeypatch.setattr("os.geteuid", lambda: 0)
-    monkeypatch.setattr("shutil.which", lambda tool: None if tool in ("miniupnpd", "turnserver") else f"/usr/bin/{tool}")
+    absent = ("miniupnpd", "turnserver")
+    monkeypatch.setattr("shutil.which", lambda tool: None if tool in absent else f"/usr/bin/{tool}")
     assert missing_tools() == "the NAT lab needs coturn, miniupnpd (make setup installs them as root)"

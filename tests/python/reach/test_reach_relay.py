@@ -76,6 +76,23 @@ def test_an_idle_tunnel_stays_open():
     asyncio.run(within_relay(run))
 
 
+def test_a_client_that_does_not_read_cannot_stall_the_others():
+    async def run(relayed):
+        _, _, _, client = relayed
+        endpoint = await client.start()
+        host, port = endpoint.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /stream?n=200000&size=1000 HTTP/1.1\r\nHost: x\r\n\r\n")  # 200 MB, never read
+        await writer.drain()
+        await asyncio.sleep(1.0)
+        start = time.monotonic()
+        assert "n1" in await asyncio.wait_for(get_text(f"{endpoint}/health"), 5)
+        assert time.monotonic() - start < 1.0
+        writer.close()
+
+    asyncio.run(within_relay(run))
+
+
 def test_bandwidth_is_capped_per_node():
     async def run(relayed):
         server, _, _, client = relayed
