@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(ANVIL_BIN):$(PATH)
 export SOLCX_BINARY_PATH := $(CURDIR)/toolchain/solcx
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup test test-contracts test-python doctor bench slither clean
+.PHONY: setup test test-contracts test-python doctor bench slither clean demo demo-serve demo-dispute
 
 setup: $(STAMPS)/python $(STAMPS)/npm $(STAMPS)/toolchain $(STAMPS)/brownie-network $(STAMPS)/apt
 	@echo "set-up complete: run 'make test' or '$(BIN)/shardmarket doctor'"
@@ -66,6 +66,15 @@ test-contracts: setup
 
 test-python: setup
 	$(BIN)/pytest -p no:pytest-brownie
+
+demo: setup
+	$(BIN)/shardmarket demo
+
+demo-dispute: setup
+	$(BIN)/shardmarket demo --cheat noise
+
+demo-serve: setup
+	$(BIN)/shardmarket demo --serve
 
 doctor: setup
 	$(BIN)/shardmarket doctor

@@ -15,6 +15,7 @@ class ChainConfig:
     chain_id: int = 31337
     brownie_network: str = "shardmarket-anvil"
     deployments_dir: Path = Path("deployments")  # relative paths are under Config.home
+    keystore_scrypt_n: int = 262144  # scrypt cost of new keystores (eth-account's default)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class NodeConfig:
     price: int = 0  # token units per token processed by this node's layers
     threads: int = 0  # torch threads; 0: torch's default
     idle_timeout_s: float = 300.0
+    credit_limit: int = 0  # token units a node serves a client beyond its newest receipt; 0: 64 tokens' worth
+    redeem_min_value: int = 0  # a node redeems once its unredeemed receipts are worth this much (0: gas cost x 2)
+    redeem_interval_s: float = 60.0  # how often a node checks whether redeeming is worth it
+    dispute_tolerance: float = 1e-3  # verifier duty: largest relative difference of hidden states counted as equal
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class ClientConfig:
     nodes: list[str] = field(default_factory=list)  # base URLs of known nodes (the chain registry comes later)
     transport: str = "tcp"  # "tcp" or "ws"
     step_timeout_s: float = 60.0
+    spot_check_rate: float = 0.0  # fraction of requests whose hops are re-run on another node (or locally)
+    spot_check_tolerance: float = 1e-3  # largest relative difference of hidden states still counted as equal
 
 
 @dataclass(frozen=True)

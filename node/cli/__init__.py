@@ -14,6 +14,8 @@ from node import __version__
 
 GROUPS = [
     "node.cli.doctor",
+    "node.cli.keys",
+    "node.cli.demo",
     "node.cli.ipfs",
     "node.cli.model",
     "node.cli.engine",

@@ -17,6 +17,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", help="comma-separated node base URLs (config client.nodes)")
     parser.add_argument("--model-id", help="model name the nodes must serve (default: the checkpoint folder's name)")
     parser.add_argument("--transport", choices=["tcp", "ws"], help="session transport (config client.transport)")
+    parser.add_argument("--password-file", type=Path, help="keystore password file (paid mode; else SHARDMARKET_PASSWORD or a prompt)")
 
 
 def register(commands) -> None:
@@ -33,6 +34,15 @@ def register(commands) -> None:
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.set_defaults(run=run_chat)
+    from node.cli.wallet import add_wallet_commands
+
+    add_wallet_commands(group)
+
+
+def _has_keystore() -> bool:
+    from node.chain.keys import KEYSTORE_FILE, keys_dir
+
+    return (keys_dir() / KEYSTORE_FILE).exists()
 
 
 async def _connect(args: argparse.Namespace):
@@ -46,6 +56,13 @@ async def _connect(args: argparse.Namespace):
 
         checkpoint = await asyncio.to_thread(default_model)
     urls = [u.strip() for u in args.nodes.split(",") if u.strip()] if args.nodes else config.client.nodes
+    if not urls and _has_keystore():
+        from node.chain.keys import load_account, read_password
+        from node.client.market import connect_paid
+
+        account = load_account(read_password(args.password_file))
+        return await connect_paid(checkpoint, config, account, args.model_id or checkpoint.name,
+                                  transport=args.transport or config.client.transport, step_timeout_s=config.client.step_timeout_s)
     if not urls:
         raise SystemExit("error: no nodes known: pass --nodes http://HOST:PORT,... or set client.nodes in the config")
     return await RemoteModel.connect(
@@ -58,6 +75,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from node.client.api import build_api
+    from node.chain.contracts import ChainError
+    from node.chain.keys import KeystoreError
     from node.client.routing import RouteError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -74,7 +93,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         web.run_app(app(), host=host, port=port, print=None, access_log=None)
-    except RouteError as exc:
+    except (RouteError, ChainError, KeystoreError) as exc:
         print(f"error: {exc}")
         return 1
     return 0
@@ -82,6 +101,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     from node.client.generation import Completion
+    from node.chain.contracts import ChainError
+    from node.chain.keys import KeystoreError
     from node.client.routing import RouteError
     from node.client.text import TextStream
     from node.engine.sampling import SamplingParams
@@ -102,7 +123,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(chat())
-    except RouteError as exc:
+    except (RouteError, ChainError, KeystoreError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -56,3 +56,6 @@ def register(commands) -> None:
     fetch.add_argument("--dest", type=Path, help="folder to write (default: MANIFEST-START-END)")
     fetch.add_argument("--gateway", action="append", metavar="URL", help="trustless gateway (repeat for several)")
     fetch.set_defaults(run=cmd_fetch)
+    from node.cli.publish import add_publish_command
+
+    add_publish_command(sub)

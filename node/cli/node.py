@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from node.cli import reach
+from node.cli.operator import add_operator_commands
 
 from node.config import load_config
 
@@ -29,7 +30,7 @@ def register(commands) -> None:
     group = commands.add_parser("node", help="run a node that serves layers of a model").add_subparsers(dest="node_command", required=True)
     run = group.add_parser("run", help="serve a layer range of a checkpoint over encrypted sessions")
     run.add_argument("--checkpoint", type=Path, help="Hugging Face checkpoint folder (default: the imported default model)")
-    run.add_argument("--layers", type=parse_layers, required=True, help="layer range A:B (half-open)")
+    run.add_argument("--layers", type=parse_layers, help="layer range A:B (half-open); without it: serve this operator's registration from the chain, paid")
     run.add_argument("--model-id", help="model name clients match on (default: the checkpoint folder's name)")
     run.add_argument("--host", help="listen address (config node.host)")
     run.add_argument("--port", type=int, help="HTTP port for /info, /health and WebSocket sessions (config node.port)")
@@ -37,9 +38,14 @@ def register(commands) -> None:
     run.add_argument("--price", type=int, help="token units per token processed (config node.price)")
     run.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     run.add_argument("--threads", type=int, help="torch threads (config node.threads)")
-    run.add_argument("--test-fault", choices=["wrong-shape"], help="misbehave on purpose (for tests of clients)")
+    run.add_argument("--test-fault", choices=["wrong-shape", "equivocate"], help="misbehave on purpose (for tests of clients)")
+    run.add_argument("--max-memory-mb", type=float, help="CPU memory for this node's weights; what does not fit is offloaded to disk")
+    run.add_argument("--offload-folder", type=Path, help="folder for weights that do not fit in --max-memory-mb")
+    run.add_argument("--cheat-noise", type=float, default=0.0, help="add noise of this scale to every answer (demo of a dishonest node)")
+    run.add_argument("--password-file", type=Path, help="keystore password file (chain mode; else SHARDMARKET_PASSWORD or a prompt)")
     run.set_defaults(run=run_node)
-    reach.register(group)  # node reachability, node relay
+    add_operator_commands(group)  # register, status, earnings, redeem, ...
+    reach.register(group)  # reachability, relay
 
 
 def run_node(args: argparse.Namespace) -> int:
@@ -50,6 +56,10 @@ def run_node(args: argparse.Namespace) -> int:
     from node.server.app import NodeSettings, load_service, serve
     from node.server.service import Fault
 
+    if args.layers is None:
+        from node.cli.operator import run_market_node
+
+        return run_market_node(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_config()
     threads = args.threads if args.threads is not None else config.node.threads
@@ -74,7 +84,9 @@ def run_node(args: argparse.Namespace) -> int:
         tcp_port=args.tcp_port if args.tcp_port is not None else (config.node.tcp_port or port + 1),
         price=args.price if args.price is not None else config.node.price,
         dtype=DTYPES[args.dtype],
-        fault=Fault(wrong_shape=args.test_fault == "wrong-shape"),
+        fault=Fault(wrong_shape=args.test_fault == "wrong-shape", noise=args.cheat_noise),
+        max_memory_mb=args.max_memory_mb,
+        offload_folder=args.offload_folder,
     )
     print(f"loading layers {settings.start}:{settings.end} of {checkpoint}", flush=True)
     try:

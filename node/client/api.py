@@ -77,7 +77,8 @@ def _sampling(body: dict, default_max_tokens: int) -> tuple[SamplingParams, bool
 
 def _usage(completion: Completion) -> dict:
     n = len(completion.tokens)
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": n, "total_tokens": completion.prompt_tokens + n}
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": n, "total_tokens": completion.prompt_tokens + n,
+            "cost": completion.cost}
 
 
 def build_api(model: RemoteModel, api_key: str, default_max_tokens: int = 256) -> web.Application:

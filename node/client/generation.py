@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +12,7 @@ from pathlib import Path
 from node.chain.eip712 import Domain
 from node.client.failures import RecentFailures
 from node.client.routing import NodeInfo, RouteError, discover, plan_route
-from node.client.session import HopTiming, InferenceSession, ReceiptSource
+from node.client.session import CommitmentSink, HopTiming, InferenceSession, ReceiptSource
 from node.engine.head import Head
 from node.engine.sampling import SamplingParams, generate
 
@@ -30,6 +30,7 @@ class Completion:
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
     failovers: int = 0
+    cost: int = 0  # token units promised to the nodes for this request
     hop_timings: list[HopTiming] = field(default_factory=list)
 
 
@@ -37,9 +38,12 @@ class RemoteModel:
     """Generates with a local Head and a remote pipeline chosen by routing over the known nodes."""
 
     def __init__(self, head: Head, model_id: str, nodes: list[NodeInfo], domain: Domain, *, transport: str = "tcp",
-                 step_timeout_s: float = 60.0, receipt_source: ReceiptSource | None = None) -> None:
+                 step_timeout_s: float = 60.0, receipt_source: ReceiptSource | None = None,
+                 on_commitment: CommitmentSink | None = None, on_finished: Callable[[InferenceSession], None] | None = None) -> None:
         self.head, self.model_id, self.nodes, self.domain = head, model_id, nodes, domain
         self.transport, self.step_timeout_s, self.receipt_source = transport, step_timeout_s, receipt_source
+        self.on_commitment, self.on_finished = on_commitment, on_finished
+        self.request_costs: dict[bytes, int] | None = None  # filled per request by a payer, when there is one
         self.failed = RecentFailures()
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="generate")
 
@@ -71,6 +75,7 @@ class RemoteModel:
         session = InferenceSession(
             self.nodes, self.head.num_layers, self.domain, max_length=len(prompt_ids) + params.max_tokens,
             transport=self.transport, step_timeout_s=self.step_timeout_s, receipt_source=self.receipt_source, failed=self.failed,
+            on_commitment=self.on_commitment,
         )
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -99,5 +104,9 @@ class RemoteModel:
             cancelled.set()
             await asyncio.shield(worker)
             completion.failovers = session.failovers
+            if self.request_costs is not None:
+                completion.cost = self.request_costs.pop(session.request_id, 0)
+            if self.on_finished is not None:
+                self.on_finished(session)
             completion.hop_timings = session.timings
             await session.close()

@@ -28,8 +28,10 @@ from node.client.routing import NodeInfo, RouteError, plan_route
 
 log = logging.getLogger("shardmarket.client")
 
-# receipt_source(node, request_id, step, tokens) -> the client's signed receipt bytes for this step, or None
+# receipt_source(node, request_id, step, tokens) -> the client's signed receipt fields for this step, or None
 ReceiptSource = Callable[[NodeInfo, bytes, int, int], bytes | None]
+# on_commitment(node, signed commitment, tokens): called for every verified answer (usage records, spot checks)
+CommitmentSink = Callable[[NodeInfo, SignedCommitment, int], None]
 
 
 class NodeFailure(Exception):
@@ -57,6 +59,7 @@ class Hop:
     node: NodeInfo
     channel: SecureChannel
     inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, hidden) per step
+    outputs: list[torch.Tensor] = field(default_factory=list)  # the node's answer per step (for spot checks)
 
 
 class InferenceSession:
@@ -74,10 +77,11 @@ class InferenceSession:
         max_failovers: int = 4,
         receipt_source: ReceiptSource | None = None,
         failed: RecentFailures | None = None,
+        on_commitment: CommitmentSink | None = None,
     ) -> None:
         self.nodes, self.num_layers, self.domain = nodes, num_layers, domain
         self.max_length, self.transport, self.step_timeout_s = max_length, transport, step_timeout_s
-        self.max_failovers, self.receipt_source = max_failovers, receipt_source
+        self.max_failovers, self.receipt_source, self.on_commitment = max_failovers, receipt_source, on_commitment
         self.failed = failed if failed is not None else RecentFailures()  # shared between sessions
         self.request_id = os.urandom(32)
         self.hops: list[Hop] = []
@@ -137,6 +141,7 @@ class InferenceSession:
                 await self._replace(index, exc)
                 continue  # retry this step on the replacement hop(s)
             hop.inputs.append((position, hidden))
+            hop.outputs.append(output)
             hidden = output
             index += 1
         return hidden
@@ -145,17 +150,22 @@ class InferenceSession:
         node = hop.node
         sent = hidden.to(wire.DTYPES[node.dtype]).contiguous()
         payload = wire.tensor_bytes(sent)
-        fields: dict = {"position": position}
-        if self.receipt_source is not None:
-            receipt = self.receipt_source(node, self.request_id, step, hidden.shape[1])
-            if receipt is not None:
-                fields["receipt"] = receipt
+        fields = self._fields(node, step, position, hidden.shape[1])
         started = time.perf_counter()
         await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
         reply = await asyncio.wait_for(hop.channel.recv(), self.step_timeout_s)
         output = self._check_result(hop, reply, step, sent, payload)
         self.timings.append(HopTiming(node.url, hidden.shape[1], time.perf_counter() - started, reply.fields.get("compute_us", 0) / 1e6))
         return output
+
+    def _fields(self, node: NodeInfo, step: int, position: int, tokens: int) -> dict:
+        """A step's fields: its position and, when the client pays, its receipt for `node`."""
+        fields: dict = {"position": position}
+        if self.receipt_source is not None:
+            receipt = self.receipt_source(node, self.request_id, step, tokens)
+            if receipt is not None:
+                fields["receipt"] = receipt
+        return fields
 
     def _check_result(self, hop: Hop, reply: Message, step: int, sent: torch.Tensor, payload: bytes) -> torch.Tensor:
         node = hop.node
@@ -171,6 +181,8 @@ class InferenceSession:
         except CommitmentError as exc:
             raise NodeFailure(f"node {node.url}: {exc}") from None
         self.commitments.append((node.url, signed))
+        if self.on_commitment is not None:
+            self.on_commitment(node, signed, sent.shape[1])
         return reply.tensor.to(torch.float32)
 
     def _mark_failed(self, node: NodeInfo, reason: BaseException) -> None:
@@ -215,13 +227,15 @@ class InferenceSession:
         for step, (position, hidden) in enumerate(inputs):
             tensor = hidden.to(wire.DTYPES[hop.node.dtype]).contiguous()
             payload = wire.tensor_bytes(tensor)
-            await hop.channel.send(Message(wire.STEP, self.request_id, step, {"position": position}, tensor, payload))
+            fields = self._fields(hop.node, step, position, hidden.shape[1])
+            await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, tensor, payload))
             sent.append((tensor, payload))
         outputs = []
         for step, (tensor, payload) in enumerate(sent):
             reply = await asyncio.wait_for(hop.channel.recv(), self.step_timeout_s)
             outputs.append((inputs[step][0], self._check_result(hop, reply, step, tensor, payload)))
         hop.inputs = list(inputs)
+        hop.outputs = [output for _, output in outputs]
         return outputs
 
     async def close(self) -> None:

@@ -17,7 +17,8 @@ from node.engine.stage import Stage
 from node.net import wire
 from node.net.channel import SESSION_PATH, StreamTransport, WebSocketTransport
 from node.net.commitment import commitment_domain
-from node.server.identity import load_or_create_identity
+from node.server.identity import NodeIdentity, load_or_create_identity
+from node.server.payments import PaymentGate
 from node.server.service import Fault, NodeService
 from node.server.worker import StageWorker
 
@@ -39,6 +40,8 @@ class NodeSettings:
     price: int
     dtype: torch.dtype = torch.float32
     fault: Fault = Fault()
+    max_memory_mb: float | None = None  # CPU memory for weights; the rest goes to offload_folder
+    offload_folder: Path | None = None
     shutdown_timeout_s: float = 30.0
 
 
@@ -105,14 +108,18 @@ def build_app(service: NodeService, settings: NodeSettings, tcp_port: int) -> we
     return app
 
 
-def load_service(settings: NodeSettings, config: Config) -> NodeService:
-    """Load the layers and the node's keys."""
-    stage = Stage.load(settings.checkpoint, settings.start, settings.end, dtype=settings.dtype, idle_timeout_s=config.node.idle_timeout_s)
-    identity = load_or_create_identity(config.node.data_dir)
+def load_service(settings: NodeSettings, config: Config, identity: NodeIdentity | None = None,
+                 payments: PaymentGate | None = None) -> NodeService:
+    """Load the layers and the node's keys (those under the data dir unless `identity` is given)."""
+    max_memory = None if settings.max_memory_mb is None else {"cpu": int(settings.max_memory_mb * 2**20)}
+    stage = Stage.load(settings.checkpoint, settings.start, settings.end, dtype=settings.dtype, idle_timeout_s=config.node.idle_timeout_s,
+                       max_memory=max_memory, offload_folder=settings.offload_folder)
+    identity = identity or load_or_create_identity(config.node.data_dir)
     worker = StageWorker(stage)
     worker.warm_up()
     return NodeService(
-        worker, identity, commitment_domain(config), idle_timeout_s=config.node.idle_timeout_s, fault=settings.fault
+        worker, identity, commitment_domain(config), idle_timeout_s=config.node.idle_timeout_s, fault=settings.fault,
+        payments=payments,
     )
 
 

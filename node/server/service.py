@@ -18,6 +18,7 @@ from node.net.commitment import commit
 from node.net.crypto import DecryptError, node_handshake
 from node.net.wire import Limits, Message, StreamDesync, WireError
 from node.server.identity import NodeIdentity
+from node.server.payments import PaymentGate, PaymentRefused
 from node.server.worker import StageWorker
 
 log = logging.getLogger("shardmarket.node")
@@ -59,9 +60,12 @@ class _Session:
 
 @dataclass(frozen=True)
 class Fault:
-    """Deliberate misbehaviour for tests: `wrong_shape` drops the last hidden unit of every answer."""
+    """Deliberate misbehaviour for tests: `wrong_shape` drops the last hidden unit of every answer, `noise` adds
+    Gaussian noise of that scale to every answer, `equivocate` answers a retried step with a different output."""
 
     wrong_shape: bool = False
+    noise: float = 0.0
+    equivocate: bool = False
 
 
 class NodeService:
@@ -76,11 +80,13 @@ class NodeService:
         limits: Limits = wire.DEFAULT_LIMITS,
         idle_timeout_s: float = 300.0,
         fault: Fault = Fault(),
+        payments: PaymentGate | None = None,
     ) -> None:
         self.worker, self.identity, self.domain, self.limits = worker, identity, domain, limits
         self.stage = worker.stage
         self.idle_timeout_s = idle_timeout_s
         self.fault = fault
+        self.payments = payments
         self.sessions: dict[bytes, _Session] = {}
         self.draining = False
         self.steps_in_flight = 0  # frames being answered
@@ -183,6 +189,8 @@ class NodeService:
 
     async def _close(self, message: Message) -> Message:
         session = self.sessions.pop(self._check_request_id(message), None)
+        if self.payments is not None:
+            self.payments.release(message.session)
         if session is not None:
             async with session.lock:
                 await self._close_stage_session(session)
@@ -198,8 +206,33 @@ class NodeService:
             if answer is None:
                 if self.draining:
                     raise StepRefused("shutting_down", "this node is shutting down; use another node for this range")
-                answer = await self._run(session, message)
+                answer = await (self._run(session, message) if self.payments is None else self._run_paid(session, message))
         return Message(wire.RESULT, session.request_id, message.step, dict(answer.fields), answer.output, answer.payload)
+
+    async def _run_paid(self, session: _Session, message: Message) -> _Answer:
+        """Run the step while its receipt is checked and stored durably; the answer goes out only after both, and a
+        refused step's answer never does (its session is dropped, so a retry cannot fetch it from the cache)."""
+        running = asyncio.ensure_future(self._run(session, message))
+        try:
+            charge = await self._authorize(session, message)
+            if charge is not None:
+                await self.payments.record(charge)
+        except BaseException:
+            await asyncio.gather(running, return_exceptions=True)
+            self.sessions.pop(session.request_id, None)
+            await self._close_stage_session(session)
+            raise
+        return await running
+
+    async def _authorize(self, session: _Session, message: Message):
+        """Check the step's receipt (when this node charges); raises StepRefused when the client must pay first."""
+        if self.payments is None:
+            return None
+        tokens = message.tensor.shape[1] if message.tensor is not None and message.tensor.dim() == 3 else 0
+        try:
+            return await self.payments.authorize(session.request_id, tokens, message.fields)
+        except PaymentRefused as exc:
+            raise StepRefused(exc.code, str(exc)) from None
 
     def _cached(self, session: _Session, message: Message) -> _Answer | None:
         """The earlier answer to a retried step; refuses steps out of order or with a different input."""
@@ -212,6 +245,11 @@ class NodeService:
             raise StepRefused("step_too_old", f"step {message.step} was answered and is no longer cached; open a new session")
         if message.tensor is None or tensor_hash(message.payload) != answer.input_hash:
             raise StepRefused("conflict", f"step {message.step} was already answered for a different input; open a new session")
+        if self.fault.equivocate:
+            output = (answer.output + 1e-2).contiguous()
+            payload = wire.tensor_bytes(output)
+            signed = commit(self.identity.operator_key, session.request_id, message.step, message.payload, payload, self.domain)
+            return _Answer(answer.input_hash, output, payload, signed.to_fields())
         return answer
 
     def _check_input(self, session: _Session, message: Message) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,6 +281,8 @@ class NodeService:
             raise StepRefused("engine", f"the engine refused the step: {exc}") from None
         if self.fault.wrong_shape:
             output = output[..., :-1]
+        if self.fault.noise:
+            output = output + self.fault.noise * torch.randn_like(output)
         output = output.contiguous()
         payload = wire.tensor_bytes(output)
         signed = commit(self.identity.operator_key, session.request_id, message.step, message.payload, payload, self.domain)

@@ -1,0 +1,126 @@
+"""Dispute evidence: every input a node accepted for one hop up to the challenged step, its signed commitment
+for each, and its answer at that step, as one safetensors file added to IPFS (the dispute names its CID).
+Verifiers check every hash and signature before re-running anything; nothing is unpickled."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from ipfs.blockstore import Blockstore, BlockstoreError
+from ipfs.cids import parse
+from ipfs.fetch import fetch_dag
+from ipfs.model import SHARD_OPTIONS
+from ipfs.unixfs import import_bytes, iter_file
+from node.chain.eip712 import Commitment, Domain, recover_commitment_signer, tensor_hash
+from node.net import wire
+from node.net.commitment import SignedCommitment
+
+MAX_EVIDENCE_BYTES = 256 * 2**20
+PREFIX = "ipfs://"
+
+
+class EvidenceError(ValueError):
+    """Evidence that is missing, malformed or does not match the accused node's signatures."""
+
+
+@dataclass
+class Evidence:
+    """One hop's history up to the challenged step (the last one)."""
+
+    model: str
+    start: int
+    end: int
+    positions: list[int]
+    inputs: list[torch.Tensor]  # [1, T, H] per step, exactly as sent
+    commitments: list[SignedCommitment]  # the accused node's, per step
+    output: torch.Tensor  # the accused node's answer at the last step
+
+    @property
+    def challenged(self) -> SignedCommitment:
+        return self.commitments[-1]
+
+    def encode(self) -> bytes:
+        tensors = {f"input.{i}": t.contiguous() for i, t in enumerate(self.inputs)} | {"output": self.output.contiguous()}
+        meta = {
+            "model": self.model, "layers": json.dumps([self.start, self.end]), "positions": json.dumps(self.positions),
+            "commitments": json.dumps([
+                [c.commitment.request_id.hex(), c.commitment.step, c.commitment.input_hash.hex(), c.commitment.output_hash.hex(), c.signature.hex()]
+                for c in self.commitments
+            ]),
+        }
+        return save_tensors(tensors, metadata=meta)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Evidence:
+        try:
+            tensors = load_tensors(data)
+            header_len = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8 : 8 + header_len])["__metadata__"]
+            start, end = json.loads(meta["layers"])
+            commitments = [
+                SignedCommitment(Commitment(bytes.fromhex(r), s, bytes.fromhex(i), bytes.fromhex(o)), bytes.fromhex(sig))
+                for r, s, i, o, sig in json.loads(meta["commitments"])
+            ]
+            inputs = [tensors[f"input.{i}"] for i in range(len(commitments))]
+            return cls(meta["model"], start, end, json.loads(meta["positions"]), inputs, commitments, tensors["output"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise EvidenceError(f"malformed evidence: {exc}") from None
+
+    def check(self, accused: str, domain: Domain) -> None:
+        """Every input and the answer match commitments signed by `accused`; raises EvidenceError otherwise."""
+        if not self.commitments or len(self.inputs) != len(self.commitments) or len(self.positions) != len(self.inputs):
+            raise EvidenceError("evidence needs one input, position and commitment per step")
+        for step, (tensor, signed) in enumerate(zip(self.inputs, self.commitments)):
+            c = signed.commitment
+            if c.step != step or c.request_id != self.challenged.commitment.request_id:
+                raise EvidenceError(f"commitment {step} is for another request or step")
+            if tensor_hash(wire.tensor_bytes(tensor)) != c.input_hash:
+                raise EvidenceError(f"input {step} is not what the node committed to")
+            if recover_commitment_signer(c, signed.signature, domain).lower() != accused.lower():
+                raise EvidenceError(f"commitment {step} was not signed by the accused node {accused}")
+        if tensor_hash(wire.tensor_bytes(self.output)) != self.challenged.commitment.output_hash:
+            raise EvidenceError("the answer is not what the node committed to")
+
+
+def publish(evidence: Evidence, store: Blockstore) -> str:
+    """Add the evidence to the block store; returns the `ipfs://CID` string a dispute carries."""
+    entry = import_bytes(evidence.encode(), SHARD_OPTIONS, store)
+    store.pin(entry.cid)
+    return PREFIX + entry.cid_str
+
+
+def fetch(reference: str, store: Blockstore, gateways: list[str] = ()) -> Evidence:
+    """Read evidence named `ipfs://CID` (from the local store, else the gateways), verified block by block."""
+    if not reference.startswith(PREFIX):
+        raise EvidenceError(f"evidence {reference!r} is not an ipfs:// reference")
+    try:
+        cid = bytes(parse(reference[len(PREFIX):]))
+    except ValueError as exc:
+        raise EvidenceError(f"evidence {reference!r} names a bad CID: {exc}") from None
+    try:
+        return Evidence.decode(_read(store, cid))
+    except BlockstoreError:
+        if not gateways:
+            raise EvidenceError(f"evidence {reference} is not in the local store and no gateway is configured") from None
+    fetch_dag(cid, store, list(gateways))
+    return Evidence.decode(_read(store, cid))
+
+
+def _read(store: Blockstore, cid: bytes) -> bytes:
+    data = b""
+    for piece in iter_file(store, cid):
+        data += piece
+        if len(data) > MAX_EVIDENCE_BYTES:
+            raise EvidenceError("evidence larger than any hop's history; refusing it")
+    return data
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: how far two hidden states are apart, whatever their scale."""
+    a, b = a.to(torch.float32), b.to(torch.float32)
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-12))

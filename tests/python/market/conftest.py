@@ -1,0 +1,61 @@
+"""A market on a real anvil for the market tests: a seeded tiny model published and served by 3 paid node
+processes (layers 0:2, 2:4, 4:5), and a funded client."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.devmarket import PASSWORD, DevMarket
+from node.engine.models import random_checkpoint, tiny_config
+
+MODEL = "tiny"
+PRICE = 1000
+RANGES = ["0:2", "2:4", "4:5"]
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    root = tmp_path_factory.mktemp("market")
+    checkpoint = random_checkpoint(tiny_config(), root / "tiny-model")
+    market = DevMarket(root)
+    market.checkpoint = checkpoint
+    try:
+        market.start_chain()
+        market.new_account("publisher")
+        market.cli("publisher", "model", "publish", "--checkpoint", str(checkpoint), "--name", MODEL)
+        for i, layers in enumerate(RANGES):
+            name = f"node{i}"
+            market.new_account(name, tokens=100 * 10**18)
+            market.node_port(name)
+            market.cli(name, "node", "register", "--model", MODEL, "--layers", layers, "--price", str(PRICE), "--stake", "100e18")
+        for i in range(len(RANGES)):
+            market.start_node(f"node{i}", wait=False)
+        for node in market.nodes.values():
+            market.wait_ready(node)
+        yield market
+    finally:
+        market.stop()
+
+
+async def client_model(market: DevMarket, name: str):
+    """A paid RemoteModel for client `name` (created, funded and deposited on first use)."""
+    from node.chain.keys import load_account
+    from node.client.market import connect_paid
+    from node.config import load_config
+
+    if name not in market.accounts:
+        market.new_account(name, tokens=10**18)
+        market.cli(name, "client", "deposit", str(10**17))
+    with market.acting_as(name):
+        account, config = load_account(PASSWORD), load_config()
+    return await connect_paid(market.checkpoint, config, account, MODEL)
+
+
+async def generate(model, prompt: list[int], max_tokens: int):
+    """Greedy tokens and the Completion (with its cost) of one paid request."""
+    from node.client.generation import Completion
+    from node.engine.sampling import SamplingParams
+
+    completion = Completion(prompt_tokens=len(prompt))
+    tokens = [t async for t in model.stream(prompt, SamplingParams(max_tokens=max_tokens), completion)]
+    return tokens, completion

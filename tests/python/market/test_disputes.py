@@ -1,0 +1,161 @@
+"""Checks on nodes, on a real anvil with real node processes: spot checks never accuse honest nodes that
+compute with other thread counts or from disk-offloaded layers, a node adding noise is challenged and slashed by the verifiers' vote, a node
+signing two answers for one step is slashed for equivocation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from node.chain.contracts import Market
+from node.chain.keys import load_account
+from node.chain.evidence import relative_difference
+from node.client.session import InferenceSession
+from node.config import load_config
+from node.devmarket import PASSWORD, DevMarket
+from node.engine.models import random_checkpoint, tiny_config
+
+from .conftest import MODEL, generate
+
+PROMPT = [3, 1, 4, 1, 5]
+NODE_SLASHED = 2
+# name, layers, price, extra `node run` arguments
+NODES = [
+    ("a", "0:2", 1000, ["--threads", "1"]),
+    ("b1", "2:4", 1000, ["--threads", "1"]),
+    ("b2", "2:4", 1000, ["--threads", "2"]),
+    ("b3", "2:4", 1000, ["--threads", "1", "--max-memory-mb", "0", "--offload-folder", "{root}/offload-b3"]),  # layers on disk
+    ("c", "4:5", 1000, ["--threads", "1"]),
+]
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    root = tmp_path_factory.mktemp("disputes")
+    checkpoint = random_checkpoint(tiny_config(), root / "tiny-model", seed=3)
+    market = DevMarket(root)
+    market.checkpoint = checkpoint
+    try:
+        market.start_chain()
+        market.new_account("publisher")
+        market.cli("publisher", "model", "publish", "--checkpoint", str(checkpoint), "--name", MODEL)
+        for name, layers, price, _ in NODES:
+            market.new_account(name, tokens=100 * 10**18)
+            market.node_port(name)
+            market.cli(name, "node", "register", "--model", MODEL, "--layers", layers, "--price", str(price), "--stake", "100e18")
+        for name, _, _, extra in NODES:
+            market.start_node(name, *(arg.format(root=root) for arg in extra), wait=False)
+        for node in market.nodes.values():
+            market.wait_ready(node)
+        yield market
+    finally:
+        market.stop()
+
+
+async def auditing_client(market: DevMarket, name: str, rate: float):
+    from node.client.market import connect_paid
+
+    if name not in market.accounts:
+        market.new_account(name, tokens=100 * 10**18)
+        market.cli(name, "client", "deposit", str(10**17))
+    with market.acting_as(name):
+        import os
+
+        os.environ["SHARDMARKET_CLIENT_SPOT_CHECK_RATE"] = str(rate)
+        account, config = load_account(PASSWORD), load_config()
+    return await connect_paid(market.checkpoint, config, account, MODEL)
+
+
+def stake_of(market: DevMarket, name: str) -> int:
+    with market.acting_as(name):
+        chain = Market.connect(load_config())
+    return chain.read(chain.stake.functions.totalStakeOf(market.accounts[name]))
+
+
+def test_honest_nodes_with_other_thread_counts_are_never_accused(market):
+    async def scenario():
+        model = await auditing_client(market, "honest-client", rate=1.0)
+        for _ in range(2):
+            await generate(model, PROMPT, 6)
+        await model.auditor.wait()
+        return model.auditor
+
+    async def same_range_outputs():
+        model = await auditing_client(market, "honest-client", rate=0.0)
+        inputs = [(0, torch.randn(1, 4, model.head.config.hidden_size)), (4, torch.randn(1, 1, model.head.config.hidden_size))]
+        outputs = {}
+        for node in [n for n in model.nodes if (n.start, n.end) == (2, 4)]:
+            session = InferenceSession([node], model.head.num_layers, model.domain, max_length=8, receipt_source=model.receipt_source)
+            hop = (await session._open_hops([node]))[0]
+            outputs[node.url] = [o for _, o in await session._replay_hop(hop, inputs)]
+            await session.close()
+        return outputs
+
+    auditor = asyncio.run(scenario())
+    assert auditor.checks >= 6  # every hop of both requests was re-run elsewhere or locally
+    assert auditor.findings == []
+    outputs = list(asyncio.run(same_range_outputs()).values())
+    assert len(outputs) == 3  # one thread, two threads, layers offloaded to disk
+    for other in outputs[1:]:
+        for a, b in zip(outputs[0], other):
+            assert relative_difference(a, b) <= 1e-5  # the same within floating-point noise, far below the tolerance
+    with market.acting_as("a"):
+        chain = Market.connect(load_config())
+    assert chain.read(chain.disputes.functions.disputeCount()) == 0
+
+
+def test_noisy_node_is_challenged_and_slashed_by_the_verifiers(market):
+    market.new_account("cheat", tokens=100 * 10**18)
+    market.node_port("cheat")
+    market.cli("cheat", "node", "register", "--model", MODEL, "--layers", "2:4", "--price", "1", "--stake", "100e18")
+    market.start_node("cheat", "--cheat-noise", "0.1")  # the cheapest node of its range: every route uses it
+
+    async def scenario():
+        model = await auditing_client(market, "checking-client", rate=1.0)
+        await generate(model, PROMPT, 4)
+        await model.auditor.wait()
+        return model.auditor
+
+    auditor = asyncio.run(scenario())
+    challenges = [f for f in auditor.findings if f.kind == "challenge"]
+    assert [f.node for f in challenges] == [market.accounts["cheat"]]  # only the cheater is accused
+    with market.acting_as("cheat"):
+        chain = Market.connect(load_config())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = chain.read(chain.disputes.functions.getDispute(challenges[0].dispute_id))[2]
+        if status != 1:
+            break
+        time.sleep(0.5)
+    assert status == NODE_SLASHED
+    assert stake_of(market, "cheat") == 50 * 10**18  # wrongOutputSlashBps = 50 %
+    assert all(stake_of(market, name) == 100 * 10**18 for name, _, _, _ in NODES)
+    market.stop_node("cheat")
+
+
+def test_equivocating_node_is_slashed(market):
+    market.new_account("twofaced", tokens=100 * 10**18)
+    market.node_port("twofaced")
+    market.cli("twofaced", "node", "register", "--model", MODEL, "--layers", "4:5", "--price", "5000", "--stake", "100e18")
+    node = market.start_node("twofaced", "--test-fault", "equivocate")
+
+    async def scenario():
+        model = await auditing_client(market, "witness", rate=0.0)
+        target = next(n for n in model.nodes if n.url == node.url)
+        session = InferenceSession([target], model.head.num_layers, model.domain, max_length=16,
+                                   receipt_source=model.receipt_source, on_commitment=model.on_commitment)
+        hop = (await session._open_hops([target]))[0]
+        hidden = torch.randn(1, 3, target.hidden_size)
+        await session._step(hop, 0, 0, hidden)
+        await session._step(hop, 0, 0, hidden)  # a retry: the node answers differently and signs it again
+        await session.close()
+        await model.auditor.wait()
+        return model.auditor
+
+    auditor = asyncio.run(scenario())
+    assert [f.kind for f in auditor.findings] == ["equivocation"]
+    assert stake_of(market, "twofaced") == 0
+    market.stop_node("twofaced")

@@ -1,0 +1,174 @@
+"""The paid market end to end on a real anvil with real node processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+import torch
+
+from node.chain.contracts import Market
+from node.chain.keys import load_account
+from node.client.routing import RouteError
+from node.config import load_config
+from node.devmarket import PASSWORD
+from node.engine.head import Head
+from node.engine.sampling import SamplingParams, generate as local_generate
+from node.engine.stage import Stage
+
+from .conftest import PRICE, RANGES, client_model, generate
+
+PROMPT = [1, 5, 9, 2, 7]
+
+
+def chain_as(market, name: str) -> Market:
+    with market.acting_as(name):
+        return Market.connect(load_config(), load_account(PASSWORD))
+
+
+def test_pay_per_request_over_three_nodes(market):
+    model = asyncio.run(client_model(market, "alice"))
+    tokens, completion = asyncio.run(generate(model, PROMPT, 6))
+    head = Head.load(market.checkpoint)
+    stage = Stage.load(market.checkpoint, 0, head.num_layers)
+    stage.open_session("local", 64)
+    local = list(local_generate(head, lambda h, p: stage.step("local", h, p), PROMPT, SamplingParams(max_tokens=6)))
+    assert tokens == local
+    processed = len(PROMPT) + len(tokens) - 1  # the last sampled token is never sent through the layers
+    assert completion.cost == len(RANGES) * PRICE * processed
+    alice = market.accounts["alice"]
+    chain = chain_as(market, "alice")
+    escrow_before = chain.read(chain.escrow.functions.balanceOf(alice))
+    for name in ("node0", "node1", "node2"):
+        market.cli(name, "node", "redeem")
+        operator = market.accounts[name]
+        paid, claimed = chain.read(chain.escrow.functions.channelOf(alice, operator))
+        assert paid == claimed == PRICE * processed
+    assert escrow_before - chain.read(chain.escrow.functions.balanceOf(alice)) == completion.cost
+
+
+def test_client_that_stops_paying_gets_no_more_than_its_credit_limit(market):
+    async def scenario():
+        model = await client_model(market, "mallory")
+        honest = model.receipt_source
+        first: dict = {}
+
+        def stale(node, request_id, step, tokens):  # pays the first step, then repeats that receipt forever
+            if node.operator not in first:
+                first[node.operator] = honest(node, request_id, step, tokens)
+            return first[node.operator]
+
+        model.receipt_source = stale
+        with pytest.raises(RouteError):
+            await generate(model, PROMPT, 200)
+
+    asyncio.run(scenario())
+    from node.server.receipts import ReceiptStore
+
+    credit = 64 * PRICE
+    for name in ("node0", "node1", "node2"):
+        with market.acting_as(name):
+            store = ReceiptStore(load_config().node.data_dir / "receipts.sqlite", market.accounts[name])
+        stored = store.get(market.accounts["mallory"])
+        assert stored.receipt.cumulative_amount == PRICE * len(PROMPT)  # only the first step was paid
+        assert stored.receipt.cumulative_amount < stored.served <= stored.receipt.cumulative_amount + credit
+
+
+def test_withdrawal_request_triggers_redemption(market):
+    model = asyncio.run(client_model(market, "carol"))
+    _, completion = asyncio.run(generate(model, PROMPT, 3))
+    carol = market.accounts["carol"]
+    chain = chain_as(market, "carol")
+    balance = chain.read(chain.escrow.functions.balanceOf(carol))
+    chain.transact(chain.escrow.functions.requestWithdrawal(balance), "requesting a withdrawal")
+    deadline = time.monotonic() + 30
+    paid = 0
+    while time.monotonic() < deadline and paid < completion.cost:
+        paid = sum(chain.read(chain.escrow.functions.channelOf(carol, market.accounts[n]))[0] for n in ("node0", "node1", "node2"))
+        time.sleep(0.5)
+    assert paid == completion.cost  # every node redeemed before the timelock, without being asked
+
+
+def test_kill_9_between_ack_and_redeem_loses_nothing(market):
+    model = asyncio.run(client_model(market, "dave"))
+    _, completion = asyncio.run(generate(model, PROMPT, 4))
+    market.stop_node("node1", signal.SIGKILL)
+    market.start_node("node1")
+    market.cli("node1", "node", "redeem")
+    chain = chain_as(market, "dave")
+    paid, _ = chain.read(chain.escrow.functions.channelOf(market.accounts["dave"], market.accounts["node1"]))
+    assert paid == completion.cost // len(RANGES)
+
+
+def test_chain_down_and_back_loses_nothing(market, capsys):
+    model = asyncio.run(client_model(market, "erin"))
+    _, first = asyncio.run(generate(model, PROMPT, 2))
+    market.stop_chain()
+    try:
+        _, second = asyncio.run(generate(model, PROMPT, 4))  # nodes keep serving a client whose balance they know
+        with pytest.raises(RuntimeError):
+            market.cli("node0", "node", "redeem")
+        assert "cannot reach the chain" in capsys.readouterr().err
+    finally:
+        market.restart_chain()
+    market.cli("node0", "node", "redeem")
+    chain = chain_as(market, "erin")
+    paid, _ = chain.read(chain.escrow.functions.channelOf(market.accounts["erin"], market.accounts["node0"]))
+    assert paid == (first.cost + second.cost) // len(RANGES)
+
+
+def test_operator_mistakes_get_clear_errors_and_change_nothing(market, capsys):
+    import os
+
+    from node.cli import main
+
+    market.new_account("newbie", tokens=10**18)
+    market.node_port("newbie")
+    cases = [
+        (["--model", "nope", "--layers", "0:2", "--stake", "100e18"], "unknown model 'nope'"),
+        (["--model", "tiny", "--layers", "0:9", "--stake", "100e18"], "outside the model"),
+        (["--model", "tiny", "--layers", "0:2", "--stake", "1e18"], "too little stake"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(RuntimeError):
+            market.cli("newbie", "node", "register", "--price", "1", *argv)
+        assert message in capsys.readouterr().err
+    market.new_account("broke", eth=0, tokens=100 * 10**18)
+    market.node_port("broke")
+    with pytest.raises(RuntimeError):
+        market.cli("broke", "node", "register", "--model", "tiny", "--layers", "0:2", "--price", "1", "--stake", "100e18")
+    assert "not enough gas money" in capsys.readouterr().err
+    with market.acting_as("newbie"):
+        os.environ["SHARDMARKET_CHAIN_RPC_URL"] = "http://127.0.0.1:9"
+        assert main(["node", "status"]) == 1
+    assert "cannot reach the chain at http://127.0.0.1:9" in capsys.readouterr().err
+    chain = chain_as(market, "newbie")
+    for name in ("newbie", "broke"):
+        assert chain.read(chain.stake.functions.totalStakeOf(market.accounts[name])) == 0
+        assert not chain.read(chain.registry.functions.isListed(market.accounts[name]))
+
+
+def test_a_refused_step_is_never_answered_even_on_retry(market):
+    from node.client.session import InferenceSession, NodeFailure
+
+    async def scenario():
+        model = await client_model(market, "frank")
+        node = next(n for n in model.nodes if n.start == 0)
+
+        def forged(node, request_id, step, tokens):  # a valid receipt whose signature was tampered with
+            receipt = bytearray(model.receipt_source(node, request_id, step, tokens))
+            receipt[-10] ^= 0xFF
+            return bytes(receipt)
+
+        session = InferenceSession([node], model.head.num_layers, model.domain, max_length=8, receipt_source=forged)
+        hop = (await session._open_hops([node]))[0]
+        hidden = torch.randn(1, 2, node.hidden_size)
+        with pytest.raises(NodeFailure, match="signature is invalid|signed by"):
+            await session._step(hop, 0, 0, hidden)
+        with pytest.raises(NodeFailure, match="no open session"):
+            await session._step(hop, 0, 0, hidden)  # the computed answer was thrown away with the session
+        await session.close()
+
+    asyncio.run(scenario())
