@@ -179,8 +179,8 @@ class Market:
         sender = self.address
         try:
             params = {"from": sender, "nonce": self.w3.eth.get_transaction_count(sender, "pending"), "chainId": self.chain_id}
-            if gas is not None:
-                params["gas"] = gas
+            # A margin over the estimate: some calls (a dispute's verifier draw) cost more in the block they land in.
+            params["gas"] = gas if gas is not None else call.estimate_gas({"from": sender}) * 3 // 2 + 50_000
             tx = call.build_transaction(params)
             cost = tx["gas"] * tx.get("maxFeePerGas", tx.get("gasPrice", 0))
             balance = self.w3.eth.get_balance(sender)
@@ -203,7 +203,9 @@ class Market:
                 raise ChainError(f"{what}: not enough gas money in {sender}; send ETH to that account") from None
             raise ChainError(f"{what} failed: {exc}") from None
         if receipt["status"] != 1:
-            raise ChainError(f"{what}: transaction {tx_hash.hex()} reverted")
+            out_of_gas = receipt["gasUsed"] >= tx["gas"]
+            why = f"ran out of gas ({tx['gas']}); retry with more" if out_of_gas else "reverted"
+            raise ChainError(f"{what}: transaction {tx_hash.hex()} {why}")
         return receipt
 
     def model_id(self, name: str) -> bytes:
