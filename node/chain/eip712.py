@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from eth_abi import encode
-from eth_account import Account
-from eth_account.messages import encode_typed_data
 from eth_keys import keys
 from eth_keys.exceptions import BadSignature
 from eth_utils import is_address, keccak, to_checksum_address
@@ -201,7 +199,7 @@ def _typed_data(primary: str, fields: list[dict], message: dict, domain: Domain)
 
 def sign_receipt(private_key: bytes | str, receipt: Receipt, domain: Domain) -> bytes:
     """Sign `receipt` as its client; returns 65 bytes r||s||v."""
-    return _sign(private_key, receipt_typed_data(receipt, domain))
+    return _sign(private_key, receipt_digest(receipt, domain))
 
 
 def recover_receipt_signer(receipt: Receipt, signature: bytes, domain: Domain) -> str:
@@ -211,7 +209,7 @@ def recover_receipt_signer(receipt: Receipt, signature: bytes, domain: Domain) -
 
 def sign_commitment(private_key: bytes | str, commitment: Commitment, domain: Domain) -> bytes:
     """Sign `commitment` as a node's operator; returns 65 bytes r||s||v."""
-    return _sign(private_key, commitment_typed_data(commitment, domain))
+    return _sign(private_key, commitment_digest(commitment, domain))
 
 
 def recover_commitment_signer(commitment: Commitment, signature: bytes, domain: Domain) -> str:
@@ -242,9 +240,11 @@ def tensor_hash(data: bytes) -> bytes:
     return keccak(data)
 
 
-def _sign(private_key: bytes | str, typed_data: dict) -> bytes:
-    signed = Account.sign_message(encode_typed_data(full_message=typed_data), private_key)
-    return bytes(signed.signature)
+def _sign(private_key: bytes | str, digest: bytes) -> bytes:
+    """Sign an EIP-712 digest (the tests check it equals eth-account's typed-data encoding); low-s, v in {27, 28}."""
+    key = bytes.fromhex(private_key.removeprefix("0x")) if isinstance(private_key, str) else bytes(private_key)
+    signature = keys.PrivateKey(key).sign_msg_hash(digest)
+    return signature.to_bytes()[:64] + bytes([signature.v + 27])
 
 
 def _recover(digest: bytes, signature: bytes) -> str:

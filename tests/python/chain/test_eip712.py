@@ -66,6 +66,15 @@ def test_digests_match_eth_account_typed_data_encoding():
         assert digest == keccak(b"\x19" + message.version + message.header + message.body)
 
 
+def test_signatures_equal_what_a_wallet_signs_for_the_typed_data():
+    assert sign_receipt(CLIENT.key, receipt(), DOMAIN) == bytes(
+        Account.sign_message(encode_typed_data(full_message=receipt_typed_data(receipt(), DOMAIN)), CLIENT.key).signature
+    )
+    assert sign_commitment(NODE.key.hex(), commitment(), DOMAIN) == bytes(
+        Account.sign_message(encode_typed_data(full_message=commitment_typed_data(commitment(), DOMAIN)), NODE.key).signature
+    )
+
+
 @pytest.mark.parametrize(
     "other",
     [Domain(chain_id=1, verifying_contract=ESCROW), Domain(chain_id=31337, verifying_contract="0x" + "cd" * 20)],
