@@ -203,7 +203,7 @@ class MemoryBlockstore:
         return split(cid)[1] in self.blocks
 
     def put(self, cid: bytes, parts: Sequence[bytes | memoryview]) -> None:
-        self.blocks.setdefault(split(cid)[1], b"".join(bytes(p) for p in parts) if len(parts) > 1 else bytes(parts[0]))
+        self.blocks.setdefault(split(cid)[1], b"".join(parts) if len(parts) > 1 else bytes(parts[0]))
 
     def add_block(self, cid: bytes, data: bytes | memoryview) -> None:
         if not verify(cid, data):

@@ -45,33 +45,42 @@ def cid_length(buf: bytes | memoryview, pos: int) -> int:
 class CarParser:
     """Incremental CAR v1 reader: `feed` bytes as they arrive, get verified (cid, block) pairs back.
 
-    Blocks inside one fed chunk come back as memoryviews of it (no copy); only a block that straddles two
-    chunks is assembled in a buffer.
+    Blocks inside one fed chunk come back as memoryviews of it (no copy); an item cut by the end of a chunk
+    is kept as views of the chunks it spans and joined once, when its last byte arrives.
     """
 
     def __init__(self) -> None:
-        self.buf = bytearray()
+        self.parts: list[memoryview] = []  # the start of an item that the last chunk cut
+        self.size = 0  # bytes in `parts`
+        self.total: int | None = None  # that item's full length, once its length varint is whole
         self.roots: list[bytes] | None = None
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, memoryview]]:
         out: list[tuple[bytes, memoryview]] = []
         view = memoryview(chunk)
-        while self.buf and view:
-            # finish the item left over from the last chunk with just the bytes it still needs
-            total = self._item_length(self.buf)
-            take = 1 if total is None else total - len(self.buf)  # a varint grows one byte at a time
-            self.buf += view[:take]
+        if self.parts:
+            if self.total is None:  # the length varint itself was cut; it is at most 10 bytes
+                self.total = self._item_length(b"".join(self.parts) + bytes(view[:10]))
+            if self.total is None or self.size + len(view) < self.total:
+                self._keep(view)
+                return out
+            take = self.total - self.size
+            item = b"".join([*self.parts, view[:take]])
+            self.parts, self.size, self.total = [], 0, None
+            self._parse(memoryview(item), out)
             view = view[take:]
-            if total is not None and len(self.buf) == total:
-                self._parse(memoryview(bytes(self.buf)), out)
-                self.buf = bytearray()
-        if self.buf:
-            return out
         used = self._parse(view, out)
-        self.buf = bytearray(view[used:])
+        if used < len(view):
+            self._keep(view[used:])
+            self.total = self._item_length(view[used:])
         return out
 
-    def _item_length(self, buf: bytes | bytearray) -> int | None:
+    def _keep(self, view: memoryview) -> None:
+        if view:
+            self.parts.append(view)
+            self.size += len(view)
+
+    def _item_length(self, buf: bytes | memoryview) -> int | None:
         """Total bytes (varint + body) of the first item in `buf`, or None while its varint is incomplete."""
         try:
             length, start = read_varint(buf, 0)
@@ -79,7 +88,16 @@ class CarParser:
             if len(buf) >= 10:
                 raise CarError("CAR section length is not a valid varint") from None
             return None
+        self._check(length)
         return start + length
+
+    def _check(self, length: int) -> None:
+        """Refuse a header or section length no honest CAR has (before buffering that many bytes)."""
+        if self.roots is None:
+            if length > MAX_HEADER:
+                raise CarError(f"CAR header claims {length} bytes; not a CAR v1")
+        elif not 0 < length <= MAX_SECTION:
+            raise CarError(f"CAR section of {length} bytes is out of bounds")
 
     def _parse(self, view: memoryview, out: list) -> int:
         """Parse every complete item of `view`; return how many bytes were used."""
@@ -91,11 +109,7 @@ class CarParser:
                 if len(view) - pos >= 10:
                     raise CarError("CAR section length is not a valid varint") from None
                 break  # the length itself is still incomplete
-            if self.roots is None:
-                if length > MAX_HEADER:
-                    raise CarError(f"CAR header claims {length} bytes; not a CAR v1")
-            elif not 0 < length <= MAX_SECTION:
-                raise CarError(f"CAR section of {length} bytes is out of bounds")
+            self._check(length)
             if start + length > len(view):
                 break
             if self.roots is None:
@@ -133,8 +147,8 @@ class CarParser:
         """Call at end of input: leftover bytes or a missing header mean the CAR was truncated."""
         if self.roots is None:
             raise CarError("CAR ended before its header: empty or truncated")
-        if self.buf:
-            raise CarError(f"CAR is truncated: {len(self.buf)} bytes of an incomplete section at the end")
+        if self.parts:
+            raise CarError(f"CAR is truncated: {self.size} bytes of an incomplete section at the end")
 
 
 def read_car(stream: BinaryIO, chunk_size: int = 1 << 20) -> tuple[list[bytes], Iterator[tuple[bytes, memoryview]]]:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 RANGE_BYTES = 16 * 1024 * 1024
 WORKERS_PER_GATEWAY = 2
 MAX_FAILURES = 3
+BATCH_BYTES = 4 * 1024 * 1024  # bytes handed to the hashing thread at once
 
 
 class FetchError(RuntimeError):
@@ -206,18 +207,36 @@ class DagFetcher:
             self.alive.discard(gateway)
 
     async def _fetch_unit(self, gateway: str, unit: Unit) -> None:
+        """Stream one unit's CAR: the socket keeps reading while a thread parses and hashes the previous batch."""
         parser = CarParser()
-        async with self.session.get(unit.url(gateway), headers={"Accept": CAR_TYPE}) as resp:
-            if resp.status != 200:
-                raise FetchError(f"HTTP {resp.status}: {(await resp.text())[:200].strip()}")
-            async for chunk in resp.content.iter_chunked(1 << 20):
-                # hashing and disk writes release the GIL: a thread lets the socket keep reading meanwhile
-                await asyncio.to_thread(self._ingest, parser, chunk)
+        job: asyncio.Future | None = None
+        try:
+            async with self.session.get(unit.url(gateway), headers={"Accept": CAR_TYPE}) as resp:
+                if resp.status != 200:
+                    raise FetchError(f"HTTP {resp.status}: {(await resp.text())[:200].strip()}")
+                batch: list[bytes] = []
+                size = 0
+                async for piece, _ in resp.content.iter_chunks():  # pieces as received, no join
+                    batch.append(piece)
+                    size += len(piece)
+                    if size >= BATCH_BYTES:
+                        if job is not None:
+                            await job
+                        job = asyncio.ensure_future(asyncio.to_thread(self._ingest, parser, batch))
+                        batch, size = [], 0
+                if job is not None:
+                    await job
+                job = None
+                self._ingest(parser, batch)
+        finally:
+            if job is not None:  # the thread still uses the parser: let it finish before the unit is retried
+                await asyncio.gather(job, return_exceptions=True)
         parser.close()
 
-    def _ingest(self, parser: CarParser, chunk: bytes) -> None:
-        for cid, block in parser.feed(chunk):  # hashes are checked by the parser
-            self._accept(cid, block)
+    def _ingest(self, parser: CarParser, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            for cid, block in parser.feed(piece):  # hashes are checked by the parser
+                self._accept(cid, block)
 
     def _accept(self, cid: bytes, block: bytes) -> None:
         mh = split(cid)[1]
