@@ -55,8 +55,8 @@ class CarParser:
         self.total: int | None = None  # that item's full length, once its length varint is whole
         self.roots: list[bytes] | None = None
 
-    def feed(self, chunk: bytes) -> list[tuple[bytes, memoryview]]:
-        out: list[tuple[bytes, memoryview]] = []
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes | memoryview]]:
+        out: list[tuple[bytes, bytes | memoryview]] = []
         view = memoryview(chunk)
         if self.parts:
             if self.total is None:  # the length varint itself was cut; it is at most 10 bytes
@@ -65,9 +65,9 @@ class CarParser:
                 self._keep(view)
                 return out
             take = self.total - self.size
-            item = b"".join([*self.parts, view[:take]])
+            parts = [*self.parts, view[:take]]
             self.parts, self.size, self.total = [], 0, None
-            self._parse(memoryview(item), out)
+            self._parse_parts(parts, out)
             view = view[take:]
         used = self._parse(view, out)
         if used < len(view):
@@ -119,6 +119,20 @@ class CarParser:
             pos = start + length
         return pos
 
+    def _parse_parts(self, parts: list[memoryview], out: list) -> None:
+        """Parse one item from the views it spans, joining a block's bytes once (it comes back as bytes)."""
+        first = parts[0]
+        if self.roots is not None and len(first) >= 128:
+            try:
+                _, start = read_varint(first, 0)
+                n = start + cid_length(first, start)
+            except (DecodeError, IndexError):
+                n = len(first) + 1  # malformed: the whole-item parse below says how
+            if n <= len(first):
+                out.append(self._verified(bytes(first[start:n]), b"".join([first[n:], *parts[1:]])))
+                return
+        self._parse(memoryview(b"".join(parts)), out)
+
     def _header(self, body: bytes) -> None:
         try:
             value = dag_cbor.decode(body)
@@ -131,14 +145,17 @@ class CarParser:
             raise CarError("CAR header has no list of root CIDs")
         self.roots = [bytes(r) for r in roots]
 
-    def _section(self, sec: memoryview) -> tuple[bytes, memoryview]:
+    def _section(self, sec: memoryview) -> tuple[bytes, bytes | memoryview]:
         try:
             n = cid_length(sec, 0)
         except (DecodeError, IndexError):
             raise CarError("CAR section starts with a malformed CID") from None
         if n > len(sec):
             raise CarError("CAR section is shorter than its CID")
-        cid, data = bytes(sec[:n]), sec[n:]
+        return self._verified(bytes(sec[:n]), sec[n:])
+
+    @staticmethod
+    def _verified(cid: bytes, data: bytes | memoryview) -> tuple[bytes, bytes | memoryview]:
         if not verify(cid, data):
             raise CarError(f"block {to_str(cid)} in the CAR does not match its CID")
         return cid, data

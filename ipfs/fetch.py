@@ -69,7 +69,7 @@ class DagFetcher:
         """Fetch every block under `root` (already present blocks are not fetched again)."""
         root = bytes(root)
         self.expected.add(split(root)[1])
-        async with aiohttp.ClientSession(timeout=self.timeout, read_bufsize=1 << 20) as session:
+        async with aiohttp.ClientSession(timeout=self.timeout, read_bufsize=1 << 22) as session:
             self.session = session
             block = await self._root_block(root)
             links, _, _ = self._learn(root, block)
@@ -227,7 +227,7 @@ class DagFetcher:
                 if job is not None:
                     await job
                 job = None
-                self._ingest(parser, batch)
+                await asyncio.to_thread(self._ingest, parser, batch)
         finally:
             if job is not None:  # the thread still uses the parser: let it finish before the unit is retried
                 await asyncio.gather(job, return_exceptions=True)
