@@ -120,16 +120,17 @@ class CarParser:
         return pos
 
     def _parse_parts(self, parts: list[memoryview], out: list) -> None:
-        """Parse one item from the views it spans, joining a block's bytes once (it comes back as bytes)."""
+        """Parse one item from the views it spans. When a section's CID lies in the first view, its block is
+        joined straight into the bytes it is returned (and stored) as; otherwise the whole item is joined."""
         first = parts[0]
         if self.roots is not None and len(first) >= 128:
             try:
                 _, start = read_varint(first, 0)
-                n = start + cid_length(first, start)
+                end = start + cid_length(first, start)
             except (DecodeError, IndexError):
-                n = len(first) + 1  # malformed: the whole-item parse below says how
-            if n <= len(first):
-                out.append(self._verified(bytes(first[start:n]), b"".join([first[n:], *parts[1:]])))
+                end = None  # malformed: parsing the whole item below says how
+            if end is not None and end <= len(first):
+                out.append(self._verified(bytes(first[start:end]), b"".join([first[end:], *parts[1:]])))
                 return
         self._parse(memoryview(b"".join(parts)), out)
 

@@ -41,3 +41,19 @@ def test_malformed_cars_are_refused(car):
     huge = bytearray(data[: len(header([car[0]]))]) + b"\xff\xff\xff\x0f"
     with pytest.raises(CarError, match="out of bounds"):
         CarParser().feed(bytes(huge))
+    parser = CarParser()
+    parser.feed(bytes(huge[:-2]))
+    with pytest.raises(CarError, match="out of bounds"):  # a length cut across chunks, refused before buffering
+        parser.feed(bytes(huge[-2:]))
+
+
+@pytest.mark.parametrize("step", [7, 1000, 4096, 65536])
+@pytest.mark.parametrize("where", [0.5, -10])
+def test_a_tampered_block_is_refused_at_any_chunking(car, step, where):
+    _, _, data = car
+    tampered = bytearray(data)
+    tampered[int(len(data) * where) if where > 0 else where] ^= 1
+    parser = CarParser()
+    with pytest.raises(CarError, match="does not match"):
+        for i in range(0, len(tampered), step):
+            parser.feed(bytes(tampered[i : i + step]))
