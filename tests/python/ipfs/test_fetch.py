@@ -69,22 +69,27 @@ def fetch(store, gateways, root, range_bytes=100_000):
     return DagFetcher(store, gateways, range_bytes=range_bytes, progress=False).fetch(root)
 
 
-def test_blocks_spread_over_gateways(tmp_path, source):
-    src, entry = source
+def from_two_honest_gateways(src: Blockstore, dest: Blockstore, root: bytes) -> tuple[Blockstore, Counter]:
+    """Fetch `root` into `dest` from two honest gateways over `src`; returns dest and the requests each one served."""
 
     async def main():
         hits = Counter()
         a, url_a = await start(honest(src, hits, "a"))
         b, url_b = await start(honest(src, hits, "b"))
         try:
-            dest = Blockstore(tmp_path / "dest")
-            await fetch(dest, [url_a, url_b], entry.cid)
+            await fetch(dest, [url_a, url_b], root)
             return dest, hits
         finally:
             await a.cleanup()
             await b.cleanup()
 
-    dest, hits = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_blocks_spread_over_gateways(tmp_path, source):
+    src, entry = source
+
+    dest, hits = from_two_honest_gateways(src, Blockstore(tmp_path / "dest"), entry.cid)
     assert b"".join(iter_file(dest, entry.cid)) == DATA
     assert hits["a"] >= 2 and hits["b"] >= 2 and hits["a"] + hits["b"] == 1 + 10  # root + 10 ranges
 
@@ -165,19 +170,7 @@ def test_big_file_inside_a_directory_is_split_into_ranges(tmp_path):
     (tmp_path / "d" / "small.txt").write_text("small\n")
     root = import_path(tmp_path / "d", ImportOptions(chunk_size=8192), src, recursive=True)
 
-    async def main():
-        hits = Counter()
-        a, url_a = await start(honest(src, hits, "a"))
-        b, url_b = await start(honest(src, hits, "b"))
-        try:
-            dest = Blockstore(tmp_path / "dest")
-            await fetch(dest, [url_a, url_b], root.cid)
-            return dest, hits
-        finally:
-            await a.cleanup()
-            await b.cleanup()
-
-    dest, hits = asyncio.run(main())
+    dest, hits = from_two_honest_gateways(src, Blockstore(tmp_path / "dest"), root.cid)
     assert {p.name for p in dest.keys()} == {p.name for p in src.keys()}
     # the directory and big.bin's root block, then 10 ranges of big.bin and small.txt whole, over both gateways
     assert hits["a"] + hits["b"] == 2 + 10 + 1 and hits["a"] >= 3 and hits["b"] >= 3

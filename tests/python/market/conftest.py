@@ -13,23 +13,21 @@ PRICE = 1000
 RANGES = ["0:2", "2:4", "4:5"]
 
 
-@pytest.fixture(scope="module")
-def market(tmp_path_factory):
-    root = tmp_path_factory.mktemp("market")
-    checkpoint = random_checkpoint(tiny_config(), root / "tiny-model")
+def serve_market(root, checkpoint, nodes):
+    """Publish `checkpoint` as MODEL, register and start `nodes` (name, layers, price, extra `node run` args); yields
+    the market, stops everything after."""
     market = DevMarket(root)
     market.checkpoint = checkpoint
     try:
         market.start_chain()
         market.new_account("publisher")
         market.cli("publisher", "model", "publish", "--checkpoint", str(checkpoint), "--name", MODEL)
-        for i, layers in enumerate(RANGES):
-            name = f"node{i}"
+        for name, layers, price, _ in nodes:
             market.new_account(name, tokens=100 * 10**18)
             market.node_port(name)
-            market.cli(name, "node", "register", "--model", MODEL, "--layers", layers, "--price", str(PRICE), "--stake", "100e18")
-        for i in range(len(RANGES)):
-            market.start_node(f"node{i}", wait=False)
+            market.cli(name, "node", "register", "--model", MODEL, "--layers", layers, "--price", str(price), "--stake", "100e18")
+        for name, _, _, extra in nodes:
+            market.start_node(name, *extra, wait=False)
         for node in market.nodes.values():
             market.wait_ready(node)
         yield market
@@ -37,16 +35,26 @@ def market(tmp_path_factory):
         market.stop()
 
 
-async def client_model(market: DevMarket, name: str):
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    root = tmp_path_factory.mktemp("market")
+    checkpoint = random_checkpoint(tiny_config(), root / "tiny-model")
+    yield from serve_market(root, checkpoint, [(f"node{i}", layers, PRICE, []) for i, layers in enumerate(RANGES)])
+
+
+async def client_model(market: DevMarket, name: str, *, tokens: int = 10**18, spot_check_rate: float = 0.0):
     """A paid RemoteModel for client `name` (created, funded and deposited on first use)."""
+    import os
+
     from node.chain.keys import load_account
     from node.client.market import connect_paid
     from node.config import load_config
 
     if name not in market.accounts:
-        market.new_account(name, tokens=10**18)
+        market.new_account(name, tokens=tokens)
         market.cli(name, "client", "deposit", str(10**17))
     with market.acting_as(name):
+        os.environ["SHARDMARKET_CLIENT_SPOT_CHECK_RATE"] = str(spot_check_rate)
         account, config = load_account(PASSWORD), load_config()
     return await connect_paid(market.checkpoint, config, account, MODEL)
 

@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from node.chain.contracts import Market
-from node.chain.keys import load_account
 from node.chain.evidence import relative_difference
 from node.client.session import InferenceSession
 from node.config import load_config
-from node.devmarket import PASSWORD, DevMarket
+from node.devmarket import DevMarket
 from node.engine.models import random_checkpoint, tiny_config
 
-from .conftest import MODEL, generate
+from .conftest import MODEL, client_model, generate, serve_market
 
 PROMPT = [3, 1, 4, 1, 5]
 NODE_SLASHED = 2
@@ -36,37 +35,12 @@ NODES = [
 def market(tmp_path_factory):
     root = tmp_path_factory.mktemp("disputes")
     checkpoint = random_checkpoint(tiny_config(), root / "tiny-model", seed=3)
-    market = DevMarket(root)
-    market.checkpoint = checkpoint
-    try:
-        market.start_chain()
-        market.new_account("publisher")
-        market.cli("publisher", "model", "publish", "--checkpoint", str(checkpoint), "--name", MODEL)
-        for name, layers, price, _ in NODES:
-            market.new_account(name, tokens=100 * 10**18)
-            market.node_port(name)
-            market.cli(name, "node", "register", "--model", MODEL, "--layers", layers, "--price", str(price), "--stake", "100e18")
-        for name, _, _, extra in NODES:
-            market.start_node(name, *(arg.format(root=root) for arg in extra), wait=False)
-        for node in market.nodes.values():
-            market.wait_ready(node)
-        yield market
-    finally:
-        market.stop()
+    nodes = [(name, layers, price, [arg.format(root=root) for arg in extra]) for name, layers, price, extra in NODES]
+    yield from serve_market(root, checkpoint, nodes)
 
 
-async def auditing_client(market: DevMarket, name: str, rate: float):
-    from node.client.market import connect_paid
-
-    if name not in market.accounts:
-        market.new_account(name, tokens=100 * 10**18)
-        market.cli(name, "client", "deposit", str(10**17))
-    with market.acting_as(name):
-        import os
-
-        os.environ["SHARDMARKET_CLIENT_SPOT_CHECK_RATE"] = str(rate)
-        account, config = load_account(PASSWORD), load_config()
-    return await connect_paid(market.checkpoint, config, account, MODEL)
+def auditing_client(market: DevMarket, name: str, rate: float):
+    return client_model(market, name, tokens=100 * 10**18, spot_check_rate=rate)
 
 
 def stake_of(market: DevMarket, name: str) -> int:
