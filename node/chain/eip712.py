@@ -115,6 +115,9 @@ class UsageRecord:
         _check_bytes32(self.output_hash, "output_hash")
 
 
+PrivateKeyLike = bytes | str | keys.PrivateKey  # raw 32 bytes, hex, or an eth_keys key kept by a frequent signer
+
+
 def domain_separator(domain: Domain) -> bytes:
     """The EIP-712 domain separator, as the contract's `_domainSeparatorV4()` returns it."""
     return _domain_separator(domain.chain_id, to_checksum_address(domain.verifying_contract))
@@ -197,7 +200,7 @@ def _typed_data(primary: str, fields: list[dict], message: dict, domain: Domain)
     }
 
 
-def sign_receipt(private_key: bytes | str, receipt: Receipt, domain: Domain) -> bytes:
+def sign_receipt(private_key: PrivateKeyLike, receipt: Receipt, domain: Domain) -> bytes:
     """Sign `receipt` as its client; returns 65 bytes r||s||v."""
     return _sign(private_key, receipt_digest(receipt, domain))
 
@@ -207,7 +210,7 @@ def recover_receipt_signer(receipt: Receipt, signature: bytes, domain: Domain) -
     return _recover(receipt_digest(receipt, domain), signature)
 
 
-def sign_commitment(private_key: bytes | str, commitment: Commitment, domain: Domain) -> bytes:
+def sign_commitment(private_key: PrivateKeyLike, commitment: Commitment, domain: Domain) -> bytes:
     """Sign `commitment` as a node's operator; returns 65 bytes r||s||v."""
     return _sign(private_key, commitment_digest(commitment, domain))
 
@@ -240,10 +243,12 @@ def tensor_hash(data: bytes) -> bytes:
     return keccak(data)
 
 
-def _sign(private_key: bytes | str, digest: bytes) -> bytes:
+def _sign(private_key: PrivateKeyLike, digest: bytes) -> bytes:
     """Sign an EIP-712 digest (the tests check it equals eth-account's typed-data encoding); low-s, v in {27, 28}."""
-    key = bytes.fromhex(private_key.removeprefix("0x")) if isinstance(private_key, str) else bytes(private_key)
-    signature = keys.PrivateKey(key).sign_msg_hash(digest)
+    if not isinstance(private_key, keys.PrivateKey):
+        raw = bytes.fromhex(private_key.removeprefix("0x")) if isinstance(private_key, str) else bytes(private_key)
+        private_key = keys.PrivateKey(raw)
+    signature = private_key.sign_msg_hash(digest)
     return signature.to_bytes()[:64] + bytes([signature.v + 27])
 
 

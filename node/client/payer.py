@@ -10,7 +10,7 @@ from pathlib import Path
 
 from eth_keys import keys
 
-from node.chain.eip712 import Domain, Receipt, UsageRecord, chain_usage_hash, receipt_digest
+from node.chain.eip712 import Domain, Receipt, UsageRecord, chain_usage_hash, sign_receipt
 from node.net.commitment import SignedCommitment
 from node.server.payments import encode_receipt
 
@@ -53,12 +53,7 @@ class Payer:
             self._db.execute("INSERT OR REPLACE INTO channels VALUES (?, ?, ?, ?)", (key, str(cumulative), nonce, usage))
             self.request_costs[request_id] += cost
         receipt = Receipt(self.account.address, node.operator, cumulative, usage, nonce)
-        return encode_receipt(receipt, self._sign(receipt))
-
-    def _sign(self, receipt: Receipt) -> bytes:
-        """The same 65-byte r||s||v as eip712.sign_receipt, signing the digest directly (3x faster, once per hop per token)."""
-        signature = self._key.sign_msg_hash(receipt_digest(receipt, self.domain))
-        return signature.to_bytes()[:64] + bytes([signature.v + 27])
+        return encode_receipt(receipt, sign_receipt(self._key, receipt, self.domain))
 
     def answered(self, node, signed: SignedCommitment, tokens: int) -> None:
         """Chain the usage record of a step `node` answered into that node's usage hash."""
