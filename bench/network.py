@@ -30,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.chain.eip712 import Domain  # noqa: E402
+from node.chain.eip712 import Domain, signing_key, tensor_hash  # noqa: E402
 from node.client.generation import Completion, RemoteModel  # noqa: E402
 from node.config import load_config  # noqa: E402
 from node.engine.head import Head  # noqa: E402
@@ -58,6 +58,7 @@ def per_hop_overhead_us(hidden_size: int, repeats: int = 500) -> dict:
     node_eph, node_cipher = node_handshake(node_key, handshake.hello_key)
     client_cipher = handshake.finish(node_eph)
     request_id = os.urandom(32)
+    signer = signing_key(operator.key)
     spent = {"framing": [], "encryption": [], "signing": [], "verifying": []}
     for step in range(repeats):
         hidden = torch.randn(1, 1, hidden_size)
@@ -72,7 +73,7 @@ def per_hop_overhead_us(hidden_size: int, repeats: int = 500) -> dict:
         output = received.tensor  # the layers would run here
         out_payload = wire.tensor_bytes(output)
         t3 = time.perf_counter()
-        signed = commit(operator.key, request_id, step, received.payload, out_payload, DOMAIN)
+        signed = commit(signer, request_id, step, tensor_hash(received.payload), out_payload, DOMAIN)
         t4 = time.perf_counter()
         reply = wire.encode(Message(wire.RESULT, request_id, step, signed.to_fields(), output, out_payload))
         t5 = time.perf_counter()
@@ -80,7 +81,7 @@ def per_hop_overhead_us(hidden_size: int, repeats: int = 500) -> dict:
         t6 = time.perf_counter()
         result = wire.decode(back)
         t7 = time.perf_counter()
-        check_commitment(result.fields, request_id, step, payload, result.payload, operator.address, DOMAIN)
+        check_commitment(result.fields, request_id, step, tensor_hash(payload), result.payload, operator.address, DOMAIN)
         t8 = time.perf_counter()
         spent["framing"].append((t1 - t0) + (t3 - t2) + (t5 - t4) + (t7 - t6))
         spent["encryption"].append((t2 - t1) + (t6 - t5))

@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import coincurve
+import hashlib
+
 from eth_abi import encode
+from eth_hash.auto import keccak as keccak256
 from eth_keys import keys
-from eth_keys.exceptions import BadSignature
 from eth_utils import is_address, keccak, to_checksum_address
 
 DOMAIN_NAME = "shardmarket"
@@ -115,20 +118,18 @@ class UsageRecord:
         _check_bytes32(self.output_hash, "output_hash")
 
 
-PrivateKeyLike = bytes | str | keys.PrivateKey  # raw 32 bytes, hex, or an eth_keys key kept by a frequent signer
-
-
-def domain_separator(domain: Domain) -> bytes:
-    """The EIP-712 domain separator, as the contract's `_domainSeparatorV4()` returns it."""
-    return _domain_separator(domain.chain_id, to_checksum_address(domain.verifying_contract))
+# raw 32 bytes, hex, an eth_keys key, or (fastest, for a frequent signer) the result of `signing_key`
+PrivateKeyLike = bytes | str | keys.PrivateKey | coincurve.PrivateKey
 
 
 @lru_cache(maxsize=64)
-def _domain_separator(chain_id: int, verifying_contract: str) -> bytes:
+def domain_separator(domain: Domain) -> bytes:
+    """The EIP-712 domain separator, as the contract's `_domainSeparatorV4()` returns it."""
     return keccak(
         encode(
             ["bytes32", "bytes32", "bytes32", "uint256", "address"],
-            [DOMAIN_TYPEHASH, keccak(text=DOMAIN_NAME), keccak(text=DOMAIN_VERSION), chain_id, verifying_contract],
+            [DOMAIN_TYPEHASH, keccak(text=DOMAIN_NAME), keccak(text=DOMAIN_VERSION), domain.chain_id,
+             to_checksum_address(domain.verifying_contract)],
         )
     )
 
@@ -146,13 +147,9 @@ def receipt_digest(receipt: Receipt, domain: Domain) -> bytes:
 
 def commitment_digest(commitment: Commitment, domain: Domain) -> bytes:
     """The 32-byte digest a node signs for `commitment` (DisputeManager's `commitmentDigest`)."""
-    struct_hash = keccak(
-        encode(
-            ["bytes32", "bytes32", "uint64", "bytes32", "bytes32"],
-            [COMMITMENT_TYPEHASH, commitment.request_id, commitment.step, commitment.input_hash, commitment.output_hash],
-        )
-    )
-    return keccak(b"\x19\x01" + domain_separator(domain) + struct_hash)
+    c = commitment  # every field is 32 bytes or a checked uint64: abi.encode is plain concatenation (hot path)
+    struct_hash = keccak256(b"".join((COMMITMENT_TYPEHASH, c.request_id, c.step.to_bytes(32, "big"), c.input_hash, c.output_hash)))
+    return keccak256(b"\x19\x01" + domain_separator(domain) + struct_hash)
 
 
 def receipt_typed_data(receipt: Receipt, domain: Domain) -> dict:
@@ -220,6 +217,12 @@ def recover_commitment_signer(commitment: Commitment, signature: bytes, domain: 
     return _recover(commitment_digest(commitment, domain), signature)
 
 
+def is_commitment_signer(commitment: Commitment, signature: bytes, domain: Domain, address: str) -> bool:
+    """Whether `address` signed `commitment` (the per-step check: no checksum formatting); raises InvalidSignature
+    on a malformed or high-s signature."""
+    return _recover_address(commitment_digest(commitment, domain), signature) == bytes.fromhex(address.removeprefix("0x"))
+
+
 def split_signature(signature: bytes) -> tuple[int, bytes, bytes]:
     """(v, r, s) of a 65-byte r||s||v signature, as PaymentEscrow.redeemBatch takes it."""
     if not isinstance(signature, (bytes, bytearray)) or len(signature) != 65:
@@ -239,20 +242,34 @@ def chain_usage_hash(previous: bytes, record: UsageRecord) -> bytes:
 
 
 def tensor_hash(data: bytes) -> bytes:
-    """keccak256 of a tensor's raw bytes as they travel."""
-    return keccak(data)
+    """sha256 of a tensor's raw bytes as they travel (no contract hashes tensors; sha256 is the cheapest hash here,
+    and a commitment is hashed four times per hop)."""
+    return hashlib.sha256(data).digest()
+
+
+def signing_key(private_key: PrivateKeyLike) -> coincurve.PrivateKey:
+    """`private_key` ready to sign (libsecp256k1 through coincurve); keep it when signing every step."""
+    if isinstance(private_key, coincurve.PrivateKey):
+        return private_key
+    if isinstance(private_key, keys.PrivateKey):
+        return coincurve.PrivateKey(private_key.to_bytes())
+    raw = bytes.fromhex(private_key.removeprefix("0x")) if isinstance(private_key, str) else bytes(private_key)
+    return coincurve.PrivateKey(raw)
 
 
 def _sign(private_key: PrivateKeyLike, digest: bytes) -> bytes:
-    """Sign an EIP-712 digest (the tests check it equals eth-account's typed-data encoding); low-s, v in {27, 28}."""
-    if not isinstance(private_key, keys.PrivateKey):
-        raw = bytes.fromhex(private_key.removeprefix("0x")) if isinstance(private_key, str) else bytes(private_key)
-        private_key = keys.PrivateKey(raw)
-    signature = private_key.sign_msg_hash(digest)
-    return signature.to_bytes()[:64] + bytes([signature.v + 27])
+    """Sign an EIP-712 digest (the tests check it equals eth-account's typed-data encoding); v in {27, 28}, and s is
+    low because libsecp256k1 always signs in lower-s form."""
+    signature = signing_key(private_key).sign_recoverable(digest, hasher=None)
+    return signature[:64] + bytes([signature[64] + 27])
 
 
 def _recover(digest: bytes, signature: bytes) -> str:
+    return to_checksum_address(_recover_address(digest, signature))
+
+
+def _recover_address(digest: bytes, signature: bytes) -> bytes:
+    """The 20-byte address that made `signature` over `digest`."""
     if not isinstance(signature, (bytes, bytearray)) or len(signature) != 65:
         raise InvalidSignature(f"a signature is 65 bytes r||s||v, got {_describe(signature)}")
     r = int.from_bytes(signature[:32], "big")
@@ -263,10 +280,10 @@ def _recover(digest: bytes, signature: bytes) -> str:
     if not 0 < r < SECP256K1_N or not 0 < s <= SECP256K1_HALF_N:
         raise InvalidSignature("signature r or s out of range (s must be in the lower half of the curve order)")
     try:
-        public_key = keys.Signature(vrs=(v - 27, r, s)).recover_public_key_from_msg_hash(digest)
-    except BadSignature as exc:
+        public_key = coincurve.PublicKey.from_signature_and_message(bytes(signature[:64]) + bytes([v - 27]), digest, hasher=None)
+    except ValueError as exc:
         raise InvalidSignature(f"signature recovers to no public key: {exc}") from None
-    return public_key.to_checksum_address()
+    return keccak256(public_key.format(compressed=False)[1:])[-20:]
 
 
 def _describe(value: object) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from node.chain.eip712 import Domain
+from node.chain.eip712 import Domain, tensor_hash
 from node.net import wire
 from node.net.channel import SecureChannel, client_handshake, open_transport
 from node.net.commitment import CommitmentError, SignedCommitment, check_commitment
@@ -148,13 +148,15 @@ class InferenceSession:
 
     async def _step(self, hop: Hop, step: int, position: int, hidden: torch.Tensor) -> torch.Tensor:
         node = hop.node
-        sent = hidden.to(wire.DTYPES[node.dtype]).contiguous()
+        dtype = wire.DTYPES[node.dtype]
+        sent = hidden if hidden.dtype == dtype else hidden.to(dtype)
         payload = wire.tensor_bytes(sent)
         fields = self._fields(node, step, position, hidden.shape[1])
         started = time.perf_counter()
         await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
+        input_hash = tensor_hash(payload)  # while the node works
         reply = await asyncio.wait_for(hop.channel.recv(), self.step_timeout_s)
-        output = self._check_result(hop, reply, step, sent, payload)
+        output = self._check_result(hop, reply, step, sent, input_hash)
         self.timings.append(HopTiming(node.url, hidden.shape[1], time.perf_counter() - started, reply.fields.get("compute_us", 0) / 1e6))
         return output
 
@@ -167,7 +169,7 @@ class InferenceSession:
                 fields["receipt"] = receipt
         return fields
 
-    def _check_result(self, hop: Hop, reply: Message, step: int, sent: torch.Tensor, payload: bytes) -> torch.Tensor:
+    def _check_result(self, hop: Hop, reply: Message, step: int, sent: torch.Tensor, input_hash: bytes) -> torch.Tensor:
         node = hop.node
         if reply.type == wire.ERROR:
             raise NodeFailure(f"node {node.url} refused step {step}: {reply.fields.get('message')}")
@@ -177,13 +179,13 @@ class InferenceSession:
             got = None if reply.tensor is None else (list(reply.tensor.shape), reply.tensor.dtype)
             raise NodeFailure(f"node {node.url} answered step {step} with a wrong shape: {got}, expected {list(sent.shape)} {sent.dtype}")
         try:
-            signed = check_commitment(reply.fields, self.request_id, step, payload, reply.payload, node.operator, self.domain)
+            signed = check_commitment(reply.fields, self.request_id, step, input_hash, reply.payload, node.operator, self.domain)
         except CommitmentError as exc:
             raise NodeFailure(f"node {node.url}: {exc}") from None
         self.commitments.append((node.url, signed))
         if self.on_commitment is not None:
             self.on_commitment(node, signed, sent.shape[1])
-        return reply.tensor.to(torch.float32)
+        return reply.tensor if reply.tensor.dtype == torch.float32 else reply.tensor.to(torch.float32)
 
     def _mark_failed(self, node: NodeInfo, reason: BaseException) -> None:
         log.warning("node %s failed (%s); routing around it", node.url, reason or type(reason).__name__)
@@ -233,7 +235,7 @@ class InferenceSession:
         outputs = []
         for step, (tensor, payload) in enumerate(sent):
             reply = await asyncio.wait_for(hop.channel.recv(), self.step_timeout_s)
-            outputs.append((inputs[step][0], self._check_result(hop, reply, step, tensor, payload)))
+            outputs.append((inputs[step][0], self._check_result(hop, reply, step, tensor, tensor_hash(payload))))
         hop.inputs = list(inputs)
         hop.outputs = [output for _, output in outputs]
         return outputs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from node.chain.eip712 import Commitment, Domain, InvalidSignature, recover_commitment_signer, sign_commitment, tensor_hash
+from node.chain.eip712 import Commitment, Domain, InvalidSignature, is_commitment_signer, sign_commitment, tensor_hash
 from node.config import Config
 
 ZERO_ADDRESS = "0x" + "00" * 20
@@ -33,9 +33,9 @@ class SignedCommitment:
         return {"input_hash": c.input_hash, "output_hash": c.output_hash, "signature": self.signature}
 
 
-def commit(private_key: bytes, request_id: bytes, step: int, input_bytes: bytes, output_bytes: bytes, domain: Domain) -> SignedCommitment:
-    """Hash both tensors as they travel and sign the commitment with the node's operator key."""
-    commitment = Commitment(request_id, step, tensor_hash(input_bytes), tensor_hash(output_bytes))
+def commit(private_key, request_id: bytes, step: int, input_hash: bytes, output_bytes: bytes, domain: Domain) -> SignedCommitment:
+    """Hash the output as it travels and sign the commitment with the node's operator key (a `signing_key`)."""
+    commitment = Commitment(request_id, step, input_hash, tensor_hash(output_bytes))
     return SignedCommitment(commitment, sign_commitment(private_key, commitment, domain))
 
 
@@ -44,17 +44,18 @@ class CommitmentError(ValueError):
 
 
 def check_commitment(
-    fields: dict, request_id: bytes, step: int, input_bytes: bytes, output_bytes: bytes, operator: str, domain: Domain
+    fields: dict, request_id: bytes, step: int, input_hash: bytes, output_bytes: bytes, operator: str, domain: Domain
 ) -> SignedCommitment:
-    """Check a result frame's commitment against the bytes sent and received and the node's operator address."""
+    """Check a result frame's commitment against the hash of the input sent (`tensor_hash`, computed while the node
+    works), the bytes received and the node's operator address."""
     signature = fields.get("signature")
-    commitment = Commitment(request_id, step, tensor_hash(input_bytes), tensor_hash(output_bytes))
+    commitment = Commitment(request_id, step, input_hash, tensor_hash(output_bytes))
     if fields.get("input_hash") != commitment.input_hash or fields.get("output_hash") != commitment.output_hash:
         raise CommitmentError(f"step {step}: the node committed to hashes that differ from the tensors exchanged")
     try:
-        signer = recover_commitment_signer(commitment, signature, domain)
+        signed_by_operator = is_commitment_signer(commitment, signature, domain, operator)
     except (InvalidSignature, TypeError) as exc:
         raise CommitmentError(f"step {step}: commitment signature is invalid: {exc}") from None
-    if signer.lower() != operator.lower():
-        raise CommitmentError(f"step {step}: commitment signed by {signer}, not by the node's operator {operator}")
+    if not signed_by_operator:
+        raise CommitmentError(f"step {step}: commitment not signed by the node's operator {operator}")
     return SignedCommitment(commitment, signature)

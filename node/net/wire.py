@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import sys
 from dataclasses import dataclass, field
 
 import msgpack
-import numpy as np
 import torch
 
 WIRE_VERSION = 1
@@ -28,6 +28,9 @@ MESSAGE_TYPES = frozenset({HELLO, WELCOME, OPEN, OPENED, STEP, RESULT, CLOSE, CL
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+if sys.byteorder != "little":  # tensors travel little-endian and are read in place
+    raise ImportError("shardmarket's wire format needs a little-endian machine")
 _HEADER_KEYS = {"v": int, "type": str, "session": bytes, "step": int, "dtype": str, "shape": list, "nbytes": int}
 
 
@@ -69,11 +72,10 @@ class Message:
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The raw little-endian bytes of a contiguous tensor, as they travel."""
-    tensor = tensor.detach().contiguous().cpu()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().tobytes()
-    return tensor.numpy().tobytes()
+    """The raw little-endian bytes of a tensor in C order, as they travel."""
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: travel as its 16-bit patterns
+        tensor = tensor.contiguous().view(torch.int16)
+    return tensor.numpy(force=True).tobytes()
 
 
 def encode(message: Message) -> bytes:
@@ -159,18 +161,14 @@ def _tensor(header: dict, payload: memoryview, limits: Limits) -> torch.Tensor:
         elements *= d
         if elements > limits.max_elements:
             raise WireError(f"shape {shape} exceeds the limit of {limits.max_elements} elements", "too_large")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _ITEMSIZES[dtype]
     if header.get("nbytes") != elements * itemsize or len(payload) != elements * itemsize:
         raise WireError(
             f"shape {shape} of {header['dtype']} needs {elements * itemsize} bytes, "
             f"header says {header.get('nbytes')} and {len(payload)} arrived",
             "bad_tensor",
         )
-    if dtype == torch.bfloat16:
-        array = np.frombuffer(payload, dtype=np.int16).reshape(shape)
-        return torch.from_numpy(array.copy()).view(torch.bfloat16)
-    array = np.frombuffer(payload, dtype=np.dtype(header["dtype"]).newbyteorder("<")).reshape(shape)
-    return torch.from_numpy(array.copy())
+    return torch.frombuffer(bytearray(payload), dtype=dtype).view(shape)  # a copy the receiver owns
 
 
 def error_message(code: str, text: str, session: bytes = b"", step: int = 0) -> Message:

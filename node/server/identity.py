@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import coincurve
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from eth_account import Account
 
+from node.chain.eip712 import signing_key
 from node.net.crypto import load_or_create_static_key, public_bytes
 
 
@@ -19,6 +22,11 @@ class NodeIdentity:
     operator_key: bytes
     operator: str
     x25519: X25519PrivateKey
+
+    @cached_property
+    def signer(self) -> coincurve.PrivateKey:
+        """The operator key ready to sign every step's commitment."""
+        return signing_key(self.operator_key)
 
     @property
     def x25519_public(self) -> bytes:

@@ -248,7 +248,7 @@ class NodeService:
         if self.fault.equivocate:
             output = (answer.output + 1e-2).contiguous()
             payload = wire.tensor_bytes(output)
-            signed = commit(self.identity.operator_key, session.request_id, message.step, message.payload, payload, self.domain)
+            signed = commit(self.identity.signer, session.request_id, message.step, answer.input_hash, payload, self.domain)
             return _Answer(answer.input_hash, output, payload, signed.to_fields())
         return answer
 
@@ -285,7 +285,7 @@ class NodeService:
             output = output + self.fault.noise * torch.randn_like(output)
         output = output.contiguous()
         payload = wire.tensor_bytes(output)
-        signed = commit(self.identity.operator_key, session.request_id, message.step, message.payload, payload, self.domain)
+        signed = commit(self.identity.signer, session.request_id, message.step, tensor_hash(message.payload), payload, self.domain)
         fields = {**signed.to_fields(), "compute_us": int(compute_s * 1e6)}
         answer = _Answer(signed.commitment.input_hash, output, payload, fields)
         session.answers[message.step] = answer

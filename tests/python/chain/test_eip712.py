@@ -157,8 +157,8 @@ def test_usage_hash_chain_depends_on_every_record_and_their_order():
         chain_usage_hash(b"short", a)
 
 
-def test_tensor_hash_is_keccak256():
-    assert tensor_hash(b"").hex() == "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470"
+def test_tensor_hash_is_sha256():
+    assert tensor_hash(b"").hex() == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
 def test_split_signature_gives_v_r_s():
