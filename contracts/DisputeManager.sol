@@ -164,11 +164,13 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
         absentVerifierPenalty = params.absentVerifierPenalty;
     }
 
-    /// @notice Slash the node that signed both `a` and `b`: same request and step, different outputs.
+    /// @notice Slash the node that signed both `a` and `b`: same request, step and input, different outputs.
+    /// Different inputs are no equivocation: a client that reopens a request could otherwise feed an honest node
+    /// two inputs for one step and frame it with the two honest answers.
     /// The caller (reporter) gets `challengerRewardBps` of the slash, the treasury the rest.
     /// @param a First commitment.
     /// @param signatureA Its 65-byte signature.
-    /// @param b Second commitment, same requestId and step as `a`, another outputHash.
+    /// @param b Second commitment, same requestId, step and inputHash as `a`, another outputHash.
     /// @param signatureB Its 65-byte signature.
     /// @return slashed Stake taken from the node.
     function slashEquivocation(
@@ -177,7 +179,9 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
         Commitment calldata b,
         bytes calldata signatureB
     ) external nonReentrant returns (uint256 slashed) {
-        if (a.requestId != b.requestId || a.step != b.step || a.outputHash == b.outputHash) revert NotEquivocation();
+        if (a.requestId != b.requestId || a.step != b.step || a.inputHash != b.inputHash || a.outputHash == b.outputHash) {
+            revert NotEquivocation();
+        }
         address node = _signer(_commitmentDigest(a), signatureA);
         if (node == address(0) || _signer(_commitmentDigest(b), signatureB) != node) revert CommitmentNotSignedByNode();
         bytes32 key = keccak256(abi.encode(node, a.requestId, a.step));

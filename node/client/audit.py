@@ -64,7 +64,7 @@ class Auditor:
         c = signed.commitment
         key = (node.operator.lower(), c.request_id, c.step)
         earlier = self._seen.setdefault(key, signed)
-        if earlier.commitment.output_hash != c.output_hash:
+        if earlier.commitment.input_hash == c.input_hash and earlier.commitment.output_hash != c.output_hash:
             self._spawn(self._submit_equivocation(node, earlier, signed))
 
     def on_finished(self, session: InferenceSession) -> None:

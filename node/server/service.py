@@ -23,6 +23,7 @@ from node.server.worker import StageWorker
 
 log = logging.getLogger("shardmarket.node")
 CACHED_STEPS = 4  # answers kept per session for retries
+RETIRED_REQUESTS = 1 << 16  # closed request ids remembered (about 5 MB)
 MAX_BAD_FRAMES = 8  # frames failing authentication before the node hangs up
 MAX_RECEIPT_BYTES = 1024  # the client's signed payment receipt riding on a step (checked by the payment issue)
 
@@ -94,6 +95,9 @@ class NodeService:
         self._idle = asyncio.Event()
         self._idle.set()
         self._connections: set[Transport] = set()
+        # request ids whose session ended: never reopened, so the node never answers one step of a request twice
+        # (a second answer to the same input could differ in its last bits and look like equivocation)
+        self._retired: OrderedDict[bytes, None] = OrderedDict()
 
     async def serve(self, transport: Transport) -> None:
         """Serve one connection until it closes; never raises on bad input."""
@@ -174,6 +178,8 @@ class NodeService:
         existing = self.sessions.get(request_id)
         if existing is not None:  # a reconnect: the session goes on where it was
             return Message(wire.OPENED, request_id, existing.next_step, {"position": existing.next_position})
+        if request_id in self._retired:
+            raise StepRefused("request_used", "this request id was closed on this node; open the request again with a new id")
         max_length = message.fields.get("max_length")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or not 0 < max_length <= 1 << 20:
             raise StepRefused("bad_open", "open needs max_length, a positive integer")
@@ -187,8 +193,15 @@ class NodeService:
         self.sessions[request_id] = session
         return Message(wire.OPENED, request_id, 0, {"position": 0})
 
+    def _retire(self, request_id: bytes) -> _Session | None:
+        """End a request's session for good; returns it (None if it was not open)."""
+        self._retired[request_id] = None
+        while len(self._retired) > RETIRED_REQUESTS:
+            self._retired.popitem(last=False)
+        return self.sessions.pop(request_id, None)
+
     async def _close(self, message: Message) -> Message:
-        session = self.sessions.pop(self._check_request_id(message), None)
+        session = self._retire(self._check_request_id(message))
         if self.payments is not None:
             self.payments.release(message.session)
         if session is not None:
@@ -219,7 +232,7 @@ class NodeService:
                 await self.payments.record(charge)
         except BaseException:
             await asyncio.gather(running, return_exceptions=True)
-            self.sessions.pop(session.request_id, None)
+            self._retire(session.request_id)
             await self._close_stage_session(session)
             raise
         return await running
@@ -275,7 +288,7 @@ class NodeService:
         try:
             output, compute_s = await self.worker.step(session.stage_id, hidden, positions)
         except UnknownSession:
-            self.sessions.pop(session.request_id, None)
+            self._retire(session.request_id)
             raise StepRefused("unknown_session", "the session expired on this node; open it again and replay") from None
         except (ShapeError, EngineError) as exc:
             raise StepRefused("engine", f"the engine refused the step: {exc}") from None
@@ -303,7 +316,7 @@ class NodeService:
             cutoff = time.monotonic() - self.idle_timeout_s
             for request_id, session in list(self.sessions.items()):
                 if session.last_used < cutoff and not session.lock.locked():
-                    self.sessions.pop(request_id, None)
+                    self._retire(request_id)
                     await self._close_stage_session(session)
 
     async def _close_stage_session(self, session: _Session) -> None:

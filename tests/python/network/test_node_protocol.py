@@ -114,6 +114,26 @@ def test_retried_step_returns_the_cached_answer_and_the_same_commitment(node, in
     assert ahead.type == wire.ERROR and ahead.fields["code"] == "out_of_order"
 
 
+def test_a_closed_request_cannot_be_reopened_so_no_step_is_answered_twice(node, info):
+    async def go():
+        channel = await connect(node, info)
+        request_id = os.urandom(32)
+        await open_session(channel, request_id)
+        await channel.send(step(request_id, 0, 0, torch.randn(1, 2, HIDDEN)))
+        answered = await channel.recv()
+        await channel.send(Message(wire.CLOSE, request_id))
+        closed = await channel.recv()
+        await channel.send(Message(wire.OPEN, request_id, 0, {"max_length": 64}))
+        reopened = await channel.recv()
+        await channel.close()
+        return answered, closed, reopened
+
+    answered, closed, reopened = run(go())
+    assert answered.type == wire.RESULT and closed.type == wire.CLOSED
+    assert reopened.type == wire.ERROR and reopened.fields["code"] == "request_used"
+    assert "new id" in reopened.fields["message"]
+
+
 def test_bad_steps_get_error_frames_and_the_session_stays_usable(node, info):
     async def go():
         channel = await connect(node, info)
