@@ -38,7 +38,7 @@ def register(commands) -> None:
     run.add_argument("--price", type=int, help="token units per token processed (config node.price)")
     run.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     run.add_argument("--threads", type=int, help="torch threads (config node.threads)")
-    run.add_argument("--test-fault", choices=["wrong-shape", "equivocate"], help="misbehave on purpose (for tests of clients)")
+    run.add_argument("--test-fault", choices=["wrong-shape", "equivocate", "forge-commitments"], help="misbehave on purpose (for tests of clients)")
     run.add_argument("--max-memory-mb", type=float, help="CPU memory for this node's weights; what does not fit is offloaded to disk")
     run.add_argument("--offload-folder", type=Path, help="folder for weights that do not fit in --max-memory-mb")
     run.add_argument("--cheat-noise", type=float, default=0.0, help="add noise of this scale to every answer (demo of a dishonest node)")
@@ -84,7 +84,8 @@ def run_node(args: argparse.Namespace) -> int:
         tcp_port=args.tcp_port if args.tcp_port is not None else (config.node.tcp_port or port + 1),
         price=args.price if args.price is not None else config.node.price,
         dtype=DTYPES[args.dtype],
-        fault=Fault(wrong_shape=args.test_fault == "wrong-shape", noise=args.cheat_noise),
+        fault=Fault(wrong_shape=args.test_fault == "wrong-shape", noise=args.cheat_noise,
+                    forge_commitments=args.test_fault == "forge-commitments"),
         max_memory_mb=args.max_memory_mb,
         offload_folder=args.offload_folder,
     )

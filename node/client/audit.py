@@ -68,7 +68,7 @@ class Auditor:
             self._spawn(self._submit_equivocation(node, earlier, signed))
 
     def on_finished(self, session: InferenceSession) -> None:
-        for key in [k for k in self._seen if k[1] == session.request_id]:
+        for key in [k for k in self._seen if k[1] in session.request_ids]:
             del self._seen[key]
         by_url: dict[str, dict[int, SignedCommitment]] = {}
         for url, signed in session.commitments:

@@ -105,7 +105,7 @@ class RemoteModel:
             await asyncio.shield(worker)
             completion.failovers = session.failovers
             if self.request_costs is not None:
-                completion.cost = self.request_costs.pop(session.request_id, 0)
+                completion.cost = sum(self.request_costs.pop(request_id, 0) for request_id in session.request_ids)
             if self.on_finished is not None:
                 self.on_finished(session)
             completion.hop_timings = session.timings

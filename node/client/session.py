@@ -1,9 +1,10 @@
 """An inference session across a route of nodes that survives a node dying mid-generation.
 
 The client keeps every input it sent to each hop. When a node fails (connection lost, timeout, error
-frame, wrong shape, bad commitment), the hop's inputs are replayed in order to a replacement route for
-the same layers, which rebuilds the same KV cache, and the step is retried there: the output is the
-same as an undisturbed run.
+frame, wrong shape), the hop's inputs are replayed in order to a replacement route for the same layers,
+which rebuilds the same KV cache, and the step is retried there: the output is the same as an undisturbed
+run. A hop's signed commitment is checked while the next hop works; a bad one redoes the whole step on a
+new request, every hop's answered steps replayed, with the forger routed around.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ CommitmentSink = Callable[[NodeInfo, SignedCommitment, int], None]
 
 class NodeFailure(Exception):
     """A node did not answer a step correctly; the session replaces it."""
+
+
+class CommitmentFailure(Exception):
+    """A hop's answer was passed on before its commitment was checked, and the commitment is bad."""
+
+    def __init__(self, node: NodeInfo, message: str) -> None:
+        super().__init__(message)
+        self.node = node
 
 
 # everything that means "this node failed this step": the session routes around the node
@@ -84,6 +93,7 @@ class InferenceSession:
         self.max_failovers, self.receipt_source, self.on_commitment = max_failovers, receipt_source, on_commitment
         self.failed = failed if failed is not None else RecentFailures()  # shared between sessions
         self.request_id = os.urandom(32)
+        self.request_ids = [self.request_id]  # a new one per restart after a bad commitment
         self.hops: list[Hop] = []
         self.commitments: list[tuple[str, SignedCommitment]] = []  # (node URL, commitment): evidence for disputes
         self.failovers = 0
@@ -132,21 +142,33 @@ class InferenceSession:
         if not self.hops:
             await self.open()
         position = int(positions[0, 0])
-        index = 0
+        while True:
+            answered = len(self.hops[0].inputs)
+            try:
+                return await self._run_step(hidden, position)
+            except CommitmentFailure as exc:
+                await self._restart(answered, exc)
+
+    async def _run_step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        index, unchecked = 0, None
         while index < len(self.hops):
             hop = self.hops[index]
             try:
-                output = await self._step(hop, len(hop.inputs), position, hidden)
+                output, check = await self._step(hop, len(hop.inputs), position, hidden, unchecked)
             except HOP_ERRORS as exc:
                 await self._replace(index, exc)
                 continue  # retry this step on the replacement hop(s)
             hop.inputs.append((position, hidden))
             hop.outputs.append(output)
-            hidden = output
+            hidden, unchecked = output, check
             index += 1
+        if unchecked is not None:
+            unchecked()  # the last hop's, before its output is used
         return hidden
 
-    async def _step(self, hop: Hop, step: int, position: int, hidden: torch.Tensor) -> torch.Tensor:
+    async def _step(self, hop: Hop, step: int, position: int, hidden: torch.Tensor,
+                    previous: _CommitmentCheck | None) -> tuple[torch.Tensor, _CommitmentCheck]:
+        """Run one step on `hop`; the previous hop's commitment is checked while this node works."""
         node = hop.node
         dtype = wire.DTYPES[node.dtype]
         sent = hidden if hidden.dtype == dtype else hidden.to(dtype)
@@ -154,11 +176,14 @@ class InferenceSession:
         fields = self._fields(node, step, position, hidden.shape[1])
         started = time.perf_counter()
         await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
-        input_hash = tensor_hash(payload)  # while the node works
-        reply = await asyncio.wait_for(hop.channel.recv(), self.step_timeout_s)
-        output = self._check_result(hop, reply, step, sent, input_hash)
+        input_hash = tensor_hash(payload)
+        if previous is not None:
+            previous()
+        async with asyncio.timeout(self.step_timeout_s):
+            reply = await hop.channel.recv()
+        output = self._check_answer(hop, reply, step, sent)
         self.timings.append(HopTiming(node.url, hidden.shape[1], time.perf_counter() - started, reply.fields.get("compute_us", 0) / 1e6))
-        return output
+        return output, _CommitmentCheck(self, node, reply, self.request_id, step, input_hash, hidden.shape[1])
 
     def _fields(self, node: NodeInfo, step: int, position: int, tokens: int) -> dict:
         """A step's fields: its position and, when the client pays, its receipt for `node`."""
@@ -169,7 +194,8 @@ class InferenceSession:
                 fields["receipt"] = receipt
         return fields
 
-    def _check_result(self, hop: Hop, reply: Message, step: int, sent: torch.Tensor, input_hash: bytes) -> torch.Tensor:
+    def _check_answer(self, hop: Hop, reply: Message, step: int, sent: torch.Tensor) -> torch.Tensor:
+        """The answer's tensor, if the frame is the result of this step with the right shape (the commitment aside)."""
         node = hop.node
         if reply.type == wire.ERROR:
             raise NodeFailure(f"node {node.url} refused step {step}: {reply.fields.get('message')}")
@@ -178,13 +204,6 @@ class InferenceSession:
         if reply.tensor is None or reply.tensor.shape != sent.shape or reply.tensor.dtype != sent.dtype:
             got = None if reply.tensor is None else (list(reply.tensor.shape), reply.tensor.dtype)
             raise NodeFailure(f"node {node.url} answered step {step} with a wrong shape: {got}, expected {list(sent.shape)} {sent.dtype}")
-        try:
-            signed = check_commitment(reply.fields, self.request_id, step, input_hash, reply.payload, node.operator, self.domain)
-        except CommitmentError as exc:
-            raise NodeFailure(f"node {node.url}: {exc}") from None
-        self.commitments.append((node.url, signed))
-        if self.on_commitment is not None:
-            self.on_commitment(node, signed, sent.shape[1])
         return reply.tensor if reply.tensor.dtype == torch.float32 else reply.tensor.to(torch.float32)
 
     def _mark_failed(self, node: NodeInfo, reason: BaseException) -> None:
@@ -196,8 +215,29 @@ class InferenceSession:
         old = self.hops[index]
         self._mark_failed(old.node, reason)
         await self._close_hops([old])
+        self.failovers += 1
+        new_hops = await self._rebuild(old, old.inputs, reason)
+        log.info("replaced %s by %s after replaying %d step(s)", old.node.url, [h.node.url for h in new_hops], len(old.inputs))
+        self.hops[index : index + 1] = new_hops
+
+    async def _restart(self, answered: int, failure: CommitmentFailure) -> None:
+        """Redo the current step on a new request id: every hop's `answered` steps replayed on a route around the
+        node whose commitment was bad (the step's output already went on to the next hop, so all hops start over)."""
+        self._mark_failed(failure.node, failure)
+        old = self.hops
+        await self._close_hops(old)
+        self.request_id = os.urandom(32)
+        self.request_ids.append(self.request_id)
+        self.failovers += 1
+        hops: list[Hop] = []
+        for hop in old:
+            hops += await self._rebuild(hop, hop.inputs[:answered], failure)
+        self.hops = hops
+        log.info("restarted the request after a bad commitment from %s, replaying %d step(s)", failure.node.url, answered)
+
+    async def _rebuild(self, old: Hop, inputs: list[tuple[int, torch.Tensor]], reason: BaseException) -> list[Hop]:
+        """A new route over `old`'s layers, opened and with `inputs` replayed; retried while nodes fail."""
         while True:
-            self.failovers += 1
             if self.failovers > self.max_failovers:
                 raise RouteError(f"gave up after {self.max_failovers} fail-overs; last failure: {reason}")
             try:
@@ -206,13 +246,11 @@ class InferenceSession:
                 raise RouteError(f"{exc}; the last failure: {reason}") from None
             try:
                 new_hops = await self._open_hops(route)
-                await self._replay(new_hops, old.inputs)
+                await self._replay(new_hops, inputs)
+                return new_hops
             except NodeFailure as exc:
                 reason = exc
-                continue
-            break
-        log.info("replaced %s by %s after replaying %d step(s)", old.node.url, [h.node.url for h in new_hops], len(old.inputs))
-        self.hops[index : index + 1] = new_hops
+                self.failovers += 1
 
     async def _replay(self, hops: list[Hop], inputs: list[tuple[int, torch.Tensor]]) -> None:
         """Send every earlier input through `hops`, pipelined per hop; a hop that fails is marked and all are closed."""
@@ -234,8 +272,14 @@ class InferenceSession:
             sent.append((tensor, payload))
         outputs = []
         for step, (tensor, payload) in enumerate(sent):
-            reply = await asyncio.wait_for(hop.channel.recv(), self.step_timeout_s)
-            outputs.append((inputs[step][0], self._check_result(hop, reply, step, tensor, tensor_hash(payload))))
+            async with asyncio.timeout(self.step_timeout_s):
+                reply = await hop.channel.recv()
+            output = self._check_answer(hop, reply, step, tensor)
+            try:
+                _CommitmentCheck(self, hop.node, reply, self.request_id, step, tensor_hash(payload), tensor.shape[1])()
+            except CommitmentFailure as exc:
+                raise NodeFailure(str(exc)) from None
+            outputs.append((inputs[step][0], output))
         hop.inputs = list(inputs)
         hop.outputs = [output for _, output in outputs]
         return outputs
@@ -258,3 +302,26 @@ class InferenceSession:
                 await hop.channel.close()
             except (ConnectionError, OSError):
                 pass
+
+
+class _CommitmentCheck:
+    """Checks one answer's signed commitment (once) and records it; raises CommitmentFailure if it is bad."""
+
+    def __init__(self, session: InferenceSession, node: NodeInfo, reply: Message, request_id: bytes, step: int,
+                 input_hash: bytes, tokens: int) -> None:
+        self.session, self.node, self.reply, self.request_id = session, node, reply, request_id
+        self.step, self.input_hash, self.tokens = step, input_hash, tokens
+        self.done = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        session, node, reply = self.session, self.node, self.reply
+        try:
+            signed = check_commitment(reply.fields, self.request_id, self.step, self.input_hash, reply.payload, node.operator, session.domain)
+        except CommitmentError as exc:
+            raise CommitmentFailure(node, f"node {node.url}: {exc}") from None
+        session.commitments.append((node.url, signed))
+        if session.on_commitment is not None:
+            session.on_commitment(node, signed, self.tokens)

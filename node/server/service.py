@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from node.chain.eip712 import Domain, tensor_hash
+from node.chain.eip712 import Domain, signing_key, tensor_hash
 from node.engine.errors import CapacityError, EngineError, ShapeError, UnknownSession
 from node.net import wire
 from node.net.channel import HANDSHAKE_CONFIRM, ChannelClosed, SecureChannel, Transport
@@ -23,6 +23,7 @@ from node.server.worker import StageWorker
 
 log = logging.getLogger("shardmarket.node")
 CACHED_STEPS = 4  # answers kept per session for retries
+FORGED_FROM_STEP = 3  # Fault.forge_commitments
 RETIRED_REQUESTS = 1 << 16  # closed request ids remembered (about 5 MB)
 MAX_BAD_FRAMES = 8  # frames failing authentication before the node hangs up
 MAX_RECEIPT_BYTES = 1024  # the client's signed payment receipt riding on a step (checked by the payment issue)
@@ -62,11 +63,13 @@ class _Session:
 @dataclass(frozen=True)
 class Fault:
     """Deliberate misbehaviour for tests: `wrong_shape` drops the last hidden unit of every answer, `noise` adds
-    Gaussian noise of that scale to every answer, `equivocate` answers a retried step with a different output."""
+    Gaussian noise of that scale to every answer, `equivocate` answers a retried step with a different output,
+    `forge_commitments` signs the commitments of a session's steps from `FORGED_FROM_STEP` on with a wrong key."""
 
     wrong_shape: bool = False
     noise: float = 0.0
     equivocate: bool = False
+    forge_commitments: bool = False
 
 
 class NodeService:
@@ -298,7 +301,10 @@ class NodeService:
             output = output + self.fault.noise * torch.randn_like(output)
         output = output.contiguous()
         payload = wire.tensor_bytes(output)
-        signed = commit(self.identity.signer, session.request_id, message.step, tensor_hash(message.payload), payload, self.domain)
+        signer = self.identity.signer
+        if self.fault.forge_commitments and message.step >= FORGED_FROM_STEP:
+            signer = signing_key(bytes(range(1, 33)))
+        signed = commit(signer, session.request_id, message.step, tensor_hash(message.payload), payload, self.domain)
         fields = {**signed.to_fields(), "compute_us": int(compute_s * 1e6)}
         answer = _Answer(signed.commitment.input_hash, output, payload, fields)
         session.answers[message.step] = answer

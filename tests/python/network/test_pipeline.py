@@ -29,7 +29,8 @@ API_KEY = "test-key-123"
 
 @pytest.fixture(scope="module")
 def cluster(smollm, tmp_path_factory):
-    """Nodes a [0,10), b [10,20), c [20,30), a pricier spare [10,20) and a node that answers with a wrong shape."""
+    """Nodes a [0,10), b [10,20), c [20,30), a pricier spare [10,20), a node that answers with a wrong shape and a
+    [10,20) node that forges its commitments from its fourth step on."""
     home = tmp_path_factory.mktemp("cluster")
     nodes = {
         "a": start_node(smollm, "0:10", home / "a"),
@@ -37,6 +38,7 @@ def cluster(smollm, tmp_path_factory):
         "c": start_node(smollm, "20:30", home / "c"),
         "spare": start_node(smollm, "10:20", home / "spare", "--price", "1000"),
         "wrong": start_node(smollm, "20:30", home / "wrong", "--test-fault", "wrong-shape"),
+        "forger": start_node(smollm, "10:20", home / "forger", "--test-fault", "forge-commitments"),
     }
     try:
         wait_ready(*nodes.values())
@@ -186,6 +188,16 @@ def test_client_chat_streams_the_answer_to_the_terminal(smollm, cluster, head, r
     done = subprocess.run(cmd, cwd=ROOT, env=child_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == head.tokenizer.decode(reference, skip_special_tokens=True) + "\n"
+
+
+def test_a_forged_commitment_found_while_the_next_hop_works_redoes_the_step_with_the_same_text(smollm, cluster, reference):
+    """The forger's answer already went on to the last hop when its commitment fails the check: the whole step is
+    redone on a new request id around the forger, and the text equals the undisturbed run."""
+    preferred = {cluster[n].url for n in ("a", "forger", "c")}
+    tokens, completion, model = remote_tokens(smollm, [cluster[n].url for n in ("a", "forger", "c", "b")], prefer=preferred)
+    assert tokens == reference
+    assert completion.failovers == 1
+    assert cluster["forger"].url in model.failed.current()
 
 
 def test_kill_9_of_the_middle_node_fails_over_to_the_spare_with_the_same_text(smollm, cluster, reference):
