@@ -123,8 +123,9 @@ def test_equivocating_node_is_slashed(market):
                                    receipt_source=model.receipt_source, on_commitment=model.on_commitment)
         hop = (await session._open_hops([target]))[0]
         hidden = torch.randn(1, 3, target.hidden_size)
-        await session._step(hop, 0, 0, hidden)
-        await session._step(hop, 0, 0, hidden)  # a retry: the node answers differently and signs it again
+        for _ in range(2):  # the second is a retry: the node answers differently and signs it again
+            _, check = await session._step(hop, 0, 0, hidden, None)
+            check()
         await session.close()
         await model.auditor.wait()
         return model.auditor

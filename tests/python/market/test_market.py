@@ -166,9 +166,9 @@ def test_a_refused_step_is_never_answered_even_on_retry(market):
         hop = (await session._open_hops([node]))[0]
         hidden = torch.randn(1, 2, node.hidden_size)
         with pytest.raises(NodeFailure, match="signature is invalid|signed by"):
-            await session._step(hop, 0, 0, hidden)
+            await session._step(hop, 0, 0, hidden, None)
         with pytest.raises(NodeFailure, match="no open session"):
-            await session._step(hop, 0, 0, hidden)  # the computed answer was thrown away with the session
+            await session._step(hop, 0, 0, hidden, None)  # the computed answer was thrown away with the session
         await session.close()
 
     asyncio.run(scenario())
