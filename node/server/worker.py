@@ -17,12 +17,13 @@ class _Work:
     session_id: str
     hidden: torch.Tensor
     positions: torch.Tensor
-    done: asyncio.Future
+    done: asyncio.Future | None
 
 
 class StageWorker:
     """Queues steps for one Stage and runs them one batch at a time: decode steps (T == 1) waiting together
-    run as one `step_batch` on the event loop's thread, prefills on a compute thread."""
+    run as one `step_batch` on the event loop's thread, prefills on a compute thread. With one session open there
+    is nothing to batch with: its decode steps run at once, without the queue's two turns of the event loop."""
 
     def __init__(self, stage: Stage, max_batch: int = 32) -> None:
         self.stage = stage
@@ -30,6 +31,7 @@ class StageWorker:
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self._task: asyncio.Task | None = None
+        self._running = False  # a batch is being computed
         self.decode_ms = 0.0  # moving average of one decode step's compute time
 
     def warm_up(self, steps: int = 4) -> None:
@@ -62,6 +64,10 @@ class StageWorker:
 
     async def step(self, session_id: str, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Run this stage's layers on `hidden`; returns the output and the seconds the layers took (its batch's)."""
+        if hidden.shape[1] == 1 and not self._running and self._queue.empty() and len(self.stage.session_ids()) == 1:
+            outputs, elapsed = self._compute([_Work(session_id, hidden, positions, None)])
+            self._timed_decode(elapsed)
+            return outputs[0], elapsed
         done = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Work(session_id, hidden, positions, done))
         return await done
@@ -82,6 +88,7 @@ class StageWorker:
                     (batch if item.hidden.shape[1] == 1 else held).append(item)
                 for item in held:  # prefill steps wait for the next round, in order
                     self._queue.put_nowait(item)
+            self._running = True
             try:
                 if first.hidden.shape[1] == 1:  # a decode step is short: run it here, saving two thread wake-ups
                     outputs, elapsed = self._compute(batch)
@@ -92,12 +99,17 @@ class StageWorker:
                     if not item.done.done():
                         item.done.set_exception(exc)
                 continue
+            finally:
+                self._running = False
             if first.hidden.shape[1] == 1:
-                elapsed_ms = elapsed * 1000
-                self.decode_ms = elapsed_ms if not self.decode_ms else 0.8 * self.decode_ms + 0.2 * elapsed_ms
+                self._timed_decode(elapsed)
             for item, output in zip(batch, outputs):
                 if not item.done.done():
                     item.done.set_result((output, elapsed))
+
+    def _timed_decode(self, elapsed: float) -> None:
+        elapsed_ms = elapsed * 1000
+        self.decode_ms = elapsed_ms if not self.decode_ms else 0.8 * self.decode_ms + 0.2 * elapsed_ms
 
     def _compute(self, batch: list[_Work]) -> tuple[list[torch.Tensor], float]:
         started = time.perf_counter()
