@@ -7,13 +7,13 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from eth_account import Account
 
 from node.config import load_config
+from node.files import write_private
 from node.net.crypto import load_or_create_static_key, public_bytes
 from node.server.identity import NodeIdentity
 
@@ -47,23 +47,19 @@ def read_password(password_file: Path | None = None, *, confirm: bool = False) -
     return password
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
-        os.chmod(tmp.name, 0o600)
-        tmp.write(data)
-    os.replace(tmp.name, path)
-
-
 def save_account(private_key: bytes, password: str, directory: Path | None = None, *, scrypt_n: int | None = None) -> str:
     """Encrypt `private_key` into the keystore (refusing to overwrite one) and create the X25519 key; returns the address."""
     directory = directory or keys_dir()
     path = directory / KEYSTORE_FILE
+    exists = f"{path} exists already; move it away first to replace the account"
     if path.exists():
-        raise KeystoreError(f"{path} exists already; move it away first to replace the account")
+        raise KeystoreError(exists)
     n = scrypt_n or load_config().chain.keystore_scrypt_n
     keystore = Account.encrypt(private_key, password, kdf="scrypt", iterations=n)
-    _write_private(path, json.dumps(keystore).encode())
+    try:
+        write_private(path, json.dumps(keystore).encode())
+    except FileExistsError:
+        raise KeystoreError(exists) from None
     load_or_create_static_key(directory / X25519_FILE)
     return Account.from_key(private_key).address
 

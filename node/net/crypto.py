@@ -10,7 +10,6 @@ dropped or tampered frame fails authentication.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from node.files import write_private
 
 PROTOCOL = b"shardmarket-session-v1"
 KEY_BYTES = 32
@@ -49,12 +50,8 @@ def load_or_create_static_key(path: Path) -> X25519PrivateKey:
         if len(raw) != KEY_BYTES:
             raise ValueError(f"{path} is not a 32-byte X25519 private key; move it away to create a new one")
         return X25519PrivateKey.from_private_bytes(raw)
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = X25519PrivateKey.generate()
-    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(raw)
+    write_private(path, key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()))
     return key
 
 

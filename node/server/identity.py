@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -12,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from eth_account import Account
 
 from node.chain.eip712 import signing_key
+from node.files import write_private
 from node.net.crypto import load_or_create_static_key, public_bytes
 
 
@@ -43,9 +43,6 @@ def load_or_create_identity(data_dir: Path) -> NodeIdentity:
         except ValueError:
             raise ValueError(f"{path} is not a hex secp256k1 private key; move it away to create a new one") from None
     else:
-        data_dir.mkdir(parents=True, exist_ok=True)
         account = Account.create()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(account.key.hex())
+        write_private(path, account.key.hex().encode())
     return NodeIdentity(bytes(account.key), account.address, load_or_create_static_key(data_dir / "x25519.key"))
