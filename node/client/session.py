@@ -3,8 +3,9 @@
 The client keeps every input it sent to each hop. When a node fails (connection lost, timeout, error
 frame, wrong shape), the hop's inputs are replayed in order to a replacement route for the same layers,
 which rebuilds the same KV cache, and the step is retried there: the output is the same as an undisturbed
-run. A hop's signed commitment is checked while the next hop works; a bad one redoes the whole step on a
-new request, every hop's answered steps replayed, with the forger routed around.
+run. A node answers a step with its result, then its signed commitment to it: the result goes on to the next
+hop at once and the commitment is checked while that hop works; a bad one redoes the whole step on a new
+request, every hop's answered steps replayed, with the forger routed around.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class InferenceSession:
             hidden, unchecked = output, check
             index += 1
         if unchecked is not None:
-            unchecked()  # the last hop's, before its output is used
+            await unchecked()  # the last hop's, before its output is used
         return hidden
 
     async def _step(self, hop: Hop, step: int, position: int, hidden: torch.Tensor,
@@ -178,12 +179,12 @@ class InferenceSession:
         await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
         input_hash = tensor_hash(payload)
         if previous is not None:
-            previous()
+            await previous()
         async with asyncio.timeout(self.step_timeout_s):
             reply = await hop.channel.recv()
         output = self._check_answer(hop, reply, step, sent)
         self.timings.append(HopTiming(node.url, hidden.shape[1], time.perf_counter() - started, reply.fields.get("compute_us", 0) / 1e6))
-        return output, _CommitmentCheck(self, node, reply, self.request_id, step, input_hash, hidden.shape[1])
+        return output, _CommitmentCheck(self, hop, reply, self.request_id, step, input_hash, hidden.shape[1])
 
     def _fields(self, node: NodeInfo, step: int, position: int, tokens: int) -> dict:
         """A step's fields: its position and, when the client pays, its receipt for `node`."""
@@ -276,7 +277,7 @@ class InferenceSession:
                 reply = await hop.channel.recv()
             output = self._check_answer(hop, reply, step, tensor)
             try:
-                _CommitmentCheck(self, hop.node, reply, self.request_id, step, tensor_hash(payload), tensor.shape[1])()
+                await _CommitmentCheck(self, hop, reply, self.request_id, step, tensor_hash(payload), tensor.shape[1])()
             except CommitmentFailure as exc:
                 raise NodeFailure(str(exc)) from None
             outputs.append((inputs[step][0], output))
@@ -305,22 +306,27 @@ class InferenceSession:
 
 
 class _CommitmentCheck:
-    """Checks one answer's signed commitment (once) and records it; raises CommitmentFailure if it is bad."""
+    """Reads the commitment frame that follows an answer and checks it (once), recording it; raises
+    CommitmentFailure if it is missing or bad."""
 
-    def __init__(self, session: InferenceSession, node: NodeInfo, reply: Message, request_id: bytes, step: int,
+    def __init__(self, session: InferenceSession, hop: Hop, reply: Message, request_id: bytes, step: int,
                  input_hash: bytes, tokens: int) -> None:
-        self.session, self.node, self.reply, self.request_id = session, node, reply, request_id
+        self.session, self.hop, self.reply, self.request_id = session, hop, reply, request_id
         self.step, self.input_hash, self.tokens = step, input_hash, tokens
         self.done = False
 
-    def __call__(self) -> None:
+    async def __call__(self) -> None:
         if self.done:
             return
         self.done = True
-        session, node, reply = self.session, self.node, self.reply
+        session, node = self.session, self.hop.node
         try:
-            signed = check_commitment(reply.fields, self.request_id, self.step, self.input_hash, reply.payload, node.operator, session.domain)
-        except CommitmentError as exc:
+            async with asyncio.timeout(session.step_timeout_s):
+                frame = await self.hop.channel.recv()
+            if frame.type != wire.COMMIT or frame.step != self.step or frame.session != self.request_id:
+                raise CommitmentError(f"step {self.step}: expected its commitment, got a {frame.type} frame for step {frame.step}")
+            signed = check_commitment(frame.fields, self.request_id, self.step, self.input_hash, self.reply.payload, node.operator, session.domain)
+        except (CommitmentError, *HOP_ERRORS) as exc:
             raise CommitmentFailure(node, f"node {node.url}: {exc}") from None
         session.commitments.append((node.url, signed))
         if session.on_commitment is not None:

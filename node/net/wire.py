@@ -21,10 +21,10 @@ _U32 = struct.Struct(">I")
 # The message types of an inference session (client -> node, node -> client).
 HELLO, WELCOME = "hello", "welcome"
 OPEN, OPENED = "open", "opened"
-STEP, RESULT = "step", "result"
+STEP, RESULT, COMMIT = "step", "result", "commit"
 CLOSE, CLOSED = "close", "closed"
 ERROR = "error"
-MESSAGE_TYPES = frozenset({HELLO, WELCOME, OPEN, OPENED, STEP, RESULT, CLOSE, CLOSED, ERROR})
+MESSAGE_TYPES = frozenset({HELLO, WELCOME, OPEN, OPENED, STEP, RESULT, COMMIT, CLOSE, CLOSED, ERROR})
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

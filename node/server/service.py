@@ -1,4 +1,8 @@
-"""The node's inference sessions: handshake, open/step/close, cached answers and signed commitments per step."""
+"""The node's inference sessions: handshake, open/step/close, cached answers and signed commitments per step.
+
+A step is answered with two frames: the result, sent as soon as the layers are done, then the signed commitment
+to it (the client passes the result on to the next hop while the node signs, and checks the signature while
+that hop works)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from node.chain.eip712 import Domain, signing_key, tensor_hash
 from node.engine.errors import CapacityError, EngineError, ShapeError, UnknownSession
 from node.net import wire
 from node.net.channel import HANDSHAKE_CONFIRM, ChannelClosed, SecureChannel, Transport
-from node.net.commitment import commit
+from node.net.commitment import SignedCommitment, commit
 from node.net.crypto import DecryptError, node_handshake
 from node.net.wire import Limits, Message, StreamDesync, WireError
 from node.server.identity import NodeIdentity
@@ -39,10 +43,13 @@ class StepRefused(Exception):
 
 @dataclass
 class _Answer:
+    request_id: bytes
+    step: int
     input_hash: bytes
     output: torch.Tensor
     payload: bytes
-    fields: dict
+    compute_us: int
+    signed: SignedCommitment | None = None  # signed once, after the result went out; a retry gets the same one
 
 
 @dataclass
@@ -151,23 +158,38 @@ class NodeService:
             self.steps_in_flight += 1
             self._idle.clear()
             try:
-                await channel.send(await self._answer(message))
+                reply, answer = await self._answer(message)
+                await channel.send(reply)
+                if answer is not None:
+                    await channel.send(self._commitment(answer))
             finally:
                 self.steps_in_flight -= 1
                 if not self.steps_in_flight:
                     self._idle.set()
 
-    async def _answer(self, message: Message) -> Message:
+    async def _answer(self, message: Message) -> tuple[Message, _Answer | None]:
+        """The reply to `message` and, for a step, the answer whose commitment follows it."""
         try:
             if message.type == wire.OPEN:
-                return await self._open(message)
+                return await self._open(message), None
             if message.type == wire.STEP:
-                return await self._step(message)
+                answer = await self._step(message)
+                reply = Message(wire.RESULT, answer.request_id, answer.step, {"compute_us": answer.compute_us}, answer.output, answer.payload)
+                return reply, answer
             if message.type == wire.CLOSE:
-                return await self._close(message)
+                return await self._close(message), None
             raise StepRefused("bad_type", f"a node does not accept {message.type!r} frames; send open, step or close")
         except StepRefused as exc:
-            return wire.error_message(exc.code, str(exc), message.session, message.step)
+            return wire.error_message(exc.code, str(exc), message.session, message.step), None
+
+    def _commitment(self, answer: _Answer) -> Message:
+        """The commitment frame of `answer`, signed on first use."""
+        if answer.signed is None:
+            signer = self.identity.signer
+            if self.fault.forge_commitments and answer.step >= FORGED_FROM_STEP:
+                signer = signing_key(bytes(range(1, 33)))
+            answer.signed = commit(signer, answer.request_id, answer.step, answer.input_hash, answer.payload, self.domain)
+        return Message(wire.COMMIT, answer.request_id, answer.step, answer.signed.to_fields())
 
     def _check_request_id(self, message: Message) -> bytes:
         if len(message.session) != 32:
@@ -212,7 +234,7 @@ class NodeService:
                 await self._close_stage_session(session)
         return Message(wire.CLOSED, message.session)
 
-    async def _step(self, message: Message) -> Message:
+    async def _step(self, message: Message) -> _Answer:
         session = self.sessions.get(self._check_request_id(message))
         if session is None:
             raise StepRefused("unknown_session", "no open session with this request id (expired or never opened); open it again")
@@ -223,7 +245,7 @@ class NodeService:
                 if self.draining:
                     raise StepRefused("shutting_down", "this node is shutting down; use another node for this range")
                 answer = await (self._run(session, message) if self.payments is None else self._run_paid(session, message))
-        return Message(wire.RESULT, session.request_id, message.step, dict(answer.fields), answer.output, answer.payload)
+        return answer
 
     async def _run_paid(self, session: _Session, message: Message) -> _Answer:
         """Run the step while its receipt is checked and stored durably; the answer goes out only after both, and a
@@ -263,9 +285,7 @@ class NodeService:
             raise StepRefused("conflict", f"step {message.step} was already answered for a different input; open a new session")
         if self.fault.equivocate:
             output = (answer.output + 1e-2).contiguous()
-            payload = wire.tensor_bytes(output)
-            signed = commit(self.identity.signer, session.request_id, message.step, answer.input_hash, payload, self.domain)
-            return _Answer(answer.input_hash, output, payload, signed.to_fields())
+            return _Answer(answer.request_id, answer.step, answer.input_hash, output, wire.tensor_bytes(output), answer.compute_us)
         return answer
 
     def _check_input(self, session: _Session, message: Message) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,12 +321,7 @@ class NodeService:
             output = output + self.fault.noise * torch.randn_like(output)
         output = output.contiguous()
         payload = wire.tensor_bytes(output)
-        signer = self.identity.signer
-        if self.fault.forge_commitments and message.step >= FORGED_FROM_STEP:
-            signer = signing_key(bytes(range(1, 33)))
-        signed = commit(signer, session.request_id, message.step, tensor_hash(message.payload), payload, self.domain)
-        fields = {**signed.to_fields(), "compute_us": int(compute_s * 1e6)}
-        answer = _Answer(signed.commitment.input_hash, output, payload, fields)
+        answer = _Answer(session.request_id, message.step, tensor_hash(message.payload), output, payload, int(compute_s * 1e6))
         session.answers[message.step] = answer
         while len(session.answers) > CACHED_STEPS:
             session.answers.popitem(last=False)

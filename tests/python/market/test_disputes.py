@@ -125,7 +125,7 @@ def test_equivocating_node_is_slashed(market):
         hidden = torch.randn(1, 3, target.hidden_size)
         for _ in range(2):  # the second is a retry: the node answers differently and signs it again
             _, check = await session._step(hop, 0, 0, hidden, None)
-            check()
+            await check()
         await session.close()
         await model.auditor.wait()
         return model.auditor

@@ -75,16 +75,19 @@ def test_steps_are_answered_with_a_commitment_signed_by_the_operator(node, info,
         await open_session(channel, request_id)
         hidden = torch.randn(1, 4, HIDDEN)
         await channel.send(step(request_id, 0, 0, hidden, receipt=b"reserved for the next issue"))
-        reply = await channel.recv()
+        reply, signed = await channel.recv(), await channel.recv()
         await channel.close()
-        return request_id, hidden, reply
+        return request_id, hidden, reply, signed
 
-    request_id, hidden, reply = run(go())
+    request_id, hidden, reply, signed = run(go())
     assert reply.type == wire.RESULT and reply.tensor.shape == (1, 4, HIDDEN)
     assert not torch.equal(reply.tensor, hidden)
+    assert "signature" not in reply.fields  # the result goes out first; its commitment follows
+    assert signed.type == wire.COMMIT and (signed.session, signed.step) == (request_id, 0)
     commitment = Commitment(request_id, 0, tensor_hash(wire.tensor_bytes(hidden)), tensor_hash(reply.payload))
+    assert (signed.fields["input_hash"], signed.fields["output_hash"]) == (commitment.input_hash, commitment.output_hash)
     domain = Domain(info["commitment_domain"]["chain_id"], info["commitment_domain"]["verifying_contract"])
-    assert recover_commitment_signer(commitment, reply.fields["signature"], domain) == info["operator"]
+    assert recover_commitment_signer(commitment, signed.fields["signature"], domain) == info["operator"]
 
 
 def test_retried_step_returns_the_cached_answer_and_the_same_commitment(node, info):
@@ -94,22 +97,22 @@ def test_retried_step_returns_the_cached_answer_and_the_same_commitment(node, in
         await open_session(channel, request_id)
         hidden = torch.randn(1, 3, HIDDEN)
         await channel.send(step(request_id, 0, 0, hidden))
-        first = await channel.recv()
+        first, first_signed = await channel.recv(), await channel.recv()
         await channel.close()
         channel = await connect(node, info)  # a reconnect, as after a network blip
         await open_session(channel, request_id)
         await channel.send(step(request_id, 0, 0, hidden))
-        again = await channel.recv()
+        again, again_signed = await channel.recv(), await channel.recv()
         await channel.send(step(request_id, 0, 0, torch.randn(1, 3, HIDDEN)))
         conflict = await channel.recv()
         await channel.send(step(request_id, 5, 3, torch.randn(1, 1, HIDDEN)))
         ahead = await channel.recv()
         await channel.close()
-        return first, again, conflict, ahead
+        return first, again, conflict, ahead, first_signed, again_signed
 
-    first, again, conflict, ahead = run(go())
+    first, again, conflict, ahead, first_signed, again_signed = run(go())
     assert again.type == wire.RESULT and again.payload == first.payload
-    assert again.fields["signature"] == first.fields["signature"]
+    assert again_signed.type == wire.COMMIT and again_signed.fields["signature"] == first_signed.fields["signature"]
     assert conflict.type == wire.ERROR and conflict.fields["code"] == "conflict"
     assert ahead.type == wire.ERROR and ahead.fields["code"] == "out_of_order"
 
@@ -120,7 +123,7 @@ def test_a_closed_request_cannot_be_reopened_so_no_step_is_answered_twice(node, 
         request_id = os.urandom(32)
         await open_session(channel, request_id)
         await channel.send(step(request_id, 0, 0, torch.randn(1, 2, HIDDEN)))
-        answered = await channel.recv()
+        answered, _ = await channel.recv(), await channel.recv()
         await channel.send(Message(wire.CLOSE, request_id))
         closed = await channel.recv()
         await channel.send(Message(wire.OPEN, request_id, 0, {"max_length": 64}))
@@ -180,13 +183,13 @@ def test_malformed_oversized_replayed_and_tampered_frames_inside_the_session(nod
         codes.append((await channel.recv()).fields["code"])
         sealed = cipher.seal(wire.encode(step(request_id, 0, 0, torch.randn(1, 1, HIDDEN))))
         await transport.send(sealed)
-        codes.append((await channel.recv()).type)
+        codes += [(await channel.recv()).type, (await channel.recv()).type]
         await transport.send(sealed)  # replayed by someone on the path
         codes.append((await channel.recv()).fields["code"])
         await transport.send(sealed[:-1] + bytes([sealed[-1] ^ 1]))  # tampered
         codes.append((await channel.recv()).fields["code"])
         await channel.send(step(request_id, 1, 1, torch.randn(1, 1, HIDDEN)))
-        codes.append((await channel.recv()).type)
+        codes += [(await channel.recv()).type, (await channel.recv()).type]
         transport.writer.write(struct.pack(">I", 2**31))  # a stream length over the limit: error, then hang up
         codes.append((await channel.recv()).fields["code"])
         try:
@@ -196,7 +199,8 @@ def test_malformed_oversized_replayed_and_tampered_frames_inside_the_session(nod
         await channel.close()
         return codes
 
-    assert run(go()) == ["bad_frame", "too_large", wire.RESULT, "auth_failed", "auth_failed", wire.RESULT, "too_large", "closed"]
+    assert run(go()) == ["bad_frame", "too_large", wire.RESULT, wire.COMMIT, "auth_failed", "auth_failed", wire.RESULT, wire.COMMIT,
+                         "too_large", "closed"]
     assert_alive(node)
 
 
