@@ -50,6 +50,9 @@ class ClientConfig:
     step_timeout_s: float = 60.0
     spot_check_rate: float = 0.0  # fraction of requests whose hops are re-run on another node (or locally)
     spot_check_tolerance: float = 1e-3  # largest relative difference of hidden states still counted as equal
+    # public base URLs where verifiers on other machines can fetch this client's dispute evidence: this client's
+    # `client serve` address as seen from the internet (it serves its block store at /ipfs/), or any gateway holding it
+    evidence_gateways: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

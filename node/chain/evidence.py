@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from urllib.parse import parse_qs, quote, urlsplit
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -21,6 +22,7 @@ from node.net import wire
 from node.net.commitment import SignedCommitment
 
 MAX_EVIDENCE_BYTES = 256 * 2**20
+MAX_GATEWAY_HINTS = 4  # gateways a dispute's evidence reference may name
 PREFIX = "ipfs://"
 
 
@@ -87,27 +89,40 @@ class Evidence:
             raise EvidenceError("the answer is not what the node committed to")
 
 
-def publish(evidence: Evidence, store: Blockstore) -> str:
-    """Add the evidence to the block store; returns the `ipfs://CID` string a dispute carries."""
+def publish(evidence: Evidence, store: Blockstore, gateways: list[str] = ()) -> str:
+    """Add the evidence to the block store; returns the string a dispute carries: `ipfs://CID`, followed by
+    `?gateway=URL&...` naming where verifiers on other machines can fetch it (the blocks are checked against the
+    CID, so a gateway needs no trust)."""
     entry = import_bytes(evidence.encode(), SHARD_OPTIONS, store)
     store.pin(entry.cid)
-    return PREFIX + entry.cid_str
+    hints = "&".join(f"gateway={quote(url, safe='')}" for url in gateways[:MAX_GATEWAY_HINTS])
+    return PREFIX + entry.cid_str + (f"?{hints}" if hints else "")
+
+
+def gateway_hints(reference: str) -> list[str]:
+    """The http(s) gateways an evidence reference names (at most MAX_GATEWAY_HINTS; anything else is ignored)."""
+    query = reference.partition("?")[2]
+    urls = [url for url in parse_qs(query).get("gateway", []) if urlsplit(url).scheme in ("http", "https") and urlsplit(url).netloc]
+    return urls[:MAX_GATEWAY_HINTS]
 
 
 def fetch(reference: str, store: Blockstore, gateways: list[str] = ()) -> Evidence:
-    """Read evidence named `ipfs://CID` (from the local store, else the gateways), verified block by block."""
+    """Read evidence named `ipfs://CID[?gateway=URL...]` from the local store, else from the gateways configured
+    and those the reference names, verified block by block."""
     if not reference.startswith(PREFIX):
         raise EvidenceError(f"evidence {reference!r} is not an ipfs:// reference")
     try:
-        cid = bytes(parse(reference[len(PREFIX):]))
+        cid = bytes(parse(reference[len(PREFIX):].partition("?")[0]))
     except ValueError as exc:
         raise EvidenceError(f"evidence {reference!r} names a bad CID: {exc}") from None
     try:
         return Evidence.decode(_read(store, cid))
     except BlockstoreError:
-        if not gateways:
-            raise EvidenceError(f"evidence {reference} is not in the local store and no gateway is configured") from None
-    fetch_dag(cid, store, list(gateways))
+        pass
+    sources = list(dict.fromkeys([*gateways, *gateway_hints(reference)]))
+    if not sources:
+        raise EvidenceError(f"evidence {reference} is not in the local store, and neither the config nor the reference names a gateway")
+    fetch_dag(cid, store, sources)
     return Evidence.decode(_read(store, cid))
 
 

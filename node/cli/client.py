@@ -89,7 +89,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"OpenAI-compatible API on http://{host}:{port}/v1 serving {model.model_id}", flush=True)
         if not config.client.api_key:
             print(f"API key (set SHARDMARKET_CLIENT_API_KEY to choose one): {api_key}", flush=True)
-        return build_api(model, api_key)
+        from ipfs.blockstore import Blockstore
+
+        return build_api(model, api_key, store=Blockstore(config.ipfs.store))
 
     try:
         web.run_app(app(), host=host, port=port, print=None, access_log=None)

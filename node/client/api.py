@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP API over the remote pipeline: /v1/models, /v1/chat/completions, /v1/completions."""
+"""OpenAI-compatible HTTP API over the remote pipeline: /v1/models, /v1/chat/completions, /v1/completions; and,
+without a key, the client's block store as a trustless gateway at /ipfs/ (verifiers fetch dispute evidence there)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from ipfs.blockstore import Blockstore
+from ipfs.gateway import gateway_routes
 from node.client.generation import Completion, RemoteModel
 from node.client.routing import RouteError
 from node.client.text import TextStream
@@ -81,12 +84,14 @@ def _usage(completion: Completion) -> dict:
             "cost": completion.cost}
 
 
-def build_api(model: RemoteModel, api_key: str, default_max_tokens: int = 256) -> web.Application:
+def build_api(model: RemoteModel, api_key: str, default_max_tokens: int = 256, store: Blockstore | None = None) -> web.Application:
     """The aiohttp app serving `model` to callers holding `api_key`."""
     routes = web.RouteTableDef()
 
     @web.middleware
     async def errors_and_auth(request: web.Request, handler):
+        if store is not None and request.path.startswith("/ipfs/"):  # public, content-addressed: no key
+            return await handler(request)
         try:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
@@ -210,4 +215,6 @@ def build_api(model: RemoteModel, api_key: str, default_max_tokens: int = 256) -
 
     app = web.Application(middlewares=[errors_and_auth])
     app.add_routes(routes)
+    if store is not None:  # the client's block store, where verifiers fetch its dispute evidence
+        app.add_routes(gateway_routes(store))
     return app

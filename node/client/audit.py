@@ -49,8 +49,9 @@ class Auditor:
     """Watches every commitment and spot-checks finished requests of one RemoteModel."""
 
     def __init__(self, model, market: Market, store: Blockstore, *, rate: float, tolerance: float,
-                 checkpoint: Path | None = None, seed: int | None = None) -> None:
+                 checkpoint: Path | None = None, seed: int | None = None, evidence_gateways: list[str] = ()) -> None:
         self.model, self.market, self.store = model, market, store
+        self.evidence_gateways = list(evidence_gateways)  # named in every dispute, for verifiers elsewhere
         self.rate, self.tolerance, self.checkpoint = rate, tolerance, checkpoint
         self.rng = random.Random(seed)
         self.findings: list[Finding] = []
@@ -180,7 +181,7 @@ class Auditor:
         evidence = Evidence(self.model.model_id, node.start, node.end, record.positions[: step + 1],
                             [x.to(dtype).contiguous() for x in record.inputs[: step + 1]],
                             [commitments[i] for i in range(step + 1)], outputs[step].to(dtype).contiguous())
-        reference_cid = await asyncio.to_thread(publish, evidence, self.store)
+        reference_cid = await asyncio.to_thread(publish, evidence, self.store, self.evidence_gateways)
         disputes = self.market.disputes
         bond = self.market.read(disputes.functions.challengeBond())
         try:

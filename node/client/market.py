@@ -63,7 +63,8 @@ async def connect_paid(checkpoint: Path, config: Config, account, model_name: st
     payer = Payer(account, market.escrow_domain(), config.home / "client" / "ledger.sqlite")
     model = RemoteModel(head, model_name, nodes, market.dispute_domain(), receipt_source=payer.receipt, **kwargs)
     auditor = Auditor(model, market, Blockstore(config.ipfs.store), rate=config.client.spot_check_rate,
-                      tolerance=config.client.spot_check_tolerance, checkpoint=checkpoint)
+                      tolerance=config.client.spot_check_tolerance, checkpoint=checkpoint,
+                      evidence_gateways=config.client.evidence_gateways)
 
     def on_commitment(node: NodeInfo, signed, tokens: int) -> None:
         payer.answered(node, signed, tokens)

@@ -8,6 +8,8 @@ import asyncio
 import os
 import signal
 import subprocess
+import urllib.error
+import urllib.request
 import sys
 
 import openai
@@ -160,6 +162,18 @@ def test_openai_errors_have_openai_shape(api, smollm):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=smollm.name, messages=[])
     assert err.value.body["param"] == "messages"
+
+
+def test_the_api_serves_its_block_store_to_verifiers_without_a_key(api):
+    root = api.removesuffix("/v1")
+    with pytest.raises(urllib.error.HTTPError) as missing:  # the store is empty: not found, yet no key was asked for
+        request = urllib.request.Request(f"{root}/ipfs/bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku",
+                                         headers={"Accept": "application/vnd.ipld.raw"})
+        urllib.request.urlopen(request, timeout=10)
+    assert missing.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the OpenAI API still needs the key
+        urllib.request.urlopen(f"{api}/models", timeout=10)
+    assert refused.value.code == 401
 
 
 def test_twenty_concurrent_streams_through_one_pipeline(api, smollm, head):

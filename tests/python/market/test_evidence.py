@@ -1,0 +1,76 @@
+"""Dispute evidence reaches verifiers on other machines: its reference names the challenger's gateways, a
+verifier with no gateway of its own fetches it from them, verified against the CID and the node's signatures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import pytest
+import torch
+from aiohttp import web
+from eth_account import Account
+
+from ipfs.blockstore import Blockstore
+from ipfs.gateway import gateway_routes
+from node.chain.devchain import free_port
+from node.chain.eip712 import Domain, signing_key, tensor_hash
+from node.chain.evidence import MAX_GATEWAY_HINTS, Evidence, EvidenceError, fetch, gateway_hints, publish
+from node.net import wire
+from node.net.commitment import commit
+
+DOMAIN = Domain(31337, "0x" + "00" * 20)
+
+
+def evidence(node) -> Evidence:
+    request_id, inputs, commitments = os.urandom(32), [torch.randn(1, 3, 8), torch.randn(1, 1, 8)], []
+    for step, hidden in enumerate(inputs):
+        output = torch.randn(1, hidden.shape[1], 8)
+        commitments.append(commit(signing_key(node.key), request_id, step, tensor_hash(wire.tensor_bytes(hidden)),
+                                  wire.tensor_bytes(output), DOMAIN))
+    return Evidence("tiny", 0, 2, [0, 3], inputs, commitments, output)
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    """A trustless gateway over the challenger's store, on a real socket (as `client serve` mounts it)."""
+    store, port, ready = Blockstore(tmp_path / "challenger"), free_port(), threading.Event()
+    loop = asyncio.new_event_loop()
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        app.add_routes(gateway_routes(store))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    runner = loop.run_until_complete(start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield store, f"http://127.0.0.1:{port}"
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def test_a_verifier_elsewhere_fetches_the_evidence_from_the_gateway_its_reference_names(gateway, tmp_path):
+    store, url = gateway
+    node = Account.create()
+    original = evidence(node)
+    reference = publish(original, store, [url])
+    assert reference.startswith("ipfs://") and gateway_hints(reference) == [url]
+    verifier_store = Blockstore(tmp_path / "verifier")
+    with pytest.raises(EvidenceError, match="names a gateway"):
+        fetch(reference.partition("?")[0], verifier_store)  # no hint and no gateway configured: a clear error
+    fetched = fetch(reference, verifier_store)  # no gateway configured: the hint is enough
+    fetched.check(node.address, DOMAIN)
+    assert torch.equal(fetched.output, original.output) and fetched.positions == [0, 3]
+
+
+def test_only_a_few_http_gateways_are_taken_from_a_reference():
+    reference = "ipfs://bafkqaaa?gateway=file%3A%2F%2F%2Fetc%2Fpasswd&gateway=ftp%3A%2F%2Fx&gateway=http%3A%2F%2F" + \
+        "&".join(["a.example"] + [f"gateway=https%3A%2F%2Fg{i}.example" for i in range(6)])
+    hints = gateway_hints(reference)
+    assert hints == ["http://a.example"] + [f"https://g{i}.example" for i in range(MAX_GATEWAY_HINTS - 1)]
