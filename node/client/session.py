@@ -172,8 +172,11 @@ class InferenceSession:
         """Run one step on `hop`; the previous hop's commitment is checked while this node works."""
         node = hop.node
         dtype = wire.DTYPES[node.dtype]
-        sent = hidden if hidden.dtype == dtype else hidden.to(dtype)
-        payload = wire.tensor_bytes(sent)
+        if previous is not None and previous.reply.tensor.dtype == dtype:  # `hidden` came as these bytes: send them on
+            sent, payload = previous.reply.tensor, previous.reply.payload
+        else:
+            sent = hidden if hidden.dtype == dtype else hidden.to(dtype)
+            payload = wire.tensor_bytes(sent)
         fields = self._fields(node, step, position, hidden.shape[1])
         started = time.perf_counter()
         await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
