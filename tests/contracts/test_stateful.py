@@ -15,7 +15,7 @@ from node.chain import eip712
 from scripts.deploy import UNBONDING_DELAY, WITHDRAWAL_TIMELOCK
 
 SETTINGS = {"max_examples": 15, "stateful_step_count": 15, "deadline": None, "database": None}
-START_DEPOSIT, START_STAKE = 40 * TOKEN, 50 * TOKEN
+START_DEPOSIT, START_STAKE = 15 * TOKEN, 50 * TOKEN  # small deposits: settlements often run short
 REQUEST_IDS = count(1)  # never reused, so no two runs send byte-identical slash transactions
 
 
