@@ -107,6 +107,11 @@ class Tab:
         node = node.lower()
         return next((e.amount for e in self.entries if e.node.lower() == node), 0)
 
+    def covers(self, paid: tuple[Entry, ...]) -> bool:
+        """Whether the escrow can settle this tab over paid vector `paid`: it names every node paid, no lower."""
+        amounts = {e.node.lower(): e.amount for e in self.entries}
+        return all(amounts.get(e.node.lower(), -1) >= e.amount for e in paid)
+
 
 def check_entries(entries: tuple[Entry, ...], *, allow_empty: bool = False) -> None:
     """Raise ValueError unless `entries` are Entry objects sorted by node address, without duplicates, within the cap."""
@@ -228,6 +233,18 @@ def decode_settlement(data: bytes) -> tuple[Tab, bytes, tuple[Entry, ...]]:
     tab = Tab(to_checksum_address(data[:20].hex()), int.from_bytes(data[20:24], "big"), entries, bytes(data[24:56]))
     signature = bytes(data[56:120]) + bytes([data[120]])
     return tab, signature, unpack_entries(bytes(data[SETTLEMENT_HEADER_BYTES + ENTRY_BYTES * count:]))
+
+
+def split_settlements(data: bytes) -> list[bytes]:
+    """The items of a packed settleTabs argument (what a node reads back from a settlement's calldata)."""
+    items, at = [], 0
+    while at < len(data):
+        if len(data) - at < SETTLEMENT_HEADER_BYTES:
+            raise ValueError(f"a settlement item at byte {at} is cut short")
+        end = at + SETTLEMENT_HEADER_BYTES + ENTRY_BYTES * (data[at + 121] + data[at + 122])
+        items.append(bytes(data[at:end]))
+        at = end
+    return items
 
 
 def _word_address(address: str) -> bytes:

@@ -73,6 +73,9 @@ class PaymentGate:
             if tab.amount_for(self.node) < known.entry:
                 raise PaymentRefused("bad_tab", f"tab {tab.seq} promises this node less than tab {known.tab.seq} did; "
                                                 "a client never lowers what it promised")
+            if not tab.covers(known.paid):
+                raise PaymentRefused("bad_tab", f"tab {tab.seq} names less than the escrow has already paid some node; "
+                                                "the escrow would reject it: sign a tab over every node paid")
             newest = StoredTab(self.node, tab, signature, known.served, known.paid, known.paid_seq)
         cost = self.price * tokens
         if known.served + cost - newest.entry > self.credit_limit:

@@ -14,7 +14,7 @@ from eth_utils import to_checksum_address
 from web3.logs import DISCARD
 
 from node.chain.contracts import ChainError, Market
-from node.chain.eip712 import Entry, paid_vector_hash, unpack_entries
+from node.chain.eip712 import Entry, Tab, decode_settlement, paid_vector_hash, split_settlements, unpack_entries
 from node.server.payments import PaymentGate, PaymentRefused
 from node.server.tabs import StoredTab, TabStore
 
@@ -67,11 +67,32 @@ def _ready(market: Market, stored: StoredTab, store: TabStore, gate: PaymentGate
         stored = store.get(stored.client)
     if stored.owed == 0:
         return None  # another node settled this client's tab
-    if stored.tab.seq < seq:
-        log.warning("client %s owes this node %d but the escrow settled its newer tab %d (this node holds %d); "
-                    "it is settled when the client sends a newer tab", stored.client, stored.owed, seq, stored.tab.seq)
-        return None
+    if stored.tab.seq < seq:  # another node settled a newer tab short (or the client lowered this node's entry)
+        newer = _settled_tab(market, stored.client, seq)
+        if newer is None or newer[0].amount_for(stored.node) < stored.entry:
+            log.error("client %s owes this node %d but the escrow settled its tab %d, which promises this node less than "
+                      "tab %d held here: the client lowered what it promised; stop serving it", stored.client, stored.owed,
+                      seq, stored.tab.seq)
+            return None
+        stored = store.record(*newer, 0)  # the client's own signed newer tab: settling it again collects the rest
     return stored
+
+
+def _settled_tab(market: Market, client: str, seq: int) -> tuple[Tab, bytes] | None:
+    """The signed tab `seq` of `client`, read back from the calldata of the settleTabs that settled it."""
+    for entry in reversed(market.escrow.events.TabSettled.get_logs(from_block=0, argument_filters={"client": to_checksum_address(client)})):
+        if entry["args"]["seq"] != seq:
+            continue
+        tx = market.w3.eth.get_transaction(entry["transactionHash"])
+        try:
+            _, args = market.escrow.decode_function_input(tx["input"])
+            for item in split_settlements(args["settlements"]):
+                tab, signature, _ = decode_settlement(item)
+                if tab.client.lower() == client.lower() and tab.seq == seq:
+                    return tab, signature
+        except ValueError:
+            continue  # sent through another contract: its calldata is not a settleTabs call
+    return None
 
 
 def settle_pending(market: Market, store: TabStore, gate: PaymentGate | None = None,

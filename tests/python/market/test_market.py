@@ -180,3 +180,40 @@ def test_a_refused_step_is_never_answered_even_on_retry(market):
         await session.close()
 
     asyncio.run(scenario())
+
+
+def _tab(account, seq: int, amounts: dict[str, int]):
+    from node.chain.eip712 import Entry, Tab
+
+    return Tab(account.address, seq, tuple(Entry(n, a) for n, a in sorted(amounts.items(), key=lambda i: int(i[0], 16))), bytes(32))
+
+
+@pytest.mark.parametrize("lowered", [False, True], ids=["short-then-topped-up", "client-lowered-the-entry"])
+def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_flags_a_lowered_entry(market, tmp_path, lowered):
+    """Another node settled the client's newer tab short: this node reads that tab back from the settlement's
+    calldata and collects the rest once the client tops up; a newer tab promising it less is flagged, not paid."""
+    from node.chain.eip712 import encode_settlement, sign_tab
+    from node.server.settlement import settle_pending
+    from node.server.tabs import TabStore
+
+    name = f"ivan-{lowered}"
+    market.new_account(name, tokens=10**18)
+    market.cli(name, "client", "deposit", "15")
+    with market.acting_as(name):
+        client = load_account(PASSWORD)
+    first, second = sorted((market.accounts["node0"], market.accounts["node1"]), key=lambda a: int(a, 16))
+    holder = chain_as(market, "node1" if second == market.accounts["node1"] else "node0")  # paid last, so paid short
+    domain = holder.escrow_domain()
+    older = _tab(client, 1, {first: 1, second: 8})
+    newer = _tab(client, 2, {first: 10, second: 2 if lowered else 10})
+    store = TabStore(tmp_path / f"{name}.sqlite", second)
+    store.record(older, sign_tab(client.key, older, domain), 8)
+    holder.transact(holder.escrow.functions.settleTabs(encode_settlement(newer, sign_tab(client.key, newer, domain), ())), "settling")
+    assert paid_on_chain(holder, client.address, second) == (2 if lowered else 5)  # 15 - 10 paid to the first
+    market.cli(name, "client", "deposit", "100")
+    settlements = settle_pending(holder, store)
+    if lowered:
+        assert settlements == [] and paid_on_chain(holder, client.address, second) == 2
+    else:
+        assert [s.paid for s in settlements] == [5] and paid_on_chain(holder, client.address, second) == 10
+        assert store.get(client.address).tab == newer

@@ -100,3 +100,17 @@ def test_the_gate_refuses_what_a_node_must_not_accept(tmp_path, case, code):
         asyncio.run(scenario())
     assert refused.value.code == code
     assert TabStore(tmp_path / "tabs.sqlite", node).get(client.address).served == 5  # nothing more was reserved
+
+
+def test_the_gate_refuses_a_tab_the_escrow_would_reject_over_its_paid_vector(tmp_path):
+    client, node, other = Account.create(), Account.create().address, Account.create().address
+    gate = _gate(tmp_path, node, balance=1000)
+
+    async def scenario():
+        await gate.record(await gate.authorize(b"\x01" * 32, 5, {"tab": _signed(client, 1, {node: 5, other: 5})}))
+        gate.settled(client.address, (Entry(node, 5), Entry(other, 5)) if int(node, 16) < int(other, 16)
+                     else (Entry(other, 5), Entry(node, 5)), 1)
+        await gate.authorize(b"\x01" * 32, 5, {"tab": _signed(client, 2, {node: 10})})  # drops a paid node
+
+    with pytest.raises(PaymentRefused, match="already paid"):
+        asyncio.run(scenario())
