@@ -36,7 +36,7 @@ def paid_on_chain(chain: Market, client: str, node: str) -> int:
     return next((e.amount for e in paid if e.node.lower() == node.lower()), 0)
 
 
-def test_pay_per_request_over_three_nodes(market):
+def test_pay_per_request_over_three_nodes(market, capsys):
     model = asyncio.run(client_model(market, "alice"))
     tokens, completion = asyncio.run(generate(model, PROMPT, 6))
     head = Head.load(market.checkpoint)
@@ -54,6 +54,10 @@ def test_pay_per_request_over_three_nodes(market):
         assert paid_on_chain(chain, alice, market.accounts[name]) == PRICE * processed
     settlements = chain.escrow.events.TabSettled.get_logs(from_block=0, argument_filters={"client": alice})
     assert len(settlements) == 1  # one signature, one settlement, three nodes paid
+    capsys.readouterr()
+    market.cli("node2", "node", "earnings")
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(alice))
+    assert [int(x) for x in row[2:]] == [PRICE * processed, PRICE * processed, PRICE * processed, 0]  # served, promised, redeemed, pending
     assert escrow_before - chain.read(chain.escrow.functions.balanceOf(alice)) == completion.cost
 
 
