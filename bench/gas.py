@@ -1,10 +1,12 @@
-"""Gas of shardmarket's on-chain hot paths on a fresh anvil: register, stake, redeem, batched redeem, slash.
+"""Gas of shardmarket's on-chain hot paths on a fresh anvil: register, stake, settleTabs, slash.
 
     .venv/bin/python bench/gas.py
 
-Batches are measured twice: on new (client, node) channels (a storage slot goes from zero to non-zero,
-20,000 gas the EVM charges once per channel) and on existing channels (the steady state of a node that
-redeems every client's newest receipt again and again). The baseline is N single redeems.
+settleTabs is measured for 1 client x 3 nodes and for batches of 5 and 100 clients (each tab naming the same
+3 nodes), twice each: fresh (the nodes' earnings slots go from zero to non-zero, 20,000 gas the EVM charges
+once per node, and the clients' paid vectors are empty) and warm (the steady state: every client's newer tab
+settled again over its stored paid vector). The baseline is the old per-(client, node) receipt: 48,131 gas to
+redeem one alone, 21,504 per receipt in a batch of 100 (issue 4's figures).
 """
 
 import json
@@ -18,7 +20,10 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = 10**18
-BATCH_SIZES = (1, 10, 100)
+BATCH_SIZES = (1, 5, 100)
+NODES_PER_TAB = 3
+OLD_RECEIPT_BATCH_100_GAS = 21_504  # per (client, node) receipt, warm, issue 4
+OLD_RECEIPT_ONE_GAS = 48_131
 
 
 def main() -> dict:
@@ -55,48 +60,40 @@ def main() -> dict:
         tx = registry.register(model_id, 0, 16, 10, b"\x01" * 32, ["http://203.0.113.7:7300"], {"from": node})
         figures["register_gas"] = tx.gas_used
 
-        clients = [Account.from_key((0xC0FFEE00 + i).to_bytes(32, "big")) for i in range(max(BATCH_SIZES) + 1)]
+        clients = [Account.from_key((0xC0FFEE00 + i).to_bytes(32, "big")) for i in range(sum(BATCH_SIZES))]
         token.approve(escrow, 2**255, {"from": owner})
         for client in tqdm(clients, desc="deposits", leave=False):
             escrow.deposit(client.address, 1000 * TOKEN, {"from": owner})
 
-        def signed(client, amount):
-            receipt = eip712.Receipt(client.address, node.address, amount, b"\x11" * 32, amount)
-            signature = eip712.sign_receipt(client.key, receipt, escrow_domain)
-            return receipt, signature
+        def item(client, nodes, amount, seq, previous):
+            entries = tuple(eip712.Entry(n, amount) for n in sorted(nodes, key=lambda a: int(a, 16)))
+            tab = eip712.Tab(client.address, seq, entries, os.urandom(32))
+            return eip712.encode_settlement(tab, eip712.sign_tab(client.key, tab, escrow_domain), previous)
 
-        def redeem_one(client, amount):
-            receipt, sig = signed(client, amount)
-            return escrow.redeem(receipt.client, receipt.node, amount, receipt.usage_hash, receipt.nonce, sig,
-                                 {"from": node}).gas_used
+        def settle(batch_clients, nodes, amount, seq, previous):
+            tx = escrow.settleTabs(b"".join(item(c, nodes, amount, seq, previous) for c in batch_clients), {"from": owner})
+            assert "TabRejected" not in tx.events, "a bench tab was rejected"
+            return tx.gas_used, eip712.unpack_entries(bytes(tx.events["TabSettled"][0]["paid"]))
 
-        def redeem_batch(batch_clients, amount):
-            items = []
-            for client in batch_clients:
-                receipt, sig = signed(client, amount)
-                items.append((receipt.client, amount, receipt.usage_hash, receipt.nonce, *eip712.split_signature(sig)))
-            tx = escrow.redeemBatch(node, items, {"from": node})
-            assert tx.events["BatchRedeemed"]["redeemed"] == len(batch_clients), "a bench receipt was rejected"
-            return tx.gas_used
-
-        single = clients[-1]
-        figures["redeem_one_new_channel_gas"] = redeem_one(single, TOKEN)
-        figures["redeem_one_gas"] = redeem_one(single, 2 * TOKEN)
+        first = 0
         for size in tqdm(BATCH_SIZES, desc="batches", leave=False):
-            group = clients[:size]
-            first = redeem_batch(group, 10 * TOKEN * size)
-            again = redeem_batch(group, 10 * TOKEN * size + TOKEN)
-            figures[f"batch_{size}_new_channels_gas_per_receipt"] = first // size
-            figures[f"batch_{size}_gas_per_receipt"] = again // size
-            figures[f"batch_{size}_vs_single_redeems_ratio"] = round(again / (size * figures["redeem_one_gas"]), 3)
+            group, first = clients[first:first + size], first + size
+            nodes = [Account.create().address for _ in range(NODES_PER_TAB)]
+            fresh, paid = settle(group, nodes, TOKEN, 1, ())
+            warm, _ = settle(group, nodes, 2 * TOKEN, 2, paid)
+            figures[f"settle_{size}_clients_fresh_gas"] = fresh
+            figures[f"settle_{size}_clients_warm_gas"] = warm
+            figures[f"settle_{size}_clients_warm_gas_per_client"] = warm // size
+            figures[f"settle_{size}_clients_warm_gas_per_entry"] = warm // (size * NODES_PER_TAB)
+        figures["old_receipt_batch_100_gas_per_receipt"] = OLD_RECEIPT_BATCH_100_GAS
+        figures["batch_100_vs_old_receipts_ratio"] = round(
+            figures["settle_100_clients_warm_gas_per_entry"] / OLD_RECEIPT_BATCH_100_GAS, 3)
 
         commitments = [eip712.Commitment(b"\x22" * 32, 3, b"\x33" * 32, bytes([o]) * 32) for o in (1, 2)]
         signatures = [eip712.sign_commitment(node.private_key, c, dispute_domain) for c in commitments]
         args = [((c.request_id, c.step, c.input_hash, c.output_hash), s) for c, s in zip(commitments, signatures)]
         tx = disputes.slashEquivocation(args[0][0], args[0][1], args[1][0], args[1][1], {"from": owner})
         figures["equivocation_slash_gas"] = tx.gas_used
-        figures["goal_redeem_one_gas"] = 60_000
-        figures["goal_batch_100_gas_per_receipt"] = 25_000
         return figures
     finally:
         network.disconnect()

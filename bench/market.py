@@ -1,8 +1,12 @@
 """Market figures, in one run on a local anvil with real node processes:
-- gas per paid request: 200 requests from 5 clients through 3 paid nodes, then one batched redemption per node
+- gas per paid request: 200 requests from 5 clients through 3 paid nodes on a fresh deployment, then every node
+  settles (the first settles every client's tab for all nodes in one settleTabs; the others find them settled)
   (goal <= 1,000 gas; Livepeer spends 250,000+ per redeemed ticket);
-- ms/token of the default model through 3 nodes with payment on (receipt per hop per token, checked and stored
-  durably by the node) vs off (free nodes), interleaved rounds (goal: off/on >= 0.97);
+- the per-step payment path in microseconds: the client signs one tab for 3 nodes, a node decodes it, recovers
+  the signer and stores it (SQLite WAL, synchronous=NORMAL), against the per-(client, node) receipts it replaced
+  (3 receipts signed per step, one receipt checked per node, stored with synchronous=FULL);
+- ms/token of the default model through 3 nodes with payment on (a tab per step, checked and stored by every node)
+  vs off (free nodes), interleaved rounds (goal: off/on >= 0.97);
 - seconds from starting `shardmarket demo` to its first streamed token.
 The JSON figures are on the last line."""
 
@@ -29,8 +33,8 @@ from node.config import load_config  # noqa: E402
 from node.devmarket import PASSWORD, DevMarket, NodeProcess  # noqa: E402
 from node.engine.models import default_model, random_checkpoint, tiny_config  # noqa: E402
 from node.engine.sampling import SamplingParams  # noqa: E402
-from node.server.receipts import ReceiptStore  # noqa: E402
-from node.server.settlement import redeem_pending  # noqa: E402
+from node.server.settlement import settle_pending  # noqa: E402
+from node.server.tabs import TabStore  # noqa: E402
 
 PRICE = 1000
 
@@ -80,20 +84,20 @@ def gas_per_request(market: DevMarket, root: Path, requests: int, clients: int) 
             await _generate(models[i % clients], [1, 2 + i % 7, 3, 4], 2)
 
     asyncio.run(workload())
-    gas = 0
-    receipts = 0
+    gas, txs, tabs = 0, 0, 0
     for name, _ in nodes:
         with market.acting_as(name):
             from node.chain.contracts import Market
 
             chain = Market.connect(load_config(), load_account(PASSWORD))
-            store = ReceiptStore(load_config().node.data_dir / "receipts.sqlite", chain.address)
-        for redemption in redeem_pending(chain, store):
-            gas += redemption.gas
-            receipts += redemption.receipts
+            store = TabStore(load_config().node.data_dir / "tabs.sqlite", chain.address)
+        for settlement in settle_pending(chain, store):
+            gas += settlement.gas
+            txs += 1
+            tabs += settlement.tabs
     market.stop()
-    return {"redeem_gas_total": gas, "receipts_redeemed": receipts, "redeem_gas_per_receipt": round(gas / max(receipts, 1)),
-            "gas_per_paid_request": round(gas / requests, 1)}
+    return {"settle_gas_total": gas, "settle_txs": txs, "tabs_settled": tabs, "gas_per_paid_request": round(gas / requests, 1),
+            "old_receipts_gas_per_paid_request": 3632}
 
 
 def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
@@ -141,38 +145,61 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
 
 
 def payment_path_us(root: Path, steps: int = 300) -> dict:
-    """Median microseconds per hop per token of each payment stage: client signs (and records) the receipt,
-    node decodes and recovers it, node stores it durably (SQLite WAL, synchronous=FULL)."""
+    """Median microseconds per step of each payment stage for a 3-node route: the client signs one tab (vs 3
+    receipts), a node decodes and recovers it (vs one receipt), a node stores it with synchronous=NORMAL (vs FULL)."""
+    import sqlite3
     from types import SimpleNamespace
 
+    from eth_abi import encode
     from eth_account import Account
+    from eth_utils import keccak
 
-    from node.chain.eip712 import Domain
+    from node.chain import eip712
     from node.client.payer import Payer
     from node.server.payments import PaymentGate
 
-    client, node = Account.create(), Account.create()
-    domain = Domain(31337, "0x" + "33" * 20)
+    client = Account.create()
+    nodes = [SimpleNamespace(operator=Account.create().address, price=PRICE) for _ in range(3)]
+    domain = eip712.Domain(31337, "0x" + "33" * 20)
     payer = Payer(client, domain, root / "micro-ledger.sqlite")
-    store = ReceiptStore(root / "micro-receipts.sqlite", node.address)
-    gate = PaymentGate(store, node.address, PRICE, domain, 0, None)
-    sign, verify, durable = [], [], []
+    store = TabStore(root / "micro-tabs.sqlite", nodes[0].operator)
+    gate = PaymentGate(store, nodes[0].operator, PRICE, domain, 0, None)
+    receipt_typehash = keccak(text="Receipt(address client,address node,uint256 cumulativeAmount,bytes32 usageHash,uint256 nonce)")
+    full = sqlite3.connect(root / "micro-receipts-full.sqlite", isolation_level=None)
+    full.execute("PRAGMA journal_mode=WAL")
+    full.execute("PRAGMA synchronous=FULL")
+    full.execute("CREATE TABLE receipts (client TEXT PRIMARY KEY, receipt BLOB)")
+
+    def receipt_digest(node: str, amount: int, nonce: int) -> bytes:  # the replaced per-(client, node) receipt
+        fields = encode(["bytes32", "address", "address", "uint256", "bytes32", "uint256"],
+                        [receipt_typehash, client.address, node, amount, bytes(32), nonce])
+        return keccak(b"\x19\x01" + eip712.domain_separator(domain) + keccak(fields))
+
+    stages: dict[str, list[float]] = {k: [] for k in ("sign", "check", "store", "old_sign", "old_check", "old_store")}
+    key = payer._key
     for step in range(steps):
         t0 = time.perf_counter()
-        raw = payer.receipt(SimpleNamespace(operator=node.address, price=PRICE), bytes(32), step, 1)
+        raw = payer.tab([(n, 1) for n in nodes], bytes(32))
         t1 = time.perf_counter()
-        receipt, signature = gate._parse(raw)
+        tab, signature = gate._parse(raw)
         t2 = time.perf_counter()
-        store.record(receipt, signature, PRICE)
+        store.record(tab, signature, PRICE)
         t3 = time.perf_counter()
-        sign.append(t1 - t0)
-        verify.append(t2 - t1)
-        durable.append(t3 - t2)
+        signatures = [eip712._sign(key, receipt_digest(n.operator, PRICE * (step + 1), step + 1)) for n in nodes]
+        t4 = time.perf_counter()
+        eip712._recover(receipt_digest(nodes[0].operator, PRICE * (step + 1), step + 1), signatures[0])
+        t5 = time.perf_counter()
+        full.execute("INSERT OR REPLACE INTO receipts VALUES (?, ?)", (client.address, signatures[0]))
+        t6 = time.perf_counter()
+        for name, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+            stages[name].append(value)
 
-    def us(values: list[float]) -> int:
-        return round(statistics.median(values) * 1e6)
+    def us(name: str) -> int:
+        return round(statistics.median(stages[name]) * 1e6)
 
-    return {"client_sign_us": us(sign), "node_verify_us": us(verify), "node_store_fsync_us": us(durable)}
+    return {"client_sign_tab_us": us("sign"), "client_sign_3_receipts_us": us("old_sign"),
+            "node_check_tab_us": us("check"), "node_check_receipt_us": us("old_check"),
+            "node_store_tab_us": us("store"), "node_store_receipt_fsync_us": us("old_store")}
 
 
 def demo_first_token() -> dict:
@@ -190,25 +217,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--skip-demo", action="store_true")
+    parser.add_argument("--only", choices=["payment_path", "gas_per_request", "payment_overhead", "demo"],
+                        help="run one part (default: all)")
     args = parser.parse_args()
     results: dict = {}
+    wanted = lambda part: args.only in (None, part)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="bench-market-") as tmp:
-        results.update(payment_path_us(Path(tmp)))
-        market = DevMarket(Path(tmp) / "gas")
-        try:
-            market.start_chain()
-            results.update(gas_per_request(market, Path(tmp), args.requests, args.clients))
-            print(json.dumps(results), flush=True)
-        finally:
-            market.stop()
-        market = DevMarket(Path(tmp) / "speed")
-        try:
-            market.start_chain()
-            results.update(payment_overhead(market, args.rounds, args.tokens))
-            print(json.dumps(results), flush=True)
-        finally:
-            market.stop()
-    if not args.skip_demo:
+        if wanted("payment_path"):
+            results.update(payment_path_us(Path(tmp)))
+        for part, run in (("gas_per_request", lambda m: gas_per_request(m, Path(tmp), args.requests, args.clients)),
+                          ("payment_overhead", lambda m: payment_overhead(m, args.rounds, args.tokens))):
+            if not wanted(part):
+                continue
+            market = DevMarket(Path(tmp) / part)
+            try:
+                market.start_chain()
+                results.update(run(market))
+                print(json.dumps(results), flush=True)
+            finally:
+                market.stop()
+    if wanted("demo") and not args.skip_demo:
         results.update(demo_first_token())
     results.update({"requests": args.requests, "clients": args.clients, "nodes": 3})
     print(json.dumps(results))

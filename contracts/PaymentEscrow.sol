@@ -3,51 +3,86 @@ pragma solidity ^0.8.24;
 
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
-import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 
 /// @title PaymentEscrow
-/// @notice Clients deposit; nodes redeem client-signed EIP-712 receipts
-/// `Receipt(client, node, cumulativeAmount, usageHash, nonce)`. Receipts are cumulative: a redeem pays
-/// `cumulativeAmount - alreadyPaid` (capped by the client's balance; the rest is recorded as a shortfall
-/// the node may collect later with the same receipt). Redeemed amounts are credited to the node inside the
-/// escrow and leave it in one transfer (`withdrawEarnings`), so a batch of N receipts moves tokens zero times.
-/// A client's withdrawal waits `withdrawalTimelock` after its request, so nodes can redeem first.
+/// @notice Clients deposit; anyone settles client-signed EIP-712 tabs
+/// `Tab(client, seq, Entry(node, amount)[], usageHash)`. A tab is one cumulative promise per client covering
+/// every node it pays (entries sorted by node, amounts cumulative per node, seq one higher per tab). Settling
+/// pays each node `amount - alreadyPaid` in entry order, capped by the client's balance (a shortfall stays
+/// owed: a later settlement, even of the same tab, pays the rest). The escrow keeps one storage slot per client:
+/// balance, the highest seq settled and a hash of the paid vector (what it has paid each node of the client);
+/// the settler passes the paid vector in calldata and nodes rebuild it from TabSettled. Payments are credited
+/// to nodes inside the escrow and leave it in one transfer (`withdrawEarnings`). A client's withdrawal waits
+/// `withdrawalTimelock` after its request, so nodes can settle first.
+///
+/// Settlements and paid vectors travel packed (see `settleTabs`), not ABI-encoded: ABI words are mostly zero
+/// padding, and at ~1,000 gas per paid request the padding, its decoder and a 64-byte event entry were a fifth
+/// of a settlement. Entries are packed as `node (20 bytes) || amount (16 bytes)`.
 contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
-    bytes32 public constant RECEIPT_TYPEHASH =
-        keccak256("Receipt(address client,address node,uint256 cumulativeAmount,bytes32 usageHash,uint256 nonce)");
+    bytes32 public constant ENTRY_TYPEHASH = keccak256("Entry(address node,uint128 amount)");
+    bytes32 public constant TAB_TYPEHASH = keccak256(
+        "Tab(address client,uint32 seq,Entry[] entries,bytes32 usageHash)Entry(address node,uint128 amount)"
+    );
+    /// @notice Most nodes one tab may name (bounds every loop of a settlement).
+    uint256 public constant MAX_ENTRIES = 32;
+    /// @notice Bytes of one packed entry: node (20) || amount (16).
+    uint256 public constant ENTRY_BYTES = 36;
+    /// @notice Bytes of a packed settlement before its entries: client, seq, usageHash, r, s, v, entry count,
+    /// previous count (20 + 4 + 32 + 32 + 32 + 1 + 1 + 1).
+    uint256 public constant SETTLEMENT_HEADER_BYTES = 123;
 
-    /// @notice One receipt of a batch; the node is the batch's. (v, r, s) is the client's signature.
-    struct SignedReceipt {
-        address client;
-        uint256 cumulativeAmount;
-        bytes32 usageHash;
-        uint256 nonce;
-        uint8 v;
-        bytes32 r;
-        bytes32 s;
+    /// @notice What a client owes one node, cumulatively (the EIP-712 type; `tabDigest` takes it ABI-encoded).
+    struct Entry {
+        address node;
+        uint128 amount;
     }
 
-    /// @notice Why a batch skipped a receipt (reported in ReceiptRejected).
+    /// @notice A client's cumulative promise to every node it pays (the EIP-712 type).
+    struct Tab {
+        address client;
+        uint32 seq;
+        Entry[] entries;
+        bytes32 usageHash;
+    }
+
+    /// @notice Why `settleTabs` skipped an item (reported in TabRejected).
     enum Rejection {
         None,
         BadSignature,
-        NotNewer,
-        AmountTooLarge
+        StaleSeq,
+        WrongPrevious,
+        Malformed
     }
 
+    /// @notice One slot per client. The 128-bit paid hash: passing a forged paid vector needs a second preimage
+    /// of the stored value (2^128 work); a client choosing both vectors of a collision (birthday) needs 2^64.
+    /// 88 bits would leave that birthday attack at 2^44, within reach of a few GPUs, which is why the withdrawal
+    /// time lives in the (rarely written) withdrawal slot instead.
     struct ClientAccount {
-        uint128 balance;
-        uint64 withdrawalReadyAt;
+        uint96 balance;
+        uint32 seq;
+        uint128 paidHash;
     }
 
-    /// @notice What a (client, node) channel has paid and the highest receipt amount redeemed; one storage slot.
-    struct Channel {
-        uint128 paid;
-        uint128 claimed;
+    /// @dev One packed settlement's fields (see `settleTabs`); offsets are calldata offsets.
+    struct Item {
+        address client;
+        uint32 seq;
+        uint256 at; // the settlement's first byte
+        uint256 entries; // the first packed entry
+        uint256 count;
+        uint256 previous; // the first packed entry of the previous paid vector
+        uint256 previousCount;
+    }
+
+    /// @notice A pending withdrawal request.
+    struct Withdrawal {
+        uint96 amount;
+        uint40 readyAt;
     }
 
     /// @notice The payment ERC-20.
@@ -59,18 +94,17 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     // for ReentrancyGuardTransient's tload/tstore (with the storage-slot guard the finding disappears).
     // slither-disable-next-line uninitialized-state
     mapping(address client => ClientAccount) private _accounts;
-    mapping(address client => uint256) private _pendingWithdrawal;
-    mapping(address client => mapping(address node => Channel)) private _channels;
+    mapping(address client => Withdrawal) private _withdrawals;
     mapping(address node => uint256) private _earnings;
 
     event Deposited(address indexed client, address indexed from, uint256 amount);
     event WithdrawalRequested(address indexed client, uint256 amount, uint256 readyAt);
     event WithdrawalCancelled(address indexed client);
     event Withdrawn(address indexed client, uint256 amount);
-    event ReceiptRedeemed(address indexed client, address indexed node, uint256 paid, uint256 cumulativeAmount);
-    event Shortfall(address indexed client, address indexed node, uint256 owed);
-    event ReceiptRejected(address indexed client, address indexed node, uint256 index, Rejection reason);
-    event BatchRedeemed(address indexed node, uint256 paid, uint256 redeemed, uint256 rejected);
+    /// @notice A tab was settled; `paid` is the client's new paid vector, packed entries in the tab's order
+    /// (what the escrow has paid each node of the client in all, a shortfall included).
+    event TabSettled(address indexed client, uint32 seq, bytes paid);
+    event TabRejected(address indexed client, uint256 index, Rejection reason);
     event EarningsWithdrawn(address indexed node, address indexed to, uint256 amount);
 
     error ZeroAmount();
@@ -79,9 +113,8 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     error InsufficientBalance(uint256 balance, uint256 requested);
     error NoWithdrawalRequested();
     error WithdrawalLocked(uint256 readyAt);
-    error InvalidReceiptSignature();
-    error ReceiptNotNewer(uint256 cumulativeAmount, uint256 alreadyPaid);
     error NothingToWithdraw();
+    error TruncatedSettlements(uint256 index);
 
     /// @param token_ The payment ERC-20.
     /// @param withdrawalTimelock_ Seconds a client's withdrawal waits after its request.
@@ -91,15 +124,15 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     }
 
     /// @notice Add `amount` to `client`'s balance, paid by the caller (needs an allowance).
-    /// @param client The account whose receipts this balance pays.
+    /// @param client The account whose tabs this balance pays.
     /// @param amount Tokens deposited.
     function deposit(address client, uint256 amount) external nonReentrant {
         if (amount == 0) revert ZeroAmount();
         if (client == address(0)) revert ZeroAddress();
         ClientAccount storage account = _accounts[client];
         uint256 balance = uint256(account.balance) + amount;
-        if (balance > type(uint128).max) revert AmountTooLarge(amount);
-        account.balance = uint128(balance);
+        if (balance > type(uint96).max) revert AmountTooLarge(amount);
+        account.balance = uint96(balance);
         emit Deposited(client, msg.sender, amount);
         token.safeTransferFrom(msg.sender, address(this), amount);
     }
@@ -109,88 +142,60 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     /// @param amount Tokens to withdraw, at most the current balance.
     function requestWithdrawal(uint256 amount) external {
         if (amount == 0) revert ZeroAmount();
-        ClientAccount storage account = _accounts[msg.sender];
-        if (amount > account.balance) revert InsufficientBalance(account.balance, amount);
+        uint256 balance = _accounts[msg.sender].balance;
+        if (amount > balance) revert InsufficientBalance(balance, amount);
         uint256 readyAt = block.timestamp + withdrawalTimelock;
-        account.withdrawalReadyAt = uint64(readyAt);
-        _pendingWithdrawal[msg.sender] = amount;
+        _withdrawals[msg.sender] = Withdrawal(uint96(amount), uint40(readyAt));
         emit WithdrawalRequested(msg.sender, amount, readyAt);
     }
 
     /// @notice Drop the caller's pending withdrawal request.
     function cancelWithdrawal() external {
-        ClientAccount storage account = _accounts[msg.sender];
-        if (account.withdrawalReadyAt == 0) revert NoWithdrawalRequested();
-        account.withdrawalReadyAt = 0;
-        delete _pendingWithdrawal[msg.sender];
+        if (_withdrawals[msg.sender].readyAt == 0) revert NoWithdrawalRequested();
+        delete _withdrawals[msg.sender];
         emit WithdrawalCancelled(msg.sender);
     }
 
-    /// @notice Withdraw the requested amount (or the smaller balance left after redeems) once the timelock passed.
+    /// @notice Withdraw the requested amount (or the smaller balance left after settlements) once the timelock passed.
     function withdraw() external nonReentrant {
+        Withdrawal memory request = _withdrawals[msg.sender];
+        if (request.readyAt == 0) revert NoWithdrawalRequested();
+        if (block.timestamp < request.readyAt) revert WithdrawalLocked(request.readyAt);
         ClientAccount storage account = _accounts[msg.sender];
-        uint256 readyAt = account.withdrawalReadyAt;
-        if (readyAt == 0) revert NoWithdrawalRequested();
-        if (block.timestamp < readyAt) revert WithdrawalLocked(readyAt);
-        uint256 requested = _pendingWithdrawal[msg.sender];
-        uint256 amount = requested < account.balance ? requested : account.balance;
-        account.balance -= uint128(amount);
-        account.withdrawalReadyAt = 0;
-        delete _pendingWithdrawal[msg.sender];
+        uint256 amount = request.amount < account.balance ? request.amount : account.balance;
+        account.balance -= uint96(amount);
+        delete _withdrawals[msg.sender];
         emit Withdrawn(msg.sender, amount);
         if (amount != 0) token.safeTransfer(msg.sender, amount);
     }
 
-    /// @notice Redeem one receipt signed by `client` for `node`; pays `node` (inside the escrow) what is new.
-    /// @param client The paying client (the signer).
-    /// @param node The paid node.
-    /// @param cumulativeAmount Total the client owes the node so far.
-    /// @param usageHash Hash chain of the usage records the receipt covers.
-    /// @param nonce The client's receipt counter for this node.
-    /// @param signature The client's 65-byte r||s||v signature (low s).
-    /// @return paid Tokens credited to the node now.
-    function redeem(
-        address client,
-        address node,
-        uint256 cumulativeAmount,
-        bytes32 usageHash,
-        uint256 nonce,
-        bytes calldata signature
-    ) external returns (uint256 paid) {
-        if (cumulativeAmount > type(uint128).max) revert AmountTooLarge(cumulativeAmount);
-        // The third return value only details the error, which is rejected whatever it is.
-        // slither-disable-next-line unused-return
-        (address signer, ECDSA.RecoverError error,) =
-            ECDSA.tryRecover(_digest(client, node, cumulativeAmount, usageHash, nonce), signature);
-        if (error != ECDSA.RecoverError.NoError || signer != client) revert InvalidReceiptSignature();
-        Channel memory channel = _channels[client][node];
-        if (cumulativeAmount <= channel.paid) revert ReceiptNotNewer(cumulativeAmount, channel.paid);
-        paid = _settle(client, node, cumulativeAmount, channel);
-        _earnings[node] += paid;
-    }
-
-    /// @notice Redeem many clients' receipts for `node` in one transaction. A bad receipt (bad signature,
-    /// not newer than what was paid, amount too large) is skipped and reported in ReceiptRejected; the rest pay.
-    /// @param node The paid node.
-    /// @param receipts The receipts, each signed by its client (a client twice: the second pays only if newer).
-    /// @return paid Total tokens credited to the node.
-    function redeemBatch(address node, SignedReceipt[] calldata receipts) external returns (uint256 paid) {
-        uint256 rejected = 0;
-        for (uint256 i = 0; i < receipts.length; ++i) {
-            SignedReceipt calldata receipt = receipts[i];
-            Rejection reason = _check(node, receipt);
-            if (reason != Rejection.None) {
-                emit ReceiptRejected(receipt.client, node, i, reason);
-                ++rejected;
-                continue;
-            }
-            paid += _settle(receipt.client, node, receipt.cumulativeAmount, _channels[receipt.client][node]);
+    /// @notice Settle many clients' tabs in one transaction; any caller may (a tab names its payees). A bad item
+    /// (bad signature, seq below the settled one, a previous vector that is not the stored one, malformed entries)
+    /// is skipped and reported in TabRejected; the rest pay.
+    /// @param settlements Packed settlements, one after another, each: client (20 bytes) || seq (4) ||
+    /// usageHash (32) || r (32) || s (32) || v (1) || entry count n (1) || previous count m (1) ||
+    /// n tab entries || m entries of the client's current paid vector (empty at first; rebuilt from its last
+    /// TabSettled). node/chain/eip712.py `encode_settlement` writes this. A truncated settlement reverts.
+    /// @return paid Total tokens credited to nodes.
+    function settleTabs(bytes calldata settlements) external returns (uint256 paid) {
+        bytes32 domain = _domainSeparatorV4();
+        uint256 at;
+        uint256 end;
+        assembly ("memory-safe") {
+            at := settlements.offset
+            end := add(settlements.offset, settlements.length)
         }
-        _earnings[node] += paid;
-        emit BatchRedeemed(node, paid, receipts.length - rejected, rejected);
+        for (uint256 i = 0; at < end; ++i) {
+            Item memory item = _locate(at);
+            at = item.previous + item.previousCount * ENTRY_BYTES;
+            if (at > end) revert TruncatedSettlements(i);
+            (Rejection reason, uint256 total) = _settle(item, domain);
+            if (reason != Rejection.None) emit TabRejected(item.client, i, reason);
+            else paid += total;
+        }
     }
 
-    /// @notice Send all of the caller's (a node's) redeemed earnings to `to`.
+    /// @notice Send all of the caller's (a node's) earnings to `to`.
     /// @param to Receiver of the tokens.
     function withdrawEarnings(address to) external nonReentrant {
         if (to == address(0)) revert ZeroAddress();
@@ -208,35 +213,47 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
 
     /// @notice What a node can still count on from `client`: balance minus a pending withdrawal request.
     function spendableOf(address client) external view returns (uint256) {
-        ClientAccount storage account = _accounts[client];
-        if (account.withdrawalReadyAt == 0) return account.balance;
-        uint256 pending = _pendingWithdrawal[client];
-        return pending < account.balance ? account.balance - pending : 0;
+        uint256 balance = _accounts[client].balance;
+        Withdrawal memory request = _withdrawals[client];
+        if (request.readyAt == 0) return balance;
+        return request.amount < balance ? balance - request.amount : 0;
     }
 
     /// @notice `client`'s pending withdrawal: amount and the time it can be executed (0 if none).
     function pendingWithdrawalOf(address client) external view returns (uint256 amount, uint256 readyAt) {
-        return (_pendingWithdrawal[client], _accounts[client].withdrawalReadyAt);
+        Withdrawal memory request = _withdrawals[client];
+        return (request.amount, request.readyAt);
     }
 
-    /// @notice What `client` has paid `node` and the highest receipt amount redeemed (claimed - paid is owed).
-    function channelOf(address client, address node) external view returns (uint256 paid, uint256 claimed) {
-        Channel memory channel = _channels[client][node];
-        return (channel.paid, channel.claimed);
+    /// @notice The highest tab seq settled for `client` and the hash of its paid vector (0: nothing paid yet).
+    function tabOf(address client) external view returns (uint32 seq, uint128 paidHash) {
+        ClientAccount memory account = _accounts[client];
+        return (account.seq, account.paidHash);
     }
 
-    /// @notice Redeemed tokens `node` can withdraw.
+    /// @notice Earnings `node` can withdraw.
     function earningsOf(address node) external view returns (uint256) {
         return _earnings[node];
     }
 
-    /// @notice The EIP-712 digest a client signs for a receipt (matches node/chain/eip712.py).
-    function receiptDigest(address client, address node, uint256 cumulativeAmount, bytes32 usageHash, uint256 nonce)
-        external
-        view
-        returns (bytes32)
-    {
-        return _digest(client, node, cumulativeAmount, usageHash, nonce);
+    /// @notice The EIP-712 digest a client signs for `tab` (matches node/chain/eip712.py).
+    function tabDigest(Tab calldata tab) external view returns (bytes32) {
+        bytes32[] memory hashes = new bytes32[](tab.entries.length);
+        for (uint256 k = 0; k < tab.entries.length; ++k) {
+            hashes[k] = keccak256(abi.encode(ENTRY_TYPEHASH, tab.entries[k].node, tab.entries[k].amount));
+        }
+        bytes32 entriesHash = keccak256(abi.encodePacked(hashes));
+        return _hashTypedDataV4(keccak256(abi.encode(TAB_TYPEHASH, tab.client, tab.seq, entriesHash, tab.usageHash)));
+    }
+
+    /// @notice The hash `tabOf` reports for a packed paid vector (matches node/chain/eip712.py): the low 128 bits
+    /// of its keccak256, 0 for the empty vector.
+    function paidVectorHash(bytes calldata paid) external pure returns (uint128) {
+        uint256 at;
+        assembly ("memory-safe") {
+            at := paid.offset
+        }
+        return _vectorHash(at, paid.length / ENTRY_BYTES);
     }
 
     /// @notice The EIP-712 domain separator of this escrow.
@@ -244,38 +261,173 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
         return _domainSeparatorV4();
     }
 
-    function _check(address node, SignedReceipt calldata receipt) private view returns (Rejection) {
-        if (receipt.cumulativeAmount > type(uint128).max) return Rejection.AmountTooLarge;
-        if (receipt.cumulativeAmount <= _channels[receipt.client][node].paid) return Rejection.NotNewer;
-        bytes32 digest = _digest(receipt.client, node, receipt.cumulativeAmount, receipt.usageHash, receipt.nonce);
-        // slither-disable-next-line unused-return
-        (address signer, ECDSA.RecoverError error,) = ECDSA.tryRecover(digest, receipt.v, receipt.r, receipt.s);
-        if (error != ECDSA.RecoverError.NoError || signer != receipt.client) return Rejection.BadSignature;
-        return Rejection.None;
+    /// @dev The fields of the packed settlement at calldata offset `at`.
+    function _locate(uint256 at) private pure returns (Item memory item) {
+        assembly ("memory-safe") {
+            mstore(item, shr(96, calldataload(at)))
+            mstore(add(item, 0x20), shr(224, calldataload(add(at, 20))))
+            mstore(add(item, 0x40), at)
+            let count := byte(0, calldataload(add(at, 121)))
+            mstore(add(item, 0x60), add(at, 123))
+            mstore(add(item, 0x80), count)
+            mstore(add(item, 0xa0), add(add(at, 123), mul(count, 36)))
+            mstore(add(item, 0xc0), byte(0, calldataload(add(at, 122))))
+        }
     }
 
-    /// @dev Pays what is new on a checked receipt, up to the client's balance; records any shortfall.
-    function _settle(address client, address node, uint256 cumulativeAmount, Channel memory channel)
-        private
-        returns (uint256 paid)
-    {
-        uint256 due = cumulativeAmount - channel.paid;
-        ClientAccount storage account = _accounts[client];
-        uint256 balance = account.balance;
-        paid = due < balance ? due : balance;
-        account.balance = uint128(balance - paid);
-        channel.paid += uint128(paid);
-        if (cumulativeAmount > channel.claimed) channel.claimed = uint128(cumulativeAmount);
-        _channels[client][node] = channel;
-        emit ReceiptRedeemed(client, node, paid, cumulativeAmount);
-        if (paid < due) emit Shortfall(client, node, due - paid);
+    /// @dev Checks one item (cheap checks first, the signature last; a rejected item changes nothing), then pays
+    /// its tab in entry order up to the client's balance, stores the new paid vector's hash and logs TabSettled.
+    function _settle(Item memory item, bytes32 domain) private returns (Rejection reason, uint256 total) {
+        if (item.client == address(0) || item.count == 0 || item.count > MAX_ENTRIES) return (Rejection.Malformed, 0);
+        if (item.previousCount > item.count) return (Rejection.WrongPrevious, 0);
+        ClientAccount memory account = _accounts[item.client];
+        if (item.seq < account.seq) return (Rejection.StaleSeq, 0);
+        if (_vectorHash(item.previous, item.previousCount) != account.paidHash) return (Rejection.WrongPrevious, 0);
+        bytes32 entriesHash;
+        uint256 vector;
+        (reason, entriesHash, vector) = _scan(item);
+        if (reason != Rejection.None) return (reason, 0);
+        if (_signer(item, domain, entriesHash) != item.client) return (Rejection.BadSignature, 0);
+        uint256 remaining;
+        (remaining, total) = _pay(item.count, vector, account.balance);
+        _record(item.client, item.seq, vector, item.count, remaining);
     }
 
-    function _digest(address client, address node, uint256 cumulativeAmount, bytes32 usageHash, uint256 nonce)
-        private
-        view
-        returns (bytes32)
-    {
-        return _hashTypedDataV4(keccak256(abi.encode(RECEIPT_TYPEHASH, client, node, cumulativeAmount, usageHash, nonce)));
+    /// @dev The address that signed the item's tab (EIP-712 under `domain`), or 0 for a bad or high-s signature.
+    function _signer(Item memory item, bytes32 domain, bytes32 entriesHash) private view returns (address signer) {
+        bytes32 typehash = TAB_TYPEHASH;
+        assembly ("memory-safe") {
+            let at := mload(add(item, 0x40))
+            let s := calldataload(add(at, 88))
+            // a high s is the malleated twin of a valid signature (what OpenZeppelin's ECDSA refuses too)
+            if iszero(gt(s, 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0)) {
+                let m := mload(0x40) // scratch past the free pointer
+                mstore(m, typehash)
+                mstore(add(m, 0x20), mload(item)) // client
+                mstore(add(m, 0x40), mload(add(item, 0x20))) // seq
+                mstore(add(m, 0x60), entriesHash)
+                mstore(add(m, 0x80), calldataload(add(at, 24))) // usageHash
+                let structHash := keccak256(m, 0xa0)
+                mstore(m, 0x1901)
+                mstore(add(m, 0x20), domain)
+                mstore(add(m, 0x40), structHash)
+                mstore(m, keccak256(add(m, 0x1e), 0x42))
+                mstore(add(m, 0x20), byte(0, calldataload(add(at, 120)))) // v
+                mstore(add(m, 0x40), calldataload(add(at, 56))) // r
+                mstore(add(m, 0x60), s)
+                mstore(0x00, 0)
+                if staticcall(gas(), 0x01, m, 0x80, 0x00, 0x20) { signer := mload(0x00) }
+            }
+        }
+    }
+
+    /// @dev Pays each entry `amount - paid before` in order while `balance` lasts. `vector` holds, per entry, the
+    /// node, its tab amount and what it was paid before (3 words, from _scan); the last becomes what it was paid after.
+    function _pay(uint256 count, uint256 vector, uint256 balance) private returns (uint256 remaining, uint256 total) {
+        remaining = balance;
+        uint256 earningsSlot;
+        assembly ("memory-safe") {
+            earningsSlot := _earnings.slot
+        }
+        assembly ("memory-safe") {
+            for { let k := 0 } lt(k, count) { k := add(k, 1) } {
+                let at := add(vector, mul(k, 0x60))
+                let before := mload(add(at, 0x40))
+                let due := sub(mload(add(at, 0x20)), before)
+                let pay := due
+                if lt(remaining, due) { pay := remaining }
+                if pay {
+                    remaining := sub(remaining, pay)
+                    total := add(total, pay)
+                    mstore(add(at, 0x40), add(before, pay))
+                    // _earnings[node] += pay (a slot written again in this transaction costs 100 gas)
+                    mstore(0x00, mload(at))
+                    mstore(0x20, earningsSlot)
+                    let slot := keccak256(0x00, 0x40)
+                    sstore(slot, add(sload(slot), pay))
+                }
+            }
+        }
+    }
+
+    /// @dev Stores the client's new balance, seq and paid-vector hash, and logs TabSettled with the packed vector.
+    function _record(address client, uint32 seq, uint256 vector, uint256 count, uint256 remaining) private {
+        bytes32 topic = TabSettled.selector;
+        uint128 paidHash;
+        assembly ("memory-safe") {
+            // event data: seq, offset of paid (0x40), length, packed entries zero-padded to whole words
+            let data := mload(0x40) // scratch past the free pointer
+            let size := mul(count, 36)
+            mstore(data, seq)
+            mstore(add(data, 0x20), 0x40)
+            mstore(add(data, 0x40), size)
+            let packed := add(data, 0x60)
+            mstore(add(packed, and(add(size, 31), not(31))), 0) // the padding word
+            for { let k := 0 } lt(k, count) { k := add(k, 1) } {
+                let at := add(vector, mul(k, 0x60))
+                let out := add(packed, mul(k, 36))
+                mstore(out, shl(96, mload(at)))
+                mstore(add(out, 20), shl(128, mload(add(at, 0x40))))
+            }
+            mstore(add(packed, add(size, 16)), 0) // clear past the last amount (it wrote 16 zero bytes too)
+            paidHash := and(keccak256(packed, size), 0xffffffffffffffffffffffffffffffff)
+            log2(data, add(0x60, and(add(size, 31), not(31))), topic, client)
+        }
+        _accounts[client] = ClientAccount(uint96(remaining), seq, paidHash);
+    }
+
+    /// @dev One pass over a tab's packed entries: sorted by node (no duplicates, no zero address) and covering the
+    /// previous vector (every node it paid still named, with at least that amount). Returns the EIP-712 hash of the
+    /// entries and a memory vector of (node, amount, paid before) per entry.
+    function _scan(Item memory item) private pure returns (Rejection reason, bytes32 entriesHash, uint256 vector) {
+        bytes32 entryTypehash = ENTRY_TYPEHASH;
+        assembly ("memory-safe") {
+            let count := mload(add(item, 0x80))
+            vector := mload(0x40)
+            mstore(0x40, add(vector, mul(count, 0x60))) // allocate the vector
+            let scratch := mload(0x40) // past the free pointer: one entry to hash (3 words), then the entry hashes
+            mstore(scratch, entryTypehash)
+            let last := 0
+            let j := 0
+            for { let k := 0 } lt(k, count) { k := add(k, 1) } {
+                let node := shr(96, calldataload(add(mload(add(item, 0x60)), mul(k, 36))))
+                let amount := shr(128, calldataload(add(add(mload(add(item, 0x60)), mul(k, 36)), 20)))
+                if iszero(gt(node, last)) {
+                    reason := 4 // Rejection.Malformed: unsorted, duplicate or zero node
+                    break
+                }
+                last := node
+                let before := 0
+                let p := add(mload(add(item, 0xa0)), mul(j, 36))
+                if and(lt(j, mload(add(item, 0xc0))), eq(shr(96, calldataload(p)), node)) {
+                    before := shr(128, calldataload(add(p, 20)))
+                    if gt(before, amount) {
+                        reason := 3 // Rejection.WrongPrevious: the tab lowers a node below what it was paid
+                        break
+                    }
+                    j := add(j, 1)
+                }
+                mstore(add(scratch, 0x20), node)
+                mstore(add(scratch, 0x40), amount)
+                mstore(add(scratch, add(0x60, shl(5, k))), keccak256(scratch, 0x60))
+                p := add(vector, mul(k, 0x60))
+                mstore(p, node)
+                mstore(add(p, 0x20), amount)
+                mstore(add(p, 0x40), before)
+            }
+            if and(iszero(reason), iszero(eq(j, mload(add(item, 0xc0))))) { reason := 3 } // a paid node is missing
+            entriesHash := keccak256(add(scratch, 0x60), shl(5, count))
+        }
+    }
+
+    /// @dev The paid-vector hash of `count` packed entries at calldata `at`: the low 128 bits of their keccak256;
+    /// 0 for the empty vector.
+    function _vectorHash(uint256 at, uint256 count) private pure returns (uint128 hash) {
+        if (count == 0) return 0;
+        assembly ("memory-safe") {
+            let buffer := mload(0x40) // scratch past the free pointer
+            calldatacopy(buffer, at, mul(count, 36))
+            hash := and(keccak256(buffer, mul(count, 36)), 0xffffffffffffffffffffffffffffffff)
+        }
     }
 }

@@ -34,9 +34,9 @@ class NodeConfig:
     price: int = 0  # token units per token processed by this node's layers
     threads: int = 0  # torch threads; 0: torch's default
     idle_timeout_s: float = 300.0
-    credit_limit: int = 0  # token units a node serves a client beyond its newest receipt; 0: 64 tokens' worth
-    redeem_min_value: int = 0  # a node redeems once its unredeemed receipts are worth this much (0: gas cost x 2)
-    redeem_interval_s: float = 60.0  # how often a node checks whether redeeming is worth it
+    credit_limit: int = 0  # token units a node serves a client beyond its newest tab; 0: 64 tokens' worth
+    redeem_min_value: int = 0  # a node settles once the tabs owing it are worth this much (0: whenever anything is owed)
+    redeem_interval_s: float = 60.0  # how often a node checks whether settling is worth it
     dispute_tolerance: float = 1e-3  # verifier duty: largest relative difference of hidden states counted as equal
 
 

@@ -1,4 +1,4 @@
-"""EIP-712 types of shardmarket: payment receipts (PaymentEscrow) and result commitments (DisputeManager).
+"""EIP-712 types of shardmarket: payment tabs (PaymentEscrow) and result commitments (DisputeManager).
 
 The one definition of what clients sign, nodes check and the contracts verify. Signatures are 65 bytes
 r||s||v (v = 27 or 28) with a low s, exactly what OpenZeppelin's ECDSA.recover accepts.
@@ -6,16 +6,17 @@ r||s||v (v = 27 or 28) with a low s, exactly what OpenZeppelin's ECDSA.recover a
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
 import coincurve
-import hashlib
-
+import sha3
+from cchecksum import to_checksum_address
 from eth_abi import encode
-from eth_hash.auto import keccak as keccak256
 from eth_keys import keys
-from eth_utils import is_address, keccak, to_checksum_address
+from eth_utils import keccak
 
 DOMAIN_NAME = "shardmarket"
 DOMAIN_VERSION = "1"
@@ -23,6 +24,9 @@ SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 SECP256K1_HALF_N = SECP256K1_N // 2
 UINT256_MAX = 2**256 - 1
 UINT64_MAX = 2**64 - 1
+UINT32_MAX = 2**32 - 1
+UINT128_MAX = 2**128 - 1
+MAX_ENTRIES = 32  # PaymentEscrow.MAX_ENTRIES: most nodes one tab may name
 
 EIP712_DOMAIN_TYPE = [
     {"name": "name", "type": "string"},
@@ -30,12 +34,15 @@ EIP712_DOMAIN_TYPE = [
     {"name": "chainId", "type": "uint256"},
     {"name": "verifyingContract", "type": "address"},
 ]
-RECEIPT_TYPE = [
-    {"name": "client", "type": "address"},
+ENTRY_TYPE = [
     {"name": "node", "type": "address"},
-    {"name": "cumulativeAmount", "type": "uint256"},
+    {"name": "amount", "type": "uint128"},
+]
+TAB_TYPE = [
+    {"name": "client", "type": "address"},
+    {"name": "seq", "type": "uint32"},
+    {"name": "entries", "type": "Entry[]"},
     {"name": "usageHash", "type": "bytes32"},
-    {"name": "nonce", "type": "uint256"},
 ]
 COMMITMENT_TYPE = [
     {"name": "requestId", "type": "bytes32"},
@@ -43,11 +50,13 @@ COMMITMENT_TYPE = [
     {"name": "inputHash", "type": "bytes32"},
     {"name": "outputHash", "type": "bytes32"},
 ]
-RECEIPT_TYPEHASH = keccak(
-    text="Receipt(address client,address node,uint256 cumulativeAmount,bytes32 usageHash,uint256 nonce)"
-)
+ENTRY_TYPEHASH = keccak(text="Entry(address node,uint128 amount)")
+TAB_TYPEHASH = keccak(text="Tab(address client,uint32 seq,Entry[] entries,bytes32 usageHash)Entry(address node,uint128 amount)")
 COMMITMENT_TYPEHASH = keccak(text="Commitment(bytes32 requestId,uint64 step,bytes32 inputHash,bytes32 outputHash)")
 DOMAIN_TYPEHASH = keccak(text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
+
+
+_HEX_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
 class InvalidSignature(ValueError):
@@ -67,21 +76,55 @@ class Domain:
 
 
 @dataclass(frozen=True)
-class Receipt:
-    """A client's promise to pay `node` a running total of `cumulative_amount` token units."""
+class Entry:
+    """What a client owes (in a tab) or has paid (in a paid vector) one node, cumulatively."""
+
+    node: str
+    amount: int
+
+    def __post_init__(self) -> None:
+        _check_address(self.node, "node")
+        _check_uint(self.amount, UINT128_MAX, "amount")
+
+
+@dataclass(frozen=True)
+class Tab:
+    """A client's cumulative promise to every node it pays: entries sorted by node, no duplicates, at most
+    MAX_ENTRIES; `seq` grows by one per tab; `usage_hash` chains the usage records of every answered step."""
 
     client: str
-    node: str
-    cumulative_amount: int
+    seq: int
+    entries: tuple[Entry, ...]
     usage_hash: bytes
-    nonce: int
 
     def __post_init__(self) -> None:
         _check_address(self.client, "client")
-        _check_address(self.node, "node")
-        _check_uint(self.cumulative_amount, UINT256_MAX, "cumulative_amount")
+        _check_uint(self.seq, UINT32_MAX, "seq")
         _check_bytes32(self.usage_hash, "usage_hash")
-        _check_uint(self.nonce, UINT256_MAX, "nonce")
+        check_entries(self.entries)
+
+    def amount_for(self, node: str) -> int:
+        """This tab's cumulative amount for `node` (0 when it is not named)."""
+        node = node.lower()
+        return next((e.amount for e in self.entries if e.node.lower() == node), 0)
+
+    def covers(self, paid: tuple[Entry, ...]) -> bool:
+        """Whether the escrow can settle this tab over paid vector `paid`: it names every node paid, no lower."""
+        amounts = {e.node.lower(): e.amount for e in self.entries}
+        return all(amounts.get(e.node.lower(), -1) >= e.amount for e in paid)
+
+
+def check_entries(entries: tuple[Entry, ...], *, allow_empty: bool = False) -> None:
+    """Raise ValueError unless `entries` are Entry objects sorted by node address, without duplicates, within the cap."""
+    if not isinstance(entries, tuple) or not all(isinstance(e, Entry) for e in entries):
+        raise ValueError("entries must be a tuple of Entry")
+    if not entries and not allow_empty:
+        raise ValueError("a tab names at least one node")
+    if len(entries) > MAX_ENTRIES:
+        raise ValueError(f"a tab names at most {MAX_ENTRIES} nodes, got {len(entries)}")
+    nodes = [int(e.node, 16) for e in entries]
+    if any(a >= b for a, b in zip(nodes, nodes[1:])):
+        raise ValueError("tab entries must be sorted by node address without duplicates")
 
 
 @dataclass(frozen=True)
@@ -102,7 +145,7 @@ class Commitment:
 
 @dataclass(frozen=True)
 class UsageRecord:
-    """One served request step, as chained into a receipt's usage hash."""
+    """One served request step, as chained into a tab's usage hash."""
 
     request_id: bytes
     step: int
@@ -134,38 +177,101 @@ def domain_separator(domain: Domain) -> bytes:
     )
 
 
-def receipt_digest(receipt: Receipt, domain: Domain) -> bytes:
-    """The 32-byte digest a client signs for `receipt` (PaymentEscrow's `receiptDigest`)."""
-    struct_hash = keccak(
-        encode(
-            ["bytes32", "address", "address", "uint256", "bytes32", "uint256"],
-            [RECEIPT_TYPEHASH, receipt.client, receipt.node, receipt.cumulative_amount, receipt.usage_hash, receipt.nonce],
-        )
-    )
-    return keccak(b"\x19\x01" + domain_separator(domain) + struct_hash)
+def tab_digest(tab: Tab, domain: Domain) -> bytes:
+    """The 32-byte digest a client signs for `tab` (PaymentEscrow's `tabDigest`). Static ABI words are
+    concatenated by hand: a node computes this on every step (the tests check it against eth-account)."""
+    entries = b"".join(_keccak(ENTRY_TYPEHASH + _word_address(e.node) + e.amount.to_bytes(32, "big")) for e in tab.entries)
+    struct_hash = _keccak(TAB_TYPEHASH + _word_address(tab.client) + tab.seq.to_bytes(32, "big") + _keccak(entries) + tab.usage_hash)
+    return _keccak(b"\x19\x01" + domain_separator(domain) + struct_hash)
+
+
+ENTRY_BYTES = 36  # a packed entry: node (20 bytes) || amount (16)
+SETTLEMENT_HEADER_BYTES = 123  # client, seq, usageHash, r, s, v, entry count, previous count
+
+
+def pack_entries(entries: tuple[Entry, ...]) -> bytes:
+    """Entries as PaymentEscrow packs them (settlements, paid vectors, TabSettled): node || amount, 36 bytes each."""
+    return b"".join(bytes.fromhex(e.node[2:]) + e.amount.to_bytes(16, "big") for e in entries)
+
+
+def unpack_entries(data: bytes) -> tuple[Entry, ...]:
+    """The entries of `pack_entries`' bytes (a TabSettled paid vector); raises ValueError if malformed."""
+    if len(data) % ENTRY_BYTES:
+        raise ValueError(f"packed entries are a multiple of {ENTRY_BYTES} bytes, got {len(data)}")
+    entries = tuple(Entry(to_checksum_address(data[i:i + 20].hex()), int.from_bytes(data[i + 20:i + 36], "big"))
+                    for i in range(0, len(data), ENTRY_BYTES))
+    check_entries(entries, allow_empty=True)
+    return entries
+
+
+def paid_vector_hash(paid: tuple[Entry, ...]) -> int:
+    """PaymentEscrow's 128-bit hash of a paid vector: the low half of keccak256 of its packed entries; 0 when empty."""
+    check_entries(paid, allow_empty=True)
+    return int.from_bytes(_keccak(pack_entries(paid))[16:], "big") if paid else 0
+
+
+def encode_settlement(tab: Tab, signature: bytes, previous: tuple[Entry, ...]) -> bytes:
+    """One packed item of PaymentEscrow.settleTabs: client || seq || usageHash || r || s || v || n || m ||
+    n tab entries || m entries of the client's current paid vector."""
+    v, r, s = split_signature(signature)
+    check_entries(previous, allow_empty=True)
+    return (bytes.fromhex(tab.client[2:]) + tab.seq.to_bytes(4, "big") + tab.usage_hash + r + s + bytes([v, len(tab.entries), len(previous)])
+            + pack_entries(tab.entries) + pack_entries(previous))
+
+
+def decode_settlement(data: bytes) -> tuple[Tab, bytes, tuple[Entry, ...]]:
+    """(tab, signature, previous paid vector) of one `encode_settlement` item (a signed tab travels on every step
+    in this form, with no previous vector); raises ValueError if malformed."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) < SETTLEMENT_HEADER_BYTES:
+        raise ValueError(f"a signed tab is at least {SETTLEMENT_HEADER_BYTES} bytes, got {_describe(data)}")
+    count, previous = data[121], data[122]
+    end = SETTLEMENT_HEADER_BYTES + ENTRY_BYTES * (count + previous)
+    if len(data) != end:
+        raise ValueError(f"a signed tab naming {count} node(s) is {end} bytes, got {len(data)}")
+    entries = unpack_entries(bytes(data[SETTLEMENT_HEADER_BYTES:SETTLEMENT_HEADER_BYTES + ENTRY_BYTES * count]))
+    tab = Tab(to_checksum_address(data[:20].hex()), int.from_bytes(data[20:24], "big"), entries, bytes(data[24:56]))
+    signature = bytes(data[56:120]) + bytes([data[120]])
+    return tab, signature, unpack_entries(bytes(data[SETTLEMENT_HEADER_BYTES + ENTRY_BYTES * count:]))
+
+
+def split_settlements(data: bytes) -> list[bytes]:
+    """The items of a packed settleTabs argument (what a node reads back from a settlement's calldata)."""
+    items, at = [], 0
+    while at < len(data):
+        if len(data) - at < SETTLEMENT_HEADER_BYTES:
+            raise ValueError(f"a settlement item at byte {at} is cut short")
+        end = at + SETTLEMENT_HEADER_BYTES + ENTRY_BYTES * (data[at + 121] + data[at + 122])
+        items.append(bytes(data[at:end]))
+        at = end
+    return items
+
+
+def _word_address(address: str) -> bytes:
+    return bytes(12) + bytes.fromhex(address[2:])
 
 
 def commitment_digest(commitment: Commitment, domain: Domain) -> bytes:
     """The 32-byte digest a node signs for `commitment` (DisputeManager's `commitmentDigest`)."""
     c = commitment  # every field is 32 bytes or a checked uint64: abi.encode is plain concatenation (hot path)
-    struct_hash = keccak256(b"".join((COMMITMENT_TYPEHASH, c.request_id, c.step.to_bytes(32, "big"), c.input_hash, c.output_hash)))
-    return keccak256(b"\x19\x01" + domain_separator(domain) + struct_hash)
+    struct_hash = _keccak(b"".join((COMMITMENT_TYPEHASH, c.request_id, c.step.to_bytes(32, "big"), c.input_hash, c.output_hash)))
+    return _keccak(b"\x19\x01" + domain_separator(domain) + struct_hash)
 
 
-def receipt_typed_data(receipt: Receipt, domain: Domain) -> dict:
-    """The receipt as an EIP-712 typed-data message (for wallets' eth_signTypedData_v4)."""
-    return _typed_data(
-        "Receipt",
-        RECEIPT_TYPE,
+def tab_typed_data(tab: Tab, domain: Domain) -> dict:
+    """The tab as an EIP-712 typed-data message (for wallets' eth_signTypedData_v4: they show every entry)."""
+    data = _typed_data(
+        "Tab",
+        TAB_TYPE,
         {
-            "client": to_checksum_address(receipt.client),
-            "node": to_checksum_address(receipt.node),
-            "cumulativeAmount": receipt.cumulative_amount,
-            "usageHash": receipt.usage_hash,
-            "nonce": receipt.nonce,
+            "client": to_checksum_address(tab.client),
+            "seq": tab.seq,
+            "entries": [{"node": to_checksum_address(e.node), "amount": e.amount} for e in tab.entries],
+            "usageHash": tab.usage_hash,
         },
         domain,
     )
+    data["types"]["Entry"] = ENTRY_TYPE
+    return data
 
 
 def commitment_typed_data(commitment: Commitment, domain: Domain) -> dict:
@@ -197,14 +303,14 @@ def _typed_data(primary: str, fields: list[dict], message: dict, domain: Domain)
     }
 
 
-def sign_receipt(private_key: PrivateKeyLike, receipt: Receipt, domain: Domain) -> bytes:
-    """Sign `receipt` as its client; returns 65 bytes r||s||v."""
-    return _sign(private_key, receipt_digest(receipt, domain))
+def sign_tab(private_key: PrivateKeyLike, tab: Tab, domain: Domain) -> bytes:
+    """Sign `tab` as its client; returns 65 bytes r||s||v."""
+    return _sign(private_key, tab_digest(tab, domain))
 
 
-def recover_receipt_signer(receipt: Receipt, signature: bytes, domain: Domain) -> str:
-    """The checksum address that signed `receipt`; raises InvalidSignature on a malformed or high-s signature."""
-    return _recover(receipt_digest(receipt, domain), signature)
+def recover_tab_signer(tab: Tab, signature: bytes, domain: Domain) -> str:
+    """The checksum address that signed `tab`; raises InvalidSignature on a malformed or high-s signature."""
+    return _recover(tab_digest(tab, domain), signature)
 
 
 def sign_commitment(private_key: PrivateKeyLike, commitment: Commitment, domain: Domain) -> bytes:
@@ -224,14 +330,14 @@ def is_commitment_signer(commitment: Commitment, signature: bytes, domain: Domai
 
 
 def split_signature(signature: bytes) -> tuple[int, bytes, bytes]:
-    """(v, r, s) of a 65-byte r||s||v signature, as PaymentEscrow.redeemBatch takes it."""
+    """(v, r, s) of a 65-byte r||s||v signature, as PaymentEscrow.settleTabs takes it."""
     if not isinstance(signature, (bytes, bytearray)) or len(signature) != 65:
         raise InvalidSignature(f"a signature is 65 bytes r||s||v, got {_describe(signature)}")
     return signature[64], bytes(signature[:32]), bytes(signature[32:64])
 
 
 def chain_usage_hash(previous: bytes, record: UsageRecord) -> bytes:
-    """Next link of a usage-hash chain: keccak256(abi.encode(previous, requestId, step, tokens, inputHash, outputHash))."""
+    """Next link of a usage-hash chain: _keccak(abi.encode(previous, requestId, step, tokens, inputHash, outputHash))."""
     _check_bytes32(previous, "previous")
     return keccak(
         encode(
@@ -283,7 +389,12 @@ def _recover_address(digest: bytes, signature: bytes) -> bytes:
         public_key = coincurve.PublicKey.from_signature_and_message(bytes(signature[:64]) + bytes([v - 27]), digest, hasher=None)
     except ValueError as exc:
         raise InvalidSignature(f"signature recovers to no public key: {exc}") from None
-    return keccak256(public_key.format(compressed=False)[1:])[-20:]
+    return _keccak(public_key.format(compressed=False)[1:])[-20:]
+
+
+def _keccak(data: bytes) -> bytes:
+    """keccak256 through safe-pysha3's C code: ten times eth_utils' on the per-step tab digest."""
+    return sha3.keccak_256(data).digest()
 
 
 def _describe(value: object) -> str:
@@ -291,7 +402,8 @@ def _describe(value: object) -> str:
 
 
 def _check_address(value: object, name: str) -> None:
-    if not isinstance(value, str) or not is_address(value):
+    if not isinstance(value, str) or not (_HEX_ADDRESS.fullmatch(value) and (value[2:].islower() or value[2:].isupper()
+                                                                               or to_checksum_address(value) == value)):
         raise ValueError(f"{name} must be a 0x-prefixed 20-byte address, got {value!r}")
 
 

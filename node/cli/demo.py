@@ -224,7 +224,7 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
         if args.cheat:
             _say("the client's spot checks re-run every hop on another node and locally; waiting for the dispute")
             _await_dispute(chain, names[CHEATER])
-        _say("every node redeems its receipts in one batch and withdraws its earnings")
+        _say("the first node settles every client tab owing it in one transaction (a tab pays all its nodes); each node withdraws its earnings")
         for name, _, _ in NODES:
             market.cli(name, "node", "redeem")
         after = _snapshot(chain, names)

@@ -31,8 +31,8 @@ def parse_amount(text: str) -> int:
     return value
 
 
-def receipts_path(config) -> Path:
-    return config.node.data_dir / "receipts.sqlite"
+def tabs_path(config) -> Path:
+    return config.node.data_dir / "tabs.sqlite"
 
 
 def connect(args: argparse.Namespace) -> Market:
@@ -81,8 +81,8 @@ def add_operator_commands(group) -> None:
         ("pause", "stop being listed (keeps the registration)", cmd_pause),
         ("unpause", "be listed again", cmd_unpause),
         ("status", "registration, stake and earnings", cmd_status),
-        ("earnings", "receipts held per client, redeemed and pending", cmd_earnings),
-        ("redeem", "redeem every pending receipt in one batch and withdraw the earnings", cmd_redeem),
+        ("earnings", "per client: the newest tab's promise to this node, redeemed and pending", cmd_earnings),
+        ("redeem", "settle every client's tab that owes this node, in one transaction, and withdraw the earnings", cmd_redeem),
         ("withdraw", "withdraw unbonded stake after the unbonding delay", cmd_withdraw),
     ):
         sub = group.add_parser(name, help=helptext)
@@ -185,27 +185,29 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_earnings(args: argparse.Namespace) -> None:
-    from node.server.receipts import ReceiptStore
+    from node.server.settlement import sync_paid_vectors
+    from node.server.tabs import TabStore
 
     market = connect(args)
     me = market.address
-    store = ReceiptStore(receipts_path(load_config()), me)
+    store = TabStore(tabs_path(load_config()), me)
+    sync_paid_vectors(market, store)
     rows = store.all()
-    print(f"{'client':44} {'served':>14} {'newest receipt':>16} {'redeemed':>14} {'pending':>14}")
+    print(f"{'client':44} {'tab':>6} {'served':>14} {'promised':>14} {'redeemed':>14} {'pending':>14}")
     for s in rows:
-        print(f"{s.receipt.client:44} {s.served:>14} {s.receipt.cumulative_amount:>16} {s.redeemed:>14} {s.unredeemed:>14}")
-    print(f"total pending {sum(s.unredeemed for s in rows)}; redeemed, in the escrow: {market.read(market.escrow.functions.earningsOf(me))}")
+        print(f"{s.client:44} {s.tab.seq:>6} {s.served:>14} {s.entry:>14} {s.redeemed:>14} {s.owed:>14}")
+    print(f"total pending {sum(s.owed for s in rows)}; redeemed, in the escrow: {market.read(market.escrow.functions.earningsOf(me))}")
 
 
 def cmd_redeem(args: argparse.Namespace) -> None:
-    from node.server.receipts import ReceiptStore
-    from node.server.settlement import redeem_pending
+    from node.server.settlement import settle_pending
+    from node.server.tabs import TabStore
 
     market = connect(args)
     me = market.address
-    store = ReceiptStore(receipts_path(load_config()), me)
-    for r in redeem_pending(market, store):
-        print(f"redeemed {r.receipts} receipt(s) for {r.paid}: tx {r.tx} ({r.gas} gas)")
+    store = TabStore(tabs_path(load_config()), me)
+    for r in settle_pending(market, store):
+        print(f"settled {r.tabs} client tab(s), {r.paid} to this node: tx {r.tx} ({r.gas} gas)")
     earnings = market.read(market.escrow.functions.earningsOf(me))
     if earnings:
         _tx(f"withdraw earnings {earnings} to {me}", market.transact(market.escrow.functions.withdrawEarnings(me), "withdrawing earnings"))
@@ -236,9 +238,9 @@ def _run_market_node(args: argparse.Namespace) -> int:
     from node.net.wire import DTYPES
     from node.server.app import NodeSettings, load_service, serve
     from node.server.payments import PaymentGate
-    from node.server.receipts import ReceiptStore
     from node.server.service import Fault
-    from node.server.settlement import Settler, redeem_pending
+    from node.server.settlement import Settler, settle_pending
+    from node.server.tabs import TabStore
     from node.server.verifier import VerifierDuty
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -273,7 +275,7 @@ def _run_market_node(args: argparse.Namespace) -> int:
         dtype=DTYPES[args.dtype], fault=Fault(noise=args.cheat_noise, equivocate=args.test_fault == "equivocate"),
         max_memory_mb=args.max_memory_mb, offload_folder=args.offload_folder,
     )
-    store = ReceiptStore(receipts_path(config), me)
+    store = TabStore(tabs_path(config), me)
     settler: Settler | None = None
 
     async def spendable(client: str) -> int:
@@ -294,9 +296,9 @@ def _run_market_node(args: argparse.Namespace) -> int:
             for task in tasks:
                 task.cancel()
             try:
-                await asyncio.to_thread(redeem_pending, market, store, gate)
+                await asyncio.to_thread(settle_pending, market, store, gate)
             except ChainError as exc:
-                print(f"could not redeem at shutdown ({exc}); run `shardmarket node redeem` later", flush=True)
+                print(f"could not settle at shutdown ({exc}); run `shardmarket node redeem` later", flush=True)
 
     asyncio.run(main())
     return 0

@@ -104,7 +104,7 @@ class Auditor:
     async def _rerun_remote(self, other: NodeInfo, record: _HopRecord, max_length: int) -> tuple[list[torch.Tensor], dict[int, SignedCommitment]]:
         checker = InferenceSession([other], self.model.head.num_layers, self.model.domain, max_length=max_length,
                                    transport=self.model.transport, step_timeout_s=self.model.step_timeout_s,
-                                   receipt_source=self.model.receipt_source, on_commitment=self.model.payer.answered)
+                                   tab_source=self.model.tab_source, on_commitment=self.model.payer.answered)
         try:
             hops = await checker._open_hops([other])
             outputs = await checker._replay_hop(hops[0], list(zip(record.positions, record.inputs)))

@@ -12,7 +12,7 @@ from pathlib import Path
 from node.chain.eip712 import Domain
 from node.client.failures import RecentFailures
 from node.client.routing import NodeInfo, RouteError, discover, plan_route
-from node.client.session import CommitmentSink, HopTiming, InferenceSession, ReceiptSource
+from node.client.session import CommitmentSink, HopTiming, InferenceSession, TabSource
 from node.engine.head import Head
 from node.engine.sampling import SamplingParams, generate
 
@@ -38,10 +38,10 @@ class RemoteModel:
     """Generates with a local Head and a remote pipeline chosen by routing over the known nodes."""
 
     def __init__(self, head: Head, model_id: str, nodes: list[NodeInfo], domain: Domain, *, transport: str = "tcp",
-                 step_timeout_s: float = 60.0, receipt_source: ReceiptSource | None = None,
+                 step_timeout_s: float = 60.0, tab_source: TabSource | None = None,
                  on_commitment: CommitmentSink | None = None, on_finished: Callable[[InferenceSession], None] | None = None) -> None:
         self.head, self.model_id, self.nodes, self.domain = head, model_id, nodes, domain
-        self.transport, self.step_timeout_s, self.receipt_source = transport, step_timeout_s, receipt_source
+        self.transport, self.step_timeout_s, self.tab_source = transport, step_timeout_s, tab_source
         self.on_commitment, self.on_finished = on_commitment, on_finished
         self.request_costs: dict[bytes, int] | None = None  # filled per request by a payer, when there is one
         self.failed = RecentFailures()
@@ -74,7 +74,7 @@ class RemoteModel:
         loop = asyncio.get_running_loop()
         session = InferenceSession(
             self.nodes, self.head.num_layers, self.domain, max_length=len(prompt_ids) + params.max_tokens,
-            transport=self.transport, step_timeout_s=self.step_timeout_s, receipt_source=self.receipt_source, failed=self.failed,
+            transport=self.transport, step_timeout_s=self.step_timeout_s, tab_source=self.tab_source, failed=self.failed,
             on_commitment=self.on_commitment,
         )
         queue: asyncio.Queue = asyncio.Queue()

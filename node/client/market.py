@@ -1,5 +1,5 @@
 """The paid client: nodes found on the NodeRegistry (ranges, prices, endpoints, keys pinned from the chain),
-and a RemoteModel that pays every step of every hop with the client's receipts."""
+and a RemoteModel that pays every step of every hop with the client's signed tab."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ async def connect_paid(checkpoint: Path, config: Config, account, model_name: st
     head = await asyncio.to_thread(Head.load, checkpoint)
     nodes = await chain_nodes(market, model_name)
     payer = Payer(account, market.escrow_domain(), config.home / "client" / "ledger.sqlite")
-    model = RemoteModel(head, model_name, nodes, market.dispute_domain(), receipt_source=payer.receipt, **kwargs)
+    model = RemoteModel(head, model_name, nodes, market.dispute_domain(), tab_source=payer.tab, **kwargs)
     auditor = Auditor(model, market, Blockstore(config.ipfs.store), rate=config.client.spot_check_rate,
                       tolerance=config.client.spot_check_tolerance, checkpoint=checkpoint,
                       evidence_gateways=config.client.evidence_gateways)

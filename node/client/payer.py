@@ -1,5 +1,6 @@
-"""The client's side of payment: one cumulative EIP-712 receipt per node, signed for every step it runs,
-whose usageHash chains the usage records of every step the node has answered (auditable later)."""
+"""The client's side of payment: one ledger of cumulative amounts per node and ONE EIP-712 tab signed per step,
+covering every node the client pays; its usageHash chains the usage records of every step answered under this
+client, so any single request can be audited later."""
 
 from __future__ import annotations
 
@@ -9,18 +10,25 @@ from collections import defaultdict
 from pathlib import Path
 
 from eth_keys import keys
+from eth_utils import to_checksum_address
 
-from node.chain.eip712 import Domain, Receipt, UsageRecord, chain_usage_hash, sign_receipt
+from node.chain.eip712 import MAX_ENTRIES, Domain, Entry, Tab, UsageRecord, chain_usage_hash, encode_settlement, sign_tab
 from node.net.commitment import SignedCommitment
-from node.server.payments import encode_receipt
 
 ZERO32 = bytes(32)
-SCHEMA = "CREATE TABLE IF NOT EXISTS channels (node TEXT PRIMARY KEY, cumulative TEXT NOT NULL, nonce INTEGER NOT NULL, usage_hash BLOB NOT NULL)"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (node TEXT PRIMARY KEY, amount TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tab (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL, usage_hash BLOB NOT NULL);
+"""
+
+
+class TabFull(ValueError):
+    """The client's tab already names the escrow's maximum of nodes."""
 
 
 class Payer:
-    """Signs receipts for `account` under the escrow's `domain`; the per-node totals live in SQLite, so a
-    restarted client never signs less than it already promised."""
+    """Signs tabs for `account` under the escrow's `domain`; the per-node totals live in SQLite, so a restarted
+    client never signs less than it already promised."""
 
     def __init__(self, account, domain: Domain, ledger: Path) -> None:
         self.account, self.domain = account, domain
@@ -28,45 +36,53 @@ class Payer:
         ledger.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(ledger, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: no fsync per receipt (three per token); an OS crash may lose the newest totals, which only makes
-        # the next receipts too small for the nodes to accept, never a double payment
+        # NORMAL: no fsync per tab; an OS crash may lose the newest totals, which only makes the next tabs too small
+        # for the nodes to accept, never a double payment
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(SCHEMA)
+        self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
-        self._channels = {node: [int(c), n, bytes(u)] for node, c, n, u in self._db.execute("SELECT * FROM channels")}
+        self._amounts = {node: int(amount) for node, amount in self._db.execute("SELECT node, amount FROM entries")}
+        row = self._db.execute("SELECT seq, usage_hash FROM tab").fetchone()
+        self._seq, self._usage = (row[0], bytes(row[1])) if row else (0, ZERO32)
         self.request_costs: dict[bytes, int] = defaultdict(int)
 
     @property
     def address(self) -> str:
         return self.account.address
 
-    def receipt(self, node, request_id: bytes, step: int, tokens: int) -> bytes | None:
-        """The signed receipt for one step of `node` (a NodeInfo): its running total grows by price x tokens."""
-        cost = node.price * tokens
-        if cost == 0:
+    def tab(self, charges: list[tuple[object, int]], request_id: bytes) -> bytes | None:
+        """The signed tab for one step: every (node, tokens) of `charges` (NodeInfo, tokens it will process) raises
+        that node's entry by price x tokens. None when the step costs nothing."""
+        raises = {c[0].operator.lower(): c[0].price * c[1] for c in charges if c[0].price * c[1] > 0}
+        if not raises:
             return None
-        key = node.operator.lower()
         with self._lock:
-            cumulative, nonce, usage = self._channels.get(key, [0, 0, ZERO32])
-            cumulative, nonce = cumulative + cost, nonce + 1
-            self._channels[key] = [cumulative, nonce, usage]
-            self._db.execute("INSERT OR REPLACE INTO channels VALUES (?, ?, ?, ?)", (key, str(cumulative), nonce, usage))
-            self.request_costs[request_id] += cost
-        receipt = Receipt(self.account.address, node.operator, cumulative, usage, nonce)
-        return encode_receipt(receipt, sign_receipt(self._key, receipt, self.domain))
+            amounts = dict(self._amounts)
+            for node, cost in raises.items():
+                amounts[node] = amounts.get(node, 0) + cost
+            if len(amounts) > MAX_ENTRIES:
+                raise TabFull(f"this client's tab already names {len(self._amounts)} nodes, the escrow's cap of {MAX_ENTRIES}; "
+                              "withdraw its deposit and pay from a new account (`shardmarket keys new`)")
+            self._seq += 1
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?)", [(n, str(amounts[n])) for n in raises])
+            self._db.execute("INSERT OR REPLACE INTO tab VALUES (0, ?, ?)", (self._seq, self._usage))
+            self._db.execute("COMMIT")
+            self._amounts = amounts
+            self.request_costs[request_id] += sum(raises.values())
+            entries = tuple(Entry(to_checksum_address(n), a) for n, a in sorted(amounts.items(), key=lambda item: int(item[0], 16)))
+            tab = Tab(self.account.address, self._seq, entries, self._usage)
+        return encode_settlement(tab, sign_tab(self._key, tab, self.domain), ())
 
     def answered(self, node, signed: SignedCommitment, tokens: int) -> None:
-        """Chain the usage record of a step `node` answered into that node's usage hash."""
+        """Chain the usage record of a step `node` answered into the client's usage hash."""
         c = signed.commitment
-        record = UsageRecord(c.request_id, c.step, tokens, c.input_hash, c.output_hash)
-        key = node.operator.lower()
         with self._lock:
-            channel = self._channels.setdefault(key, [0, 0, ZERO32])
-            channel[2] = chain_usage_hash(channel[2], record)
+            self._usage = chain_usage_hash(self._usage, UsageRecord(c.request_id, c.step, tokens, c.input_hash, c.output_hash))
 
     def promised(self, node_operator: str) -> int:
         """Total promised to a node so far."""
-        return self._channels.get(node_operator.lower(), [0])[0]
+        return self._amounts.get(node_operator.lower(), 0)
 
     def close(self) -> None:
         self._db.close()

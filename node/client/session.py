@@ -30,8 +30,8 @@ from node.client.routing import NodeInfo, RouteError, plan_route
 
 log = logging.getLogger("shardmarket.client")
 
-# receipt_source(node, request_id, step, tokens) -> the client's signed receipt fields for this step, or None
-ReceiptSource = Callable[[NodeInfo, bytes, int, int], bytes | None]
+# tab_source([(node, tokens), ...], request_id) -> the client's signed tab raising each node's entry by its cost, or None
+TabSource = Callable[[list[tuple[NodeInfo, int]], bytes], bytes | None]
 # on_commitment(node, signed commitment, tokens): called for every verified answer (usage records, spot checks)
 CommitmentSink = Callable[[NodeInfo, SignedCommitment, int], None]
 
@@ -85,13 +85,13 @@ class InferenceSession:
         transport: str = "tcp",
         step_timeout_s: float = 60.0,
         max_failovers: int = 4,
-        receipt_source: ReceiptSource | None = None,
+        tab_source: TabSource | None = None,
         failed: RecentFailures | None = None,
         on_commitment: CommitmentSink | None = None,
     ) -> None:
         self.nodes, self.num_layers, self.domain = nodes, num_layers, domain
         self.max_length, self.transport, self.step_timeout_s = max_length, transport, step_timeout_s
-        self.max_failovers, self.receipt_source, self.on_commitment = max_failovers, receipt_source, on_commitment
+        self.max_failovers, self.tab_source, self.on_commitment = max_failovers, tab_source, on_commitment
         self.failed = failed if failed is not None else RecentFailures()  # shared between sessions
         self.request_id = os.urandom(32)
         self.request_ids = [self.request_id]  # a new one per restart after a bad commitment
@@ -99,6 +99,7 @@ class InferenceSession:
         self.commitments: list[tuple[str, SignedCommitment]] = []  # (node URL, commitment): evidence for disputes
         self.failovers = 0
         self.timings: list[HopTiming] = []
+        self.tab: bytes | None = None  # the client's newest signed tab: it rides on every step of every hop
 
     def _payload_bytes(self) -> int:
         return self.nodes[0].hidden_size * 4 if self.nodes else 0
@@ -151,13 +152,14 @@ class InferenceSession:
                 await self._restart(answered, exc)
 
     async def _run_step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        self.pay([(hop.node, hidden.shape[1]) for hop in self.hops])
         index, unchecked = 0, None
         while index < len(self.hops):
             hop = self.hops[index]
             try:
                 output, check = await self._step(hop, len(hop.inputs), position, hidden, unchecked)
             except HOP_ERRORS as exc:
-                await self._replace(index, exc)
+                await self._replace(index, exc, hidden.shape[1])
                 continue  # retry this step on the replacement hop(s)
             hop.inputs.append((position, hidden))
             hop.outputs.append(output)
@@ -177,7 +179,7 @@ class InferenceSession:
         else:
             sent = hidden if hidden.dtype == dtype else hidden.to(dtype)
             payload = wire.tensor_bytes(sent)
-        fields = self._fields(node, step, position, hidden.shape[1])
+        fields = self._fields(position)
         started = time.perf_counter()
         await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
         input_hash = tensor_hash(payload)
@@ -189,14 +191,14 @@ class InferenceSession:
         self.timings.append(HopTiming(node.url, hidden.shape[1], time.perf_counter() - started, reply.fields.get("compute_us", 0) / 1e6))
         return output, _CommitmentCheck(self, hop, reply, self.request_id, step, input_hash, hidden.shape[1])
 
-    def _fields(self, node: NodeInfo, step: int, position: int, tokens: int) -> dict:
-        """A step's fields: its position and, when the client pays, its receipt for `node`."""
-        fields: dict = {"position": position}
-        if self.receipt_source is not None:
-            receipt = self.receipt_source(node, self.request_id, step, tokens)
-            if receipt is not None:
-                fields["receipt"] = receipt
-        return fields
+    def pay(self, charges: list[tuple[NodeInfo, int]]) -> None:
+        """Sign the tab that raises each (node, tokens) of `charges` by its cost, before those steps are sent."""
+        if self.tab_source is not None:
+            self.tab = self.tab_source(charges, self.request_id) or self.tab
+
+    def _fields(self, position: int) -> dict:
+        """A step's fields: its position and, when the client pays, its newest tab."""
+        return {"position": position} if self.tab is None else {"position": position, "tab": self.tab}
 
     def _check_answer(self, hop: Hop, reply: Message, step: int, sent: torch.Tensor) -> torch.Tensor:
         """The answer's tensor, if the frame is the result of this step with the right shape (the commitment aside)."""
@@ -214,8 +216,9 @@ class InferenceSession:
         log.warning("node %s failed (%s); routing around it", node.url, reason or type(reason).__name__)
         self.failed.add(node.url)
 
-    async def _replace(self, index: int, reason: BaseException) -> None:
-        """Swap hop `index` for a new route over the same layers and replay its inputs there."""
+    async def _replace(self, index: int, reason: BaseException, tokens: int) -> None:
+        """Swap hop `index` for a new route over the same layers, replay its inputs there and pay the new hops for
+        the current step (`tokens`)."""
         old = self.hops[index]
         self._mark_failed(old.node, reason)
         await self._close_hops([old])
@@ -223,6 +226,7 @@ class InferenceSession:
         new_hops = await self._rebuild(old, old.inputs, reason)
         log.info("replaced %s by %s after replaying %d step(s)", old.node.url, [h.node.url for h in new_hops], len(old.inputs))
         self.hops[index : index + 1] = new_hops
+        self.pay([(hop.node, tokens) for hop in new_hops])
 
     async def _restart(self, answered: int, failure: CommitmentFailure) -> None:
         """Redo the current step on a new request id: every hop's `answered` steps replayed on a route around the
@@ -267,11 +271,13 @@ class InferenceSession:
                 raise NodeFailure(f"replay on {hop.node.url} failed: {exc}") from None
 
     async def _replay_hop(self, hop: Hop, inputs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+        """Send `inputs` through `hop` pipelined, paid by one tab covering all of them."""
+        self.pay([(hop.node, sum(hidden.shape[1] for _, hidden in inputs))])
         sent = []
         for step, (position, hidden) in enumerate(inputs):
             tensor = hidden.to(wire.DTYPES[hop.node.dtype]).contiguous()
             payload = wire.tensor_bytes(tensor)
-            fields = self._fields(hop.node, step, position, hidden.shape[1])
+            fields = self._fields(position)
             await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, tensor, payload))
             sent.append((tensor, payload))
         outputs = []

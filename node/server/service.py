@@ -30,7 +30,7 @@ CACHED_STEPS = 4  # answers kept per session for retries
 FORGED_FROM_STEP = 3  # Fault.forge_commitments
 RETIRED_REQUESTS = 1 << 16  # closed request ids remembered (about 5 MB)
 MAX_BAD_FRAMES = 8  # frames failing authentication before the node hangs up
-MAX_RECEIPT_BYTES = 1024  # the client's signed payment receipt riding on a step (checked by the payment issue)
+MAX_TAB_BYTES = 2048  # the client's signed tab riding on a step (123 bytes + 36 per node, at most 32 nodes)
 
 
 class StepRefused(Exception):
@@ -248,7 +248,7 @@ class NodeService:
         return answer
 
     async def _run_paid(self, session: _Session, message: Message) -> _Answer:
-        """Run the step while its receipt is checked and stored durably; the answer goes out only after both, and a
+        """Run the step while its tab is checked and stored; the answer goes out only after both, and a
         refused step's answer never does (its session is dropped, so a retry cannot fetch it from the cache)."""
         running = asyncio.ensure_future(self._run(session, message))
         try:
@@ -263,7 +263,7 @@ class NodeService:
         return await running
 
     async def _authorize(self, session: _Session, message: Message):
-        """Check the step's receipt (when this node charges); raises StepRefused when the client must pay first."""
+        """Check the step's tab (when this node charges); raises StepRefused when the client must pay first."""
         if self.payments is None:
             return None
         tokens = message.tensor.shape[1] if message.tensor is not None and message.tensor.dim() == 3 else 0
@@ -295,9 +295,9 @@ class NodeService:
             raise StepRefused("bad_tensor", f"a step carries hidden states of shape [1, T, {size}], got {got}")
         if hidden.dtype != self.stage.dtype:
             raise StepRefused("bad_tensor", f"this node computes in {self.stage.dtype}, got {hidden.dtype}")
-        receipt = message.fields.get("receipt")
-        if receipt is not None and (not isinstance(receipt, bytes) or len(receipt) > MAX_RECEIPT_BYTES):
-            raise StepRefused("bad_receipt", f"the receipt field must be at most {MAX_RECEIPT_BYTES} bytes")
+        tab = message.fields.get("tab")
+        if tab is not None and (not isinstance(tab, bytes) or len(tab) > MAX_TAB_BYTES):
+            raise StepRefused("bad_tab", f"the tab field must be at most {MAX_TAB_BYTES} bytes")
         position = message.fields.get("position")
         if position != session.next_position:
             raise StepRefused("bad_position", f"step starts at position {position!r}, expected {session.next_position}")

@@ -1,5 +1,7 @@
-"""Redemption: the node turns its newest receipts into escrow payments in one batched transaction, when
-enough value has piled up and at once when a client asks to withdraw (it watches WithdrawalRequested)."""
+"""Settlement: the node turns its clients' newest tabs into escrow payments in one settleTabs transaction, when
+enough value is owed and at once when a client asks to withdraw (it watches WithdrawalRequested). A tab pays
+every node it names, so the node first reads each client's paid vector from the chain's TabSettled events and
+skips clients another node has already settled."""
 
 from __future__ import annotations
 
@@ -9,56 +11,122 @@ from dataclasses import dataclass
 
 import requests
 from eth_utils import to_checksum_address
+from web3.logs import DISCARD
 
 from node.chain.contracts import ChainError, Market
-from node.chain.eip712 import split_signature
+from node.chain.eip712 import Entry, Tab, decode_settlement, paid_vector_hash, split_settlements, unpack_entries
 from node.server.payments import PaymentGate, PaymentRefused
-from node.server.receipts import ReceiptStore
+from node.server.tabs import StoredTab, TabStore
 
 log = logging.getLogger("shardmarket.settle")
-BATCH = 50  # receipts per redeemBatch transaction
+BATCH = 50  # clients per settleTabs transaction
+REJECTIONS = {1: "bad signature", 2: "stale seq", 3: "wrong previous vector", 4: "malformed"}
 
 
 @dataclass(frozen=True)
-class Redemption:
-    """One redeemBatch: its transaction, the receipts sent, the gas used and the tokens credited."""
+class Settlement:
+    """One settleTabs: its transaction, the clients' tabs sent, the gas used and the tokens credited to this node."""
 
     tx: str
-    receipts: int
+    tabs: int
     gas: int
     paid: int
 
 
-def redeem_pending(market: Market, store: ReceiptStore, gate: PaymentGate | None = None) -> list[Redemption]:
-    """Redeem every stored receipt not yet fully paid, in batches; records what each channel has been paid."""
-    node = market.address
-    pending = [s for s in store.all() if s.unredeemed > 0]
+def paid_vector_on_chain(market: Market, client: str, from_block: int = 0) -> tuple[tuple[Entry, ...], int]:
+    """`client`'s paid vector and settled seq from its last TabSettled event ((), -1 if never settled)."""
+    logs = market.escrow.events.TabSettled.get_logs(from_block=from_block, argument_filters={"client": to_checksum_address(client)})
+    if not logs:
+        return (), -1
+    last = logs[-1]["args"]
+    return unpack_entries(bytes(last["paid"])), last["seq"]
+
+
+def sync_paid_vectors(market: Market, store: TabStore, gate: PaymentGate | None = None) -> None:
+    """Read the TabSettled events since the last sync into the store (and the gate)."""
+    latest = market.w3.eth.block_number
+    start = store.scanned_block() + 1
+    if start <= latest:
+        for entry in market.escrow.events.TabSettled.get_logs(from_block=start, to_block=latest):
+            _mark(store, gate, entry["args"]["client"], unpack_entries(bytes(entry["args"]["paid"])), entry["args"]["seq"])
+        store.set_scanned_block(latest)
+
+
+def _mark(store: TabStore, gate: PaymentGate | None, client: str, paid: tuple[Entry, ...], seq: int) -> None:
+    store.mark_paid(client, paid, seq)
+    if gate is not None:
+        gate.settled(client, paid, seq)
+
+
+def _ready(market: Market, stored: StoredTab, store: TabStore, gate: PaymentGate | None) -> StoredTab | None:
+    """The stored tab if settling it pays this node something, with the paid vector the escrow holds."""
+    seq, paid_hash = market.read(market.escrow.functions.tabOf(stored.client), "reading a client's tab state")
+    if paid_hash != paid_vector_hash(stored.paid):  # a settlement the event sync has not seen (or a client new to us)
+        paid, paid_seq = paid_vector_on_chain(market, stored.client)
+        _mark(store, gate, stored.client, paid, paid_seq)
+        stored = store.get(stored.client)
+    if stored.owed == 0:
+        return None  # another node settled this client's tab
+    if stored.tab.seq < seq:  # another node settled a newer tab short (or the client lowered this node's entry)
+        newer = _settled_tab(market, stored.client, seq)
+        if newer is None or newer[0].amount_for(stored.node) < stored.entry:
+            log.error("client %s owes this node %d but the escrow settled its tab %d, which promises this node less than "
+                      "tab %d held here: the client lowered what it promised; stop serving it", stored.client, stored.owed,
+                      seq, stored.tab.seq)
+            return None
+        stored = store.record(*newer, 0)  # the client's own signed newer tab: settling it again collects the rest
+    return stored
+
+
+def _settled_tab(market: Market, client: str, seq: int) -> tuple[Tab, bytes] | None:
+    """The signed tab `seq` of `client`, read back from the calldata of the settleTabs that settled it."""
+    for entry in reversed(market.escrow.events.TabSettled.get_logs(from_block=0, argument_filters={"client": to_checksum_address(client)})):
+        if entry["args"]["seq"] != seq:
+            continue
+        tx = market.w3.eth.get_transaction(entry["transactionHash"])
+        try:
+            _, args = market.escrow.decode_function_input(tx["input"])
+            for item in split_settlements(args["settlements"]):
+                tab, signature, _ = decode_settlement(item)
+                if tab.client.lower() == client.lower() and tab.seq == seq:
+                    return tab, signature
+        except ValueError:
+            continue  # sent through another contract: its calldata is not a settleTabs call
+    return None
+
+
+def settle_pending(market: Market, store: TabStore, gate: PaymentGate | None = None,
+                   clients: set[str] | None = None) -> list[Settlement]:
+    """Settle the newest tab of every client (of `clients`, if given) that still owes this node, BATCH per transaction."""
+    sync_paid_vectors(market, store, gate)
+    pending = [s for s in store.all() if s.owed > 0 and (clients is None or s.client.lower() in clients)]
+    ready = [r for r in (_ready(market, s, store, gate) for s in pending) if r is not None]
     done = []
-    for first in range(0, len(pending), BATCH):
-        chunk = pending[first : first + BATCH]
-        items = [(s.receipt.client, s.receipt.cumulative_amount, s.receipt.usage_hash, s.receipt.nonce, *split_signature(s.signature))
-                 for s in chunk]
-        before = market.read(market.escrow.functions.earningsOf(node))
-        tx = market.transact(market.escrow.functions.redeemBatch(node, items), f"redeeming {len(items)} receipt(s)")
-        paid = market.read(market.escrow.functions.earningsOf(node)) - before
-        for stored in chunk:
-            channel_paid, _ = market.read(market.escrow.functions.channelOf(stored.receipt.client, node))
-            store.mark_redeemed(stored.receipt.client, channel_paid)
-            if gate is not None:
-                gate.redeemed(stored.receipt.client, channel_paid)
-        done.append(Redemption(tx["transactionHash"].hex(), len(items), tx["gasUsed"], paid))
-        log.info("redeemed %d receipt(s) for %d token units in tx %s (%d gas)", len(items), paid, done[-1].tx, tx["gasUsed"])
+    for first in range(0, len(ready), BATCH):
+        chunk = ready[first : first + BATCH]
+        owed = sum(s.owed for s in chunk)
+        tx = market.transact(market.escrow.functions.settleTabs(b"".join(s.settlement() for s in chunk)),
+                             f"settling {len(chunk)} client tab(s)")
+        for event in market.escrow.events.TabSettled().process_receipt(tx, errors=DISCARD):
+            _mark(store, gate, event["args"]["client"], unpack_entries(bytes(event["args"]["paid"])), event["args"]["seq"])
+        for event in market.escrow.events.TabRejected().process_receipt(tx, errors=DISCARD):
+            rejected = chunk[event["args"]["index"]]
+            log.warning("the escrow rejected the tab of %s (%s); it is read again next round", rejected.client,
+                        REJECTIONS.get(event["args"]["reason"], event["args"]["reason"]))
+        paid = owed - sum(store.get(s.client).owed for s in chunk)
+        done.append(Settlement(tx["transactionHash"].hex(), len(chunk), tx["gasUsed"], paid))
+        log.info("settled %d tab(s), %d token units to this node, in tx %s (%d gas)", len(chunk), paid, done[-1].tx, tx["gasUsed"])
     return done
 
 
 class Settler:
     """The node daemon's settlement loop; chain errors are logged and retried, never fatal."""
 
-    def __init__(self, market: Market, store: ReceiptStore, gate: PaymentGate, *, interval_s: float, min_value: int,
+    def __init__(self, market: Market, store: TabStore, gate: PaymentGate, *, interval_s: float, min_value: int,
                  tick_s: float = 1.0) -> None:
         self.market, self.store, self.gate = market, store, gate
         self.interval_s, self.min_value, self.tick_s = interval_s, min_value, tick_s
-        self.redemptions: list[Redemption] = []
+        self.settlements: list[Settlement] = []
         self._from_block: int | None = None
 
     async def spendable(self, client: str) -> int:
@@ -82,18 +150,18 @@ class Settler:
         for client in list(self.gate.balances):
             self.gate.balances[client] = self.market.read(self.market.escrow.functions.spendableOf(to_checksum_address(client)))
 
-    def _unredeemed(self, clients: set[str] | None = None) -> int:
-        return sum(s.unredeemed for s in self.store.all() if clients is None or s.receipt.client.lower() in clients)
+    def _owed(self, clients: set[str] | None = None) -> int:
+        return sum(s.owed for s in self.store.all() if clients is None or s.client.lower() in clients)
 
     def settle_once(self, periodic: bool) -> None:
-        """Redeem now if a client with unredeemed receipts asked to withdraw, or (periodic) if enough value is due."""
+        """Settle now if a client that owes this node asked to withdraw, or (periodic) if enough value is owed."""
         withdrawing = self._withdrawing_clients()
-        urgent = bool(withdrawing) and self._unredeemed(withdrawing) > 0
+        urgent = bool(withdrawing) and self._owed(withdrawing) > 0
         if urgent:
-            log.info("client(s) %s asked to withdraw; redeeming their receipts before the timelock ends", ", ".join(sorted(withdrawing)))
-        due = self._unredeemed()
+            log.info("client(s) %s asked to withdraw; settling their tabs before the timelock ends", ", ".join(sorted(withdrawing)))
+        due = self._owed()
         if urgent or (periodic and due > 0 and due >= self.min_value):
-            self.redemptions += redeem_pending(self.market, self.store, self.gate)
+            self.settlements += settle_pending(self.market, self.store, self.gate)
         if periodic or withdrawing:
             self._refresh_balances()
 

@@ -121,20 +121,27 @@ class Market:
         self.token.approve(self.escrow, amount, {"from": client})
         return self.escrow.deposit(client, amount, {"from": client})
 
-    def receipt(self, client, node, amount, nonce=1, domain=None, signer=None):
-        """(eip712.Receipt, signature) signed by `signer` (default: the client)."""
-        receipt = eip712.Receipt(client.address, node.address, amount, b"\x11" * 32, nonce)
+    def tab(self, client, amounts, seq=1, domain=None, signer=None, usage=b"\x11" * 32):
+        """(eip712.Tab, signature) for `amounts` {node: cumulative amount}, signed by `signer` (default: the client)."""
+        entries = tuple(eip712.Entry(n.address if hasattr(n, "address") else n, a)
+                        for n, a in sorted(amounts.items(), key=lambda item: int(str(item[0]), 16)))
+        tab = eip712.Tab(client.address, seq, entries, usage)
         key = (signer or client).private_key
-        return receipt, eip712.sign_receipt(key, receipt, domain or self.escrow_domain)
-
-    def redeem(self, receipt, signature, sender):
-        return self.escrow.redeem(receipt.client, receipt.node, receipt.cumulative_amount, receipt.usage_hash,
-                                  receipt.nonce, signature, {"from": sender})
+        return tab, eip712.sign_tab(key, tab, domain or self.escrow_domain)
 
     @staticmethod
-    def batch_item(receipt, signature):
-        return (receipt.client, receipt.cumulative_amount, receipt.usage_hash, receipt.nonce,
-                *eip712.split_signature(signature))
+    def item(tab, signature, previous=()):
+        """One packed settleTabs item: the signed tab and the client's current paid vector."""
+        return eip712.encode_settlement(tab, signature, tuple(previous))
+
+    def settle(self, items, sender):
+        return self.escrow.settleTabs(b"".join(items), {"from": sender})
+
+    @staticmethod
+    def paid_vector(tx, client):
+        """The paid vector of `client` from the last TabSettled of `tx` (() if none)."""
+        events = [e for e in tx.events["TabSettled"] if e["client"] == client] if "TabSettled" in tx.events else []
+        return eip712.unpack_entries(bytes(events[-1]["paid"])) if events else ()
 
     def commitment(self, node, request=b"\x22" * 32, step=0, output=b"\x44" * 32, inp=b"\x33" * 32):
         commitment = eip712.Commitment(request, step, inp, output)

@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import brownie
 import pytest
 from eth_account import Account
@@ -6,7 +8,7 @@ from conftest import TOKEN
 from node.chain import eip712
 from scripts.deploy import WITHDRAWAL_TIMELOCK
 
-REJECT_BAD_SIGNATURE, REJECT_NOT_NEWER, REJECT_TOO_LARGE = 1, 2, 3
+BAD_SIGNATURE, STALE_SEQ, WRONG_PREVIOUS, MALFORMED = 1, 2, 3, 4
 
 
 @pytest.fixture
@@ -80,15 +82,22 @@ def test_withdrawal_request_errors_and_cancel(market, escrow, client, reverts_wi
     assert escrow.balanceOf(client) == TOKEN
 
 
-def test_client_cannot_front_run_a_redeem_with_a_withdrawal(market, escrow, token, client, node, reverts_with):
-    """A client who got served tries to pull its deposit before the node redeems: the timelock stops it."""
+def test_deposit_beyond_uint96_is_refused(market, escrow, client, accounts, reverts_with):
+    market.token.approve(escrow, 2**255, {"from": accounts[0]})
+    with reverts_with("AmountTooLarge"):
+        escrow.deposit(client, 2**96, {"from": accounts[0]})
+    assert escrow.balanceOf(client) == 0
+
+
+def test_client_cannot_front_run_a_settlement_with_a_withdrawal(market, escrow, token, client, node, reverts_with):
+    """A client who got served tries to pull its deposit before the node settles: the timelock stops it."""
     market.deposit(client, 10 * TOKEN)
-    receipt, signature = market.receipt(client, node, 7 * TOKEN)
+    tab, signature = market.tab(client, {node: 7 * TOKEN})
     escrow.requestWithdrawal(10 * TOKEN, {"from": client})
     with reverts_with("WithdrawalLocked"):
         escrow.withdraw({"from": client})  # the front-running attempt, same block as the request
     brownie.chain.sleep(WITHDRAWAL_TIMELOCK // 2)
-    market.redeem(receipt, signature, node)  # the node saw WithdrawalRequested and redeems in time
+    market.settle([market.item(tab, signature)], node)  # the node saw WithdrawalRequested and settles in time
     brownie.chain.sleep(WITHDRAWAL_TIMELOCK // 2 + 1)
     tx = escrow.withdraw({"from": client})
     assert tx.events["Withdrawn"]["amount"] == 3 * TOKEN  # only what was not owed
@@ -96,41 +105,51 @@ def test_client_cannot_front_run_a_redeem_with_a_withdrawal(market, escrow, toke
     assert token.balanceOf(client) == 3 * TOKEN
 
 
-# ---- single redeem
+# ---- settling tabs
 
 
-def test_redeem_pays_the_new_part_of_a_cumulative_receipt(market, escrow, token, client, node):
+def test_one_tab_pays_every_node_it_names(market, escrow, token, client, nodes):
     market.deposit(client, 10 * TOKEN)
-    tx = market.redeem(*market.receipt(client, node, 2 * TOKEN, nonce=1), node)
-    assert tx.return_value == 2 * TOKEN
-    event = tx.events["ReceiptRedeemed"]
-    assert (event["client"], event["node"], event["paid"], event["cumulativeAmount"]) == (client, node, 2 * TOKEN, 2 * TOKEN)
-    tx = market.redeem(*market.receipt(client, node, 5 * TOKEN, nonce=2), node)
-    assert tx.return_value == 3 * TOKEN
-    assert escrow.channelOf(client, node) == (5 * TOKEN, 5 * TOKEN)
-    assert escrow.balanceOf(client) == 5 * TOKEN
-    assert escrow.earningsOf(node) == 5 * TOKEN
+    a, b, c = nodes[:3]
+    tab, signature = market.tab(client, {a: TOKEN, b: 2 * TOKEN, c: 3 * TOKEN}, seq=4)
+    tx = market.settle([market.item(tab, signature)], accounts_other := nodes[3])
+    assert tx.return_value == 6 * TOKEN
+    event = tx.events["TabSettled"]
+    assert (event["client"], event["seq"]) == (client, 4)
+    paid = market.paid_vector(tx, client)
+    assert paid == tab.entries
+    assert [escrow.earningsOf(n) for n in (a, b, c)] == [TOKEN, 2 * TOKEN, 3 * TOKEN]
+    assert escrow.earningsOf(accounts_other) == 0  # anyone may settle; only the named nodes are paid
+    assert escrow.balanceOf(client) == 4 * TOKEN
+    assert escrow.tabOf(client) == (4, eip712.paid_vector_hash(paid))
     assert token.balanceOf(escrow) == 10 * TOKEN  # nothing left the escrow yet
 
 
-def test_anyone_may_submit_a_receipt_but_only_the_node_is_paid(market, escrow, client, node, accounts):
-    market.deposit(client, TOKEN)
-    market.redeem(*market.receipt(client, node, TOKEN), accounts[5])
-    assert escrow.earningsOf(node) == TOKEN
-    assert escrow.earningsOf(accounts[5]) == 0
+def test_a_newer_tab_pays_only_what_is_new(market, escrow, client, nodes):
+    market.deposit(client, 10 * TOKEN)
+    a, b, c = nodes[:3]
+    tx = market.settle([market.item(*market.tab(client, {a: TOKEN, b: TOKEN}, seq=1))], a)
+    previous = market.paid_vector(tx, client)
+    tab, signature = market.tab(client, {a: 3 * TOKEN, b: TOKEN, c: 2 * TOKEN}, seq=2)  # a node joins later
+    tx = market.settle([market.item(tab, signature, previous)], c)
+    assert tx.return_value == 4 * TOKEN
+    assert [escrow.earningsOf(n) for n in (a, b, c)] == [3 * TOKEN, TOKEN, 2 * TOKEN]
+    assert market.paid_vector(tx, client) == tab.entries
 
 
-def test_digest_matches_the_python_module(market, escrow, client, node):
-    receipt, _ = market.receipt(client, node, 123, nonce=9)
-    expected = eip712.receipt_digest(receipt, market.escrow_domain)
-    assert escrow.receiptDigest(client, node, 123, receipt.usage_hash, 9) == "0x" + expected.hex()
+def test_digest_and_paid_hash_match_the_python_module(market, escrow, client, nodes):
+    tab, _ = market.tab(client, {nodes[0]: 123, nodes[1]: 2**128 - 1}, seq=9)
+    abi_tab = (tab.client, tab.seq, [(e.node, e.amount) for e in tab.entries], tab.usage_hash)
+    assert escrow.tabDigest(abi_tab) == "0x" + eip712.tab_digest(tab, market.escrow_domain).hex()
+    assert escrow.paidVectorHash(eip712.pack_entries(tab.entries)) == eip712.paid_vector_hash(tab.entries)
+    assert escrow.paidVectorHash(b"") == eip712.paid_vector_hash(()) == 0
 
 
 def test_withdraw_earnings(market, escrow, token, client, node, accounts, reverts_with):
     with reverts_with("NothingToWithdraw"):
         escrow.withdrawEarnings(node, {"from": node})
     market.deposit(client, TOKEN)
-    market.redeem(*market.receipt(client, node, TOKEN), node)
+    market.settle([market.item(*market.tab(client, {node: TOKEN}))], node)
     with reverts_with("ZeroAddress"):
         escrow.withdrawEarnings("0x" + "00" * 20, {"from": node})
     tx = escrow.withdrawEarnings(accounts[6], {"from": node})
@@ -141,166 +160,175 @@ def test_withdraw_earnings(market, escrow, token, client, node, accounts, revert
         escrow.withdrawEarnings(node, {"from": node})
 
 
-def test_receipt_above_the_balance_pays_what_there_is_and_records_the_shortfall(market, escrow, client, node):
+def test_shortfall_pays_in_entry_order_and_a_top_up_pays_the_rest_with_the_same_tab(market, escrow, client, nodes):
     market.deposit(client, 3 * TOKEN)
-    receipt, signature = market.receipt(client, node, 5 * TOKEN)
-    tx = market.redeem(receipt, signature, node)
+    tab, signature = market.tab(client, {nodes[0]: 2 * TOKEN, nodes[1]: 2 * TOKEN}, seq=5)
+    first, second = tab.entries
+    tx = market.settle([market.item(tab, signature)], nodes[0])
     assert tx.return_value == 3 * TOKEN
-    assert tx.events["Shortfall"]["owed"] == 2 * TOKEN
-    assert escrow.channelOf(client, node) == (3 * TOKEN, 5 * TOKEN)  # claimed - paid = owed
+    paid = market.paid_vector(tx, client)
+    assert paid == (first, eip712.Entry(second.node, TOKEN))  # the stored vector is what was actually paid
     assert escrow.balanceOf(client) == 0
-    # the client tops up: the same receipt collects the rest, never more
     market.deposit(client, 10 * TOKEN)
-    tx = market.redeem(receipt, signature, node)
-    assert tx.return_value == 2 * TOKEN and "Shortfall" not in tx.events
-    assert escrow.channelOf(client, node) == (5 * TOKEN, 5 * TOKEN)
-    assert escrow.earningsOf(node) == 5 * TOKEN
+    tx = market.settle([market.item(tab, signature, paid)], nodes[1])  # equal seq: collects the shortfall
+    assert tx.return_value == TOKEN
+    assert market.paid_vector(tx, client) == tab.entries
+    assert escrow.earningsOf(second.node) == escrow.earningsOf(first.node) == 2 * TOKEN
+    assert escrow.balanceOf(client) == 9 * TOKEN
 
 
-# ---- attacks on a single redeem
+# ---- attacks on settlement
 
 
-def test_replayed_receipt_is_rejected(market, escrow, client, node, reverts_with):
+def test_a_replayed_tab_pays_nothing_and_an_older_one_is_stale(market, escrow, client, node):
     market.deposit(client, 10 * TOKEN)
-    receipt, signature = market.receipt(client, node, 2 * TOKEN)
-    market.redeem(receipt, signature, node)
-    with reverts_with("ReceiptNotNewer"):
-        market.redeem(receipt, signature, node)
-    with reverts_with("ReceiptNotNewer"):  # an older one too
-        market.redeem(*market.receipt(client, node, TOKEN, nonce=0), node)
-    assert escrow.earningsOf(node) == 2 * TOKEN
+    older = market.tab(client, {node: TOKEN}, seq=1)
+    newer = market.tab(client, {node: 2 * TOKEN}, seq=2)
+    tx = market.settle([market.item(*newer)], node)
+    paid = market.paid_vector(tx, client)
+    tx = market.settle([market.item(*newer, paid)], node)
+    assert tx.return_value == 0 and market.paid_vector(tx, client) == paid
+    tx = market.settle([market.item(*older, paid)], node)
+    assert tx.return_value == 0
+    assert (tx.events["TabRejected"]["index"], tx.events["TabRejected"]["reason"]) == (0, STALE_SEQ)
+    assert escrow.earningsOf(node) == 2 * TOKEN and escrow.balanceOf(client) == 8 * TOKEN
+
+
+def test_a_wrong_previous_vector_is_rejected(market, escrow, client, nodes):
+    market.deposit(client, 10 * TOKEN)
+    a, b = nodes[:2]
+    tx = market.settle([market.item(*market.tab(client, {a: 2 * TOKEN, b: TOKEN}, seq=1))], a)
+    paid = market.paid_vector(tx, client)
+    tab, signature = market.tab(client, {a: 5 * TOKEN, b: 5 * TOKEN}, seq=2)
+    understated = (paid[0], eip712.Entry(paid[1].node, 0))  # claims less was paid, to be paid twice
+    for previous in [(), understated, paid[:1], (paid[1], paid[0])]:
+        item = market.item(tab, signature)  # the previous vector packed as given, unsorted too
+        tx = market.settle([item[:122] + bytes([len(previous)]) + item[123:] + eip712.pack_entries(previous)], a)
+        assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == WRONG_PREVIOUS
+    assert escrow.earningsOf(a) + escrow.earningsOf(b) == 3 * TOKEN
+    assert market.settle([market.item(tab, signature, paid)], a).return_value == 7 * TOKEN
+
+
+def test_a_tab_that_drops_or_lowers_a_paid_node_is_rejected(market, escrow, client, nodes):
+    market.deposit(client, 10 * TOKEN)
+    a, b = nodes[:2]
+    tx = market.settle([market.item(*market.tab(client, {a: 2 * TOKEN, b: 2 * TOKEN}, seq=1))], a)
+    paid = market.paid_vector(tx, client)
+    for amounts in [{a: 9 * TOKEN}, {a: 9 * TOKEN, b: TOKEN}]:
+        tx = market.settle([market.item(*market.tab(client, amounts, seq=2), paid)], a)
+        assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == WRONG_PREVIOUS
+    assert escrow.balanceOf(client) == 6 * TOKEN
 
 
 @pytest.mark.parametrize("other", ["chain-id", "escrow"])
-def test_receipt_for_another_chain_or_escrow_is_rejected(market, escrow, disputes, client, node, other, reverts_with):
+def test_tab_for_another_chain_or_escrow_is_rejected(market, escrow, disputes, client, node, other):
     market.deposit(client, 10 * TOKEN)
     domain = eip712.Domain(1, escrow.address) if other == "chain-id" else eip712.Domain(31337, disputes.address)
-    with reverts_with("InvalidReceiptSignature"):
-        market.redeem(*market.receipt(client, node, TOKEN, domain=domain), node)
+    tx = market.settle([market.item(*market.tab(client, {node: TOKEN}, domain=domain))], node)
+    assert tx.events["TabRejected"]["reason"] == BAD_SIGNATURE
     assert escrow.balanceOf(client) == 10 * TOKEN
 
 
-def test_high_s_malleated_signature_is_rejected(market, escrow, client, node, reverts_with):
+def test_tampered_amount_or_entry_and_foreign_signers_fail_the_signature(market, escrow, client, nodes, clients):
     market.deposit(client, 10 * TOKEN)
-    receipt, signature = market.receipt(client, node, TOKEN)
-    with reverts_with("InvalidReceiptSignature"):
-        market.redeem(receipt, high_s(signature), node)
+    a, b = nodes[:2]
+    tab, signature = market.tab(client, {a: TOKEN, b: TOKEN})
+    raised = eip712.Tab(tab.client, tab.seq, (tab.entries[0], eip712.Entry(tab.entries[1].node, 5 * TOKEN)), tab.usage_hash)
+    swapped_node = nodes[2] if int(nodes[2].address, 16) > int(tab.entries[0].node, 16) else nodes[3]
+    moved = eip712.Tab(tab.client, tab.seq, (tab.entries[0], eip712.Entry(swapped_node.address, TOKEN)), tab.usage_hash)
+    items = [
+        market.item(raised, signature),
+        market.item(moved, signature),
+        market.item(*market.tab(client, {a: TOKEN}, signer=a)),  # a node forging its client's tab
+        market.item(*market.tab(client, {a: TOKEN}, signer=clients[1])),
+        market.item(tab, high_s(signature)),
+        market.item(tab, b"\x01" * 64 + b"\x00"),
+    ]
+    tx = market.settle(items, a)
+    assert tx.return_value == 0
+    assert [(e["index"], e["reason"]) for e in tx.events["TabRejected"]] == [(i, BAD_SIGNATURE) for i in range(6)]
     assert escrow.balanceOf(client) == 10 * TOKEN
 
 
-@pytest.mark.parametrize("signature", [b"", b"\x01" * 64, b"\x01" * 65], ids=["empty", "64-bytes", "garbage"])
-def test_malformed_signature_is_rejected(market, client, node, signature, reverts_with):
-    market.deposit(client, TOKEN)
-    receipt, _ = market.receipt(client, node, TOKEN)
-    with reverts_with("InvalidReceiptSignature"):
-        market.redeem(receipt, signature, node)
+def raw_settlement(client, entries, previous=()):
+    """A packed settlement with any entries (an attacker skips the Python checks) and a dummy signature."""
+    packed = lambda pairs: b"".join(bytes.fromhex(n[2:]) + a.to_bytes(16, "big") for n, a in pairs)
+    return (bytes.fromhex(client.address[2:]) + (1).to_bytes(4, "big") + b"\x11" * 32 + b"\x01" * 64
+            + bytes([27, len(entries), len(previous)]) + packed(entries) + packed(previous))
 
 
-def test_receipt_signed_by_someone_else_is_rejected(market, escrow, client, node, clients, reverts_with):
+def test_malformed_tabs_are_rejected(market, escrow, client, nodes):
     market.deposit(client, 10 * TOKEN)
-    with reverts_with("InvalidReceiptSignature"):  # the node forging its own receipt
-        market.redeem(*market.receipt(client, node, TOKEN, signer=node), node)
-    with reverts_with("InvalidReceiptSignature"):  # another client
-        market.redeem(*market.receipt(client, node, TOKEN, signer=clients[1]), node)
+    low, high = sorted((n.address for n in nodes[:2]), key=lambda a: int(a, 16))
+    many = [("0x" + f"{i + 1:040x}", 1) for i in range(33)]
+    items = [raw_settlement(client, []), raw_settlement(client, [(high, 1), (low, 1)]),
+             raw_settlement(client, [(low, 1), (low, 1)]), raw_settlement(client, many),
+             raw_settlement(client, [("0x" + "00" * 20, 1)]), raw_settlement(SimpleNamespace(address="0x" + "00" * 20), [(low, 1)]),
+             raw_settlement(client, [(low, 1)], [(low, 1), (high, 1)])]
+    tx = market.settle(items, nodes[0])
+    assert [e["reason"] for e in tx.events["TabRejected"]] == [MALFORMED] * 6 + [WRONG_PREVIOUS]
     assert escrow.balanceOf(client) == 10 * TOKEN
 
 
-def test_receipt_for_another_node_does_not_pay_this_one(market, escrow, client, node, nodes, reverts_with):
+def test_a_truncated_batch_reverts_and_pays_nothing(market, escrow, client, node, reverts_with):
     market.deposit(client, 10 * TOKEN)
-    receipt, signature = market.receipt(client, nodes[1], TOKEN)
-    with reverts_with("InvalidReceiptSignature"):
-        escrow.redeem(client, node, TOKEN, receipt.usage_hash, 1, signature, {"from": node})
+    good = market.item(*market.tab(client, {node: TOKEN}))
+    with reverts_with("TruncatedSettlements"):
+        market.settle([good, good[:-1]], node)
+    with reverts_with("TruncatedSettlements"):
+        market.settle([good[:50]], node)
+    assert escrow.balanceOf(client) == 10 * TOKEN
 
 
-def test_amount_beyond_uint128_is_rejected(market, escrow, client, node, reverts_with):
-    with reverts_with("AmountTooLarge"):
-        market.redeem(*market.receipt(client, node, 2**128), node)
-
-
-# ---- batches
-
-
-def batch(market, pairs):
-    return [market.batch_item(receipt, signature) for receipt, signature in pairs]
-
-
-def test_batch_pays_many_clients_at_once(market, escrow, clients, node):
-    for i, client in enumerate(clients):
-        market.deposit(client, 10 * TOKEN)
-    items = batch(market, [market.receipt(c, node, (i + 1) * TOKEN) for i, c in enumerate(clients)])
-    tx = escrow.redeemBatch(node, items, {"from": node})
-    assert tx.return_value == 6 * TOKEN
-    assert tx.events["BatchRedeemed"]["redeemed"] == 3 and tx.events["BatchRedeemed"]["rejected"] == 0
-    assert len(tx.events["ReceiptRedeemed"]) == 3
-    assert escrow.earningsOf(node) == 6 * TOKEN
-    assert [escrow.balanceOf(c) for c in clients] == [9 * TOKEN, 8 * TOKEN, 7 * TOKEN]
-
-
-def test_batch_skips_bad_receipts_and_pays_the_rest(market, escrow, clients, node, nodes):
+def test_a_batch_skips_bad_items_and_pays_the_rest(market, escrow, clients, nodes):
     a, b, c = clients
     for client in clients:
         market.deposit(client, 10 * TOKEN)
-    market.redeem(*market.receipt(c, node, 4 * TOKEN), node)
-    good = market.receipt(a, node, 2 * TOKEN)
-    forged = market.receipt(b, node, 5 * TOKEN, signer=nodes[1])
-    malleated_receipt, signature = market.receipt(b, node, 3 * TOKEN)
-    stale = market.receipt(c, node, 4 * TOKEN)
-    too_large = market.receipt(b, node, 2**130)
-    items = batch(market, [good, forged, (malleated_receipt, high_s(signature)), stale, too_large])
-    tx = escrow.redeemBatch(node, items, {"from": node})
-    assert tx.return_value == 2 * TOKEN
-    rejected = [(e["index"], e["client"], e["reason"]) for e in tx.events["ReceiptRejected"]]
-    assert rejected == [(1, b, REJECT_BAD_SIGNATURE), (2, b, REJECT_BAD_SIGNATURE), (3, c, REJECT_NOT_NEWER),
-                        (4, b, REJECT_TOO_LARGE)]
-    assert tx.events["BatchRedeemed"]["redeemed"] == 1 and tx.events["BatchRedeemed"]["rejected"] == 4
-    assert escrow.balanceOf(b) == 10 * TOKEN
-    assert escrow.earningsOf(node) == 6 * TOKEN
+    good_a = market.tab(a, {nodes[0]: TOKEN, nodes[1]: TOKEN})
+    forged_b = market.tab(b, {nodes[0]: 5 * TOKEN}, signer=nodes[0])
+    good_c = market.tab(c, {nodes[1]: 3 * TOKEN})
+    tx = market.settle([market.item(*good_a), market.item(*forged_b), market.item(*good_c)], nodes[0])
+    assert tx.return_value == 5 * TOKEN
+    assert [(e["index"], e["client"], e["reason"]) for e in tx.events["TabRejected"]] == [(1, b, BAD_SIGNATURE)]
+    assert len(tx.events["TabSettled"]) == 2
+    assert [escrow.balanceOf(x) for x in clients] == [8 * TOKEN, 10 * TOKEN, 7 * TOKEN]
+    assert escrow.earningsOf(nodes[0]) == TOKEN and escrow.earningsOf(nodes[1]) == 4 * TOKEN
 
 
-def test_same_receipt_twice_in_one_batch_pays_once(market, escrow, client, node):
+def test_the_same_tab_twice_in_one_batch_pays_once(market, escrow, client, nodes):
     market.deposit(client, 10 * TOKEN)
-    pair = market.receipt(client, node, 3 * TOKEN)
-    older = market.receipt(client, node, 2 * TOKEN, nonce=0)
-    tx = escrow.redeemBatch(node, batch(market, [pair, pair, older, pair]), {"from": node})
-    assert tx.return_value == 3 * TOKEN
-    assert [e["reason"] for e in tx.events["ReceiptRejected"]] == [REJECT_NOT_NEWER] * 3
+    pair = market.tab(client, {nodes[0]: 3 * TOKEN})
+    tx = market.settle([market.item(*pair), market.item(*pair)], nodes[0])
+    assert tx.return_value == 3 * TOKEN  # the second carries a stale previous vector
+    assert tx.events["TabRejected"]["reason"] == WRONG_PREVIOUS
     assert escrow.balanceOf(client) == 7 * TOKEN
 
 
-def test_batch_with_a_newer_receipt_after_an_older_one_pays_the_newest_total(market, escrow, client, node):
+@pytest.mark.parametrize("first", [0, 1])
+def test_two_nodes_settling_the_same_client_in_either_order_pay_each_once(market, escrow, client, nodes, first):
+    """Both nodes hold the client's newest tab and settle it; the loser of the race re-reads the paid vector."""
     market.deposit(client, 10 * TOKEN)
-    items = batch(market, [market.receipt(client, node, 2 * TOKEN), market.receipt(client, node, 5 * TOKEN, nonce=2)])
-    assert escrow.redeemBatch(node, items, {"from": node}).return_value == 5 * TOKEN
-    assert escrow.channelOf(client, node) == (5 * TOKEN, 5 * TOKEN)
+    pair = market.tab(client, {nodes[0]: 2 * TOKEN, nodes[1]: 3 * TOKEN}, seq=7)
+    settlers = [nodes[first], nodes[1 - first]]
+    tx = market.settle([market.item(*pair)], settlers[0])
+    assert tx.return_value == 5 * TOKEN
+    raced = market.settle([market.item(*pair)], settlers[1])  # built before it saw the first settlement
+    assert raced.return_value == 0 and raced.events["TabRejected"]["reason"] == WRONG_PREVIOUS
+    again = market.settle([market.item(*pair, market.paid_vector(tx, client))], settlers[1])
+    assert again.return_value == 0
+    assert (escrow.earningsOf(nodes[0]), escrow.earningsOf(nodes[1])) == (2 * TOKEN, 3 * TOKEN)
+    assert escrow.balanceOf(client) == 5 * TOKEN
 
 
-def test_batch_records_shortfalls(market, escrow, clients, node):
-    market.deposit(clients[0], TOKEN)
-    items = batch(market, [market.receipt(clients[0], node, 3 * TOKEN), market.receipt(clients[1], node, TOKEN)])
-    tx = escrow.redeemBatch(node, items, {"from": node})
-    assert tx.return_value == TOKEN
-    owed = {e["client"]: e["owed"] for e in tx.events["Shortfall"]}
-    assert owed == {clients[0]: 2 * TOKEN, clients[1]: TOKEN}
-    assert escrow.channelOf(clients[1], node) == (0, TOKEN)
-
-
-def test_empty_batch_pays_nothing(escrow, node):
-    tx = escrow.redeemBatch(node, [], {"from": node})
-    assert tx.return_value == 0 and tx.events["BatchRedeemed"]["redeemed"] == 0
-
-
-def test_batch_for_another_node_rejects_every_receipt(market, escrow, client, node, nodes):
-    market.deposit(client, 10 * TOKEN)
-    items = batch(market, [market.receipt(client, node, TOKEN)])
-    tx = escrow.redeemBatch(nodes[1], items, {"from": nodes[1]})
-    assert tx.return_value == 0
-    assert tx.events["ReceiptRejected"]["reason"] == REJECT_BAD_SIGNATURE
+def test_empty_batch_pays_nothing(market, node):
+    tx = market.settle([], node)
+    assert tx.return_value == 0 and "TabSettled" not in tx.events
 
 
 def test_unknown_key_signature_never_pays(market, escrow, client, node):
     market.deposit(client, 10 * TOKEN)
     stranger = Account.create()
-    receipt = eip712.Receipt(client.address, node.address, TOKEN, b"\x00" * 32, 1)
-    signature = eip712.sign_receipt(stranger.key, receipt, market.escrow_domain)
-    tx = escrow.redeemBatch(node, [market.batch_item(receipt, signature)], {"from": node})
-    assert tx.return_value == 0
+    tab = eip712.Tab(client.address, 1, (eip712.Entry(node.address, TOKEN),), b"\x00" * 32)
+    signature = eip712.sign_tab(stranger.key, tab, market.escrow_domain)
+    tx = market.settle([market.item(tab, signature)], node)
+    assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == BAD_SIGNATURE

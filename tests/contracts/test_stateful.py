@@ -1,7 +1,8 @@
-"""Random deposits, receipts, redeems, withdrawals, stakes, unbonds and slashes against a model of the market.
+"""Random deposits, tabs, settlements, withdrawals, stakes, unbonds and slashes against a model of the market.
 
 After every step: every token is accounted for (holders and contracts sum to the total supply), each contract
-holds exactly what it owes, and no node was ever paid more than its newest receipt.
+holds exactly what it owes, no node was ever paid more than its entry in its client's newest tab, and the
+escrow's stored paid vector is the model's.
 """
 
 from itertools import count
@@ -14,21 +15,21 @@ from node.chain import eip712
 from scripts.deploy import UNBONDING_DELAY, WITHDRAWAL_TIMELOCK
 
 SETTINGS = {"max_examples": 15, "stateful_step_count": 15, "deadline": None, "database": None}
-START_DEPOSIT, START_STAKE = 40 * TOKEN, 50 * TOKEN
+START_DEPOSIT, START_STAKE = 15 * TOKEN, 50 * TOKEN  # small deposits: settlements often run short
 REQUEST_IDS = count(1)  # never reused, so no two runs send byte-identical slash transactions
 
 
 class MarketMachine:
     st_client = st.integers(0, 1)
-    st_node = st.integers(0, 1)
+    st_node = st.integers(0, 2)
     st_amount = st.integers(1, 50)
     st_step = st.integers(0, 20)
-    st_mask = st.integers(1, 3)
-    st_rounds = st.lists(st.tuples(st_client, st_node, st_step, st.integers(0, 2)), min_size=1, max_size=6)
+    st_rounds = st.lists(st.tuples(st_client, st.lists(st.tuples(st_node, st_step), min_size=1, max_size=3), st.integers(0, 3)),
+                         min_size=1, max_size=6)
     st_bool = st.booleans()
 
     def __init__(cls, market, clients, nodes, accounts, treasury):
-        cls.market, cls.clients, cls.nodes = market, clients[:2], nodes[:2]
+        cls.market, cls.clients, cls.nodes = market, clients[:2], nodes[:3]
         cls.reporter, cls.owner = accounts[1], accounts[0]
         cls.holders = [accounts[0], accounts[1], treasury, *cls.clients, *cls.nodes]
         cls.contracts = [market.escrow, market.stake, market.disputes]
@@ -41,8 +42,9 @@ class MarketMachine:
             market.token.approve(market.stake, 2**255, {"from": account})
 
     def setup(self):
-        self.signed = {}  # (client, node) -> (receipt, signature) with the highest amount signed
-        self.paid = {}  # (client, node) -> tokens the model expects the channel to have paid
+        self.tabs = {}  # client -> [(tab, signature)] every tab it signed, oldest first
+        self.paid = {}  # client -> {node address: tokens the model expects the escrow to have paid}
+        self.settled_seq = {}  # client -> highest seq settled
 
     # ---- escrow
 
@@ -51,47 +53,42 @@ class MarketMachine:
         self.market.escrow.deposit(self.clients[client], amount * TOKEN, {"from": self.clients[client]})
 
     def rule_serve(self, rounds="st_rounds"):
-        """Clients sign newer receipts; each time the node keeps it (0), redeems it (1) or redeems a batch (2)."""
-        for client, node, step, settle in rounds:
-            key = (client, node)
-            previous = self.signed[key][0].cumulative_amount if key in self.signed else 0
-            self.signed[key] = self.market.receipt(self.clients[client], self.nodes[node], previous + step * TOKEN,
-                                                   nonce=previous + step)
-            if settle == 1:
-                self.rule_redeem(client, node)
-            elif settle == 2:
-                self.rule_redeem_batch(node, 3, step % 2 == 0)
+        """A client signs a newer tab raising some nodes' entries; then nothing (0), a settlement of its newest tab
+        (1), of an older one (2) or of its newest tab with a wrong previous vector (3) follows."""
+        for client, raises, settle in rounds:
+            signed = self.tabs.setdefault(client, [])
+            amounts = {e.node: e.amount for e in signed[-1][0].entries} if signed else {}
+            for node, step in raises:
+                address = self.nodes[node].address
+                amounts[address] = amounts.get(address, 0) + step * TOKEN
+            signed.append(self.market.tab(self.clients[client], amounts, seq=len(signed) + 1))
+            if settle:
+                self.rule_settle(client, len(signed) - 1 if settle != 2 else 0, settle == 3)
 
-    def rule_redeem(self, client="st_client", node="st_node"):
-        key = (client, node)
-        if key not in self.signed:
+    def rule_settle(self, client="st_client", which="st_step", wrong_previous="st_bool"):
+        signed = self.tabs.get(client)
+        if not signed:
             return
-        receipt, signature = self.signed[key]
-        paid = self.paid.get(key, 0)
-        if receipt.cumulative_amount <= paid:
-            with brownie.reverts():
-                self.market.redeem(receipt, signature, self.nodes[node])
+        tab, signature = signed[min(which, len(signed) - 1)]
+        account = self.clients[client]
+        paid = self.paid.setdefault(client, {})
+        previous = tuple(eip712.Entry(n, a) for n, a in sorted(paid.items(), key=lambda item: int(item[0], 16)))
+        if wrong_previous:
+            previous = tuple(eip712.Entry(e.node, e.amount + 1) for e in previous) or (eip712.Entry(tab.entries[0].node, 1),)
+        balance = self.market.escrow.balanceOf(account)
+        tx = self.market.settle([self.market.item(tab, signature, previous)], self.nodes[0])
+        if wrong_previous or tab.seq < self.settled_seq.get(client, 0):
+            assert tx.return_value == 0 and "TabSettled" not in tx.events
             return
-        balance = self.market.escrow.balanceOf(self.clients[client])
-        tx = self.market.redeem(receipt, signature, self.nodes[node])
-        pay = tx.events["ReceiptRedeemed"]["paid"]
-        assert pay == min(receipt.cumulative_amount - paid, balance)
-        self.paid[key] = paid + pay
-
-    def rule_redeem_batch(self, node="st_node", mask="st_mask", twice="st_bool"):
-        chosen = [c for c in range(2) if mask >> c & 1 and (c, node) in self.signed]
-        if twice:
-            chosen += chosen  # duplicates must pay once
-        items = [self.market.batch_item(*self.signed[(c, node)]) for c in chosen]
-        balances = {c: self.market.escrow.balanceOf(self.clients[c]) for c in chosen}
-        tx = self.market.escrow.redeemBatch(self.nodes[node], items, {"from": self.nodes[node]})
         expected = 0
-        for c in dict.fromkeys(chosen):
-            due = max(self.signed[(c, node)][0].cumulative_amount - self.paid.get((c, node), 0), 0)
-            pay = min(due, balances[c])
-            self.paid[(c, node)] = self.paid.get((c, node), 0) + pay
+        for entry in tab.entries:
+            pay = min(entry.amount - paid.get(entry.node, 0), balance)
+            balance -= pay
             expected += pay
-        assert tx.events["BatchRedeemed"]["paid"] == expected
+            paid[entry.node] = paid.get(entry.node, 0) + pay
+        self.settled_seq[client] = tab.seq
+        assert tx.return_value == expected
+        assert self.market.paid_vector(tx, account) == tuple(eip712.Entry(e.node, paid[e.node]) for e in tab.entries)
 
     def rule_request_withdrawal(self, client="st_client", amount="st_amount"):
         account = self.clients[client]
@@ -154,10 +151,12 @@ class MarketMachine:
         assert token.balanceOf(escrow) == owed
         assert token.balanceOf(stake) == sum(stake.totalStakeOf(n) for n in self.nodes)
         assert token.balanceOf(self.market.disputes) == 0
-        for (client, node), (receipt, _) in self.signed.items():
-            paid, claimed = escrow.channelOf(self.clients[client], self.nodes[node])
-            assert paid == self.paid.get((client, node), 0)
-            assert paid <= claimed <= receipt.cumulative_amount
+        for client, signed in self.tabs.items():
+            newest = signed[-1][0]
+            paid = self.paid.get(client, {})
+            assert all(amount <= newest.amount_for(node) for node, amount in paid.items())
+            vector = tuple(eip712.Entry(n, a) for n, a in sorted(paid.items(), key=lambda item: int(item[0], 16)))
+            assert escrow.tabOf(self.clients[client]) == (self.settled_seq.get(client, 0), eip712.paid_vector_hash(vector))
 
 def test_market_state_machine(state_machine, market, clients, nodes, accounts, treasury):
     state_machine(MarketMachine, market, clients, nodes, accounts, treasury, settings=SETTINGS)

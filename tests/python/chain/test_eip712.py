@@ -1,4 +1,4 @@
-"""EIP-712 receipts and commitments: what a client/node signs is what the other side recovers."""
+"""EIP-712 tabs and commitments: what a client/node signs is what the other side recovers."""
 
 import pytest
 from eth_account import Account
@@ -10,30 +10,37 @@ from node.chain.eip712 import (
     SECP256K1_N,
     Commitment,
     Domain,
+    MAX_ENTRIES,
+    Entry,
     InvalidSignature,
-    Receipt,
+    Tab,
     UsageRecord,
     chain_usage_hash,
     commitment_digest,
     commitment_typed_data,
-    receipt_digest,
-    receipt_typed_data,
+    decode_settlement,
+    encode_settlement,
+    paid_vector_hash,
     recover_commitment_signer,
-    recover_receipt_signer,
+    recover_tab_signer,
     sign_commitment,
-    sign_receipt,
+    sign_tab,
     split_signature,
+    tab_digest,
+    tab_typed_data,
     tensor_hash,
 )
 
 CLIENT = Account.from_key(b"\x01" * 32)
 NODE = Account.from_key(b"\x02" * 32)
+OTHER_NODE = Account.from_key(b"\x03" * 32)
 ESCROW = "0x" + "ab" * 20
 DOMAIN = Domain(chain_id=31337, verifying_contract=ESCROW)
 
 
-def receipt(amount: int = 10**18, nonce: int = 1) -> Receipt:
-    return Receipt(CLIENT.address, NODE.address, amount, b"\x11" * 32, nonce)
+def tab(amount: int = 10**18, seq: int = 1) -> Tab:
+    entries = sorted([Entry(NODE.address, amount), Entry(OTHER_NODE.address, 7)], key=lambda e: int(e.node, 16))
+    return Tab(CLIENT.address, seq, tuple(entries), b"\x11" * 32)
 
 
 def commitment(output: bytes = b"\x44" * 32) -> Commitment:
@@ -46,10 +53,10 @@ def high_s(signature: bytes) -> bytes:
     return signature[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - signature[64]])
 
 
-def test_receipt_round_trip_recovers_the_client():
-    signature = sign_receipt(CLIENT.key, receipt(), DOMAIN)
+def test_tab_round_trip_recovers_the_client():
+    signature = sign_tab(CLIENT.key, tab(), DOMAIN)
     assert len(signature) == 65 and signature[64] in (27, 28)
-    assert recover_receipt_signer(receipt(), signature, DOMAIN) == CLIENT.address
+    assert recover_tab_signer(tab(), signature, DOMAIN) == CLIENT.address
 
 
 def test_commitment_round_trip_recovers_the_node():
@@ -59,7 +66,7 @@ def test_commitment_round_trip_recovers_the_node():
 
 def test_digests_match_eth_account_typed_data_encoding():
     for digest, typed in (
-        (receipt_digest(receipt(), DOMAIN), receipt_typed_data(receipt(), DOMAIN)),
+        (tab_digest(tab(), DOMAIN), tab_typed_data(tab(), DOMAIN)),
         (commitment_digest(commitment(), DOMAIN), commitment_typed_data(commitment(), DOMAIN)),
     ):
         message = encode_typed_data(full_message=typed)
@@ -67,8 +74,8 @@ def test_digests_match_eth_account_typed_data_encoding():
 
 
 def test_signatures_equal_what_a_wallet_signs_for_the_typed_data():
-    assert sign_receipt(CLIENT.key, receipt(), DOMAIN) == bytes(
-        Account.sign_message(encode_typed_data(full_message=receipt_typed_data(receipt(), DOMAIN)), CLIENT.key).signature
+    assert sign_tab(CLIENT.key, tab(), DOMAIN) == bytes(
+        Account.sign_message(encode_typed_data(full_message=tab_typed_data(tab(), DOMAIN)), CLIENT.key).signature
     )
     assert sign_commitment(NODE.key.hex(), commitment(), DOMAIN) == bytes(
         Account.sign_message(encode_typed_data(full_message=commitment_typed_data(commitment(), DOMAIN)), NODE.key).signature
@@ -81,25 +88,25 @@ def test_signatures_equal_what_a_wallet_signs_for_the_typed_data():
     ids=["other-chain-id", "other-contract"],
 )
 def test_signature_for_another_domain_recovers_someone_else(other):
-    signature = sign_receipt(CLIENT.key, receipt(), other)
-    assert recover_receipt_signer(receipt(), signature, DOMAIN) != CLIENT.address
+    signature = sign_tab(CLIENT.key, tab(), other)
+    assert recover_tab_signer(tab(), signature, DOMAIN) != CLIENT.address
 
 
 def test_changed_amount_recovers_someone_else():
-    signature = sign_receipt(CLIENT.key, receipt(amount=1), DOMAIN)
-    assert recover_receipt_signer(receipt(amount=2), signature, DOMAIN) != CLIENT.address
+    signature = sign_tab(CLIENT.key, tab(amount=1), DOMAIN)
+    assert recover_tab_signer(tab(amount=2), signature, DOMAIN) != CLIENT.address
 
 
 def test_high_s_twin_is_rejected():
-    signature = sign_receipt(CLIENT.key, receipt(), DOMAIN)
+    signature = sign_tab(CLIENT.key, tab(), DOMAIN)
     twin = high_s(signature)
     # the twin is a valid ECDSA signature for the same key: only the low-s rule rejects it
     v, r, s = twin[64] - 27, int.from_bytes(twin[:32], "big"), int.from_bytes(twin[32:64], "big")
     assert keys.Signature(vrs=(v, r, s)).recover_public_key_from_msg_hash(
-        receipt_digest(receipt(), DOMAIN)
+        tab_digest(tab(), DOMAIN)
     ).to_checksum_address() == CLIENT.address
     with pytest.raises(InvalidSignature, match="lower half"):
-        recover_receipt_signer(receipt(), twin, DOMAIN)
+        recover_tab_signer(tab(), twin, DOMAIN)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +124,7 @@ def test_high_s_twin_is_rejected():
 )
 def test_malformed_signature_is_rejected(signature, message):
     with pytest.raises(InvalidSignature, match=message):
-        recover_receipt_signer(receipt(), signature, DOMAIN)
+        recover_tab_signer(tab(), signature, DOMAIN)
 
 
 def test_signature_with_r_off_the_curve_is_rejected():
@@ -130,10 +137,12 @@ def test_signature_with_r_off_the_curve_is_rejected():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: Receipt("0x1234", NODE.address, 1, b"\x00" * 32, 0),
-        lambda: Receipt(CLIENT.address, NODE.address, -1, b"\x00" * 32, 0),
-        lambda: Receipt(CLIENT.address, NODE.address, 2**256, b"\x00" * 32, 0),
-        lambda: Receipt(CLIENT.address, NODE.address, 1, b"\x00" * 31, 0),
+        lambda: Tab("0x1234", 1, (Entry(NODE.address, 1),), b"\x00" * 32),
+        lambda: Entry(NODE.address, -1),
+        lambda: Entry(NODE.address, 2**128),
+        lambda: Tab(CLIENT.address, 2**32, (Entry(NODE.address, 1),), b"\x00" * 32),
+        lambda: Tab(CLIENT.address, 1, (Entry(NODE.address, 1),), b"\x00" * 31),
+        lambda: Tab(CLIENT.address, 1, [Entry(NODE.address, 1)], b"\x00" * 32),
         lambda: Commitment(b"\x00" * 32, 2**64, b"\x00" * 32, b"\x00" * 32),
         lambda: Commitment(b"\x00" * 32, 1, "00" * 32, b"\x00" * 32),
         lambda: Domain(chain_id=1, verifying_contract="not an address"),
@@ -162,8 +171,41 @@ def test_tensor_hash_is_sha256():
 
 
 def test_split_signature_gives_v_r_s():
-    signature = sign_receipt(CLIENT.key, receipt(), DOMAIN)
+    signature = sign_tab(CLIENT.key, tab(), DOMAIN)
     v, r, s = split_signature(signature)
     assert v in (27, 28) and bytes([*r, *s, v]) == signature
     with pytest.raises(InvalidSignature, match="65 bytes"):
         split_signature(signature[:64])
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ((), "at least one node"),
+        (tuple(Entry("0x" + f"{i + 1:040x}", 1) for i in range(MAX_ENTRIES + 1)), f"at most {MAX_ENTRIES}"),
+        ((Entry("0x" + "02" * 20, 1), Entry("0x" + "01" * 20, 1)), "sorted"),
+        ((Entry("0x" + "01" * 20, 1), Entry("0x" + "01" * 20, 2)), "sorted"),
+    ],
+    ids=["empty", "over-the-cap", "unsorted", "duplicate"],
+)
+def test_malformed_entries_are_refused(entries, message):
+    with pytest.raises(ValueError, match=message):
+        Tab(CLIENT.address, 1, entries, b"\x00" * 32)
+
+
+def test_changed_entry_or_seq_recovers_someone_else():
+    signature = sign_tab(CLIENT.key, tab(), DOMAIN)
+    moved = Tab(CLIENT.address, 1, tuple(Entry(e.node, e.amount + 1) if e.amount == 7 else e for e in tab().entries), b"\x11" * 32)
+    assert recover_tab_signer(moved, signature, DOMAIN) != CLIENT.address
+    assert recover_tab_signer(tab(seq=2), signature, DOMAIN) != CLIENT.address
+
+
+def test_a_settlement_round_trips_and_truncation_is_refused():
+    signature = sign_tab(CLIENT.key, tab(), DOMAIN)
+    previous = (Entry(NODE.address, 5),)
+    data = encode_settlement(tab(), signature, previous)
+    assert decode_settlement(data) == (tab(), signature, previous)
+    assert paid_vector_hash(()) == 0 and paid_vector_hash(previous) != paid_vector_hash((Entry(NODE.address, 6),))
+    for bad in (data[:-1], data + b"\x00", data[:100]):
+        with pytest.raises(ValueError, match="signed tab"):
+            decode_settlement(bad)

@@ -62,7 +62,7 @@ def test_honest_nodes_with_other_thread_counts_are_never_accused(market):
         inputs = [(0, torch.randn(1, 4, model.head.config.hidden_size)), (4, torch.randn(1, 1, model.head.config.hidden_size))]
         outputs = {}
         for node in [n for n in model.nodes if (n.start, n.end) == (2, 4)]:
-            session = InferenceSession([node], model.head.num_layers, model.domain, max_length=8, receipt_source=model.receipt_source)
+            session = InferenceSession([node], model.head.num_layers, model.domain, max_length=8, tab_source=model.tab_source)
             hop = (await session._open_hops([node]))[0]
             outputs[node.url] = [o for _, o in await session._replay_hop(hop, inputs)]
             await session.close()
@@ -120,9 +120,10 @@ def test_equivocating_node_is_slashed(market):
         model = await auditing_client(market, "witness", rate=0.0)
         target = next(n for n in model.nodes if n.url == node.url)
         session = InferenceSession([target], model.head.num_layers, model.domain, max_length=16,
-                                   receipt_source=model.receipt_source, on_commitment=model.on_commitment)
+                                   tab_source=model.tab_source, on_commitment=model.on_commitment)
         hop = (await session._open_hops([target]))[0]
         hidden = torch.randn(1, 3, target.hidden_size)
+        session.pay([(target, 3)])
         for _ in range(2):  # the second is a retry: the node answers differently and signs it again
             _, check = await session._step(hop, 0, 0, hidden, None)
             await check()

@@ -28,7 +28,15 @@ def chain_as(market, name: str) -> Market:
         return Market.connect(load_config(), load_account(PASSWORD))
 
 
-def test_pay_per_request_over_three_nodes(market):
+def paid_on_chain(chain: Market, client: str, node: str) -> int:
+    """What the escrow has paid `node` on `client`'s tabs (from the client's last TabSettled)."""
+    from node.server.settlement import paid_vector_on_chain
+
+    paid, _ = paid_vector_on_chain(chain, client)
+    return next((e.amount for e in paid if e.node.lower() == node.lower()), 0)
+
+
+def test_pay_per_request_over_three_nodes(market, capsys):
     model = asyncio.run(client_model(market, "alice"))
     tokens, completion = asyncio.run(generate(model, PROMPT, 6))
     head = Head.load(market.checkpoint)
@@ -42,38 +50,42 @@ def test_pay_per_request_over_three_nodes(market):
     chain = chain_as(market, "alice")
     escrow_before = chain.read(chain.escrow.functions.balanceOf(alice))
     for name in ("node0", "node1", "node2"):
-        market.cli(name, "node", "redeem")
-        operator = market.accounts[name]
-        paid, claimed = chain.read(chain.escrow.functions.channelOf(alice, operator))
-        assert paid == claimed == PRICE * processed
+        market.cli(name, "node", "redeem")  # the first settles alice's tab for all three; the others find it settled
+        assert paid_on_chain(chain, alice, market.accounts[name]) == PRICE * processed
+    settlements = chain.escrow.events.TabSettled.get_logs(from_block=0, argument_filters={"client": alice})
+    assert len(settlements) == 1  # one signature, one settlement, three nodes paid
+    capsys.readouterr()
+    market.cli("node2", "node", "earnings")
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(alice))
+    assert [int(x) for x in row[2:]] == [PRICE * processed, PRICE * processed, PRICE * processed, 0]  # served, promised, redeemed, pending
     assert escrow_before - chain.read(chain.escrow.functions.balanceOf(alice)) == completion.cost
 
 
 def test_client_that_stops_paying_gets_no_more_than_its_credit_limit(market):
     async def scenario():
         model = await client_model(market, "mallory")
-        honest = model.receipt_source
-        first: dict = {}
+        honest = model.tab_source
+        first: list = []
 
-        def stale(node, request_id, step, tokens):  # pays the first step, then repeats that receipt forever
-            if node.operator not in first:
-                first[node.operator] = honest(node, request_id, step, tokens)
-            return first[node.operator]
+        def stale(charges, request_id):  # pays the first step, then repeats that tab forever
+            if not first:
+                first.append(honest(charges, request_id))
+            return first[0]
 
-        model.receipt_source = stale
+        model.tab_source = stale
         with pytest.raises(RouteError):
             await generate(model, PROMPT, 200)
 
     asyncio.run(scenario())
-    from node.server.receipts import ReceiptStore
+    from node.server.tabs import TabStore
 
     credit = 64 * PRICE
     for name in ("node0", "node1", "node2"):
         with market.acting_as(name):
-            store = ReceiptStore(load_config().node.data_dir / "receipts.sqlite", market.accounts[name])
+            store = TabStore(load_config().node.data_dir / "tabs.sqlite", market.accounts[name])
         stored = store.get(market.accounts["mallory"])
-        assert stored.receipt.cumulative_amount == PRICE * len(PROMPT)  # only the first step was paid
-        assert stored.receipt.cumulative_amount < stored.served <= stored.receipt.cumulative_amount + credit
+        assert stored.entry == PRICE * len(PROMPT)  # only the first step was paid
+        assert stored.entry < stored.served <= stored.entry + credit
 
 
 def test_withdrawal_request_triggers_redemption(market):
@@ -86,20 +98,20 @@ def test_withdrawal_request_triggers_redemption(market):
     deadline = time.monotonic() + 30
     paid = 0
     while time.monotonic() < deadline and paid < completion.cost:
-        paid = sum(chain.read(chain.escrow.functions.channelOf(carol, market.accounts[n]))[0] for n in ("node0", "node1", "node2"))
+        paid = sum(paid_on_chain(chain, carol, market.accounts[n]) for n in ("node0", "node1", "node2"))
         time.sleep(0.5)
-    assert paid == completion.cost  # every node redeemed before the timelock, without being asked
+    assert paid == completion.cost  # the nodes settled before the timelock, without being asked
 
 
-def test_kill_9_between_ack_and_redeem_loses_nothing(market):
+def test_kill_9_between_ack_and_settlement_loses_nothing(market):
     model = asyncio.run(client_model(market, "dave"))
     _, completion = asyncio.run(generate(model, PROMPT, 4))
     market.stop_node("node1", signal.SIGKILL)
     market.start_node("node1")
     market.cli("node1", "node", "redeem")
     chain = chain_as(market, "dave")
-    paid, _ = chain.read(chain.escrow.functions.channelOf(market.accounts["dave"], market.accounts["node1"]))
-    assert paid == completion.cost // len(RANGES)
+    for name in ("node0", "node1", "node2"):  # node1's tab, kept through the kill, paid every node
+        assert paid_on_chain(chain, market.accounts["dave"], market.accounts[name]) == completion.cost // len(RANGES)
 
 
 def test_chain_down_and_back_loses_nothing(market, capsys):
@@ -115,8 +127,7 @@ def test_chain_down_and_back_loses_nothing(market, capsys):
         market.restart_chain()
     market.cli("node0", "node", "redeem")
     chain = chain_as(market, "erin")
-    paid, _ = chain.read(chain.escrow.functions.channelOf(market.accounts["erin"], market.accounts["node0"]))
-    assert paid == (first.cost + second.cost) // len(RANGES)
+    assert paid_on_chain(chain, market.accounts["erin"], market.accounts["node0"]) == (first.cost + second.cost) // len(RANGES)
 
 
 def test_operator_mistakes_get_clear_errors_and_change_nothing(market, capsys):
@@ -157,14 +168,15 @@ def test_a_refused_step_is_never_answered_even_on_retry(market):
         model = await client_model(market, "frank")
         node = next(n for n in model.nodes if n.start == 0)
 
-        def forged(node, request_id, step, tokens):  # a valid receipt whose signature was tampered with
-            receipt = bytearray(model.receipt_source(node, request_id, step, tokens))
-            receipt[-10] ^= 0xFF
-            return bytes(receipt)
+        def forged(charges, request_id):  # a valid tab whose signature was tampered with
+            tab = bytearray(model.tab_source(charges, request_id))
+            tab[60] ^= 0xFF  # a byte of r
+            return bytes(tab)
 
-        session = InferenceSession([node], model.head.num_layers, model.domain, max_length=8, receipt_source=forged)
+        session = InferenceSession([node], model.head.num_layers, model.domain, max_length=8, tab_source=forged)
         hop = (await session._open_hops([node]))[0]
         hidden = torch.randn(1, 2, node.hidden_size)
+        session.pay([(node, 2)])
         with pytest.raises(NodeFailure, match="signature is invalid|signed by"):
             await session._step(hop, 0, 0, hidden, None)
         with pytest.raises(NodeFailure, match="no open session"):
@@ -172,3 +184,40 @@ def test_a_refused_step_is_never_answered_even_on_retry(market):
         await session.close()
 
     asyncio.run(scenario())
+
+
+def _tab(account, seq: int, amounts: dict[str, int]):
+    from node.chain.eip712 import Entry, Tab
+
+    return Tab(account.address, seq, tuple(Entry(n, a) for n, a in sorted(amounts.items(), key=lambda i: int(i[0], 16))), bytes(32))
+
+
+@pytest.mark.parametrize("lowered", [False, True], ids=["short-then-topped-up", "client-lowered-the-entry"])
+def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_flags_a_lowered_entry(market, tmp_path, lowered):
+    """Another node settled the client's newer tab short: this node reads that tab back from the settlement's
+    calldata and collects the rest once the client tops up; a newer tab promising it less is flagged, not paid."""
+    from node.chain.eip712 import encode_settlement, sign_tab
+    from node.server.settlement import settle_pending
+    from node.server.tabs import TabStore
+
+    name = f"ivan-{lowered}"
+    market.new_account(name, tokens=10**18)
+    market.cli(name, "client", "deposit", "15")
+    with market.acting_as(name):
+        client = load_account(PASSWORD)
+    first, second = sorted((market.accounts["node0"], market.accounts["node1"]), key=lambda a: int(a, 16))
+    holder = chain_as(market, "node1" if second == market.accounts["node1"] else "node0")  # paid last, so paid short
+    domain = holder.escrow_domain()
+    older = _tab(client, 1, {first: 1, second: 8})
+    newer = _tab(client, 2, {first: 10, second: 2 if lowered else 10})
+    store = TabStore(tmp_path / f"{name}.sqlite", second)
+    store.record(older, sign_tab(client.key, older, domain), 8)
+    holder.transact(holder.escrow.functions.settleTabs(encode_settlement(newer, sign_tab(client.key, newer, domain), ())), "settling")
+    assert paid_on_chain(holder, client.address, second) == (2 if lowered else 5)  # 15 - 10 paid to the first
+    market.cli(name, "client", "deposit", "100")
+    settlements = settle_pending(holder, store)
+    if lowered:
+        assert settlements == [] and paid_on_chain(holder, client.address, second) == 2
+    else:
+        assert [s.paid for s in settlements] == [5] and paid_on_chain(holder, client.address, second) == 10
+        assert store.get(client.address).tab == newer

@@ -1,14 +1,18 @@
-"""The client's receipts: the same signature as the one EIP-712 module, running totals that survive a restart."""
+"""The client's tabs and the node's check of them: one signature per step covering every node, running totals
+that survive a restart, and a gate that refuses what a node must not accept."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
+import pytest
 from eth_account import Account
 
-from node.chain.eip712 import Domain, Receipt, recover_receipt_signer, sign_receipt
-from node.client.payer import Payer
-from node.server.payments import decode_receipt
+from node.chain.eip712 import MAX_ENTRIES, Domain, Entry, Tab, decode_settlement, encode_settlement, recover_tab_signer, sign_tab
+from node.client.payer import Payer, TabFull
+from node.server.payments import PaymentGate, PaymentRefused
+from node.server.tabs import TabStore
 
 DOMAIN = Domain(31337, "0x" + "22" * 20)
 
@@ -19,16 +23,94 @@ class _Node:
     price: int
 
 
-def test_receipts_accumulate_sign_like_eip712_and_survive_a_restart(tmp_path):
+def test_one_tab_per_step_covers_every_node_signs_like_eip712_and_survives_a_restart(tmp_path):
     account = Account.create()
-    node = _Node(Account.create().address, 7)
+    a, b = _Node(Account.create().address, 7), _Node(Account.create().address, 3)
     payer = Payer(account, DOMAIN, tmp_path / "ledger.sqlite")
-    payer.receipt(node, bytes(32), 0, 10)
-    receipt, signature = decode_receipt(payer.receipt(node, bytes(32), 1, 1), node.operator)
-    assert receipt == Receipt(account.address, node.operator, 77, receipt.usage_hash, 2)
-    assert signature == sign_receipt(account.key, receipt, DOMAIN)
-    assert recover_receipt_signer(receipt, signature, DOMAIN) == account.address
+    payer.tab([(a, 10), (b, 10)], b"\x01" * 32)
+    tab, signature, previous = decode_settlement(payer.tab([(a, 1), (b, 1)], b"\x01" * 32))
+    assert previous == () and tab.seq == 2
+    assert tab.entries == tuple(sorted([Entry(a.operator, 77), Entry(b.operator, 33)], key=lambda e: int(e.node, 16)))
+    assert signature == sign_tab(account.key, tab, DOMAIN)
+    assert recover_tab_signer(tab, signature, DOMAIN) == account.address
+    assert payer.request_costs[b"\x01" * 32] == 110
     payer.close()
     again = Payer(account, DOMAIN, tmp_path / "ledger.sqlite")
-    assert decode_receipt(again.receipt(node, bytes(32), 2, 1), node.operator)[0].cumulative_amount == 84  # never signs less than before
-    assert again.receipt(_Node(node.operator, 0), bytes(32), 3, 5) is None  # free nodes need no receipt
+    tab, _, _ = decode_settlement(again.tab([(a, 1)], bytes(32)))
+    assert (tab.seq, tab.amount_for(a.operator), tab.amount_for(b.operator)) == (3, 84, 33)  # never less than before
+    assert again.tab([(_Node(a.operator, 0), 5)], bytes(32)) is None  # a free step needs no tab
+
+
+def test_a_client_past_the_node_cap_gets_a_clear_error_and_signs_nothing(tmp_path):
+    payer = Payer(Account.create(), DOMAIN, tmp_path / "ledger.sqlite")
+    nodes = [_Node(Account.create().address, 1) for _ in range(MAX_ENTRIES + 1)]
+    payer.tab([(n, 1) for n in nodes[:MAX_ENTRIES]], bytes(32))
+    with pytest.raises(TabFull, match="escrow's cap of 32"):
+        payer.tab([(nodes[-1], 1)], bytes(32))
+    assert payer.promised(nodes[-1].operator) == 0
+
+
+def _gate(tmp_path, node: str, balance: int, credit: int = 10) -> PaymentGate:
+    async def spendable(client: str) -> int:
+        return balance
+
+    return PaymentGate(TabStore(tmp_path / "tabs.sqlite", node), node, 1, DOMAIN, credit, spendable)
+
+
+def _signed(client, seq: int, amounts: dict[str, int], signer=None) -> bytes:
+    tab = Tab(client.address, seq, tuple(Entry(n, a) for n, a in sorted(amounts.items(), key=lambda i: int(i[0], 16))), bytes(32))
+    return encode_settlement(tab, sign_tab((signer or client).key, tab, DOMAIN), ())
+
+
+def test_the_gate_accepts_a_covering_tab_and_stores_the_newest(tmp_path):
+    client, node, other = Account.create(), Account.create().address, Account.create().address
+    gate = _gate(tmp_path, node, balance=1000)
+
+    async def steps():
+        for seq, amount in ((1, 5), (2, 10)):
+            charge = await gate.authorize(b"\x01" * 32, 5, {"tab": _signed(client, seq, {node: amount, other: amount})})
+            await gate.record(charge)
+
+    asyncio.run(steps())
+    stored = TabStore(tmp_path / "tabs.sqlite", node).get(client.address)
+    assert (stored.tab.seq, stored.entry, stored.served, stored.unpaid_total) == (2, 10, 10, 20)
+
+
+@pytest.mark.parametrize("case, code", [
+    ("tampered", "bad_tab"), ("forged", "bad_tab"), ("beyond-credit", "payment_required"),
+    ("beyond-balance", "insufficient_funds"), ("lowered", "bad_tab"), ("missing", "payment_required"),
+])
+def test_the_gate_refuses_what_a_node_must_not_accept(tmp_path, case, code):
+    client, node, other = Account.create(), Account.create().address, Account.create().address
+    gate = _gate(tmp_path, node, balance=100)
+
+    async def scenario():
+        await gate.record(await gate.authorize(b"\x01" * 32, 5, {"tab": _signed(client, 1, {node: 5})}))
+        raw = {
+            "tampered": lambda: _signed(client, 2, {node: 10})[:-40] + b"\x00" * 40,
+            "forged": lambda: _signed(client, 2, {node: 10}, signer=Account.create()),
+            "beyond-credit": lambda: _signed(client, 2, {node: 5}),  # served 5 + 11 > promised 5 + credit 10
+            "beyond-balance": lambda: _signed(client, 2, {node: 16, other: 200}),
+            "lowered": lambda: _signed(client, 2, {node: 4}),
+            "missing": lambda: None,
+        }[case]()
+        await gate.authorize(b"\x01" * 32, 11, {} if raw is None else {"tab": raw})
+
+    with pytest.raises(PaymentRefused) as refused:
+        asyncio.run(scenario())
+    assert refused.value.code == code
+    assert TabStore(tmp_path / "tabs.sqlite", node).get(client.address).served == 5  # nothing more was reserved
+
+
+def test_the_gate_refuses_a_tab_the_escrow_would_reject_over_its_paid_vector(tmp_path):
+    client, node, other = Account.create(), Account.create().address, Account.create().address
+    gate = _gate(tmp_path, node, balance=1000)
+
+    async def scenario():
+        await gate.record(await gate.authorize(b"\x01" * 32, 5, {"tab": _signed(client, 1, {node: 5, other: 5})}))
+        gate.settled(client.address, (Entry(node, 5), Entry(other, 5)) if int(node, 16) < int(other, 16)
+                     else (Entry(other, 5), Entry(node, 5)), 1)
+        await gate.authorize(b"\x01" * 32, 5, {"tab": _signed(client, 2, {node: 10})})  # drops a paid node
+
+    with pytest.raises(PaymentRefused, match="already paid"):
+        asyncio.run(scenario())

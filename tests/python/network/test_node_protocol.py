@@ -74,7 +74,7 @@ def test_steps_are_answered_with_a_commitment_signed_by_the_operator(node, info,
         request_id = os.urandom(32)
         await open_session(channel, request_id)
         hidden = torch.randn(1, 4, HIDDEN)
-        await channel.send(step(request_id, 0, 0, hidden, receipt=b"reserved for the next issue"))
+        await channel.send(step(request_id, 0, 0, hidden, tab=b"ignored by a free node"))
         reply, signed = await channel.recv(), await channel.recv()
         await channel.close()
         return request_id, hidden, reply, signed
@@ -149,7 +149,7 @@ def test_bad_steps_get_error_frames_and_the_session_stays_usable(node, info):
             step(request_id, 0, 3, torch.randn(1, 2, HIDDEN)),  # wrong position
             step(request_id, 0, 0, torch.randn(1, 9, HIDDEN)),  # past max_length
             step(os.urandom(32), 0, 0, torch.randn(1, 2, HIDDEN)),  # never opened
-            step(request_id, 0, 0, torch.randn(1, 2, HIDDEN), receipt="not bytes"),
+            step(request_id, 0, 0, torch.randn(1, 2, HIDDEN), tab="not bytes"),
             Message(wire.RESULT, request_id),  # a type a node does not take
         ):
             await channel.send(bad)
@@ -160,7 +160,7 @@ def test_bad_steps_get_error_frames_and_the_session_stays_usable(node, info):
         return answers
 
     *errors, good = run(go())
-    assert [e.fields["code"] for e in errors] == ["bad_tensor", "bad_tensor", "bad_position", "too_long", "unknown_session", "bad_receipt", "bad_type"]
+    assert [e.fields["code"] for e in errors] == ["bad_tensor", "bad_tensor", "bad_position", "too_long", "unknown_session", "bad_tab", "bad_type"]
     assert all(e.type == wire.ERROR and e.fields["message"] for e in errors)
     assert good.type == wire.RESULT
     assert_alive(node)

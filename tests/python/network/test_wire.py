@@ -25,10 +25,10 @@ def step_header(**overrides) -> dict:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_round_trip_keeps_tensor_bits_and_fields(dtype):
     tensor = torch.randn(1, 5, 8).to(dtype)
-    message = Message(wire.STEP, b"s" * 32, 7, {"position": 12, "receipt": b"\x01\x02"}, tensor)
+    message = Message(wire.STEP, b"s" * 32, 7, {"position": 12, "tab": b"\x01\x02"}, tensor)
     decoded = wire.decode(wire.encode(message))
     assert (decoded.type, decoded.session, decoded.step) == (wire.STEP, b"s" * 32, 7)
-    assert decoded.fields == {"position": 12, "receipt": b"\x01\x02"}
+    assert decoded.fields == {"position": 12, "tab": b"\x01\x02"}
     assert decoded.tensor.dtype == dtype and torch.equal(decoded.tensor, tensor)
     assert decoded.payload == wire.tensor_bytes(tensor)
 
