@@ -64,7 +64,7 @@ def run_node(args: argparse.Namespace) -> int:
     config = load_config()
     threads = args.threads if args.threads is not None else config.node.threads
     if threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the compute thread sets it too (NodeSettings.threads)
     checkpoint = args.checkpoint
     if checkpoint is None:
         from node.engine.models import default_model
@@ -88,6 +88,7 @@ def run_node(args: argparse.Namespace) -> int:
                     forge_commitments=args.test_fault == "forge-commitments"),
         max_memory_mb=args.max_memory_mb,
         offload_folder=args.offload_folder,
+        threads=threads or 0,
     )
     print(f"loading layers {settings.start}:{settings.end} of {checkpoint}", flush=True)
     try:

@@ -258,7 +258,7 @@ def _run_market_node(args: argparse.Namespace) -> int:
     _, layer_count, _, name, manifest = market.read(market.models.functions.getModel(model_id))
     threads = args.threads if args.threads is not None else config.node.threads
     if threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the compute thread sets it too (NodeSettings.threads)
     checkpoint = args.checkpoint
     if checkpoint is None:
         dest = config.node.data_dir / "shards" / f"{manifest}-{start}-{end}"
@@ -273,7 +273,7 @@ def _run_market_node(args: argparse.Namespace) -> int:
         checkpoint=checkpoint, start=start, end=end, model_id=name, host=args.host or config.node.host, port=port,
         tcp_port=args.tcp_port if args.tcp_port is not None else (config.node.tcp_port or port + 1), price=price,
         dtype=DTYPES[args.dtype], fault=Fault(noise=args.cheat_noise, equivocate=args.test_fault == "equivocate"),
-        max_memory_mb=args.max_memory_mb, offload_folder=args.offload_folder,
+        max_memory_mb=args.max_memory_mb, offload_folder=args.offload_folder, threads=threads or 0,
     )
     store = TabStore(tabs_path(config), me)
     settler: Settler | None = None

@@ -20,7 +20,7 @@ from node.net.commitment import commitment_domain
 from node.server.identity import NodeIdentity, load_or_create_identity
 from node.server.payments import PaymentGate
 from node.server.service import Fault, NodeService
-from node.server.worker import StageWorker
+from node.server.worker import StageWorker, compute_thread
 
 log = logging.getLogger("shardmarket.node")
 MAX_PROBE_BYTES = 4 * 2**20
@@ -43,6 +43,7 @@ class NodeSettings:
     max_memory_mb: float | None = None  # CPU memory for weights; the rest goes to offload_folder
     offload_folder: Path | None = None
     shutdown_timeout_s: float = 30.0
+    threads: int = 0  # torch intra-op threads of the compute thread; 0: torch's default
 
 
 def info(service: NodeService, settings: NodeSettings, tcp_port: int) -> dict:
@@ -112,11 +113,13 @@ def load_service(settings: NodeSettings, config: Config, identity: NodeIdentity 
                  payments: PaymentGate | None = None) -> NodeService:
     """Load the layers and the node's keys (those under the data dir unless `identity` is given)."""
     max_memory = None if settings.max_memory_mb is None else {"cpu": int(settings.max_memory_mb * 2**20)}
-    stage = Stage.load(settings.checkpoint, settings.start, settings.end, dtype=settings.dtype, idle_timeout_s=config.node.idle_timeout_s,
-                       max_memory=max_memory, offload_folder=settings.offload_folder)
+    compute = compute_thread(settings.threads)  # every torch operation of the node runs there (see worker.py)
+    stage = compute.submit(Stage.load, settings.checkpoint, settings.start, settings.end, dtype=settings.dtype,
+                           idle_timeout_s=config.node.idle_timeout_s, max_memory=max_memory,
+                           offload_folder=settings.offload_folder).result()
     identity = identity or load_or_create_identity(config.node.data_dir)
-    worker = StageWorker(stage)
-    worker.warm_up()
+    worker = StageWorker(stage, executor=compute)
+    compute.submit(worker.warm_up).result()
     return NodeService(
         worker, identity, commitment_domain(config), idle_timeout_s=config.node.idle_timeout_s, fault=settings.fault,
         payments=payments,
