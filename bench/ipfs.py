@@ -60,7 +60,7 @@ def timed(fn) -> float:
 
 
 def paired(size: int, candidates: dict, sha, repeats: int = REPEATS) -> dict[str, tuple[float, float]]:
-    """Time sha256 and each candidate back to back, REPEATS times: {name: (median MB/s, median ratio to sha256)}.
+    """Time sha256 and each candidate back to back, `repeats` times: {name: (median MB/s, median ratio to sha256)}.
 
     Each ratio is taken within one round, so it stays meaningful while the machine's load changes."""
     rates: dict[str, list[float]] = {name: [] for name in ["sha256", *candidates]}
