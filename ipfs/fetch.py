@@ -249,7 +249,8 @@ class DagFetcher:
             self.alive.discard(url)
 
     def _fetch_unit(self, gateway: Gateway, unit: Unit) -> None:
-        """Stream one unit's CAR (in a worker thread): each block is read from the socket into its own bytes, hashed and stored."""
+        """Stream one unit's CAR in a worker thread: each block is read from the socket into its own bytes, hashed
+        and stored."""
         resp = gateway.get(unit.path(), CAR_TYPE)
         try:
             for cid, block in CarReader(resp):  # hashes are checked by the reader

@@ -59,6 +59,27 @@ def misbehaving(upstream: str, mode: str, hits: Counter) -> web.Application:
     return app
 
 
+async def start_broken_http(mode: str, hits: Counter) -> tuple[asyncio.AbstractServer, str]:
+    """A raw TCP "gateway" that breaks HTTP itself: hangs up, answers garbage, sends a bad chunk, or never answers."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hits[mode] += 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if mode == "stall":
+                await asyncio.sleep(30)
+            elif mode == "garbage":
+                writer.write(b"this is not HTTP\r\n\r\n")
+            elif mode == "bad-chunk":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ipld.car\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
 @pytest.fixture
 def source(tmp_path):
     store = Blockstore(tmp_path / "source")
@@ -114,6 +135,28 @@ def test_bad_gateway_is_survived(tmp_path, source, mode):
     assert hits[mode] >= 1
     assert b"".join(iter_file(dest, entry.cid)) == DATA
     assert {p.name for p in dest.keys()} == {p.name for p in src.keys()}  # nothing unrelated was stored
+
+
+@pytest.mark.parametrize("mode", ["hangup", "garbage", "bad-chunk", "stall"])
+def test_gateway_that_breaks_http_is_survived(tmp_path, source, mode):
+    src, entry = source
+
+    async def main():
+        hits = Counter()
+        good, url = await start(honest(src, hits, "good"))
+        bad, bad_url = await start_broken_http(mode, hits)
+        try:
+            dest = Blockstore(tmp_path / "dest")
+            fetcher = DagFetcher(dest, [bad_url, url], range_bytes=100_000, progress=False, timeout_s=0.3)
+            await fetcher.fetch(entry.cid)
+            return dest, hits
+        finally:
+            bad.close()
+            await good.cleanup()
+
+    dest, hits = asyncio.run(main())
+    assert hits[mode] >= 2  # the root block and at least one range were asked of it
+    assert b"".join(iter_file(dest, entry.cid)) == DATA
 
 
 def test_failure_then_resume(tmp_path, source):
