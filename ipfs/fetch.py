@@ -12,7 +12,7 @@ import asyncio
 import http.client
 import logging
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from tqdm import tqdm
 
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 RANGE_BYTES = 16 * 1024 * 1024
 WORKERS_PER_GATEWAY = 2
 MAX_FAILURES = 3
+MAX_REDIRECTS = 5
 NETWORK_ERRORS = (OSError, http.client.HTTPException)  # socket errors and timeouts, broken HTTP
 
 
@@ -56,26 +57,39 @@ class Gateway:
     Blocking reads from the socket straight into each block's bytes cost a fraction of an event loop's copies."""
 
     def __init__(self, url: str, timeout_s: float) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.conn = self._connect(url)
+
+    def _connect(self, url: str) -> http.client.HTTPConnection:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FetchError(f"gateway {url!r} is not an http(s):// URL")
         conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        self.prefix = parts.path.rstrip("/")
-        self.conn = conn_type(parts.hostname, parts.port, timeout=timeout_s)
+        return conn_type(parts.hostname, parts.port, timeout=self.timeout_s)
 
     def get(self, path_qs: str, accept: str) -> http.client.HTTPResponse:
-        """Send a GET and return the response with status 200; any other status is a FetchError."""
-        try:
-            self.conn.request("GET", self.prefix + path_qs, headers={"Accept": accept})
-            resp = self.conn.getresponse()
-        except NETWORK_ERRORS:
-            self.conn.close()
-            raise
-        if resp.status != 200:
+        """GET a path under the gateway's URL, following redirects; a final status other than 200 is a FetchError."""
+        url, conn, headers = self.url.rstrip("/") + path_qs, self.conn, {"Accept": accept}
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            try:
+                conn.request("GET", f"{parts.path}?{parts.query}" if parts.query else parts.path, headers=headers)
+                resp = conn.getresponse()
+            except NETWORK_ERRORS:
+                conn.close()
+                raise
+            if resp.status == 200:
+                return resp
             text = resp.read(200).decode(errors="replace").strip()
-            self.conn.close()
-            raise FetchError(f"HTTP {resp.status}: {text}")
-        return resp
+            conn.close()  # unread rest of the body: the connection cannot carry another request
+            location = resp.getheader("Location")
+            if resp.status not in (301, 302, 303, 307, 308) or not location:
+                raise FetchError(f"HTTP {resp.status}: {text}")
+            url = urljoin(url, location)
+            conn = self._connect(url)  # for this request only: other CIDs still go to the gateway's own URL
+            headers = {"Accept": accept, "Connection": "close"}  # so the response owns and closes its socket
+        raise FetchError(f"more than {MAX_REDIRECTS} redirects")
 
     def close(self) -> None:
         self.conn.close()

@@ -59,6 +59,18 @@ def misbehaving(upstream: str, mode: str, hits: Counter) -> web.Application:
     return app
 
 
+def redirecting(upstream: str, hits: Counter) -> web.Application:
+    """A gateway that answers every request with a redirect to another one (as subdomain gateways do)."""
+
+    async def handler(request):
+        hits["redirect"] += 1
+        raise web.HTTPFound(upstream + request.path_qs)
+
+    app = web.Application()
+    app.router.add_get("/ipfs/{tail:.*}", handler)
+    return app
+
+
 async def start_broken_http(mode: str, hits: Counter) -> tuple[asyncio.AbstractServer, str]:
     """A raw TCP "gateway" that breaks HTTP itself: hangs up, answers garbage, sends a bad chunk, or never answers."""
 
@@ -156,6 +168,26 @@ def test_gateway_that_breaks_http_is_survived(tmp_path, source, mode):
 
     dest, hits = asyncio.run(main())
     assert hits[mode] >= 2  # the root block and at least one range were asked of it
+    assert b"".join(iter_file(dest, entry.cid)) == DATA
+
+
+def test_redirects_are_followed(tmp_path, source):
+    src, entry = source
+
+    async def main():
+        hits = Counter()
+        good, url = await start(honest(src, hits, "good"))
+        redirect, redirect_url = await start(redirecting(url, hits))
+        try:
+            dest = Blockstore(tmp_path / "dest")
+            await fetch(dest, [redirect_url], entry.cid)
+            return dest, hits
+        finally:
+            await redirect.cleanup()
+            await good.cleanup()
+
+    dest, hits = asyncio.run(main())
+    assert hits["redirect"] == hits["good"] == 1 + 10  # the root block and 10 ranges, each redirected once
     assert b"".join(iter_file(dest, entry.cid)) == DATA
 
 
