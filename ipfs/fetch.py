@@ -9,8 +9,12 @@ blockstore, so a new run resumes where the last one stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import logging
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -94,6 +98,11 @@ class Gateway:
     def close(self) -> None:
         self.conn.close()
 
+    def abort(self) -> None:
+        """Wake a thread blocked reading this connection (from another thread); its read fails at once."""
+        with contextlib.suppress(OSError, AttributeError):
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
+
 
 class DagFetcher:
     """Fetches the DAG under one root into a blockstore."""
@@ -112,6 +121,7 @@ class DagFetcher:
         self.nodes: dict[bytes, tuple[list[bytes], list[int]]] = {}  # dag-pb file/dir nodes: links, sizes
         self.present: set[bytes] = set()  # multihashes verified and stored during this run
         self.bar = tqdm(total=0, unit="B", unit_scale=True, desc="fetch", disable=not progress)
+        self.changed = threading.Condition()  # guards pending, failed, alive and in_flight for the worker threads
 
     async def fetch(self, root: bytes) -> None:
         """Fetch every block under `root` (already present blocks are not fetched again)."""
@@ -129,8 +139,18 @@ class DagFetcher:
                 self.bar.update(unit.size)
         self.failed: dict[Unit, set[str]] = {}
         self.alive, self.in_flight = set(self.gateways), 0
-        workers = [asyncio.create_task(self._worker(gw)) for gw in self.gateways for _ in range(WORKERS_PER_GATEWAY)]
-        await asyncio.gather(*workers)
+        self.stopping, self.connections = False, []
+        workers = [gw for gw in self.gateways for _ in range(WORKERS_PER_GATEWAY)]
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(len(workers), thread_name_prefix="fetch") as threads:
+            try:
+                await asyncio.gather(*(loop.run_in_executor(threads, self._worker, gw) for gw in workers))
+            finally:  # after an error or a cancel (Ctrl-C), the other threads stop now rather than at a timeout
+                with self.changed:
+                    self.stopping = True
+                    self.changed.notify_all()
+                for gateway in self.connections:
+                    gateway.abort()
         self.bar.close()
         if self.pending:
             raise FetchError(f"{len(self.pending)} part(s) of {to_str(root)} could not be fetched from any gateway; "
@@ -224,43 +244,60 @@ class DagFetcher:
         return walk(unit.cid, unit.start, unit.stop)
 
     def _take(self, gateway: str) -> Unit | None:
-        """The next unit for `gateway`: one it has not failed on, unless every live gateway has."""
-        for i, unit in enumerate(self.pending):
-            tried = self.failed.get(unit, set())
-            if gateway not in tried or self.alive <= tried:
-                return self.pending.pop(i)
-        return None
+        """The next unit for `gateway`: one it has not failed on, unless every live gateway has. Waits while
+        units it cannot take are pending or in flight (they may come back); None when nothing is left for it."""
+        with self.changed:
+            while not self.stopping and gateway in self.alive:
+                for i, unit in enumerate(self.pending):
+                    tried = self.failed.get(unit, set())
+                    if gateway not in tried or self.alive <= tried:
+                        self.in_flight += 1
+                        return self.pending.pop(i)
+                if not self.pending and not self.in_flight:
+                    return None
+                self.changed.wait()
+            return None
 
-    async def _worker(self, url: str) -> None:
+    def _settle(self, unit: Unit, failed_on: str | None = None) -> None:
+        """A unit is done, or failed on a gateway and goes back to the queue; wake the waiting workers."""
+        with self.changed:
+            self.in_flight -= 1
+            if failed_on is not None:
+                self.failed.setdefault(unit, set()).add(failed_on)
+                self.pending.append(unit)
+            self.changed.notify_all()
+
+    def _worker(self, url: str) -> None:
+        """One worker thread: fetch units from one gateway until none is left or it failed MAX_FAILURES in a row.
+
+        It takes its next unit itself, so no unit waits for the event loop between two requests."""
         failures = 0
         gateway = Gateway(url, self.timeout_s)
+        self.connections.append(gateway)
         try:
-            while failures < MAX_FAILURES and url in self.alive:
-                unit = self._take(url)
-                if unit is None:
-                    if not self.pending and not self.in_flight:
-                        return
-                    await asyncio.sleep(0.02)  # units are in flight elsewhere and may come back
-                    continue
-                self.in_flight += 1
+            while failures < MAX_FAILURES and (unit := self._take(url)) is not None:
                 try:
-                    await asyncio.to_thread(self._fetch_unit, gateway, unit)
+                    self._fetch_unit(gateway, unit)
                     if self._missing(unit):
                         raise FetchError("the CAR ended without every block of the range")
                     failures = 0
+                    self._settle(unit)
                 except (CarError, FetchError, pb.DecodeError, *NETWORK_ERRORS) as exc:
                     failures += 1
-                    self.failed.setdefault(unit, set()).add(url)
-                    log.warning("gateway %s failed on %s (%s); another gateway will retry it", url,
-                                to_str(unit.cid), exc or type(exc).__name__)
-                    self.pending.append(unit)
-                finally:
-                    self.in_flight -= 1
+                    if not self.stopping:
+                        log.warning("gateway %s failed on %s (%s); another gateway will retry it", url,
+                                    to_str(unit.cid), exc or type(exc).__name__)
+                    self._settle(unit, failed_on=url)
+                except BaseException:
+                    self._settle(unit, failed_on=url)
+                    raise
         finally:
             gateway.close()
         if failures >= MAX_FAILURES:
             log.warning("gateway %s dropped after %d failures in a row", url, failures)
-            self.alive.discard(url)
+            with self.changed:
+                self.alive.discard(url)
+                self.changed.notify_all()
 
     def _fetch_unit(self, gateway: Gateway, unit: Unit) -> None:
         """Stream one unit's CAR in a worker thread: each block is read from the socket into its own bytes, hashed
@@ -274,6 +311,8 @@ class DagFetcher:
             raise
 
     def _accept(self, cid: bytes, block: bytes) -> None:
+        if self.stopping:
+            raise FetchError("the fetch was stopped")
         mh = split(cid)[1]
         if mh not in self.expected:
             raise FetchError(f"gateway sent block {to_str(cid)}, which no verified block links to")

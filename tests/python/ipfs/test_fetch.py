@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import time
 from collections import Counter
 
 import aiohttp
@@ -169,6 +170,27 @@ def test_gateway_that_breaks_http_is_survived(tmp_path, source, mode):
     dest, hits = asyncio.run(main())
     assert hits[mode] >= 2  # the root block and at least one range were asked of it
     assert b"".join(iter_file(dest, entry.cid)) == DATA
+
+
+def test_a_cancelled_fetch_stops_at_once(tmp_path, source):
+    src, entry = source
+
+    async def main():
+        hits = Counter()
+        good, url = await start(honest(src, hits, "good"))
+        stall, stall_url = await start_broken_http("stall", hits)
+        fetcher = DagFetcher(Blockstore(tmp_path / "dest"), [url, stall_url], range_bytes=100_000, progress=False,
+                             timeout_s=60)
+        started = time.monotonic()
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(fetcher.fetch(entry.cid), 1)  # two ranges hang on the silent gateway
+        finally:
+            stall.close()
+            await good.cleanup()
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 5  # not the 60 s socket timeout
 
 
 def test_redirects_are_followed(tmp_path, source):
