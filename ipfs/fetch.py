@@ -3,7 +3,9 @@
 A file is split into byte ranges, each asked for as a CAR (`dag-scope=entity&entity-bytes=a:b`) from
 whichever gateway is free; every block must hash to its CID and be linked from a block already
 verified. A failed range goes back to the queue for another gateway; verified blocks stay in the
-blockstore, so a new run resumes where the last one stopped.
+blockstore, so a new run resumes where the last one stopped. Each gateway gets worker threads with
+their own HTTP/1.1 connection (http.client): a block is read from the socket straight into its own
+bytes and hashed there, while the gateway keeps sending.
 """
 
 from __future__ import annotations
