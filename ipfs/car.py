@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import BinaryIO, Iterable, Iterator
 
 import dag_cbor
@@ -20,7 +21,13 @@ class CarError(ValueError):
 
 def header(roots: Iterable[bytes]) -> bytes:
     """The framed CAR v1 header for these root CIDs."""
-    body = dag_cbor.encode({"roots": [CID.decode(bytes(r)) for r in roots], "version": 1})
+    return _header(tuple(bytes(r) for r in roots))
+
+
+@functools.lru_cache(maxsize=1024)
+def _header(roots: tuple[bytes, ...]) -> bytes:
+    """Cached: a gateway answers many range requests of one file with the same header."""
+    body = dag_cbor.encode({"roots": [CID.decode(r) for r in roots], "version": 1})
     return varint(len(body)) + body
 
 
