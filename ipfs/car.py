@@ -65,16 +65,22 @@ class CarReader:
     def _cid(self, limit: int) -> bytes:
         """The binary CID opening a section of `limit` bytes: a bare sha2-256 multihash (CIDv0) or a CIDv1."""
         raw = bytearray()
-        first = self._varint(raw)
+        first = self._cid_varint(raw)
         if first == 1:
-            self._varint(raw)  # codec
-            self._varint(raw)  # multihash code
+            self._cid_varint(raw)  # codec
+            self._cid_varint(raw)  # multihash code
         elif first != 0x12:
             raise CarError(f"CAR section starts with a CID of unknown version {first}")
-        size = self._varint(raw)
-        if size is None or len(raw) + size >= limit:
+        size = self._cid_varint(raw)
+        if len(raw) + size >= limit:
             raise CarError("CAR section is shorter than its CID")
         return bytes(raw) + self._exact(size)
+
+    def _cid_varint(self, raw: bytearray) -> int:
+        value = self._varint(raw)
+        if value is None:
+            raise CarError("CAR is truncated inside a section's CID")
+        return value
 
     def _varint(self, raw: bytearray) -> int | None:
         """The next unsigned varint (its bytes appended to `raw`), or None where the stream ends before it."""
@@ -93,13 +99,14 @@ class CarReader:
 
     def _exact(self, n: int) -> bytes:
         data = self.stream.read(n)
-        if len(data) < n:  # a raw stream may return short reads: finish with a join (a buffered one never does)
-            parts = [data]
-            while n - len(data) > 0 and (more := self.stream.read(n - len(data))):
+        if len(data) < n:  # a raw stream may return short reads: finish with one join (a buffered one never does)
+            parts, got = [data], len(data)
+            while got < n and (more := self.stream.read(n - got)):
                 parts.append(more)
-                data = b"".join(parts)
-            if len(data) < n:
-                raise CarError(f"CAR is truncated: {len(data)} of a {n}-byte item arrived before the end")
+                got += len(more)
+            if got < n:
+                raise CarError(f"CAR is truncated: {got} of a {n}-byte item arrived before the end")
+            data = b"".join(parts)
         return data
 
 

@@ -69,6 +69,10 @@ def test_a_truncated_car_is_refused(car, cut):
     _, blocks, data = car
     with pytest.raises(CarError, match="truncated"):
         blocks_of(data[:-cut], step=4096)
+    head = len(header([car[0]]))
+    for end in (head + 1, head + 3, head + 5):  # inside a section's length, its CID's prefix, its digest
+        with pytest.raises(CarError, match="truncated"):
+            blocks_of(data[:end], step=1)
 
 
 @pytest.mark.parametrize("step", [7, 1000, 4096, 65536])
