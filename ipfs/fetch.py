@@ -180,25 +180,26 @@ class DagFetcher:
             except BlockstoreError:
                 pass
         errors = []
-        for gateway in self.gateways:
+        for url in self.gateways:
+            gateway = Gateway(url, self.timeout_s)
             try:
                 block = await asyncio.to_thread(self._get_block, gateway, root)
             except (FetchError, *NETWORK_ERRORS) as exc:
-                errors.append(f"{gateway}: {exc or type(exc).__name__}")
+                errors.append(f"{url}: {exc or type(exc).__name__}")
                 continue
+            finally:
+                gateway.abort()  # on a cancel (Ctrl-C) the thread's read fails now rather than at the timeout
+                gateway.close()
             if verify(root, block):
                 self.store.add_block(root, block)
                 return block
-            errors.append(f"{gateway}: sent bytes that do not match {to_str(root)}")
+            errors.append(f"{url}: sent bytes that do not match {to_str(root)}")
         raise FetchError(f"no gateway had {to_str(root)} ({'; '.join(errors)})")
 
-    def _get_block(self, url: str, cid: bytes) -> bytes:
+    @staticmethod
+    def _get_block(gateway: Gateway, cid: bytes) -> bytes:
         """One raw block from one gateway (unverified), read in a worker thread."""
-        gateway = Gateway(url, self.timeout_s)
-        try:
-            block = gateway.get(f"/ipfs/{to_str(cid)}?format=raw", RAW_TYPE).read(MAX_SECTION + 1)
-        finally:
-            gateway.close()
+        block = gateway.get(f"/ipfs/{to_str(cid)}?format=raw", RAW_TYPE).read(MAX_SECTION + 1)
         if len(block) > MAX_SECTION:
             raise FetchError(f"sent more than {MAX_SECTION} bytes for one block")
         return block

@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import socket
 import time
 from collections import Counter
 
@@ -191,6 +192,22 @@ def test_a_cancelled_fetch_stops_at_once(tmp_path, source):
         return time.monotonic() - started
 
     assert asyncio.run(main()) < 5  # not the 60 s socket timeout
+
+
+def test_a_fetch_cancelled_while_asking_for_the_root_stops_at_once(tmp_path, source):
+    _, entry = source
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel completes connections; nobody ever answers
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+
+    async def main():
+        fetcher = DagFetcher(Blockstore(tmp_path / "dest"), [url], progress=False, timeout_s=60)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(fetcher.fetch(entry.cid), 0.5)
+
+    started = time.monotonic()
+    with silent:
+        asyncio.run(main())  # returns once every thread is done
+        assert time.monotonic() - started < 5  # not the 60 s socket timeout
 
 
 def test_redirects_are_followed(tmp_path, source):
