@@ -3,6 +3,8 @@
 In one run, on the same bytes: importer throughput vs plain hashlib.sha256 (goal >= 0.8x), gateway
 fetch + verify of a 200 MB file over loopback vs sha256 (goal >= 0.5x), and peak RSS of a process
 adding a 1 GiB file (goal < 200 MB). Data is generated on the fly in a temporary folder and deleted.
+Client and gateway share the machine's cores, so the fetch also reports the CPU seconds each side spent
+and how many cores other processes kept busy meanwhile (a busy machine lowers the wall-clock ratio).
 """
 
 from __future__ import annotations
@@ -57,13 +59,13 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def paired(size: int, candidates: dict, sha) -> dict[str, tuple[float, float]]:
-    """Time sha256 and each candidate back to back, REPEATS times: {name: (median MB/s, median ratio to sha256)}.
+def paired(size: int, candidates: dict, sha, repeats: int = REPEATS) -> dict[str, tuple[float, float]]:
+    """Time sha256 and each candidate back to back, `repeats` times: {name: (median MB/s, median ratio to sha256)}.
 
     Each ratio is taken within one round, so it stays meaningful while the machine's load changes."""
     rates: dict[str, list[float]] = {name: [] for name in ["sha256", *candidates]}
     ratios: dict[str, list[float]] = {name: [] for name in ["sha256", *candidates]}
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         base = sha()
         rates["sha256"].append(size / MB / base)
         ratios["sha256"].append(1.0)
@@ -97,6 +99,18 @@ def bench_importer(tmp: Path) -> dict:
             "add_to_blockstore_mb_per_s": r["add"][0], "add_to_blockstore_vs_sha256": r["add"][1]}
 
 
+def _process_cpu_s(pid: int) -> float:
+    """CPU seconds of every live thread of a process, in nanoseconds' precision (Linux schedstat)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return sum(int((t / "schedstat").read_text().split()[0]) for t in tasks.iterdir()) / 1e9
+
+
+def _busy_cores_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all processes, /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,8 +123,8 @@ def bench_gateway(tmp: Path) -> dict:
     home = tmp / "server"
     entry = import_path(path, ImportOptions(), Blockstore(home / "blocks"))
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "node", "ipfs", "serve", "--port", str(port)], cwd=ROOT,
-                              env={**os.environ, "SHARDMARKET_HOME": str(home)}, stdout=subprocess.DEVNULL)
+    server_process = subprocess.Popen([sys.executable, "-m", "node", "ipfs", "serve", "--port", str(port)], cwd=ROOT,
+                                      env={**os.environ, "SHARDMARKET_HOME": str(home)}, stdout=subprocess.DEVNULL)
     try:
         for _ in range(300):
             try:
@@ -119,10 +133,18 @@ def bench_gateway(tmp: Path) -> dict:
             except OSError:
                 time.sleep(0.1)
 
+        cpu: dict[str, list[float]] = {"client": [], "server": [], "others": []}
+
         def fetch_once(to_disk: bool) -> float:
             store = Blockstore(tmp / "client") if to_disk else MemoryBlockstore()
             fetcher = DagFetcher(store, [f"http://127.0.0.1:{port}"], progress=False)
+            client, server, machine = time.process_time(), _process_cpu_s(server_process.pid), _busy_cores_s()
             took = timed(lambda: asyncio.run(fetcher.fetch(entry.cid)))
+            if not to_disk:
+                client, server = time.process_time() - client, _process_cpu_s(server_process.pid) - server
+                cpu["client"].append(client)
+                cpu["server"].append(server)
+                cpu["others"].append(max(_busy_cores_s() - machine - client - server, 0) / took)
             if to_disk:
                 subprocess.run(["rm", "-rf", str(store.path)], check=True)
             return took
@@ -131,16 +153,19 @@ def bench_gateway(tmp: Path) -> dict:
             "fetch": lambda: fetch_once(False),
             "fetch_store": lambda: fetch_once(True),
             "disk": lambda: timed(lambda: _write_blocks(tmp / "disk", size)),
-        }, lambda: sha256_file(path))
+        }, lambda: sha256_file(path), repeats=5)  # its ratio swings most with the machine's load
     finally:
-        server.terminate()
-        server.wait(10)
+        server_process.terminate()
+        server_process.wait(10)
         path.unlink()
     return {"gateway_file_mb": 200, "gateway_sha256_mb_per_s": r["sha256"][0],
             "gateway_fetch_verify_mb_per_s": r["fetch"][0], "gateway_fetch_vs_sha256": r["fetch"][1],
             "gateway_fetch_to_blockstore_mb_per_s": r["fetch_store"][0],
             "gateway_fetch_to_blockstore_vs_sha256": r["fetch_store"][1],
-            "plain_256k_file_writes_mb_per_s": r["disk"][0]}
+            "plain_256k_file_writes_mb_per_s": r["disk"][0],
+            "gateway_fetch_client_cpu_s": round(statistics.median(cpu["client"]), 3),
+            "gateway_fetch_server_cpu_s": round(statistics.median(cpu["server"]), 3),
+            "gateway_fetch_other_processes_cores": round(statistics.median(cpu["others"]), 2)}
 
 
 def _write_blocks(folder: Path, size: int) -> None:
@@ -185,10 +210,15 @@ def bench_rss(tmp: Path) -> dict:
 
 
 def main() -> None:
+    """Run every part, or only those named on the command line (rss, importer, gateway)."""
+    parts = {"rss": bench_rss, "importer": bench_importer, "gateway": bench_gateway}
+    wanted = sys.argv[1:] or list(parts)
+    if unknown := set(wanted) - set(parts):
+        sys.exit(f"unknown part(s) {sorted(unknown)}; choose from {list(parts)}")
     with tempfile.TemporaryDirectory(prefix="bench-ipfs-") as tmp:
         tmp = Path(tmp)
         result = {}
-        for name, bench in (("rss", bench_rss), ("importer", bench_importer), ("gateway", bench_gateway)):
+        for name, bench in ((name, parts[name]) for name in wanted):
             print(f"running {name} benchmark...", file=sys.stderr, flush=True)
             result.update(bench(tmp))
     result["goals"] = {"import_vs_sha256": 0.8, "gateway_fetch_vs_sha256": 0.5, "add_1gib_peak_rss_mb": 200}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import BinaryIO, Iterable, Iterator
 
 import dag_cbor
 from multiformats import CID
 
 from ipfs.cids import to_str, verify
-from ipfs.pb import DecodeError, read_varint, varint
+from ipfs.pb import varint
 
 MAX_SECTION = 4 * 1024 * 1024  # no IPFS block is this large; a bigger length means a broken or hostile CAR
 MAX_HEADER = 64 * 1024
@@ -20,7 +21,13 @@ class CarError(ValueError):
 
 def header(roots: Iterable[bytes]) -> bytes:
     """The framed CAR v1 header for these root CIDs."""
-    body = dag_cbor.encode({"roots": [CID.decode(bytes(r)) for r in roots], "version": 1})
+    return _header(tuple(bytes(r) for r in roots))
+
+
+@functools.lru_cache(maxsize=1024)
+def _header(roots: tuple[bytes, ...]) -> bytes:
+    """Cached: a gateway answers many range requests of one file with the same header."""
+    body = dag_cbor.encode({"roots": [CID.decode(r) for r in roots], "version": 1})
     return varint(len(body)) + body
 
 
@@ -29,160 +36,95 @@ def section(cid: bytes, data: bytes | memoryview) -> tuple[bytes, bytes | memory
     return varint(len(cid) + len(data)) + bytes(cid), data
 
 
-def cid_length(buf: bytes | memoryview, pos: int) -> int:
-    """Length of the binary CID starting at `pos`."""
-    if buf[pos] == 0x12 and pos + 1 < len(buf) and buf[pos + 1] == 0x20:
-        return 34
-    version, p = read_varint(buf, pos)
-    if version != 1:
-        raise CarError(f"section CID has unknown version {version}")
-    _, p = read_varint(buf, p)  # codec
-    _, p = read_varint(buf, p)  # multihash code
-    size, p = read_varint(buf, p)
-    return p + size - pos
+class CarReader:
+    """Reads a CAR v1 from a binary stream (a file, an HTTP response) and yields verified (cid, block) pairs.
 
-
-class CarParser:
-    """Incremental CAR v1 reader: `feed` bytes as they arrive, get verified (cid, block) pairs back.
-
-    Blocks inside one fed chunk come back as memoryviews of it (no copy); an item cut by the end of a chunk
-    is kept as views of the chunks it spans and joined once, when its last byte arrives.
+    Each block is one `stream.read(n)`: a buffered reader fills a new bytes object straight from the file or
+    socket, so the block is copied once and never joined or sliced afterwards.
     """
 
-    def __init__(self) -> None:
-        self.parts: list[memoryview] = []  # the start of an item that the last chunk cut
-        self.size = 0  # bytes in `parts`
-        self.total: int | None = None  # that item's full length, once its length varint is whole
-        self.roots: list[bytes] | None = None
-
-    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes | memoryview]]:
-        out: list[tuple[bytes, bytes | memoryview]] = []
-        view = memoryview(chunk)
-        if self.parts:
-            if self.total is None:  # the length varint itself was cut; it is at most 10 bytes
-                self.total = self._item_length(b"".join(self.parts) + bytes(view[:10]))
-            if self.total is None or self.size + len(view) < self.total:
-                self._keep(view)
-                return out
-            take = self.total - self.size
-            parts = [*self.parts, view[:take]]
-            self.parts, self.size, self.total = [], 0, None
-            self._parse_parts(parts, out)
-            view = view[take:]
-        used = self._parse(view, out)
-        if used < len(view):
-            self._keep(view[used:])
-            self.total = self._item_length(view[used:])
-        return out
-
-    def _keep(self, view: memoryview) -> None:
-        if view:
-            self.parts.append(view)
-            self.size += len(view)
-
-    def _item_length(self, buf: bytes | memoryview) -> int | None:
-        """Total bytes (varint + body) of the first item in `buf`, or None while its varint is incomplete."""
-        try:
-            length, start = read_varint(buf, 0)
-        except DecodeError:
-            if len(buf) >= 10:
-                raise CarError("CAR section length is not a valid varint") from None
-            return None
-        self._check(length)
-        return start + length
-
-    def _check(self, length: int) -> None:
-        """Refuse a header or section length no honest CAR has (before buffering that many bytes)."""
-        if self.roots is None:
-            if length > MAX_HEADER:
-                raise CarError(f"CAR header claims {length} bytes; not a CAR v1")
-        elif not 0 < length <= MAX_SECTION:
-            raise CarError(f"CAR section of {length} bytes is out of bounds")
-
-    def _parse(self, view: memoryview, out: list) -> int:
-        """Parse every complete item of `view`; return how many bytes were used."""
-        pos = 0
-        while pos < len(view):
-            try:
-                length, start = read_varint(view, pos)
-            except DecodeError:
-                if len(view) - pos >= 10:
-                    raise CarError("CAR section length is not a valid varint") from None
-                break  # the length itself is still incomplete
-            self._check(length)
-            if start + length > len(view):
-                break
-            if self.roots is None:
-                self._header(bytes(view[start : start + length]))
-            else:
-                out.append(self._section(view[start : start + length]))
-            pos = start + length
-        return pos
-
-    def _parse_parts(self, parts: list[memoryview], out: list) -> None:
-        """Parse one item from the views it spans. When a section's CID lies in the first view, its block is
-        joined straight into the bytes it is returned (and stored) as; otherwise the whole item is joined."""
-        first = parts[0]
-        if self.roots is not None and len(first) >= 128:
-            try:
-                _, start = read_varint(first, 0)
-                end = start + cid_length(first, start)
-            except (DecodeError, IndexError):
-                end = None  # malformed: parsing the whole item below says how
-            if end is not None and end <= len(first):
-                out.append(self._verified(bytes(first[start:end]), b"".join([first[end:], *parts[1:]])))
-                return
-        self._parse(memoryview(b"".join(parts)), out)
-
-    def _header(self, body: bytes) -> None:
-        try:
-            value = dag_cbor.decode(body)
-        except Exception as exc:
-            raise CarError(f"CAR header is not dag-cbor: {exc}") from None
-        if not isinstance(value, dict) or value.get("version") != 1:
-            raise CarError("only CAR version 1 is supported (the header says otherwise)")
-        roots = value.get("roots")
-        if not isinstance(roots, list) or not all(isinstance(r, CID) for r in roots):
-            raise CarError("CAR header has no list of root CIDs")
-        self.roots = [bytes(r) for r in roots]
-
-    def _section(self, sec: memoryview) -> tuple[bytes, bytes | memoryview]:
-        try:
-            n = cid_length(sec, 0)
-        except (DecodeError, IndexError):
-            raise CarError("CAR section starts with a malformed CID") from None
-        if n > len(sec):
-            raise CarError("CAR section is shorter than its CID")
-        return self._verified(bytes(sec[:n]), sec[n:])
-
-    @staticmethod
-    def _verified(cid: bytes, data: bytes | memoryview) -> tuple[bytes, bytes | memoryview]:
-        if not verify(cid, data):
-            raise CarError(f"block {to_str(cid)} in the CAR does not match its CID")
-        return cid, data
-
-    def close(self) -> None:
-        """Call at end of input: leftover bytes or a missing header mean the CAR was truncated."""
-        if self.roots is None:
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        length = self._varint(bytearray())
+        if length is None:
             raise CarError("CAR ended before its header: empty or truncated")
-        if self.parts:
-            raise CarError(f"CAR is truncated: {self.size} bytes of an incomplete section at the end")
+        if length > MAX_HEADER:
+            raise CarError(f"CAR header claims {length} bytes; not a CAR v1")
+        self.roots = _roots(self._exact(length))
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        while (length := self._varint(bytearray())) is not None:
+            if not 0 < length <= MAX_SECTION:
+                raise CarError(f"CAR section of {length} bytes is out of bounds")
+            cid = self._cid(length)
+            block = self._exact(length - len(cid))
+            if not verify(cid, block):
+                raise CarError(f"block {to_str(cid)} in the CAR does not match its CID")
+            yield cid, block
+
+    def _cid(self, limit: int) -> bytes:
+        """The binary CID opening a section of `limit` bytes: a bare sha2-256 multihash (CIDv0) or a CIDv1."""
+        raw = bytearray()
+        first = self._cid_varint(raw)
+        if first == 1:
+            self._cid_varint(raw)  # codec
+            self._cid_varint(raw)  # multihash code
+        elif first != 0x12:
+            raise CarError(f"CAR section starts with a CID of unknown version {first}")
+        size = self._cid_varint(raw)
+        if len(raw) + size >= limit:
+            raise CarError("CAR section is shorter than its CID")
+        return bytes(raw) + self._exact(size)
+
+    def _cid_varint(self, raw: bytearray) -> int:
+        value = self._varint(raw)
+        if value is None:
+            raise CarError("CAR is truncated inside a section's CID")
+        return value
+
+    def _varint(self, raw: bytearray) -> int | None:
+        """The next unsigned varint (its bytes appended to `raw`), or None where the stream ends before it."""
+        value = 0
+        for i in range(10):
+            byte = self.stream.read(1)
+            if not byte:
+                if i == 0:
+                    return None
+                raise CarError("CAR is truncated inside a varint")
+            raw += byte
+            value |= (byte[0] & 0x7F) << (7 * i)
+            if byte[0] < 0x80:
+                return value
+        raise CarError("CAR holds a varint longer than 10 bytes; not a CAR v1")
+
+    def _exact(self, n: int) -> bytes:
+        data = self.stream.read(n)
+        if len(data) < n:  # a raw stream may return short reads: finish with one join (a buffered one never does)
+            parts, got = [data], len(data)
+            while got < n and (more := self.stream.read(n - got)):
+                parts.append(more)
+                got += len(more)
+            if got < n:
+                raise CarError(f"CAR is truncated: {got} of a {n}-byte item arrived before the end")
+            data = b"".join(parts)
+        return data
 
 
-def read_car(stream: BinaryIO, chunk_size: int = 1 << 20) -> tuple[list[bytes], Iterator[tuple[bytes, memoryview]]]:
+def _roots(body: bytes) -> list[bytes]:
+    """Root CIDs of a CAR v1 header body."""
+    try:
+        value = dag_cbor.decode(body)
+    except Exception as exc:
+        raise CarError(f"CAR header is not dag-cbor: {exc}") from None
+    if not isinstance(value, dict) or value.get("version") != 1:
+        raise CarError("only CAR version 1 is supported (the header says otherwise)")
+    roots = value.get("roots")
+    if not isinstance(roots, list) or not all(isinstance(r, CID) for r in roots):
+        raise CarError("CAR header has no list of root CIDs")
+    return [bytes(r) for r in roots]
+
+
+def read_car(stream: BinaryIO) -> tuple[list[bytes], Iterator[tuple[bytes, bytes]]]:
     """Roots and a generator of verified blocks of a CAR file; errors surface as CarError."""
-    parser = CarParser()
-    pending: list[tuple[bytes, memoryview]] = []
-    while parser.roots is None:
-        chunk = stream.read(chunk_size)
-        if not chunk:
-            parser.close()
-        pending += parser.feed(chunk)
-
-    def blocks() -> Iterator[tuple[bytes, memoryview]]:
-        yield from pending
-        while chunk := stream.read(chunk_size):
-            yield from parser.feed(chunk)
-        parser.close()
-
-    return parser.roots, blocks()
+    reader = CarReader(stream)
+    return reader.roots, iter(reader)

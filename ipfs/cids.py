@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from multiformats import CID, multihash
@@ -32,13 +33,7 @@ def block_cid(version: int, codec: int, data: bytes) -> bytes:
 
 def parse(value: str | bytes | CID) -> CID:
     """Parse a CID (text or binary) and require a codec this node understands (dag-pb or raw)."""
-    if isinstance(value, CID):
-        cid = value
-    else:
-        try:
-            cid = CID.decode(value.strip() if isinstance(value, str) else value)
-        except Exception as exc:
-            raise BadCID(f"{value!r} is not a valid CID: {exc}") from None
+    cid = value if isinstance(value, CID) else _decode(value.strip() if isinstance(value, str) else bytes(value))
     if cid.codec.code not in KNOWN_CODECS:
         raise BadCID(f"CID {cid} uses codec {cid.codec.name}; only dag-pb and raw are supported")
     return cid
@@ -46,7 +41,22 @@ def parse(value: str | bytes | CID) -> CID:
 
 def to_str(cid: bytes | CID) -> str:
     """Text form as Kubo prints it: base58btc for CIDv0, base32 for CIDv1."""
-    cid = cid if isinstance(cid, CID) else CID.decode(bytes(cid))
+    return _text(cid if isinstance(cid, CID) else bytes(cid))
+
+
+# multiformats validates every argument's type, which costs ~50 us a call: a gateway or fetcher that names the
+# same few CIDs in every request (paths, ETags, CAR headers) remembers them
+@functools.lru_cache(maxsize=4096)
+def _decode(value: str | bytes) -> CID:
+    try:
+        return CID.decode(value)
+    except Exception as exc:
+        raise BadCID(f"{value!r} is not a valid CID: {exc}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _text(cid: bytes | CID) -> str:
+    cid = cid if isinstance(cid, CID) else CID.decode(cid)
     return str(cid) if cid.version == 0 else cid.encode("base32")
 
 

@@ -3,21 +3,28 @@
 A file is split into byte ranges, each asked for as a CAR (`dag-scope=entity&entity-bytes=a:b`) from
 whichever gateway is free; every block must hash to its CID and be linked from a block already
 verified. A failed range goes back to the queue for another gateway; verified blocks stay in the
-blockstore, so a new run resumes where the last one stopped.
+blockstore, so a new run resumes where the last one stopped. Each gateway gets worker threads with
+their own HTTP/1.1 connection (http.client): a block is read from the socket straight into its own
+bytes and hashed there, while the gateway keeps sending.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import logging
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
 
-import aiohttp
 from tqdm import tqdm
 
 from ipfs import pb
 from ipfs.blockstore import Blockstore, BlockstoreError, MemoryBlockstore
-from ipfs.car import CarError, CarParser
+from ipfs.car import MAX_SECTION, CarError, CarReader
 from ipfs.cids import DAG_PB, split, to_str, verify
 from ipfs.gateway import CAR_TYPE, RAW_TYPE
 
@@ -26,7 +33,8 @@ log = logging.getLogger(__name__)
 RANGE_BYTES = 16 * 1024 * 1024
 WORKERS_PER_GATEWAY = 2
 MAX_FAILURES = 3
-BATCH_BYTES = 4 * 1024 * 1024  # bytes handed to the hashing thread at once
+MAX_REDIRECTS = 5
+NETWORK_ERRORS = (OSError, http.client.HTTPException)  # socket errors and timeouts, broken HTTP
 
 
 class FetchError(RuntimeError):
@@ -42,11 +50,60 @@ class Unit:
     start: int | None = None
     stop: int | None = None
 
-    def url(self, gateway: str) -> str:
-        base = f"{gateway.rstrip('/')}/ipfs/{to_str(self.cid)}?format=car"
+    def path(self) -> str:
+        base = f"/ipfs/{to_str(self.cid)}?format=car"
         if self.start is None:
             return base + "&dag-scope=all"
         return base + f"&dag-scope=entity&entity-bytes={self.start}:{self.stop - 1}"
+
+
+class Gateway:
+    """One HTTP/1.1 keep-alive connection to a gateway, used by one worker at a time from a thread.
+
+    Blocking reads from the socket straight into each block's bytes cost a fraction of an event loop's copies."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.conn = self._connect(url)
+
+    def _connect(self, url: str) -> http.client.HTTPConnection:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FetchError(f"gateway {url!r} is not an http(s):// URL")
+        conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        return conn_type(parts.hostname, parts.port, timeout=self.timeout_s)
+
+    def get(self, path_qs: str, accept: str) -> http.client.HTTPResponse:
+        """GET a path under the gateway's URL, following redirects; a final status other than 200 is a FetchError."""
+        url, conn, headers = self.url.rstrip("/") + path_qs, self.conn, {"Accept": accept}
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            try:
+                conn.request("GET", f"{parts.path}?{parts.query}" if parts.query else parts.path, headers=headers)
+                resp = conn.getresponse()
+            except NETWORK_ERRORS:
+                conn.close()
+                raise
+            if resp.status == 200:
+                return resp
+            text = resp.read(200).decode(errors="replace").strip()
+            conn.close()  # unread rest of the body: the connection cannot carry another request
+            location = resp.getheader("Location")
+            if resp.status not in (301, 302, 303, 307, 308) or not location:
+                raise FetchError(f"HTTP {resp.status}: {text}")
+            url = urljoin(url, location)
+            conn = self._connect(url)  # for this request only: other CIDs still go to the gateway's own URL
+            headers = {"Accept": accept, "Connection": "close"}  # so the response owns and closes its socket
+        raise FetchError(f"more than {MAX_REDIRECTS} redirects")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def abort(self) -> None:
+        """Wake a thread blocked reading this connection (from another thread); its read fails at once."""
+        with contextlib.suppress(OSError, AttributeError):
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
 
 
 class DagFetcher:
@@ -59,32 +116,43 @@ class DagFetcher:
         self.store = store
         self.gateways = gateways
         self.range_bytes = range_bytes
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout_s, sock_connect=timeout_s)
+        for url in gateways:
+            Gateway(url, timeout_s).close()  # a malformed URL is refused before anything is fetched
+        self.timeout_s = timeout_s
         self.expected: set[bytes] = set()  # multihashes linked from verified blocks (or the root)
         self.nodes: dict[bytes, tuple[list[bytes], list[int]]] = {}  # dag-pb file/dir nodes: links, sizes
         self.present: set[bytes] = set()  # multihashes verified and stored during this run
         self.bar = tqdm(total=0, unit="B", unit_scale=True, desc="fetch", disable=not progress)
+        self.changed = threading.Condition()  # guards pending, failed, alive and in_flight for the worker threads
 
     async def fetch(self, root: bytes) -> None:
         """Fetch every block under `root` (already present blocks are not fetched again)."""
         root = bytes(root)
         self.expected.add(split(root)[1])
-        async with aiohttp.ClientSession(timeout=self.timeout, read_bufsize=1 << 22) as session:
-            self.session = session
-            block = await self._root_block(root)
-            links, _, _ = self._learn(root, block)
-            self.bar.total = len(block) + sum(link.tsize for link in links)
-            self.bar.update(len(block))
-            self.pending: list[Unit] = []
-            for unit in await self._plan(root, block):
-                if self._missing(unit):
-                    self.pending.append(unit)
-                else:
-                    self.bar.update(unit.size)
-            self.failed: dict[Unit, set[str]] = {}
-            self.alive, self.in_flight = set(self.gateways), 0
-            workers = [asyncio.create_task(self._worker(gw)) for gw in self.gateways for _ in range(WORKERS_PER_GATEWAY)]
-            await asyncio.gather(*workers)
+        block = await self._root_block(root)
+        links, _, _ = self._learn(root, block)
+        self.bar.total = len(block) + sum(link.tsize for link in links)
+        self.bar.update(len(block))
+        self.pending: list[Unit] = []
+        for unit in await self._plan(root, block):
+            if self._missing(unit):
+                self.pending.append(unit)
+            else:
+                self.bar.update(unit.size)
+        self.failed: dict[Unit, set[str]] = {}
+        self.alive, self.in_flight = set(self.gateways), 0
+        self.stopping, self.connections = False, []
+        workers = [gw for gw in self.gateways for _ in range(WORKERS_PER_GATEWAY)]
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(len(workers), thread_name_prefix="fetch") as threads:
+            try:
+                await asyncio.gather(*(loop.run_in_executor(threads, self._worker, gw) for gw in workers))
+            finally:  # after an error or a cancel (Ctrl-C), the other threads stop now rather than at a timeout
+                with self.changed:
+                    self.stopping = True
+                    self.changed.notify_all()
+                for gateway in self.connections:
+                    gateway.abort()
         self.bar.close()
         if self.pending:
             raise FetchError(f"{len(self.pending)} part(s) of {to_str(root)} could not be fetched from any gateway; "
@@ -112,22 +180,29 @@ class DagFetcher:
             except BlockstoreError:
                 pass
         errors = []
-        for gateway in self.gateways:
-            url = f"{gateway.rstrip('/')}/ipfs/{to_str(root)}?format=raw"
+        for url in self.gateways:
+            gateway = Gateway(url, self.timeout_s)
             try:
-                async with self.session.get(url, headers={"Accept": RAW_TYPE}) as resp:
-                    if resp.status != 200:
-                        errors.append(f"{gateway}: HTTP {resp.status}")
-                        continue
-                    block = await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                errors.append(f"{gateway}: {exc or type(exc).__name__}")
+                block = await asyncio.to_thread(self._get_block, gateway, root)
+            except (FetchError, *NETWORK_ERRORS) as exc:
+                errors.append(f"{url}: {exc or type(exc).__name__}")
                 continue
+            finally:
+                gateway.abort()  # on a cancel (Ctrl-C) the thread's read fails now rather than at the timeout
+                gateway.close()
             if verify(root, block):
                 self.store.add_block(root, block)
                 return block
-            errors.append(f"{gateway}: sent bytes that do not match {to_str(root)}")
+            errors.append(f"{url}: sent bytes that do not match {to_str(root)}")
         raise FetchError(f"no gateway had {to_str(root)} ({'; '.join(errors)})")
+
+    @staticmethod
+    def _get_block(gateway: Gateway, cid: bytes) -> bytes:
+        """One raw block from one gateway (unverified), read in a worker thread."""
+        block = gateway.get(f"/ipfs/{to_str(cid)}?format=raw", RAW_TYPE).read(MAX_SECTION + 1)
+        if len(block) > MAX_SECTION:
+            raise FetchError(f"sent more than {MAX_SECTION} bytes for one block")
+        return block
 
     def _learn(self, cid: bytes, block: bytes) -> tuple[list[pb.Link], list[int], int | None]:
         """Record a verified block's links as expected; return links, block sizes and file size."""
@@ -172,73 +247,75 @@ class DagFetcher:
         return walk(unit.cid, unit.start, unit.stop)
 
     def _take(self, gateway: str) -> Unit | None:
-        """The next unit for `gateway`: one it has not failed on, unless every live gateway has."""
-        for i, unit in enumerate(self.pending):
-            tried = self.failed.get(unit, set())
-            if gateway not in tried or self.alive <= tried:
-                return self.pending.pop(i)
-        return None
-
-    async def _worker(self, gateway: str) -> None:
-        failures = 0
-        while failures < MAX_FAILURES and gateway in self.alive:
-            unit = self._take(gateway)
-            if unit is None:
+        """The next unit for `gateway`: one it has not failed on, unless every live gateway has. Waits while
+        units it cannot take are pending or in flight (they may come back); None when nothing is left for it."""
+        with self.changed:
+            while not self.stopping and gateway in self.alive:
+                for i, unit in enumerate(self.pending):
+                    tried = self.failed.get(unit, set())
+                    if gateway not in tried or self.alive <= tried:
+                        self.in_flight += 1
+                        return self.pending.pop(i)
                 if not self.pending and not self.in_flight:
-                    return
-                await asyncio.sleep(0.02)  # units are in flight elsewhere and may come back
-                continue
-            self.in_flight += 1
-            try:
-                await self._fetch_unit(gateway, unit)
-                if self._missing(unit):
-                    raise FetchError("the CAR ended without every block of the range")
-                failures = 0
-            except (aiohttp.ClientError, asyncio.TimeoutError, CarError, FetchError, pb.DecodeError) as exc:
-                failures += 1
-                self.failed.setdefault(unit, set()).add(gateway)
-                log.warning("gateway %s failed on %s (%s); another gateway will retry it", gateway,
-                            to_str(unit.cid), exc or type(exc).__name__)
+                    return None
+                self.changed.wait()
+            return None
+
+    def _settle(self, unit: Unit, failed_on: str | None = None) -> None:
+        """A unit is done, or failed on a gateway and goes back to the queue; wake the waiting workers."""
+        with self.changed:
+            self.in_flight -= 1
+            if failed_on is not None:
+                self.failed.setdefault(unit, set()).add(failed_on)
                 self.pending.append(unit)
-            finally:
-                self.in_flight -= 1
-        if failures >= MAX_FAILURES:
-            log.warning("gateway %s dropped after %d failures in a row", gateway, failures)
-            self.alive.discard(gateway)
+            self.changed.notify_all()
 
-    async def _fetch_unit(self, gateway: str, unit: Unit) -> None:
-        """Stream one unit's CAR: the socket keeps reading while a thread parses and hashes the previous batch."""
-        parser = CarParser()
-        job: asyncio.Future | None = None
+    def _worker(self, url: str) -> None:
+        """One worker thread: fetch units from one gateway until none is left or it failed MAX_FAILURES in a row.
+
+        It takes its next unit itself, so no unit waits for the event loop between two requests."""
+        failures = 0
+        gateway = Gateway(url, self.timeout_s)
+        self.connections.append(gateway)
         try:
-            async with self.session.get(unit.url(gateway), headers={"Accept": CAR_TYPE}) as resp:
-                if resp.status != 200:
-                    raise FetchError(f"HTTP {resp.status}: {(await resp.text())[:200].strip()}")
-                batch: list[bytes] = []
-                size = 0
-                async for piece, _ in resp.content.iter_chunks():  # pieces as received, no join
-                    batch.append(piece)
-                    size += len(piece)
-                    if size >= BATCH_BYTES:
-                        if job is not None:
-                            await job
-                        job = asyncio.ensure_future(asyncio.to_thread(self._ingest, parser, batch))
-                        batch, size = [], 0
-                if job is not None:
-                    await job
-                job = None
-                await asyncio.to_thread(self._ingest, parser, batch)
+            while failures < MAX_FAILURES and (unit := self._take(url)) is not None:
+                try:
+                    self._fetch_unit(gateway, unit)
+                    if self._missing(unit):
+                        raise FetchError("the CAR ended without every block of the range")
+                    failures = 0
+                    self._settle(unit)
+                except (CarError, FetchError, pb.DecodeError, *NETWORK_ERRORS) as exc:
+                    failures += 1
+                    if not self.stopping:
+                        log.warning("gateway %s failed on %s (%s); another gateway will retry it", url,
+                                    to_str(unit.cid), exc or type(exc).__name__)
+                    self._settle(unit, failed_on=url)
+                except BaseException:
+                    self._settle(unit, failed_on=url)
+                    raise
         finally:
-            if job is not None:  # the thread still uses the parser: let it finish before the unit is retried
-                await asyncio.gather(job, return_exceptions=True)
-        parser.close()
+            gateway.close()
+        if failures >= MAX_FAILURES:
+            log.warning("gateway %s dropped after %d failures in a row", url, failures)
+            with self.changed:
+                self.alive.discard(url)
+                self.changed.notify_all()
 
-    def _ingest(self, parser: CarParser, pieces: list[bytes]) -> None:
-        for piece in pieces:
-            for cid, block in parser.feed(piece):  # hashes are checked by the parser
+    def _fetch_unit(self, gateway: Gateway, unit: Unit) -> None:
+        """Stream one unit's CAR in a worker thread: each block is read from the socket into its own bytes, hashed
+        and stored."""
+        resp = gateway.get(unit.path(), CAR_TYPE)
+        try:
+            for cid, block in CarReader(resp):  # hashes are checked by the reader
                 self._accept(cid, block)
+        except BaseException:
+            gateway.close()  # the rest of the body is unread: this connection cannot carry another request
+            raise
 
     def _accept(self, cid: bytes, block: bytes) -> None:
+        if self.stopping:
+            raise FetchError("the fetch was stopped")
         mh = split(cid)[1]
         if mh not in self.expected:
             raise FetchError(f"gateway sent block {to_str(cid)}, which no verified block links to")

@@ -7,6 +7,7 @@ and `entity-bytes=from:to`; responses are immutable with ETags.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from typing import Iterable, Iterator
@@ -47,12 +48,18 @@ def _node(store: Blockstore, cid: bytes) -> tuple[bytes, list[pb.Link], pb.UnixF
     block = store.get_unchecked(cid)  # trustless clients hash every block; local reads (cat, get) verify
     if split(cid)[0] != DAG_PB:
         return block, [], None
+    return block, *_decode(block)
+
+
+@functools.lru_cache(maxsize=256)
+def _decode(block: bytes) -> tuple[list[pb.Link], pb.UnixFSData | None]:
+    """Links and UnixFS data of a dag-pb block, cached: every range request of a file walks the same nodes."""
     links, data = pb.decode_node(block)
     try:
         fs = pb.decode_unixfs(data) if data is not None else None
     except pb.DecodeError:
         fs = None  # plain dag-pb: still traversable by its links
-    return block, links, fs
+    return links, fs
 
 
 def _peek(store: Blockstore, cid: bytes) -> tuple[int, list[pb.Link], pb.UnixFSData | None]:
@@ -221,17 +228,23 @@ async def _car_response(request: web.Request, store: Blockstore, root: bytes, ci
     await response.write(head + b"".join(trail_sections))
     try:
         for c, size in plan:
-            data = store.get_unchecked(c)
-            if len(data) != size:
-                raise CorruptBlock(f"block {to_str(c)} changed size while being served")
-            framing, _ = section(c, data)
-            await response.write(framing)
-            await response.write(data)
+            await response.write(_section_of_file(store, c, size))
     except (BlockNotFound, CorruptBlock) as exc:
         log.warning("CAR for %s cut short: %s", to_str(root), exc)
         raise  # the connection is dropped, so the client sees a truncated CAR instead of a silent gap
     await response.write_eof()
     return response
+
+
+def _section_of_file(store: Blockstore, cid: bytes, size: int) -> bytearray:
+    """A block's CAR section (framing, then the file read in behind it): one buffer, one write, no join."""
+    framing = varint(len(cid) + size) + cid
+    buf = bytearray(len(framing) + size)
+    buf[: len(framing)] = framing
+    with store.open_block(cid) as f:
+        if f.readinto(memoryview(buf)[len(framing) :]) != size or f.read(1):
+            raise CorruptBlock(f"block {to_str(cid)} changed size while being served")
+    return buf
 
 
 def make_app(store: Blockstore) -> web.Application:

@@ -1,9 +1,30 @@
+import io
 import random
 
 import pytest
 
-from ipfs.car import CarError, CarParser, header, section
+from ipfs.car import CarError, CarReader, header, section
 from ipfs.unixfs import ImportOptions, import_bytes
+
+
+class Trickle(io.RawIOBase):
+    """A stream that hands out at most `step` bytes per read, as a socket may."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self.data, self.pos, self.step = data, 0, step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.step, len(self.data) - self.pos)
+        b[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+def blocks_of(data: bytes, step: int = 1 << 20) -> list:
+    return list(CarReader(Trickle(data, step)))
 
 
 class Blocks(dict):
@@ -21,30 +42,37 @@ def car():
 @pytest.mark.parametrize("step", [1, 2, 7, 999, 1000, 1001, 4096, 65536, 10**7])
 def test_any_chunking_gives_the_same_verified_blocks(car, step):
     root, blocks, data = car
-    parser = CarParser()
-    got = []
-    for i in range(0, len(data), step):
-        got += [(cid, bytes(block)) for cid, block in parser.feed(data[i : i + step])]
-    parser.close()
-    assert parser.roots == [root]
-    assert got == list(blocks.items())
+    reader = CarReader(Trickle(data, step))
+    assert reader.roots == [root]
+    assert list(reader) == list(blocks.items())
 
 
 def test_malformed_cars_are_refused(car):
-    _, _, data = car
+    root, _, data = car
     with pytest.raises(CarError, match="before its header"):
-        CarParser().close()
+        CarReader(io.BytesIO(b""))
     with pytest.raises(CarError, match="not a CAR v1"):
-        CarParser().feed(b"\xff\xff\xff\x7f" + b"\0" * 20)
+        CarReader(io.BytesIO(b"\xff\xff\xff\x7f" + b"\0" * 20))
     with pytest.raises(CarError, match="not dag-cbor"):
-        CarParser().feed(b"\x03abc")
-    huge = bytearray(data[: len(header([car[0]]))]) + b"\xff\xff\xff\x0f"
-    with pytest.raises(CarError, match="out of bounds"):
-        CarParser().feed(bytes(huge))
-    parser = CarParser()
-    parser.feed(bytes(huge[:-2]))
-    with pytest.raises(CarError, match="out of bounds"):  # a length cut across chunks, refused before buffering
-        parser.feed(bytes(huge[-2:]))
+        CarReader(io.BytesIO(b"\x03abc"))
+    huge = data[: len(header([root]))] + b"\xff\xff\xff\x0f"
+    with pytest.raises(CarError, match="out of bounds"):  # refused before a byte of the section is read
+        blocks_of(huge, step=1)
+    with pytest.raises(CarError, match="unknown version"):
+        blocks_of(data[: len(header([root]))] + b"\x05\x07abcd")
+    with pytest.raises(CarError, match="shorter than its CID"):
+        blocks_of(data[: len(header([root]))] + b"\x05\x12\x20abc")
+
+
+@pytest.mark.parametrize("cut", [1, 3, 20, 1000])
+def test_a_truncated_car_is_refused(car, cut):
+    _, blocks, data = car
+    with pytest.raises(CarError, match="truncated"):
+        blocks_of(data[:-cut], step=4096)
+    head = len(header([car[0]]))
+    for end in (head + 1, head + 3, head + 5):  # inside a section's length, its CID's prefix, its digest
+        with pytest.raises(CarError, match="truncated"):
+            blocks_of(data[:end], step=1)
 
 
 @pytest.mark.parametrize("step", [7, 1000, 4096, 65536])
@@ -53,7 +81,5 @@ def test_a_tampered_block_is_refused_at_any_chunking(car, step, where):
     _, _, data = car
     tampered = bytearray(data)
     tampered[int(len(data) * where) if where > 0 else where] ^= 1
-    parser = CarParser()
     with pytest.raises(CarError, match="does not match"):
-        for i in range(0, len(tampered), step):
-            parser.feed(bytes(tampered[i : i + step]))
+        blocks_of(bytes(tampered), step)

@@ -2,6 +2,8 @@
 
 import asyncio
 import random
+import socket
+import time
 from collections import Counter
 
 import aiohttp
@@ -59,6 +61,39 @@ def misbehaving(upstream: str, mode: str, hits: Counter) -> web.Application:
     return app
 
 
+def redirecting(upstream: str, hits: Counter) -> web.Application:
+    """A gateway that answers every request with a redirect to another one (as subdomain gateways do)."""
+
+    async def handler(request):
+        hits["redirect"] += 1
+        raise web.HTTPFound(upstream + request.path_qs)
+
+    app = web.Application()
+    app.router.add_get("/ipfs/{tail:.*}", handler)
+    return app
+
+
+async def start_broken_http(mode: str, hits: Counter) -> tuple[asyncio.AbstractServer, str]:
+    """A raw TCP "gateway" that breaks HTTP itself: hangs up, answers garbage, sends a bad chunk, or never answers."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hits[mode] += 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if mode == "stall":
+                await asyncio.sleep(30)
+            elif mode == "garbage":
+                writer.write(b"this is not HTTP\r\n\r\n")
+            elif mode == "bad-chunk":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ipld.car\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
 @pytest.fixture
 def source(tmp_path):
     store = Blockstore(tmp_path / "source")
@@ -114,6 +149,85 @@ def test_bad_gateway_is_survived(tmp_path, source, mode):
     assert hits[mode] >= 1
     assert b"".join(iter_file(dest, entry.cid)) == DATA
     assert {p.name for p in dest.keys()} == {p.name for p in src.keys()}  # nothing unrelated was stored
+
+
+@pytest.mark.parametrize("mode", ["hangup", "garbage", "bad-chunk", "stall"])
+def test_gateway_that_breaks_http_is_survived(tmp_path, source, mode):
+    src, entry = source
+
+    async def main():
+        hits = Counter()
+        good, url = await start(honest(src, hits, "good"))
+        bad, bad_url = await start_broken_http(mode, hits)
+        try:
+            dest = Blockstore(tmp_path / "dest")
+            fetcher = DagFetcher(dest, [bad_url, url], range_bytes=100_000, progress=False, timeout_s=0.3)
+            await fetcher.fetch(entry.cid)
+            return dest, hits
+        finally:
+            bad.close()
+            await good.cleanup()
+
+    dest, hits = asyncio.run(main())
+    assert hits[mode] >= 2  # the root block and at least one range were asked of it
+    assert b"".join(iter_file(dest, entry.cid)) == DATA
+
+
+def test_a_cancelled_fetch_stops_at_once(tmp_path, source):
+    src, entry = source
+
+    async def main():
+        hits = Counter()
+        good, url = await start(honest(src, hits, "good"))
+        stall, stall_url = await start_broken_http("stall", hits)
+        fetcher = DagFetcher(Blockstore(tmp_path / "dest"), [url, stall_url], range_bytes=100_000, progress=False,
+                             timeout_s=60)
+        started = time.monotonic()
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(fetcher.fetch(entry.cid), 1)  # two ranges hang on the silent gateway
+        finally:
+            stall.close()
+            await good.cleanup()
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 5  # not the 60 s socket timeout
+
+
+def test_a_fetch_cancelled_while_asking_for_the_root_stops_at_once(tmp_path, source):
+    _, entry = source
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel completes connections; nobody ever answers
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+
+    async def main():
+        fetcher = DagFetcher(Blockstore(tmp_path / "dest"), [url], progress=False, timeout_s=60)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(fetcher.fetch(entry.cid), 0.5)
+
+    started = time.monotonic()
+    with silent:
+        asyncio.run(main())  # returns once every thread is done
+        assert time.monotonic() - started < 5  # not the 60 s socket timeout
+
+
+def test_redirects_are_followed(tmp_path, source):
+    src, entry = source
+
+    async def main():
+        hits = Counter()
+        good, url = await start(honest(src, hits, "good"))
+        redirect, redirect_url = await start(redirecting(url, hits))
+        try:
+            dest = Blockstore(tmp_path / "dest")
+            await fetch(dest, [redirect_url], entry.cid)
+            return dest, hits
+        finally:
+            await redirect.cleanup()
+            await good.cleanup()
+
+    dest, hits = asyncio.run(main())
+    assert hits["redirect"] == hits["good"] == 1 + 10  # the root block and 10 ranges, each redirected once
+    assert b"".join(iter_file(dest, entry.cid)) == DATA
 
 
 def test_failure_then_resume(tmp_path, source):
