@@ -10,6 +10,7 @@ SOLC_VERSION := 0.8.28
 ANVIL_BIN := $(CURDIR)/node_modules/@foundry-rs/anvil-linux-amd64/bin
 export PATH := $(CURDIR)/$(BIN):$(ANVIL_BIN):$(PATH)
 export SOLCX_BINARY_PATH := $(CURDIR)/toolchain/solcx
+# OpenMP threads sleep between parallel regions: tests, benches and the demo run many processes on few cores
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup test test-contracts test-python doctor bench slither clean demo demo-serve demo-dispute

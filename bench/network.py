@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import socket
@@ -20,8 +19,6 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall badly on a shared machine
 
 import torch  # noqa: E402
 from eth_account import Account  # noqa: E402
@@ -107,7 +104,7 @@ def local_generate(stage: Stage, head: Head, ids: list[int], params: SamplingPar
 def start_nodes(checkpoint: Path, ranges: list[str], home: Path, threads: int) -> tuple[list[subprocess.Popen], list[str], list[float]]:
     """Start one node per range, one after the other, timing each from spawn to /health answering."""
     processes, urls, ready_s = [], [], []
-    env = dict(os.environ, SHARDMARKET_HOME=str(home), OMP_WAIT_POLICY="PASSIVE")
+    env = dict(os.environ, SHARDMARKET_HOME=str(home))
     for i, layers in enumerate(ranges):
         port, tcp_port = _free_port(), _free_port()
         env["SHARDMARKET_NODE_DATA_DIR"] = str(home / f"node{i}")
@@ -152,33 +149,66 @@ def thirds(layers: int) -> list[str]:
     return [f"0:{a}", f"{a}:{b}", f"{b}:{layers}"]
 
 
+class LocalRunner:
+    """The baseline: the whole model in a process of its own, on its main thread (as a user runs it locally;
+    torch in two threads of one process would slow OpenMP down, see node/server/worker.py)."""
+
+    def __init__(self, checkpoint: Path, tokens: int) -> None:
+        self.process = subprocess.Popen([sys.executable, __file__, "--local", str(checkpoint), "--tokens", str(tokens)],
+                                        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self) -> tuple[float, list[int]]:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        answer = json.loads(self.process.stdout.readline())
+        return answer["ms_per_token"], answer["tokens"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def serve_local(checkpoint: Path, tokens: int) -> None:
+    """`--local`: load the model once, then answer every `run` line on stdin with one JSON line."""
+    head = Head.load(checkpoint)
+    ids = chat_ids(head)
+    stage = Stage.load(checkpoint, 0, head.num_layers)
+    for _ in sys.stdin:
+        ms, out = local_generate(stage, head, ids, SamplingParams(max_tokens=tokens))
+        print(json.dumps({"ms_per_token": ms, "tokens": out}), flush=True)
+
+
+def chat_ids(head: Head) -> list[int]:
+    text = head.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+    return head.tokenizer.encode(text, add_special_tokens=False)
+
+
 async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: int) -> dict:
     """Local vs 3-node pipeline (TCP and WebSocket) for one model, the three runs interleaved."""
-    head = Head.load(checkpoint)
-    text = head.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
-    ids = head.tokenizer.encode(text, add_special_tokens=False)
     params = SamplingParams(max_tokens=tokens)
-    stage = Stage.load(checkpoint, 0, head.num_layers)
+    local = LocalRunner(checkpoint, tokens)
     timings: dict[str, list[float]] = {"local": [], "tcp": [], "ws": []}
     overheads: dict[str, list[float]] = {"tcp": [], "ws": []}
     outputs: dict[str, list[int]] = {}
     with tempfile.TemporaryDirectory() as home:
-        processes, urls, ready_s = start_nodes(checkpoint, thirds(head.num_layers), Path(home), threads)
+        layers = json.loads((checkpoint / "config.json").read_text())["num_hidden_layers"]
+        processes, urls, ready_s = start_nodes(checkpoint, thirds(layers), Path(home), threads)
         try:
-            remote = {kind: await RemoteModel.connect(checkpoint, urls, DOMAIN, transport=kind) for kind in ("tcp", "ws")}
+            model = await RemoteModel.connect(checkpoint, urls, DOMAIN)  # one client: one thread runs its torch work
+            ids = model.chat_ids(PROMPT)
             for _ in tqdm(range(runs), desc=f"{name}: local, tcp, ws", file=sys.stderr):
-                ms, outputs["local"] = await asyncio.to_thread(local_generate, stage, head, ids, params)
+                ms, outputs["local"] = await asyncio.to_thread(local.run)
                 timings["local"].append(ms)
-                for kind, model in remote.items():
+                for kind in ("tcp", "ws"):
+                    model.transport = kind
                     ms, outputs[kind], hop_overheads = await pipeline_generate(model, ids, params)
                     timings[kind].append(ms)
                     overheads[kind] += hop_overheads
         finally:
+            local.close()
             for process in processes:
                 process.terminate()
                 process.wait()
-    del stage
-    gc.collect()
     local_ms, tcp_ms, ws_ms = (statistics.median(timings[k]) for k in ("local", "tcp", "ws"))
     best = min(tcp_ms, ws_ms)
     fastest = {k: min(v) for k, v in timings.items()}
@@ -200,12 +230,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--no-850m", action="store_true", help="skip the ~850M random model")
+    parser.add_argument("--local", type=Path, help=argparse.SUPPRESS)  # the baseline's own process (LocalRunner)
     args = parser.parse_args()
+    if args.local:
+        return serve_local(args.local, args.tokens)
     threads = torch.get_num_threads()
     models = [("default", default_model)]
     if not args.no_850m:
         models.append(("random850m", lambda: _random_850m(load_config().home / "models" / "random-850m")))
-    result: dict = {"threads": threads}
+    result: dict = {"threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
     hop = per_hop_overhead_us(576)
     result.update({f"per_hop_{k}_us": v for k, v in hop.items()})
     result["per_hop_total_us_hidden_1536"] = per_hop_overhead_us(1536)["total"]

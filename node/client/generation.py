@@ -50,7 +50,7 @@ class RemoteModel:
     @classmethod
     async def connect(cls, checkpoint: Path, urls: list[str], domain: Domain, *, model_id: str | None = None, **kwargs) -> RemoteModel:
         """Load the Head, measure the nodes, and check that some route covers every layer."""
-        head = await asyncio.to_thread(Head.load, checkpoint)
+        head = await in_passing_thread(Head.load, checkpoint)
         model_id = model_id or checkpoint.name
         nodes = await discover(urls, model_id)
         mismatched = [n.url for n in nodes if n.num_layers != head.num_layers]
@@ -110,3 +110,13 @@ class RemoteModel:
                 self.on_finished(session)
             completion.hop_timings = session.timings
             await session.close()
+
+
+async def in_passing_thread(fn, *args):
+    """Run `fn` in a thread that ends afterwards: its OpenMP team goes with it, so that the generating thread is the
+    only one of this process running torch (see node/server/worker.py)."""
+    executor = ThreadPoolExecutor(max_workers=1)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    finally:
+        executor.shutdown(wait=True)

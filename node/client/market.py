@@ -10,7 +10,7 @@ from pathlib import Path
 from node.chain.contracts import ChainError, Market
 from ipfs.blockstore import Blockstore
 from node.client.audit import Auditor
-from node.client.generation import RemoteModel
+from node.client.generation import RemoteModel, in_passing_thread
 from node.client.payer import Payer
 from node.client.routing import NodeInfo, RouteError, discover, plan_route
 from node.config import Config
@@ -58,7 +58,7 @@ async def chain_nodes(market: Market, model_name: str) -> list[NodeInfo]:
 async def connect_paid(checkpoint: Path, config: Config, account, model_name: str, **kwargs) -> RemoteModel:
     """A RemoteModel over the chain's nodes of `model_name`, paying with `account`'s escrow deposit."""
     market = await asyncio.to_thread(Market.connect, config, account)
-    head = await asyncio.to_thread(Head.load, checkpoint)
+    head = await in_passing_thread(Head.load, checkpoint)
     nodes = await chain_nodes(market, model_name)
     payer = Payer(account, market.escrow_domain(), config.home / "client" / "ledger.sqlite")
     model = RemoteModel(head, model_name, nodes, market.dispute_domain(), tab_source=payer.tab, **kwargs)

@@ -2,12 +2,15 @@
 
 Every torch operation of a node process runs on that thread, loading included: OpenMP (libgomp) gives each
 calling thread its own team, and once a process has more OpenMP threads than cores, libgomp stops letting idle
-team threads spin between parallel regions, which made a decode step of SmolLM2 1.7x slower on 2 cores.
+team threads spin between parallel regions, which made a decode step of SmolLM2 1.7x slower on 2 cores. With
+OMP_WAIT_POLICY=PASSIVE (threads never spin: the robust choice on a busy machine) a second team costs nothing,
+so a lone session's decode step runs on the event loop's thread instead, saving two thread wake-ups.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from node.engine.stage import Stage
+
+
+PASSIVE_OPENMP = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
 @dataclass
@@ -80,7 +86,8 @@ class StageWorker:
         if hidden.shape[1] == 1 and not self._running and self._queue.empty() and len(self.stage.session_ids()) == 1:
             self._running = True
             try:
-                outputs, elapsed = await self.call(self._compute, [_Work(session_id, hidden, positions, None)])
+                work = [_Work(session_id, hidden, positions, None)]
+                outputs, elapsed = self._compute(work) if PASSIVE_OPENMP else await self.call(self._compute, work)
             finally:
                 self._running = False
             self._timed_decode(elapsed)
