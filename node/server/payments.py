@@ -5,6 +5,7 @@ client's escrow balance can pay (plus the credit limit)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ class PaymentGate:
         self.balances: dict[str, int] = {}  # client -> spendable escrow balance, refreshed by the settler
         self._accounts: dict[str, StoredTab] = {s.client.lower(): s for s in store.all()}
         self._session_clients: dict[bytes, str] = {}
+        self._lock = threading.Lock()  # `charge` checks and stores on worker threads
 
     def _parse(self, raw: object) -> tuple[Tab, bytes]:
         if raw is None:
@@ -60,12 +62,39 @@ class PaymentGate:
         if self.price == 0 and "tab" not in fields:
             return None
         tab, signature = await asyncio.to_thread(self._parse, fields.get("tab"))  # off the loop: overlaps the compute
+        if tab.client.lower() not in self.balances:
+            self.balances[tab.client.lower()] = await self.spendable(tab.client)
+        with self._lock:
+            return self._reserve(request_id, tokens, tab, signature)
+
+    async def charge(self, request_id: bytes, tokens: int, fields: dict) -> Charge | None:
+        """`authorize`, then `record`, in one trip to a thread that runs while the step computes; a client's first
+        step goes the long way (its signature is checked before its escrow balance is read from the chain)."""
+        if self.price == 0 and "tab" not in fields:
+            return None
+        claimed = _claimed_client(fields.get("tab"))  # not verified yet: only to pick the way
+        if claimed is None or claimed not in self.balances:
+            charge = await self.authorize(request_id, tokens, fields)
+            if charge is not None:
+                await self.record(charge)
+            return charge
+        return await asyncio.to_thread(self._charge, request_id, tokens, fields.get("tab"))
+
+    def _charge(self, request_id: bytes, tokens: int, raw: object) -> Charge:
+        tab, signature = self._parse(raw)
+        with self._lock:
+            charge = self._reserve(request_id, tokens, tab, signature)
+            self.store.record(charge.tab, charge.signature, charge.cost)
+        return charge
+
+    def _reserve(self, request_id: bytes, tokens: int, tab: Tab, signature: bytes) -> Charge:
+        """Check `tab` against this node's books and reserve the step's cost (the caller holds the lock)."""
         client = tab.client.lower()
+        if client not in self.balances:
+            raise PaymentRefused("chain_unreachable", f"the escrow balance of {tab.client} is not known yet; send the step again")
         bound = self._session_clients.setdefault(request_id, client)
         if bound != client:
             raise PaymentRefused("bad_tab", "this session is paid by another client; one session, one payer")
-        if client not in self.balances:
-            self.balances[client] = await self.spendable(tab.client)
         first = client not in self._accounts
         known = self._accounts[client] if not first else StoredTab(self.node, tab, signature, 0, (), -1)
         newest = known
@@ -102,6 +131,15 @@ class PaymentGate:
 
     def settled(self, client: str, paid: tuple[Entry, ...], seq: int) -> None:
         """The escrow's paid vector for `client` is now `paid` (settlement `seq`)."""
-        known = self._accounts.get(client.lower())
-        if known is not None and seq >= known.paid_seq:
-            self._accounts[client.lower()] = StoredTab(self.node, known.tab, known.signature, known.served, paid, seq)
+        with self._lock:
+            known = self._accounts.get(client.lower())
+            if known is not None and seq >= known.paid_seq:
+                self._accounts[client.lower()] = StoredTab(self.node, known.tab, known.signature, known.served, paid, seq)
+
+
+def _claimed_client(raw: object) -> str | None:
+    """The client a raw tab names, unverified (lower-case hex), or None if it does not parse."""
+    try:
+        return decode_settlement(raw)[0].client.lower()
+    except (TypeError, ValueError):
+        return None

@@ -252,9 +252,7 @@ class NodeService:
         refused step's answer never does (its session is dropped, so a retry cannot fetch it from the cache)."""
         running = asyncio.ensure_future(self._run(session, message))
         try:
-            charge = await self._authorize(session, message)
-            if charge is not None:
-                await self.payments.record(charge)
+            await self._authorize(session, message)
         except BaseException:
             await asyncio.gather(running, return_exceptions=True)
             self._retire(session.request_id)
@@ -268,7 +266,7 @@ class NodeService:
             return None
         tokens = message.tensor.shape[1] if message.tensor is not None and message.tensor.dim() == 3 else 0
         try:
-            return await self.payments.authorize(session.request_id, tokens, message.fields)
+            return await self.payments.charge(session.request_id, tokens, message.fields)
         except PaymentRefused as exc:
             raise StepRefused(exc.code, str(exc)) from None
 

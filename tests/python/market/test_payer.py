@@ -67,9 +67,8 @@ def test_the_gate_accepts_a_covering_tab_and_stores_the_newest(tmp_path):
     gate = _gate(tmp_path, node, balance=1000)
 
     async def steps():
-        for seq, amount in ((1, 5), (2, 10)):
-            charge = await gate.authorize(b"\x01" * 32, 5, {"tab": _signed(client, seq, {node: amount, other: amount})})
-            await gate.record(charge)
+        for seq, amount in ((1, 5), (2, 10)):  # the first step reads the balance; the next is checked and stored on one thread
+            await gate.charge(b"\x01" * 32, 5, {"tab": _signed(client, seq, {node: amount, other: amount})})
 
     asyncio.run(steps())
     stored = TabStore(tmp_path / "tabs.sqlite", node).get(client.address)
@@ -94,10 +93,11 @@ def test_the_gate_refuses_what_a_node_must_not_accept(tmp_path, case, code):
             "lowered": lambda: _signed(client, 2, {node: 4}),
             "missing": lambda: None,
         }[case]()
-        await gate.authorize(b"\x01" * 32, 11, {} if raw is None else {"tab": raw})
+        await gate.charge(b"\x01" * 32, 11, {} if raw is None else {"tab": raw})
 
     with pytest.raises(PaymentRefused) as refused:
         asyncio.run(scenario())
+    assert TabStore(tmp_path / "tabs.sqlite", node).get(client.address).tab.seq == 1  # nothing refused was stored
     assert refused.value.code == code
     assert TabStore(tmp_path / "tabs.sqlite", node).get(client.address).served == 5  # nothing more was reserved
 
