@@ -1,6 +1,6 @@
 """The node's payment check on every step: the client's newest EIP-712 tab must be signed by the client, promise
 this node what it has served (up to a per-client credit limit), and promise all its nodes no more than the
-client's escrow balance can pay (plus the credit limit)."""
+client's escrow balance can pay (plus the credit limit). A client caught lowering what it promised is refused."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ class PaymentGate:
         self.balances: dict[str, int] = {}  # client -> spendable escrow balance, refreshed by the settler
         self._accounts: dict[str, StoredTab] = {s.client.lower(): s for s in store.all()}
         self._session_clients: dict[bytes, str] = {}
+        self._refused: set[str] = {c.client.lower() for c in store.claims()}
 
     def _parse(self, raw: object) -> tuple[Tab, bytes]:
         if raw is None:
@@ -61,6 +62,9 @@ class PaymentGate:
             return None
         tab, signature = await asyncio.to_thread(self._parse, fields.get("tab"))  # off the loop: overlaps the compute
         client = tab.client.lower()
+        if client in self._refused:
+            raise PaymentRefused("client_refused", f"client {tab.client} signed a tab lowering what it promised this node; "
+                                                   "this node no longer serves it")
         bound = self._session_clients.setdefault(request_id, client)
         if bound != client:
             raise PaymentRefused("bad_tab", "this session is paid by another client; one session, one payer")
@@ -96,6 +100,10 @@ class PaymentGate:
     async def record(self, charge: Charge) -> StoredTab:
         """Store the tab (the step's answer is sent only after this returns)."""
         return await asyncio.to_thread(self.store.record, charge.tab, charge.signature, charge.cost)
+
+    def refuse(self, client: str) -> None:
+        """Serve `client` no more (it lowered what it promised this node)."""
+        self._refused.add(client.lower())
 
     def release(self, request_id: bytes) -> None:
         self._session_clients.pop(request_id, None)

@@ -81,7 +81,9 @@ def _ready(market: Market, stored: StoredTab, store: TabStore, gate: PaymentGate
         newer = _settled_tab(market, stored.client, seq)
         if newer is None:
             log.error("client %s owes this node %d but the escrow settled its tab %d, whose signed form this node cannot "
-                      "read back (sent through another contract); stop serving this client", stored.client, stored.owed, seq)
+                      "read back (sent through another contract); this node no longer serves it", stored.client, stored.owed, seq)
+            if gate is not None:
+                gate.refuse(stored.client)
             return None
         if newer[0].amount_for(stored.node) < stored.entry:
             _claim_lowered(market, store, gate, stored, *newer)
@@ -93,6 +95,8 @@ def _ready(market: Market, stored: StoredTab, store: TabStore, gate: PaymentGate
 def _claim_lowered(market: Market, store: TabStore, gate: PaymentGate | None, stored: StoredTab, lowered: Tab,
                    signature: bytes) -> None:
     """Make the client pay the held tab's promise with the fraud proof (the held tab and the lowering one), once."""
+    if gate is not None:
+        gate.refuse(stored.client)
     if store.claimed(stored.client, stored.tab.seq, lowered.seq):
         return
     owed = stored.owed
@@ -102,7 +106,7 @@ def _claim_lowered(market: Market, store: TabStore, gate: PaymentGate | None, st
         receipt = market.transact(call, f"claiming what client {stored.client} promised in tab {stored.tab.seq}")
     except ChainError as exc:
         log.error("client %s lowered this node's entry from %d (tab %d) to %d (tab %d) and the claim failed: %s; it is "
-                  "tried again next round; stop serving this client", stored.client, stored.entry, stored.tab.seq,
+                  "tried again next round; this node no longer serves it", stored.client, stored.entry, stored.tab.seq,
                   lowered.amount_for(stored.node), lowered.seq, exc)
         return
     paid = 0
@@ -112,7 +116,7 @@ def _claim_lowered(market: Market, store: TabStore, gate: PaymentGate | None, st
     claim = LoweringClaim(stored.client, stored.tab.seq, lowered.seq, paid, receipt["transactionHash"].to_0x_hex())
     store.record_claim(claim)
     log.error("client %s lowered this node's entry from %d (tab %d) to %d (tab %d); the fraud proof collected %d of the %d "
-              "it owed, in tx %s (%d gas); stop serving this client", stored.client, stored.entry, stored.tab.seq,
+              "it owed, in tx %s (%d gas); this node no longer serves it", stored.client, stored.entry, stored.tab.seq,
               lowered.amount_for(stored.node), lowered.seq, paid, owed, claim.tx, receipt["gasUsed"])
 
 
@@ -185,6 +189,8 @@ class Settler:
         return {entry["args"]["client"].lower() for entry in logs}
 
     def _refresh_balances(self) -> None:
+        for claim in self.store.claims():  # claims sent by `node redeem` in another process too
+            self.gate.refuse(claim.client)
         for client in list(self.gate.balances):
             self.gate.balances[client] = self.market.read(self.market.escrow.functions.spendableOf(to_checksum_address(client)))
 
