@@ -13,9 +13,9 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 /// pays each node `amount - alreadyPaid` in entry order, capped by the client's balance (a shortfall stays
 /// owed: a later settlement, even of the same tab, pays the rest). The escrow keeps one storage slot per client:
 /// balance, the highest seq settled and a hash of the paid vector (what it has paid each node of the client);
-/// the settler passes the paid vector in calldata and nodes rebuild it from TabSettled. Payments are credited
-/// to nodes inside the escrow and leave it in one transfer (`withdrawEarnings`). A client's withdrawal waits
-/// `withdrawalTimelock` after its request, so nodes can settle first.
+/// the settler passes the paid vector in calldata and nodes rebuild it from TabSettled and LoweringClaimed.
+/// Payments are credited to nodes inside the escrow and leave it in one transfer (`withdrawEarnings`). A client's
+/// withdrawal waits `withdrawalTimelock` after its request, so nodes can settle first.
 ///
 /// A client that signs a newer tab promising a node less than an older tab did has broken its promise:
 /// `claimLowered` takes both signed tabs and pays the node what the older one promised (the fraud proof).
@@ -192,7 +192,8 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     /// @param settlements Packed settlements, one after another, each: client (20 bytes) || seq (4) ||
     /// usageHash (32) || r (32) || s (32) || v (1) || entry count n (1) || previous count m (1) ||
     /// n tab entries || m entries of the client's current paid vector (empty at first; rebuilt from its last
-    /// TabSettled). node/chain/eip712.py `encode_settlement` writes this. A truncated settlement reverts.
+    /// TabSettled or LoweringClaimed). node/chain/eip712.py `encode_settlement` writes this. A truncated settlement
+    /// reverts.
     /// @return paid Total tokens credited to nodes.
     function settleTabs(bytes calldata settlements) external returns (uint256 paid) {
         bytes32 domain = _domainSeparatorV4();
