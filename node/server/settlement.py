@@ -94,10 +94,16 @@ def _ready(market: Market, stored: StoredTab, store: TabStore, gate: PaymentGate
 
 def _claim_lowered(market: Market, store: TabStore, gate: PaymentGate | None, stored: StoredTab, lowered: Tab,
                    signature: bytes) -> None:
-    """Make the client pay the held tab's promise with the fraud proof (the held tab and the lowering one), once."""
+    """Make the client pay the held tab's promise with the fraud proof (the held tab and the lowering one): once, and
+    again only for what an empty balance left unpaid, after the client deposits."""
     if gate is not None:
         gate.refuse(stored.client)
-    if store.claimed(stored.client, stored.tab.seq, lowered.seq):
+    balance = market.read(market.escrow.functions.balanceOf(to_checksum_address(stored.client)), "reading a balance")
+    if balance == 0:
+        if not store.claimed(stored.client, stored.tab.seq, lowered.seq):
+            log.error("client %s lowered this node's entry from %d (tab %d) to %d (tab %d) but its escrow balance is empty; "
+                      "the claim is sent once it deposits; this node no longer serves it", stored.client, stored.entry,
+                      stored.tab.seq, lowered.amount_for(stored.node), lowered.seq)
         return
     owed = stored.owed
     call = market.escrow.functions.claimLowered(to_checksum_address(stored.node),

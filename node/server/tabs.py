@@ -141,9 +141,19 @@ class TabStore:
                              (pack_entries(paid), seq, client.lower(), seq))
 
     def record_claim(self, claim: LoweringClaim) -> None:
+        """Record a claim; a second claim of the same pair of tabs adds its amount and keeps its transaction."""
+        key = (claim.client.lower(), claim.promised_seq, claim.lowered_seq)
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)", (claim.client.lower(), claim.promised_seq,
-                             claim.lowered_seq, str(claim.amount), claim.tx))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT amount FROM claims WHERE client = ? AND promised_seq = ? AND lowered_seq = ?",
+                                       key).fetchone()
+                amount = claim.amount + (int(row[0]) if row else 0)
+                self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)", (*key, str(amount), claim.tx))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def claims(self) -> list[LoweringClaim]:
         """Every claim this node made against a client that lowered its entry, oldest client first."""

@@ -196,7 +196,7 @@ def _tab(account, seq: int, amounts: dict[str, int]):
 def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_lowered_entry(market, tmp_path, lowered):
     """Another node settled the client's newer tab short: this node reads that tab back from the settlement's
     calldata and collects the rest once the client tops up; a newer tab promising it less is proof enough for
-    claimLowered to pay what the older tab promised, once."""
+    claimLowered to pay what the older tab promised: what the balance holds at once, the rest after a deposit."""
     from node.chain.eip712 import encode_settlement, sign_tab
     from node.server.settlement import settle_pending
     from node.server.tabs import TabStore
@@ -215,13 +215,20 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
     store.record(older, sign_tab(client.key, older, domain), 8)
     holder.transact(holder.escrow.functions.settleTabs(encode_settlement(newer, sign_tab(client.key, newer, domain), ())), "settling")
     assert paid_on_chain(holder, client.address, second) == (2 if lowered else 5)  # 15 - 10 paid to the first
+
+    def claims() -> list:
+        return holder.escrow.events.LoweringClaimed.get_logs(from_block=0, argument_filters={"client": client.address})
+
+    if lowered:
+        assert settle_pending(holder, store) == [] and paid_on_chain(holder, client.address, second) == 5  # the 3 left
+        assert settle_pending(holder, store) == [] and len(claims()) == 1  # an empty balance: no claim is sent
     market.cli(name, "client", "deposit", "100")
     settlements = settle_pending(holder, store)
     if lowered:
-        assert settlements == [] and paid_on_chain(holder, client.address, second) == 8
+        assert settlements == [] and paid_on_chain(holder, client.address, second) == 8 and len(claims()) == 2
         [claim] = store.claims()
         assert (claim.promised_seq, claim.lowered_seq, claim.amount) == (1, 2, 6) and store.get(client.address).owed == 0
-        assert settle_pending(holder, store) == [] and len(store.claims()) == 1
+        assert settle_pending(holder, store) == [] and len(claims()) == 2  # nothing owed: nothing more is claimed
     else:
         assert [s.paid for s in settlements] == [5] and paid_on_chain(holder, client.address, second) == 10
         assert store.get(client.address).tab == newer
