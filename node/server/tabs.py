@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS claims (
 
 @dataclass(frozen=True)
 class LoweringClaim:
-    """A claimLowered this node sent: the client's tab `promised_seq` against its lowering tab `lowered_seq`."""
+    """What this node's claimLowered calls collected on the client's tab `promised_seq` against its lowering tab
+    `lowered_seq`, in all, and the last call's transaction."""
 
     client: str
     promised_seq: int
