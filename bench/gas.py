@@ -1,4 +1,4 @@
-"""Gas of shardmarket's on-chain hot paths on a fresh anvil: register, stake, settleTabs, slash.
+"""Gas of shardmarket's on-chain hot paths on a fresh anvil: register, stake, settleTabs, claimLowered, slash.
 
     .venv/bin/python bench/gas.py
 
@@ -7,6 +7,10 @@ settleTabs is measured for 1 client x 3 nodes and for batches of 5 and 100 clien
 once per node, and the clients' paid vectors are empty) and warm (the steady state: every client's newer tab
 settled again over its stored paid vector). The baseline is the old per-(client, node) receipt: 48,131 gas to
 redeem one alone, 21,504 per receipt in a batch of 100 (issue 4's figures).
+
+claimLowered (a node's fraud proof against a client that signed a tab lowering its entry) is measured for tabs
+naming 3 and MAX_ENTRIES nodes, after the client settled its lowering tab; its baseline is the warm settleTabs of
+one client (what the node would have paid to settle an honest tab).
 """
 
 import json
@@ -60,7 +64,7 @@ def main() -> dict:
         tx = registry.register(model_id, 0, 16, 10, b"\x01" * 32, ["http://203.0.113.7:7300"], {"from": node})
         figures["register_gas"] = tx.gas_used
 
-        clients = [Account.from_key((0xC0FFEE00 + i).to_bytes(32, "big")) for i in range(sum(BATCH_SIZES))]
+        clients = [Account.from_key((0xC0FFEE00 + i).to_bytes(32, "big")) for i in range(sum(BATCH_SIZES) + 2)]
         token.approve(escrow, 2**255, {"from": owner})
         for client in tqdm(clients, desc="deposits", leave=False):
             escrow.deposit(client.address, 1000 * TOKEN, {"from": owner})
@@ -88,6 +92,20 @@ def main() -> dict:
         figures["old_receipt_batch_100_gas_per_receipt"] = OLD_RECEIPT_BATCH_100_GAS
         figures["batch_100_vs_old_receipts_ratio"] = round(
             figures["settle_100_clients_warm_gas_per_entry"] / OLD_RECEIPT_BATCH_100_GAS, 3)
+
+        for size, client in zip((NODES_PER_TAB, eip712.MAX_ENTRIES), clients[first:first + 2]):
+            nodes = [Account.create().address for _ in range(size)]
+            older = item(client, nodes, 2 * TOKEN, 1, ())
+            lowering = eip712.Tab(client.address, 2, tuple(eip712.Entry(n, TOKEN) for n in sorted(nodes, key=lambda a: int(a, 16))),
+                                  os.urandom(32))
+            signed = eip712.encode_settlement(lowering, eip712.sign_tab(client.key, lowering, escrow_domain), ())
+            tx = escrow.settleTabs(signed, {"from": owner})
+            paid = eip712.pack_entries(eip712.unpack_entries(bytes(tx.events["TabSettled"]["paid"])))
+            tx = escrow.claimLowered(sorted(nodes, key=lambda a: int(a, 16))[-1], older + signed, paid, {"from": owner})
+            assert tx.return_value == TOKEN, "the bench claim did not pay the lowered difference"
+            figures[f"claim_lowered_{size}_nodes_gas"] = tx.gas_used
+        figures["claim_lowered_3_nodes_vs_settle_1_client_warm_ratio"] = round(
+            figures["claim_lowered_3_nodes_gas"] / figures["settle_1_clients_warm_gas"], 3)
 
         commitments = [eip712.Commitment(b"\x22" * 32, 3, b"\x33" * 32, bytes([o]) * 32) for o in (1, 2)]
         signatures = [eip712.sign_commitment(node.private_key, c, dispute_domain) for c in commitments]

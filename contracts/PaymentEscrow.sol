@@ -13,9 +13,12 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 /// pays each node `amount - alreadyPaid` in entry order, capped by the client's balance (a shortfall stays
 /// owed: a later settlement, even of the same tab, pays the rest). The escrow keeps one storage slot per client:
 /// balance, the highest seq settled and a hash of the paid vector (what it has paid each node of the client);
-/// the settler passes the paid vector in calldata and nodes rebuild it from TabSettled. Payments are credited
-/// to nodes inside the escrow and leave it in one transfer (`withdrawEarnings`). A client's withdrawal waits
-/// `withdrawalTimelock` after its request, so nodes can settle first.
+/// the settler passes the paid vector in calldata and nodes rebuild it from TabSettled and LoweringClaimed.
+/// Payments are credited to nodes inside the escrow and leave it in one transfer (`withdrawEarnings`). A client's
+/// withdrawal waits `withdrawalTimelock` after its request, so nodes can settle first.
+///
+/// A client that signs a newer tab promising a node less than an older tab did has broken its promise:
+/// `claimLowered` takes both signed tabs and pays the node what the older one promised (the fraud proof).
 ///
 /// Settlements and paid vectors travel packed (see `settleTabs`), not ABI-encoded: ABI words are mostly zero
 /// padding, and at ~1,000 gas per paid request the padding, its decoder and a 64-byte event entry were a fifth
@@ -106,6 +109,11 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     event TabSettled(address indexed client, uint32 seq, bytes paid);
     event TabRejected(address indexed client, uint256 index, Rejection reason);
     event EarningsWithdrawn(address indexed node, address indexed to, uint256 amount);
+    /// @notice `client` signed tab `loweredSeq` promising `node` less than its tab `promisedSeq`; the escrow paid
+    /// `node` `amount` more. `seq` is the client's settled seq (unchanged) and `paid` its new paid vector, packed
+    /// and sorted by node like TabSettled's (nodes rebuild the paid vector from both events, in log order).
+    event LoweringClaimed(address indexed client, address indexed node, uint32 seq, uint32 promisedSeq,
+        uint32 loweredSeq, uint256 amount, bytes paid);
 
     error ZeroAmount();
     error ZeroAddress();
@@ -115,6 +123,15 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     error WithdrawalLocked(uint256 readyAt);
     error NothingToWithdraw();
     error TruncatedSettlements(uint256 index);
+    /// @notice A claim's `tabs` are not two packed signed tabs (each 1..MAX_ENTRIES sorted entries, no previous vector).
+    error MalformedClaim();
+    error DifferentClients(address promised, address lowered);
+    error NotNewer(uint32 promisedSeq, uint32 loweredSeq);
+    error NotLowered(address node, uint256 promised, uint256 lowered);
+    error BadTabSignature(uint32 seq);
+    /// @notice The paid vector passed is not the client's current one (rebuild it from TabSettled and LoweringClaimed).
+    error WrongPaidVector();
+    error NothingOwed(address node, uint256 promised, uint256 paid, uint256 balance);
 
     /// @param token_ The payment ERC-20.
     /// @param withdrawalTimelock_ Seconds a client's withdrawal waits after its request.
@@ -175,7 +192,8 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     /// @param settlements Packed settlements, one after another, each: client (20 bytes) || seq (4) ||
     /// usageHash (32) || r (32) || s (32) || v (1) || entry count n (1) || previous count m (1) ||
     /// n tab entries || m entries of the client's current paid vector (empty at first; rebuilt from its last
-    /// TabSettled). node/chain/eip712.py `encode_settlement` writes this. A truncated settlement reverts.
+    /// TabSettled or LoweringClaimed). node/chain/eip712.py `encode_settlement` writes this. A truncated settlement
+    /// reverts.
     /// @return paid Total tokens credited to nodes.
     function settleTabs(bytes calldata settlements) external returns (uint256 paid) {
         bytes32 domain = _domainSeparatorV4();
@@ -193,6 +211,32 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
             if (reason != Rejection.None) emit TabRejected(item.client, i, reason);
             else paid += total;
         }
+    }
+
+    /// @notice The fraud proof against a client that lowered a node's entry: `tabs` holds two tabs the client signed,
+    /// an older one promising `node` amount a and a newer one (higher seq, settled or not) promising it less. Pays
+    /// `node` min(balance, a - paid) and raises its paid entry, so the client's later tabs must promise it at least
+    /// that. Any caller may send it; a second claim of the same pair reverts with NothingOwed.
+    /// @param node The node whose entry was lowered (the payee).
+    /// @param tabs The older then the newer signed tab, each packed as a settleTabs item with no previous vector
+    /// (node/chain/eip712.py `encode_settlement(tab, signature, ())`, the form a node stores).
+    /// @param paid The client's current paid vector, packed (its last TabSettled or LoweringClaimed `paid`).
+    /// @return amount Tokens credited to `node`.
+    function claimLowered(address node, bytes calldata tabs, bytes calldata paid) external returns (uint256 amount) {
+        (address client, uint32 promisedSeq, uint32 loweredSeq, uint256 promised) = _provenLowering(node, tabs);
+        ClientAccount memory account = _accounts[client];
+        uint256 at;
+        assembly ("memory-safe") {
+            at := paid.offset
+        }
+        if (paid.length % ENTRY_BYTES != 0 || _vectorHash(at, paid.length / ENTRY_BYTES) != account.paidHash) {
+            revert WrongPaidVector();
+        }
+        bytes memory vector;
+        (amount, vector) = _raisePaid(paid, node, promised, account.balance);
+        _accounts[client] = ClientAccount(uint96(account.balance - amount), account.seq, uint128(uint256(keccak256(vector))));
+        _earnings[node] += amount;
+        emit LoweringClaimed(client, node, account.seq, promisedSeq, loweredSeq, amount, vector);
     }
 
     /// @notice Send all of the caller's (a node's) earnings to `to`.
@@ -272,6 +316,82 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
             mstore(add(item, 0x80), count)
             mstore(add(item, 0xa0), add(add(at, 123), mul(count, 36)))
             mstore(add(item, 0xc0), byte(0, calldataload(add(at, 122))))
+        }
+    }
+
+    /// @dev Checks that `tabs` are two tabs of one client, both signed by it, the second newer and promising `node`
+    /// less than the first; returns the client, both seqs and the first tab's amount for `node`.
+    function _provenLowering(address node, bytes calldata tabs)
+        private
+        view
+        returns (address client, uint32 promisedSeq, uint32 loweredSeq, uint256 promised)
+    {
+        (Item memory first, Item memory second) = _locatePair(tabs);
+        if (first.client != second.client) revert DifferentClients(first.client, second.client);
+        if (second.seq <= first.seq) revert NotNewer(first.seq, second.seq);
+        promised = _checkedAmount(first, node);
+        uint256 lowered = _checkedAmount(second, node);
+        if (lowered >= promised) revert NotLowered(node, promised, lowered);
+        return (first.client, first.seq, second.seq, promised);
+    }
+
+    /// @dev Pays `node` up to `promised` out of `balance`: the amount and the new packed paid vector (`node`'s entry
+    /// raised, or inserted in node order).
+    function _raisePaid(bytes calldata paid, address node, uint256 promised, uint256 balance)
+        private
+        pure
+        returns (uint256 amount, bytes memory vector)
+    {
+        (uint256 index, bool found, uint256 before) = _findPaid(paid, node);
+        amount = promised > before ? promised - before : 0;
+        if (amount > balance) amount = balance;
+        if (amount == 0) revert NothingOwed(node, promised, before, balance);
+        vector = found
+            ? abi.encodePacked(paid[:index + 20], bytes16(uint128(before + amount)), paid[index + ENTRY_BYTES:])
+            : abi.encodePacked(paid[:index], bytes20(node), bytes16(uint128(amount)), paid[index:]);
+    }
+
+    /// @dev The two packed tabs of a claim, each with no previous vector, filling `tabs` exactly.
+    function _locatePair(bytes calldata tabs) private pure returns (Item memory first, Item memory second) {
+        uint256 at;
+        uint256 end;
+        assembly ("memory-safe") {
+            at := tabs.offset
+            end := add(tabs.offset, tabs.length)
+        }
+        if (tabs.length < 2 * SETTLEMENT_HEADER_BYTES) revert MalformedClaim();
+        first = _locate(at);
+        at = first.previous;
+        if (first.previousCount != 0 || at + SETTLEMENT_HEADER_BYTES > end) revert MalformedClaim();
+        second = _locate(at);
+        if (second.previousCount != 0 || second.previous != end) revert MalformedClaim();
+    }
+
+    /// @dev What `item`'s tab promises `node` (0 if it names no such node), after checking its entries and that its
+    /// client signed it.
+    function _checkedAmount(Item memory item, address node) private view returns (uint256 amount) {
+        if (item.client == address(0) || item.count == 0 || item.count > MAX_ENTRIES) revert MalformedClaim();
+        (Rejection reason, bytes32 entriesHash, uint256 vector) = _scan(item);
+        if (reason != Rejection.None) revert MalformedClaim();
+        if (_signer(item, _domainSeparatorV4(), entriesHash) != item.client) revert BadTabSignature(item.seq);
+        assembly ("memory-safe") {
+            for { let k := 0 } lt(k, mload(add(item, 0x80))) { k := add(k, 1) } {
+                let p := add(vector, mul(k, 0x60))
+                if eq(mload(p), node) {
+                    amount := mload(add(p, 0x20))
+                    break
+                }
+            }
+        }
+    }
+
+    /// @dev The byte offset of `node`'s entry in the sorted packed `paid` (or where it would go), whether it is
+    /// there, and what it was paid.
+    function _findPaid(bytes calldata paid, address node) private pure returns (uint256 index, bool found, uint256 amount) {
+        for (; index < paid.length; index += ENTRY_BYTES) {
+            address named = address(bytes20(paid[index:index + 20]));
+            if (named == node) return (index, true, uint128(bytes16(paid[index + 20:index + ENTRY_BYTES])));
+            if (uint160(named) > uint160(node)) break;
         }
     }
 

@@ -190,12 +190,13 @@ SETTLEMENT_HEADER_BYTES = 123  # client, seq, usageHash, r, s, v, entry count, p
 
 
 def pack_entries(entries: tuple[Entry, ...]) -> bytes:
-    """Entries as PaymentEscrow packs them (settlements, paid vectors, TabSettled): node || amount, 36 bytes each."""
+    """Entries as PaymentEscrow packs them (settlements, claims, paid vectors, TabSettled, LoweringClaimed): node ||
+    amount, 36 bytes each."""
     return b"".join(bytes.fromhex(e.node[2:]) + e.amount.to_bytes(16, "big") for e in entries)
 
 
 def unpack_entries(data: bytes) -> tuple[Entry, ...]:
-    """The entries of `pack_entries`' bytes (a TabSettled paid vector); raises ValueError if malformed."""
+    """The entries of `pack_entries`' bytes (a TabSettled or LoweringClaimed paid vector); raises ValueError if malformed."""
     if len(data) % ENTRY_BYTES:
         raise ValueError(f"packed entries are a multiple of {ENTRY_BYTES} bytes, got {len(data)}")
     entries = tuple(Entry(to_checksum_address(data[i:i + 20].hex()), int.from_bytes(data[i + 20:i + 36], "big"))

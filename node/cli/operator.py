@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -197,6 +198,14 @@ def cmd_earnings(args: argparse.Namespace) -> None:
     for s in rows:
         print(f"{s.client:44} {s.tab.seq:>6} {s.served:>14} {s.entry:>14} {s.redeemed:>14} {s.owed:>14}")
     print(f"total pending {sum(s.owed for s in rows)}; redeemed, in the escrow: {market.read(market.escrow.functions.earningsOf(me))}")
+    _print_claims(store.claims())
+
+
+def _print_claims(claims: Iterable) -> None:
+    """One line per claim against a client that lowered this node's entry."""
+    for c in claims:
+        print(f"client {c.client} lowered this node's entry in tab {c.lowered_seq}; the claim on its tab {c.promised_seq} "
+              f"collected {c.amount}: tx {c.tx}")
 
 
 def cmd_redeem(args: argparse.Namespace) -> None:
@@ -206,8 +215,10 @@ def cmd_redeem(args: argparse.Namespace) -> None:
     market = connect(args)
     me = market.address
     store = TabStore(tabs_path(load_config()), me)
+    claimed = set(store.claims())
     for r in settle_pending(market, store):
         print(f"settled {r.tabs} client tab(s), {r.paid} to this node: tx {r.tx} ({r.gas} gas)")
+    _print_claims(c for c in store.claims() if c not in claimed)
     earnings = market.read(market.escrow.functions.earningsOf(me))
     if earnings:
         _tx(f"withdraw earnings {earnings} to {me}", market.transact(market.escrow.functions.withdrawEarnings(me), "withdrawing earnings"))

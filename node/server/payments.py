@@ -1,6 +1,6 @@
 """The node's payment check on every step: the client's newest EIP-712 tab must be signed by the client, promise
 this node what it has served (up to a per-client credit limit), and promise all its nodes no more than the
-client's escrow balance can pay (plus the credit limit)."""
+client's escrow balance can pay (plus the credit limit). A client caught lowering what it promised is refused."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class PaymentGate:
         self._accounts: dict[str, StoredTab] = {s.client.lower(): s for s in store.all()}
         self._session_clients: dict[bytes, str] = {}
         self._lock = threading.Lock()  # `charge` checks and stores on worker threads
+        self._refused: set[str] = {c.client.lower() for c in store.claims()}
 
     def _parse(self, raw: object) -> tuple[Tab, bytes]:
         if raw is None:
@@ -90,6 +91,9 @@ class PaymentGate:
     def _reserve(self, request_id: bytes, tokens: int, tab: Tab, signature: bytes) -> Charge:
         """Check `tab` against this node's books and reserve the step's cost (the caller holds the lock)."""
         client = tab.client.lower()
+        if client in self._refused:
+            raise PaymentRefused("client_refused", f"client {tab.client} signed a tab lowering what it promised this node; "
+                                                   "this node no longer serves it")
         if client not in self.balances:
             raise PaymentRefused("chain_unreachable", f"the escrow balance of {tab.client} is not known yet; send the step again")
         bound = self._session_clients.setdefault(request_id, client)
@@ -125,6 +129,10 @@ class PaymentGate:
     async def record(self, charge: Charge) -> StoredTab:
         """Store the tab (the step's answer is sent only after this returns)."""
         return await asyncio.to_thread(self.store.record, charge.tab, charge.signature, charge.cost)
+
+    def refuse(self, client: str) -> None:
+        """Serve `client` no more (it lowered what it promised this node)."""
+        self._refused.add(client.lower())
 
     def release(self, request_id: bytes) -> None:
         self._session_clients.pop(request_id, None)

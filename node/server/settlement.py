@@ -1,7 +1,8 @@
 """Settlement: the node turns its clients' newest tabs into escrow payments in one settleTabs transaction, when
 enough value is owed and at once when a client asks to withdraw (it watches WithdrawalRequested). A tab pays
 every node it names, so the node first reads each client's paid vector from the chain's TabSettled events and
-skips clients another node has already settled."""
+skips clients another node has already settled. A client that signed a newer tab promising this node less than the
+tab held here is made to pay the older promise (PaymentEscrow.claimLowered, once per pair of tabs)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from eth_utils import to_checksum_address
 from web3.logs import DISCARD
 
 from node.chain.contracts import ChainError, Market
-from node.chain.eip712 import Entry, Tab, decode_settlement, paid_vector_hash, split_settlements, unpack_entries
+from node.chain.eip712 import (Entry, Tab, decode_settlement, encode_settlement, pack_entries, paid_vector_hash,
+                               split_settlements, unpack_entries)
 from node.server.payments import PaymentGate, PaymentRefused
-from node.server.tabs import StoredTab, TabStore
+from node.server.tabs import LoweringClaim, StoredTab, TabStore
 
 log = logging.getLogger("shardmarket.settle")
 BATCH = 50  # clients per settleTabs transaction
@@ -33,9 +35,17 @@ class Settlement:
     paid: int
 
 
+def paid_vector_events(market: Market, from_block: int, to_block: int | str = "latest", client: str | None = None) -> list:
+    """The TabSettled and LoweringClaimed events (both carry a client's new paid vector and settled seq) in log order."""
+    filters = {"client": to_checksum_address(client)} if client else None
+    logs = [entry for event in (market.escrow.events.TabSettled, market.escrow.events.LoweringClaimed)
+            for entry in event.get_logs(from_block=from_block, to_block=to_block, argument_filters=filters)]
+    return sorted(logs, key=lambda entry: (entry["blockNumber"], entry["logIndex"]))
+
+
 def paid_vector_on_chain(market: Market, client: str, from_block: int = 0) -> tuple[tuple[Entry, ...], int]:
-    """`client`'s paid vector and settled seq from its last TabSettled event ((), -1 if never settled)."""
-    logs = market.escrow.events.TabSettled.get_logs(from_block=from_block, argument_filters={"client": to_checksum_address(client)})
+    """`client`'s paid vector and settled seq from its last TabSettled or LoweringClaimed event ((), -1 if none)."""
+    logs = paid_vector_events(market, from_block, client=client)
     if not logs:
         return (), -1
     last = logs[-1]["args"]
@@ -43,11 +53,11 @@ def paid_vector_on_chain(market: Market, client: str, from_block: int = 0) -> tu
 
 
 def sync_paid_vectors(market: Market, store: TabStore, gate: PaymentGate | None = None) -> None:
-    """Read the TabSettled events since the last sync into the store (and the gate)."""
+    """Read the paid-vector events since the last sync into the store (and the gate)."""
     latest = market.w3.eth.block_number
     start = store.scanned_block() + 1
     if start <= latest:
-        for entry in market.escrow.events.TabSettled.get_logs(from_block=start, to_block=latest):
+        for entry in paid_vector_events(market, start, latest):
             _mark(store, gate, entry["args"]["client"], unpack_entries(bytes(entry["args"]["paid"])), entry["args"]["seq"])
         store.set_scanned_block(latest)
 
@@ -69,13 +79,51 @@ def _ready(market: Market, stored: StoredTab, store: TabStore, gate: PaymentGate
         return None  # another node settled this client's tab
     if stored.tab.seq < seq:  # another node settled a newer tab short (or the client lowered this node's entry)
         newer = _settled_tab(market, stored.client, seq)
-        if newer is None or newer[0].amount_for(stored.node) < stored.entry:
-            log.error("client %s owes this node %d but the escrow settled its tab %d, which promises this node less than "
-                      "tab %d held here: the client lowered what it promised; stop serving it", stored.client, stored.owed,
-                      seq, stored.tab.seq)
+        if newer is None:
+            log.error("client %s owes this node %d but the escrow settled its tab %d, whose signed form this node cannot "
+                      "read back (sent through another contract); this node no longer serves it", stored.client, stored.owed, seq)
+            if gate is not None:
+                gate.refuse(stored.client)
+            return None
+        if newer[0].amount_for(stored.node) < stored.entry:
+            _claim_lowered(market, store, gate, stored, *newer)
             return None
         stored = store.record(*newer, 0)  # the client's own signed newer tab: settling it again collects the rest
     return stored
+
+
+def _claim_lowered(market: Market, store: TabStore, gate: PaymentGate | None, stored: StoredTab, lowered: Tab,
+                   signature: bytes) -> None:
+    """Make the client pay the held tab's promise with the fraud proof (the held tab and the lowering one): once, and
+    again only for what an empty balance left unpaid, after the client deposits."""
+    if gate is not None:
+        gate.refuse(stored.client)
+    balance = market.read(market.escrow.functions.balanceOf(to_checksum_address(stored.client)), "reading a balance")
+    if balance == 0:
+        if not store.claimed(stored.client, stored.tab.seq, lowered.seq):
+            log.error("client %s lowered this node's entry from %d (tab %d) to %d (tab %d) but its escrow balance is empty; "
+                      "the claim is sent once it deposits; this node no longer serves it", stored.client, stored.entry,
+                      stored.tab.seq, lowered.amount_for(stored.node), lowered.seq)
+        return
+    owed = stored.owed
+    call = market.escrow.functions.claimLowered(to_checksum_address(stored.node),
+                                                stored.signed() + encode_settlement(lowered, signature, ()), pack_entries(stored.paid))
+    try:
+        receipt = market.transact(call, f"claiming what client {stored.client} promised in tab {stored.tab.seq}")
+    except ChainError as exc:
+        log.error("client %s lowered this node's entry from %d (tab %d) to %d (tab %d) and the claim failed: %s; it is "
+                  "tried again next round; this node no longer serves it", stored.client, stored.entry, stored.tab.seq,
+                  lowered.amount_for(stored.node), lowered.seq, exc)
+        return
+    paid = 0
+    for event in market.escrow.events.LoweringClaimed().process_receipt(receipt, errors=DISCARD):
+        _mark(store, gate, event["args"]["client"], unpack_entries(bytes(event["args"]["paid"])), event["args"]["seq"])
+        paid += event["args"]["amount"]
+    claim = LoweringClaim(stored.client, stored.tab.seq, lowered.seq, paid, receipt["transactionHash"].to_0x_hex())
+    store.record_claim(claim)
+    log.error("client %s lowered this node's entry from %d (tab %d) to %d (tab %d); the fraud proof collected %d of the %d "
+              "it owed, in tx %s (%d gas); this node no longer serves it", stored.client, stored.entry, stored.tab.seq,
+              lowered.amount_for(stored.node), lowered.seq, paid, owed, claim.tx, receipt["gasUsed"])
 
 
 def _settled_tab(market: Market, client: str, seq: int) -> tuple[Tab, bytes] | None:
@@ -147,6 +195,8 @@ class Settler:
         return {entry["args"]["client"].lower() for entry in logs}
 
     def _refresh_balances(self) -> None:
+        for claim in self.store.claims():  # claims sent by `node redeem` in another process too
+            self.gate.refuse(claim.client)
         for client in list(self.gate.balances):
             self.gate.balances[client] = self.market.read(self.market.escrow.functions.spendableOf(to_checksum_address(client)))
 

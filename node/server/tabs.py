@@ -1,5 +1,6 @@
 """The node's tabs: every client's newest signed tab in SQLite, so a tab acknowledged to a client survives a kill -9;
-plus what the node served the client and the client's paid vector as last seen on chain (TabSettled)."""
+plus what the node served the client, the client's paid vector as last seen on chain (TabSettled, LoweringClaimed)
+and the claims this node made against clients that lowered its entry."""
 
 from __future__ import annotations
 
@@ -20,7 +21,27 @@ CREATE TABLE IF NOT EXISTS tabs (
     paid_seq INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS claims (
+    client TEXT NOT NULL,
+    promised_seq INTEGER NOT NULL,
+    lowered_seq INTEGER NOT NULL,
+    amount TEXT NOT NULL,
+    tx TEXT NOT NULL,
+    PRIMARY KEY (client, promised_seq, lowered_seq)
+);
 """
+
+
+@dataclass(frozen=True)
+class LoweringClaim:
+    """What this node's claimLowered calls collected on the client's tab `promised_seq` against its lowering tab
+    `lowered_seq`, in all, and the last call's transaction."""
+
+    client: str
+    promised_seq: int
+    lowered_seq: int
+    amount: int
+    tx: str
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,10 @@ class StoredTab:
     def settlement(self) -> bytes:
         """The settleTabs item for this tab over the stored paid vector."""
         return encode_settlement(self.tab, self.signature, self.paid)
+
+    def signed(self) -> bytes:
+        """The signed tab alone (how it travels and how claimLowered takes it)."""
+        return encode_settlement(self.tab, self.signature, ())
 
 
 class TabStore:
@@ -115,6 +140,34 @@ class TabStore:
         with self._lock:
             self._db.execute("UPDATE tabs SET paid = ?, paid_seq = ? WHERE client = ? AND paid_seq <= ?",
                              (pack_entries(paid), seq, client.lower(), seq))
+
+    def record_claim(self, claim: LoweringClaim) -> None:
+        """Record a claim; a second claim of the same pair of tabs adds its amount and keeps its transaction."""
+        key = (claim.client.lower(), claim.promised_seq, claim.lowered_seq)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT amount FROM claims WHERE client = ? AND promised_seq = ? AND lowered_seq = ?",
+                                       key).fetchone()
+                amount = claim.amount + (int(row[0]) if row else 0)
+                self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)", (*key, str(amount), claim.tx))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def claims(self) -> list[LoweringClaim]:
+        """Every claim this node made against a client that lowered its entry, oldest client first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM claims ORDER BY client, promised_seq, lowered_seq").fetchall()
+        return [LoweringClaim(client, promised, lowered, int(amount), tx) for client, promised, lowered, amount, tx in rows]
+
+    def claimed(self, client: str, promised_seq: int, lowered_seq: int) -> bool:
+        """Whether this node already claimed tab `promised_seq` of `client` against its tab `lowered_seq`."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM claims WHERE client = ? AND promised_seq = ? AND lowered_seq = ?",
+                                   (client.lower(), promised_seq, lowered_seq)).fetchone()
+        return row is not None
 
     def scanned_block(self) -> int:
         """The last block whose TabSettled events are in the store (-1: none)."""

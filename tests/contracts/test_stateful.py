@@ -1,8 +1,9 @@
 """Random deposits, tabs, settlements, withdrawals, stakes, unbonds and slashes against a model of the market.
 
+Clients sometimes sign a tab lowering a node's entry, and the node claims the older promise (claimLowered).
 After every step: every token is accounted for (holders and contracts sum to the total supply), each contract
-holds exactly what it owes, no node was ever paid more than its entry in its client's newest tab, and the
-escrow's stored paid vector is the model's.
+holds exactly what it owes, no node was ever paid more than the most any of its client's tabs promised it, and
+the escrow's stored paid vector is the model's.
 """
 
 from itertools import count
@@ -77,7 +78,8 @@ class MarketMachine:
             previous = tuple(eip712.Entry(e.node, e.amount + 1) for e in previous) or (eip712.Entry(tab.entries[0].node, 1),)
         balance = self.market.escrow.balanceOf(account)
         tx = self.market.settle([self.market.item(tab, signature, previous)], self.nodes[0])
-        if wrong_previous or tab.seq < self.settled_seq.get(client, 0):
+        covers = all(tab.amount_for(node) >= amount for node, amount in paid.items())
+        if wrong_previous or tab.seq < self.settled_seq.get(client, 0) or not covers:
             assert tx.return_value == 0 and "TabSettled" not in tx.events
             return
         expected = 0
@@ -89,6 +91,40 @@ class MarketMachine:
         self.settled_seq[client] = tab.seq
         assert tx.return_value == expected
         assert self.market.paid_vector(tx, account) == tuple(eip712.Entry(e.node, paid[e.node]) for e in tab.entries)
+
+    def rule_lower(self, client="st_client", node="st_node", amount="st_amount", settle="st_bool"):
+        """The client signs a tab raising a node's entry, then a newer one halving it (the offence claimLowered
+        proves), maybe settles that one; the node claims."""
+        signed = self.tabs.setdefault(client, [])
+        address = self.nodes[node].address
+        amounts = {e.node: e.amount for e in signed[-1][0].entries} if signed else {}
+        amounts[address] = amounts.get(address, 0) + amount * TOKEN
+        signed.append(self.market.tab(self.clients[client], amounts, seq=len(signed) + 1))
+        amounts[address] //= 2
+        signed.append(self.market.tab(self.clients[client], amounts, seq=len(signed) + 1))
+        if settle:
+            self.rule_settle(client, len(signed) - 1, False)
+        self.rule_claim_lowered(client, node)
+
+    def rule_claim_lowered(self, client="st_client", node="st_node"):
+        """The node claims its highest promise against the newest tab that lowered it: paid up to the balance."""
+        signed, address = self.tabs.get(client, []), self.nodes[node].address
+        best = max(range(len(signed)), key=lambda k: signed[k][0].amount_for(address), default=None)
+        lowering = next((k for k in range(len(signed) - 1, -1, -1) if best is not None and k > best
+                         and signed[k][0].amount_for(address) < signed[best][0].amount_for(address)), None)
+        if lowering is None:
+            return
+        account, paid = self.clients[client], self.paid.setdefault(client, {})
+        vector = tuple(eip712.Entry(n, a) for n, a in sorted(paid.items(), key=lambda item: int(item[0], 16)))
+        tabs = b"".join(eip712.encode_settlement(*signed[k], ()) for k in (best, lowering))
+        due = min(signed[best][0].amount_for(address) - paid.get(address, 0), self.market.escrow.balanceOf(account))
+        if due <= 0:
+            with brownie.reverts(revert_pattern=r"NothingOwed(: .*)?"):
+                self.market.escrow.claimLowered(address, tabs, eip712.pack_entries(vector), {"from": self.nodes[0]})
+            return
+        tx = self.market.escrow.claimLowered(address, tabs, eip712.pack_entries(vector), {"from": self.nodes[0]})
+        paid[address] = paid.get(address, 0) + due
+        assert tx.return_value == due
 
     def rule_request_withdrawal(self, client="st_client", amount="st_amount"):
         account = self.clients[client]
@@ -152,9 +188,8 @@ class MarketMachine:
         assert token.balanceOf(stake) == sum(stake.totalStakeOf(n) for n in self.nodes)
         assert token.balanceOf(self.market.disputes) == 0
         for client, signed in self.tabs.items():
-            newest = signed[-1][0]
             paid = self.paid.get(client, {})
-            assert all(amount <= newest.amount_for(node) for node, amount in paid.items())
+            assert all(amount <= max(tab.amount_for(node) for tab, _ in signed) for node, amount in paid.items())
             vector = tuple(eip712.Entry(n, a) for n, a in sorted(paid.items(), key=lambda item: int(item[0], 16)))
             assert escrow.tabOf(self.clients[client]) == (self.settled_seq.get(client, 0), eip712.paid_vector_hash(vector))
 

@@ -193,9 +193,10 @@ def _tab(account, seq: int, amounts: dict[str, int]):
 
 
 @pytest.mark.parametrize("lowered", [False, True], ids=["short-then-topped-up", "client-lowered-the-entry"])
-def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_flags_a_lowered_entry(market, tmp_path, lowered):
+def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_lowered_entry(market, tmp_path, lowered):
     """Another node settled the client's newer tab short: this node reads that tab back from the settlement's
-    calldata and collects the rest once the client tops up; a newer tab promising it less is flagged, not paid."""
+    calldata and collects the rest once the client tops up; a newer tab promising it less is proof enough for
+    claimLowered to pay what the older tab promised: what the balance holds at once, the rest after a deposit."""
     from node.chain.eip712 import encode_settlement, sign_tab
     from node.server.settlement import settle_pending
     from node.server.tabs import TabStore
@@ -214,10 +215,52 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_flags_a_l
     store.record(older, sign_tab(client.key, older, domain), 8)
     holder.transact(holder.escrow.functions.settleTabs(encode_settlement(newer, sign_tab(client.key, newer, domain), ())), "settling")
     assert paid_on_chain(holder, client.address, second) == (2 if lowered else 5)  # 15 - 10 paid to the first
+
+    def claims() -> list:
+        return holder.escrow.events.LoweringClaimed.get_logs(from_block=0, argument_filters={"client": client.address})
+
+    if lowered:
+        assert settle_pending(holder, store) == [] and paid_on_chain(holder, client.address, second) == 5  # the 3 left
+        assert settle_pending(holder, store) == [] and len(claims()) == 1  # an empty balance: no claim is sent
     market.cli(name, "client", "deposit", "100")
     settlements = settle_pending(holder, store)
     if lowered:
-        assert settlements == [] and paid_on_chain(holder, client.address, second) == 2
+        assert settlements == [] and paid_on_chain(holder, client.address, second) == 8 and len(claims()) == 2
+        [claim] = store.claims()
+        assert (claim.promised_seq, claim.lowered_seq, claim.amount) == (1, 2, 6) and store.get(client.address).owed == 0
+        assert settle_pending(holder, store) == [] and len(claims()) == 2  # nothing owed: nothing more is claimed
     else:
         assert [s.paid for s in settlements] == [5] and paid_on_chain(holder, client.address, second) == 10
         assert store.get(client.address).tab == newer
+
+
+def test_a_client_that_lowers_a_node_entry_and_settles_it_itself_still_pays_that_node(market, capsys):
+    """Served by the node processes, the client signs a newer tab cutting node1's entry to a quarter and settles it
+    itself; `node redeem` on node1 sends the fraud proof and node1 is paid all its held tab promised."""
+    from node.chain.eip712 import Entry, Tab, encode_settlement, sign_tab
+    from node.server.tabs import TabStore
+
+    model = asyncio.run(client_model(market, "lucy"))
+    asyncio.run(generate(model, PROMPT, 4))
+    lucy, node = market.accounts["lucy"], market.accounts["node1"]
+    with market.acting_as("node1"):
+        held = TabStore(load_config().node.data_dir / "tabs.sqlite", node).get(lucy)
+    promised = held.entry
+    assert promised > 0 and held.owed == promised
+    lowering = Tab(lucy, held.tab.seq + 1, tuple(Entry(e.node, e.amount // 4 if e.node.lower() == node.lower() else e.amount)
+                                                 for e in held.tab.entries), held.tab.usage_hash)
+    chain = chain_as(market, "lucy")
+    with market.acting_as("lucy"):
+        key = load_account(PASSWORD).key
+    chain.transact(chain.escrow.functions.settleTabs(encode_settlement(lowering, sign_tab(key, lowering, chain.escrow_domain()), ())),
+                   "the client settling its own lowering tab")
+    assert paid_on_chain(chain, lucy, node) == promised // 4
+    capsys.readouterr()
+    market.cli("node1", "node", "redeem")
+    market.cli("node1", "node", "earnings")
+    out = capsys.readouterr().out
+    assert paid_on_chain(chain, lucy, node) == promised
+    row = next(line.split() for line in out.splitlines() if line.startswith(lucy))
+    assert [int(x) for x in row[3:]] == [promised, promised, 0]  # promised, redeemed, pending
+    claim = f"client {lucy.lower()} lowered this node's entry in tab {lowering.seq}; the claim on its tab {held.tab.seq} "
+    assert f"{claim}collected {promised - promised // 4}" in out

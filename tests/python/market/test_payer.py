@@ -12,7 +12,7 @@ from eth_account import Account
 from node.chain.eip712 import MAX_ENTRIES, Domain, Entry, Tab, decode_settlement, encode_settlement, recover_tab_signer, sign_tab
 from node.client.payer import Payer, TabFull
 from node.server.payments import PaymentGate, PaymentRefused
-from node.server.tabs import TabStore
+from node.server.tabs import LoweringClaim, TabStore
 
 DOMAIN = Domain(31337, "0x" + "22" * 20)
 
@@ -114,3 +114,22 @@ def test_the_gate_refuses_a_tab_the_escrow_would_reject_over_its_paid_vector(tmp
 
     with pytest.raises(PaymentRefused, match="already paid"):
         asyncio.run(scenario())
+
+
+def test_the_gate_refuses_a_client_caught_lowering_its_entry_also_after_a_restart(tmp_path):
+    client, honest, node = Account.create(), Account.create(), Account.create().address
+    gate = _gate(tmp_path, node, balance=1000)
+
+    async def step(on: PaymentGate, who, seq: int):
+        await on.record(await on.authorize(b"\x01" * 32, 5, {"tab": _signed(who, seq, {node: 5 * seq})}))
+
+    asyncio.run(step(gate, client, 1))
+    gate.refuse(client.address)  # what the settler does when it finds the client's lowering tab
+    with pytest.raises(PaymentRefused) as refused:
+        asyncio.run(step(gate, client, 2))
+    assert refused.value.code == "client_refused"
+    gate.store.record_claim(LoweringClaim(client.address, 1, 2, 5, "0x" + "ab" * 32))
+    restarted = _gate(tmp_path, node, balance=1000)
+    with pytest.raises(PaymentRefused, match="no longer serves it"):
+        asyncio.run(step(restarted, client, 2))
+    asyncio.run(step(restarted, honest, 1))  # other clients are served as before
