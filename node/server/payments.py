@@ -146,8 +146,5 @@ class PaymentGate:
 
 
 def _claimed_client(raw: object) -> str | None:
-    """The client a raw tab names, unverified (lower-case hex), or None if it does not parse."""
-    try:
-        return decode_settlement(raw)[0].client.lower()
-    except (TypeError, ValueError):
-        return None
+    """The client a raw tab names (its first 20 bytes, see encode_settlement), unverified, as lower-case hex."""
+    return "0x" + raw[:20].hex() if isinstance(raw, bytes) and len(raw) >= 20 else None
