@@ -250,25 +250,27 @@ class NodeService:
     async def _run_paid(self, session: _Session, message: Message) -> _Answer:
         """Run the step while its tab is checked and stored; the answer goes out only after both, and a
         refused step's answer never does (its session is dropped, so a retry cannot fetch it from the cache)."""
-        running = asyncio.ensure_future(self._run(session, message))
+        tokens = message.tensor.shape[1] if message.tensor is not None and message.tensor.dim() == 3 else 0
+        charging = self.payments.start_charge(session.request_id, tokens, message.fields)
+        fast = asyncio.isfuture(charging)  # a known client's tab is already being checked on a thread: compute at once
+        running = self._run(session, message) if fast else asyncio.ensure_future(self._run(session, message))
+        if fast:
+            try:
+                answer = await running
+            except BaseException:
+                await asyncio.gather(charging, return_exceptions=True)
+                raise
         try:
-            await self._authorize(session, message)
-        except BaseException:
-            await asyncio.gather(running, return_exceptions=True)
+            await charging
+        except BaseException as exc:
+            if not fast:
+                await asyncio.gather(running, return_exceptions=True)
             self._retire(session.request_id)
             await self._close_stage_session(session)
+            if isinstance(exc, PaymentRefused):
+                raise StepRefused(exc.code, str(exc)) from None
             raise
-        return await running
-
-    async def _authorize(self, session: _Session, message: Message):
-        """Check the step's tab (when this node charges); raises StepRefused when the client must pay first."""
-        if self.payments is None:
-            return None
-        tokens = message.tensor.shape[1] if message.tensor is not None and message.tensor.dim() == 3 else 0
-        try:
-            return await self.payments.charge(session.request_id, tokens, message.fields)
-        except PaymentRefused as exc:
-            raise StepRefused(exc.code, str(exc)) from None
+        return answer if fast else await running
 
     def _cached(self, session: _Session, message: Message) -> _Answer | None:
         """The earlier answer to a retried step; refuses steps out of order or with a different input."""
