@@ -220,6 +220,12 @@ def encode_settlement(tab: Tab, signature: bytes, previous: tuple[Entry, ...]) -
             + pack_entries(tab.entries) + pack_entries(previous))
 
 
+def settlement_client(data: object) -> str | None:
+    """The client a packed settlement (or a step's tab) names, in lower-case hex, read without checking anything
+    else; None if `data` is too short to name one."""
+    return "0x" + bytes(data[:20]).hex() if isinstance(data, (bytes, bytearray)) and len(data) >= 20 else None
+
+
 def decode_settlement(data: bytes) -> tuple[Tab, bytes, tuple[Entry, ...]]:
     """(tab, signature, previous paid vector) of one `encode_settlement` item (a signed tab travels on every step
     in this form, with no previous vector); raises ValueError if malformed."""

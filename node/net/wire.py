@@ -28,7 +28,6 @@ MESSAGE_TYPES = frozenset({HELLO, WELCOME, OPEN, OPENED, STEP, RESULT, COMMIT, C
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_ITEMSIZES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 if sys.byteorder != "little":  # tensors travel little-endian and are read in place
     raise ImportError("shardmarket's wire format needs a little-endian machine")
 _HEADER_KEYS = {"v": int, "type": str, "session": bytes, "step": int, "dtype": str, "shape": list, "nbytes": int}
@@ -161,7 +160,7 @@ def _tensor(header: dict, payload: memoryview, limits: Limits) -> torch.Tensor:
         elements *= d
         if elements > limits.max_elements:
             raise WireError(f"shape {shape} exceeds the limit of {limits.max_elements} elements", "too_large")
-    itemsize = _ITEMSIZES[dtype]
+    itemsize = dtype.itemsize
     if header.get("nbytes") != elements * itemsize or len(payload) != elements * itemsize:
         raise WireError(
             f"shape {shape} of {header['dtype']} needs {elements * itemsize} bytes, "

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from node.chain.eip712 import Domain, Entry, InvalidSignature, Tab, decode_settlement, recover_tab_signer
+from node.chain.eip712 import Domain, Entry, InvalidSignature, Tab, decode_settlement, recover_tab_signer, settlement_client
 from node.server.tabs import StoredTab, TabStore
 
 
@@ -69,25 +69,22 @@ class PaymentGate:
             return self._reserve(request_id, tokens, tab, signature)
 
     async def charge(self, request_id: bytes, tokens: int, fields: dict) -> Charge | None:
-        """`authorize`, then `record`, in one trip to a thread that runs while the step computes; a client's first
-        step goes the long way (its signature is checked before its escrow balance is read from the chain)."""
-        if self.price == 0 and "tab" not in fields:
-            return None
-        claimed = _claimed_client(fields.get("tab"))  # not verified yet: only to pick the way
-        if claimed is None or claimed not in self.balances:
-            charge = await self.authorize(request_id, tokens, fields)
-            if charge is not None:
-                await self.record(charge)
-            return charge
-        return await asyncio.to_thread(self._charge, request_id, tokens, fields.get("tab"))
+        """`authorize`, then `record` (see `start_charge`)."""
+        return await self.start_charge(request_id, tokens, fields)
 
     def start_charge(self, request_id: bytes, tokens: int, fields: dict) -> Awaitable[Charge | None]:
         """`charge`, started now: a known client's tab is checked and stored on a worker thread from this moment
-        (the returned future), so the layers can run at once alongside; anything else goes the long way."""
-        claimed = _claimed_client(fields.get("tab"))
-        if claimed is not None and claimed in self.balances:
+        (the returned future), so the layers can run at once alongside; a client's first step goes the long way
+        (its signature is checked before its escrow balance is read from the chain)."""
+        if settlement_client(fields.get("tab")) in self.balances:  # not verified yet: only to pick the way
             return asyncio.get_running_loop().run_in_executor(None, self._charge, request_id, tokens, fields.get("tab"))
-        return self.charge(request_id, tokens, fields)
+        return self._authorize_then_record(request_id, tokens, fields)
+
+    async def _authorize_then_record(self, request_id: bytes, tokens: int, fields: dict) -> Charge | None:
+        charge = await self.authorize(request_id, tokens, fields)
+        if charge is not None:
+            await self.record(charge)
+        return charge
 
     def _charge(self, request_id: bytes, tokens: int, raw: object) -> Charge:
         tab, signature = self._parse(raw)
@@ -102,8 +99,6 @@ class PaymentGate:
         if client in self._refused:
             raise PaymentRefused("client_refused", f"client {tab.client} signed a tab lowering what it promised this node; "
                                                    "this node no longer serves it")
-        if client not in self.balances:
-            raise PaymentRefused("chain_unreachable", f"the escrow balance of {tab.client} is not known yet; send the step again")
         bound = self._session_clients.setdefault(request_id, client)
         if bound != client:
             raise PaymentRefused("bad_tab", "this session is paid by another client; one session, one payer")
@@ -152,7 +147,3 @@ class PaymentGate:
             if known is not None and seq >= known.paid_seq:
                 self._accounts[client.lower()] = StoredTab(self.node, known.tab, known.signature, known.served, paid, seq)
 
-
-def _claimed_client(raw: object) -> str | None:
-    """The client a raw tab names (its first 20 bytes, see encode_settlement), unverified, as lower-case hex."""
-    return "0x" + raw[:20].hex() if isinstance(raw, bytes) and len(raw) >= 20 else None
