@@ -9,10 +9,11 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
-from eth_keys import keys
-from eth_utils import to_checksum_address
+from cchecksum import to_checksum_address
 
-from node.chain.eip712 import MAX_ENTRIES, Domain, Entry, Tab, UsageRecord, chain_usage_hash, encode_settlement, sign_tab
+from node.chain.eip712 import (
+    MAX_ENTRIES, Domain, Entry, Tab, UsageRecord, chain_usage_hash, encode_settlement, sign_tab, signing_key,
+)
 from node.net.commitment import SignedCommitment
 
 ZERO32 = bytes(32)
@@ -32,7 +33,7 @@ class Payer:
 
     def __init__(self, account, domain: Domain, ledger: Path) -> None:
         self.account, self.domain = account, domain
-        self._key = keys.PrivateKey(bytes(account.key))
+        self._key = signing_key(bytes(account.key))  # libsecp256k1, made once
         ledger.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(ledger, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")

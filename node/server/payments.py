@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from node.chain.eip712 import Domain, Entry, InvalidSignature, Tab, decode_settlement, recover_tab_signer, settlement_client
@@ -30,6 +31,14 @@ class Charge:
     cost: int
 
 
+async def charged(charging: Future | Awaitable[Charge | None]) -> Charge | None:
+    """The outcome of `PaymentGate.start_charge`: a thread that has finished answers at once, without the turns of the
+    event loop that awaiting its asyncio wrapper takes (about 0.1 ms a step on a cold CPU)."""
+    if isinstance(charging, Future):
+        return charging.result() if charging.done() else await asyncio.wrap_future(charging)
+    return await charging
+
+
 class PaymentGate:
     """Checks tabs and credit per client; `spendable(client)` reads the client's escrow balance from the chain."""
 
@@ -42,6 +51,7 @@ class PaymentGate:
         self._accounts: dict[str, StoredTab] = {s.client.lower(): s for s in store.all()}
         self._session_clients: dict[bytes, str] = {}
         self._lock = threading.Lock()  # `charge` checks and stores on worker threads
+        self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tabs")
         self._refused: set[str] = {c.client.lower() for c in store.claims()}
 
     def _parse(self, raw: object) -> tuple[Tab, bytes]:
@@ -70,14 +80,14 @@ class PaymentGate:
 
     async def charge(self, request_id: bytes, tokens: int, fields: dict) -> Charge | None:
         """`authorize`, then `record` (see `start_charge`)."""
-        return await self.start_charge(request_id, tokens, fields)
+        return await charged(self.start_charge(request_id, tokens, fields))
 
-    def start_charge(self, request_id: bytes, tokens: int, fields: dict) -> Awaitable[Charge | None]:
-        """`charge`, started now: a known client's tab is checked and stored on a worker thread from this moment
-        (the returned future), so the layers can run at once alongside; a client's first step goes the long way
-        (its signature is checked before its escrow balance is read from the chain)."""
+    def start_charge(self, request_id: bytes, tokens: int, fields: dict) -> Future | Awaitable[Charge | None]:
+        """`charge`, started now (finish it with `charged`): a known client's tab is checked and stored on a worker
+        thread from this moment (the returned concurrent Future), so the layers can run at once alongside; a client's
+        first step goes the long way (its signature is checked before its escrow balance is read from the chain)."""
         if settlement_client(fields.get("tab")) in self.balances:  # not verified yet: only to pick the way
-            return asyncio.get_running_loop().run_in_executor(None, self._charge, request_id, tokens, fields.get("tab"))
+            return self._threads.submit(self._charge, request_id, tokens, fields.get("tab"))
         return self._authorize_then_record(request_id, tokens, fields)
 
     async def _authorize_then_record(self, request_id: bytes, tokens: int, fields: dict) -> Charge | None:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ from node.net.commitment import SignedCommitment, commit
 from node.net.crypto import DecryptError, node_handshake
 from node.net.wire import Limits, Message, StreamDesync, WireError
 from node.server.identity import NodeIdentity
-from node.server.payments import PaymentGate, PaymentRefused
+from node.server.payments import PaymentGate, PaymentRefused, charged
 from node.server.worker import StageWorker
 
 log = logging.getLogger("shardmarket.node")
@@ -252,16 +253,16 @@ class NodeService:
         refused step's answer never does (its session is dropped, so a retry cannot fetch it from the cache)."""
         tokens = message.tensor.shape[1] if message.tensor is not None and message.tensor.dim() == 3 else 0
         charging = self.payments.start_charge(session.request_id, tokens, message.fields)
-        fast = asyncio.isfuture(charging)  # a known client's tab is already being checked on a thread: compute at once
+        fast = isinstance(charging, Future)  # a known client's tab is already being checked on a thread: compute at once
         running = self._run(session, message) if fast else asyncio.ensure_future(self._run(session, message))
         if fast:
             try:
                 answer = await running
             except BaseException:
-                await asyncio.gather(charging, return_exceptions=True)
+                await asyncio.gather(charged(charging), return_exceptions=True)
                 raise
         try:
-            await charging
+            await charged(charging)
         except BaseException as exc:
             if not fast:
                 await asyncio.gather(running, return_exceptions=True)

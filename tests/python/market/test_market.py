@@ -264,3 +264,13 @@ def test_a_client_that_lowers_a_node_entry_and_settles_it_itself_still_pays_that
     assert [int(x) for x in row[3:]] == [promised, promised, 0]  # promised, redeemed, pending
     claim = f"client {lucy.lower()} lowered this node's entry in tab {lowering.seq}; the claim on its tab {held.tab.seq} "
     assert f"{claim}collected {promised - promised // 4}" in out
+
+
+def test_block_number_is_the_chains_and_the_duties_share_a_recent_read(market):
+    chain = chain_as(market, "node0")
+    first = chain.block_number()
+    assert first == chain.w3.eth.block_number
+    chain.w3.provider.make_request("evm_mine", [])
+    assert chain.block_number(max_age_s=60) == first  # read less than a minute ago: no call
+    assert chain.block_number() == first + 1
+    assert chain.block_number(max_age_s=60) == first + 1
