@@ -162,13 +162,14 @@ def test_usage_hash_chain_depends_on_every_record_and_their_order():
     ab = chain_usage_hash(chain_usage_hash(start, a), b)
     ba = chain_usage_hash(chain_usage_hash(start, b), a)
     assert len(ab) == 32 and ab != ba
-    # the documented definition: keccak256(abi.encode(previous, requestId, step, tokens, inputHash, outputHash))
-    link = keccak(encode(["bytes32", "bytes32", "uint64", "uint64", "bytes32", "bytes32"],
-                         [start, a.request_id, a.step, a.tokens, a.input_hash, a.output_hash]))
+    def documented(previous, r):  # keccak256(abi.encode(previous, requestId, step, tokens, inputHash, outputHash))
+        return keccak(encode(["bytes32", "bytes32", "uint64", "uint64", "bytes32", "bytes32"],
+                             [previous, r.request_id, r.step, r.tokens, r.input_hash, r.output_hash]))
+
+    link = documented(start, a)
     assert chain_usage_hash(start, a) == link
     big = UsageRecord(b"\x02" * 32, 2**64 - 1, 2**63, a.input_hash, a.output_hash)
-    assert chain_usage_hash(link, big) == keccak(encode(["bytes32", "bytes32", "uint64", "uint64", "bytes32", "bytes32"],
-                                                        [link, big.request_id, big.step, big.tokens, big.input_hash, big.output_hash]))
+    assert chain_usage_hash(link, big) == documented(link, big)
     assert ab != chain_usage_hash(chain_usage_hash(start, a), UsageRecord(b"\x01" * 32, 1, 2, b.input_hash, b.output_hash))
     with pytest.raises(ValueError, match="previous must be 32 bytes"):
         chain_usage_hash(b"short", a)
