@@ -332,6 +332,8 @@ class _CommitmentCheck:
         try:
             async with asyncio.timeout(session.step_timeout_s):
                 frame = await self.hop.channel.recv()
+            if frame.type == wire.ERROR:  # e.g. the tab this step ran on credit with was refused
+                raise CommitmentError(f"step {self.step} was refused after its answer: {frame.fields.get('message')}")
             if frame.type != wire.COMMIT or frame.step != self.step or frame.session != self.request_id:
                 raise CommitmentError(f"step {self.step}: expected its commitment, got a {frame.type} frame for step {frame.step}")
             signed = check_commitment(frame.fields, self.request_id, self.step, self.input_hash, self.reply.payload, node.operator, session.domain)

@@ -8,7 +8,7 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from node.chain.eip712 import Domain, Entry, InvalidSignature, Tab, decode_settlement, recover_tab_signer, settlement_client
 from node.server.tabs import StoredTab, TabStore
@@ -28,6 +28,16 @@ class Charge:
 
     tab: Tab
     signature: bytes
+    cost: int
+
+
+@dataclass(frozen=True)
+class OnCredit:
+    """A step run before its tab is checked (see `PaymentGate.run_on_credit`): its client, the tab as it came, and
+    its cost, already counted as served."""
+
+    client: str
+    raw: bytes
     cost: int
 
 
@@ -114,15 +124,7 @@ class PaymentGate:
             raise PaymentRefused("bad_tab", "this session is paid by another client; one session, one payer")
         first = client not in self._accounts
         known = self._accounts[client] if not first else StoredTab(self.node, tab, signature, 0, (), -1)
-        newest = known
-        if not first and tab.seq > known.tab.seq:
-            if tab.amount_for(self.node) < known.entry:
-                raise PaymentRefused("bad_tab", f"tab {tab.seq} promises this node less than tab {known.tab.seq} did; "
-                                                "a client never lowers what it promised")
-            if not tab.covers(known.paid):
-                raise PaymentRefused("bad_tab", f"tab {tab.seq} names less than the escrow has already paid some node; "
-                                                "the escrow would reject it: sign a tab over every node paid")
-            newest = StoredTab(self.node, tab, signature, known.served, known.paid, known.paid_seq)
+        newest = known if first else self._newer(known, tab, signature)
         cost = self.price * tokens
         if known.served + cost - newest.entry > self.credit_limit:
             raise PaymentRefused(
@@ -130,14 +132,76 @@ class PaymentGate:
                 f"the tab promises this node {newest.entry} but this step brings the total served to {known.served + cost} "
                 f"(credit limit {self.credit_limit}); send a tab covering the step",
             )
-        if newest.unpaid_total > self.balances[client] + self.credit_limit:
+        self._check_funds(newest)
+        self._accounts[client] = replace(newest, served=known.served + cost)
+        return Charge(tab, signature, cost)
+
+    def _newer(self, known: StoredTab, tab: Tab, signature: bytes) -> StoredTab:
+        """`known` with `tab` as its newest tab if `tab` is newer; raises if `tab` lowers what was promised this node
+        or drops a node the escrow paid."""
+        if tab.seq <= known.tab.seq:
+            return known
+        if tab.amount_for(self.node) < known.entry:
+            raise PaymentRefused("bad_tab", f"tab {tab.seq} promises this node less than tab {known.tab.seq} did; "
+                                            "a client never lowers what it promised")
+        if not tab.covers(known.paid):
+            raise PaymentRefused("bad_tab", f"tab {tab.seq} names less than the escrow has already paid some node; "
+                                            "the escrow would reject it: sign a tab over every node paid")
+        return replace(known, tab=tab, signature=signature)
+
+    def _check_funds(self, newest: StoredTab) -> None:
+        balance = self.balances[newest.client.lower()]
+        if newest.unpaid_total > balance + self.credit_limit:
             raise PaymentRefused(
                 "insufficient_funds",
-                f"client {tab.client} has {self.balances[client]} spendable in the escrow, less than its tab's unpaid "
+                f"client {newest.client} has {balance} spendable in the escrow, less than its tab's unpaid "
                 f"total ({newest.unpaid_total}); deposit more with `shardmarket client deposit`",
             )
-        self._accounts[client] = StoredTab(self.node, newest.tab, newest.signature, known.served + cost, newest.paid, newest.paid_seq)
-        return Charge(tab, signature, cost)
+
+    def run_on_credit(self, request_id: bytes, tokens: int, fields: dict) -> OnCredit | None:
+        """Reserve a step's cost on credit, so that it runs and is answered before its tab is checked; `settle_credit`
+        checks and stores the tab afterwards, before the node commits to the answer. Only for a session whose payer an
+        earlier checked tab named (so nobody can spend another client's credit), and only while the newest checked
+        tab leaves credit for the step. None: check the tab first (`start_charge`)."""
+        client = self._session_clients.get(request_id)
+        raw = fields.get("tab")
+        if client is None or settlement_client(raw) != client:
+            return None
+        cost = self.price * tokens
+        with self._lock:
+            known = self._accounts.get(client)
+            if client in self._refused or known is None or known.served + cost - known.entry > self.credit_limit:
+                return None
+            self._accounts[client] = replace(known, served=known.served + cost)
+        return OnCredit(client, raw, cost)
+
+    def refund(self, step: OnCredit) -> None:
+        """Take back the reservation of a step on credit that did not run."""
+        with self._lock:
+            known = self._accounts[step.client]
+            self._accounts[step.client] = replace(known, served=known.served - step.cost)
+
+    def start_settle(self, step: OnCredit) -> Future:
+        """`settle_credit` on a worker thread (finish it with `charged`)."""
+        return self._threads.submit(self.settle_credit, step)
+
+    def settle_credit(self, step: OnCredit) -> Charge:
+        """Check and store the tab of a step that ran on credit. A bad tab is refused (PaymentRefused) and the step
+        stays served on the stored tab: it was answered, so it counts against the client's credit."""
+        try:
+            tab, signature = self._parse(step.raw)
+            with self._lock:
+                known = self._accounts[step.client]
+                newest = self._newer(known, tab, signature)
+                self._check_funds(newest)
+                self.store.record(tab, signature, step.cost)
+                self._accounts[step.client] = newest
+        except PaymentRefused:
+            with self._lock:
+                known = self._accounts[step.client]
+                self.store.record(known.tab, known.signature, step.cost)
+            raise
+        return Charge(tab, signature, step.cost)
 
     async def record(self, charge: Charge) -> StoredTab:
         """Store the tab (the step's answer is sent only after this returns)."""

@@ -2,7 +2,9 @@
 
 A step is answered with two frames: the result, sent as soon as the layers are done, then the signed commitment
 to it (the client passes the result on to the next hop while the node signs, and checks the signature while
-that hop works)."""
+that hop works). A paid session's later steps run on the client's credit: their tab is checked and stored while
+the commitment is signed, and a bad tab gets an error frame in the commitment's place; the commitment is the
+node's acknowledgement, so a tab it acknowledged is always on disk."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from node.net.commitment import SignedCommitment, commit
 from node.net.crypto import DecryptError, node_handshake
 from node.net.wire import Limits, Message, StreamDesync, WireError
 from node.server.identity import NodeIdentity
-from node.server.payments import PaymentGate, PaymentRefused, charged
+from node.server.payments import OnCredit, PaymentGate, PaymentRefused, charged
 from node.server.worker import StageWorker
 
 log = logging.getLogger("shardmarket.node")
@@ -51,6 +53,7 @@ class _Answer:
     payload: bytes
     compute_us: int
     signed: SignedCommitment | None = None  # signed once, after the result went out; a retry gets the same one
+    on_credit: OnCredit | None = None  # a step run before its tab was checked: checked before the commitment goes out
 
 
 @dataclass
@@ -162,7 +165,7 @@ class NodeService:
                 reply, answer = await self._answer(message)
                 await channel.send(reply)
                 if answer is not None:
-                    await channel.send(self._commitment(answer))
+                    await channel.send(await self._acknowledge(answer))
             finally:
                 self.steps_in_flight -= 1
                 if not self.steps_in_flight:
@@ -182,6 +185,24 @@ class NodeService:
             raise StepRefused("bad_type", f"a node does not accept {message.type!r} frames; send open, step or close")
         except StepRefused as exc:
             return wire.error_message(exc.code, str(exc), message.session, message.step), None
+
+    async def _acknowledge(self, answer: _Answer) -> Message:
+        """The frame that follows a step's result: its commitment, once a tab the step ran on credit with is checked
+        and stored (checked on a thread while the commitment is signed); an error frame if that tab is refused."""
+        if answer.on_credit is None:
+            return self._commitment(answer)
+        settling = self.payments.start_settle(answer.on_credit)
+        commitment = self._commitment(answer)
+        try:
+            await charged(settling)
+        except PaymentRefused as exc:
+            session = self._retire(answer.request_id)
+            if session is not None:
+                async with session.lock:
+                    await self._close_stage_session(session)
+            return wire.error_message(exc.code, f"{exc}; this step's answer stands unpaid against your credit", answer.request_id, answer.step)
+        answer.on_credit = None
+        return commitment
 
     def _commitment(self, answer: _Answer) -> Message:
         """The commitment frame of `answer`, signed on first use."""
@@ -252,6 +273,15 @@ class NodeService:
         """Run the step while its tab is checked and stored; the answer goes out only after both, and a
         refused step's answer never does (its session is dropped, so a retry cannot fetch it from the cache)."""
         tokens = message.tensor.shape[1] if message.tensor is not None and message.tensor.dim() == 3 else 0
+        on_credit = self.payments.run_on_credit(session.request_id, tokens, message.fields)
+        if on_credit is not None:  # its tab is checked after the result goes out (`_acknowledge`)
+            try:
+                answer = await self._run(session, message)
+            except BaseException:
+                self.payments.refund(on_credit)
+                raise
+            answer.on_credit = on_credit
+            return answer
         charging = self.payments.start_charge(session.request_id, tokens, message.fields)
         fast = isinstance(charging, Future)  # a known client's tab is already being checked on a thread: compute at once
         running = self._run(session, message) if fast else asyncio.ensure_future(self._run(session, message))

@@ -1,4 +1,5 @@
-"""The node's tabs: every client's newest signed tab in SQLite, so a tab acknowledged to a client survives a kill -9;
+"""The node's tabs: every client's newest signed tab in SQLite, so a tab acknowledged to a client (the node's signed
+commitment to the step it paid for goes out only after the tab is stored) survives a kill -9;
 plus what the node served the client, the client's paid vector as last seen on chain (TabSettled, LoweringClaimed)
 and the claims this node made against clients that lowered its entry."""
 

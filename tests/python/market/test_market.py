@@ -186,6 +186,44 @@ def test_a_refused_step_is_never_answered_even_on_retry(market):
     asyncio.run(scenario())
 
 
+def test_a_bad_tab_on_a_later_step_is_answered_on_credit_then_refused_in_place_of_the_commitment(market):
+    from node.client.session import CommitmentFailure, InferenceSession, NodeFailure
+    from node.server.tabs import TabStore
+
+    async def scenario():
+        model = await client_model(market, "grace")
+        node = next(n for n in model.nodes if n.start == 0)
+        signed: list[bytes] = []
+
+        def forged_after_the_first(charges, request_id):  # the first step pays; later tabs are tampered with
+            tab = bytearray(model.tab_source(charges, request_id))
+            if signed:
+                tab[60] ^= 0xFF  # a byte of r
+            signed.append(bytes(tab))
+            return bytes(tab)
+
+        session = InferenceSession([node], model.head.num_layers, model.domain, max_length=8, tab_source=forged_after_the_first)
+        hop = (await session._open_hops([node]))[0]
+        session.pay([(node, 2)])
+        _, check = await session._step(hop, 0, 0, torch.randn(1, 2, node.hidden_size), None)
+        await check()
+        session.pay([(node, 1)])
+        hidden = torch.randn(1, 1, node.hidden_size)
+        _, check = await session._step(hop, 1, 2, hidden, None)  # run on the credit the first tab left
+        with pytest.raises(CommitmentFailure, match="refused after its answer.*(signature is invalid|signed by)"):
+            await check()
+        with pytest.raises(NodeFailure, match="no open session"):
+            await session._step(hop, 1, 2, hidden, None)  # the session went with the refused tab
+        await session.close()
+        return node
+
+    node = asyncio.run(scenario())
+    name = next(n for n in ("node0", "node1", "node2") if market.accounts[n].lower() == node.operator.lower())
+    with market.acting_as(name):
+        stored = TabStore(load_config().node.data_dir / "tabs.sqlite", node.operator).get(market.accounts["grace"])
+    assert (stored.entry, stored.served) == (2 * PRICE, 3 * PRICE)  # the answered step stands against grace's credit
+
+
 def _tab(account, seq: int, amounts: dict[str, int]):
     from node.chain.eip712 import Entry, Tab
 

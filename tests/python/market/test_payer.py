@@ -133,3 +133,41 @@ def test_the_gate_refuses_a_client_caught_lowering_its_entry_also_after_a_restar
     with pytest.raises(PaymentRefused, match="no longer serves it"):
         asyncio.run(step(restarted, client, 2))
     asyncio.run(step(restarted, honest, 1))  # other clients are served as before
+
+
+def test_a_sessions_later_steps_run_on_credit_and_their_tabs_are_checked_after(tmp_path):
+    client, node = Account.create(), Account.create().address
+    gate = _gate(tmp_path, node, balance=1000)
+    session = b"\x01" * 32
+    asyncio.run(gate.charge(session, 5, {"tab": _signed(client, 1, {node: 5})}))  # checked first: names the payer
+    step = gate.run_on_credit(session, 5, {"tab": _signed(client, 2, {node: 10})})
+    assert step is not None and gate.settle_credit(step).tab.seq == 2
+    stored = TabStore(tmp_path / "tabs.sqlite", node).get(client.address)
+    assert (stored.tab.seq, stored.entry, stored.served) == (2, 10, 10)
+    assert gate.run_on_credit(session, 11, {"tab": _signed(client, 3, {node: 21})}) is None  # 10 + 11 > 10 + credit 10
+    assert gate.run_on_credit(b"\x02" * 32, 5, {"tab": _signed(client, 3, {node: 15})}) is None  # no checked tab named it
+    assert gate.run_on_credit(session, 5, {"tab": _signed(Account.create(), 1, {node: 5})}) is None  # another payer
+    assert gate.run_on_credit(session, 5, {}) is None
+
+
+@pytest.mark.parametrize("case, code", [
+    ("tampered", "bad_tab"), ("forged", "bad_tab"), ("lowered", "bad_tab"), ("beyond-balance", "insufficient_funds"),
+])
+def test_a_bad_tab_on_credit_is_refused_and_its_answered_step_counts_against_the_credit(tmp_path, case, code):
+    client, node, other = Account.create(), Account.create().address, Account.create().address
+    gate = _gate(tmp_path, node, balance=100)
+    session = b"\x01" * 32
+    asyncio.run(gate.charge(session, 5, {"tab": _signed(client, 1, {node: 5})}))
+    raw = {
+        "tampered": lambda: _signed(client, 2, {node: 10})[:-40] + b"\x00" * 40,
+        "forged": lambda: _signed(client, 2, {node: 10}, signer=Account.create()),
+        "lowered": lambda: _signed(client, 2, {node: 4}),
+        "beyond-balance": lambda: _signed(client, 2, {node: 10, other: 200}),
+    }[case]()
+    step = gate.run_on_credit(session, 5, {"tab": raw})
+    with pytest.raises(PaymentRefused) as refused:
+        gate.settle_credit(step)
+    assert refused.value.code == code
+    stored = TabStore(tmp_path / "tabs.sqlite", node).get(client.address)
+    assert (stored.tab.seq, stored.entry, stored.served) == (1, 5, 10)  # the old tab stays; the answered step is served
+    assert gate.run_on_credit(session, 6, {"tab": _signed(client, 3, {node: 16})}) is None  # 10 + 6 > 5 + credit 10
