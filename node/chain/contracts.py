@@ -4,8 +4,7 @@ deployments file; transactions signed locally, reverts decoded into their custom
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -103,7 +102,6 @@ class Market:
     w3: Web3
     addresses: dict[str, str]
     account: object | None = None  # eth-account LocalAccount
-    _block: tuple[float, int] | None = field(default=None, repr=False)  # (when read, number): block_number's cache
 
     @classmethod
     def connect(cls, config: Config | None = None, account=None, timeout_s: float = 10.0) -> Market:
@@ -154,18 +152,6 @@ class Market:
     @property
     def chain_id(self) -> int:
         return self.w3.eth.chain_id
-
-    def block_number(self, max_age_s: float = 0.0) -> int:
-        """The latest block's number from one raw eth_blockNumber call, or the one read less than `max_age_s` ago: the
-        node's duties poll it every second and share one call (each costs about 0.6 ms of CPU, web3's way more)."""
-        now = time.monotonic()
-        if self._block is not None and now - self._block[0] < max_age_s:
-            return self._block[1]
-        answer = self.w3.provider.make_request("eth_blockNumber", [])
-        if not isinstance(answer.get("result"), str):
-            raise ChainError(f"eth_blockNumber failed: {answer.get('error', answer)}")
-        self._block = (now, int(answer["result"], 16))
-        return self._block[1]
 
     def escrow_domain(self) -> Domain:
         return Domain(self.chain_id, self.addresses["PaymentEscrow"])

@@ -245,6 +245,7 @@ def _run_market_node(args: argparse.Namespace) -> int:
     import torch
 
     from ipfs.model import ModelError, fetch_model
+    from node.chain.watch import BlockWatch
     from node.cli.ipfs import local_store
     from node.net.wire import DTYPES
     from node.server.app import NodeSettings, load_service, serve
@@ -300,12 +301,15 @@ def _run_market_node(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(settler.run()), loop.create_task(duty.run())]
+        watch = BlockWatch(config.chain.rpc_url, steps_served=lambda: service.steps_served)
+        tasks = [loop.create_task(settler.run(watch)), loop.create_task(duty.run(watch))]
         try:
             await serve(service, settings)
         finally:
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await watch.close()
             try:
                 await asyncio.to_thread(settle_pending, market, store, gate)
             except ChainError as exc:

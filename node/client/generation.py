@@ -12,7 +12,7 @@ from pathlib import Path
 from node.chain.eip712 import Domain
 from node.client.failures import RecentFailures
 from node.client.routing import NodeInfo, RouteError, discover, plan_route
-from node.client.session import CommitmentSink, HopTiming, InferenceSession, TabSource
+from node.client.session import CommitmentSink, HopTiming, InferenceSession, Presign, TabSource
 from node.engine.head import Head
 from node.engine.sampling import SamplingParams, generate
 
@@ -39,9 +39,10 @@ class RemoteModel:
 
     def __init__(self, head: Head, model_id: str, nodes: list[NodeInfo], domain: Domain, *, transport: str = "tcp",
                  step_timeout_s: float = 60.0, tab_source: TabSource | None = None,
-                 on_commitment: CommitmentSink | None = None, on_finished: Callable[[InferenceSession], None] | None = None) -> None:
+                 on_commitment: CommitmentSink | None = None, on_finished: Callable[[InferenceSession], None] | None = None,
+                 presign: Presign | None = None) -> None:
         self.head, self.model_id, self.nodes, self.domain = head, model_id, nodes, domain
-        self.transport, self.step_timeout_s, self.tab_source = transport, step_timeout_s, tab_source
+        self.transport, self.step_timeout_s, self.tab_source, self.presign = transport, step_timeout_s, tab_source, presign
         self.on_commitment, self.on_finished = on_commitment, on_finished
         self.request_costs: dict[bytes, int] | None = None  # filled per request by a payer, when there is one
         self.failed = RecentFailures()
@@ -75,7 +76,7 @@ class RemoteModel:
         session = InferenceSession(
             self.nodes, self.head.num_layers, self.domain, max_length=len(prompt_ids) + params.max_tokens,
             transport=self.transport, step_timeout_s=self.step_timeout_s, tab_source=self.tab_source, failed=self.failed,
-            on_commitment=self.on_commitment,
+            on_commitment=self.on_commitment, presign=self.presign,
         )
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -83,11 +84,14 @@ class RemoteModel:
         def run_layers(hidden, positions):
             if cancelled.is_set():
                 raise GenerationCancelled()
-            return asyncio.run_coroutine_threadsafe(session.run_layers(hidden, positions), loop).result()
+            return asyncio.run_coroutine_threadsafe(session.start_layers(hidden, positions), loop).result()
+
+        def confirm(hidden):  # the last hop's commitment was checked while the head picked the token
+            return asyncio.run_coroutine_threadsafe(session.confirm(hidden), loop).result()
 
         def produce() -> None:
             try:
-                for token in generate(self.head, run_layers, prompt_ids, params):
+                for token in generate(self.head, run_layers, prompt_ids, params, confirm=confirm):
                     loop.call_soon_threadsafe(queue.put_nowait, token)
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
             except BaseException as exc:  # handed to the consumer, which re-raises it

@@ -61,7 +61,7 @@ async def connect_paid(checkpoint: Path, config: Config, account, model_name: st
     head = await in_passing_thread(Head.load, checkpoint)
     nodes = await chain_nodes(market, model_name)
     payer = Payer(account, market.escrow_domain(), config.home / "client" / "ledger.sqlite")
-    model = RemoteModel(head, model_name, nodes, market.dispute_domain(), tab_source=payer.tab, **kwargs)
+    model = RemoteModel(head, model_name, nodes, market.dispute_domain(), tab_source=payer.tab, presign=payer.presign, **kwargs)
     auditor = Auditor(model, market, Blockstore(config.ipfs.store), rate=config.client.spot_check_rate,
                       tolerance=config.client.spot_check_tolerance, checkpoint=checkpoint,
                       evidence_gateways=config.client.evidence_gateways)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from cchecksum import to_checksum_address
@@ -21,6 +22,21 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (node TEXT PRIMARY KEY, amount TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tab (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL, usage_hash BLOB NOT NULL);
 """
+
+
+@dataclass(frozen=True)
+class _Signed:
+    """A signed tab raising `raises` (node -> cost) over the totals `base`, to `amounts`."""
+
+    raises: dict[str, int]
+    base: dict[str, int]
+    amounts: dict[str, int]
+    seq: int
+    encoded: bytes
+
+
+def _raises(charges: list[tuple[object, int]]) -> dict[str, int]:
+    return {c[0].operator.lower(): c[0].price * c[1] for c in charges if c[0].price * c[1] > 0}
 
 
 class TabFull(ValueError):
@@ -46,6 +62,7 @@ class Payer:
         row = self._db.execute("SELECT seq, usage_hash FROM tab").fetchone()
         self._seq, self._usage = (row[0], bytes(row[1])) if row else (0, ZERO32)
         self.request_costs: dict[bytes, int] = defaultdict(int)
+        self._presigned: _Signed | None = None
 
     @property
     def address(self) -> str:
@@ -53,27 +70,46 @@ class Payer:
 
     def tab(self, charges: list[tuple[object, int]], request_id: bytes) -> bytes | None:
         """The signed tab for one step: every (node, tokens) of `charges` (NodeInfo, tokens it will process) raises
-        that node's entry by price x tokens. None when the step costs nothing."""
-        raises = {c[0].operator.lower(): c[0].price * c[1] for c in charges if c[0].price * c[1] > 0}
+        that node's entry by price x tokens; stored before it is returned. None when the step costs nothing."""
+        raises = _raises(charges)
         if not raises:
             return None
         with self._lock:
-            amounts = dict(self._amounts)
-            for node, cost in raises.items():
-                amounts[node] = amounts.get(node, 0) + cost
-            if len(amounts) > MAX_ENTRIES:
-                raise TabFull(f"this client's tab already names {len(self._amounts)} nodes, the escrow's cap of {MAX_ENTRIES}; "
-                              "withdraw its deposit and pay from a new account (`shardmarket keys new`)")
-            self._seq += 1
+            signed, self._presigned = self._presigned, None
+            if signed is None or signed.raises != raises or signed.base is not self._amounts:
+                signed = self._sign(raises)
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?)", [(n, str(amounts[n])) for n in raises])
-            self._db.execute("INSERT OR REPLACE INTO tab VALUES (0, ?, ?)", (self._seq, self._usage))
+            self._db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?)", [(n, str(signed.amounts[n])) for n in raises])
+            self._db.execute("INSERT OR REPLACE INTO tab VALUES (0, ?, ?)", (signed.seq, self._usage))
             self._db.execute("COMMIT")
-            self._amounts = amounts
+            self._seq, self._amounts = signed.seq, signed.amounts
             self.request_costs[request_id] += sum(raises.values())
-            entries = tuple(Entry(to_checksum_address(n), a) for n, a in sorted(amounts.items(), key=lambda item: int(item[0], 16)))
-            tab = Tab(self.account.address, self._seq, entries, self._usage)
-        return encode_settlement(tab, sign_tab(self._key, tab, self.domain), ())
+        return signed.encoded
+
+    def presign(self, charges: list[tuple[object, int]]) -> None:
+        """Sign ahead, while the client waits on a node, the tab that `tab(charges)` would sign next; `tab` sends it
+        if no other tab was signed meanwhile (its usageHash may then lag the newest answer: the next tab catches up).
+        Nothing is stored until `tab` sends it, so a tab never sent promises nothing."""
+        raises = _raises(charges)
+        if not raises:
+            return
+        with self._lock:
+            try:
+                self._presigned = self._sign(raises)
+            except TabFull:
+                self._presigned = None  # `tab` raises it when the step is really sent
+
+    def _sign(self, raises: dict[str, int]) -> _Signed:
+        """The next tab raising `raises` over the stored totals, signed (the caller holds the lock)."""
+        amounts = dict(self._amounts)
+        for node, cost in raises.items():
+            amounts[node] = amounts.get(node, 0) + cost
+        if len(amounts) > MAX_ENTRIES:
+            raise TabFull(f"this client's tab already names {len(self._amounts)} nodes, the escrow's cap of {MAX_ENTRIES}; "
+                          "withdraw its deposit and pay from a new account (`shardmarket keys new`)")
+        entries = tuple(Entry(to_checksum_address(n), a) for n, a in sorted(amounts.items(), key=lambda item: int(item[0], 16)))
+        tab = Tab(self.account.address, self._seq + 1, entries, self._usage)
+        return _Signed(raises, self._amounts, amounts, tab.seq, encode_settlement(tab, sign_tab(self._key, tab, self.domain), ()))
 
     def answered(self, node, signed: SignedCommitment, tokens: int) -> None:
         """Chain the usage record of a step `node` answered into the client's usage hash."""

@@ -32,6 +32,8 @@ log = logging.getLogger("shardmarket.client")
 
 # tab_source([(node, tokens), ...], request_id) -> the client's signed tab raising each node's entry by its cost, or None
 TabSource = Callable[[list[tuple[NodeInfo, int]], bytes], bytes | None]
+# presign([(node, tokens), ...]): sign ahead the tab that tab_source would sign for those charges (see Payer.presign)
+Presign = Callable[[list[tuple[NodeInfo, int]]], None]
 # on_commitment(node, signed commitment, tokens): called for every verified answer (usage records, spot checks)
 CommitmentSink = Callable[[NodeInfo, SignedCommitment, int], None]
 
@@ -88,8 +90,10 @@ class InferenceSession:
         tab_source: TabSource | None = None,
         failed: RecentFailures | None = None,
         on_commitment: CommitmentSink | None = None,
+        presign: Presign | None = None,
     ) -> None:
         self.nodes, self.num_layers, self.domain = nodes, num_layers, domain
+        self.presign = presign
         self.max_length, self.transport, self.step_timeout_s = max_length, transport, step_timeout_s
         self.max_failovers, self.tab_source, self.on_commitment = max_failovers, tab_source, on_commitment
         self.failed = failed if failed is not None else RecentFailures()  # shared between sessions
@@ -100,6 +104,8 @@ class InferenceSession:
         self.failovers = 0
         self.timings: list[HopTiming] = []
         self.tab: bytes | None = None  # the client's newest signed tab: it rides on every step of every hop
+        # the step `start_layers` returned before its last commitment was checked: (check, hidden, positions, answered)
+        self._unconfirmed: tuple[asyncio.Future | None, torch.Tensor, torch.Tensor, int] | None = None
 
     def _payload_bytes(self) -> int:
         return self.nodes[0].hidden_size * 4 if self.nodes else 0
@@ -140,18 +146,45 @@ class InferenceSession:
         return Hop(node, channel)
 
     async def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Send `hidden` [1, T, H] at absolute `positions` [1, T] through every hop; returns the last hop's output."""
+        """Send `hidden` [1, T, H] at absolute `positions` [1, T] through every hop; returns the last hop's output,
+        every commitment checked."""
+        return await self.confirm(await self.start_layers(hidden, positions))
+
+    async def start_layers(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`run_layers`, returning as soon as the last hop's output is in: its commitment is checked meanwhile, and
+        `confirm` must follow before the output is used for anything that cannot be taken back (an earlier step
+        still unconfirmed is confirmed first)."""
+        if self._unconfirmed is not None:
+            await self.confirm(None)
         if not self.hops:
             await self.open()
         position = int(positions[0, 0])
         while True:
             answered = len(self.hops[0].inputs)
             try:
-                return await self._run_step(hidden, position)
+                output, unchecked = await self._run_step(hidden, position)
             except CommitmentFailure as exc:
                 await self._restart(answered, exc)
+                continue
+            check = None if unchecked is None and self.presign is None else asyncio.ensure_future(self._after_step(unchecked))
+            self._unconfirmed = (check, hidden, positions, answered)
+            return output
 
-    async def _run_step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    async def confirm(self, output: torch.Tensor | None) -> torch.Tensor | None:
+        """The output of the step `start_layers` returned, once the last hop's commitment checks out: `output` itself,
+        or, when the commitment is bad, the output of the step redone on a route around that node."""
+        check, hidden, positions, answered = self._unconfirmed
+        self._unconfirmed = None
+        if check is None:
+            return output
+        try:
+            await check
+            return output
+        except CommitmentFailure as exc:
+            await self._restart(answered, exc)
+            return await self.run_layers(hidden, positions)
+
+    async def _run_step(self, hidden: torch.Tensor, position: int) -> tuple[torch.Tensor, _CommitmentCheck | None]:
         self.pay([(hop.node, hidden.shape[1]) for hop in self.hops])
         index, unchecked = 0, None
         while index < len(self.hops):
@@ -165,9 +198,15 @@ class InferenceSession:
             hop.outputs.append(output)
             hidden, unchecked = output, check
             index += 1
+        return hidden, unchecked  # the last hop's commitment: checked before the output is used (`confirm`)
+
+    async def _after_step(self, unchecked: _CommitmentCheck | None) -> None:
+        """What follows a step while its output is being used: the next decode step's tab is signed ahead (while the
+        last node signs its commitment), then the last hop's commitment is checked."""
+        if self.presign is not None:
+            self.presign([(hop.node, 1) for hop in self.hops])
         if unchecked is not None:
-            await unchecked()  # the last hop's, before its output is used
-        return hidden
+            await unchecked()
 
     async def _step(self, hop: Hop, step: int, position: int, hidden: torch.Tensor,
                     previous: _CommitmentCheck | None) -> tuple[torch.Tensor, _CommitmentCheck]:
@@ -296,6 +335,10 @@ class InferenceSession:
 
     async def close(self) -> None:
         """Close the session on every hop (best effort)."""
+        if self._unconfirmed is not None and self._unconfirmed[0] is not None:
+            self._unconfirmed[0].cancel()  # nobody will use that output
+            await asyncio.gather(self._unconfirmed[0], return_exceptions=True)
+        self._unconfirmed = None
         for hop in self.hops:
             try:
                 await hop.channel.send(Message(wire.CLOSE, self.request_id))

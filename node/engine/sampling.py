@@ -11,6 +11,8 @@ from node.engine.errors import EngineError
 from node.engine.head import Head
 
 RunLayers = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# confirm(hidden): the layers' output that stands; another tensor when the step had to be redone (see InferenceSession)
+Confirm = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -52,9 +54,12 @@ def _holds_stop_prefix(text: str, stops: list[str]) -> bool:
 
 
 def generate(
-    head: Head, run_layers: RunLayers, prompt_ids: list[int], params: SamplingParams, *, chunk_size: int = 256
+    head: Head, run_layers: RunLayers, prompt_ids: list[int], params: SamplingParams, *, chunk_size: int = 256,
+    confirm: Confirm | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids; stops on EOS (not yielded), a stop string (its tokens not yielded) or max_tokens."""
+    """Yield new token ids; stops on EOS (not yielded), a stop string (its tokens not yielded) or max_tokens.
+    With `confirm`, each token is picked while the step that led to it is still being checked, and picked again
+    (from the same random state) if `confirm` hands back another output."""
     params.check()
     if not prompt_ids:
         raise EngineError("the prompt holds no token")
@@ -73,7 +78,13 @@ def generate(
         if count:
             position = len(prompt_ids) + count - 1
             hidden = run_layers(head.embed(torch.tensor([[token]])), torch.tensor([[position]]))
+        state = generator.get_state() if generator is not None and confirm is not None else None
         token = pick_token(head.logits(hidden[:, -1:])[0, -1], params, generator)
+        if confirm is not None and (checked := confirm(hidden)) is not hidden:
+            hidden = checked
+            if state is not None:
+                generator.set_state(state)
+            token = pick_token(head.logits(hidden[:, -1:])[0, -1], params, generator)
         if token in head.eos_token_ids and not params.ignore_eos:
             break
         held.append(token)

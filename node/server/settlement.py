@@ -15,6 +15,7 @@ from eth_utils import to_checksum_address
 from web3.logs import DISCARD
 
 from node.chain.contracts import ChainError, Market
+from node.chain.watch import BlockWatch
 from node.chain.eip712 import (Entry, Tab, decode_settlement, encode_settlement, pack_entries, paid_vector_hash,
                                split_settlements, unpack_entries)
 from node.server.payments import PaymentGate, PaymentRefused
@@ -184,8 +185,7 @@ class Settler:
         except ChainError as exc:
             raise PaymentRefused("chain_unreachable", f"cannot check the client's escrow balance: {exc}") from None
 
-    def _withdrawing_clients(self) -> set[str]:
-        latest = self.market.block_number(max_age_s=0.5)  # the other duty's read of this tick will do
+    def _withdrawing_clients(self, latest: int) -> set[str]:
         start = latest if self._from_block is None else self._from_block
         if start > latest:
             return set()
@@ -203,9 +203,10 @@ class Settler:
     def _owed(self, clients: set[str] | None = None) -> int:
         return sum(s.owed for s in self.store.all() if clients is None or s.client.lower() in clients)
 
-    def settle_once(self, periodic: bool) -> None:
-        """Settle now if a client that owes this node asked to withdraw, or (periodic) if enough value is owed."""
-        withdrawing = self._withdrawing_clients()
+    def settle_once(self, periodic: bool, latest: int) -> None:
+        """Settle now if a client that owes this node asked to withdraw by block `latest`, or (periodic) if enough
+        value is owed."""
+        withdrawing = self._withdrawing_clients(latest)
         if not withdrawing and not periodic:
             return  # the common tick: no new withdrawal request, and the interval has not come round
         urgent = bool(withdrawing) and self._owed(withdrawing) > 0
@@ -217,16 +218,22 @@ class Settler:
         if periodic or withdrawing:
             self._refresh_balances()
 
-    async def run(self) -> None:
-        elapsed = 0.0
+    async def run(self, watch: BlockWatch) -> None:
+        """Every tick: look at the newest block (`watch`), and work only when a block came (a withdrawal request can
+        only arrive in one) or the redeem interval is up."""
+        elapsed, handled = 0.0, None
         while True:
             await asyncio.sleep(self.tick_s)
             elapsed += self.tick_s
             periodic = elapsed >= self.interval_s
-            if periodic:
-                elapsed = 0.0
             try:
-                await asyncio.to_thread(self.settle_once, periodic)
+                latest = await watch.latest(max_age_s=self.tick_s / 2)  # the verifier's read of this tick will do
+                if latest == handled and not periodic:
+                    continue
+                await asyncio.to_thread(self.settle_once, periodic, latest)
+                handled = latest
+                if periodic:
+                    elapsed = 0.0
             except (ChainError, requests.RequestException) as exc:
                 log.warning("settlement postponed: %s", exc)
             except Exception:

@@ -14,6 +14,7 @@ import torch
 
 from ipfs.blockstore import Blockstore
 from node.chain.contracts import ChainError, Market
+from node.chain.watch import BlockWatch
 from node.chain.evidence import Evidence, EvidenceError, fetch, relative_difference
 from node.server.worker import StageWorker
 
@@ -38,8 +39,7 @@ class VerifierDuty:
         self.ballots: dict[int, _Ballot] = {}
         self._from_block: int | None = None
 
-    def _new_disputes(self) -> list[dict]:
-        latest = self.market.block_number(max_age_s=0.5)  # the other duty's read of this tick will do
+    def _new_disputes(self, latest: int) -> list[dict]:
         start = latest if self._from_block is None else self._from_block
         if start > latest:
             return []
@@ -109,16 +109,23 @@ class VerifierDuty:
                 log.info("dispute %d: resolved", dispute_id)
                 del self.ballots[dispute_id]
 
-    async def run(self) -> None:
+    async def run(self, watch: BlockWatch) -> None:
+        """Every tick: look at the newest block (`watch`), and work only when a block came: disputes open in one, and
+        a phase can only end in one (its deadlines are block times)."""
+        handled = None
         while True:
             await asyncio.sleep(self.tick_s)
             try:
-                for dispute in await asyncio.to_thread(self._new_disputes):
+                latest = await watch.latest(max_age_s=self.tick_s / 2)  # the settler's read of this tick will do
+                if latest == handled:
+                    continue
+                for dispute in await asyncio.to_thread(self._new_disputes, latest):
                     ballot = _Ballot(await self.judge(dispute), os.urandom(32))
                     self.ballots[dispute["disputeId"]] = ballot
                     await asyncio.to_thread(self._commit, dispute["disputeId"], ballot)
                 if self.ballots:
                     await asyncio.to_thread(self._advance)
+                handled = latest
             except (ChainError, requests.RequestException) as exc:
                 log.warning("verifier duty postponed: %s", exc)
             except Exception:

@@ -60,3 +60,32 @@ def test_stops_at_eos(tiny_checkpoints):
 def test_bad_parameters(run, params):
     with pytest.raises(EngineError):
         run(params)
+
+
+def test_a_step_redone_at_confirm_is_sampled_again_from_the_same_random_state(tiny_checkpoints):
+    """`confirm` handing back another output (a step redone after a bad commitment) gives the tokens of a run whose
+    layers returned that output in the first place, with the same seed."""
+    checkpoint = tiny_checkpoints["llama"]
+    head = Head.load(checkpoint)
+    stage = Stage.load(checkpoint, 0, 5)
+    params = SamplingParams(max_tokens=12, temperature=0.3, seed=5)
+
+    def redone(hidden):  # what the redone 4th step gave instead
+        return -hidden  # negated logits: another token, surely
+
+    def layers(session, redo_at_step: int | None):
+        run, steps = chain([stage], session), []
+
+        def run_layers(hidden, positions):
+            steps.append(1)
+            out = run(hidden, positions)
+            return redone(out) if len(steps) == redo_at_step else out
+        return run_layers, steps
+
+    for session in "abc":
+        stage.open_session(session, 128)
+    run_a, steps_a = layers("a", None)
+    confirmed = list(generate(head, run_a, prompt_ids(head), params,
+                              confirm=lambda hidden: redone(hidden) if len(steps_a) == 4 else hidden))
+    assert confirmed == list(generate(head, layers("b", 4)[0], prompt_ids(head), params))
+    assert confirmed != list(generate(head, layers("c", None)[0], prompt_ids(head), params))  # the redo changed the text

@@ -304,11 +304,40 @@ def test_a_client_that_lowers_a_node_entry_and_settles_it_itself_still_pays_that
     assert f"{claim}collected {promised - promised // 4}" in out
 
 
-def test_block_number_is_the_chains_and_the_duties_share_a_recent_read(market):
+def test_the_duties_block_watch_reads_the_chain_shares_a_recent_read_waits_while_serving_and_says_when_the_chain_is_down(market):
+    from node.chain.contracts import ChainError
+    from node.chain.watch import BlockWatch
+
     chain = chain_as(market, "node0")
-    first = chain.block_number()
-    assert first == chain.w3.eth.block_number
-    chain.w3.provider.make_request("evm_mine", [])
-    assert chain.block_number(max_age_s=60) == first  # read less than a minute ago: no call
-    assert chain.block_number() == first + 1
-    assert chain.block_number(max_age_s=60) == first + 1
+
+    async def scenario():
+        watch = BlockWatch(chain.w3.provider.endpoint_uri)
+        first = await watch.latest()
+        assert first == chain.w3.eth.block_number
+        chain.w3.provider.make_request("evm_mine", [])
+        assert await watch.latest(max_age_s=60) == first  # read less than a minute ago: no call
+        assert await watch.latest() == first + 1
+        await watch.close()
+        steps = [0]
+        busy = BlockWatch(chain.w3.provider.endpoint_uri, steps_served=lambda: steps[0], busy_age_s=60)
+        assert await busy.latest() == first + 1
+        chain.w3.provider.make_request("evm_mine", [])
+        steps[0] += 1  # the node is serving: a read less than a minute old will do
+        assert await busy.latest() == first + 1
+        busy.busy_s = 0.0  # ... until it stops
+        assert await busy.latest() == first + 2
+        await busy.close()
+        down = BlockWatch(f"http://127.0.0.1:{_closed_port()}")
+        with pytest.raises(ChainError, match="cannot read the newest block"):
+            await down.latest()
+        await down.close()
+
+    asyncio.run(scenario())
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -171,3 +171,32 @@ def test_a_bad_tab_on_credit_is_refused_and_its_answered_step_counts_against_the
     stored = TabStore(tmp_path / "tabs.sqlite", node).get(client.address)
     assert (stored.tab.seq, stored.entry, stored.served) == (1, 5, 10)  # the old tab stays; the answered step is served
     assert gate.run_on_credit(session, 6, {"tab": _signed(client, 3, {node: 16})}) is None  # 10 + 6 > 5 + credit 10
+
+
+def test_a_presigned_tab_is_sent_only_if_nothing_was_signed_since_and_promises_nothing_until_sent(tmp_path, monkeypatch):
+    import node.client.payer as payer_module
+
+    signings = []
+    monkeypatch.setattr(payer_module, "sign_tab", lambda *args: signings.append(1) or sign_tab(*args))
+    account = Account.create()
+    a, b = _Node(Account.create().address, 7), _Node(Account.create().address, 3)
+    payer = Payer(account, DOMAIN, tmp_path / "ledger.sqlite")
+    payer.tab([(a, 2), (b, 2)], b"\x01" * 32)
+    payer.presign([(a, 1), (b, 1)])
+    assert len(signings) == 2
+    sent = payer.tab([(a, 1), (b, 1)], b"\x01" * 32)
+    assert len(signings) == 2  # sent as presigned: no signing on the step's path
+    tab, signature, _ = decode_settlement(sent)
+    assert (tab.seq, tab.amount_for(a.operator), tab.amount_for(b.operator)) == (2, 21, 9)
+    assert recover_tab_signer(tab, signature, DOMAIN) == account.address
+    payer.presign([(a, 1), (b, 1)])
+    other = decode_settlement(payer.tab([(a, 5)], b"\x02" * 32))[0]  # another request signs first
+    assert (other.seq, other.amount_for(a.operator), other.amount_for(b.operator)) == (3, 56, 9)
+    tab = decode_settlement(payer.tab([(a, 1), (b, 1)], b"\x01" * 32))[0]  # so the presigned tab is not sent
+    assert (tab.seq, tab.amount_for(a.operator), tab.amount_for(b.operator)) == (4, 63, 12)
+    payer.presign([(a, 100), (b, 100)])  # never sent
+    payer.close()
+    again = Payer(account, DOMAIN, tmp_path / "ledger.sqlite")
+    assert (again.promised(a.operator), again.promised(b.operator)) == (63, 12)
+    tab = decode_settlement(again.tab([(b, 1)], bytes(32)))[0]
+    assert (tab.seq, tab.amount_for(a.operator), tab.amount_for(b.operator)) == (5, 63, 15)

@@ -31,8 +31,8 @@ API_KEY = "test-key-123"
 
 @pytest.fixture(scope="module")
 def cluster(smollm, tmp_path_factory):
-    """Nodes a [0,10), b [10,20), c [20,30), a pricier spare [10,20), a node that answers with a wrong shape and a
-    [10,20) node that forges its commitments from its fourth step on."""
+    """Nodes a [0,10), b [10,20), c [20,30), a pricier spare [10,20), a node that answers with a wrong shape, and
+    a [10,20) and a [20,30) node that forge their commitments from their fourth step on."""
     home = tmp_path_factory.mktemp("cluster")
     nodes = {
         "a": start_node(smollm, "0:10", home / "a"),
@@ -41,6 +41,7 @@ def cluster(smollm, tmp_path_factory):
         "spare": start_node(smollm, "10:20", home / "spare", "--price", "1000"),
         "wrong": start_node(smollm, "20:30", home / "wrong", "--test-fault", "wrong-shape"),
         "forger": start_node(smollm, "10:20", home / "forger", "--test-fault", "forge-commitments"),
+        "last-forger": start_node(smollm, "20:30", home / "last-forger", "--test-fault", "forge-commitments"),
     }
     try:
         wait_ready(*nodes.values())
@@ -204,14 +205,18 @@ def test_client_chat_streams_the_answer_to_the_terminal(smollm, cluster, head, r
     assert done.stdout == head.tokenizer.decode(reference, skip_special_tokens=True) + "\n"
 
 
-def test_a_forged_commitment_found_while_the_next_hop_works_redoes_the_step_with_the_same_text(smollm, cluster, reference):
-    """The forger's answer already went on to the last hop when its commitment fails the check: the whole step is
-    redone on a new request id around the forger, and the text equals the undisturbed run."""
-    preferred = {cluster[n].url for n in ("a", "forger", "c")}
-    tokens, completion, model = remote_tokens(smollm, [cluster[n].url for n in ("a", "forger", "c", "b")], prefer=preferred)
+@pytest.mark.parametrize("route, honest", [(("a", "forger", "c"), "b"), (("a", "b", "last-forger"), "c")],
+                         ids=["middle-hop", "last-hop"])
+def test_a_forged_commitment_found_while_its_output_is_used_redoes_the_step_with_the_same_text(smollm, cluster, reference, route, honest):
+    """The forger's answer already went on to the next hop (or to the head, which picks the token meanwhile) when
+    its commitment fails the check: the whole step is redone on a new request id around the forger, and the text
+    equals the undisturbed run."""
+    forger = route[1] if honest == "b" else route[2]
+    preferred = {cluster[n].url for n in route}
+    tokens, completion, model = remote_tokens(smollm, [cluster[n].url for n in (*route, honest)], prefer=preferred)
     assert tokens == reference
     assert completion.failovers == 1
-    assert cluster["forger"].url in model.failed.current()
+    assert model.failed.current() == {cluster[forger].url}
 
 
 def test_kill_9_of_the_middle_node_fails_over_to_the_spare_with_the_same_text(smollm, cluster, reference):
