@@ -184,6 +184,18 @@ class InferenceSession:
             await self._restart(answered, exc)
             return await self.run_layers(hidden, positions)
 
+    def confirmed(self) -> bool:
+        """Whether the step `start_layers` returned is confirmed already (its check passed while its output was being
+        used): then `confirm` is not needed, and the generating thread saves a turn of the event loop (about 0.1 ms
+        on a cold CPU). Safe from that thread: only the loop finishes the check, and only that thread drives steps."""
+        if self._unconfirmed is None:
+            return True
+        check = self._unconfirmed[0]
+        if check is None or (check.done() and not check.cancelled() and check.exception() is None):
+            self._unconfirmed = None
+            return True
+        return False
+
     async def _run_step(self, hidden: torch.Tensor, position: int) -> tuple[torch.Tensor, _CommitmentCheck | None]:
         self.pay([(hop.node, hidden.shape[1]) for hop in self.hops])
         index, unchecked = 0, None
