@@ -93,9 +93,9 @@ class InferenceSession:
         presign: Presign | None = None,
     ) -> None:
         self.nodes, self.num_layers, self.domain = nodes, num_layers, domain
-        self.presign = presign
         self.max_length, self.transport, self.step_timeout_s = max_length, transport, step_timeout_s
         self.max_failovers, self.tab_source, self.on_commitment = max_failovers, tab_source, on_commitment
+        self.presign = presign
         self.failed = failed if failed is not None else RecentFailures()  # shared between sessions
         self.request_id = os.urandom(32)
         self.request_ids = [self.request_id]  # a new one per restart after a bad commitment
