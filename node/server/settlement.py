@@ -15,9 +15,9 @@ from eth_utils import to_checksum_address
 from web3.logs import DISCARD
 
 from node.chain.contracts import ChainError, Market
-from node.chain.watch import BlockWatch
 from node.chain.eip712 import (Entry, Tab, decode_settlement, encode_settlement, pack_entries, paid_vector_hash,
                                split_settlements, unpack_entries)
+from node.chain.watch import BlockWatch
 from node.server.payments import PaymentGate, PaymentRefused
 from node.server.tabs import LoweringClaim, StoredTab, TabStore
 

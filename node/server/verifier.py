@@ -14,8 +14,8 @@ import torch
 
 from ipfs.blockstore import Blockstore
 from node.chain.contracts import ChainError, Market
-from node.chain.watch import BlockWatch
 from node.chain.evidence import Evidence, EvidenceError, fetch, relative_difference
+from node.chain.watch import BlockWatch
 from node.server.worker import StageWorker
 
 log = logging.getLogger("shardmarket.verifier")
