@@ -297,7 +297,8 @@ def _run_market_node(args: argparse.Namespace) -> int:
     settler = Settler(market, store, gate, interval_s=config.node.redeem_interval_s, min_value=config.node.redeem_min_value)
     print(f"loading layers {start}:{end} of {name} ({'paused, not listed' if paused else 'listed'}), price {price}", flush=True)
     service = load_service(settings, config, identity=identity, payments=gate)
-    duty = VerifierDuty(market, service.worker, local_store(), config.ipfs.gateways, config.node.dispute_tolerance)
+    duty = VerifierDuty(market, service.worker, local_store(), config.ipfs.gateways, config.node.dispute_tolerance,
+                        state_path=config.node.data_dir / "verifier.json")
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

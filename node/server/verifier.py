@@ -5,9 +5,11 @@ the reveal phase opens, and resolves the dispute when every verifier has reveale
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import requests
 import torch
@@ -20,33 +22,66 @@ from node.server.worker import StageWorker
 
 log = logging.getLogger("shardmarket.verifier")
 OPEN = 1
+RESCAN_BLOCKS = 100  # the scan's start is saved at least this often (blocks), so a restart rescans few
 
 
 @dataclass
 class _Ballot:
     node_wrong: bool
     salt: bytes
+    committed: bool = False
     revealed: bool = False
 
 
 class VerifierDuty:
-    """The daemon's dispute loop; chain errors are logged and retried at the next tick."""
+    """The daemon's dispute loop; chain errors are logged and retried at the next tick. A verifier that does not
+    reveal is penalized, so a vote is never lost: a dispute this node was drawn for stays pending until its vote is
+    committed (a failed commitVote is sent again), and with `state_path` the ballots (verdict and salt, written
+    before the vote is sent) and the block to scan from survive a restart."""
 
     def __init__(self, market: Market, worker: StageWorker, store: Blockstore, gateways: list[str], tolerance: float,
-                 tick_s: float = 1.0) -> None:
+                 tick_s: float = 1.0, state_path: Path | None = None) -> None:
         self.market, self.worker, self.store, self.gateways = market, worker, store, gateways
-        self.tolerance, self.tick_s = tolerance, tick_s
+        self.tolerance, self.tick_s, self.state_path = tolerance, tick_s, state_path
         self.ballots: dict[int, _Ballot] = {}
+        self.pending: dict[int, tuple[int, dict]] = {}  # vote not committed yet: dispute id -> (its block, DisputeOpened args)
         self._from_block: int | None = None
+        self._saved_from: int | None = None
+        if state_path is not None and state_path.exists():
+            state = json.loads(state_path.read_text())
+            self._from_block = self._saved_from = state["scan_from"]
+            self.ballots = {int(i): _Ballot(b["node_wrong"], bytes.fromhex(b["salt"]), b["committed"], b["revealed"])
+                            for i, b in state["ballots"].items()}
+            log.info("verifier state: %d ballot(s), scanning for disputes from block %s", len(self.ballots), self._from_block)
 
-    def _new_disputes(self, latest: int) -> list[dict]:
+    def _save(self) -> None:
+        """Write the ballots and the first block not fully handled (that of the oldest pending dispute) atomically."""
+        if self.state_path is None:
+            return
+        scan_from = min((block for block, _ in self.pending.values()), default=self._from_block)
+        ballots = {str(i): dict(asdict(b), salt=b.salt.hex()) for i, b in self.ballots.items()}
+        temporary = self.state_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"scan_from": scan_from, "ballots": ballots}))
+        os.replace(temporary, self.state_path)
+        self._saved_from = scan_from
+
+    def _new_disputes(self, latest: int) -> None:
+        """Add the disputes opened up to block `latest` that drew this node and still need its vote to `pending`."""
         start = latest if self._from_block is None else self._from_block
         if start > latest:
-            return []
+            return
         logs = self.market.disputes.events.DisputeOpened.get_logs(from_block=start, to_block=latest)
-        self._from_block = latest + 1
         me = self.market.address.lower()
-        return [entry["args"] for entry in logs if me in {v.lower() for v in entry["args"]["verifiers"]}]
+        found = 0
+        for entry in logs:
+            dispute = entry["args"]
+            ballot = self.ballots.get(dispute["disputeId"])
+            if me in {v.lower() for v in dispute["verifiers"]} and (ballot is None or not ballot.committed):
+                self.pending[dispute["disputeId"]] = (entry["blockNumber"], dispute)
+                found += 1
+        self._from_block = latest + 1
+        if found or self._saved_from is None or self._from_block - self._saved_from > RESCAN_BLOCKS:
+            self._save()  # else a restart scans a few blocks again: disputes already voted on are skipped
 
     def _rerun(self, evidence: Evidence) -> torch.Tensor:
         stage = self.worker.stage
@@ -83,35 +118,63 @@ class VerifierDuty:
                  len(evidence.inputs), difference, self.tolerance)
         return difference > self.tolerance
 
+    async def _vote(self, dispute: dict) -> None:
+        """Judge a pending dispute (once: a retry reuses the verdict and salt) and commit the vote."""
+        dispute_id = dispute["disputeId"]
+        ballot = self.ballots.get(dispute_id)
+        if ballot is None:
+            ballot = _Ballot(await self.judge(dispute), os.urandom(32))
+            self.ballots[dispute_id] = ballot
+            self._save()  # before the vote is sent: its salt is needed to reveal it
+        await asyncio.to_thread(self._commit, dispute_id, ballot)
+        del self.pending[dispute_id]
+        self._save()
+
     def _commit(self, dispute_id: int, ballot: _Ballot) -> None:
         functions = self.market.disputes.functions
         vote = self.market.read(functions.voteHash(dispute_id, self.market.address, ballot.node_wrong, ballot.salt))
-        self.market.transact(functions.commitVote(dispute_id, vote), f"committing the vote on dispute {dispute_id}")
+        on_chain = self.market.read(functions.ballotOf(dispute_id, self.market.address))[2]
+        if on_chain != vote:  # else an earlier attempt was mined after all
+            self.market.transact(functions.commitVote(dispute_id, vote), f"committing the vote on dispute {dispute_id}")
+        ballot.committed = True
         log.info("dispute %d: committed a vote (node wrong: %s)", dispute_id, ballot.node_wrong)
 
     def _advance(self) -> None:
-        """Reveal where the reveal phase is open, resolve where every verifier has revealed."""
+        """Give up votes that can no longer be committed, reveal where the reveal phase is open, resolve where every
+        verifier has revealed."""
         functions = self.market.disputes.functions
         now = self.market.w3.eth.get_block("latest")["timestamp"]
+        for dispute_id in list(self.pending):
+            commit_deadline, status = self.market.read(functions.getDispute(dispute_id))[1:3]
+            if status != OPEN or now > commit_deadline:  # also a dispute closed meanwhile, found again after a restart
+                log.warning("dispute %d: closed or past its commit phase before this node's vote was committed", dispute_id)
+                del self.pending[dispute_id]
+                self.ballots.pop(dispute_id, None)
+                self._save()
         for dispute_id, ballot in list(self.ballots.items()):
+            if not ballot.committed:
+                continue
             d = self.market.read(functions.getDispute(dispute_id))
             node, commit_deadline, status, _, reveal_deadline, count, committed, guilty, innocent = d[:9]
             if status != OPEN:
                 del self.ballots[dispute_id]
+                self._save()
                 continue
             if not ballot.revealed and (committed >= count or now > commit_deadline) and now <= reveal_deadline:
                 self.market.transact(functions.revealVote(dispute_id, ballot.node_wrong, ballot.salt), f"revealing the vote on dispute {dispute_id}")
                 ballot.revealed = True
+                self._save()
                 guilty, innocent = guilty + ballot.node_wrong, innocent + (not ballot.node_wrong)
                 log.info("dispute %d: revealed the vote", dispute_id)
             if guilty + innocent >= count or now > reveal_deadline:
                 self.market.transact(functions.resolve(dispute_id), f"resolving dispute {dispute_id}")
                 log.info("dispute %d: resolved", dispute_id)
                 del self.ballots[dispute_id]
+                self._save()
 
     async def run(self, watch: BlockWatch) -> None:
-        """Every tick: look at the newest block (`watch`), and work only when a block came: disputes open in one, and
-        a phase can only end in one (its deadlines are block times)."""
+        """Every tick: look at the newest block (`watch`), and work only when a block came (disputes open in one, and
+        a phase can only end in one: its deadlines are block times) or a vote is still to be committed."""
         handled = None
         while True:
             await asyncio.sleep(self.tick_s)
@@ -119,13 +182,15 @@ class VerifierDuty:
                 latest = await watch.latest(max_age_s=self.tick_s / 2)  # the settler's read of this tick will do
                 if latest == handled:
                     continue
-                for dispute in await asyncio.to_thread(self._new_disputes, latest):
-                    ballot = _Ballot(await self.judge(dispute), os.urandom(32))
-                    self.ballots[dispute["disputeId"]] = ballot
-                    await asyncio.to_thread(self._commit, dispute["disputeId"], ballot)
-                if self.ballots:
+                await asyncio.to_thread(self._new_disputes, latest)
+                if self.ballots or self.pending:
                     await asyncio.to_thread(self._advance)
-                handled = latest
+                for _, dispute in list(self.pending.values()):
+                    try:
+                        await self._vote(dispute)
+                    except (ChainError, requests.RequestException) as exc:
+                        log.warning("dispute %d: the vote is not committed yet (%s); retrying", dispute["disputeId"], exc)
+                handled = None if self.pending else latest  # a vote still to commit is retried without a new block
             except (ChainError, requests.RequestException) as exc:
                 log.warning("verifier duty postponed: %s", exc)
             except Exception:

@@ -1,6 +1,6 @@
 """Checks on nodes, on a real anvil with real node processes: spot checks never accuse honest nodes that
-compute with other thread counts or from disk-offloaded layers, a node adding noise is challenged and slashed by the verifiers' vote, a node
-signing two answers for one step is slashed for equivocation."""
+compute with other thread counts or from disk-offloaded layers, a node adding noise is challenged and slashed by the verifiers' vote (votes
+that failed to commit, or whose verifier restarted, are sent again), a node signing two answers for one step is slashed for equivocation."""
 
 from __future__ import annotations
 
@@ -81,7 +81,23 @@ def test_honest_nodes_with_other_thread_counts_are_never_accused(market):
     assert chain.read(chain.disputes.functions.disputeCount()) == 0
 
 
-def test_noisy_node_is_challenged_and_slashed_by_the_verifiers(market):
+def set_gas_money(market: DevMarket, names: list[str], wei: int) -> None:
+    for name in names:
+        market.w3.provider.make_request("anvil_setBalance", [market.accounts[name], hex(wei)])
+
+
+def wait_for_log(node, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text.encode() not in node.log.read_bytes()[node.log_start :]:
+        assert time.monotonic() < deadline, f"{node.name} never logged {text!r}:\n{node.log.read_text()[-2000:]}"
+        time.sleep(0.2)
+
+
+def test_noisy_node_is_challenged_and_slashed_by_the_verifiers_even_if_their_votes_fail_and_one_restarts(market):
+    """The verifiers first hold no gas money, so their commitVote fails; one restarts while its vote is pending. Each
+    vote is sent again once it can be, with the verdict and salt kept across the restart, and none is penalized."""
+    verifiers = ["b1", "b2", "b3"]
+    set_gas_money(market, verifiers, 0)
     market.new_account("cheat", tokens=100 * 10**18)
     market.node_port("cheat")
     market.cli("cheat", "node", "register", "--model", MODEL, "--layers", "2:4", "--price", "1", "--stake", "100e18")
@@ -96,15 +112,22 @@ def test_noisy_node_is_challenged_and_slashed_by_the_verifiers(market):
     auditor = asyncio.run(scenario())
     challenges = [f for f in auditor.findings if f.kind == "challenge"]
     assert [f.node for f in challenges] == [market.accounts["cheat"]]  # only the cheater is accused
+    for name in verifiers:
+        wait_for_log(market.nodes[name], "not enough gas money")
+    market.stop_node("b2")
+    wait_for_log(market.start_node("b2"), "verifier state: 1 ballot(s)")  # its pending vote, from its data folder
+    set_gas_money(market, verifiers, 10**19)
     with market.acting_as("cheat"):
         chain = Market.connect(load_config())
+    dispute_id = challenges[0].dispute_id
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        status = chain.read(chain.disputes.functions.getDispute(challenges[0].dispute_id))[2]
+        status = chain.read(chain.disputes.functions.getDispute(dispute_id))[2]
         if status != 1:
             break
         time.sleep(0.5)
     assert status == NODE_SLASHED
+    assert all(chain.read(chain.disputes.functions.ballotOf(dispute_id, market.accounts[name]))[1] for name in verifiers)  # revealed
     assert stake_of(market, "cheat") == 50 * 10**18  # wrongOutputSlashBps = 50 %
     assert all(stake_of(market, name) == 100 * 10**18 for name, _, _, _ in NODES)
     market.stop_node("cheat")
