@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from node.client.failures import RecentFailures
 from node.client.routing import NodeInfo, RouteError, discover, plan_route
 from node.client.session import CommitmentSink, HopTiming, InferenceSession, Presign, TabSource
 from node.engine.head import Head
-from node.engine.sampling import SamplingParams, generate
+from node.engine.sampling import CONFIRM, LAYERS, SamplingParams, generate, generation_steps
+from node.server.worker import PASSIVE_OPENMP
 
 _DONE = object()
 
@@ -47,6 +49,7 @@ class RemoteModel:
         self.request_costs: dict[bytes, int] | None = None  # filled per request by a payer, when there is one
         self.failed = RecentFailures()
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="generate")
+        self._streams = 0  # streams generating now
 
     @classmethod
     async def connect(cls, checkpoint: Path, urls: list[str], domain: Domain, *, model_id: str | None = None, **kwargs) -> RemoteModel:
@@ -72,12 +75,51 @@ class RemoteModel:
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, completion: Completion) -> AsyncIterator[int]:
         """Yield generated token ids as they come; the pipeline session is closed at the end."""
-        loop = asyncio.get_running_loop()
         session = InferenceSession(
             self.nodes, self.head.num_layers, self.domain, max_length=len(prompt_ids) + params.max_tokens,
             transport=self.transport, step_timeout_s=self.step_timeout_s, tab_source=self.tab_source, failed=self.failed,
             on_commitment=self.on_commitment, presign=self.presign,
         )
+        here = PASSIVE_OPENMP and not self._streams  # a lone stream: its head runs on the event loop's thread
+        self._streams += 1
+        try:
+            generating = self._generate_here if here else self._generate_in_thread
+            async with aclosing(generating(session, prompt_ids, params)) as tokens:
+                async for token in tokens:
+                    completion.tokens.append(token)
+                    yield token
+        finally:
+            self._streams -= 1
+            completion.failovers = session.failovers
+            if self.request_costs is not None:
+                completion.cost = sum(self.request_costs.pop(request_id, 0) for request_id in session.request_ids)
+            if self.on_finished is not None:
+                self.on_finished(session)
+            completion.hop_timings = session.timings
+            await session.close()
+
+    async def _generate_here(self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        """Generate on the event loop's thread: no hand-off to a generating thread and back per token (about 0.5 ms
+        on a cold CPU). The head then holds the loop for a few ms per token, which is fine while no other stream runs;
+        OpenMP does not mind a second team with OMP_WAIT_POLICY=PASSIVE (see node/server/worker.py)."""
+        steps = generation_steps(self.head, prompt_ids, params, confirming=True)
+        answer = None
+        while True:
+            try:
+                kind, value = steps.send(answer)
+            except StopIteration:
+                return
+            if kind == LAYERS:
+                answer = await session.start_layers(*value)
+            elif kind == CONFIRM:  # the last hop's commitment was checked while the head picked the token
+                answer = value if session.confirmed() else await session.confirm(value)
+            else:
+                answer = None
+                yield value
+
+    async def _generate_in_thread(self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        """Generate on a thread of its own, so that concurrent streams' heads run side by side and never hold the loop."""
+        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
 
@@ -104,23 +146,15 @@ class RemoteModel:
             while (item := await queue.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
-                completion.tokens.append(item)
                 yield item
         finally:
             cancelled.set()
             await asyncio.shield(worker)
-            completion.failovers = session.failovers
-            if self.request_costs is not None:
-                completion.cost = sum(self.request_costs.pop(request_id, 0) for request_id in session.request_ids)
-            if self.on_finished is not None:
-                self.on_finished(session)
-            completion.hop_timings = session.timings
-            await session.close()
 
 
 async def in_passing_thread(fn, *args):
-    """Run `fn` in a thread that ends afterwards: its OpenMP team goes with it, so that the generating thread is the
-    only one of this process running torch (see node/server/worker.py)."""
+    """Run `fn` in a thread that ends afterwards: its OpenMP team goes with it, so that only the threads that generate
+    hold one (see node/server/worker.py)."""
     executor = ThreadPoolExecutor(max_workers=1)
     try:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)

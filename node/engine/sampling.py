@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -53,13 +53,17 @@ def _holds_stop_prefix(text: str, stops: list[str]) -> bool:
     return any(text.endswith(stop[:k]) for stop in stops for k in range(1, len(stop)))
 
 
-def generate(
-    head: Head, run_layers: RunLayers, prompt_ids: list[int], params: SamplingParams, *, chunk_size: int = 256,
-    confirm: Confirm | None = None,
-) -> Iterator[int]:
-    """Yield new token ids; stops on EOS (not yielded), a stop string (its tokens not yielded) or max_tokens.
-    With `confirm`, each token is picked while the step that led to it is still being checked, and picked again
-    (from the same random state) if `confirm` hands back another output."""
+LAYERS, CONFIRM, TOKEN = "layers", "confirm", "token"
+
+
+def generation_steps(
+    head: Head, prompt_ids: list[int], params: SamplingParams, *, chunk_size: int = 256, confirming: bool = False,
+) -> Generator[tuple[str, object], torch.Tensor | None, None]:
+    """Generation without I/O, for a driver to run (`generate`, or an async one): it yields (LAYERS, (hidden,
+    positions)) and must be sent the layers' output; with `confirming`, (CONFIRM, output) once the token is picked,
+    and must be sent the output that stands (another tensor when the step had to be redone: the token is then picked
+    again from the same random state); and (TOKEN, id) for each new token (sent nothing). Stops on EOS (not
+    yielded), a stop string (its tokens not yielded) or max_tokens."""
     params.check()
     if not prompt_ids:
         raise EngineError("the prompt holds no token")
@@ -70,17 +74,17 @@ def generate(
     for begin in range(0, len(prompt_ids), chunk_size):
         ids = torch.tensor([prompt_ids[begin : begin + chunk_size]])
         positions = torch.arange(begin, begin + ids.shape[1])[None]
-        hidden = run_layers(head.embed(ids), positions)
+        hidden = yield LAYERS, (head.embed(ids), positions)
     emitted: list[int] = []
     held: list[int] = []
     token = -1
     for count in range(params.max_tokens):
         if count:
             position = len(prompt_ids) + count - 1
-            hidden = run_layers(head.embed(torch.tensor([[token]])), torch.tensor([[position]]))
-        state = generator.get_state() if generator is not None and confirm is not None else None
+            hidden = yield LAYERS, (head.embed(torch.tensor([[token]])), torch.tensor([[position]]))
+        state = generator.get_state() if generator is not None and confirming else None
         token = pick_token(head.logits(hidden[:, -1:])[0, -1], params, generator)
-        if confirm is not None and (checked := confirm(hidden)) is not hidden:
+        if confirming and (checked := (yield CONFIRM, hidden)) is not hidden:
             hidden = checked
             if state is not None:
                 generator.set_state(state)
@@ -94,7 +98,32 @@ def generate(
                 return
             if _holds_stop_prefix(text, params.stop):
                 continue
-        yield from held
+        for held_token in held:
+            yield TOKEN, held_token
         emitted += held
         held = []
-    yield from held
+    for held_token in held:
+        yield TOKEN, held_token
+
+
+def generate(
+    head: Head, run_layers: RunLayers, prompt_ids: list[int], params: SamplingParams, *, chunk_size: int = 256,
+    confirm: Confirm | None = None,
+) -> Iterator[int]:
+    """Yield new token ids (see `generation_steps`), running the layers with `run_layers`. With `confirm`, each
+    token is picked while the step that led to it is still being checked, and picked again (from the same random
+    state) if `confirm` hands back another output."""
+    steps = generation_steps(head, prompt_ids, params, chunk_size=chunk_size, confirming=confirm is not None)
+    answer = None
+    while True:
+        try:
+            kind, value = steps.send(answer)
+        except StopIteration:
+            return
+        if kind == LAYERS:
+            answer = run_layers(*value)
+        elif kind == CONFIRM:
+            answer = confirm(value)
+        else:
+            answer = None
+            yield value
