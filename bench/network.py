@@ -3,6 +3,11 @@ signed commitments on, TCP and WebSocket transports, in interleaved rounds: the 
 round's local/pipeline, for the faster transport), the per-hop overhead of framing + encryption + signing in
 microseconds, and the time from `node run` to ready. Prints JSON on its last line.
 
+A third run in each round is the machine's floor for any 3-process pipeline: the same three layer ranges in three
+bare processes that pass raw hidden-state bytes over pipes (no sockets, framing, encryption, commitments or event
+loop). `bare_over_local_speed` is what splitting the model across processes costs on this machine by itself, and
+`pipeline_over_bare_speed` is what shardmarket's network layer adds on top.
+
 Usage: .venv/bin/python bench/network.py [--tokens 32] [--no-850m]
 """
 
@@ -14,6 +19,7 @@ import json
 import os
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -179,16 +185,94 @@ def serve_local(checkpoint: Path, tokens: int) -> None:
         print(json.dumps({"ms_per_token": ms, "tokens": out}), flush=True)
 
 
+class BareRunner:
+    """The floor: the layer ranges in bare processes of their own (`--bare-stage`), the hidden state passed as raw
+    float32 bytes over their stdin/stdout, driven from this process with the same Head and `generate`."""
+
+    def __init__(self, checkpoint: Path, ranges: list[str], head: Head) -> None:
+        self.head = head
+        self.processes = [
+            subprocess.Popen([sys.executable, __file__, "--bare-stage", str(checkpoint), "--layers", layers],
+                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            for layers in ranges
+        ]
+        for process in self.processes:
+            if process.stdout.read(5) != b"ready":
+                raise RuntimeError("a bare stage process failed to load its layers")
+
+    def run(self, ids: list[int], params: SamplingParams) -> tuple[float, list[int]]:
+        session = os.urandom(8)
+        for process in self.processes:
+            _send(process.stdin, b"o" + session + struct.pack("<I", len(ids) + params.max_tokens))
+            _receive(process.stdout)
+
+        def run_layers(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            steps = hidden.shape[1]
+            for process in self.processes:
+                _send(process.stdin, b"s" + session + struct.pack("<II", steps, int(positions[0, 0])) + wire.tensor_bytes(hidden))
+                hidden = torch.frombuffer(bytearray(_receive(process.stdout)), dtype=torch.float32).view(1, steps, -1)
+            return hidden
+
+        started = time.perf_counter()
+        with torch.inference_mode():
+            tokens = list(generate(self.head, run_layers, ids, params))
+        elapsed = (time.perf_counter() - started) * 1000 / len(tokens)
+        for process in self.processes:
+            _send(process.stdin, b"c" + session)
+            _receive(process.stdout)
+        return elapsed, tokens
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.stdin.close()
+            process.wait()
+
+
+def serve_bare_stage(checkpoint: Path, layers: str, threads: int) -> None:
+    """`--bare-stage`: load one layer range, then answer open (o), step (s) and close (c) messages on stdin."""
+    torch.set_num_threads(threads)
+    start, end = (int(x) for x in layers.split(":"))
+    stage = Stage.load(checkpoint, start, end)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdout.write(b"ready")
+    stdout.flush()
+    with torch.inference_mode():
+        while (message := _receive(stdin)) is not None:
+            kind, session = message[:1], message[1:9].hex()
+            if kind == b"o":
+                stage.open_session(session, struct.unpack("<I", message[9:13])[0])
+                _send(stdout, b"k")
+            elif kind == b"c":
+                stage.close_session(session)
+                _send(stdout, b"k")
+            else:
+                steps, position = struct.unpack("<II", message[9:17])
+                hidden = torch.frombuffer(bytearray(message[17:]), dtype=torch.float32).view(1, steps, -1)
+                out = stage.step(session, hidden, torch.arange(position, position + steps)[None])
+                _send(stdout, wire.tensor_bytes(out))
+
+
+def _send(pipe, data: bytes) -> None:
+    pipe.write(struct.pack("<I", len(data)) + data)
+    pipe.flush()
+
+
+def _receive(pipe) -> bytes | None:
+    size = pipe.read(4)
+    return pipe.read(struct.unpack("<I", size)[0]) if len(size) == 4 else None
+
+
 def chat_ids(head: Head) -> list[int]:
     text = head.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
     return head.tokenizer.encode(text, add_special_tokens=False)
 
 
 async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: int) -> dict:
-    """Local vs 3-node pipeline (TCP and WebSocket) for one model, the three runs interleaved."""
+    """Local vs 3-node pipeline (TCP and WebSocket) vs bare processes for one model, the four runs interleaved."""
     params = SamplingParams(max_tokens=tokens)
     local = LocalRunner(checkpoint, tokens)
-    timings: dict[str, list[float]] = {"local": [], "tcp": [], "ws": []}
+    bare = None
+    timings: dict[str, list[float]] = {"local": [], "tcp": [], "ws": [], "bare": []}
     overheads: dict[str, list[float]] = {"tcp": [], "ws": []}
     outputs: dict[str, list[int]] = {}
     with tempfile.TemporaryDirectory() as home:
@@ -197,9 +281,13 @@ async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: 
         try:
             model = await RemoteModel.connect(checkpoint, urls, DOMAIN)  # one client: one thread runs its torch work
             ids = model.chat_ids(PROMPT)
-            for _ in tqdm(range(runs), desc=f"{name}: local, tcp, ws", file=sys.stderr):
+            bare = BareRunner(checkpoint, thirds(layers), model.head)
+            generating = asyncio.get_running_loop()
+            for _ in tqdm(range(runs), desc=f"{name}: local, tcp, ws, bare", file=sys.stderr):
                 ms, outputs["local"] = await asyncio.to_thread(local.run)
                 timings["local"].append(ms)
+                ms, outputs["bare"] = await generating.run_in_executor(model._threads, bare.run, ids, params)
+                timings["bare"].append(ms)
                 for kind in ("tcp", "ws"):
                     model.transport = kind
                     ms, outputs[kind], hop_overheads = await pipeline_generate(model, ids, params)
@@ -207,23 +295,29 @@ async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: 
                     overheads[kind] += hop_overheads
         finally:
             local.close()
+            if bare is not None:
+                bare.close()
             for process in processes:
                 process.terminate()
                 process.wait()
-    local_ms, tcp_ms, ws_ms = (statistics.median(timings[k]) for k in ("local", "tcp", "ws"))
+    local_ms, tcp_ms, ws_ms, bare_ms = (statistics.median(timings[k]) for k in ("local", "tcp", "ws", "bare"))
     # each round's local/pipeline, so that the machine's drift between rounds cancels; the faster transport's median
     speed = {kind: statistics.median(a / b for a, b in zip(timings["local"], timings[kind])) for kind in ("tcp", "ws")}
+    faster = max(speed, key=speed.get)
     fastest = {k: min(v) for k, v in timings.items()}
     return {
         f"{name}_local_ms_per_token": round(local_ms, 2),
         f"{name}_pipeline_tcp_ms_per_token": round(tcp_ms, 2),
         f"{name}_pipeline_ws_ms_per_token": round(ws_ms, 2),
         f"{name}_pipeline_over_local_speed": round(max(speed.values()), 3),
-        f"{name}_pipeline_over_local_speed_transport": max(speed, key=speed.get),
+        f"{name}_pipeline_over_local_speed_transport": faster,
+        f"{name}_bare_pipes_ms_per_token": round(bare_ms, 2),
+        f"{name}_bare_over_local_speed": round(statistics.median(a / b for a, b in zip(timings["local"], timings["bare"])), 3),
+        f"{name}_pipeline_over_bare_speed": round(statistics.median(a / b for a, b in zip(timings["bare"], timings[faster])), 3),
         f"{name}_pipeline_over_local_speed_fastest_runs": round(fastest["local"] / min(fastest["tcp"], fastest["ws"]), 3),
         f"{name}_hop_overhead_tcp_us": round(statistics.median(overheads["tcp"]) * 1e6),
         f"{name}_hop_overhead_ws_us": round(statistics.median(overheads["ws"]) * 1e6),
-        f"{name}_same_tokens": outputs["local"] == outputs["tcp"] == outputs["ws"],
+        f"{name}_same_tokens": outputs["local"] == outputs["tcp"] == outputs["ws"] == outputs["bare"],
         f"{name}_node_ready_s": round(statistics.median(ready_s), 2),
     }
 
@@ -234,9 +328,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--no-850m", action="store_true", help="skip the ~850M random model")
     parser.add_argument("--local", type=Path, help=argparse.SUPPRESS)  # the baseline's own process (LocalRunner)
+    parser.add_argument("--bare-stage", type=Path, help=argparse.SUPPRESS)  # one of the floor's processes (BareRunner)
+    parser.add_argument("--layers", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.local:
         return serve_local(args.local, args.tokens)
+    if args.bare_stage:
+        return serve_bare_stage(args.bare_stage, args.layers, torch.get_num_threads())
     threads = torch.get_num_threads()
     models = [("default", default_model)]
     if not args.no_850m:
