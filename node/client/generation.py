@@ -99,8 +99,8 @@ class RemoteModel:
             await session.close()
 
     async def _generate_here(self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
-        """Generate on the event loop's thread: no hand-off to a generating thread and back per token (about 0.5 ms
-        on a cold CPU). The head then holds the loop for a few ms per token, which is fine while no other stream runs;
+        """Generate on the event loop's thread: no hand-off to a generating thread and back per token (two thread
+        wake-ups). The head then holds the loop for a few ms per token, which is fine while no other stream runs;
         OpenMP does not mind a second team with OMP_WAIT_POLICY=PASSIVE (see node/server/worker.py)."""
         steps = generation_steps(self.head, prompt_ids, params, confirming=True)
         answer = None
@@ -111,7 +111,7 @@ class RemoteModel:
                 return
             if kind == LAYERS:
                 answer = await session.start_layers(*value)
-            elif kind == CONFIRM:  # the last hop's commitment was checked while the head picked the token
+            elif kind == CONFIRM:  # the last hop's commitment is checked now: the head held the loop
                 answer = value if session.confirmed() else await session.confirm(value)
             else:
                 answer = None
