@@ -3,12 +3,12 @@ signed commitments on, TCP and WebSocket transports, in interleaved rounds: the 
 round's local/pipeline, for the faster transport), the per-hop overhead of framing + encryption + signing in
 microseconds, and the time from `node run` to ready. Prints JSON on its last line.
 
-A third run in each round is the machine's floor for any 3-process pipeline: the same three layer ranges in three
+Each round also runs the machine's floor for any 3-process pipeline: the same three layer ranges in three
 bare processes that pass raw hidden-state bytes over pipes (no sockets, framing, encryption, commitments or event
 loop). `bare_over_local_speed` is what splitting the model across processes costs on this machine by itself, and
 `pipeline_over_bare_speed` is what shardmarket's network layer adds on top.
 
-Usage: .venv/bin/python bench/network.py [--tokens 32] [--no-850m]
+Usage: .venv/bin/python bench/network.py [--tokens 32] [--runs 9] [--no-850m]
 """
 
 from __future__ import annotations
@@ -325,7 +325,7 @@ async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=9, help="interleaved rounds per model (this machine drifts: more rounds, a steadier median)")
     parser.add_argument("--no-850m", action="store_true", help="skip the ~850M random model")
     parser.add_argument("--local", type=Path, help=argparse.SUPPRESS)  # the baseline's own process (LocalRunner)
     parser.add_argument("--bare-stage", type=Path, help=argparse.SUPPRESS)  # one of the floor's processes (BareRunner)
