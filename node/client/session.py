@@ -121,15 +121,20 @@ class InferenceSession:
                 continue  # the failing node is now excluded; plan again
 
     async def _open_hops(self, route: list[NodeInfo]) -> list[Hop]:
-        hops = []
-        for node in route:
-            try:
-                hops.append(await self._open_hop(node))
-            except HOP_ERRORS as exc:
-                await self._close_hops(hops)
-                self._mark_failed(node, exc)
-                raise NodeFailure(f"cannot open a session on {node.url}: {exc}") from None
-        return hops
+        """Open a session on every node of `route` at once (one round of connects and handshakes, not one per hop);
+        if any fails, the others are closed and every failed node is marked."""
+        results = await asyncio.gather(*(self._open_hop(node) for node in route), return_exceptions=True)
+        hops = [result for result in results if isinstance(result, Hop)]
+        failed = [(node, result) for node, result in zip(route, results) if not isinstance(result, Hop)]
+        if not failed:
+            return hops
+        await self._close_hops(hops)
+        for node, exc in failed:
+            if not isinstance(exc, HOP_ERRORS):
+                raise exc
+            self._mark_failed(node, exc)
+        node, exc = failed[0]
+        raise NodeFailure(f"cannot open a session on {node.url}: {exc}")
 
     async def _open_hop(self, node: NodeInfo) -> Hop:
         transport = await open_transport(node.url, self.transport, node.tcp_port, wire.DEFAULT_LIMITS, self.step_timeout_s)
@@ -351,22 +356,27 @@ class InferenceSession:
             self._unconfirmed[0].cancel()  # nobody will use that output
             await asyncio.gather(self._unconfirmed[0], return_exceptions=True)
         self._unconfirmed = None
-        for hop in self.hops:
+
+        async def close_session(hop: Hop) -> None:
             try:
                 await hop.channel.send(Message(wire.CLOSE, self.request_id))
                 await asyncio.wait_for(hop.channel.recv(), 2.0)
             except (ConnectionError, OSError, asyncio.TimeoutError, WireError, ValueError):
                 pass
+
+        await asyncio.gather(*(close_session(hop) for hop in self.hops))  # every hop at once, like opening
         await self._close_hops(self.hops)
         self.hops = []
 
     @staticmethod
     async def _close_hops(hops: list[Hop]) -> None:
-        for hop in hops:
+        async def close(hop: Hop) -> None:
             try:
                 await hop.channel.close()
             except (ConnectionError, OSError):
                 pass
+
+        await asyncio.gather(*(close(hop) for hop in hops))
 
 
 class _CommitmentCheck:
