@@ -1,7 +1,7 @@
 """Network benchmark: ms/token of a model run locally vs over a 3-node loopback pipeline (encryption and
-signed commitments on, TCP and WebSocket transports, in interleaved rounds: the speed ratio is the median of each
-round's local/pipeline, for the faster transport), the per-hop overhead of framing + encryption + signing in
-microseconds, and the time from `node run` to ready. Prints JSON on its last line.
+signed commitments on, TCP and WebSocket transports, in interleaved rounds whose order turns each round: the speed
+ratio is the median of each round's local/pipeline, for the faster transport), the per-hop overhead of framing +
+encryption + signing in microseconds, and the time from `node run` to ready. Prints JSON on its last line.
 
 Each round also runs the machine's floor for any 3-process pipeline: the same three layer ranges in three
 bare processes that pass raw hidden-state bytes over pipes (no sockets, framing, encryption, commitments or event
@@ -283,16 +283,20 @@ async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: 
             ids = model.chat_ids(PROMPT)
             bare = BareRunner(checkpoint, thirds(layers), model.head)
             generating = asyncio.get_running_loop()
-            for _ in tqdm(range(runs), desc=f"{name}: local, tcp, ws, bare", file=sys.stderr):
-                ms, outputs["local"] = await asyncio.to_thread(local.run)
-                timings["local"].append(ms)
-                ms, outputs["bare"] = await generating.run_in_executor(model._threads, bare.run, ids, params)
-                timings["bare"].append(ms)
-                for kind in ("tcp", "ws"):
-                    model.transport = kind
-                    ms, outputs[kind], hop_overheads = await pipeline_generate(model, ids, params)
+            kinds = ["local", "tcp", "ws", "bare"]
+            for round_ in tqdm(range(runs), desc=f"{name}: local, tcp, ws, bare", file=sys.stderr):
+                # the order turns each round: a run right after another process's pass over the whole model is
+                # slower (its caches are cold), and no kind should always take that place
+                for kind in kinds[round_ % 4:] + kinds[: round_ % 4]:
+                    if kind == "local":
+                        ms, outputs[kind] = await asyncio.to_thread(local.run)
+                    elif kind == "bare":
+                        ms, outputs[kind] = await generating.run_in_executor(model._threads, bare.run, ids, params)
+                    else:
+                        model.transport = kind
+                        ms, outputs[kind], hop_overheads = await pipeline_generate(model, ids, params)
+                        overheads[kind] += hop_overheads
                     timings[kind].append(ms)
-                    overheads[kind] += hop_overheads
         finally:
             local.close()
             if bare is not None:
