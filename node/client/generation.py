@@ -111,8 +111,8 @@ class RemoteModel:
                 return
             if kind == LAYERS:
                 answer = await session.start_layers(*value)
-            elif kind == CONFIRM:  # the last hop's commitment is checked now: the head held the loop
-                answer = value if session.confirmed() else await session.confirm(value)
+            elif kind == CONFIRM:  # the last hop's commitment is checked now (the head held the loop); a check
+                answer = await session.confirm(value)  # already done is awaited without a turn of the loop
             else:
                 answer = None
                 yield value
