@@ -262,6 +262,12 @@ def _receive(pipe) -> bytes | None:
     return pipe.read(struct.unpack("<I", size)[0]) if len(size) == 4 else None
 
 
+def paired_ratio(baseline_ms: list[float], measured_ms: list[float]) -> float:
+    """The median of each round's baseline/measured ms per token (a speed ratio), so that the machine's drift
+    between rounds cancels."""
+    return statistics.median(a / b for a, b in zip(baseline_ms, measured_ms))
+
+
 def chat_ids(head: Head) -> list[int]:
     text = head.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
     return head.tokenizer.encode(text, add_special_tokens=False)
@@ -282,7 +288,7 @@ async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: 
             model = await RemoteModel.connect(checkpoint, urls, DOMAIN)  # one client: one thread runs its torch work
             ids = model.chat_ids(PROMPT)
             bare = BareRunner(checkpoint, thirds(layers), model.head)
-            generating = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
             kinds = ["local", "tcp", "ws", "bare"]
             for round_ in tqdm(range(runs), desc=f"{name}: local, tcp, ws, bare", file=sys.stderr):
                 # the order turns each round: a run right after another process's pass over the whole model is
@@ -291,7 +297,7 @@ async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: 
                     if kind == "local":
                         ms, outputs[kind] = await asyncio.to_thread(local.run)
                     elif kind == "bare":
-                        ms, outputs[kind] = await generating.run_in_executor(model._threads, bare.run, ids, params)
+                        ms, outputs[kind] = await loop.run_in_executor(model._threads, bare.run, ids, params)
                     else:
                         model.transport = kind
                         ms, outputs[kind], hop_overheads = await pipeline_generate(model, ids, params)
@@ -305,8 +311,7 @@ async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: 
                 process.terminate()
                 process.wait()
     local_ms, tcp_ms, ws_ms, bare_ms = (statistics.median(timings[k]) for k in ("local", "tcp", "ws", "bare"))
-    # each round's local/pipeline, so that the machine's drift between rounds cancels; the faster transport's median
-    speed = {kind: statistics.median(a / b for a, b in zip(timings["local"], timings[kind])) for kind in ("tcp", "ws")}
+    speed = {kind: paired_ratio(timings["local"], timings[kind]) for kind in ("tcp", "ws")}
     faster = max(speed, key=speed.get)
     fastest = {k: min(v) for k, v in timings.items()}
     return {
@@ -316,8 +321,8 @@ async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: 
         f"{name}_pipeline_over_local_speed": round(max(speed.values()), 3),
         f"{name}_pipeline_over_local_speed_transport": faster,
         f"{name}_bare_pipes_ms_per_token": round(bare_ms, 2),
-        f"{name}_bare_over_local_speed": round(statistics.median(a / b for a, b in zip(timings["local"], timings["bare"])), 3),
-        f"{name}_pipeline_over_bare_speed": round(statistics.median(a / b for a, b in zip(timings["bare"], timings[faster])), 3),
+        f"{name}_bare_over_local_speed": round(paired_ratio(timings["local"], timings["bare"]), 3),
+        f"{name}_pipeline_over_bare_speed": round(paired_ratio(timings["bare"], timings[faster]), 3),
         f"{name}_pipeline_over_local_speed_fastest_runs": round(fastest["local"] / min(fastest["tcp"], fastest["ws"]), 3),
         f"{name}_hop_overhead_tcp_us": round(statistics.median(overheads["tcp"]) * 1e6),
         f"{name}_hop_overhead_ws_us": round(statistics.median(overheads["ws"]) * 1e6),
