@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import requests
 import torch
 
 from ipfs.blockstore import Blockstore
+from ipfs.fetch import FetchError
 from node.chain.contracts import ChainError, Market
 from node.chain.evidence import Evidence, EvidenceError, fetch, relative_difference
 from node.chain.watch import BlockWatch
@@ -23,6 +25,14 @@ from node.server.worker import StageWorker
 log = logging.getLogger("shardmarket.verifier")
 OPEN = 1
 RESCAN_BLOCKS = 100  # the scan's start is saved at least this often (blocks), so a restart rescans few
+# evidence no gateway serves is asked for again every tick until this long before the commit phase ends; then the
+# vote acquits the node (the challenger had the whole phase to make the evidence available)
+UNAVAILABLE_VOTE_MARGIN_S = 300
+EVIDENCE_RETRY_S = 15  # between two attempts to fetch a dispute's evidence
+
+
+class EvidenceUnavailable(Exception):
+    """The evidence could not be fetched (no gateway reachable or serving it): the vote waits for a later tick."""
 
 
 @dataclass
@@ -46,6 +56,7 @@ class VerifierDuty:
         self.ballots: dict[int, _Ballot] = {}
         self.pending: dict[int, tuple[int, dict]] = {}  # vote not committed yet: dispute id -> (its block, DisputeOpened args)
         self._from_block: int | None = None
+        self._evidence_retry_at: dict[int, float] = {}  # dispute id -> when to try fetching its evidence again
         self._saved_from: int | None = None
         if state_path is not None and state_path.exists():
             state = json.loads(state_path.read_text())
@@ -96,11 +107,24 @@ class VerifierDuty:
         finally:
             stage.close_session(session)
 
-    async def judge(self, dispute: dict) -> bool:
-        """True if the accused node's answer is wrong; evidence that does not check out acquits it."""
-        stage = self.worker.stage
+    async def fetch_evidence(self, dispute: dict, *, last_chance: bool = True) -> Evidence | None:
+        """The dispute's evidence, from the local store or the gateways. Evidence no gateway serves (yet) raises
+        EvidenceUnavailable, unless this is the `last_chance` to vote: then it is None, which acquits the node."""
         try:
-            evidence = await asyncio.to_thread(fetch, dispute["evidence"], self.store, self.gateways)
+            return await asyncio.to_thread(fetch, dispute["evidence"], self.store, self.gateways)
+        except (FetchError, OSError) as exc:
+            if not last_chance:
+                raise EvidenceUnavailable(str(exc)) from None
+            return None
+
+    async def judge(self, dispute: dict, *, last_chance: bool = True) -> bool:
+        """True if the accused node's answer is wrong; evidence that does not check out, or that cannot be fetched
+        at the `last_chance` to vote, acquits it (see `fetch_evidence`)."""
+        try:
+            evidence = await self.fetch_evidence(dispute, last_chance=last_chance)
+            if evidence is None:
+                raise EvidenceError("no gateway served it, and the commit phase is about to end")
+            stage = self.worker.stage
             evidence.check(dispute["node"], self.market.dispute_domain())
             c = dispute["commitment"]
             challenged = evidence.challenged.commitment
@@ -109,7 +133,7 @@ class VerifierDuty:
                 raise EvidenceError("the evidence is about another commitment than the dispute")
             if (evidence.start, evidence.end) != (stage.start, stage.end):
                 raise EvidenceError(f"the evidence is for layers {evidence.start}:{evidence.end}, this node serves {stage.start}:{stage.end}")
-        except (EvidenceError, ValueError, OSError) as exc:
+        except (EvidenceError, ValueError) as exc:
             log.warning("dispute %d: the evidence does not hold (%s); voting that the node was right", dispute["disputeId"], exc)
             return False
         mine = await self.worker.call(self._rerun, evidence)
@@ -123,12 +147,26 @@ class VerifierDuty:
         dispute_id = dispute["disputeId"]
         ballot = self.ballots.get(dispute_id)
         if ballot is None:
-            ballot = _Ballot(await self.judge(dispute), os.urandom(32))
+            if time.monotonic() < self._evidence_retry_at.get(dispute_id, 0):
+                return  # its evidence could not be fetched a moment ago
+            left_s = await asyncio.to_thread(self._commit_time_left, dispute_id)
+            try:
+                node_wrong = await self.judge(dispute, last_chance=left_s <= UNAVAILABLE_VOTE_MARGIN_S)
+            except EvidenceUnavailable:
+                self._evidence_retry_at[dispute_id] = time.monotonic() + EVIDENCE_RETRY_S
+                raise
+            self._evidence_retry_at.pop(dispute_id, None)
+            ballot = _Ballot(node_wrong, os.urandom(32))
             self.ballots[dispute_id] = ballot
             self._save()  # before the vote is sent: its salt is needed to reveal it
         await asyncio.to_thread(self._commit, dispute_id, ballot)
         del self.pending[dispute_id]
         self._save()
+
+    def _commit_time_left(self, dispute_id: int) -> int:
+        """Seconds of chain time until the dispute's commit phase ends."""
+        commit_deadline = self.market.read(self.market.disputes.functions.getDispute(dispute_id))[1]
+        return commit_deadline - self.market.w3.eth.get_block("latest")["timestamp"]
 
     def _commit(self, dispute_id: int, ballot: _Ballot) -> None:
         functions = self.market.disputes.functions
@@ -188,6 +226,8 @@ class VerifierDuty:
                 for _, dispute in list(self.pending.values()):
                     try:
                         await self._vote(dispute)
+                    except EvidenceUnavailable as exc:
+                        log.warning("dispute %d: the evidence cannot be fetched yet (%s); asking again", dispute["disputeId"], exc)
                     except (ChainError, requests.RequestException) as exc:
                         log.warning("dispute %d: the vote is not committed yet (%s); retrying", dispute["disputeId"], exc)
                 handled = None if self.pending else latest  # a vote still to commit is retried without a new block

@@ -1,5 +1,6 @@
 """Dispute evidence reaches verifiers on other machines: its reference names the challenger's gateways, a
-verifier with no gateway of its own fetches it from them, verified against the CID and the node's signatures."""
+verifier with no gateway of its own fetches it from them, verified against the CID and the node's signatures; while
+no gateway serves it, the verifier asks again rather than vote."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from aiohttp import web
 from eth_account import Account
 
 from ipfs.blockstore import Blockstore
+from ipfs.cids import parse
 from ipfs.gateway import gateway_routes
 from node.chain.devchain import free_port
 from node.chain.eip712 import Domain, signing_key, tensor_hash
 from node.chain.evidence import MAX_GATEWAY_HINTS, Evidence, EvidenceError, fetch, gateway_hints, publish
 from node.net import wire
 from node.net.commitment import commit
+from node.server.verifier import EvidenceUnavailable, VerifierDuty
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)
 
@@ -74,3 +77,24 @@ def test_only_a_few_http_gateways_are_taken_from_a_reference():
         "&".join(["a.example"] + [f"gateway=https%3A%2F%2Fg{i}.example" for i in range(6)])
     hints = gateway_hints(reference)
     assert hints == ["http://a.example"] + [f"https://g{i}.example" for i in range(MAX_GATEWAY_HINTS - 1)]
+
+
+def test_a_verifier_asks_again_for_evidence_no_gateway_serves_yet_and_acquits_only_at_its_last_chance(gateway, tmp_path):
+    """A gateway that is down, or does not hold the evidence yet, postpones the vote (the duty asks again at a later
+    tick) instead of acquitting the node; only at the last chance to vote does missing evidence acquit it."""
+    store, url = gateway
+    node = Account.create()
+    original = evidence(node)
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    offline = Blockstore(tmp_path / "challenger-offline")
+    reference = publish(original, offline, [down, url])  # on neither gateway yet
+    duty = VerifierDuty(None, None, Blockstore(tmp_path / "verifier"), [], tolerance=0.01)
+    dispute = {"disputeId": 7, "evidence": reference}
+    with pytest.raises(EvidenceUnavailable, match="no gateway had"):
+        asyncio.run(duty.judge(dispute, last_chance=False))
+    assert asyncio.run(duty.judge(dispute, last_chance=True)) is False  # the commit phase is about to end: acquitted
+    cid = bytes(parse(reference[len("ipfs://"):].partition("?")[0]))
+    store.add_block(cid, offline.get(cid))  # the challenger's gateway serves it now (small evidence: one block)
+    fetched = asyncio.run(duty.fetch_evidence(dispute, last_chance=False))
+    fetched.check(node.address, DOMAIN)
+    assert torch.equal(fetched.output, original.output) and fetched.positions == [0, 3]
