@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, urlsplit
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -24,6 +25,7 @@ from node.net.commitment import SignedCommitment
 MAX_EVIDENCE_BYTES = 256 * 2**20
 MAX_GATEWAY_HINTS = 4  # gateways a dispute's evidence reference may name
 PREFIX = "ipfs://"
+METADATA_KEY = "shardmarket.evidence"  # the safetensors metadata key holding everything but the tensors
 
 
 class EvidenceError(ValueError):
@@ -47,30 +49,32 @@ class Evidence:
         return self.commitments[-1]
 
     def encode(self) -> bytes:
+        """safetensors bytes; the same evidence always gives the same bytes, so the same CID (safetensors writes
+        its metadata keys in no fixed order, so everything but the tensors goes in one key, as sorted JSON)."""
         tensors = {f"input.{i}": t.contiguous() for i, t in enumerate(self.inputs)} | {"output": self.output.contiguous()}
         meta = {
-            "model": self.model, "layers": json.dumps([self.start, self.end]), "positions": json.dumps(self.positions),
-            "commitments": json.dumps([
+            "model": self.model, "layers": [self.start, self.end], "positions": self.positions,
+            "commitments": [
                 [c.commitment.request_id.hex(), c.commitment.step, c.commitment.input_hash.hex(), c.commitment.output_hash.hex(), c.signature.hex()]
                 for c in self.commitments
-            ]),
+            ],
         }
-        return save_tensors(tensors, metadata=meta)
+        return save_tensors(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
     @classmethod
     def decode(cls, data: bytes) -> Evidence:
         try:
             tensors = load_tensors(data)
             header_len = int.from_bytes(data[:8], "little")
-            meta = json.loads(data[8 : 8 + header_len])["__metadata__"]
-            start, end = json.loads(meta["layers"])
+            meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"][METADATA_KEY])
+            start, end = meta["layers"]
             commitments = [
                 SignedCommitment(Commitment(bytes.fromhex(r), s, bytes.fromhex(i), bytes.fromhex(o)), bytes.fromhex(sig))
-                for r, s, i, o, sig in json.loads(meta["commitments"])
+                for r, s, i, o, sig in meta["commitments"]
             ]
             inputs = [tensors[f"input.{i}"] for i in range(len(commitments))]
-            return cls(meta["model"], start, end, json.loads(meta["positions"]), inputs, commitments, tensors["output"])
-        except (KeyError, ValueError, TypeError) as exc:
+            return cls(meta["model"], start, end, meta["positions"], inputs, commitments, tensors["output"])
+        except (KeyError, ValueError, TypeError, SafetensorError) as exc:
             raise EvidenceError(f"malformed evidence: {exc}") from None
 
     def check(self, accused: str, domain: Domain) -> None:

@@ -1,24 +1,26 @@
 """Dispute evidence reaches verifiers on other machines: its reference names the challenger's gateways, a
 verifier with no gateway of its own fetches it from them, verified against the CID and the node's signatures; while
-no gateway serves it, the verifier asks again rather than vote."""
+no gateway serves it, the verifier asks again rather than vote. The same evidence always has the same CID, and
+malformed evidence is refused with a clear error."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import threading
+from urllib.parse import quote
 
 import pytest
 import torch
 from aiohttp import web
 from eth_account import Account
+from safetensors.torch import save as save_tensors
 
 from ipfs.blockstore import Blockstore
-from ipfs.cids import parse
 from ipfs.gateway import gateway_routes
 from node.chain.devchain import free_port
 from node.chain.eip712 import Domain, signing_key, tensor_hash
-from node.chain.evidence import MAX_GATEWAY_HINTS, Evidence, EvidenceError, fetch, gateway_hints, publish
+from node.chain.evidence import MAX_GATEWAY_HINTS, METADATA_KEY, Evidence, EvidenceError, fetch, gateway_hints, publish
 from node.net import wire
 from node.net.commitment import commit
 from node.server.verifier import EvidenceUnavailable, VerifierDuty
@@ -72,6 +74,20 @@ def test_a_verifier_elsewhere_fetches_the_evidence_from_the_gateway_its_referenc
     assert torch.equal(fetched.output, original.output) and fetched.positions == [0, 3]
 
 
+def test_the_same_evidence_always_has_the_same_cid_and_malformed_evidence_is_refused(tmp_path):
+    original = evidence(Account.create())
+    references = {publish(original, Blockstore(tmp_path / f"store{i}")) for i in range(3)}
+    assert len(references) == 1  # safetensors' own metadata order varies from call to call; the evidence's does not
+    decoded = Evidence.decode(original.encode())
+    assert decoded.commitments == original.commitments and decoded.positions == original.positions
+    assert torch.equal(decoded.inputs[0], original.inputs[0]) and (decoded.start, decoded.end) == (0, 2)
+    for bad in [b"not safetensors", save_tensors({"output": torch.zeros(1)}, metadata={"model": "tiny"}),
+                save_tensors({"output": torch.zeros(1)}, metadata={METADATA_KEY: '{"layers": 3}'}),
+                original.encode()[:-5]]:
+        with pytest.raises(EvidenceError, match="malformed evidence"):
+            Evidence.decode(bad)
+
+
 def test_only_a_few_http_gateways_are_taken_from_a_reference():
     reference = "ipfs://bafkqaaa?gateway=file%3A%2F%2F%2Fetc%2Fpasswd&gateway=ftp%3A%2F%2Fx&gateway=http%3A%2F%2F" + \
         "&".join(["a.example"] + [f"gateway=https%3A%2F%2Fg{i}.example" for i in range(6)])
@@ -86,15 +102,13 @@ def test_a_verifier_asks_again_for_evidence_no_gateway_serves_yet_and_acquits_on
     node = Account.create()
     original = evidence(node)
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    offline = Blockstore(tmp_path / "challenger-offline")
-    reference = publish(original, offline, [down, url])  # on neither gateway yet
+    reference = publish(original, Blockstore(tmp_path / "challenger-offline"), [down, url])  # on neither gateway yet
     duty = VerifierDuty(None, None, Blockstore(tmp_path / "verifier"), [], tolerance=0.01)
     dispute = {"disputeId": 7, "evidence": reference}
     with pytest.raises(EvidenceUnavailable, match="no gateway had"):
         asyncio.run(duty.judge(dispute, last_chance=False))
     assert asyncio.run(duty.judge(dispute, last_chance=True)) is False  # the commit phase is about to end: acquitted
-    cid = bytes(parse(reference[len("ipfs://"):].partition("?")[0]))
-    store.add_block(cid, offline.get(cid))  # the challenger's gateway serves it now (small evidence: one block)
+    assert publish(original, store, [url]) == reference.replace(f"gateway={quote(down, safe='')}&", "")  # served now
     fetched = asyncio.run(duty.fetch_evidence(dispute, last_chance=False))
     fetched.check(node.address, DOMAIN)
     assert torch.equal(fetched.output, original.output) and fetched.positions == [0, 3]
