@@ -131,11 +131,14 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
         unpaid = await RemoteModel.connect(checkpoint, free, domain, model_id=checkpoint.name)
         prompt = paid.chat_ids([{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}])
         on, off = [], []
-        await _generate(paid, prompt, 4)
-        await _generate(unpaid, prompt, 4)
-        for _ in range(rounds):
-            on.append((await _generate(paid, prompt, tokens))[1])
-            off.append((await _generate(unpaid, prompt, tokens))[1])
+        try:
+            await _generate(paid, prompt, 4)
+            await _generate(unpaid, prompt, 4)
+            for _ in range(rounds):
+                on.append((await _generate(paid, prompt, tokens))[1])
+                off.append((await _generate(unpaid, prompt, tokens))[1])
+        finally:
+            await asyncio.gather(paid.aclose(), unpaid.aclose())
         return on, off
 
     on, off = asyncio.run(measure())

@@ -320,7 +320,7 @@ async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: 
     """Local vs 3-node pipeline (TCP and WebSocket) vs bare processes for one model, the four runs interleaved."""
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)  # every run decodes the same number of tokens
     local = LocalRunner(checkpoint, tokens)
-    bare = None
+    bare = model = None
     kinds = ["local", "tcp", "ws", "bare"]
     timed: dict[str, list[Run]] = {kind: [] for kind in kinds}
     overheads: dict[str, list[float]] = {"tcp": [], "ws": []}
@@ -346,6 +346,8 @@ async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: 
                         overheads[kind] += hop_overheads
                     timed[kind].append(run)
         finally:
+            if model is not None:
+                await model.aclose()
             local.close()
             if bare is not None:
                 bare.close()

@@ -118,9 +118,12 @@ def run_chat(args: argparse.Namespace) -> int:
         text = TextStream(model.head.tokenizer)
         completion = Completion(prompt_tokens=len(ids))
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
-        async for token in model.stream(ids, params, completion):
-            sys.stdout.write(text.push(token))
-            sys.stdout.flush()
+        try:
+            async for token in model.stream(ids, params, completion):
+                sys.stdout.write(text.push(token))
+                sys.stdout.flush()
+        finally:
+            await model.aclose()
         sys.stdout.write(text.finish() + "\n")
 
     try:

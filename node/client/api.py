@@ -213,8 +213,12 @@ def build_api(model: RemoteModel, api_key: str, default_max_tokens: int = 256, s
         await response.write_eof()
         return response
 
+    async def close_connections(_app: web.Application) -> None:
+        await model.aclose()
+
     app = web.Application(middlewares=[errors_and_auth])
     app.add_routes(routes)
+    app.on_cleanup.append(close_connections)  # the connections kept to the nodes
     if store is not None:  # the client's block store, where verifiers fetch its dispute evidence
         app.add_routes(gateway_routes(store))
     return app

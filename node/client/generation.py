@@ -16,6 +16,7 @@ from node.client.routing import NodeInfo, RouteError, discover, plan_route
 from node.client.session import CommitmentSink, HopTiming, InferenceSession, Presign, TabSource
 from node.engine.head import Head
 from node.engine.sampling import CONFIRM, LAYERS, SamplingParams, generate, generation_steps
+from node.net.channel import ChannelPool
 from node.server.worker import PASSIVE_OPENMP
 
 _DONE = object()
@@ -48,6 +49,7 @@ class RemoteModel:
         self.on_commitment, self.on_finished = on_commitment, on_finished
         self.request_costs: dict[bytes, int] | None = None  # filled per request by a payer, when there is one
         self.failed = RecentFailures()
+        self.channels = ChannelPool()  # connections to the nodes kept between requests
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="generate")
         self._streams = 0  # streams generating now
 
@@ -64,6 +66,10 @@ class RemoteModel:
         plan_route(nodes, 0, head.num_layers, head.config.hidden_size * 4)
         return model
 
+    async def aclose(self) -> None:
+        """Close the connections kept to the nodes."""
+        await self.channels.close()
+
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of a plain completion prompt."""
         return self.head.tokenizer.encode(prompt)
@@ -78,7 +84,7 @@ class RemoteModel:
         session = InferenceSession(
             self.nodes, self.head.num_layers, self.domain, max_length=len(prompt_ids) + params.max_tokens,
             transport=self.transport, step_timeout_s=self.step_timeout_s, tab_source=self.tab_source, failed=self.failed,
-            on_commitment=self.on_commitment, presign=self.presign,
+            on_commitment=self.on_commitment, presign=self.presign, pool=self.channels,
         )
         here = PASSIVE_OPENMP and not self._streams  # a lone stream: its head runs on the event loop's thread
         self._streams += 1

@@ -21,7 +21,7 @@ import torch
 
 from node.chain.eip712 import Domain, tensor_hash
 from node.net import wire
-from node.net.channel import SecureChannel, client_handshake, open_transport
+from node.net.channel import ChannelPool, SecureChannel, client_handshake, open_transport
 from node.net.commitment import CommitmentError, SignedCommitment, check_commitment
 from node.net.crypto import DecryptError
 from node.net.wire import Message, WireError
@@ -49,6 +49,8 @@ class CommitmentFailure(Exception):
         super().__init__(message)
         self.node = node
 
+
+KEPT_OPEN_TIMEOUT_S = 5.0  # for OPEN on a kept channel; then a new connection is tried
 
 # everything that means "this node failed this step": the session routes around the node
 HOP_ERRORS = (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError, DecryptError)
@@ -91,8 +93,11 @@ class InferenceSession:
         failed: RecentFailures | None = None,
         on_commitment: CommitmentSink | None = None,
         presign: Presign | None = None,
+        pool: ChannelPool | None = None,
     ) -> None:
         self.nodes, self.num_layers, self.domain = nodes, num_layers, domain
+        self.pool = pool  # channels kept open between requests (shared between sessions)
+        self.reused_channels = 0  # hops opened on a kept channel
         self.max_length, self.transport, self.step_timeout_s = max_length, transport, step_timeout_s
         self.max_failovers, self.tab_source, self.on_commitment = max_failovers, tab_source, on_commitment
         self.presign = presign
@@ -137,18 +142,36 @@ class InferenceSession:
         raise NodeFailure(f"cannot open a session on {node.url}: {exc}")
 
     async def _open_hop(self, node: NodeInfo) -> Hop:
+        if self.pool is not None:
+            while (channel := await self.pool.take(self._pool_key(node))) is not None:
+                try:  # a kept connection that went dead without a word must not cost a whole step timeout
+                    hop = await self._open_session(node, channel, min(self.step_timeout_s, KEPT_OPEN_TIMEOUT_S))
+                    self.reused_channels += 1
+                    return hop
+                except (ConnectionError, OSError, asyncio.TimeoutError, WireError, DecryptError):
+                    await self._close_hops([Hop(node, channel)])  # the node dropped this kept connection meanwhile
         transport = await open_transport(node.url, self.transport, node.tcp_port, wire.DEFAULT_LIMITS, self.step_timeout_s)
         try:
             channel = await asyncio.wait_for(client_handshake(transport, node.x25519_public_key), self.step_timeout_s)
-            await channel.send(Message(wire.OPEN, self.request_id, 0, {"max_length": self.max_length}))
-            reply = await asyncio.wait_for(channel.recv(), self.step_timeout_s)
         except BaseException:
             await transport.close()
+            raise
+        return await self._open_session(node, channel, self.step_timeout_s)
+
+    async def _open_session(self, node: NodeInfo, channel: SecureChannel, timeout_s: float) -> Hop:
+        try:
+            await channel.send(Message(wire.OPEN, self.request_id, 0, {"max_length": self.max_length}))
+            reply = await asyncio.wait_for(channel.recv(), timeout_s)
+        except BaseException:
+            await channel.close()
             raise
         if reply.type != wire.OPENED:
             await channel.close()
             raise NodeFailure(f"node {node.url} refused the session: {reply.fields.get('message', reply.type)}")
         return Hop(node, channel)
+
+    def _pool_key(self, node: NodeInfo) -> tuple:
+        return node.url, self.transport, node.tcp_port, node.x25519_public_key
 
     async def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Send `hidden` [1, T, H] at absolute `positions` [1, T] through every hop; returns the last hop's output,
@@ -351,21 +374,26 @@ class InferenceSession:
         return outputs
 
     async def close(self) -> None:
-        """Close the session on every hop (best effort)."""
+        """Close the session on every hop (best effort); with a pool, a channel whose session closed cleanly is kept
+        for the next request."""
         if self._unconfirmed is not None and self._unconfirmed[0] is not None:
-            self._unconfirmed[0].cancel()  # nobody will use that output
+            self._unconfirmed[0].cancel()  # nobody will use that output (its commitment frame may stay unread)
             await asyncio.gather(self._unconfirmed[0], return_exceptions=True)
         self._unconfirmed = None
 
         async def close_session(hop: Hop) -> None:
             try:
                 await hop.channel.send(Message(wire.CLOSE, self.request_id))
-                await asyncio.wait_for(hop.channel.recv(), 2.0)
-            except (ConnectionError, OSError, asyncio.TimeoutError, WireError, ValueError):
-                pass
+                reply = await asyncio.wait_for(hop.channel.recv(), 2.0)
+            except (ConnectionError, OSError, asyncio.TimeoutError, WireError, DecryptError, ValueError):
+                reply = None
+            # a node answers a channel's frames in order: after this CLOSED nothing more is on its way
+            if self.pool is not None and reply is not None and reply.type == wire.CLOSED and reply.session == self.request_id:
+                await self.pool.keep(self._pool_key(hop.node), hop.channel)
+            else:
+                await self._close_hops([hop])
 
         await asyncio.gather(*(close_session(hop) for hop in self.hops))  # every hop at once, like opening
-        await self._close_hops(self.hops)
         self.hops = []
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import Protocol
 
 import aiohttp
@@ -151,3 +152,61 @@ async def client_handshake(transport: Transport, node_public_key: bytes, limits:
     if confirmed != HANDSHAKE_CONFIRM:
         raise KeyMismatch("the node does not hold the pinned X25519 key: refusing to talk to it (wrong node or key)")
     return SecureChannel(transport, cipher, limits)
+
+
+class ChannelPool:
+    """Secure channels kept open between requests, per node (URL, transport, port and pinned key): a new request
+    opens its session on a kept channel with one OPEN round trip, instead of a connect and a handshake. A channel is
+    kept only once its session closed cleanly; one idle for longer than `idle_s` is closed."""
+
+    def __init__(self, idle_s: float = 30.0, per_node: int = 8) -> None:
+        self.idle_s, self.per_node = idle_s, per_node
+        self._idle: dict[tuple, list[tuple[float, SecureChannel]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop the kept channels belong to
+
+    def _bind(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # used from another event loop now (a new asyncio.run): the channels kept on the
+            self._idle, self._loop = {}, loop  # old one can neither be used nor closed from this one
+
+    async def take(self, key: tuple) -> SecureChannel | None:
+        """The most recently kept channel for `key` that has not been idle too long, or None."""
+        self._bind()
+        idle, now = self._idle.get(key, []), time.monotonic()
+        while idle:
+            since, channel = idle.pop()
+            if now - since <= self.idle_s:
+                return channel
+            await _close_quietly(channel)
+        return None
+
+    async def keep(self, key: tuple, channel: SecureChannel) -> None:
+        """Keep `channel` for `key` (closed instead if `per_node` are kept already); channels idle for too long,
+        whatever their node, are closed meanwhile."""
+        self._bind()
+        now, stale = time.monotonic(), []
+        for idle in self._idle.values():
+            stale += [kept for since, kept in idle if now - since > self.idle_s]
+            idle[:] = [(since, kept) for since, kept in idle if now - since <= self.idle_s]
+        idle = self._idle.setdefault(key, [])
+        if len(idle) >= self.per_node:
+            stale.append(channel)
+        else:
+            idle.append((now, channel))
+        await asyncio.gather(*(_close_quietly(old) for old in stale))
+
+    def __len__(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    async def close(self) -> None:
+        """Close every kept channel."""
+        self._bind()
+        idle, self._idle = self._idle, {}
+        await asyncio.gather(*(_close_quietly(channel) for channels in idle.values() for _, channel in channels))
+
+
+async def _close_quietly(channel: SecureChannel) -> None:
+    try:
+        await channel.close()
+    except (ConnectionError, OSError):
+        pass

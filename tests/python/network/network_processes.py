@@ -66,9 +66,9 @@ def child_env(home: Path) -> dict:
     return env
 
 
-def start_node(checkpoint: Path, layers: str, home: Path, *extra: str) -> NodeProcess:
-    """Spawn a node; call `wait_ready` before using it."""
-    port, tcp_port = free_port(), free_port()
+def start_node(checkpoint: Path, layers: str, home: Path, *extra: str, ports: tuple[int, int] | None = None) -> NodeProcess:
+    """Spawn a node (on `ports`, HTTP and raw TCP, if given: a restart); call `wait_ready` before using it."""
+    port, tcp_port = ports or (free_port(), free_port())
     home.mkdir(parents=True, exist_ok=True)
     log = home / "node.log"
     cmd = [sys.executable, "-m", "node", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers,

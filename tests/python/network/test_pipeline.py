@@ -78,10 +78,13 @@ def remote_tokens(smollm, urls, *, transport="tcp", on_token=None, prefer=None) 
         ids = model.chat_ids(QUESTION)
         completion = Completion(len(ids))
         tokens = []
-        async for token in model.stream(ids, SamplingParams(max_tokens=MAX_TOKENS), completion):
-            tokens.append(token)
-            if on_token is not None:
-                on_token(len(tokens))
+        try:
+            async for token in model.stream(ids, SamplingParams(max_tokens=MAX_TOKENS), completion):
+                tokens.append(token)
+                if on_token is not None:
+                    on_token(len(tokens))
+        finally:
+            await model.aclose()
         return tokens, completion, model
 
     return asyncio.run(asyncio.wait_for(go(), 120))
@@ -95,6 +98,39 @@ def test_greedy_output_over_three_nodes_equals_local_generate(smollm, cluster, r
     assert completion.failovers == 0
     served = {name: cluster[name].info()["load"]["steps_served"] for name in ("a", "b", "c", "spare")}
     assert served["a"] and served["b"] and served["c"] and not served["spare"]  # the cheaper [10,20) node was chosen
+
+
+def test_later_requests_open_on_the_kept_connections_and_a_restarted_node_costs_no_failover(smollm, cluster, reference, tmp_path):
+    """A request's channels are kept once its sessions closed cleanly, so the next request opens each hop with one
+    OPEN round trip (no connect, no handshake). A node restarted in between dropped its kept channel: the client
+    connects to it again, with no fail-over and the same text."""
+    d = start_node(smollm, "20:30", tmp_path / "d")
+    wait_ready(d)
+
+    async def go() -> list[tuple[list[int], int, int]]:
+        model = await RemoteModel.connect(smollm, [cluster["a"].url, cluster["b"].url, d.url], DOMAIN, step_timeout_s=30)
+        sessions = []
+        model.on_finished = sessions.append
+        ids, runs, restarted = model.chat_ids(QUESTION), [], d
+        try:
+            for restart in (False, False, True):
+                if restart:
+                    await asyncio.to_thread(d.stop)
+                    restarted = start_node(smollm, "20:30", tmp_path / "d", ports=(d.port, d.tcp_port))  # same key
+                    await asyncio.to_thread(wait_ready, restarted)
+                completion = Completion(len(ids))
+                tokens = [t async for t in model.stream(ids, SamplingParams(max_tokens=MAX_TOKENS), completion)]
+                runs.append((tokens, completion.failovers, sessions[-1].reused_channels))
+            assert len(model.channels) == 3 and not model.failed.current()
+        finally:
+            await model.aclose()
+            await asyncio.to_thread(restarted.stop)
+        return runs
+
+    runs = asyncio.run(asyncio.wait_for(go(), 180))
+    assert [tokens for tokens, _, _ in runs] == [reference] * 3
+    assert [failovers for _, failovers, _ in runs] == [0, 0, 0]
+    assert [reused for _, _, reused in runs] == [0, 3, 2]  # the restarted node's hop connected again
 
 
 def test_a_node_answering_with_a_wrong_shape_is_refused(smollm, cluster, reference):
