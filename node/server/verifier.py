@@ -25,8 +25,8 @@ from node.server.worker import StageWorker
 log = logging.getLogger("shardmarket.verifier")
 OPEN = 1
 RESCAN_BLOCKS = 100  # the scan's start is saved at least this often (blocks), so a restart rescans few
-# evidence no gateway serves is asked for again every tick until this long before the commit phase ends; then the
-# vote acquits the node (the challenger had the whole phase to make the evidence available)
+# evidence no gateway serves is asked for again (every EVIDENCE_RETRY_S) until this long before the commit phase
+# ends; then the vote acquits the node (the challenger had the whole phase to make the evidence available)
 UNAVAILABLE_VOTE_MARGIN_S = 300
 EVIDENCE_RETRY_S = 15  # between two attempts to fetch a dispute's evidence
 
