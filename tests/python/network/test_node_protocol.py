@@ -1,5 +1,6 @@
 """A real node process on loopback, spoken to frame by frame: bad frames get error frames, the node survives,
-retries return the same signed commitment, the wrong key is refused, shutdown finishes the running step."""
+retries return the same signed commitment, the wrong key is refused, shutdown finishes the running step, and
+channels kept between requests carry new sessions for a while."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from node.chain.eip712 import Commitment, Domain, recover_commitment_signer, tensor_hash
 from node.net import wire
-from node.net.channel import ChannelClosed, KeyMismatch, SecureChannel, client_handshake, open_transport
+from node.net.channel import ChannelClosed, ChannelPool, KeyMismatch, SecureChannel, client_handshake, open_transport
 from node.net.crypto import public_bytes
 from node.net.wire import Message
 
@@ -232,6 +233,31 @@ def test_a_client_pinning_another_key_refuses_the_node(node, info):
 
     with pytest.raises(KeyMismatch, match="pinned"):
         run(go())
+    assert_alive(node)
+
+
+def test_the_channel_pool_keeps_a_few_channels_per_node_for_a_while(node, info):
+    """A kept channel carries a new session; beyond `per_node` a channel is closed rather than kept, and one idle for
+    longer than `idle_s` is closed rather than handed out."""
+    async def scenario() -> None:
+        pool, key = ChannelPool(idle_s=0.5, per_node=2), (node.url, "tcp")
+        channels = [await connect(node, info) for _ in range(3)]
+        for channel in channels:
+            await pool.keep(key, channel)
+        assert len(pool) == 2
+        with pytest.raises(ChannelClosed):
+            await channels[2].send(Message(wire.CLOSE, os.urandom(32)))  # the third was closed
+        taken = await pool.take(key)
+        assert taken is channels[1]  # the most recently kept
+        await open_session(taken, os.urandom(32))
+        await pool.keep(key, taken)
+        await asyncio.sleep(0.6)
+        assert await pool.take(key) is None and len(pool) == 0  # both idle too long
+        for channel in channels[:2]:
+            with pytest.raises(ChannelClosed):
+                await channel.send(Message(wire.CLOSE, os.urandom(32)))
+
+    run(scenario())
     assert_alive(node)
 
 
