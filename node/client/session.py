@@ -21,7 +21,7 @@ import torch
 
 from node.chain.eip712 import Domain, tensor_hash
 from node.net import wire
-from node.net.channel import ChannelPool, SecureChannel, client_handshake, open_transport
+from node.net.channel import ChannelPool, SecureChannel, client_handshake, close_quietly, open_transport
 from node.net.commitment import CommitmentError, SignedCommitment, check_commitment
 from node.net.crypto import DecryptError
 from node.net.wire import Message, WireError
@@ -149,7 +149,7 @@ class InferenceSession:
                     self.reused_channels += 1
                     return hop
                 except (ConnectionError, OSError, asyncio.TimeoutError, WireError, DecryptError):
-                    await self._close_hops([Hop(node, channel)])  # the node dropped this kept connection meanwhile
+                    await close_quietly(channel)  # the node dropped this kept connection meanwhile
         transport = await open_transport(node.url, self.transport, node.tcp_port, wire.DEFAULT_LIMITS, self.step_timeout_s)
         try:
             channel = await asyncio.wait_for(client_handshake(transport, node.x25519_public_key), self.step_timeout_s)
@@ -391,20 +391,14 @@ class InferenceSession:
             if self.pool is not None and reply is not None and reply.type == wire.CLOSED and reply.session == self.request_id:
                 await self.pool.keep(self._pool_key(hop.node), hop.channel)
             else:
-                await self._close_hops([hop])
+                await close_quietly(hop.channel)
 
         await asyncio.gather(*(close_session(hop) for hop in self.hops))  # every hop at once, like opening
         self.hops = []
 
     @staticmethod
     async def _close_hops(hops: list[Hop]) -> None:
-        async def close(hop: Hop) -> None:
-            try:
-                await hop.channel.close()
-            except (ConnectionError, OSError):
-                pass
-
-        await asyncio.gather(*(close(hop) for hop in hops))
+        await asyncio.gather(*(close_quietly(hop.channel) for hop in hops))
 
 
 class _CommitmentCheck:

@@ -177,7 +177,7 @@ class ChannelPool:
             since, channel = idle.pop()
             if now - since <= self.idle_s:
                 return channel
-            await _close_quietly(channel)
+            await close_quietly(channel)
         return None
 
     async def keep(self, key: tuple, channel: SecureChannel) -> None:
@@ -193,7 +193,7 @@ class ChannelPool:
             stale.append(channel)
         else:
             idle.append((now, channel))
-        await asyncio.gather(*(_close_quietly(old) for old in stale))
+        await asyncio.gather(*(close_quietly(old) for old in stale))
 
     def __len__(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
@@ -202,10 +202,11 @@ class ChannelPool:
         """Close every kept channel."""
         self._bind()
         idle, self._idle = self._idle, {}
-        await asyncio.gather(*(_close_quietly(channel) for channels in idle.values() for _, channel in channels))
+        await asyncio.gather(*(close_quietly(channel) for channels in idle.values() for _, channel in channels))
 
 
-async def _close_quietly(channel: SecureChannel) -> None:
+async def close_quietly(channel: SecureChannel) -> None:
+    """Close `channel`, ignoring a connection that is broken already."""
     try:
         await channel.close()
     except (ConnectionError, OSError):

@@ -142,16 +142,16 @@ class VerifierDuty:
                  len(evidence.inputs), difference, self.tolerance)
         return difference > self.tolerance
 
-    async def _vote(self, dispute: dict) -> None:
-        """Judge a pending dispute (once: a retry reuses the verdict and salt) and commit the vote."""
+    async def _vote(self, dispute: dict, now: int) -> None:
+        """Judge a pending dispute (once: a retry reuses the verdict and salt) and commit the vote; `now` is the chain
+        time of this tick."""
         dispute_id = dispute["disputeId"]
         ballot = self.ballots.get(dispute_id)
         if ballot is None:
             if time.monotonic() < self._evidence_retry_at.get(dispute_id, 0):
                 return  # its evidence could not be fetched a moment ago
-            left_s = await asyncio.to_thread(self._commit_time_left, dispute_id)
             try:
-                node_wrong = await self.judge(dispute, last_chance=left_s <= UNAVAILABLE_VOTE_MARGIN_S)
+                node_wrong = await self.judge(dispute, last_chance=dispute["commitDeadline"] - now <= UNAVAILABLE_VOTE_MARGIN_S)
             except EvidenceUnavailable:
                 self._evidence_retry_at[dispute_id] = time.monotonic() + EVIDENCE_RETRY_S
                 raise
@@ -163,11 +163,6 @@ class VerifierDuty:
         del self.pending[dispute_id]
         self._save()
 
-    def _commit_time_left(self, dispute_id: int) -> int:
-        """Seconds of chain time until the dispute's commit phase ends."""
-        commit_deadline = self.market.read(self.market.disputes.functions.getDispute(dispute_id))[1]
-        return commit_deadline - self.market.w3.eth.get_block("latest")["timestamp"]
-
     def _commit(self, dispute_id: int, ballot: _Ballot) -> None:
         functions = self.market.disputes.functions
         vote = self.market.read(functions.voteHash(dispute_id, self.market.address, ballot.node_wrong, ballot.salt))
@@ -177,9 +172,9 @@ class VerifierDuty:
         ballot.committed = True
         log.info("dispute %d: committed a vote (node wrong: %s)", dispute_id, ballot.node_wrong)
 
-    def _advance(self) -> None:
+    def _advance(self) -> int:
         """Give up votes that can no longer be committed, reveal where the reveal phase is open, resolve where every
-        verifier has revealed."""
+        verifier has revealed; returns the chain time it went by (the newest block's)."""
         functions = self.market.disputes.functions
         now = self.market.w3.eth.get_block("latest")["timestamp"]
         for dispute_id in list(self.pending):
@@ -209,6 +204,7 @@ class VerifierDuty:
                 log.info("dispute %d: resolved", dispute_id)
                 del self.ballots[dispute_id]
                 self._save()
+        return now
 
     async def run(self, watch: BlockWatch) -> None:
         """Every tick: look at the newest block (`watch`), and work only when a block came (disputes open in one, and
@@ -221,11 +217,10 @@ class VerifierDuty:
                 if latest == handled:
                     continue
                 await asyncio.to_thread(self._new_disputes, latest)
-                if self.ballots or self.pending:
-                    await asyncio.to_thread(self._advance)
-                for _, dispute in list(self.pending.values()):
+                now = await asyncio.to_thread(self._advance) if self.ballots or self.pending else None
+                for _, dispute in list(self.pending.values()):  # a pending vote means `_advance` ran: `now` is set
                     try:
-                        await self._vote(dispute)
+                        await self._vote(dispute, now)
                     except EvidenceUnavailable as exc:
                         log.warning("dispute %d: the evidence cannot be fetched yet (%s); asking again", dispute["disputeId"], exc)
                     except (ChainError, requests.RequestException) as exc:
