@@ -14,13 +14,12 @@ bare processes that pass raw hidden-state bytes over pipes (no sockets, framing,
 loop). `bare_over_local_speed` is what splitting the model across processes costs on this machine by itself, and
 `pipeline_over_bare_speed` is what shardmarket's network layer adds on top.
 
-Every process runs under one OpenMP wait policy, libgomp's default unless `--omp passive`: the default is what
-a user gets running the model locally and what `node run` uses, and it is the fastest for a lone process (its threads
-spin briefly between parallel regions: the 850M model decodes about 1.2x faster than with OMP_WAIT_POLICY=PASSIVE on
-2 cores). `make` exports PASSIVE for its tests and demo, so the bench starts itself again without it. With PASSIVE
-everywhere the ratios look better only because the local baseline is slowed more than the pipeline.
+OpenMP: the client (this process), the nodes and the bare stages run as every shardmarket process does, with
+OMP_WAIT_POLICY=PASSIVE (see node/server/worker.py); the local baseline runs as a user runs the model with plain
+torch, under libgomp's default policy (threads spin between parallel regions), unless `--local-omp passive`. The
+default is the faster local baseline here (PASSIVE decoded the 850M model at 1.01x and SmolLM2 at 0.97x of it).
 
-Usage: .venv/bin/python bench/network.py [--tokens 32] [--runs 9] [--no-850m] [--omp {default,passive}]
+Usage: .venv/bin/python bench/network.py [--tokens 32] [--runs 9] [--no-850m] [--local-omp {default,passive}]
 """
 
 from __future__ import annotations
@@ -205,12 +204,13 @@ def thirds(layers: int) -> list[str]:
 
 
 class LocalRunner:
-    """The baseline: the whole model in a process of its own, on its main thread (as a user runs it locally;
-    torch in two threads of one process would slow OpenMP down, see node/server/worker.py)."""
+    """The baseline: the whole model in a process of its own, on its main thread, under the OpenMP wait policy
+    `omp_policy` (None: libgomp's default), as a user runs it locally."""
 
-    def __init__(self, checkpoint: Path, tokens: int) -> None:
+    def __init__(self, checkpoint: Path, tokens: int, omp_policy: str | None) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": omp_policy} if omp_policy else {})
         self.process = subprocess.Popen([sys.executable, __file__, "--local", str(checkpoint), "--tokens", str(tokens)],
-                                        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def run(self) -> Run:
         self.process.stdin.write("run\n")
@@ -317,10 +317,10 @@ def chat_ids(head: Head) -> list[int]:
     return head.tokenizer.encode(text, add_special_tokens=False)
 
 
-async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: int) -> dict:
+async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: int, local_omp: str | None) -> dict:
     """Local vs 3-node pipeline (TCP and WebSocket) vs bare processes for one model, the four runs interleaved."""
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)  # every run decodes the same number of tokens
-    local = LocalRunner(checkpoint, tokens)
+    local = LocalRunner(checkpoint, tokens, local_omp)
     bare = model = None
     kinds = ["local", "tcp", "ws", "bare"]
     timed: dict[str, list[Run]] = {kind: [] for kind in kinds}
@@ -385,8 +385,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request (2 at least)")
     parser.add_argument("--runs", type=int, default=9, help="interleaved rounds per model (this machine drifts: more rounds, a steadier median)")
     parser.add_argument("--no-850m", action="store_true", help="skip the ~850M random model")
-    parser.add_argument("--omp", choices=["default", "passive"], default="default",
-                        help="the OpenMP wait policy of every process (default: libgomp's, as users run)")
+    parser.add_argument("--local-omp", choices=["default", "passive"], default="default",
+                        help="the local baseline's OpenMP wait policy (default: libgomp's, as users run plain torch)")
     parser.add_argument("--local", type=Path, help=argparse.SUPPRESS)  # the baseline's own process (LocalRunner)
     parser.add_argument("--bare-stage", type=Path, help=argparse.SUPPRESS)  # one of the floor's processes (BareRunner)
     parser.add_argument("--layers", help=argparse.SUPPRESS)
@@ -397,21 +397,20 @@ def main() -> None:
         return serve_local(args.local, args.tokens)
     if args.bare_stage:
         return serve_bare_stage(args.bare_stage, args.layers, torch.get_num_threads())
-    policy = "PASSIVE" if args.omp == "passive" else None
-    if os.environ.get("OMP_WAIT_POLICY") != policy:  # libgomp read it when torch loaded: start again with it set
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": policy} if policy else {})
-        print(f"starting again with OMP_WAIT_POLICY={policy or '(libgomp default)'}", file=sys.stderr, flush=True)
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+    if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":  # libgomp read it when torch loaded: start again as shardmarket runs
+        print("starting again with OMP_WAIT_POLICY=PASSIVE, as every shardmarket process runs", file=sys.stderr, flush=True)
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
     threads = torch.get_num_threads()
     models = [("default", default_model)]
     if not args.no_850m:
         models.append(("random850m", lambda: _random_850m(load_config().home / "models" / "random-850m")))
-    result: dict = {"threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "libgomp default")}
+    local_omp = "PASSIVE" if args.local_omp == "passive" else None
+    result: dict = {"threads": threads, "omp_wait_policy": "PASSIVE", "local_omp_wait_policy": local_omp or "libgomp default"}
     hop = per_hop_overhead_us(576)
     result.update({f"per_hop_{k}_us": v for k, v in hop.items()})
     result["per_hop_total_us_hidden_1536"] = per_hop_overhead_us(1536)["total"]
     for name, build in tqdm(models, desc="models", file=sys.stderr):
-        result.update(asyncio.run(compare(name, build(), args.tokens, args.runs, threads)))
+        result.update(asyncio.run(compare(name, build(), args.tokens, args.runs, threads, local_omp)))
     print(json.dumps(result))
 
 
