@@ -217,8 +217,11 @@ class VerifierDuty:
                 if latest == handled:
                     continue
                 await asyncio.to_thread(self._new_disputes, latest)
-                now = await asyncio.to_thread(self._advance) if self.ballots or self.pending else None
-                for _, dispute in list(self.pending.values()):  # a pending vote means `_advance` ran: `now` is set
+                if not (self.ballots or self.pending):
+                    handled = latest
+                    continue
+                now = await asyncio.to_thread(self._advance)
+                for _, dispute in list(self.pending.values()):
                     try:
                         await self._vote(dispute, now)
                     except EvidenceUnavailable as exc:
