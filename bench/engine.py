@@ -30,9 +30,9 @@ from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.engine.head import Head  # noqa: E402
-from node.engine.models import default_model, random_checkpoint  # noqa: E402
-from node.engine.stage import Stage, even_splits  # noqa: E402
+from shardmarket.engine.head import Head  # noqa: E402
+from shardmarket.engine.models import default_model, random_checkpoint  # noqa: E402
+from shardmarket.engine.stage import Stage, even_splits  # noqa: E402
 
 LLAMA_850M = {
     "model_type": "llama",

@@ -35,7 +35,7 @@ def main() -> dict:
     from brownie import network, project
 
     sys.path.insert(0, str(ROOT))
-    from node.chain import eip712
+    from shardmarket.chain import eip712
 
     proj = project.load(ROOT, name="ShardmarketGas")
     network.connect("shardmarket-anvil")

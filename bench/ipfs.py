@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ipfs.blockstore import Blockstore, MemoryBlockstore  # noqa: E402
-from ipfs.fetch import DagFetcher  # noqa: E402
-from ipfs.unixfs import ImportOptions, import_path  # noqa: E402
+from shardmarket.ipfs.blockstore import Blockstore, MemoryBlockstore  # noqa: E402
+from shardmarket.ipfs.fetch import DagFetcher  # noqa: E402
+from shardmarket.ipfs.unixfs import ImportOptions, import_path  # noqa: E402
 
 MB = 1_000_000
 REPEATS = 3
@@ -123,7 +123,7 @@ def bench_gateway(tmp: Path) -> dict:
     home = tmp / "server"
     entry = import_path(path, ImportOptions(), Blockstore(home / "blocks"))
     port = _free_port()
-    server_process = subprocess.Popen([sys.executable, "-m", "node", "ipfs", "serve", "--port", str(port)], cwd=ROOT,
+    server_process = subprocess.Popen([sys.executable, "-m", "shardmarket", "ipfs", "serve", "--port", str(port)], cwd=ROOT,
                                       env={**os.environ, "SHARDMARKET_HOME": str(home)}, stdout=subprocess.DEVNULL)
     try:
         for _ in range(300):
@@ -179,8 +179,8 @@ def _write_blocks(folder: Path, size: int) -> None:
 
 RSS_PROBE = """
 import re, resource, sys
-from ipfs.blockstore import Blockstore
-from ipfs.unixfs import ImportOptions, import_path
+from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.ipfs.unixfs import ImportOptions, import_path
 if sys.argv[1] != "baseline":
     entry = import_path(sys.argv[1], ImportOptions(), Blockstore(sys.argv[2]))
     assert entry.size == 1024 ** 3, entry

@@ -27,15 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.chain.keys import load_account  # noqa: E402
-from node.client.generation import Completion, RemoteModel  # noqa: E402
-from node.client.market import connect_paid  # noqa: E402
-from node.config import load_config  # noqa: E402
-from node.devmarket import PASSWORD, DevMarket, NodeProcess  # noqa: E402
-from node.engine.models import default_model, random_checkpoint, tiny_config  # noqa: E402
-from node.engine.sampling import SamplingParams  # noqa: E402
-from node.server.settlement import settle_pending  # noqa: E402
-from node.server.tabs import TabStore  # noqa: E402
+from shardmarket.chain.keys import load_account  # noqa: E402
+from shardmarket.client.generation import Completion, RemoteModel  # noqa: E402
+from shardmarket.client.market import connect_paid  # noqa: E402
+from shardmarket.config import load_config  # noqa: E402
+from shardmarket.devmarket import PASSWORD, DevMarket, NodeProcess  # noqa: E402
+from shardmarket.engine.models import default_model, random_checkpoint, tiny_config  # noqa: E402
+from shardmarket.engine.sampling import SamplingParams  # noqa: E402
+from shardmarket.server.settlement import settle_pending  # noqa: E402
+from shardmarket.server.tabs import TabStore  # noqa: E402
 
 PRICE = 1000
 
@@ -88,7 +88,7 @@ def gas_per_request(market: DevMarket, root: Path, requests: int, clients: int) 
     gas, txs, tabs = 0, 0, 0
     for name, _ in nodes:
         with market.acting_as(name):
-            from node.chain.contracts import Market
+            from shardmarket.chain.contracts import Market
 
             chain = Market.connect(load_config(), load_account(PASSWORD))
             store = TabStore(load_config().node.data_dir / "tabs.sqlite", chain.address)
@@ -114,7 +114,7 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
         log = market.root / f"{name}.log"
         env = {**os.environ, **market.env(name), "OMP_NUM_THREADS": "1"}
         process = subprocess.Popen(
-            [sys.executable, "-m", "node", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers, "--port", str(port),
+            [sys.executable, "-m", "shardmarket", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers, "--port", str(port),
              "--tcp-port", str(port + 1), "--threads", "1"], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
         )
         market.nodes[name] = NodeProcess(name, process, f"http://127.0.0.1:{port}", log)
@@ -123,7 +123,7 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
         market.wait_ready(market.nodes[name])
 
     async def measure() -> tuple[list[float], list[float]]:
-        from node.net.commitment import commitment_domain
+        from shardmarket.net.commitment import commitment_domain
 
         paid = await _client(market, "bench-client", checkpoint, checkpoint.name)
         with market.acting_as("bench-client"):
@@ -159,9 +159,9 @@ def payment_path_us(root: Path, steps: int = 300) -> dict:
     from eth_account import Account
     from eth_utils import keccak
 
-    from node.chain import eip712
-    from node.client.payer import Payer
-    from node.server.payments import PaymentGate
+    from shardmarket.chain import eip712
+    from shardmarket.client.payer import Payer
+    from shardmarket.server.payments import PaymentGate
 
     client = Account.create()
     nodes = [SimpleNamespace(operator=Account.create().address, price=PRICE) for _ in range(3)]
@@ -209,7 +209,7 @@ def payment_path_us(root: Path, steps: int = 300) -> dict:
 
 def demo_first_token() -> dict:
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "node", "demo", "--questions", "1", "--max-tokens", "8"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "shardmarket", "demo", "--questions", "1", "--max-tokens", "8"], capture_output=True, text=True)
     match = re.search(r"first token ([0-9.]+) s after the demo started", out.stdout)
     return {"demo_first_token_s": float(match.group(1)) if match else None, "demo_total_s": round(time.monotonic() - started, 1),
             "demo_exit_code": out.returncode}

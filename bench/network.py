@@ -15,7 +15,7 @@ loop). `bare_over_local_speed` is what splitting the model across processes cost
 `pipeline_over_bare_speed` is what shardmarket's network layer adds on top.
 
 OpenMP: the client (this process), the nodes and the bare stages run as every shardmarket process does, with
-OMP_WAIT_POLICY=PASSIVE (see node/server/worker.py); the local baseline runs as a user runs the model with plain
+OMP_WAIT_POLICY=PASSIVE (see shardmarket/server/worker.py); the local baseline runs as a user runs the model with plain
 torch, under libgomp's default policy (threads spin between parallel regions), unless `--local-omp passive`. The
 default is the faster local baseline here (PASSIVE decoded the 850M model at 1.01x and SmolLM2 at 0.97x of it).
 
@@ -47,17 +47,17 @@ from tqdm import tqdm  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.chain.eip712 import Domain, signing_key, tensor_hash  # noqa: E402
-from node.client.generation import Completion, RemoteModel  # noqa: E402
-from node.config import load_config  # noqa: E402
-from node.engine.head import Head  # noqa: E402
-from node.engine.models import default_model, random_checkpoint, tiny_config  # noqa: E402
-from node.engine.sampling import SamplingParams, generate  # noqa: E402
-from node.engine.stage import Stage  # noqa: E402
-from node.net import wire  # noqa: E402
-from node.net.commitment import check_commitment, commit  # noqa: E402
-from node.net.crypto import ClientHandshake, node_handshake  # noqa: E402
-from node.net.wire import Message  # noqa: E402
+from shardmarket.chain.eip712 import Domain, signing_key, tensor_hash  # noqa: E402
+from shardmarket.client.generation import Completion, RemoteModel  # noqa: E402
+from shardmarket.config import load_config  # noqa: E402
+from shardmarket.engine.head import Head  # noqa: E402
+from shardmarket.engine.models import default_model, random_checkpoint, tiny_config  # noqa: E402
+from shardmarket.engine.sampling import SamplingParams, generate  # noqa: E402
+from shardmarket.engine.stage import Stage  # noqa: E402
+from shardmarket.net import wire  # noqa: E402
+from shardmarket.net.commitment import check_commitment, commit  # noqa: E402
+from shardmarket.net.crypto import ClientHandshake, node_handshake  # noqa: E402
+from shardmarket.net.wire import Message  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)
@@ -160,7 +160,7 @@ def start_nodes(checkpoint: Path, ranges: list[str], home: Path, threads: int) -
         env["SHARDMARKET_NODE_DATA_DIR"] = str(home / f"node{i}")
         started = time.perf_counter()
         process = subprocess.Popen(
-            [sys.executable, "-m", "node", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers,
+            [sys.executable, "-m", "shardmarket", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers,
              "--port", str(port), "--tcp-port", str(tcp_port), "--threads", str(threads)],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

@@ -63,7 +63,7 @@ def daemon_relay_vs_direct(tokens: int = 32) -> dict:
     """ms/token of the default model on one real node daemon (issue 7), reached through its PCP mapping and
     through the relay, alternating, in the same lab."""
     try:
-        from node.engine.models import default_model
+        from shardmarket.engine.models import default_model
         from tests.python.reach.test_reach_daemon import hold_endpoint, start_daemon
     except (ImportError, pytest_skip()) as exc:
         return {"daemon_ms_per_token": f"not measured: {exc}"}

@@ -302,7 +302,7 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
         return _ballots[disputeId][verifier];
     }
 
-    /// @notice The EIP-712 digest a node signs for a commitment (matches node/chain/eip712.py).
+    /// @notice The EIP-712 digest a node signs for a commitment (matches shardmarket/chain/eip712.py).
     function commitmentDigest(Commitment calldata commitment) external view returns (bytes32) {
         return _commitmentDigest(commitment);
     }

@@ -192,7 +192,7 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     /// @param settlements Packed settlements, one after another, each: client (20 bytes) || seq (4) ||
     /// usageHash (32) || r (32) || s (32) || v (1) || entry count n (1) || previous count m (1) ||
     /// n tab entries || m entries of the client's current paid vector (empty at first; rebuilt from its last
-    /// TabSettled or LoweringClaimed). node/chain/eip712.py `encode_settlement` writes this. A truncated settlement
+    /// TabSettled or LoweringClaimed). shardmarket/chain/eip712.py `encode_settlement` writes this. A truncated settlement
     /// reverts.
     /// @return paid Total tokens credited to nodes.
     function settleTabs(bytes calldata settlements) external returns (uint256 paid) {
@@ -219,7 +219,7 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     /// that. Any caller may send it; a second claim of the same pair reverts with NothingOwed.
     /// @param node The node whose entry was lowered (the payee).
     /// @param tabs The older then the newer signed tab, each packed as a settleTabs item with no previous vector
-    /// (node/chain/eip712.py `encode_settlement(tab, signature, ())`, the form a node stores).
+    /// (shardmarket/chain/eip712.py `encode_settlement(tab, signature, ())`, the form a node stores).
     /// @param paid The client's current paid vector, packed (its last TabSettled or LoweringClaimed `paid`).
     /// @return amount Tokens credited to `node`.
     function claimLowered(address node, bytes calldata tabs, bytes calldata paid) external returns (uint256 amount) {
@@ -280,7 +280,7 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
         return _earnings[node];
     }
 
-    /// @notice The EIP-712 digest a client signs for `tab` (matches node/chain/eip712.py).
+    /// @notice The EIP-712 digest a client signs for `tab` (matches shardmarket/chain/eip712.py).
     function tabDigest(Tab calldata tab) external view returns (bytes32) {
         bytes32[] memory hashes = new bytes32[](tab.entries.length);
         for (uint256 k = 0; k < tab.entries.length; ++k) {
@@ -290,7 +290,7 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
         return _hashTypedDataV4(keccak256(abi.encode(TAB_TYPEHASH, tab.client, tab.seq, entriesHash, tab.usageHash)));
     }
 
-    /// @notice The hash `tabOf` reports for a packed paid vector (matches node/chain/eip712.py): the low 128 bits
+    /// @notice The hash `tabOf` reports for a packed paid vector (matches shardmarket/chain/eip712.py): the low 128 bits
     /// of its keccak256, 0 for the empty vector.
     function paidVectorHash(bytes calldata paid) external pure returns (uint128) {
         uint256 at;

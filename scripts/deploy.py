@@ -8,7 +8,7 @@ role, so no one else can ever slash. Slashed stake goes partly to the reporter, 
 
 from brownie import accounts, network, project
 
-from node.chain.deployments import write_deployments
+from shardmarket.chain.deployments import write_deployments
 
 INITIAL_SUPPLY = 10**9 * 10**18
 DAY = 24 * 3600

@@ -1,7 +1,7 @@
 import pytest
 from eth_account import Account
 
-from node.chain import eip712
+from shardmarket.chain import eip712
 
 TOKEN = 10**18
 KEYED_ACCOUNTS = 10

@@ -1,4 +1,4 @@
-from node.chain import eip712
+from shardmarket.chain import eip712
 
 
 def test_only_the_dispute_manager_can_slash(stake_manager, disputes, accounts):

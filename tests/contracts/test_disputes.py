@@ -2,7 +2,7 @@ import brownie
 import pytest
 
 from conftest import TOKEN
-from node.chain import eip712
+from shardmarket.chain import eip712
 from scripts.deploy import DISPUTE_PARAMS, UNBONDING_DELAY
 
 BOND = DISPUTE_PARAMS["challengeBond"]

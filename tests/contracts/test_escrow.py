@@ -5,7 +5,7 @@ import pytest
 from eth_account import Account
 
 from conftest import TOKEN
-from node.chain import eip712
+from shardmarket.chain import eip712
 from scripts.deploy import WITHDRAWAL_TIMELOCK
 
 BAD_SIGNATURE, STALE_SEQ, WRONG_PREVIOUS, MALFORMED = 1, 2, 3, 4

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import TOKEN
-from node.chain import eip712
+from shardmarket.chain import eip712
 
 WRONG_PREVIOUS = 3
 

@@ -5,7 +5,7 @@ import pytest
 from eth_utils import keccak
 
 from conftest import TOKEN
-from node.chain import eip712
+from shardmarket.chain import eip712
 
 GUARD_ERROR = "0x" + keccak(text="ReentrancyGuardReentrantCall()")[:4].hex()
 DELAY = 3600

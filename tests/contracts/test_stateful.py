@@ -12,7 +12,7 @@ import brownie
 from hypothesis import strategies as st
 
 from conftest import TOKEN
-from node.chain import eip712
+from shardmarket.chain import eip712
 from scripts.deploy import UNBONDING_DELAY, WITHDRAWAL_TIMELOCK
 
 SETTINGS = {"max_examples": 15, "stateful_step_count": 15, "deadline": None, "database": None}

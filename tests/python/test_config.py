@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import ConfigError, load_config
+from shardmarket.config import ConfigError, load_config
 
 
 def test_defaults_live_under_home(tmp_path):

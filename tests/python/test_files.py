@@ -6,10 +6,10 @@ import stat
 
 import pytest
 
-from node.chain.keys import KeystoreError, save_account
-from node.files import write_private
-from node.net.crypto import load_or_create_static_key
-from node.server.identity import load_or_create_identity
+from shardmarket.chain.keys import KeystoreError, save_account
+from shardmarket.files import write_private
+from shardmarket.net.crypto import load_or_create_static_key
+from shardmarket.server.identity import load_or_create_identity
 
 
 def test_a_private_file_is_readable_by_its_owner_only_and_never_replaced(tmp_path):

@@ -7,7 +7,7 @@ from eth_account.messages import encode_typed_data
 from eth_keys import keys
 from eth_utils import keccak
 
-from node.chain.eip712 import (
+from shardmarket.chain.eip712 import (
     SECP256K1_N,
     Commitment,
     Domain,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from node.engine.head import Head
-from node.engine.models import random_checkpoint, tiny_config
-from node.engine.sampling import SamplingParams, generate
-from node.engine.stage import Stage
+from shardmarket.engine.head import Head
+from shardmarket.engine.models import random_checkpoint, tiny_config
+from shardmarket.engine.sampling import SamplingParams, generate
+from shardmarket.engine.stage import Stage
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a second OpenMP thread waiting
 # for a busy core stalls every op.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.engine.errors import ShapeError, UnknownSession
-from node.engine.stage import Stage
+from shardmarket.engine.errors import ShapeError, UnknownSession
+from shardmarket.engine.stage import Stage
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])

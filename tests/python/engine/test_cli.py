@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from node.cli import main
+from shardmarket.cli import main
 
 
 def test_generate_through_stages(tiny_checkpoints, capsys):
@@ -25,7 +25,7 @@ def test_bad_arguments_say_what_to_do(tiny_checkpoints, tmp_path, capsys):
 def _cli_openmp_policy(env_policy: str | None) -> list[str]:
     """The OMP_WAIT_POLICY a `shardmarket` process has once its command line is parsed, and whether torch (whose
     libgomp reads the policy once, when it loads) was still unloaded then."""
-    code = ("import sys, os; from node.cli import main\n"
+    code = ("import sys, os; from shardmarket.cli import main\n"
             "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
             "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": env_policy} if env_policy else {})

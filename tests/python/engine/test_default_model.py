@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.engine.head import Head
-from node.engine.models import DEFAULT_MODEL, default_model
-from node.engine.sampling import SamplingParams, generate
-from node.engine.stage import Stage
+from shardmarket.engine.head import Head
+from shardmarket.engine.models import DEFAULT_MODEL, default_model
+from shardmarket.engine.sampling import SamplingParams, generate
+from shardmarket.engine.stage import Stage
 
 from .conftest import chain, prompt_ids, reference, run_pipeline
 

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
-from node.engine.errors import EngineError, ShapeError, UnsupportedModel
-from node.engine.head import Head
-from node.engine.stage import Stage
+from shardmarket.engine.errors import EngineError, ShapeError, UnsupportedModel
+from shardmarket.engine.head import Head
+from shardmarket.engine.stage import Stage
 
 
 def test_stage_loads_from_a_shard_holding_only_its_layers(tiny_checkpoints, tmp_path):

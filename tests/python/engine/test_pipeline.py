@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.engine.head import Head
-from node.engine.stage import Stage
+from shardmarket.engine.head import Head
+from shardmarket.engine.stage import Stage
 
 from .conftest import FAMILIES, run_pipeline
 

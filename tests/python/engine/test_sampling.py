@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from node.engine.errors import EngineError
-from node.engine.head import Head
-from node.engine.sampling import SamplingParams, generate
-from node.engine.stage import Stage
+from shardmarket.engine.errors import EngineError
+from shardmarket.engine.head import Head
+from shardmarket.engine.sampling import SamplingParams, generate
+from shardmarket.engine.stage import Stage
 
 from .conftest import chain, prompt_ids
 

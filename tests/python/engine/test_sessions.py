@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from node.engine.errors import CapacityError, DuplicateSession, EngineError, ShapeError, UnknownSession
-from node.engine.stage import Stage
+from shardmarket.engine.errors import CapacityError, DuplicateSession, EngineError, ShapeError, UnknownSession
+from shardmarket.engine.stage import Stage
 
 
 @pytest.fixture

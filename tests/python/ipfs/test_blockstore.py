@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from ipfs.blockstore import Blockstore, BlockNotFound, CorruptBlock, StoreFull
-from ipfs.cids import block_cid
-from ipfs.unixfs import ImportOptions, export, import_bytes, iter_file
+from shardmarket.ipfs.blockstore import Blockstore, BlockNotFound, CorruptBlock, StoreFull
+from shardmarket.ipfs.cids import block_cid
+from shardmarket.ipfs.unixfs import ImportOptions, export, import_bytes, iter_file
 
 
 def test_put_get_and_sharded_layout(tmp_path):

@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from ipfs.car import CarError, CarReader, header, section
-from ipfs.unixfs import ImportOptions, import_bytes
+from shardmarket.ipfs.car import CarError, CarReader, header, section
+from shardmarket.ipfs.unixfs import ImportOptions, import_bytes
 
 
 class Trickle(io.RawIOBase):

@@ -10,11 +10,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from ipfs.blockstore import Blockstore
-from ipfs.car import section
-from ipfs.fetch import DagFetcher, FetchError
-from ipfs.gateway import gateway_routes
-from ipfs.unixfs import ImportOptions, import_bytes, import_path, iter_file
+from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.ipfs.car import section
+from shardmarket.ipfs.fetch import DagFetcher, FetchError
+from shardmarket.ipfs.gateway import gateway_routes
+from shardmarket.ipfs.unixfs import ImportOptions, import_bytes, import_path, iter_file
 
 DATA = random.Random(11).randbytes(1_000_000)
 

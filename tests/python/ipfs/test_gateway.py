@@ -10,10 +10,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from ipfs.blockstore import Blockstore
-from ipfs.car import CarError, read_car
-from ipfs.gateway import make_app
-from ipfs.unixfs import ImportOptions, import_bytes, import_path
+from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.ipfs.car import CarError, read_car
+from shardmarket.ipfs.gateway import make_app
+from shardmarket.ipfs.unixfs import ImportOptions, import_bytes, import_path
 
 ROOT = Path(__file__).resolve().parents[3]
 DATA = random.Random(7).randbytes(700_000)

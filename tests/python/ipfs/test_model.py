@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ipfs.blockstore import Blockstore
-from ipfs.cids import parse
-from node.cli import main
+from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.ipfs.cids import parse
+from shardmarket.cli import main
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -68,7 +68,7 @@ def gateway(checkpoint, tmp_path, monkeypatch, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "SHARDMARKET_HOME": str(tmp_path / "packer")}
-    proc = subprocess.Popen([sys.executable, "-m", "node", "ipfs", "serve", "--port", str(port)], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "shardmarket", "ipfs", "serve", "--port", str(port)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 30
     while time.time() < deadline:

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from ipfs import pb
-from ipfs.cids import to_str
-from ipfs.unixfs import AddError, ExportError, ImportOptions, directory_node, export, import_bytes, import_path, import_stream, iter_file
+from shardmarket.ipfs import pb
+from shardmarket.ipfs.cids import to_str
+from shardmarket.ipfs.unixfs import AddError, ExportError, ImportOptions, directory_node, export, import_bytes, import_path, import_stream, iter_file
 
 
 class DictStore(dict):
@@ -150,7 +150,7 @@ def test_inconsistent_file_node_is_refused():
     entry = import_bytes(data_of(3000), ImportOptions(chunk_size=1000), store)
     links, _ = pb.decode_node(store[entry.cid])
     lying = pb.encode_node(links, pb.encode_unixfs(pb.FILE, None, 3000, [1000, 1000, 999]))
-    from ipfs.cids import block_cid
+    from shardmarket.ipfs.cids import block_cid
 
     cid = block_cid(0, 0x70, lying)
     store[cid] = lying

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from node.devmarket import PASSWORD, DevMarket
-from node.engine.models import random_checkpoint, tiny_config
+from shardmarket.devmarket import PASSWORD, DevMarket
+from shardmarket.engine.models import random_checkpoint, tiny_config
 
 MODEL = "tiny"
 PRICE = 1000
@@ -46,9 +46,9 @@ async def client_model(market: DevMarket, name: str, *, tokens: int = 10**18, sp
     """A paid RemoteModel for client `name` (created, funded and deposited on first use)."""
     import os
 
-    from node.chain.keys import load_account
-    from node.client.market import connect_paid
-    from node.config import load_config
+    from shardmarket.chain.keys import load_account
+    from shardmarket.client.market import connect_paid
+    from shardmarket.config import load_config
 
     if name not in market.accounts:
         market.new_account(name, tokens=tokens)
@@ -61,8 +61,8 @@ async def client_model(market: DevMarket, name: str, *, tokens: int = 10**18, sp
 
 async def generate(model, prompt: list[int], max_tokens: int):
     """Greedy tokens and the Completion (with its cost) of one paid request."""
-    from node.client.generation import Completion
-    from node.engine.sampling import SamplingParams
+    from shardmarket.client.generation import Completion
+    from shardmarket.engine.sampling import SamplingParams
 
     completion = Completion(prompt_tokens=len(prompt))
     tokens = [t async for t in model.stream(prompt, SamplingParams(max_tokens=max_tokens), completion)]

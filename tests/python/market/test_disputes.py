@@ -10,12 +10,12 @@ import time
 import pytest
 import torch
 
-from node.chain.contracts import Market
-from node.chain.evidence import relative_difference
-from node.client.session import InferenceSession
-from node.config import load_config
-from node.devmarket import DevMarket
-from node.engine.models import random_checkpoint, tiny_config
+from shardmarket.chain.contracts import Market
+from shardmarket.chain.evidence import relative_difference
+from shardmarket.client.session import InferenceSession
+from shardmarket.config import load_config
+from shardmarket.devmarket import DevMarket
+from shardmarket.engine.models import random_checkpoint, tiny_config
 
 from .conftest import MODEL, client_model, generate, serve_market
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from node.cli import main
+from shardmarket.cli import main
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_new_show_and_refusals(home, monkeypatch, capsys):
     assert "exists already" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["keys", "new", "--passphrase", "x"])  # there is no flag taking the password itself
-    from node.chain.keys import KeystoreError, load_account
+    from shardmarket.chain.keys import KeystoreError, load_account
 
     with pytest.raises(KeystoreError, match="does not open"):
         load_account("wrong")

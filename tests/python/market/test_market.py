@@ -9,14 +9,14 @@ import time
 import pytest
 import torch
 
-from node.chain.contracts import Market
-from node.chain.keys import load_account
-from node.client.routing import RouteError
-from node.config import load_config
-from node.devmarket import PASSWORD
-from node.engine.head import Head
-from node.engine.sampling import SamplingParams, generate as local_generate
-from node.engine.stage import Stage
+from shardmarket.chain.contracts import Market
+from shardmarket.chain.keys import load_account
+from shardmarket.client.routing import RouteError
+from shardmarket.config import load_config
+from shardmarket.devmarket import PASSWORD
+from shardmarket.engine.head import Head
+from shardmarket.engine.sampling import SamplingParams, generate as local_generate
+from shardmarket.engine.stage import Stage
 
 from .conftest import PRICE, RANGES, client_model, generate
 
@@ -30,7 +30,7 @@ def chain_as(market, name: str) -> Market:
 
 def paid_on_chain(chain: Market, client: str, node: str) -> int:
     """What the escrow has paid `node` on `client`'s tabs (from the client's last TabSettled)."""
-    from node.server.settlement import paid_vector_on_chain
+    from shardmarket.server.settlement import paid_vector_on_chain
 
     paid, _ = paid_vector_on_chain(chain, client)
     return next((e.amount for e in paid if e.node.lower() == node.lower()), 0)
@@ -77,7 +77,7 @@ def test_client_that_stops_paying_gets_no_more_than_its_credit_limit(market):
             await generate(model, PROMPT, 200)
 
     asyncio.run(scenario())
-    from node.server.tabs import TabStore
+    from shardmarket.server.tabs import TabStore
 
     credit = 64 * PRICE
     for name in ("node0", "node1", "node2"):
@@ -133,7 +133,7 @@ def test_chain_down_and_back_loses_nothing(market, capsys):
 def test_operator_mistakes_get_clear_errors_and_change_nothing(market, capsys):
     import os
 
-    from node.cli import main
+    from shardmarket.cli import main
 
     market.new_account("newbie", tokens=10**18)
     market.node_port("newbie")
@@ -162,7 +162,7 @@ def test_operator_mistakes_get_clear_errors_and_change_nothing(market, capsys):
 
 
 def test_a_refused_step_is_never_answered_even_on_retry(market):
-    from node.client.session import InferenceSession, NodeFailure
+    from shardmarket.client.session import InferenceSession, NodeFailure
 
     async def scenario():
         model = await client_model(market, "frank")
@@ -187,8 +187,8 @@ def test_a_refused_step_is_never_answered_even_on_retry(market):
 
 
 def test_a_bad_tab_on_a_later_step_is_answered_on_credit_then_refused_in_place_of_the_commitment(market):
-    from node.client.session import CommitmentFailure, InferenceSession, NodeFailure
-    from node.server.tabs import TabStore
+    from shardmarket.client.session import CommitmentFailure, InferenceSession, NodeFailure
+    from shardmarket.server.tabs import TabStore
 
     async def scenario():
         model = await client_model(market, "grace")
@@ -225,7 +225,7 @@ def test_a_bad_tab_on_a_later_step_is_answered_on_credit_then_refused_in_place_o
 
 
 def _tab(account, seq: int, amounts: dict[str, int]):
-    from node.chain.eip712 import Entry, Tab
+    from shardmarket.chain.eip712 import Entry, Tab
 
     return Tab(account.address, seq, tuple(Entry(n, a) for n, a in sorted(amounts.items(), key=lambda i: int(i[0], 16))), bytes(32))
 
@@ -235,9 +235,9 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
     """Another node settled the client's newer tab short: this node reads that tab back from the settlement's
     calldata and collects the rest once the client tops up; a newer tab promising it less is proof enough for
     claimLowered to pay what the older tab promised: what the balance holds at once, the rest after a deposit."""
-    from node.chain.eip712 import encode_settlement, sign_tab
-    from node.server.settlement import settle_pending
-    from node.server.tabs import TabStore
+    from shardmarket.chain.eip712 import encode_settlement, sign_tab
+    from shardmarket.server.settlement import settle_pending
+    from shardmarket.server.tabs import TabStore
 
     name = f"ivan-{lowered}"
     market.new_account(name, tokens=10**18)
@@ -275,8 +275,8 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
 def test_a_client_that_lowers_a_node_entry_and_settles_it_itself_still_pays_that_node(market, capsys):
     """Served by the node processes, the client signs a newer tab cutting node1's entry to a quarter and settles it
     itself; `node redeem` on node1 sends the fraud proof and node1 is paid all its held tab promised."""
-    from node.chain.eip712 import Entry, Tab, encode_settlement, sign_tab
-    from node.server.tabs import TabStore
+    from shardmarket.chain.eip712 import Entry, Tab, encode_settlement, sign_tab
+    from shardmarket.server.tabs import TabStore
 
     model = asyncio.run(client_model(market, "lucy"))
     asyncio.run(generate(model, PROMPT, 4))
@@ -305,8 +305,8 @@ def test_a_client_that_lowers_a_node_entry_and_settles_it_itself_still_pays_that
 
 
 def test_the_duties_block_watch_reads_the_chain_shares_a_recent_read_waits_while_serving_and_says_when_the_chain_is_down(market):
-    from node.chain.contracts import ChainError
-    from node.chain.watch import BlockWatch
+    from shardmarket.chain.contracts import ChainError
+    from shardmarket.chain.watch import BlockWatch
 
     chain = chain_as(market, "node0")
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import pytest
 from eth_account import Account
 
-from node.chain.eip712 import MAX_ENTRIES, Domain, Entry, Tab, decode_settlement, encode_settlement, recover_tab_signer, sign_tab
-from node.client.payer import Payer, TabFull
-from node.server.payments import PaymentGate, PaymentRefused
-from node.server.tabs import LoweringClaim, TabStore
+from shardmarket.chain.eip712 import MAX_ENTRIES, Domain, Entry, Tab, decode_settlement, encode_settlement, recover_tab_signer, sign_tab
+from shardmarket.client.payer import Payer, TabFull
+from shardmarket.server.payments import PaymentGate, PaymentRefused
+from shardmarket.server.tabs import LoweringClaim, TabStore
 
 DOMAIN = Domain(31337, "0x" + "22" * 20)
 
@@ -174,7 +174,7 @@ def test_a_bad_tab_on_credit_is_refused_and_its_answered_step_counts_against_the
 
 
 def test_a_presigned_tab_is_sent_only_if_nothing_was_signed_since_and_promises_nothing_until_sent(tmp_path, monkeypatch):
-    import node.client.payer as payer_module
+    import shardmarket.client.payer as payer_module
 
     signings = []
     monkeypatch.setattr(payer_module, "sign_tab", lambda *args: signings.append(1) or sign_tab(*args))

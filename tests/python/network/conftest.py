@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from node.engine.models import default_model, random_checkpoint, tiny_config
+from shardmarket.engine.models import default_model, random_checkpoint, tiny_config
 
 
 @pytest.fixture(scope="session")

@@ -71,7 +71,7 @@ def start_node(checkpoint: Path, layers: str, home: Path, *extra: str, ports: tu
     port, tcp_port = ports or (free_port(), free_port())
     home.mkdir(parents=True, exist_ok=True)
     log = home / "node.log"
-    cmd = [sys.executable, "-m", "node", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers,
+    cmd = [sys.executable, "-m", "shardmarket", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers,
            "--port", str(port), "--tcp-port", str(tcp_port), "--threads", "1", *extra]
     process = subprocess.Popen(cmd, cwd=ROOT, env=child_env(home), stdout=log.open("w"), stderr=subprocess.STDOUT)
     return NodeProcess(process, port, tcp_port, log)

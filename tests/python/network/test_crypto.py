@@ -3,7 +3,7 @@
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from node.net.crypto import ClientHandshake, DecryptError, load_or_create_static_key, node_handshake, public_bytes
+from shardmarket.net.crypto import ClientHandshake, DecryptError, load_or_create_static_key, node_handshake, public_bytes
 
 
 def pair(node_key=None, pinned=None):

@@ -13,11 +13,11 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from node.chain.eip712 import Commitment, Domain, recover_commitment_signer, tensor_hash
-from node.net import wire
-from node.net.channel import ChannelClosed, ChannelPool, KeyMismatch, SecureChannel, client_handshake, open_transport
-from node.net.crypto import public_bytes
-from node.net.wire import Message
+from shardmarket.chain.eip712 import Commitment, Domain, recover_commitment_signer, tensor_hash
+from shardmarket.net import wire
+from shardmarket.net.channel import ChannelClosed, ChannelPool, KeyMismatch, SecureChannel, client_handshake, open_transport
+from shardmarket.net.crypto import public_bytes
+from shardmarket.net.wire import Message
 
 from network_processes import get_json, start_node, wait_ready
 

@@ -15,12 +15,12 @@ import sys
 import openai
 import pytest
 
-from node.chain.eip712 import Domain
-from node.client.generation import Completion, RemoteModel
-from node.client.routing import RouteError
-from node.engine.head import Head
-from node.engine.sampling import SamplingParams, generate
-from node.engine.stage import Stage
+from shardmarket.chain.eip712 import Domain
+from shardmarket.client.generation import Completion, RemoteModel
+from shardmarket.client.routing import RouteError
+from shardmarket.engine.head import Head
+from shardmarket.engine.sampling import SamplingParams, generate
+from shardmarket.engine.stage import Stage
 from network_processes import ROOT, child_env, free_port, start_node, stop_all, wait_http, wait_ready
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)  # what nodes use when no DisputeManager is deployed
@@ -149,7 +149,7 @@ def api(smollm, cluster, tmp_path_factory):
     nodes = ",".join(cluster[n].url for n in ("a", "b", "c", "spare"))
     log = home / "api.log"
     env = dict(child_env(home), SHARDMARKET_CLIENT_API_KEY=API_KEY)
-    cmd = [sys.executable, "-m", "node", "client", "serve", "--checkpoint", str(smollm), "--nodes", nodes, "--port", str(port)]
+    cmd = [sys.executable, "-m", "shardmarket", "client", "serve", "--checkpoint", str(smollm), "--nodes", nodes, "--port", str(port)]
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", process, log, headers={"Authorization": f"Bearer {API_KEY}"})
@@ -234,7 +234,7 @@ def test_twenty_concurrent_streams_through_one_pipeline(api, smollm, head):
 
 def test_client_chat_streams_the_answer_to_the_terminal(smollm, cluster, head, reference, tmp_path):
     nodes = ",".join(cluster[n].url for n in ("a", "b", "c"))
-    cmd = [sys.executable, "-m", "node", "client", "chat", QUESTION[0]["content"], "--checkpoint", str(smollm),
+    cmd = [sys.executable, "-m", "shardmarket", "client", "chat", QUESTION[0]["content"], "--checkpoint", str(smollm),
            "--nodes", nodes, "--max-tokens", str(MAX_TOKENS)]
     done = subprocess.run(cmd, cwd=ROOT, env=child_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

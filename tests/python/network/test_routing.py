@@ -2,10 +2,10 @@
 
 import pytest
 
-from node.client.failures import RecentFailures
-from node.client.routing import NodeInfo, RouteError, plan_route
-from node.client.text import TextStream
-from node.engine.models import random_checkpoint, tiny_config
+from shardmarket.client.failures import RecentFailures
+from shardmarket.client.routing import NodeInfo, RouteError, plan_route
+from shardmarket.client.text import TextStream
+from shardmarket.engine.models import random_checkpoint, tiny_config
 
 
 def node(url: str, start: int, end: int, *, rtt_ms: float = 1.0, decode_ms: float = 1.0, price: int = 0) -> NodeInfo:

@@ -7,8 +7,8 @@ import msgpack
 import pytest
 import torch
 
-from node.net import wire
-from node.net.wire import Limits, Message, WireError
+from shardmarket.net import wire
+from shardmarket.net.wire import Limits, Message, WireError
 
 
 def frame(header: dict, payload: bytes = b"") -> bytes:
@@ -118,6 +118,6 @@ def test_encode_refuses_a_dtype_that_cannot_travel():
 
 
 def test_node_cli_offers_exactly_the_wire_dtypes():
-    from node.cli.node import DTYPE_NAMES
+    from shardmarket.cli.node import DTYPE_NAMES
 
     assert sorted(DTYPE_NAMES) == sorted(wire.DTYPES)

@@ -1,6 +1,6 @@
 """The lab's chat client for benchmarks: greedy tokens from a node endpoint, timed per token; prints JSON.
 
-Needs the node daemon and client of issue 7 (node.client); run on the public side of the lab.
+Needs the node daemon and client of issue 7 (shardmarket.client); run on the public side of the lab.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from node.client.generation import Completion, RemoteModel
-from node.config import load_config
-from node.engine.sampling import SamplingParams
-from node.net.commitment import commitment_domain
+from shardmarket.client.generation import Completion, RemoteModel
+from shardmarket.config import load_config
+from shardmarket.engine.sampling import SamplingParams
+from shardmarket.net.commitment import commitment_domain
 
 
 async def timed_tokens(checkpoint: Path, url: str, max_tokens: int) -> dict:

@@ -216,7 +216,7 @@ table inet filter {{
 
     def start_relay(self) -> None:
         """An opted-in public node serving as relay and verifier on the public side."""
-        argv = [sys.executable, "-m", "node", "node", "relay", "--public-host", f"{PUBLIC_NET}.1",
+        argv = [sys.executable, "-m", "shardmarket", "node", "relay", "--public-host", f"{PUBLIC_NET}.1",
                 "--host", f"{PUBLIC_NET}.1", "--port", str(RELAY_PORT), "--rate-mbit", str(self.relay_rate_mbit)]
         self.spawn_in("pub", argv, log="relay.log")
         self._wait_for(lambda: self._listening("pub", "-ltn", f"{PUBLIC_NET}.1:{RELAY_PORT}"), "relay")

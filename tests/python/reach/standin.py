@@ -1,5 +1,5 @@
 """A stand-in for the node daemon (issue 7) in the lab: /health, a streamed answer and a WebSocket echo,
-made reachable by node.net.reachability. Prints the report as one JSON line, then serves until SIGTERM,
+made reachable by shardmarket.net.reachability. Prints the report as one JSON line, then serves until SIGTERM,
 when it removes its port mapping or leaves the relay."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 
 from aiohttp import web
 
-from node.net.reachability import Reachability
-from node.net.relay import RelayClient
+from shardmarket.net.reachability import Reachability
+from shardmarket.net.relay import RelayClient
 
 
 def app(node_id: str) -> web.Application:

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from node.net import pcp, stun
-from node.net.portmap import MappingError
+from shardmarket.net import pcp, stun
+from shardmarket.net.portmap import MappingError
 
 
 def stun_success(txid: bytes, ip: str, port: int, xor: bool = True) -> bytes:

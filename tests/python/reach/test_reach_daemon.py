@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("node.server.app", reason="the node daemon (issue 7) is not merged into this tree yet")
+pytest.importorskip("shardmarket.server.app", reason="the node daemon (issue 7) is not merged into this tree yet")
 
-from node.engine.models import random_checkpoint, tiny_config  # noqa: E402
+from shardmarket.engine.models import random_checkpoint, tiny_config  # noqa: E402
 from tests.python.reach.conftest import from_public  # noqa: E402
 from tests.python.reach.lab import NODE_PORT, REPO  # noqa: E402
 

@@ -67,7 +67,7 @@ def test_natpmp_maps_when_pcp_is_not_wanted(lab_for):
 
 def test_short_leases_are_renewed_before_they_expire(lab_for):
     lab = lab_for("pcp")
-    one_shot = ("import asyncio; from node.net.pcp import PcpMapper; "
+    one_shot = ("import asyncio; from shardmarket.net.pcp import PcpMapper; "
                 "asyncio.run(PcpMapper('10.99.1.1').map(7400, 7400, 3))")
     lab.python_in("lan", ["-c", one_shot])  # control: a 3 s mapping nobody renews
     proc, report = start_node(lab, "--lease-s", "3")

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from node.net.relay import RelayClient, RelayServer, verify
+from shardmarket.net.relay import RelayClient, RelayServer, verify
 from tests.python.reach.standin import app as standin_app
 
 

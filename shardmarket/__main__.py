@@ -1,0 +1,3 @@
+from shardmarket.cli import main
+
+raise SystemExit(main())

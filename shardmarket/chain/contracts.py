@@ -1,0 +1,212 @@
+"""web3.py bindings of the deployed contracts: ABIs from brownie's build/contracts, addresses from the
+deployments file; transactions signed locally, reverts decoded into their custom errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import requests
+from eth_abi import decode
+from eth_utils import keccak, to_checksum_address
+from web3 import Web3
+from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3Exception
+
+from shardmarket.chain.deployments import read_deployments
+from shardmarket.chain.eip712 import Domain
+from shardmarket.config import Config, load_config
+
+BUILD_DIR = Path(__file__).resolve().parents[2] / "build" / "contracts"
+CONTRACTS = ("TestToken", "StakeManager", "ModelRegistry", "NodeRegistry", "PaymentEscrow", "DisputeManager")
+
+
+class ChainError(RuntimeError):
+    """A chain call that failed; the message says what happened and what to do."""
+
+
+class ChainUnreachable(ChainError):
+    """The RPC endpoint does not answer."""
+
+
+@lru_cache(maxsize=None)
+def abi(name: str) -> list:
+    """The ABI of contract `name` from brownie's build folder."""
+    path = BUILD_DIR / f"{name}.json"
+    try:
+        return json.loads(path.read_text())["abi"]
+    except FileNotFoundError:
+        raise ChainError(f"no compiled {name} at {path}: run `brownie compile` in the repository first") from None
+
+
+@lru_cache(maxsize=1)
+def _error_selectors() -> dict[bytes, tuple[str, list[str]]]:
+    selectors = {}
+    for name in CONTRACTS:
+        for entry in abi(name):
+            if entry.get("type") == "error":
+                types = [i["type"] if i["type"] != "tuple" else "(" + ",".join(c["type"] for c in i["components"]) + ")" for i in entry["inputs"]]
+                selectors[keccak(text=f"{entry['name']}({','.join(types)})")[:4]] = (entry["name"], types)
+    return selectors
+
+
+def decode_revert(data: str | bytes | None) -> str:
+    """`Name(arg, ...)` of a custom-error revert, or a short description of other revert data."""
+    raw = bytes.fromhex(data.removeprefix("0x")) if isinstance(data, str) else (data or b"")
+    known = _error_selectors().get(raw[:4])
+    if known is None:
+        return f"revert data 0x{raw.hex()}" if raw else "reverted without a reason"
+    name, types = known
+    try:
+        args = decode(types, raw[4:])
+    except Exception:
+        return name
+    shown = [("0x" + a.hex()) if isinstance(a, bytes) else str(a) for a in args]
+    return f"{name}({', '.join(shown)})"
+
+
+HINTS = {
+    "InsufficientStake": "stake at least the registry's minimum (--stake)",
+    "UnknownModel": "publish the model first with `shardmarket model publish` or check --model",
+    "InvalidLayerRange": "the layer range must lie inside the model's layers (start < end <= layer count)",
+    "AlreadyRegistered": "use `shardmarket node update` to change a registration",
+    "NotRegistered": "register first with `shardmarket node register`",
+    "ERC20InsufficientBalance": "the account holds too few tokens; get some from the token's holder",
+    "InsufficientBalance": "the escrow balance is smaller than asked; see `shardmarket client balance`",
+    "WithdrawalLocked": "the withdrawal timelock has not passed yet; try again after it",
+    "NoWithdrawalRequested": "request it first with `shardmarket client withdraw AMOUNT`",
+    "NothingUnbonding": "unbond first with `shardmarket node unbond AMOUNT`",
+    "UnbondingNotReady": "the unbonding delay has not passed yet",
+    "NothingToWithdraw": "there are no redeemed earnings; run `shardmarket node redeem` first",
+    "ModelExists": "this model name is taken; publish under another name",
+}
+
+
+def _explain(exc: Exception, what: str) -> ChainError:
+    if isinstance(exc, ContractCustomError):
+        reason = decode_revert(exc.data if isinstance(exc.data, str) else exc.args[0])
+    elif isinstance(exc, ContractLogicError):
+        reason = decode_revert(exc.data) if exc.data else str(exc)
+    else:
+        reason = str(exc)
+    name = reason.split("(")[0]
+    hint = HINTS.get(name)
+    return ChainError(f"{what} was refused by the contract: {reason}" + (f"; {hint}" if hint else ""))
+
+
+@dataclass
+class Market:
+    """The deployed contracts on one chain, and optionally the local account that sends transactions."""
+
+    w3: Web3
+    addresses: dict[str, str]
+    account: object | None = None  # eth-account LocalAccount
+
+    @classmethod
+    def connect(cls, config: Config | None = None, account=None, timeout_s: float = 10.0) -> Market:
+        """Connect to the configured RPC and load the deployments of its chain id."""
+        config = config or load_config()
+        w3 = Web3(Web3.HTTPProvider(config.chain.rpc_url, request_kwargs={"timeout": timeout_s}))
+        try:
+            chain_id = w3.eth.chain_id
+        except (requests.ConnectionError, requests.Timeout, OSError) as exc:
+            raise ChainUnreachable(
+                f"cannot reach the chain at {config.chain.rpc_url} ({type(exc).__name__}); start it or set SHARDMARKET_CHAIN_RPC_URL"
+            ) from None
+        if chain_id != config.chain.chain_id:
+            raise ChainError(f"{config.chain.rpc_url} is chain {chain_id}, the config says {config.chain.chain_id}; set SHARDMARKET_CHAIN_CHAIN_ID")
+        try:
+            addresses = read_deployments(chain_id, config.chain.deployments_dir)
+        except FileNotFoundError as exc:
+            raise ChainError(str(exc)) from None
+        return cls(w3, addresses, account)
+
+    def contract(self, name: str):
+        return self.w3.eth.contract(address=to_checksum_address(self.addresses[name]), abi=abi(name))
+
+    @property
+    def token(self):
+        return self.contract("TestToken")
+
+    @property
+    def stake(self):
+        return self.contract("StakeManager")
+
+    @property
+    def models(self):
+        return self.contract("ModelRegistry")
+
+    @property
+    def registry(self):
+        return self.contract("NodeRegistry")
+
+    @property
+    def escrow(self):
+        return self.contract("PaymentEscrow")
+
+    @property
+    def disputes(self):
+        return self.contract("DisputeManager")
+
+    @property
+    def chain_id(self) -> int:
+        return self.w3.eth.chain_id
+
+    def escrow_domain(self) -> Domain:
+        return Domain(self.chain_id, self.addresses["PaymentEscrow"])
+
+    def dispute_domain(self) -> Domain:
+        return Domain(self.chain_id, self.addresses["DisputeManager"])
+
+    @property
+    def address(self) -> str:
+        if self.account is None:
+            raise ChainError("this command needs an account: create one with `shardmarket keys new`")
+        return self.account.address
+
+    def read(self, call, what: str = "a chain read"):
+        """Call a view function with clear errors."""
+        try:
+            return call.call()
+        except (ContractCustomError, ContractLogicError) as exc:
+            raise _explain(exc, what) from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise ChainUnreachable(f"{what} failed: the chain does not answer ({type(exc).__name__}); retry when it is back") from None
+
+    def transact(self, call, what: str, gas: int | None = None) -> dict:
+        """Sign and send `call` from the account, wait for it to be mined; returns the receipt."""
+        sender = self.address
+        try:
+            params = {"from": sender, "nonce": self.w3.eth.get_transaction_count(sender, "pending"), "chainId": self.chain_id}
+            # A margin over the estimate: some calls (a dispute's verifier draw) cost more in the block they land in.
+            params["gas"] = gas if gas is not None else call.estimate_gas({"from": sender}) * 3 // 2 + 50_000
+            tx = call.build_transaction(params)
+            cost = tx["gas"] * tx.get("maxFeePerGas", tx.get("gasPrice", 0))
+            balance = self.w3.eth.get_balance(sender)
+            if balance < cost:
+                raise ChainError(
+                    f"{what}: not enough gas money: {sender} holds {balance / 1e18:.6f} ETH, the transaction may cost "
+                    f"{cost / 1e18:.6f}; send ETH to that account"
+                )
+            signed = self.account.sign_transaction(tx)
+            tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
+        except (ContractCustomError, ContractLogicError) as exc:
+            raise _explain(exc, what) from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise ChainUnreachable(f"{what} failed: the chain does not answer ({type(exc).__name__}); retry when it is back") from None
+        except TimeExhausted:
+            raise ChainError(f"{what}: the transaction was not mined within 120 s; check the chain and retry") from None
+        except (Web3Exception, ValueError) as exc:
+            if "insufficient funds" in str(exc):
+                raise ChainError(f"{what}: not enough gas money in {sender}; send ETH to that account") from None
+            raise ChainError(f"{what} failed: {exc}") from None
+        if receipt["status"] != 1:
+            out_of_gas = receipt["gasUsed"] >= tx["gas"]
+            why = f"ran out of gas ({tx['gas']}); retry with more" if out_of_gas else "reverted"
+            raise ChainError(f"{what}: transaction {tx_hash.hex()} {why}")
+        return receipt
+
+    def model_id(self, name: str) -> bytes:
+        return keccak(text=name)

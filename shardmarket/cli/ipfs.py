@@ -1,0 +1,279 @@
+"""`shardmarket ipfs add|cat|get|serve|pin|gc`: Kubo-compatible content commands.
+
+With `SHARDMARKET_IPFS_API` (a Kubo RPC URL) add/cat/get/pin/gc go through that Kubo daemon;
+otherwise they use the local blockstore, fetching missing blocks from the configured gateways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from shardmarket.ipfs.blockstore import Blockstore, BlockstoreError
+from shardmarket.ipfs.car import CarError
+from shardmarket.ipfs.cids import BadCID, parse, to_str
+from shardmarket.ipfs.fetch import FetchError, fetch_dag
+from shardmarket.ipfs.kubo import KuboClient, KuboError
+from shardmarket.ipfs.unixfs import AddError, ExportError, ImportOptions, export, import_path, iter_file
+from shardmarket.config import load_config
+
+ERRORS = (AddError, ExportError, BadCID, BlockstoreError, CarError, FetchError, KuboError, OSError)
+
+
+def _fail(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 1
+
+
+def _gateways(args) -> list[str]:
+    return list(args.gateway or []) + load_config().ipfs.gateways
+
+
+def local_store() -> Blockstore:
+    return Blockstore(load_config().ipfs.store)
+
+
+def _options(args) -> ImportOptions:
+    return ImportOptions.from_chunker(args.chunker, cid_version=args.cid_version, raw_leaves=args.raw_leaves)
+
+
+def cmd_add(args) -> int:
+    try:
+        options = _options(args)
+        api = load_config().ipfs.api
+        if api:
+            added = asyncio.run(_kubo_add(api, args, options))
+        else:
+            added = []
+            store = None if args.only_hash else local_store()
+            total = sum(f.stat().st_size for p in args.paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+            with tqdm(total=total, unit="B", unit_scale=True, desc="add", file=sys.stderr,
+                      disable=None if not args.quieter else True) as bar:
+                for path in args.paths:
+                    entry = import_path(path, options, store, recursive=args.recursive, hidden=args.hidden,
+                                        on_added=lambda name, e: added.append((name, e.cid_str)), progress=bar.update)
+                    if store is not None and args.pin:
+                        store.pin(entry.cid)
+    except ERRORS as exc:
+        return _fail(exc)
+    if args.quieter:
+        print(added[-1][1])
+    for name, cid in ([] if args.quieter else added):
+        print(cid if args.quiet else f"added {cid} {name}")
+    return 0
+
+
+async def _kubo_add(api: str, args, options: ImportOptions) -> list[tuple[str, str]]:
+    added = []
+    async with KuboClient(api) as kubo:
+        for path in args.paths:
+            added += await kubo.add(path, options, recursive=args.recursive, only_hash=args.only_hash,
+                                    pin=args.pin, hidden=args.hidden)
+    return added
+
+
+def _ensure_local(cid: bytes, store: Blockstore, args) -> None:
+    """Make every block of `cid` local: from Kubo when configured, else from gateways if any is missing."""
+    api = load_config().ipfs.api
+    if api:
+        async def copy() -> None:
+            async with KuboClient(api) as kubo:
+                await kubo.fetch_dag(cid, store)
+        asyncio.run(copy())
+        return
+    try:
+        for _ in store.walk(cid):
+            pass
+    except BlockstoreError:
+        fetch_dag(cid, store, _gateways(args), progress=sys.stderr.isatty())
+
+
+def cmd_cat(args) -> int:
+    try:
+        cid = bytes(parse(args.cid))
+        store = local_store()
+        _ensure_local(cid, store, args)
+        out = sys.stdout.buffer
+        for piece in iter_file(store, cid):
+            out.write(piece)
+        out.flush()
+    except ERRORS as exc:
+        return _fail(exc)
+    return 0
+
+
+def cmd_get(args) -> int:
+    try:
+        cid = bytes(parse(args.cid))
+        dest = Path(args.output or to_str(cid))
+        if dest.exists():
+            raise ExportError(f"{dest} already exists; choose another path with -o")
+        store = local_store()
+        _ensure_local(cid, store, args)
+        export(store, cid, dest)
+    except ERRORS as exc:
+        return _fail(exc)
+    print(f"Saving file(s) to {dest}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from aiohttp import web
+
+    from shardmarket.ipfs.gateway import make_app
+
+    store = local_store()
+    print(f"trustless gateway for {store.path} on http://{args.host}:{args.port}/ipfs/", flush=True)
+    web.run_app(make_app(store), host=args.host, port=args.port, print=None)
+    return 0
+
+
+def cmd_pin(args) -> int:
+    api = load_config().ipfs.api
+    try:
+        if api:
+            return asyncio.run(_kubo_pin(api, args))
+        store = local_store()
+        if args.action == "ls":
+            for cid in sorted(store.pins()):
+                print(f"{cid} recursive")
+            return 0
+        cid = bytes(parse(args.cid))
+        if args.action == "add":
+            _ensure_local(cid, store, args)
+            store.pin(cid)
+            print(f"pinned {to_str(cid)} recursively")
+        else:
+            store.unpin(cid)
+            print(f"unpinned {to_str(cid)}")
+    except ERRORS as exc:
+        return _fail(exc)
+    return 0
+
+
+async def _kubo_pin(api: str, args) -> int:
+    async with KuboClient(api) as kubo:
+        if args.action == "ls":
+            for cid in await kubo.pin_ls():
+                print(f"{cid} recursive")
+        elif args.action == "add":
+            print(f"pinned {' '.join(await kubo.pin_add(args.cid))} recursively")
+        else:
+            print(f"unpinned {' '.join(await kubo.pin_rm(args.cid))}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    api = load_config().ipfs.api
+    try:
+        if api:
+            async def gc() -> int:
+                async with KuboClient(api) as kubo:
+                    return await kubo.repo_gc()
+            print(f"removed {asyncio.run(gc())} blocks")
+            return 0
+        removed, freed = local_store().gc()
+    except ERRORS as exc:
+        return _fail(exc)
+    print(f"removed {removed} blocks ({freed} bytes)")
+    return 0
+
+
+def cmd_dag_export(args) -> int:
+    from shardmarket.ipfs.car import header, section
+    from shardmarket.ipfs.gateway import dag_blocks
+
+    try:
+        cid = bytes(parse(args.cid))
+        store = local_store()
+        _ensure_local(cid, store, args)
+        out = sys.stdout.buffer
+        out.write(header([cid]))
+        for c, data in dag_blocks(store, cid):
+            out.write(b"".join(section(c, data)))
+        out.flush()
+    except ERRORS as exc:
+        return _fail(exc)
+    return 0
+
+
+def cmd_dag_import(args) -> int:
+    from shardmarket.ipfs.car import read_car
+
+    store = local_store()
+    try:
+        with open(args.car, "rb") as f:
+            roots, blocks = read_car(f)
+            count = 0
+            for cid, data in blocks:  # each block is verified by the reader before it is stored
+                store.put(cid, (data,))
+                count += 1
+        for root in roots:
+            store.pin(root)
+    except ERRORS as exc:
+        return _fail(exc)
+    for root in roots:
+        print(f"pinned root {to_str(root)} ({count} blocks imported)")
+    return 0
+
+
+def _bool(text: str) -> bool:
+    """Kubo's boolean option values: --flag=true or --flag=false."""
+    if text.lower() not in ("true", "false"):
+        raise ValueError(text)
+    return text.lower() == "true"
+
+
+def register(commands) -> None:
+    group = commands.add_parser("ipfs", help="content-addressed storage compatible with Kubo (add, cat, get, serve)")
+    sub = group.add_subparsers(dest="ipfs_command", required=True, metavar="COMMAND")
+
+    add = sub.add_parser("add", help="add files (Kubo's CIDs, flags and output)")
+    add.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    add.add_argument("-r", "--recursive", action="store_true", help="add directories recursively")
+    add.add_argument("-n", "--only-hash", action="store_true", help="only chunk and hash; write nothing")
+    add.add_argument("--cid-version", type=int, choices=(0, 1), default=0, help="CID version (1 turns on raw leaves)")
+    add.add_argument("--raw-leaves", action=argparse.BooleanOptionalAction, default=None,
+                     help="use raw blocks for leaves (default: on with --cid-version 1)")
+    add.add_argument("-s", "--chunker", default="size-262144", help="chunking algorithm, size-N (default size-262144)")
+    add.add_argument("-q", "--quiet", action="store_true", help="print only CIDs")
+    add.add_argument("-Q", "--quieter", action="store_true", help="print only the final root CID")
+    add.add_argument("-H", "--hidden", action="store_true", help="include files whose name starts with a dot")
+    add.add_argument("--pin", type=_bool, default=True, metavar="true|false", help="pin what is added (default true)")
+    add.set_defaults(run=cmd_add)
+
+    for name, run, text in (("cat", cmd_cat, "print a file's bytes"), ("get", cmd_get, "write a file or directory")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("cid", metavar="CID")
+        p.add_argument("--gateway", action="append", metavar="URL", help="trustless gateway to fetch missing blocks from")
+        if name == "get":
+            p.add_argument("-o", "--output", help="where to write (default: the CID)")
+        p.set_defaults(run=run)
+
+    serve = sub.add_parser("serve", help="serve the blockstore as a trustless gateway")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.set_defaults(run=cmd_serve)
+
+    pin = sub.add_parser("pin", help="pin add|rm CID, pin ls")
+    pin.add_argument("action", choices=("add", "rm", "ls"))
+    pin.add_argument("cid", nargs="?", metavar="CID")
+    pin.add_argument("--gateway", action="append", metavar="URL", help="trustless gateway to fetch missing blocks from")
+    pin.set_defaults(run=lambda args: cmd_pin(args) if args.action == "ls" or args.cid else _fail(
+        ValueError(f"pin {args.action} needs a CID")))
+
+    sub.add_parser("gc", help="delete blocks that no pin reaches").set_defaults(run=cmd_gc)
+
+    dag = sub.add_parser("dag", help="CAR v1 archives: dag export CID > FILE.car, dag import FILE.car")
+    dag_sub = dag.add_subparsers(dest="dag_command", required=True, metavar="COMMAND")
+    export_ = dag_sub.add_parser("export", help="write the DAG of a CID as a CAR to stdout")
+    export_.add_argument("cid", metavar="CID")
+    export_.add_argument("--gateway", action="append", metavar="URL", help="trustless gateway for missing blocks")
+    export_.set_defaults(run=cmd_dag_export)
+    import_ = dag_sub.add_parser("import", help="verify and store every block of a CAR, pin its roots")
+    import_.add_argument("car", type=Path, metavar="FILE.car")
+    import_.set_defaults(run=cmd_dag_import)

@@ -1,0 +1,61 @@
+"""`shardmarket model pack|fetch`: split a checkpoint into per-layer IPFS shards, fetch only a layer range."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from shardmarket.cli.ipfs import ERRORS, _fail, _gateways, local_store
+
+
+def _layers(text: str) -> tuple[int, int]:
+    start, sep, end = text.partition(":")
+    if not sep or not start.isdigit() or not end.isdigit():
+        raise ValueError(text)
+    return int(start), int(end)
+
+
+def cmd_pack(args) -> int:
+    from shardmarket.ipfs.model import ModelError, pack_model  # torch loads only for model commands
+
+    try:
+        cid = pack_model(args.checkpoint, local_store(), model_id=args.model_id, progress=sys.stderr.isatty())
+    except (ModelError, *ERRORS) as exc:
+        return _fail(exc)
+    print(cid)
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from shardmarket.ipfs.model import ModelError, fetch_model
+
+    start, end = args.layers
+    dest = args.dest or Path(f"{args.manifest}-{start}-{end}")
+    try:
+        fetch_model(args.manifest, (start, end), dest, _gateways(args), store=local_store(), head=args.head,
+                    progress=sys.stderr.isatty())
+    except (ModelError, *ERRORS) as exc:
+        return _fail(exc)
+    print(f"layers {start}:{end}{' and head' if args.head else ''} of {args.manifest} in {dest}")
+    return 0
+
+
+def register(commands) -> None:
+    group = commands.add_parser("model", help="model shards on IPFS (pack a checkpoint, fetch a layer range)")
+    sub = group.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
+
+    pack = sub.add_parser("pack", help="split a checkpoint into per-layer shards, add them, print the manifest CID")
+    pack.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR")
+    pack.add_argument("--model-id", help="model id in the manifest (default: the folder name)")
+    pack.set_defaults(run=cmd_pack)
+
+    fetch = sub.add_parser("fetch", help="fetch the shards of a layer range into a checkpoint folder")
+    fetch.add_argument("manifest", metavar="MANIFEST_CID")
+    fetch.add_argument("--layers", type=_layers, required=True, metavar="START:END", help="layers [START, END)")
+    fetch.add_argument("--head", action="store_true", help="also fetch embeddings, final norm, LM head and tokenizer")
+    fetch.add_argument("--dest", type=Path, help="folder to write (default: MANIFEST-START-END)")
+    fetch.add_argument("--gateway", action="append", metavar="URL", help="trustless gateway (repeat for several)")
+    fetch.set_defaults(run=cmd_fetch)
+    from shardmarket.cli.publish import add_publish_command
+
+    add_publish_command(sub)

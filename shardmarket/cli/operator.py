@@ -1,0 +1,320 @@
+"""`shardmarket node register|update|pause|unpause|status|earnings|redeem|unbond|withdraw`, and `node run`
+without --layers: serve what the chain says this operator registered, paid per step."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import urlparse
+
+from shardmarket.chain.contracts import ChainError, Market
+from shardmarket.chain.keys import KeystoreError, load_account, load_identity, read_password, x25519_public
+from shardmarket.cli.keys import add_password_file
+from shardmarket.config import load_config
+
+
+def parse_amount(text: str) -> int:
+    """Token units as an integer; scientific notation (100e18) is accepted."""
+    try:
+        if "e" in text.lower():
+            mantissa, exponent = text.lower().split("e")
+            value = int(mantissa) * 10 ** int(exponent)
+        else:
+            value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an amount is a whole number of token units (e.g. 100e18), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("an amount cannot be negative")
+    return value
+
+
+def tabs_path(config) -> Path:
+    return config.node.data_dir / "tabs.sqlite"
+
+
+def connect(args: argparse.Namespace) -> Market:
+    """The market with this home's account unlocked."""
+    account = load_account(read_password(getattr(args, "password_file", None)))
+    return Market.connect(load_config(), account)
+
+
+def _run(handler):
+    """Wrap a command so chain and keystore errors print one clear line and exit 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args) or 0
+        except (ChainError, KeystoreError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _tx(what: str, receipt: dict) -> None:
+    print(f"{what}: tx {receipt['transactionHash'].hex()} ({receipt['gasUsed']} gas)", flush=True)
+
+
+def add_operator_commands(group) -> None:
+    """Add the chain-side operator commands to the `node` command group."""
+    reg = group.add_parser("register", help="stake and register a layer range of a published model")
+    reg.add_argument("--model", required=True, help="model name as published on the ModelRegistry")
+    reg.add_argument("--layers", required=True, help="layer range A:B (half-open)")
+    reg.add_argument("--price", type=parse_amount, required=True, help="token units per token processed")
+    reg.add_argument("--stake", type=parse_amount, required=True, help="token units to stake now (with what is staked: at least the minimum)")
+    reg.add_argument("--endpoint", help="URL clients reach this node at (default: http://node.host:node.port)")
+    add_password_file(reg)
+    reg.set_defaults(run=_run(cmd_register))
+
+    upd = group.add_parser("update", help="change price, endpoint, layers or model of the registration")
+    upd.add_argument("--model")
+    upd.add_argument("--layers")
+    upd.add_argument("--price", type=parse_amount)
+    upd.add_argument("--endpoint")
+    add_password_file(upd)
+    upd.set_defaults(run=_run(cmd_update))
+
+    for name, helptext, handler in (
+        ("pause", "stop being listed (keeps the registration)", cmd_pause),
+        ("unpause", "be listed again", cmd_unpause),
+        ("status", "registration, stake and earnings", cmd_status),
+        ("earnings", "per client: the newest tab's promise to this node, redeemed and pending", cmd_earnings),
+        ("redeem", "settle every client's tab that owes this node, in one transaction, and withdraw the earnings", cmd_redeem),
+        ("withdraw", "withdraw unbonded stake after the unbonding delay", cmd_withdraw),
+    ):
+        sub = group.add_parser(name, help=helptext)
+        add_password_file(sub)
+        sub.set_defaults(run=_run(handler))
+    unbond = group.add_parser("unbond", help="start unbonding stake (withdraw after the delay)")
+    unbond.add_argument("amount", type=parse_amount)
+    add_password_file(unbond)
+    unbond.set_defaults(run=_run(cmd_unbond))
+
+
+def _layers(text: str) -> tuple[int, int]:
+    from shardmarket.cli.node import parse_layers
+
+    try:
+        return parse_layers(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ChainError(str(exc)) from None
+
+
+def _check_model(market: Market, name: str, start: int, end: int) -> bytes:
+    model_id = market.model_id(name)
+    count = market.read(market.models.functions.layerCountOf(model_id))
+    if count == 0:
+        raise ChainError(f"unknown model {name!r}: no such model on the ModelRegistry; publish it with `shardmarket model publish`")
+    if not 0 <= start < end <= count:
+        raise ChainError(f"layer range {start}:{end} is outside the model {name!r}, which has layers 0:{count}")
+    return model_id
+
+
+def _endpoint(args: argparse.Namespace) -> str:
+    config = load_config()
+    return args.endpoint or f"http://{config.node.host}:{config.node.port}"
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    market = connect(args)
+    start, end = _layers(args.layers)
+    model_id = _check_model(market, args.model, start, end)
+    me = market.address
+    minimum = market.read(market.registry.functions.minStake())
+    bonded = market.read(market.stake.functions.bondedOf(me))
+    if bonded + args.stake < minimum:
+        raise ChainError(f"too little stake: the registry needs {minimum} bonded, you have {bonded} and add {args.stake}; raise --stake")
+    held = market.read(market.token.functions.balanceOf(me))
+    if held < args.stake:
+        raise ChainError(f"too few tokens to stake {args.stake}: {me} holds {held}")
+    print(f"registering {me} for layers {start}:{end} of {args.model} at {args.price} per token", flush=True)
+    if args.stake:
+        _tx("approve", market.transact(market.token.functions.approve(market.addresses["StakeManager"], args.stake), "approving the stake"))
+        _tx(f"stake {args.stake}", market.transact(market.stake.functions.stake(args.stake), "staking"))
+    key = x25519_public()
+    receipt = market.transact(
+        market.registry.functions.register(model_id, start, end, args.price, key, [_endpoint(args)]), "registering the node"
+    )
+    _tx(f"register at {_endpoint(args)}", receipt)
+
+
+def cmd_update(args: argparse.Namespace) -> None:
+    market = connect(args)
+    node = market.read(market.registry.functions.getNode(market.address), "reading the registration")
+    _, _, start, end, price, model_id, key, endpoints = node
+    if args.layers:
+        start, end = _layers(args.layers)
+    if args.model:
+        model_id = _check_model(market, args.model, start, end)
+    price = args.price if args.price is not None else price
+    endpoints = [args.endpoint] if args.endpoint else list(endpoints)
+    call = market.registry.functions.update(model_id, start, end, price, x25519_public(), endpoints)
+    _tx("update", market.transact(call, "updating the registration"))
+
+
+def cmd_pause(args: argparse.Namespace) -> None:
+    market = connect(args)
+    _tx("pause", market.transact(market.registry.functions.pause(), "pausing"))
+
+
+def cmd_unpause(args: argparse.Namespace) -> None:
+    market = connect(args)
+    _tx("unpause", market.transact(market.registry.functions.unpause(), "unpausing"))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    market = connect(args)
+    me = market.address
+    bonded, unbonding, ready_at, locks = market.read(market.stake.functions.stakeOf(me))
+    print(f"operator {me}")
+    print(f"stake: bonded {bonded}, unbonding {unbonding} (ready at {ready_at}), dispute locks {locks}")
+    print(f"escrow earnings (redeemed, not withdrawn): {market.read(market.escrow.functions.earningsOf(me))}")
+    try:
+        node = market.read(market.registry.functions.getNode(me))
+    except ChainError:
+        print("not registered")
+        return
+    _, paused, start, end, price, model_id, _, endpoints = node
+    name = market.read(market.models.functions.getModel(model_id))[3]
+    listed = market.read(market.registry.functions.isListed(me))
+    print(f"serving layers {start}:{end} of {name} at {price} per token on {', '.join(endpoints)}; "
+          f"{'listed' if listed else 'NOT listed'}{' (paused)' if paused else ''}")
+
+
+def cmd_earnings(args: argparse.Namespace) -> None:
+    from shardmarket.server.settlement import sync_paid_vectors
+    from shardmarket.server.tabs import TabStore
+
+    market = connect(args)
+    me = market.address
+    store = TabStore(tabs_path(load_config()), me)
+    sync_paid_vectors(market, store)
+    rows = store.all()
+    print(f"{'client':44} {'tab':>6} {'served':>14} {'promised':>14} {'redeemed':>14} {'pending':>14}")
+    for s in rows:
+        print(f"{s.client:44} {s.tab.seq:>6} {s.served:>14} {s.entry:>14} {s.redeemed:>14} {s.owed:>14}")
+    print(f"total pending {sum(s.owed for s in rows)}; redeemed, in the escrow: {market.read(market.escrow.functions.earningsOf(me))}")
+    _print_claims(store.claims())
+
+
+def _print_claims(claims: Iterable) -> None:
+    """One line per claim against a client that lowered this node's entry."""
+    for c in claims:
+        print(f"client {c.client} lowered this node's entry in tab {c.lowered_seq}; the claim on its tab {c.promised_seq} "
+              f"collected {c.amount}: tx {c.tx}")
+
+
+def cmd_redeem(args: argparse.Namespace) -> None:
+    from shardmarket.server.settlement import settle_pending
+    from shardmarket.server.tabs import TabStore
+
+    market = connect(args)
+    me = market.address
+    store = TabStore(tabs_path(load_config()), me)
+    claimed = set(store.claims())
+    for r in settle_pending(market, store):
+        print(f"settled {r.tabs} client tab(s), {r.paid} to this node: tx {r.tx} ({r.gas} gas)")
+    _print_claims(c for c in store.claims() if c not in claimed)
+    earnings = market.read(market.escrow.functions.earningsOf(me))
+    if earnings:
+        _tx(f"withdraw earnings {earnings} to {me}", market.transact(market.escrow.functions.withdrawEarnings(me), "withdrawing earnings"))
+    else:
+        print("no earnings to withdraw")
+
+
+def cmd_unbond(args: argparse.Namespace) -> None:
+    market = connect(args)
+    _tx(f"unbond {args.amount}", market.transact(market.stake.functions.unbond(args.amount), "unbonding"))
+
+
+def cmd_withdraw(args: argparse.Namespace) -> None:
+    market = connect(args)
+    _tx("withdraw stake", market.transact(market.stake.functions.withdraw(), "withdrawing stake"))
+
+
+def run_market_node(args: argparse.Namespace) -> int:
+    """`node run` from the chain: registration, shards by manifest CID, payments and settlement."""
+    return _run(_run_market_node)(args)
+
+
+def _run_market_node(args: argparse.Namespace) -> int:
+    import torch
+
+    from shardmarket.ipfs.model import ModelError, fetch_model
+    from shardmarket.chain.watch import BlockWatch
+    from shardmarket.cli.ipfs import local_store
+    from shardmarket.net.wire import DTYPES
+    from shardmarket.server.app import NodeSettings, load_service, serve
+    from shardmarket.server.payments import PaymentGate
+    from shardmarket.server.service import Fault
+    from shardmarket.server.settlement import Settler, settle_pending
+    from shardmarket.server.tabs import TabStore
+    from shardmarket.server.verifier import VerifierDuty
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = load_config()
+    identity = load_identity(read_password(args.password_file))
+    from eth_account import Account
+
+    market = Market.connect(config, Account.from_key(identity.operator_key))
+    me = identity.operator
+    _, paused, start, end, price, model_id, key, endpoints = market.read(
+        market.registry.functions.getNode(me), "reading this node's registration"
+    )
+    if bytes(key) != identity.x25519_public:
+        raise ChainError("the X25519 key on chain is not this node's key; run `shardmarket node update`")
+    _, layer_count, _, name, manifest = market.read(market.models.functions.getModel(model_id))
+    threads = args.threads if args.threads is not None else config.node.threads
+    if threads:
+        torch.set_num_threads(threads)  # the compute thread sets it too (NodeSettings.threads)
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        dest = config.node.data_dir / "shards" / f"{manifest}-{start}-{end}"
+        print(f"fetching layers {start}:{end} of {name} (manifest {manifest})", flush=True)
+        try:
+            checkpoint = fetch_model(manifest, (start, end), dest, config.ipfs.gateways, store=local_store(), progress=sys.stderr.isatty())
+        except (ModelError, OSError) as exc:
+            raise ChainError(f"cannot fetch the shards of {name}: {exc}") from None
+    url = urlparse(endpoints[0])
+    port = args.port if args.port is not None else (url.port or config.node.port)
+    settings = NodeSettings(
+        checkpoint=checkpoint, start=start, end=end, model_id=name, host=args.host or config.node.host, port=port,
+        tcp_port=args.tcp_port if args.tcp_port is not None else (config.node.tcp_port or port + 1), price=price,
+        dtype=DTYPES[args.dtype], fault=Fault(noise=args.cheat_noise, equivocate=args.test_fault == "equivocate"),
+        max_memory_mb=args.max_memory_mb, offload_folder=args.offload_folder, threads=threads or 0,
+    )
+    store = TabStore(tabs_path(config), me)
+    settler: Settler | None = None
+
+    async def spendable(client: str) -> int:
+        return await settler.spendable(client)
+
+    gate = PaymentGate(store, me, price, market.escrow_domain(), config.node.credit_limit or 64 * price, spendable)
+    settler = Settler(market, store, gate, interval_s=config.node.redeem_interval_s, min_value=config.node.redeem_min_value)
+    print(f"loading layers {start}:{end} of {name} ({'paused, not listed' if paused else 'listed'}), price {price}", flush=True)
+    service = load_service(settings, config, identity=identity, payments=gate)
+    duty = VerifierDuty(market, service.worker, local_store(), config.ipfs.gateways, config.node.dispute_tolerance,
+                        state_path=config.node.data_dir / "verifier.json")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        watch = BlockWatch(config.chain.rpc_url, steps_served=lambda: service.steps_served)
+        tasks = [loop.create_task(settler.run(watch)), loop.create_task(duty.run(watch))]
+        try:
+            await serve(service, settings)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await watch.close()
+            try:
+                await asyncio.to_thread(settle_pending, market, store, gate)
+            except ChainError as exc:
+                print(f"could not settle at shutdown ({exc}); run `shardmarket node redeem` later", flush=True)
+
+    asyncio.run(main())
+    return 0

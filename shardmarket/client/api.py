@@ -1,0 +1,224 @@
+"""OpenAI-compatible HTTP API over the remote pipeline: /v1/models, /v1/chat/completions, /v1/completions; and,
+without a key, the client's block store as a trustless gateway at /ipfs/ (verifiers fetch dispute evidence there)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.ipfs.gateway import gateway_routes
+from shardmarket.client.generation import Completion, RemoteModel
+from shardmarket.client.routing import RouteError
+from shardmarket.client.text import TextStream
+from shardmarket.engine.errors import EngineError
+from shardmarket.engine.sampling import SamplingParams
+
+log = logging.getLogger("shardmarket.api")
+MAX_TOKENS_LIMIT = 4096
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's JSON shape."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code = status, kind, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def _number(body: dict, name: str, default, kind, low, high):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ApiError(400, f"'{name}' must be a {kind.__name__}", param=name)
+    if not low <= value <= high:
+        raise ApiError(400, f"'{name}' must be between {low} and {high}, got {value}", param=name)
+    return kind(value)
+
+
+def _sampling(body: dict, default_max_tokens: int) -> tuple[SamplingParams, bool, bool]:
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens, int, 1, MAX_TOKENS_LIMIT)
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ApiError(400, "'seed' must be an integer", param="seed")
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0),
+        seed=seed,
+        stop=stop,
+    )
+    options = body.get("stream_options") or {}
+    return params, bool(body.get("stream", False)), bool(isinstance(options, dict) and options.get("include_usage"))
+
+
+def _usage(completion: Completion) -> dict:
+    n = len(completion.tokens)
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": n, "total_tokens": completion.prompt_tokens + n,
+            "cost": completion.cost}
+
+
+def build_api(model: RemoteModel, api_key: str, default_max_tokens: int = 256, store: Blockstore | None = None) -> web.Application:
+    """The aiohttp app serving `model` to callers holding `api_key`."""
+    routes = web.RouteTableDef()
+
+    @web.middleware
+    async def errors_and_auth(request: web.Request, handler):
+        if store is not None and request.path.startswith("/ipfs/"):  # public, content-addressed: no key
+            return await handler(request)
+        try:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+            return await handler(request)
+        except ApiError as exc:
+            return web.json_response(exc.body(), status=exc.status)
+        except web.HTTPException as exc:
+            return web.json_response(ApiError(exc.status, exc.reason).body(), status=exc.status)
+        except RouteError as exc:
+            return web.json_response(ApiError(503, str(exc), "server_error", code="no_route").body(), status=503)
+        except EngineError as exc:
+            return web.json_response(ApiError(400, str(exc)).body(), status=400)
+        except Exception as exc:  # answer in OpenAI's shape, and keep serving
+            log.exception("request failed")
+            return web.json_response(ApiError(500, f"internal error: {exc}", "server_error").body(), status=500)
+
+    async def read_body(request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the request body must be JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        if body.get("model") not in (None, model.model_id):
+            raise ApiError(404, f"The model '{body.get('model')}' does not exist; this endpoint serves '{model.model_id}'.", param="model", code="model_not_found")
+        return body
+
+    @routes.get("/v1/models")
+    async def models(request: web.Request) -> web.Response:
+        entry = {"id": model.model_id, "object": "model", "created": 0, "owned_by": "shardmarket"}
+        return web.json_response({"object": "list", "data": [entry]})
+
+    @routes.post("/v1/chat/completions")
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await read_body(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects with text content", param="messages")
+        params, stream, include_usage = _sampling(body, default_max_tokens)
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        req = _Request(model.chat_ids(messages), params, stream, include_usage)
+        return await _respond(request, req, chat=True)
+
+    @routes.post("/v1/completions")
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await read_body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+        params, stream, include_usage = _sampling(body, default_max_tokens)
+        return await _respond(request, _Request(model.prompt_ids(prompt), params, stream, include_usage), chat=False)
+
+    async def _respond(request: web.Request, req: _Request, chat: bool) -> web.StreamResponse:
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        completion = Completion(prompt_tokens=len(req.prompt_ids))
+        text = TextStream(model.head.tokenizer)
+        tokens = model.stream(req.prompt_ids, req.params, completion)
+
+        def finish_reason() -> str:
+            return "length" if len(completion.tokens) >= req.params.max_tokens else "stop"
+
+        def chunk(delta: str | None, reason: str | None, role: bool = False) -> dict:
+            if chat:
+                content = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
+                choice = {"index": 0, "delta": content, "finish_reason": reason, "logprobs": None}
+                return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model.model_id, "choices": [choice]}
+            choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
+            return {"id": ident, "object": "text_completion", "created": created, "model": model.model_id, "choices": [choice]}
+
+        if not req.stream:
+            parts = []
+            async for token in tokens:
+                parts.append(text.push(token))
+            parts.append(text.finish())
+            content = "".join(parts)
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason(), "logprobs": None}
+                body = {"id": ident, "object": "chat.completion", "created": created, "model": model.model_id, "choices": [choice]}
+            else:
+                choice = {"index": 0, "text": content, "finish_reason": finish_reason(), "logprobs": None}
+                body = {"id": ident, "object": "text_completion", "created": created, "model": model.model_id, "choices": [choice]}
+            body["usage"] = _usage(completion)
+            return web.json_response(body)
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+
+        async def send(data: dict | str) -> None:
+            await response.write(f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode())
+
+        try:
+            if chat:
+                await send(chunk(None, None, role=True))
+            async for token in tokens:
+                delta = text.push(token)
+                if delta:
+                    await send(chunk(delta, None))
+            tail = text.finish()
+            if tail:
+                await send(chunk(tail, None))
+            await send(chunk(None, finish_reason()))
+            if req.include_usage:
+                await send({**chunk(None, None), "choices": [], "usage": _usage(completion)})
+        except RouteError as exc:
+            log.warning("generation %s failed: %s", ident, exc)
+            await send(ApiError(503, str(exc), "server_error", code="no_route").body())
+        except ConnectionResetError:
+            log.info("caller of %s hung up; stopping its generation", ident)
+            return response
+        finally:
+            await tokens.aclose()
+        await send("[DONE]")
+        await response.write_eof()
+        return response
+
+    async def close_connections(_app: web.Application) -> None:
+        await model.aclose()
+
+    app = web.Application(middlewares=[errors_and_auth])
+    app.add_routes(routes)
+    app.on_cleanup.append(close_connections)  # the connections kept to the nodes
+    if store is not None:  # the client's block store, where verifiers fetch its dispute evidence
+        app.add_routes(gateway_routes(store))
+    return app

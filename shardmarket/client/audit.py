@@ -1,0 +1,202 @@
+"""The client's checks on nodes: two different signed answers for one (request, step) are submitted as
+equivocation; a fraction of requests has one hop re-run on another node of the same range, and a mismatch
+beyond a floating-point tolerance (settled by a local re-run when the client holds those layers) opens a
+dispute with the evidence on IPFS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from web3.logs import DISCARD
+
+from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.chain.contracts import ChainError, Market
+from shardmarket.chain.evidence import Evidence, publish, relative_difference
+from shardmarket.client.routing import NodeInfo
+from shardmarket.client.session import InferenceSession, NodeFailure
+from shardmarket.net import wire
+from shardmarket.net.commitment import SignedCommitment
+
+log = logging.getLogger("shardmarket.audit")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What the auditor submitted on chain."""
+
+    kind: str  # "equivocation" or "challenge"
+    node: str
+    tx: str
+    dispute_id: int | None = None
+
+
+@dataclass
+class _HopRecord:
+    node: NodeInfo
+    positions: list[int]
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    commitments: dict[int, SignedCommitment]
+
+
+class Auditor:
+    """Watches every commitment and spot-checks finished requests of one RemoteModel."""
+
+    def __init__(self, model, market: Market, store: Blockstore, *, rate: float, tolerance: float,
+                 checkpoint: Path | None = None, seed: int | None = None, evidence_gateways: list[str] = ()) -> None:
+        self.model, self.market, self.store = model, market, store
+        self.evidence_gateways = list(evidence_gateways)  # named in every dispute, for verifiers elsewhere
+        self.rate, self.tolerance, self.checkpoint = rate, tolerance, checkpoint
+        self.rng = random.Random(seed)
+        self.findings: list[Finding] = []
+        self.checks = 0
+        self._seen: dict[tuple[str, bytes, int], SignedCommitment] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._stages: dict[tuple[int, int], object] = {}
+        self._local = threading.Lock()  # one local re-run at a time (model loading patches torch globally)
+
+    def on_commitment(self, node: NodeInfo, signed: SignedCommitment, tokens: int) -> None:
+        c = signed.commitment
+        key = (node.operator.lower(), c.request_id, c.step)
+        earlier = self._seen.setdefault(key, signed)
+        if earlier.commitment.input_hash == c.input_hash and earlier.commitment.output_hash != c.output_hash:
+            self._spawn(self._submit_equivocation(node, earlier, signed))
+
+    def on_finished(self, session: InferenceSession) -> None:
+        for key in [k for k in self._seen if k[1] in session.request_ids]:
+            del self._seen[key]
+        by_url: dict[str, dict[int, SignedCommitment]] = {}
+        for url, signed in session.commitments:
+            by_url.setdefault(url, {})[signed.commitment.step] = signed
+        for hop in session.hops:  # each hop is checked with probability `rate`
+            if hop.inputs and self.rng.random() < self.rate:
+                record = _HopRecord(hop.node, [p for p, _ in hop.inputs], [h for _, h in hop.inputs], list(hop.outputs),
+                                    by_url.get(hop.node.url, {}))
+                self._spawn(self._spot_check(record, session.max_length))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait(self) -> None:
+        """Wait for the checks and submissions in flight."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _submit_equivocation(self, node: NodeInfo, a: SignedCommitment, b: SignedCommitment) -> None:
+        disputes = self.market.disputes.functions
+        call = disputes.slashEquivocation(_tuple(a), a.signature, _tuple(b), b.signature)
+        try:
+            receipt = await asyncio.to_thread(self.market.transact, call, f"reporting equivocation by {node.operator}")
+        except ChainError as exc:
+            log.warning("could not report the equivocation of %s: %s", node.url, exc)
+            return
+        log.warning("node %s signed two answers for one step; slashed in tx %s", node.url, receipt["transactionHash"].hex())
+        self.findings.append(Finding("equivocation", node.operator, receipt["transactionHash"].hex()))
+
+    async def _rerun_remote(self, other: NodeInfo, record: _HopRecord, max_length: int) -> tuple[list[torch.Tensor], dict[int, SignedCommitment]]:
+        checker = InferenceSession([other], self.model.head.num_layers, self.model.domain, max_length=max_length,
+                                   transport=self.model.transport, step_timeout_s=self.model.step_timeout_s,
+                                   tab_source=self.model.tab_source, on_commitment=self.model.payer.answered)
+        try:
+            hops = await checker._open_hops([other])
+            outputs = await checker._replay_hop(hops[0], list(zip(record.positions, record.inputs)))
+        finally:
+            await checker.close()
+        return [o for _, o in outputs], {s.commitment.step: s for url, s in checker.commitments}
+
+    def _rerun_local(self, record: _HopRecord) -> list[torch.Tensor] | None:
+        if self.checkpoint is None:
+            return None
+        with self._local:
+            return self._rerun_local_locked(record)
+
+    def _rerun_local_locked(self, record: _HopRecord) -> list[torch.Tensor] | None:
+        from shardmarket.engine.stage import Stage
+
+        key = (record.node.start, record.node.end)
+        try:
+            stage = self._stages.get(key) or Stage.load(self.checkpoint, *key)
+        except (OSError, ValueError, KeyError) as exc:
+            log.info("cannot re-run layers %d:%d locally (%s)", *key, exc)
+            return None
+        self._stages[key] = stage
+        stage.open_session("spot-check", max(record.positions[-1] + record.inputs[-1].shape[1], 1))
+        try:
+            with torch.inference_mode():
+                return [stage.step("spot-check", x, torch.arange(p, p + x.shape[1]).unsqueeze(0)) for p, x in zip(record.positions, record.inputs)]
+        finally:
+            stage.close_session("spot-check")
+
+    def _first_mismatch(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> int | None:
+        for step, (x, y) in enumerate(zip(a, b)):
+            if relative_difference(x, y) > self.tolerance:
+                return step
+        return None
+
+    async def _spot_check(self, record: _HopRecord, max_length: int) -> None:
+        self.checks += 1
+        node = record.node
+        others = [n for n in self.model.nodes if (n.start, n.end) == (node.start, node.end) and n.url != node.url and n.url not in self.model.failed.current()]
+        if others:
+            other = self.rng.choice(others)
+            try:
+                outputs, commitments = await self._rerun_remote(other, record, max_length)
+            except (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                log.info("spot check on %s failed to run (%s)", other.url, exc)
+                return
+            step = self._first_mismatch(record.outputs, outputs)
+            if step is None:
+                return
+            suspects = [(node, record.outputs, record.commitments, step), (other, outputs, commitments, step)]
+            local = await asyncio.to_thread(self._rerun_local, record)
+            if local is not None:  # the local re-run says which of the two is wrong
+                suspects = [(n, o, c, self._first_mismatch(o, local)) for n, o, c, _ in suspects]
+                suspects = [s for s in suspects if s[3] is not None]
+            log.warning("spot check: %s and %s disagree on layers %d:%d at step %d", node.url, other.url, node.start, node.end, step)
+        else:
+            local = await asyncio.to_thread(self._rerun_local, record)
+            step = None if local is None else self._first_mismatch(record.outputs, local)
+            if step is None:
+                return
+            suspects = [(node, record.outputs, record.commitments, step)]
+            log.warning("spot check: %s disagrees with the local re-run of layers %d:%d", node.url, node.start, node.end)
+        for culprit, outputs, commitments, step in suspects:
+            await self._challenge(culprit, record, outputs, commitments, step)
+
+    async def _challenge(self, node: NodeInfo, record: _HopRecord, outputs: list[torch.Tensor],
+                         commitments: dict[int, SignedCommitment], step: int) -> None:
+        """Open a dispute on `node`'s commitment at `step`, with its inputs and answers up to there as evidence."""
+        if any(i not in commitments for i in range(step + 1)):
+            log.warning("cannot challenge %s: its commitments for steps 0..%d are missing", node.url, step)
+            return
+        dtype = wire.DTYPES[node.dtype]
+        evidence = Evidence(self.model.model_id, node.start, node.end, record.positions[: step + 1],
+                            [x.to(dtype).contiguous() for x in record.inputs[: step + 1]],
+                            [commitments[i] for i in range(step + 1)], outputs[step].to(dtype).contiguous())
+        reference_cid = await asyncio.to_thread(publish, evidence, self.store, self.evidence_gateways)
+        disputes = self.market.disputes
+        bond = self.market.read(disputes.functions.challengeBond())
+        try:
+            await asyncio.to_thread(self.market.transact, self.market.token.functions.approve(disputes.address, bond), "approving the challenge bond")
+            call = disputes.functions.challenge(node.operator, _tuple(evidence.challenged), evidence.challenged.signature, reference_cid)
+            receipt = await asyncio.to_thread(self.market.transact, call, f"challenging {node.operator}")
+        except ChainError as exc:
+            log.warning("could not open a dispute against %s: %s", node.url, exc)
+            return
+        opened = disputes.events.DisputeOpened().process_receipt(receipt, errors=DISCARD)
+        dispute_id = opened[0]["args"]["disputeId"] if opened else None
+        log.warning("opened dispute %s against %s (evidence %s)", dispute_id, node.url, reference_cid)
+        self.findings.append(Finding("challenge", node.operator, receipt["transactionHash"].hex(), dispute_id))
+
+
+def _tuple(signed: SignedCommitment) -> tuple:
+    c = signed.commitment
+    return (c.request_id, c.step, c.input_hash, c.output_hash)

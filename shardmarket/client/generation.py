@@ -1,0 +1,168 @@
+"""The client's model: embeddings and LM head run locally (Head), every decoder layer on the remote route."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shardmarket.chain.eip712 import Domain
+from shardmarket.client.failures import RecentFailures
+from shardmarket.client.routing import NodeInfo, RouteError, discover, plan_route
+from shardmarket.client.session import CommitmentSink, HopTiming, InferenceSession, Presign, TabSource
+from shardmarket.engine.head import Head
+from shardmarket.engine.sampling import CONFIRM, LAYERS, SamplingParams, generate, generation_steps
+from shardmarket.net.channel import ChannelPool
+from shardmarket.server.worker import PASSIVE_OPENMP
+
+_DONE = object()
+
+
+class GenerationCancelled(Exception):
+    """The caller stopped reading; the generation thread stops at its next step."""
+
+
+@dataclass
+class Completion:
+    """What one generation produced, for usage and finish reasons."""
+
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    failovers: int = 0
+    cost: int = 0  # token units promised to the nodes for this request
+    hop_timings: list[HopTiming] = field(default_factory=list)
+
+
+class RemoteModel:
+    """Generates with a local Head and a remote pipeline chosen by routing over the known nodes."""
+
+    def __init__(self, head: Head, model_id: str, nodes: list[NodeInfo], domain: Domain, *, transport: str = "tcp",
+                 step_timeout_s: float = 60.0, tab_source: TabSource | None = None,
+                 on_commitment: CommitmentSink | None = None, on_finished: Callable[[InferenceSession], None] | None = None,
+                 presign: Presign | None = None) -> None:
+        self.head, self.model_id, self.nodes, self.domain = head, model_id, nodes, domain
+        self.transport, self.step_timeout_s, self.tab_source, self.presign = transport, step_timeout_s, tab_source, presign
+        self.on_commitment, self.on_finished = on_commitment, on_finished
+        self.request_costs: dict[bytes, int] | None = None  # filled per request by a payer, when there is one
+        self.failed = RecentFailures()
+        self.channels = ChannelPool()  # connections to the nodes kept between requests
+        self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="generate")
+        self._streams = 0  # streams generating now
+
+    @classmethod
+    async def connect(cls, checkpoint: Path, urls: list[str], domain: Domain, *, model_id: str | None = None, **kwargs) -> RemoteModel:
+        """Load the Head, measure the nodes, and check that some route covers every layer."""
+        head = await in_passing_thread(Head.load, checkpoint)
+        model_id = model_id or checkpoint.name
+        nodes = await discover(urls, model_id)
+        mismatched = [n.url for n in nodes if n.num_layers != head.num_layers]
+        if mismatched:
+            raise RouteError(f"nodes {mismatched} serve a model with a different layer count than {checkpoint}")
+        model = cls(head, model_id, nodes, domain, **kwargs)
+        plan_route(nodes, 0, head.num_layers, head.config.hidden_size * 4)
+        return model
+
+    async def aclose(self) -> None:
+        """Close the connections kept to the nodes."""
+        await self.channels.close()
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of a plain completion prompt."""
+        return self.head.tokenizer.encode(prompt)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a chat, rendered with the model's chat template."""
+        text = self.head.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.head.tokenizer.encode(text, add_special_tokens=False)
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, completion: Completion) -> AsyncIterator[int]:
+        """Yield generated token ids as they come; the pipeline session is closed at the end."""
+        session = InferenceSession(
+            self.nodes, self.head.num_layers, self.domain, max_length=len(prompt_ids) + params.max_tokens,
+            transport=self.transport, step_timeout_s=self.step_timeout_s, tab_source=self.tab_source, failed=self.failed,
+            on_commitment=self.on_commitment, presign=self.presign, pool=self.channels,
+        )
+        here = PASSIVE_OPENMP and not self._streams  # a lone stream: its head runs on the event loop's thread
+        self._streams += 1
+        try:
+            generating = self._generate_here if here else self._generate_in_thread
+            async with aclosing(generating(session, prompt_ids, params)) as tokens:
+                async for token in tokens:
+                    completion.tokens.append(token)
+                    yield token
+        finally:
+            self._streams -= 1
+            completion.failovers = session.failovers
+            if self.request_costs is not None:
+                completion.cost = sum(self.request_costs.pop(request_id, 0) for request_id in session.request_ids)
+            if self.on_finished is not None:
+                self.on_finished(session)
+            completion.hop_timings = session.timings
+            await session.close()
+
+    async def _generate_here(self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        """Generate on the event loop's thread: no hand-off to a generating thread and back per token (two thread
+        wake-ups). The head then holds the loop for a few ms per token, which is fine while no other stream runs;
+        OpenMP does not mind a second team with OMP_WAIT_POLICY=PASSIVE (see shardmarket/server/worker.py)."""
+        steps = generation_steps(self.head, prompt_ids, params, confirming=True)
+        answer = None
+        while True:
+            try:
+                kind, value = steps.send(answer)
+            except StopIteration:
+                return
+            if kind == LAYERS:
+                answer = await session.start_layers(*value)
+            elif kind == CONFIRM:  # the last hop's commitment is checked now (the head held the loop); a check
+                answer = await session.confirm(value)  # already done is awaited without a turn of the loop
+            else:
+                answer = None
+                yield value
+
+    async def _generate_in_thread(self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        """Generate on a thread of its own, so that concurrent streams' heads run side by side and never hold the loop."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def run_layers(hidden, positions):
+            if cancelled.is_set():
+                raise GenerationCancelled()
+            return asyncio.run_coroutine_threadsafe(session.start_layers(hidden, positions), loop).result()
+
+        def confirm(hidden):  # the last hop's commitment was checked while the head picked the token
+            if session.confirmed():
+                return hidden
+            return asyncio.run_coroutine_threadsafe(session.confirm(hidden), loop).result()
+
+        def produce() -> None:
+            try:
+                for token in generate(self.head, run_layers, prompt_ids, params, confirm=confirm):
+                    loop.call_soon_threadsafe(queue.put_nowait, token)
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        worker = loop.run_in_executor(self._threads, produce)
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+            await asyncio.shield(worker)
+
+
+async def in_passing_thread(fn, *args):
+    """Run `fn` in a thread that ends afterwards: its OpenMP team goes with it, so that only the threads that generate
+    hold one (see shardmarket/server/worker.py)."""
+    executor = ThreadPoolExecutor(max_workers=1)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    finally:
+        executor.shutdown(wait=True)

@@ -1,0 +1,80 @@
+"""The paid client: nodes found on the NodeRegistry (ranges, prices, endpoints, keys pinned from the chain),
+and a RemoteModel that pays every step of every hop with the client's signed tab."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from shardmarket.chain.contracts import ChainError, Market
+from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.client.audit import Auditor
+from shardmarket.client.generation import RemoteModel, in_passing_thread
+from shardmarket.client.payer import Payer
+from shardmarket.client.routing import NodeInfo, RouteError, discover, plan_route
+from shardmarket.config import Config
+from shardmarket.engine.head import Head
+
+log = logging.getLogger("shardmarket.client")
+
+
+def registered_nodes(market: Market, model_name: str) -> list[dict]:
+    """Every listed node of `model_name`: operator, endpoint, layers, price, X25519 key."""
+    model_id = market.model_id(model_name)
+    if market.read(market.models.functions.layerCountOf(model_id)) == 0:
+        raise ChainError(f"unknown model {model_name!r} on the ModelRegistry")
+    count = market.read(market.registry.functions.modelNodeCount(model_id))
+    nodes = []
+    for offset in range(0, count, 100):
+        for operator in market.read(market.registry.functions.modelNodes(model_id, offset, 100)):
+            if not market.read(market.registry.functions.isListed(operator)):
+                continue
+            _, _, start, end, price, _, key, endpoints = market.read(market.registry.functions.getNode(operator))
+            nodes.append({"operator": operator, "url": endpoints[0].rstrip("/"), "start": start, "end": end, "price": price, "key": bytes(key)})
+    return nodes
+
+
+async def chain_nodes(market: Market, model_name: str) -> list[NodeInfo]:
+    """Measure the registered nodes; a node whose /info disagrees with the chain (key, operator, range) is skipped."""
+    registered = await asyncio.to_thread(registered_nodes, market, model_name)
+    measured = {n.url: n for n in await discover([r["url"] for r in registered], model_name)}
+    nodes = []
+    for entry in registered:
+        node = measured.get(entry["url"])
+        if node is None:
+            continue
+        if node.x25519_public_key != entry["key"] or node.operator.lower() != entry["operator"].lower():
+            log.warning("node %s presents another key or operator than it registered on chain; skipping it", node.url)
+            continue
+        if (node.start, node.end) != (entry["start"], entry["end"]):
+            log.warning("node %s serves layers %d:%d, not the registered %d:%d; skipping it", node.url, node.start, node.end, entry["start"], entry["end"])
+            continue
+        node.price = entry["price"]
+        nodes.append(node)
+    return nodes
+
+
+async def connect_paid(checkpoint: Path, config: Config, account, model_name: str, **kwargs) -> RemoteModel:
+    """A RemoteModel over the chain's nodes of `model_name`, paying with `account`'s escrow deposit."""
+    market = await asyncio.to_thread(Market.connect, config, account)
+    head = await in_passing_thread(Head.load, checkpoint)
+    nodes = await chain_nodes(market, model_name)
+    payer = Payer(account, market.escrow_domain(), config.home / "client" / "ledger.sqlite")
+    model = RemoteModel(head, model_name, nodes, market.dispute_domain(), tab_source=payer.tab, presign=payer.presign, **kwargs)
+    auditor = Auditor(model, market, Blockstore(config.ipfs.store), rate=config.client.spot_check_rate,
+                      tolerance=config.client.spot_check_tolerance, checkpoint=checkpoint,
+                      evidence_gateways=config.client.evidence_gateways)
+
+    def on_commitment(node: NodeInfo, signed, tokens: int) -> None:
+        payer.answered(node, signed, tokens)
+        auditor.on_commitment(node, signed, tokens)
+
+    model.on_commitment, model.on_finished = on_commitment, auditor.on_finished
+    model.request_costs = payer.request_costs
+    model.payer, model.market, model.auditor = payer, market, auditor
+    plan_route(nodes, 0, head.num_layers, head.config.hidden_size * 4)
+    spendable = await asyncio.to_thread(market.read, market.escrow.functions.spendableOf(account.address))
+    if spendable == 0:
+        raise RouteError(f"client {account.address} has nothing to spend in the escrow; run `shardmarket client deposit AMOUNT`")
+    return model

@@ -1,0 +1,47 @@
+"""The stage's attention: transformers' SDPA per session over its own KV cache, with explicit causal masks.
+
+Registered in transformers' AttentionInterface as `shardmarket`; the decoder layers call it with the
+per-session key/value lists that StepCache.update returns.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from shardmarket.engine.architecture import ATTENTION
+
+
+def causal_mask(start: int, steps: int, length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask [1, 1, steps, length] for queries at positions start..start+steps-1; None when plain causal works."""
+    if start == 0 and steps == length and (window is None or window >= length):
+        return None  # SDPA's is_causal is exact here
+    query = torch.arange(start, start + steps, device=device)[:, None]
+    key = torch.arange(length, device=device)[None, :]
+    allowed = key <= query
+    if window is not None:
+        allowed &= key > query - window
+    return allowed[None, None]
+
+
+def stage_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
+    """Attention for a batch whose rows are different sessions; `key`/`value` are lists of per-row caches."""
+    if isinstance(key, torch.Tensor):  # a plain forward without StepCache
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    steps = query.shape[2]
+    outputs = []
+    for row, (k, v) in enumerate(zip(key, value)):
+        length = k.shape[2]
+        start = length - steps
+        if steps == 1 and sliding_window is not None and length > sliding_window:
+            k, v = k[:, :, length - sliding_window :], v[:, :, length - sliding_window :]
+            mask = None
+        else:
+            mask = causal_mask(start, steps, length, sliding_window, query.device)
+        out, _ = sdpa_attention_forward(module, query[row : row + 1], k, v, mask, dropout, scaling, **kwargs)
+        outputs.append(out)
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), None
+
+
+AttentionInterface.register(ATTENTION, stage_attention)

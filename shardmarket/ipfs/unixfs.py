@@ -1,0 +1,317 @@
+"""UnixFS importer and exporter producing exactly the DAGs and CIDs of Kubo's `ipfs add`.
+
+Files: fixed-size chunker, balanced layout (174 links per node), dag-pb leaves for CIDv0 and raw
+leaves for CIDv1 (or with `raw_leaves`). Directories: dag-pb nodes with links sorted by name.
+Streaming: at most one chunk and 174 links per tree level are held in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, Protocol, Sequence
+
+from shardmarket.ipfs import pb
+from shardmarket.ipfs.cids import DAG_PB, RAW, sha256_cid, split, to_str
+
+DEFAULT_CHUNK_SIZE = 262144
+MAX_CHUNK_SIZE = 1048576  # Kubo refuses larger chunks: blocks over 1 MiB do not travel over bitswap
+MAX_LINKS = 174
+HAMT_THRESHOLD = 262144  # Kubo shards a directory whose links (name + CID bytes) exceed this
+
+
+class AddError(ValueError):
+    """Input that cannot be imported as Kubo would (bad option, unsupported entry); nothing is added."""
+
+
+class ExportError(ValueError):
+    """A DAG that cannot be turned back into files (not UnixFS, inconsistent sizes, unsafe names)."""
+
+
+class BlockSink(Protocol):
+    def put(self, cid: bytes, parts: Sequence[bytes | memoryview]) -> None: ...
+
+
+class BlockSource(Protocol):
+    def get(self, cid: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """Kubo's `ipfs add` options: `--cid-version`, `--raw-leaves`, `--chunker size-N`."""
+
+    cid_version: int = 0
+    raw_leaves: bool | None = None  # None: Kubo's default, on exactly when cid_version is 1
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    max_links: int = MAX_LINKS
+
+    def __post_init__(self) -> None:
+        if self.cid_version not in (0, 1):
+            raise AddError(f"cid version {self.cid_version} does not exist; use 0 or 1")
+        if not 1 <= self.chunk_size <= MAX_CHUNK_SIZE:
+            raise AddError(f"chunk size {self.chunk_size} is outside 1..{MAX_CHUNK_SIZE} bytes")
+        if self.max_links < 2:
+            raise AddError("a balanced layout needs at least 2 links per node")
+
+    @property
+    def leaves_are_raw(self) -> bool:
+        return self.cid_version == 1 if self.raw_leaves is None else self.raw_leaves
+
+    @classmethod
+    def from_chunker(cls, chunker: str, **kwargs) -> "ImportOptions":
+        """Options from a Kubo chunker string; only `size-N` (fixed size) is supported."""
+        if not chunker.startswith("size-") or not chunker[5:].isdigit():
+            raise AddError(f"chunker {chunker!r} is not supported; use size-N, e.g. size-262144")
+        return cls(chunk_size=int(chunker[5:]), **kwargs)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One imported file or directory: its binary CID, content bytes and cumulative DAG size (Tsize)."""
+
+    cid: bytes
+    size: int
+    tsize: int
+
+    @property
+    def cid_str(self) -> str:
+        return to_str(self.cid)
+
+
+class _Discard:
+    def put(self, cid: bytes, parts: Sequence[bytes | memoryview]) -> None:
+        pass
+
+
+def _dag_pb_block(options: ImportOptions, links: list[pb.Link], data: bytes, sink: BlockSink) -> tuple[bytes, int]:
+    block = pb.encode_node(links, data)
+    cid = sha256_cid(options.cid_version, DAG_PB, hashlib.sha256(block).digest())
+    sink.put(cid, (block,))
+    return cid, len(block) + sum(link.tsize for link in links)
+
+
+class FileBuilder:
+    """Builds the balanced DAG of one file from chunks fed in order; `finish` returns the root."""
+
+    def __init__(self, options: ImportOptions, sink: BlockSink | None = None) -> None:
+        self.options = options
+        self.sink = _Discard() if sink is None else sink
+        self.levels: list[list[Entry]] = [[]]
+        self.size = 0
+
+    def add_chunk(self, chunk: bytes | memoryview) -> None:
+        """Hash (and store) one leaf; `chunk` may be reused by the caller afterwards."""
+        n = len(chunk)
+        if self.options.leaves_are_raw:
+            cid = sha256_cid(1, RAW, hashlib.sha256(chunk).digest())
+            self.sink.put(cid, (chunk,))
+            leaf = Entry(cid, n, n)
+        else:
+            head, tail = pb.leaf_parts(n)
+            h = hashlib.sha256(head)
+            h.update(chunk)
+            h.update(tail)
+            cid = sha256_cid(self.options.cid_version, DAG_PB, h.digest())
+            self.sink.put(cid, (head, chunk, tail))
+            leaf = Entry(cid, n, len(head) + n + len(tail))
+        self.size += n
+        self._push(0, leaf)
+
+    def _push(self, level: int, entry: Entry) -> None:
+        if level == len(self.levels):
+            self.levels.append([])
+        self.levels[level].append(entry)
+        if len(self.levels[level]) == self.options.max_links:
+            self._push(level + 1, self._node(self.levels[level]))
+            self.levels[level] = []
+
+    def _node(self, children: list[Entry]) -> Entry:
+        links = [pb.Link(c.cid, "", c.tsize) for c in children]
+        filesize = sum(c.size for c in children)
+        data = pb.encode_unixfs(pb.FILE, None, filesize, [c.size for c in children])
+        cid, tsize = _dag_pb_block(self.options, links, data, self.sink)
+        return Entry(cid, filesize, tsize)
+
+    def finish(self) -> Entry:
+        """Close every partial level from the bottom up; a lone entry at the top is the root."""
+        if self.size == 0 and not any(self.levels):
+            return self._empty()
+        level = 0
+        while True:
+            pending = self.levels[level]
+            if len(pending) == 1 and not any(self.levels[level + 1 :]):
+                return pending[0]
+            if pending:
+                self.levels[level] = []
+                self._push(level + 1, self._node(pending))
+            level += 1
+
+    def _empty(self) -> Entry:
+        if self.options.leaves_are_raw:
+            cid = sha256_cid(1, RAW, hashlib.sha256(b"").digest())
+            self.sink.put(cid, (b"",))
+            return Entry(cid, 0, 0)
+        cid, tsize = _dag_pb_block(self.options, [], pb.encode_unixfs(pb.FILE, None, 0), self.sink)
+        return Entry(cid, 0, tsize)
+
+
+def import_stream(stream: BinaryIO, options: ImportOptions = ImportOptions(), sink: BlockSink | None = None,
+                  progress: Callable[[int], None] | None = None) -> Entry:
+    """Import one file from a binary stream, reading one chunk at a time into a reused buffer."""
+    builder = FileBuilder(options, sink)
+    buf = bytearray(options.chunk_size)
+    view = memoryview(buf)
+    while True:
+        filled = 0
+        while filled < len(buf):
+            got = stream.readinto(view[filled:])
+            if not got:
+                break
+            filled += got
+        if filled:
+            builder.add_chunk(view[:filled])
+            if progress:
+                progress(filled)
+        if filled < len(buf):
+            return builder.finish()
+
+
+def import_bytes(data: bytes, options: ImportOptions = ImportOptions(), sink: BlockSink | None = None) -> Entry:
+    """Import an in-memory file (small data, tests)."""
+    builder = FileBuilder(options, sink)
+    view = memoryview(data)
+    for start in range(0, len(data), options.chunk_size):
+        builder.add_chunk(view[start : start + options.chunk_size])
+    return builder.finish()
+
+
+def directory_node(options: ImportOptions, children: dict[str, Entry], sink: BlockSink | None = None) -> Entry:
+    """A basic UnixFS directory: links sorted by name bytes, Data = {Type: Directory}."""
+    names = sorted(children, key=lambda name: name.encode())
+    estimate = sum(len(name.encode()) + len(children[name].cid) for name in names)
+    if estimate > HAMT_THRESHOLD:
+        raise AddError(f"a directory with {len(names)} entries would be HAMT-sharded by Kubo, which is not "
+                           "supported; split it into smaller directories")
+    links = [pb.Link(children[name].cid, name, children[name].tsize) for name in names]
+    cid, tsize = _dag_pb_block(options, links, pb.encode_unixfs(pb.DIRECTORY), _Discard() if sink is None else sink)
+    return Entry(cid, sum(children[name].size for name in names), tsize)
+
+
+def import_path(path: Path, options: ImportOptions = ImportOptions(), sink: BlockSink | None = None, *,
+                recursive: bool = False, hidden: bool = False,
+                on_added: Callable[[str, Entry], None] | None = None,
+                progress: Callable[[int], None] | None = None) -> Entry:
+    """Import a file or (with `recursive`) a directory tree.
+
+    `on_added(name, entry)` reports in Kubo's order: each file as it is added, then every directory post-order.
+    """
+    directories: list[tuple[str, Entry]] = []
+    entry = _import(Path(path), options, sink, recursive, hidden, on_added, progress, directories)
+    for name, directory in directories:
+        if on_added:
+            on_added(name, directory)
+    return entry
+
+
+def _import(path: Path, options: ImportOptions, sink: BlockSink | None, recursive: bool, hidden: bool,
+            on_added: Callable[[str, Entry], None] | None, progress: Callable[[int], None] | None,
+            directories: list[tuple[str, Entry]], prefix: str = "") -> Entry:
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        raise AddError(f"{path} is a symbolic link; symlinks are not supported, add its target instead")
+    name = prefix + (path.name or str(path))
+    if stat.S_ISDIR(mode):
+        if not recursive:
+            raise AddError(f"{path} is a directory; use -r to add it recursively")
+        children: dict[str, Entry] = {}
+        for child in sorted(os.listdir(path)):
+            if child.startswith(".") and not hidden:
+                continue
+            children[child] = _import(path / child, options, sink, recursive, hidden, on_added, progress,
+                                      directories, f"{name}/")
+        entry = directory_node(options, children, sink)
+        directories.append((name, entry))
+        return entry
+    if not stat.S_ISREG(mode):
+        raise AddError(f"{path} is neither a regular file nor a directory")
+    with open(path, "rb") as f:
+        entry = import_stream(f, options, sink, progress)
+    if on_added:
+        on_added(name, entry)
+    return entry
+
+
+def _unixfs_node(source: BlockSource, cid: bytes) -> tuple[list[pb.Link], pb.UnixFSData | None, bytes]:
+    block = source.get(cid)
+    codec, _ = split(cid)
+    if codec == RAW:
+        return [], None, block
+    if codec != DAG_PB:
+        raise ExportError(f"block {to_str(cid)} is neither dag-pb nor raw")
+    links, data = pb.decode_node(block)
+    if data is None:
+        raise ExportError(f"dag-pb node {to_str(cid)} carries no UnixFS data")
+    return links, pb.decode_unixfs(data), block
+
+
+def iter_file(source: BlockSource, cid: bytes) -> Iterator[bytes]:
+    """Yield a UnixFS file's bytes in order, checking each node's sizes against its children."""
+    links, fs, block = _unixfs_node(source, cid)
+    if fs is None:
+        yield block
+        return
+    if fs.type == pb.DIRECTORY:
+        raise ExportError(f"{to_str(cid)} is a directory, not a file")
+    if fs.type not in (pb.FILE, pb.RAW):
+        raise ExportError(f"{to_str(cid)} is a UnixFS node of type {fs.type}, not a file")
+    if fs.data:
+        yield fs.data
+    if len(fs.blocksizes) != len(links):
+        raise ExportError(f"file node {to_str(cid)} has {len(links)} links but {len(fs.blocksizes)} block sizes")
+    for link, expected in zip(links, fs.blocksizes):
+        got = 0
+        for piece in iter_file(source, link.cid):
+            got += len(piece)
+            yield piece
+        if got != expected:
+            raise ExportError(f"child {to_str(link.cid)} of {to_str(cid)} holds {got} bytes, its parent says {expected}")
+
+
+def safe_name(name: str) -> str:
+    """A directory entry name that cannot escape its folder, else ExportError."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ExportError(f"directory entry name {name!r} is unsafe (path escape); refusing to write it")
+    return name
+
+
+def list_directory(source: BlockSource, cid: bytes) -> list[pb.Link] | None:
+    """The links of a UnixFS directory, or None when `cid` is a file."""
+    links, fs, _ = _unixfs_node(source, cid)
+    if fs is None or fs.type in (pb.FILE, pb.RAW):
+        return None
+    if fs.type != pb.DIRECTORY:
+        raise ExportError(f"{to_str(cid)} is a UnixFS node of type {fs.type}, which is not supported")
+    return links
+
+
+def export(source: BlockSource, cid: bytes, dest: Path) -> None:
+    """Write a file or directory tree to `dest` (a new path); files land via a temporary name."""
+    dest = Path(dest)
+    links = list_directory(source, cid)
+    if links is None:
+        tmp = dest.with_name(dest.name + ".part")
+        try:
+            with open(tmp, "wb") as out:
+                for piece in iter_file(source, cid):
+                    out.write(piece)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    names = [safe_name(link.name) for link in links]  # check every name before writing anything
+    dest.mkdir(parents=True, exist_ok=True)
+    for link, name in zip(links, names):
+        export(source, link.cid, dest / name)

@@ -1,0 +1,388 @@
+"""The node's inference sessions: handshake, open/step/close, cached answers and signed commitments per step.
+
+A step is answered with two frames: the result, sent as soon as the layers are done, then the signed commitment
+to it (the client passes the result on to the next hop while the node signs, and checks the signature while
+that hop works). A paid session's later steps run on the client's credit: their tab is checked and stored while
+the commitment is signed, and a bad tab gets an error frame in the commitment's place; the commitment is the
+node's acknowledgement, so a tab it acknowledged is always on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from shardmarket.chain.eip712 import Domain, signing_key, tensor_hash
+from shardmarket.engine.errors import CapacityError, EngineError, ShapeError, UnknownSession
+from shardmarket.net import wire
+from shardmarket.net.channel import HANDSHAKE_CONFIRM, ChannelClosed, SecureChannel, Transport
+from shardmarket.net.commitment import SignedCommitment, commit
+from shardmarket.net.crypto import DecryptError, node_handshake
+from shardmarket.net.wire import Limits, Message, StreamDesync, WireError
+from shardmarket.server.identity import NodeIdentity
+from shardmarket.server.payments import OnCredit, PaymentGate, PaymentRefused, charged
+from shardmarket.server.worker import StageWorker
+
+log = logging.getLogger("shardmarket.node")
+CACHED_STEPS = 4  # answers kept per session for retries
+FORGED_FROM_STEP = 3  # Fault.forge_commitments
+RETIRED_REQUESTS = 1 << 16  # closed request ids remembered (about 5 MB)
+MAX_BAD_FRAMES = 8  # frames failing authentication before the node hangs up
+MAX_TAB_BYTES = 2048  # the client's signed tab riding on a step (123 bytes + 36 per node, at most 32 nodes)
+
+
+class StepRefused(Exception):
+    """A step the node will not run; `code` and the message go back in an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Answer:
+    request_id: bytes
+    step: int
+    input_hash: bytes
+    output: torch.Tensor
+    payload: bytes
+    compute_us: int
+    signed: SignedCommitment | None = None  # signed once, after the result went out; a retry gets the same one
+    on_credit: OnCredit | None = None  # a step run before its tab was checked: checked before the commitment goes out
+
+
+@dataclass
+class _Session:
+    request_id: bytes
+    max_length: int
+    next_step: int = 0
+    next_position: int = 0
+    answers: OrderedDict[int, _Answer] = field(default_factory=OrderedDict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def stage_id(self) -> str:
+        return self.request_id.hex()
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Deliberate misbehaviour for tests: `wrong_shape` drops the last hidden unit of every answer, `noise` adds
+    Gaussian noise of that scale to every answer, `equivocate` answers a retried step with a different output,
+    `forge_commitments` signs the commitments of a session's steps from `FORGED_FROM_STEP` on with a wrong key."""
+
+    wrong_shape: bool = False
+    noise: float = 0.0
+    equivocate: bool = False
+    forge_commitments: bool = False
+
+
+class NodeService:
+    """Everything a node does per connection; transports (TCP, WebSocket) hand it their frames."""
+
+    def __init__(
+        self,
+        worker: StageWorker,
+        identity: NodeIdentity,
+        domain: Domain,
+        *,
+        limits: Limits = wire.DEFAULT_LIMITS,
+        idle_timeout_s: float = 300.0,
+        fault: Fault = Fault(),
+        payments: PaymentGate | None = None,
+    ) -> None:
+        self.worker, self.identity, self.domain, self.limits = worker, identity, domain, limits
+        self.stage = worker.stage
+        self.idle_timeout_s = idle_timeout_s
+        self.fault = fault
+        self.payments = payments
+        self.sessions: dict[bytes, _Session] = {}
+        self.draining = False
+        self.steps_in_flight = 0  # frames being answered
+        self.steps_served = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._connections: set[Transport] = set()
+        # request ids whose session ended: never reopened, so the node never answers one step of a request twice
+        # (a second answer to the same input could differ in its last bits and look like equivocation)
+        self._retired: OrderedDict[bytes, None] = OrderedDict()
+
+    async def serve(self, transport: Transport) -> None:
+        """Serve one connection until it closes; never raises on bad input."""
+        self._connections.add(transport)
+        try:
+            channel = await self._handshake(transport)
+            if channel is not None:
+                await self._serve_channel(channel)
+        except ChannelClosed:
+            pass
+        except Exception:  # a bug must not take the node down; log it and drop this connection
+            log.exception("connection failed unexpectedly")
+        finally:
+            self._connections.discard(transport)
+            await transport.close()
+
+    async def _handshake(self, transport: Transport) -> SecureChannel | None:
+        try:
+            hello = wire.decode(await transport.recv(), self.limits)
+            key = hello.fields.get("key")
+            if hello.type != wire.HELLO or not isinstance(key, bytes):
+                raise WireError("a session starts with a hello frame carrying the client's X25519 key")
+            node_eph, cipher = node_handshake(self.identity.x25519, key)
+        except (WireError, ValueError) as exc:
+            code = exc.code if isinstance(exc, WireError) else "bad_handshake"
+            await transport.send(wire.encode(wire.error_message(code, f"handshake failed: {exc}")))
+            return None
+        await transport.send(wire.encode(Message(wire.WELCOME, fields={"key": node_eph, "confirm": cipher.seal(HANDSHAKE_CONFIRM)})))
+        return SecureChannel(transport, cipher, self.limits)
+
+    async def _serve_channel(self, channel: SecureChannel) -> None:
+        bad_frames = 0
+        while True:
+            try:
+                message = await channel.recv()
+            except DecryptError as exc:
+                bad_frames += 1
+                await channel.send(wire.error_message("auth_failed", str(exc)))
+                if bad_frames >= MAX_BAD_FRAMES:
+                    return
+                continue
+            except StreamDesync as exc:
+                await channel.send(wire.error_message(exc.code, str(exc)))
+                return
+            except WireError as exc:
+                await channel.send(wire.error_message(exc.code, f"{exc}; fix the frame and send it again"))
+                continue
+            self.steps_in_flight += 1
+            self._idle.clear()
+            try:
+                reply, answer = await self._answer(message)
+                await channel.send(reply)
+                if answer is not None:
+                    await channel.send(await self._acknowledge(answer))
+            finally:
+                self.steps_in_flight -= 1
+                if not self.steps_in_flight:
+                    self._idle.set()
+
+    async def _answer(self, message: Message) -> tuple[Message, _Answer | None]:
+        """The reply to `message` and, for a step, the answer whose commitment follows it."""
+        try:
+            if message.type == wire.OPEN:
+                return await self._open(message), None
+            if message.type == wire.STEP:
+                answer = await self._step(message)
+                reply = Message(wire.RESULT, answer.request_id, answer.step, {"compute_us": answer.compute_us}, answer.output, answer.payload)
+                return reply, answer
+            if message.type == wire.CLOSE:
+                return await self._close(message), None
+            raise StepRefused("bad_type", f"a node does not accept {message.type!r} frames; send open, step or close")
+        except StepRefused as exc:
+            return wire.error_message(exc.code, str(exc), message.session, message.step), None
+
+    async def _acknowledge(self, answer: _Answer) -> Message:
+        """The frame that follows a step's result: its commitment, once a tab the step ran on credit with is checked
+        and stored (checked on a thread while the commitment is signed); an error frame if that tab is refused."""
+        if answer.on_credit is None:
+            return self._commitment(answer)
+        settling = self.payments.start_settle(answer.on_credit)
+        commitment = self._commitment(answer)
+        try:
+            await charged(settling)
+        except PaymentRefused as exc:
+            session = self._retire(answer.request_id)
+            if session is not None:
+                async with session.lock:
+                    await self._close_stage_session(session)
+            return wire.error_message(exc.code, f"{exc}; this step's answer stands unpaid against your credit", answer.request_id, answer.step)
+        answer.on_credit = None
+        return commitment
+
+    def _commitment(self, answer: _Answer) -> Message:
+        """The commitment frame of `answer`, signed on first use."""
+        if answer.signed is None:
+            signer = self.identity.signer
+            if self.fault.forge_commitments and answer.step >= FORGED_FROM_STEP:
+                signer = signing_key(bytes(range(1, 33)))
+            answer.signed = commit(signer, answer.request_id, answer.step, answer.input_hash, answer.payload, self.domain)
+        return Message(wire.COMMIT, answer.request_id, answer.step, answer.signed.to_fields())
+
+    def _check_request_id(self, message: Message) -> bytes:
+        if len(message.session) != 32:
+            raise StepRefused("bad_session", "the session field must be the 32-byte request id")
+        return message.session
+
+    async def _open(self, message: Message) -> Message:
+        request_id = self._check_request_id(message)
+        if self.draining:
+            raise StepRefused("shutting_down", "this node is shutting down; use another node for this range")
+        existing = self.sessions.get(request_id)
+        if existing is not None:  # a reconnect: the session goes on where it was
+            return Message(wire.OPENED, request_id, existing.next_step, {"position": existing.next_position})
+        if request_id in self._retired:
+            raise StepRefused("request_used", "this request id was closed on this node; open the request again with a new id")
+        max_length = message.fields.get("max_length")
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or not 0 < max_length <= 1 << 20:
+            raise StepRefused("bad_open", "open needs max_length, a positive integer")
+        session = _Session(request_id, max_length)
+        try:
+            await self.worker.call(self.stage.open_session, session.stage_id, max_length)
+        except CapacityError as exc:
+            raise StepRefused("capacity", f"{exc}; try another node or later") from None
+        except EngineError as exc:
+            raise StepRefused("bad_open", str(exc)) from None
+        self.sessions[request_id] = session
+        return Message(wire.OPENED, request_id, 0, {"position": 0})
+
+    def _retire(self, request_id: bytes) -> _Session | None:
+        """End a request's session for good; returns it (None if it was not open)."""
+        self._retired[request_id] = None
+        while len(self._retired) > RETIRED_REQUESTS:
+            self._retired.popitem(last=False)
+        return self.sessions.pop(request_id, None)
+
+    async def _close(self, message: Message) -> Message:
+        session = self._retire(self._check_request_id(message))
+        if self.payments is not None:
+            self.payments.release(message.session)
+        if session is not None:
+            async with session.lock:
+                await self._close_stage_session(session)
+        return Message(wire.CLOSED, message.session)
+
+    async def _step(self, message: Message) -> _Answer:
+        session = self.sessions.get(self._check_request_id(message))
+        if session is None:
+            raise StepRefused("unknown_session", "no open session with this request id (expired or never opened); open it again")
+        session.last_used = time.monotonic()
+        async with session.lock:
+            answer = self._cached(session, message)
+            if answer is None:
+                if self.draining:
+                    raise StepRefused("shutting_down", "this node is shutting down; use another node for this range")
+                answer = await (self._run(session, message) if self.payments is None else self._run_paid(session, message))
+        return answer
+
+    async def _run_paid(self, session: _Session, message: Message) -> _Answer:
+        """Run the step while its tab is checked and stored; the answer goes out only after both, and a
+        refused step's answer never does (its session is dropped, so a retry cannot fetch it from the cache)."""
+        tokens = message.tensor.shape[1] if message.tensor is not None and message.tensor.dim() == 3 else 0
+        on_credit = self.payments.run_on_credit(session.request_id, tokens, message.fields)
+        if on_credit is not None:  # its tab is checked after the result goes out (`_acknowledge`)
+            try:
+                answer = await self._run(session, message)
+            except BaseException:
+                self.payments.refund(on_credit)
+                raise
+            answer.on_credit = on_credit
+            return answer
+        charging = self.payments.start_charge(session.request_id, tokens, message.fields)
+        fast = isinstance(charging, Future)  # a known client's tab is already being checked on a thread: compute at once
+        running = self._run(session, message) if fast else asyncio.ensure_future(self._run(session, message))
+        if fast:
+            try:
+                answer = await running
+            except BaseException:
+                await asyncio.gather(charged(charging), return_exceptions=True)
+                raise
+        try:
+            await charged(charging)
+        except BaseException as exc:
+            if not fast:
+                await asyncio.gather(running, return_exceptions=True)
+            self._retire(session.request_id)
+            await self._close_stage_session(session)
+            if isinstance(exc, PaymentRefused):
+                raise StepRefused(exc.code, str(exc)) from None
+            raise
+        return answer if fast else await running
+
+    def _cached(self, session: _Session, message: Message) -> _Answer | None:
+        """The earlier answer to a retried step; refuses steps out of order or with a different input."""
+        if message.step == session.next_step:
+            return None
+        if message.step > session.next_step:
+            raise StepRefused("out_of_order", f"step {message.step} arrived but step {session.next_step} is next")
+        answer = session.answers.get(message.step)
+        if answer is None:
+            raise StepRefused("step_too_old", f"step {message.step} was answered and is no longer cached; open a new session")
+        if message.tensor is None or tensor_hash(message.payload) != answer.input_hash:
+            raise StepRefused("conflict", f"step {message.step} was already answered for a different input; open a new session")
+        if self.fault.equivocate:
+            output = (answer.output + 1e-2).contiguous()
+            return _Answer(answer.request_id, answer.step, answer.input_hash, output, wire.tensor_bytes(output), answer.compute_us)
+        return answer
+
+    def _check_input(self, session: _Session, message: Message) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, size = message.tensor, self.stage.hidden_size
+        if hidden is None or hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != size:
+            got = None if hidden is None else list(hidden.shape)
+            raise StepRefused("bad_tensor", f"a step carries hidden states of shape [1, T, {size}], got {got}")
+        if hidden.dtype != self.stage.dtype:
+            raise StepRefused("bad_tensor", f"this node computes in {self.stage.dtype}, got {hidden.dtype}")
+        tab = message.fields.get("tab")
+        if tab is not None and (not isinstance(tab, bytes) or len(tab) > MAX_TAB_BYTES):
+            raise StepRefused("bad_tab", f"the tab field must be at most {MAX_TAB_BYTES} bytes")
+        position = message.fields.get("position")
+        if position != session.next_position:
+            raise StepRefused("bad_position", f"step starts at position {position!r}, expected {session.next_position}")
+        if position + hidden.shape[1] > session.max_length:
+            raise StepRefused("too_long", f"positions up to {position + hidden.shape[1]} exceed the session's max_length {session.max_length}")
+        positions = torch.arange(position, position + hidden.shape[1], dtype=torch.int64).unsqueeze(0)
+        return hidden, positions
+
+    async def _run(self, session: _Session, message: Message) -> _Answer:
+        hidden, positions = self._check_input(session, message)
+        try:
+            output, compute_s = await self.worker.step(session.stage_id, hidden, positions)
+        except UnknownSession:
+            self._retire(session.request_id)
+            raise StepRefused("unknown_session", "the session expired on this node; open it again and replay") from None
+        except (ShapeError, EngineError) as exc:
+            raise StepRefused("engine", f"the engine refused the step: {exc}") from None
+        if self.fault.wrong_shape:
+            output = output[..., :-1]
+        if self.fault.noise:
+            output = output + self.fault.noise * torch.randn_like(output)
+        output = output.contiguous()
+        payload = wire.tensor_bytes(output)
+        answer = _Answer(session.request_id, message.step, tensor_hash(message.payload), output, payload, int(compute_s * 1e6))
+        session.answers[message.step] = answer
+        while len(session.answers) > CACHED_STEPS:
+            session.answers.popitem(last=False)
+        session.next_step += 1
+        session.next_position += hidden.shape[1]
+        self.steps_served += 1
+        return answer
+
+    async def expire_idle(self) -> None:
+        """Close sessions idle for longer than the idle timeout (runs every few seconds)."""
+        while True:
+            await asyncio.sleep(min(30.0, self.idle_timeout_s / 4))
+            cutoff = time.monotonic() - self.idle_timeout_s
+            for request_id, session in list(self.sessions.items()):
+                if session.last_used < cutoff and not session.lock.locked():
+                    self._retire(request_id)
+                    await self._close_stage_session(session)
+
+    async def _close_stage_session(self, session: _Session) -> None:
+        try:
+            await self.worker.call(self.stage.close_session, session.stage_id)
+        except UnknownSession:
+            pass  # the engine expired it already
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new work, let steps already running finish (up to `timeout`), then hang up."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("shutting down with %d step(s) still running after %.0f s", self.steps_in_flight, timeout)
+        for transport in list(self._connections):
+            await transport.close()

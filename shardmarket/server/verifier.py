@@ -1,0 +1,235 @@
+"""Verifier duty: when the DisputeManager picks this node for a dispute, it fetches the evidence, checks it
+against the accused's signatures, re-runs the hop on its own layers, commits its verdict, reveals it once
+the reveal phase opens, and resolves the dispute when every verifier has revealed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import requests
+import torch
+
+from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.ipfs.fetch import FetchError
+from shardmarket.chain.contracts import ChainError, Market
+from shardmarket.chain.evidence import Evidence, EvidenceError, fetch, relative_difference
+from shardmarket.chain.watch import BlockWatch
+from shardmarket.server.worker import StageWorker
+
+log = logging.getLogger("shardmarket.verifier")
+OPEN = 1
+RESCAN_BLOCKS = 100  # the scan's start is saved at least this often (blocks), so a restart rescans few
+# evidence no gateway serves is asked for again (every EVIDENCE_RETRY_S) until this long before the commit phase
+# ends; then the vote acquits the node (the challenger had the whole phase to make the evidence available)
+UNAVAILABLE_VOTE_MARGIN_S = 300
+EVIDENCE_RETRY_S = 15  # between two attempts to fetch a dispute's evidence
+
+
+class EvidenceUnavailable(Exception):
+    """The evidence could not be fetched (no gateway reachable or serving it): the vote waits for a later tick."""
+
+
+@dataclass
+class _Ballot:
+    node_wrong: bool
+    salt: bytes
+    committed: bool = False
+    revealed: bool = False
+
+
+class VerifierDuty:
+    """The daemon's dispute loop; chain errors are logged and retried at the next tick. A verifier that does not
+    reveal is penalized, so a vote is never lost: a dispute this node was drawn for stays pending until its vote is
+    committed (a failed commitVote is sent again), and with `state_path` the ballots (verdict and salt, written
+    before the vote is sent) and the block to scan from survive a restart."""
+
+    def __init__(self, market: Market, worker: StageWorker, store: Blockstore, gateways: list[str], tolerance: float,
+                 tick_s: float = 1.0, state_path: Path | None = None) -> None:
+        self.market, self.worker, self.store, self.gateways = market, worker, store, gateways
+        self.tolerance, self.tick_s, self.state_path = tolerance, tick_s, state_path
+        self.ballots: dict[int, _Ballot] = {}
+        self.pending: dict[int, tuple[int, dict]] = {}  # vote not committed yet: dispute id -> (its block, DisputeOpened args)
+        self._from_block: int | None = None
+        self._evidence_retry_at: dict[int, float] = {}  # dispute id -> when to try fetching its evidence again
+        self._saved_from: int | None = None
+        if state_path is not None and state_path.exists():
+            state = json.loads(state_path.read_text())
+            self._from_block = self._saved_from = state["scan_from"]
+            self.ballots = {int(i): _Ballot(b["node_wrong"], bytes.fromhex(b["salt"]), b["committed"], b["revealed"])
+                            for i, b in state["ballots"].items()}
+            log.info("verifier state: %d ballot(s), scanning for disputes from block %s", len(self.ballots), self._from_block)
+
+    def _save(self) -> None:
+        """Write the ballots and the first block not fully handled (that of the oldest pending dispute) atomically."""
+        if self.state_path is None:
+            return
+        scan_from = min((block for block, _ in self.pending.values()), default=self._from_block)
+        ballots = {str(i): dict(asdict(b), salt=b.salt.hex()) for i, b in self.ballots.items()}
+        temporary = self.state_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"scan_from": scan_from, "ballots": ballots}))
+        os.replace(temporary, self.state_path)
+        self._saved_from = scan_from
+
+    def _new_disputes(self, latest: int) -> None:
+        """Add the disputes opened up to block `latest` that drew this node and still need its vote to `pending`."""
+        start = latest if self._from_block is None else self._from_block
+        if start > latest:
+            return
+        logs = self.market.disputes.events.DisputeOpened.get_logs(from_block=start, to_block=latest)
+        me = self.market.address.lower()
+        found = 0
+        for entry in logs:
+            dispute = entry["args"]
+            ballot = self.ballots.get(dispute["disputeId"])
+            if me in {v.lower() for v in dispute["verifiers"]} and (ballot is None or not ballot.committed):
+                self.pending[dispute["disputeId"]] = (entry["blockNumber"], dispute)
+                found += 1
+        self._from_block = latest + 1
+        if found or self._saved_from is None or self._from_block - self._saved_from > RESCAN_BLOCKS:
+            self._save()  # else a restart scans a few blocks again: disputes already voted on are skipped
+
+    def _rerun(self, evidence: Evidence) -> torch.Tensor:
+        stage = self.worker.stage
+        session = f"verify-{os.urandom(8).hex()}"
+        stage.open_session(session, evidence.positions[-1] + evidence.inputs[-1].shape[1])
+        try:
+            with torch.inference_mode():
+                for position, hidden in zip(evidence.positions, evidence.inputs):
+                    positions = torch.arange(position, position + hidden.shape[1]).unsqueeze(0)
+                    output = stage.step(session, hidden.to(stage.dtype), positions)
+            return output
+        finally:
+            stage.close_session(session)
+
+    async def fetch_evidence(self, dispute: dict, *, last_chance: bool = True) -> Evidence | None:
+        """The dispute's evidence, from the local store or the gateways. Evidence no gateway serves (yet) raises
+        EvidenceUnavailable, unless this is the `last_chance` to vote: then it is None, which acquits the node."""
+        try:
+            return await asyncio.to_thread(fetch, dispute["evidence"], self.store, self.gateways)
+        except (FetchError, OSError) as exc:
+            if not last_chance:
+                raise EvidenceUnavailable(str(exc)) from None
+            return None
+
+    async def judge(self, dispute: dict, *, last_chance: bool = True) -> bool:
+        """True if the accused node's answer is wrong; evidence that does not check out, or that cannot be fetched
+        at the `last_chance` to vote, acquits it (see `fetch_evidence`)."""
+        try:
+            evidence = await self.fetch_evidence(dispute, last_chance=last_chance)
+            if evidence is None:
+                raise EvidenceError("no gateway served it, and the commit phase is about to end")
+            stage = self.worker.stage
+            evidence.check(dispute["node"], self.market.dispute_domain())
+            c = dispute["commitment"]
+            challenged = evidence.challenged.commitment
+            if (challenged.request_id, challenged.step, challenged.input_hash, challenged.output_hash) != (
+                    c["requestId"], c["step"], c["inputHash"], c["outputHash"]):
+                raise EvidenceError("the evidence is about another commitment than the dispute")
+            if (evidence.start, evidence.end) != (stage.start, stage.end):
+                raise EvidenceError(f"the evidence is for layers {evidence.start}:{evidence.end}, this node serves {stage.start}:{stage.end}")
+        except (EvidenceError, ValueError) as exc:
+            log.warning("dispute %d: the evidence does not hold (%s); voting that the node was right", dispute["disputeId"], exc)
+            return False
+        mine = await self.worker.call(self._rerun, evidence)
+        difference = relative_difference(evidence.output, mine)
+        log.info("dispute %d: re-ran %d step(s); relative difference %.3g (tolerance %.3g)", dispute["disputeId"],
+                 len(evidence.inputs), difference, self.tolerance)
+        return difference > self.tolerance
+
+    async def _vote(self, dispute: dict, now: int) -> None:
+        """Judge a pending dispute (once: a retry reuses the verdict and salt) and commit the vote; `now` is the chain
+        time of this tick."""
+        dispute_id = dispute["disputeId"]
+        ballot = self.ballots.get(dispute_id)
+        if ballot is None:
+            if time.monotonic() < self._evidence_retry_at.get(dispute_id, 0):
+                return  # its evidence could not be fetched a moment ago
+            try:
+                node_wrong = await self.judge(dispute, last_chance=dispute["commitDeadline"] - now <= UNAVAILABLE_VOTE_MARGIN_S)
+            except EvidenceUnavailable:
+                self._evidence_retry_at[dispute_id] = time.monotonic() + EVIDENCE_RETRY_S
+                raise
+            self._evidence_retry_at.pop(dispute_id, None)
+            ballot = _Ballot(node_wrong, os.urandom(32))
+            self.ballots[dispute_id] = ballot
+            self._save()  # before the vote is sent: its salt is needed to reveal it
+        await asyncio.to_thread(self._commit, dispute_id, ballot)
+        del self.pending[dispute_id]
+        self._save()
+
+    def _commit(self, dispute_id: int, ballot: _Ballot) -> None:
+        functions = self.market.disputes.functions
+        vote = self.market.read(functions.voteHash(dispute_id, self.market.address, ballot.node_wrong, ballot.salt))
+        on_chain = self.market.read(functions.ballotOf(dispute_id, self.market.address))[2]
+        if on_chain != vote:  # else an earlier attempt was mined after all
+            self.market.transact(functions.commitVote(dispute_id, vote), f"committing the vote on dispute {dispute_id}")
+        ballot.committed = True
+        log.info("dispute %d: committed a vote (node wrong: %s)", dispute_id, ballot.node_wrong)
+
+    def _advance(self) -> int:
+        """Give up votes that can no longer be committed, reveal where the reveal phase is open, resolve where every
+        verifier has revealed; returns the chain time it went by (the newest block's)."""
+        functions = self.market.disputes.functions
+        now = self.market.w3.eth.get_block("latest")["timestamp"]
+        for dispute_id in list(self.pending):
+            commit_deadline, status = self.market.read(functions.getDispute(dispute_id))[1:3]
+            if status != OPEN or now > commit_deadline:  # also a dispute closed meanwhile, found again after a restart
+                log.warning("dispute %d: closed or past its commit phase before this node's vote was committed", dispute_id)
+                del self.pending[dispute_id]
+                self.ballots.pop(dispute_id, None)
+                self._save()
+        for dispute_id, ballot in list(self.ballots.items()):
+            if not ballot.committed:
+                continue
+            d = self.market.read(functions.getDispute(dispute_id))
+            node, commit_deadline, status, _, reveal_deadline, count, committed, guilty, innocent = d[:9]
+            if status != OPEN:
+                del self.ballots[dispute_id]
+                self._save()
+                continue
+            if not ballot.revealed and (committed >= count or now > commit_deadline) and now <= reveal_deadline:
+                self.market.transact(functions.revealVote(dispute_id, ballot.node_wrong, ballot.salt), f"revealing the vote on dispute {dispute_id}")
+                ballot.revealed = True
+                self._save()
+                guilty, innocent = guilty + ballot.node_wrong, innocent + (not ballot.node_wrong)
+                log.info("dispute %d: revealed the vote", dispute_id)
+            if guilty + innocent >= count or now > reveal_deadline:
+                self.market.transact(functions.resolve(dispute_id), f"resolving dispute {dispute_id}")
+                log.info("dispute %d: resolved", dispute_id)
+                del self.ballots[dispute_id]
+                self._save()
+        return now
+
+    async def run(self, watch: BlockWatch) -> None:
+        """Every tick: look at the newest block (`watch`), and work only when a block came (disputes open in one, and
+        a phase can only end in one: its deadlines are block times) or a vote is still to be committed."""
+        handled = None
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                latest = await watch.latest(max_age_s=self.tick_s / 2)  # the settler's read of this tick will do
+                if latest == handled:
+                    continue
+                await asyncio.to_thread(self._new_disputes, latest)
+                if not (self.ballots or self.pending):
+                    handled = latest
+                    continue
+                now = await asyncio.to_thread(self._advance)
+                for _, dispute in list(self.pending.values()):
+                    try:
+                        await self._vote(dispute, now)
+                    except EvidenceUnavailable as exc:
+                        log.warning("dispute %d: the evidence cannot be fetched yet (%s); asking again", dispute["disputeId"], exc)
+                    except (ChainError, requests.RequestException) as exc:
+                        log.warning("dispute %d: the vote is not committed yet (%s); retrying", dispute["disputeId"], exc)
+                handled = None if self.pending else latest  # a vote still to commit is retried without a new block
+            except (ChainError, requests.RequestException) as exc:
+                log.warning("verifier duty postponed: %s", exc)
+            except Exception:
+                log.exception("verifier duty failed; retrying at the next tick")

@@ -1,0 +1,150 @@
+"""Runs a Stage off the event loop on its one compute thread, with concurrent decode steps batched together.
+
+Every shardmarket process runs OpenMP with OMP_WAIT_POLICY=PASSIVE unless the user set a policy (`shardmarket`
+sets it before torch loads). A pipeline stage is idle between its steps, and with libgomp's default a team thread
+spins on after each step (about 10 ms of a core on this 2-core machine): that core is taken from the stage or the
+head that runs next on the same machine. A 3-node pipeline of SmolLM2 on one machine decoded at 0.75 of local
+speed with the spin and 0.86 without, while a stage's own step is no slower with PASSIVE (its parallel regions
+follow each other closely).
+
+With PASSIVE a lone session's decode step runs on the event loop's thread, saving two thread wake-ups. Under a
+policy that spins (one the user set) every torch operation of a node runs on the compute thread instead, loading
+included: OpenMP gives each calling thread its own team, and once a process has more OpenMP threads than
+cores, libgomp stops letting idle team threads spin between parallel regions, which made a decode step of SmolLM2
+1.7x slower on 2 cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from shardmarket.engine.stage import Stage
+
+
+PASSIVE_OPENMP = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+@dataclass
+class _Work:
+    session_id: str
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    done: asyncio.Future | None
+
+
+def compute_thread(threads: int | None = None) -> ThreadPoolExecutor:
+    """The thread that will run every torch operation of this process (`threads` intra-op threads if given)."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
+    if threads:
+        executor.submit(torch.set_num_threads, threads).result()
+    return executor
+
+
+class StageWorker:
+    """Queues steps for one Stage and runs them one batch at a time on the compute thread: decode steps (T == 1)
+    waiting together run as one `step_batch`. With one session open there is nothing to batch with: its decode
+    steps go to the compute thread at once, without the queue's two turns of the event loop."""
+
+    def __init__(self, stage: Stage, max_batch: int = 32, executor: ThreadPoolExecutor | None = None) -> None:
+        self.stage = stage
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[_Work] = asyncio.Queue()
+        self._executor = executor or compute_thread()
+        self._task: asyncio.Task | None = None
+        self._running = False  # a batch is being computed
+        self.decode_ms = 0.0  # moving average of one decode step's compute time
+
+    def warm_up(self, steps: int = 4) -> None:
+        """Run a few decode steps of a throwaway session, so the first client is fast and `decode_ms` is known."""
+        session_id = "warm-up"
+        self.stage.open_session(session_id, steps)
+        try:
+            hidden = torch.zeros(1, 1, self.stage.hidden_size, dtype=self.stage.dtype)
+            timings = []
+            for position in range(steps):
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    self.stage.step(session_id, hidden, torch.tensor([[position]]))
+                timings.append((time.perf_counter() - started) * 1000)
+            self.decode_ms = min(timings[1:] or timings)
+        finally:
+            self.stage.close_session(session_id)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def step(self, session_id: str, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Run this stage's layers on `hidden`; returns the output and the seconds the layers took (its batch's)."""
+        if hidden.shape[1] == 1 and not self._running and self._queue.empty() and len(self.stage.session_ids()) == 1:
+            self._running = True
+            try:
+                work = [_Work(session_id, hidden, positions, None)]
+                outputs, elapsed = self._compute(work) if PASSIVE_OPENMP else await self.call(self._compute, work)
+            finally:
+                self._running = False
+            self._timed_decode(elapsed)
+            return outputs[0], elapsed
+        done = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Work(session_id, hidden, positions, done))
+        return await done
+
+    async def call(self, fn, *args):
+        """Run `fn(*args)` on the compute thread (session open/close must not race a step)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            if first.hidden.shape[1] == 1:
+                held = []
+                while not self._queue.empty() and len(batch) < self.max_batch:
+                    item = self._queue.get_nowait()
+                    (batch if item.hidden.shape[1] == 1 else held).append(item)
+                for item in held:  # prefill steps wait for the next round, in order
+                    self._queue.put_nowait(item)
+            self._running = True
+            try:
+                outputs, elapsed = await loop.run_in_executor(self._executor, self._compute, batch)
+            except Exception as exc:  # engine errors go back to each waiting step
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_exception(exc)
+                continue
+            finally:
+                self._running = False
+            if first.hidden.shape[1] == 1:
+                self._timed_decode(elapsed)
+            for item, output in zip(batch, outputs):
+                if not item.done.done():
+                    item.done.set_result((output, elapsed))
+
+    def _timed_decode(self, elapsed: float) -> None:
+        elapsed_ms = elapsed * 1000
+        self.decode_ms = elapsed_ms if not self.decode_ms else 0.8 * self.decode_ms + 0.2 * elapsed_ms
+
+    def _compute(self, batch: list[_Work]) -> tuple[list[torch.Tensor], float]:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            if len(batch) == 1:
+                item = batch[0]
+                outputs = [self.stage.step(item.session_id, item.hidden, item.positions)]
+            else:
+                outputs = self.stage.step_batch([(w.session_id, w.hidden, w.positions) for w in batch])
+        return outputs, time.perf_counter() - started
