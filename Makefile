@@ -10,7 +10,7 @@ SOLC_VERSION := 0.8.28
 ANVIL_BIN := $(CURDIR)/node_modules/@foundry-rs/anvil-linux-amd64/bin
 export PATH := $(CURDIR)/$(BIN):$(ANVIL_BIN):$(PATH)
 export SOLCX_BINARY_PATH := $(CURDIR)/toolchain/solcx
-# OpenMP threads sleep between parallel regions, as in every `shardmarket` process (shardmarket/server/worker.py says why):
+# OpenMP threads sleep between parallel regions, as in every `shardmarket` process (shardmarket/engine/openmp.py says why):
 # the tests and benches run their pipelines in-process too
 export OMP_WAIT_POLICY ?= PASSIVE
 

@@ -31,7 +31,8 @@ from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardmarket.engine.head import Head  # noqa: E402
-from shardmarket.engine.models import default_model, random_checkpoint  # noqa: E402
+from shardmarket.cli.engine import default_checkpoint  # noqa: E402
+from shardmarket.engine.models import random_checkpoint  # noqa: E402
 from shardmarket.engine.stage import Stage, even_splits  # noqa: E402
 
 LLAMA_850M = {
@@ -235,7 +236,7 @@ def main() -> int:
     say(f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     results: dict = {"torch_threads": torch.get_num_threads()}
     if not args.skip_default:
-        results["default_model"] = bench_model("SmolLM2-135M", default_model(), args.tokens, floor=False)
+        results["default_model"] = bench_model("SmolLM2-135M", default_checkpoint(), args.tokens, floor=False)
     config = json.loads(args.config.read_text()) if args.config else LLAMA_850M
     label = args.config.stem if args.config else "llama_850m"
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:

@@ -31,11 +31,13 @@ from shardmarket.chain.keys import load_account  # noqa: E402
 from shardmarket.client.generation import Completion, RemoteModel  # noqa: E402
 from shardmarket.client.market import connect_paid  # noqa: E402
 from shardmarket.config import load_config  # noqa: E402
-from shardmarket.devmarket import PASSWORD, DevMarket, NodeProcess  # noqa: E402
-from shardmarket.engine.models import default_model, random_checkpoint, tiny_config  # noqa: E402
+from shardmarket.cli.devmarket import PASSWORD, DevMarket, NodeProcess  # noqa: E402
+from shardmarket.cli.engine import default_checkpoint  # noqa: E402
+from shardmarket.engine.models import random_checkpoint, tiny_config  # noqa: E402
 from shardmarket.engine.sampling import SamplingParams  # noqa: E402
 from shardmarket.server.settlement import settle_pending  # noqa: E402
-from shardmarket.server.tabs import TabStore  # noqa: E402
+from shardmarket.server.tabs import TabStore, tab_store_path  # noqa: E402
+from shardmarket.cli.keys import home_keys  # noqa: E402
 
 PRICE = 1000
 
@@ -56,7 +58,7 @@ async def _client(market: DevMarket, name: str, checkpoint: Path, model: str) ->
         market.new_account(name, tokens=10**18)
         market.cli(name, "client", "deposit", str(10**17))
     with market.acting_as(name):
-        account, config = load_account(PASSWORD), load_config()
+        account, config = load_account(PASSWORD, home_keys()), load_config()
     return await connect_paid(checkpoint, config, account, model)
 
 
@@ -90,8 +92,8 @@ def gas_per_request(market: DevMarket, root: Path, requests: int, clients: int) 
         with market.acting_as(name):
             from shardmarket.chain.contracts import Market
 
-            chain = Market.connect(load_config(), load_account(PASSWORD))
-            store = TabStore(load_config().node.data_dir / "tabs.sqlite", chain.address)
+            chain = Market.connect(load_config().chain, load_account(PASSWORD, home_keys()))
+            store = TabStore(tab_store_path(load_config().node.data_dir), chain.address)
         for settlement in settle_pending(chain, store):
             gas += settlement.gas
             txs += 1
@@ -102,7 +104,7 @@ def gas_per_request(market: DevMarket, root: Path, requests: int, clients: int) 
 
 
 def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
-    checkpoint = default_model()
+    checkpoint = default_checkpoint()
     market.new_account("publisher")
     market.cli("publisher", "model", "publish", "--checkpoint", str(checkpoint), "--name", checkpoint.name)
     ranges = ["0:10", "10:20", "20:30"]
@@ -123,11 +125,12 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
         market.wait_ready(market.nodes[name])
 
     async def measure() -> tuple[list[float], list[float]]:
-        from shardmarket.net.commitment import commitment_domain
+        from shardmarket.chain.commitment import commitment_domain
 
         paid = await _client(market, "bench-client", checkpoint, checkpoint.name)
         with market.acting_as("bench-client"):
-            domain = commitment_domain(load_config())
+            config = load_config()
+            domain = commitment_domain(config.chain.chain_id, config.chain.deployments_dir)
         unpaid = await RemoteModel.connect(checkpoint, free, domain, model_id=checkpoint.name)
         prompt = paid.chat_ids([{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}])
         on, off = [], []

@@ -15,7 +15,7 @@ loop). `bare_over_local_speed` is what splitting the model across processes cost
 `pipeline_over_bare_speed` is what shardmarket's network layer adds on top.
 
 OpenMP: the client (this process), the nodes and the bare stages run as every shardmarket process does, with
-OMP_WAIT_POLICY=PASSIVE (see shardmarket/server/worker.py); the local baseline runs as a user runs the model with plain
+OMP_WAIT_POLICY=PASSIVE (see shardmarket/engine/openmp.py); the local baseline runs as a user runs the model with plain
 torch, under libgomp's default policy (threads spin between parallel regions), unless `--local-omp passive`. The
 default is the faster local baseline here (PASSIVE decoded the 850M model at 1.01x and SmolLM2 at 0.97x of it).
 
@@ -51,13 +51,15 @@ from shardmarket.chain.eip712 import Domain, signing_key, tensor_hash  # noqa: E
 from shardmarket.client.generation import Completion, RemoteModel  # noqa: E402
 from shardmarket.config import load_config  # noqa: E402
 from shardmarket.engine.head import Head  # noqa: E402
-from shardmarket.engine.models import default_model, random_checkpoint, tiny_config  # noqa: E402
+from shardmarket.cli.engine import default_checkpoint  # noqa: E402
+from shardmarket.engine.models import random_checkpoint, tiny_config  # noqa: E402
 from shardmarket.engine.sampling import SamplingParams, generate  # noqa: E402
 from shardmarket.engine.stage import Stage  # noqa: E402
 from shardmarket.net import wire  # noqa: E402
-from shardmarket.net.commitment import check_commitment, commit  # noqa: E402
+from shardmarket.chain.commitment import check_commitment, commit  # noqa: E402
 from shardmarket.net.crypto import ClientHandshake, node_handshake  # noqa: E402
 from shardmarket.net.wire import Message  # noqa: E402
+from shardmarket.engine.tensors import tensor_bytes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)
@@ -80,7 +82,7 @@ def per_hop_overhead_us(hidden_size: int, repeats: int = 500) -> dict:
     for step in range(repeats):
         hidden = torch.randn(1, 1, hidden_size)
         t0 = time.perf_counter()
-        payload = wire.tensor_bytes(hidden)
+        payload = tensor_bytes(hidden)
         frame = wire.encode(Message(wire.STEP, request_id, step, {"position": step}, hidden, payload))
         t1 = time.perf_counter()
         sealed = client_cipher.seal(frame)
@@ -88,7 +90,7 @@ def per_hop_overhead_us(hidden_size: int, repeats: int = 500) -> dict:
         t2 = time.perf_counter()
         received = wire.decode(opened)
         output = received.tensor  # the layers would run here
-        out_payload = wire.tensor_bytes(output)
+        out_payload = tensor_bytes(output)
         t3 = time.perf_counter()
         signed = commit(signer, request_id, step, tensor_hash(received.payload), out_payload, DOMAIN)
         t4 = time.perf_counter()
@@ -255,7 +257,7 @@ class BareRunner:
         def run_layers(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             steps = hidden.shape[1]
             for process in self.processes:
-                _send(process.stdin, b"s" + session + struct.pack("<II", steps, int(positions[0, 0])) + wire.tensor_bytes(hidden))
+                _send(process.stdin, b"s" + session + struct.pack("<II", steps, int(positions[0, 0])) + tensor_bytes(hidden))
                 hidden = torch.frombuffer(bytearray(_receive(process.stdout)), dtype=torch.float32).view(1, steps, -1)
             return hidden
 
@@ -293,7 +295,7 @@ def serve_bare_stage(checkpoint: Path, layers: str, threads: int) -> None:
                 steps, position = struct.unpack("<II", message[9:17])
                 hidden = torch.frombuffer(bytearray(message[17:]), dtype=torch.float32).view(1, steps, -1)
                 out = stage.step(session, hidden, torch.arange(position, position + steps)[None])
-                _send(stdout, wire.tensor_bytes(out))
+                _send(stdout, tensor_bytes(out))
 
 
 def _send(pipe, data: bytes) -> None:
@@ -401,7 +403,7 @@ def main() -> None:
         print("starting again with OMP_WAIT_POLICY=PASSIVE, as every shardmarket process runs", file=sys.stderr, flush=True)
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
     threads = torch.get_num_threads()
-    models = [("default", default_model)]
+    models = [("default", default_checkpoint)]
     if not args.no_850m:
         models.append(("random850m", lambda: _random_850m(load_config().home / "models" / "random-850m")))
     local_omp = "PASSIVE" if args.local_omp == "passive" else None

@@ -63,11 +63,11 @@ def daemon_relay_vs_direct(tokens: int = 32) -> dict:
     """ms/token of the default model on one real node daemon (issue 7), reached through its PCP mapping and
     through the relay, alternating, in the same lab."""
     try:
-        from shardmarket.engine.models import default_model
+        from shardmarket.cli.engine import default_checkpoint
         from tests.python.reach.test_reach_daemon import hold_endpoint, start_daemon
     except (ImportError, pytest_skip()) as exc:
         return {"daemon_ms_per_token": f"not measured: {exc}"}
-    checkpoint = default_model()
+    checkpoint = default_checkpoint()
     layers = json.loads((checkpoint / "config.json").read_text())["num_hidden_layers"]
     with Lab("pcp") as lab:
         start_daemon(lab, checkpoint, f"0:{layers}")

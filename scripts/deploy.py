@@ -9,6 +9,7 @@ role, so no one else can ever slash. Slashed stake goes partly to the reporter, 
 from brownie import accounts, network, project
 
 from shardmarket.chain.deployments import write_deployments
+from shardmarket.config import load_config
 
 INITIAL_SUPPLY = 10**9 * 10**18
 DAY = 24 * 3600
@@ -56,7 +57,7 @@ def main(deployer=None, token=None, treasury=None) -> dict:
         "DisputeManager": disputes.address,
         "Treasury": str(treasury),
     }
-    path = write_deployments(chain_id, addresses, block=network.chain.height)
+    path = write_deployments(chain_id, addresses, network.chain.height, load_config().chain.deployments_dir)
     print(f"deployed {', '.join(f'{k} at {v}' for k, v in addresses.items())}; wrote {path}")
     return addresses
 

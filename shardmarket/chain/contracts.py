@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 import requests
 from eth_abi import decode
@@ -16,10 +17,17 @@ from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhaust
 
 from shardmarket.chain.deployments import read_deployments
 from shardmarket.chain.eip712 import Domain
-from shardmarket.config import Config, load_config
 
 BUILD_DIR = Path(__file__).resolve().parents[2] / "build" / "contracts"
 CONTRACTS = ("TestToken", "StakeManager", "ModelRegistry", "NodeRegistry", "PaymentEscrow", "DisputeManager")
+
+
+class ChainSettings(Protocol):
+    """Where the chain is: the `[chain]` section of the config has these."""
+
+    rpc_url: str
+    chain_id: int
+    deployments_dir: Path
 
 
 class ChainError(RuntimeError):
@@ -104,20 +112,19 @@ class Market:
     account: object | None = None  # eth-account LocalAccount
 
     @classmethod
-    def connect(cls, config: Config | None = None, account=None, timeout_s: float = 10.0) -> Market:
-        """Connect to the configured RPC and load the deployments of its chain id."""
-        config = config or load_config()
-        w3 = Web3(Web3.HTTPProvider(config.chain.rpc_url, request_kwargs={"timeout": timeout_s}))
+    def connect(cls, chain: ChainSettings, account=None, timeout_s: float = 10.0) -> Market:
+        """Connect to `chain.rpc_url` and load the deployments of its chain id."""
+        w3 = Web3(Web3.HTTPProvider(chain.rpc_url, request_kwargs={"timeout": timeout_s}))
         try:
             chain_id = w3.eth.chain_id
         except (requests.ConnectionError, requests.Timeout, OSError) as exc:
             raise ChainUnreachable(
-                f"cannot reach the chain at {config.chain.rpc_url} ({type(exc).__name__}); start it or set SHARDMARKET_CHAIN_RPC_URL"
+                f"cannot reach the chain at {chain.rpc_url} ({type(exc).__name__}); start it or set SHARDMARKET_CHAIN_RPC_URL"
             ) from None
-        if chain_id != config.chain.chain_id:
-            raise ChainError(f"{config.chain.rpc_url} is chain {chain_id}, the config says {config.chain.chain_id}; set SHARDMARKET_CHAIN_CHAIN_ID")
+        if chain_id != chain.chain_id:
+            raise ChainError(f"{chain.rpc_url} is chain {chain_id}, the config says {chain.chain_id}; set SHARDMARKET_CHAIN_CHAIN_ID")
         try:
-            addresses = read_deployments(chain_id, config.chain.deployments_dir)
+            addresses = read_deployments(chain_id, chain.deployments_dir)
         except FileNotFoundError as exc:
             raise ChainError(str(exc)) from None
         return cls(w3, addresses, account)

@@ -7,14 +7,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from shardmarket.config import load_config
+
+def deployments_path(chain_id: int, directory: Path) -> Path:
+    return directory / f"{chain_id}.json"
 
 
-def deployments_path(chain_id: int, directory: Path | None = None) -> Path:
-    return (directory or load_config().chain.deployments_dir) / f"{chain_id}.json"
-
-
-def write_deployments(chain_id: int, addresses: dict[str, str], block: int, directory: Path | None = None) -> Path:
+def write_deployments(chain_id: int, addresses: dict[str, str], block: int, directory: Path) -> Path:
     """Atomically write the addresses deployed on `chain_id` (replacing an older deployment)."""
     path = deployments_path(chain_id, directory)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,7 +23,7 @@ def write_deployments(chain_id: int, addresses: dict[str, str], block: int, dire
     return path
 
 
-def read_deployments(chain_id: int, directory: Path | None = None) -> dict[str, str]:
+def read_deployments(chain_id: int, directory: Path) -> dict[str, str]:
     """Addresses deployed on `chain_id`; a clear error says how to deploy when there are none."""
     path = deployments_path(chain_id, directory)
     try:

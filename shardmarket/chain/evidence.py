@@ -19,8 +19,8 @@ from shardmarket.ipfs.fetch import fetch_dag
 from shardmarket.ipfs.model import SHARD_OPTIONS
 from shardmarket.ipfs.unixfs import import_bytes, iter_file
 from shardmarket.chain.eip712 import Commitment, Domain, recover_commitment_signer, tensor_hash
-from shardmarket.net import wire
-from shardmarket.net.commitment import SignedCommitment
+from shardmarket.chain.commitment import SignedCommitment
+from shardmarket.engine.tensors import tensor_bytes
 
 MAX_EVIDENCE_BYTES = 256 * 2**20
 MAX_GATEWAY_HINTS = 4  # gateways a dispute's evidence reference may name
@@ -85,11 +85,11 @@ class Evidence:
             c = signed.commitment
             if c.step != step or c.request_id != self.challenged.commitment.request_id:
                 raise EvidenceError(f"commitment {step} is for another request or step")
-            if tensor_hash(wire.tensor_bytes(tensor)) != c.input_hash:
+            if tensor_hash(tensor_bytes(tensor)) != c.input_hash:
                 raise EvidenceError(f"input {step} is not what the node committed to")
             if recover_commitment_signer(c, signed.signature, domain).lower() != accused.lower():
                 raise EvidenceError(f"commitment {step} was not signed by the accused node {accused}")
-        if tensor_hash(wire.tensor_bytes(self.output)) != self.challenged.commitment.output_hash:
+        if tensor_hash(tensor_bytes(self.output)) != self.challenged.commitment.output_hash:
             raise EvidenceError("the answer is not what the node committed to")
 
 

@@ -9,25 +9,26 @@ import json
 import os
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from eth_account import Account
 
-from shardmarket.config import load_config
 from shardmarket.files import write_private
-from shardmarket.net.crypto import load_or_create_static_key, public_bytes
-from shardmarket.server.identity import NodeIdentity
 
 KEYSTORE_FILE = "account.json"
 X25519_FILE = "x25519.key"
 PASSWORD_ENV = "SHARDMARKET_PASSWORD"
+X25519_KEY_BYTES = 32
+DEFAULT_SCRYPT_N = 262144  # eth-account's default cost of a new keystore
 
 
 class KeystoreError(ValueError):
     """A keystore that is missing, exists already, or does not open with the password given."""
 
 
-def keys_dir(home: Path | None = None) -> Path:
-    return (home or load_config().home) / "keys"
+def keys_dir(home: Path) -> Path:
+    """Where the account of the SHARDMARKET_HOME `home` lives."""
+    return home / "keys"
 
 
 def read_password(password_file: Path | None = None, *, confirm: bool = False) -> str:
@@ -47,35 +48,33 @@ def read_password(password_file: Path | None = None, *, confirm: bool = False) -
     return password
 
 
-def save_account(private_key: bytes, password: str, directory: Path | None = None, *, scrypt_n: int | None = None) -> str:
+def save_account(private_key: bytes, password: str, directory: Path, *, scrypt_n: int = DEFAULT_SCRYPT_N) -> str:
     """Encrypt `private_key` into the keystore (refusing to overwrite one) and create the X25519 key; returns the address."""
-    directory = directory or keys_dir()
     path = directory / KEYSTORE_FILE
     exists = f"{path} exists already; move it away first to replace the account"
     if path.exists():
         raise KeystoreError(exists)
-    n = scrypt_n or load_config().chain.keystore_scrypt_n
-    keystore = Account.encrypt(private_key, password, kdf="scrypt", iterations=n)
+    keystore = Account.encrypt(private_key, password, kdf="scrypt", iterations=scrypt_n)
     try:
         write_private(path, json.dumps(keystore).encode())
     except FileExistsError:
         raise KeystoreError(exists) from None
-    load_or_create_static_key(directory / X25519_FILE)
+    load_or_create_x25519_key(directory / X25519_FILE)
     return Account.from_key(private_key).address
 
 
-def keystore_address(directory: Path | None = None) -> str:
+def keystore_address(directory: Path) -> str:
     """The account's address, read from the keystore without the password."""
-    path = (directory or keys_dir()) / KEYSTORE_FILE
+    path = directory / KEYSTORE_FILE
     try:
         return "0x" + json.loads(path.read_text())["address"].removeprefix("0x")
     except FileNotFoundError:
         raise KeystoreError(f"no account at {path}: create one with `shardmarket keys new` or `keys import`") from None
 
 
-def load_account(password: str, directory: Path | None = None):
+def load_account(password: str, directory: Path):
     """The decrypted account (eth-account LocalAccount)."""
-    path = (directory or keys_dir()) / KEYSTORE_FILE
+    path = directory / KEYSTORE_FILE
     try:
         keystore = json.loads(path.read_text())
     except FileNotFoundError:
@@ -86,15 +85,23 @@ def load_account(password: str, directory: Path | None = None):
         raise KeystoreError(f"the password does not open {path}") from None
 
 
-def x25519_key(directory: Path | None = None) -> X25519PrivateKey:
-    return load_or_create_static_key((directory or keys_dir()) / X25519_FILE)
+def x25519_key(directory: Path) -> X25519PrivateKey:
+    """The X25519 key beside the keystore, created on first use."""
+    return load_or_create_x25519_key(directory / X25519_FILE)
 
 
-def x25519_public(directory: Path | None = None) -> bytes:
-    return public_bytes(x25519_key(directory))
+def x25519_public(directory: Path) -> bytes:
+    """The 32 raw bytes of that key's public half (as NodeRegistry stores it)."""
+    return x25519_key(directory).public_key().public_bytes_raw()
 
 
-def load_identity(password: str, directory: Path | None = None) -> NodeIdentity:
-    """The node's identity (operator account + X25519 key) from the keystore."""
-    account = load_account(password, directory)
-    return NodeIdentity(bytes(account.key), account.address, x25519_key(directory))
+def load_or_create_x25519_key(path: Path) -> X25519PrivateKey:
+    """A long-term X25519 key, created (mode 0600) on first use."""
+    if path.exists():
+        raw = path.read_bytes()
+        if len(raw) != X25519_KEY_BYTES:
+            raise ValueError(f"{path} is not a 32-byte X25519 private key; move it away to create a new one")
+        return X25519PrivateKey.from_private_bytes(raw)
+    key = X25519PrivateKey.generate()
+    write_private(path, key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()))
+    return key

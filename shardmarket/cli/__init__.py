@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch (and its libgomp) loads: OpenMP threads sleep as soon as a step ends (shardmarket/server/worker.py says why)
+    # Before torch (and its libgomp) loads: OpenMP threads sleep as soon as a step ends (shardmarket/engine/openmp.py says why)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     return args.run(args)

@@ -40,33 +40,35 @@ def register(commands) -> None:
 
 
 def _has_keystore() -> bool:
-    from shardmarket.chain.keys import KEYSTORE_FILE, keys_dir
+    from shardmarket.chain.keys import KEYSTORE_FILE
+    from shardmarket.cli.keys import home_keys
 
-    return (keys_dir() / KEYSTORE_FILE).exists()
+    return (home_keys() / KEYSTORE_FILE).exists()
 
 
 async def _connect(args: argparse.Namespace):
     from shardmarket.client.generation import RemoteModel
-    from shardmarket.net.commitment import commitment_domain
+    from shardmarket.chain.commitment import commitment_domain
 
     config = load_config()
     checkpoint = args.checkpoint
     if checkpoint is None:
         from shardmarket.engine.models import default_model
 
-        checkpoint = await asyncio.to_thread(default_model)
+        checkpoint = await asyncio.to_thread(default_model, config.home / "models")
     urls = [u.strip() for u in args.nodes.split(",") if u.strip()] if args.nodes else config.client.nodes
     if not urls and _has_keystore():
         from shardmarket.chain.keys import load_account, read_password
+        from shardmarket.cli.keys import home_keys
         from shardmarket.client.market import connect_paid
 
-        account = load_account(read_password(args.password_file))
+        account = load_account(read_password(args.password_file), home_keys())
         return await connect_paid(checkpoint, config, account, args.model_id or checkpoint.name,
                                   transport=args.transport or config.client.transport, step_timeout_s=config.client.step_timeout_s)
     if not urls:
         raise SystemExit("error: no nodes known: pass --nodes http://HOST:PORT,... or set client.nodes in the config")
     return await RemoteModel.connect(
-        checkpoint, urls, commitment_domain(config), model_id=args.model_id,
+        checkpoint, urls, commitment_domain(config.chain.chain_id, config.chain.deployments_dir), model_id=args.model_id,
         transport=args.transport or config.client.transport, step_timeout_s=config.client.step_timeout_s,
     )
 

@@ -154,11 +154,11 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
 
     from shardmarket.chain.contracts import Market
     from shardmarket.chain.devchain import REPO, free_port
-    from shardmarket.devmarket import DevMarket
-    from shardmarket.engine.models import default_model
+    from shardmarket.cli.devmarket import DevMarket
+    from shardmarket.cli.engine import default_checkpoint
 
     started = time.monotonic()
-    checkpoint = default_model()
+    checkpoint = default_checkpoint()
     market = DevMarket(root)
     client_api: subprocess.Popen | None = None
     try:
@@ -182,7 +182,7 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
         with market.acting_as("client"):
             from shardmarket.config import load_config
 
-            chain = Market.connect(load_config())
+            chain = Market.connect(load_config().chain)
         before = _snapshot(chain, names)
         _say("starting the 4 node daemons (each fetches its shards by manifest CID)")
         for name, _, _ in NODES:

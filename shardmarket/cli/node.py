@@ -1,29 +1,21 @@
-"""`shardmarket node run`: serve a layer range of a local checkpoint to clients."""
+"""`shardmarket node run`: serve a layer range of a model, free (`--layers`) or paid, as this operator registered on
+chain; the other `node` commands come from `operator` and `reach`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import sys
 from pathlib import Path
 
 from shardmarket.cli import reach
-from shardmarket.cli.operator import add_operator_commands
-
+from shardmarket.cli.keys import home_keys
+from shardmarket.cli.operator import add_operator_commands, parse_layers
 from shardmarket.config import load_config
 
-DTYPE_NAMES = ["bfloat16", "float16", "float32"]  # shardmarket.net.wire.DTYPES, named without importing torch
-
-
-def parse_layers(text: str) -> tuple[int, int]:
-    """`A:B` -> (A, B): the half-open layer range [A, B)."""
-    try:
-        start, end = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"layers must look like 0:10 (start:end), got {text!r}") from None
-    if not 0 <= start < end:
-        raise argparse.ArgumentTypeError(f"layers {text}: need 0 <= start < end")
-    return start, end
+DTYPE_NAMES = ["bfloat16", "float16", "float32"]  # shardmarket.net.wire.DTYPES, named without importing torch (a test checks)
+TEST_FAULTS = ["wrong-shape", "equivocate", "forge-commitments"]
 
 
 def register(commands) -> None:
@@ -38,7 +30,7 @@ def register(commands) -> None:
     run.add_argument("--price", type=int, help="token units per token processed (config node.price)")
     run.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     run.add_argument("--threads", type=int, help="torch threads (config node.threads)")
-    run.add_argument("--test-fault", choices=["wrong-shape", "equivocate", "forge-commitments"], help="misbehave on purpose (for tests of clients)")
+    run.add_argument("--test-fault", choices=TEST_FAULTS, help="misbehave on purpose (for tests of clients and verifiers)")
     run.add_argument("--max-memory-mb", type=float, help="CPU memory for this node's weights; what does not fit is offloaded to disk")
     run.add_argument("--offload-folder", type=Path, help="folder for weights that do not fit in --max-memory-mb")
     run.add_argument("--cheat-noise", type=float, default=0.0, help="add noise of this scale to every answer (demo of a dishonest node)")
@@ -49,56 +41,36 @@ def register(commands) -> None:
 
 
 def run_node(args: argparse.Namespace) -> int:
-    import torch
-
+    """Build the daemon from the arguments and the config, and serve until SIGINT/SIGTERM."""
+    from shardmarket.chain.contracts import ChainError
+    from shardmarket.chain.keys import KeystoreError, read_password
     from shardmarket.engine.errors import EngineError
-    from shardmarket.net.wire import DTYPES
-    from shardmarket.server.app import NodeSettings, load_service, serve
-    from shardmarket.server.service import Fault
+    from shardmarket.ipfs.model import ModelError
+    from shardmarket.server.daemon import ServeOptions, build_daemon
+    from shardmarket.server.faults import Fault
+    from shardmarket.server.identity import load_identity
 
-    if args.layers is None:
-        from shardmarket.cli.operator import run_market_node
-
-        return run_market_node(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = load_config()
-    threads = args.threads if args.threads is not None else config.node.threads
-    if threads:
-        torch.set_num_threads(threads)  # the compute thread sets it too (NodeSettings.threads)
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        from shardmarket.engine.models import default_model
-
-        checkpoint = default_model()
-    if not (checkpoint / "config.json").exists():
-        print(f"error: {checkpoint} is not a checkpoint folder (no config.json); pass --checkpoint DIR")
-        return 2
-    port = args.port if args.port is not None else config.node.port
-    settings = NodeSettings(
-        checkpoint=checkpoint,
-        start=args.layers[0],
-        end=args.layers[1],
-        model_id=args.model_id or checkpoint.name,
-        host=args.host or config.node.host,
-        port=port,
-        tcp_port=args.tcp_port if args.tcp_port is not None else (config.node.tcp_port or port + 1),
-        price=args.price if args.price is not None else config.node.price,
-        dtype=DTYPES[args.dtype],
-        fault=Fault(wrong_shape=args.test_fault == "wrong-shape", noise=args.cheat_noise,
-                    forge_commitments=args.test_fault == "forge-commitments"),
-        max_memory_mb=args.max_memory_mb,
-        offload_folder=args.offload_folder,
-        threads=threads or 0,
+    fault = Fault(wrong_shape=args.test_fault == "wrong-shape", noise=args.cheat_noise,
+                  equivocate=args.test_fault == "equivocate", forge_commitments=args.test_fault == "forge-commitments")
+    options = ServeOptions(
+        layers=args.layers, checkpoint=args.checkpoint, model_id=args.model_id, host=args.host, port=args.port,
+        tcp_port=args.tcp_port, price=args.price, dtype=args.dtype, threads=args.threads, max_memory_mb=args.max_memory_mb,
+        offload_folder=args.offload_folder, fault=fault,
     )
-    print(f"loading layers {settings.start}:{settings.end} of {checkpoint}", flush=True)
     try:
-        service = load_service(settings, config)
-    except (EngineError, ValueError, OSError) as exc:
-        print(f"error: cannot load layers {settings.start}:{settings.end} of {checkpoint}: {exc}")
+        identity = None if options.layers else load_identity(read_password(args.password_file), home_keys())
+        daemon = build_daemon(options, load_config(), identity)
+    except (ChainError, KeystoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (EngineError, ModelError, ValueError, OSError) as exc:
+        print(f"error: cannot load the node's layers: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(service, settings))
+        asyncio.run(daemon.run())
     except OSError as exc:
-        print(f"error: cannot listen on {settings.host}:{settings.port}/{settings.tcp_port}: {exc}; pick free ports with --port/--tcp-port")
+        print(f"error: cannot listen on {daemon.host}:{daemon.port}/{daemon.tcp_port}: {exc}; pick free ports with "
+              "--port/--tcp-port", file=sys.stderr)
         return 2
     return 0

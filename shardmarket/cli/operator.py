@@ -1,19 +1,15 @@
-"""`shardmarket node register|update|pause|unpause|status|earnings|redeem|unbond|withdraw`, and `node run`
-without --layers: serve what the chain says this operator registered, paid per step."""
+"""`shardmarket node register|update|pause|unpause|status|earnings|redeem|unbond|withdraw`: the operator's side of
+the chain."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import sys
 from collections.abc import Iterable
-from pathlib import Path
-from urllib.parse import urlparse
 
 from shardmarket.chain.contracts import ChainError, Market
-from shardmarket.chain.keys import KeystoreError, load_account, load_identity, read_password, x25519_public
-from shardmarket.cli.keys import add_password_file
+from shardmarket.chain.keys import KeystoreError, load_account, read_password, x25519_public
+from shardmarket.cli.keys import add_password_file, home_keys
 from shardmarket.config import load_config
 
 
@@ -32,17 +28,13 @@ def parse_amount(text: str) -> int:
     return value
 
 
-def tabs_path(config) -> Path:
-    return config.node.data_dir / "tabs.sqlite"
-
-
 def connect(args: argparse.Namespace) -> Market:
     """The market with this home's account unlocked."""
-    account = load_account(read_password(getattr(args, "password_file", None)))
-    return Market.connect(load_config(), account)
+    account = load_account(read_password(getattr(args, "password_file", None)), home_keys())
+    return Market.connect(load_config().chain, account)
 
 
-def _run(handler):
+def chain_command(handler):
     """Wrap a command so chain and keystore errors print one clear line and exit 1."""
 
     def run(args: argparse.Namespace) -> int:
@@ -55,7 +47,7 @@ def _run(handler):
     return run
 
 
-def _tx(what: str, receipt: dict) -> None:
+def print_tx(what: str, receipt: dict) -> None:
     print(f"{what}: tx {receipt['transactionHash'].hex()} ({receipt['gasUsed']} gas)", flush=True)
 
 
@@ -68,7 +60,7 @@ def add_operator_commands(group) -> None:
     reg.add_argument("--stake", type=parse_amount, required=True, help="token units to stake now (with what is staked: at least the minimum)")
     reg.add_argument("--endpoint", help="URL clients reach this node at (default: http://node.host:node.port)")
     add_password_file(reg)
-    reg.set_defaults(run=_run(cmd_register))
+    reg.set_defaults(run=chain_command(cmd_register))
 
     upd = group.add_parser("update", help="change price, endpoint, layers or model of the registration")
     upd.add_argument("--model")
@@ -76,7 +68,7 @@ def add_operator_commands(group) -> None:
     upd.add_argument("--price", type=parse_amount)
     upd.add_argument("--endpoint")
     add_password_file(upd)
-    upd.set_defaults(run=_run(cmd_update))
+    upd.set_defaults(run=chain_command(cmd_update))
 
     for name, helptext, handler in (
         ("pause", "stop being listed (keeps the registration)", cmd_pause),
@@ -88,16 +80,25 @@ def add_operator_commands(group) -> None:
     ):
         sub = group.add_parser(name, help=helptext)
         add_password_file(sub)
-        sub.set_defaults(run=_run(handler))
+        sub.set_defaults(run=chain_command(handler))
     unbond = group.add_parser("unbond", help="start unbonding stake (withdraw after the delay)")
     unbond.add_argument("amount", type=parse_amount)
     add_password_file(unbond)
-    unbond.set_defaults(run=_run(cmd_unbond))
+    unbond.set_defaults(run=chain_command(cmd_unbond))
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    """`A:B` -> (A, B): the half-open layer range [A, B)."""
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers must look like 0:10 (start:end), got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"layers {text}: need 0 <= start < end")
+    return start, end
 
 
 def _layers(text: str) -> tuple[int, int]:
-    from shardmarket.cli.node import parse_layers
-
     try:
         return parse_layers(text)
     except argparse.ArgumentTypeError as exc:
@@ -133,13 +134,13 @@ def cmd_register(args: argparse.Namespace) -> None:
         raise ChainError(f"too few tokens to stake {args.stake}: {me} holds {held}")
     print(f"registering {me} for layers {start}:{end} of {args.model} at {args.price} per token", flush=True)
     if args.stake:
-        _tx("approve", market.transact(market.token.functions.approve(market.addresses["StakeManager"], args.stake), "approving the stake"))
-        _tx(f"stake {args.stake}", market.transact(market.stake.functions.stake(args.stake), "staking"))
-    key = x25519_public()
+        print_tx("approve", market.transact(market.token.functions.approve(market.addresses["StakeManager"], args.stake), "approving the stake"))
+        print_tx(f"stake {args.stake}", market.transact(market.stake.functions.stake(args.stake), "staking"))
+    key = x25519_public(home_keys())
     receipt = market.transact(
         market.registry.functions.register(model_id, start, end, args.price, key, [_endpoint(args)]), "registering the node"
     )
-    _tx(f"register at {_endpoint(args)}", receipt)
+    print_tx(f"register at {_endpoint(args)}", receipt)
 
 
 def cmd_update(args: argparse.Namespace) -> None:
@@ -152,18 +153,18 @@ def cmd_update(args: argparse.Namespace) -> None:
         model_id = _check_model(market, args.model, start, end)
     price = args.price if args.price is not None else price
     endpoints = [args.endpoint] if args.endpoint else list(endpoints)
-    call = market.registry.functions.update(model_id, start, end, price, x25519_public(), endpoints)
-    _tx("update", market.transact(call, "updating the registration"))
+    call = market.registry.functions.update(model_id, start, end, price, x25519_public(home_keys()), endpoints)
+    print_tx("update", market.transact(call, "updating the registration"))
 
 
 def cmd_pause(args: argparse.Namespace) -> None:
     market = connect(args)
-    _tx("pause", market.transact(market.registry.functions.pause(), "pausing"))
+    print_tx("pause", market.transact(market.registry.functions.pause(), "pausing"))
 
 
 def cmd_unpause(args: argparse.Namespace) -> None:
     market = connect(args)
-    _tx("unpause", market.transact(market.registry.functions.unpause(), "unpausing"))
+    print_tx("unpause", market.transact(market.registry.functions.unpause(), "unpausing"))
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -187,11 +188,11 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def cmd_earnings(args: argparse.Namespace) -> None:
     from shardmarket.server.settlement import sync_paid_vectors
-    from shardmarket.server.tabs import TabStore
+    from shardmarket.server.tabs import TabStore, tab_store_path
 
     market = connect(args)
     me = market.address
-    store = TabStore(tabs_path(load_config()), me)
+    store = TabStore(tab_store_path(load_config().node.data_dir), me)
     sync_paid_vectors(market, store)
     rows = store.all()
     print(f"{'client':44} {'tab':>6} {'served':>14} {'promised':>14} {'redeemed':>14} {'pending':>14}")
@@ -210,111 +211,27 @@ def _print_claims(claims: Iterable) -> None:
 
 def cmd_redeem(args: argparse.Namespace) -> None:
     from shardmarket.server.settlement import settle_pending
-    from shardmarket.server.tabs import TabStore
+    from shardmarket.server.tabs import TabStore, tab_store_path
 
     market = connect(args)
     me = market.address
-    store = TabStore(tabs_path(load_config()), me)
+    store = TabStore(tab_store_path(load_config().node.data_dir), me)
     claimed = set(store.claims())
     for r in settle_pending(market, store):
         print(f"settled {r.tabs} client tab(s), {r.paid} to this node: tx {r.tx} ({r.gas} gas)")
     _print_claims(c for c in store.claims() if c not in claimed)
     earnings = market.read(market.escrow.functions.earningsOf(me))
     if earnings:
-        _tx(f"withdraw earnings {earnings} to {me}", market.transact(market.escrow.functions.withdrawEarnings(me), "withdrawing earnings"))
+        print_tx(f"withdraw earnings {earnings} to {me}", market.transact(market.escrow.functions.withdrawEarnings(me), "withdrawing earnings"))
     else:
         print("no earnings to withdraw")
 
 
 def cmd_unbond(args: argparse.Namespace) -> None:
     market = connect(args)
-    _tx(f"unbond {args.amount}", market.transact(market.stake.functions.unbond(args.amount), "unbonding"))
+    print_tx(f"unbond {args.amount}", market.transact(market.stake.functions.unbond(args.amount), "unbonding"))
 
 
 def cmd_withdraw(args: argparse.Namespace) -> None:
     market = connect(args)
-    _tx("withdraw stake", market.transact(market.stake.functions.withdraw(), "withdrawing stake"))
-
-
-def run_market_node(args: argparse.Namespace) -> int:
-    """`node run` from the chain: registration, shards by manifest CID, payments and settlement."""
-    return _run(_run_market_node)(args)
-
-
-def _run_market_node(args: argparse.Namespace) -> int:
-    import torch
-
-    from shardmarket.ipfs.model import ModelError, fetch_model
-    from shardmarket.chain.watch import BlockWatch
-    from shardmarket.cli.ipfs import local_store
-    from shardmarket.net.wire import DTYPES
-    from shardmarket.server.app import NodeSettings, load_service, serve
-    from shardmarket.server.payments import PaymentGate
-    from shardmarket.server.service import Fault
-    from shardmarket.server.settlement import Settler, settle_pending
-    from shardmarket.server.tabs import TabStore
-    from shardmarket.server.verifier import VerifierDuty
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = load_config()
-    identity = load_identity(read_password(args.password_file))
-    from eth_account import Account
-
-    market = Market.connect(config, Account.from_key(identity.operator_key))
-    me = identity.operator
-    _, paused, start, end, price, model_id, key, endpoints = market.read(
-        market.registry.functions.getNode(me), "reading this node's registration"
-    )
-    if bytes(key) != identity.x25519_public:
-        raise ChainError("the X25519 key on chain is not this node's key; run `shardmarket node update`")
-    _, layer_count, _, name, manifest = market.read(market.models.functions.getModel(model_id))
-    threads = args.threads if args.threads is not None else config.node.threads
-    if threads:
-        torch.set_num_threads(threads)  # the compute thread sets it too (NodeSettings.threads)
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        dest = config.node.data_dir / "shards" / f"{manifest}-{start}-{end}"
-        print(f"fetching layers {start}:{end} of {name} (manifest {manifest})", flush=True)
-        try:
-            checkpoint = fetch_model(manifest, (start, end), dest, config.ipfs.gateways, store=local_store(), progress=sys.stderr.isatty())
-        except (ModelError, OSError) as exc:
-            raise ChainError(f"cannot fetch the shards of {name}: {exc}") from None
-    url = urlparse(endpoints[0])
-    port = args.port if args.port is not None else (url.port or config.node.port)
-    settings = NodeSettings(
-        checkpoint=checkpoint, start=start, end=end, model_id=name, host=args.host or config.node.host, port=port,
-        tcp_port=args.tcp_port if args.tcp_port is not None else (config.node.tcp_port or port + 1), price=price,
-        dtype=DTYPES[args.dtype], fault=Fault(noise=args.cheat_noise, equivocate=args.test_fault == "equivocate"),
-        max_memory_mb=args.max_memory_mb, offload_folder=args.offload_folder, threads=threads or 0,
-    )
-    store = TabStore(tabs_path(config), me)
-    settler: Settler | None = None
-
-    async def spendable(client: str) -> int:
-        return await settler.spendable(client)
-
-    gate = PaymentGate(store, me, price, market.escrow_domain(), config.node.credit_limit or 64 * price, spendable)
-    settler = Settler(market, store, gate, interval_s=config.node.redeem_interval_s, min_value=config.node.redeem_min_value)
-    print(f"loading layers {start}:{end} of {name} ({'paused, not listed' if paused else 'listed'}), price {price}", flush=True)
-    service = load_service(settings, config, identity=identity, payments=gate)
-    duty = VerifierDuty(market, service.worker, local_store(), config.ipfs.gateways, config.node.dispute_tolerance,
-                        state_path=config.node.data_dir / "verifier.json")
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        watch = BlockWatch(config.chain.rpc_url, steps_served=lambda: service.steps_served)
-        tasks = [loop.create_task(settler.run(watch)), loop.create_task(duty.run(watch))]
-        try:
-            await serve(service, settings)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await watch.close()
-            try:
-                await asyncio.to_thread(settle_pending, market, store, gate)
-            except ChainError as exc:
-                print(f"could not settle at shutdown ({exc}); run `shardmarket node redeem` later", flush=True)
-
-    asyncio.run(main())
-    return 0
+    print_tx("withdraw stake", market.transact(market.stake.functions.withdraw(), "withdrawing stake"))

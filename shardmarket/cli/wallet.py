@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from shardmarket.cli.keys import add_password_file
-from shardmarket.cli.operator import _run, _tx, connect, parse_amount
+from shardmarket.cli.operator import chain_command, print_tx, connect, parse_amount
 
 
 def add_wallet_commands(group) -> None:
@@ -13,21 +13,21 @@ def add_wallet_commands(group) -> None:
     deposit = group.add_parser("deposit", help="deposit tokens into the escrow that pays nodes")
     deposit.add_argument("amount", type=parse_amount, help="token units")
     add_password_file(deposit)
-    deposit.set_defaults(run=_run(cmd_deposit))
+    deposit.set_defaults(run=chain_command(cmd_deposit))
     balance = group.add_parser("balance", help="escrow balance, pending withdrawal and wallet tokens")
     add_password_file(balance)
-    balance.set_defaults(run=_run(cmd_balance))
+    balance.set_defaults(run=chain_command(cmd_balance))
     withdraw = group.add_parser("withdraw", help="request a withdrawal (nodes redeem first), or --complete it after the timelock")
     withdraw.add_argument("amount", type=parse_amount, nargs="?", help="token units to request")
     withdraw.add_argument("--complete", action="store_true", help="withdraw the requested amount once the timelock has passed")
     add_password_file(withdraw)
-    withdraw.set_defaults(run=_run(cmd_withdraw))
+    withdraw.set_defaults(run=chain_command(cmd_withdraw))
 
 
 def cmd_deposit(args: argparse.Namespace) -> None:
     market = connect(args)
-    _tx("approve", market.transact(market.token.functions.approve(market.addresses["PaymentEscrow"], args.amount), "approving the deposit"))
-    _tx(f"deposit {args.amount}", market.transact(market.escrow.functions.deposit(market.address, args.amount), "depositing"))
+    print_tx("approve", market.transact(market.token.functions.approve(market.addresses["PaymentEscrow"], args.amount), "approving the deposit"))
+    print_tx(f"deposit {args.amount}", market.transact(market.escrow.functions.deposit(market.address, args.amount), "depositing"))
 
 
 def cmd_balance(args: argparse.Namespace) -> None:
@@ -45,9 +45,9 @@ def cmd_balance(args: argparse.Namespace) -> None:
 def cmd_withdraw(args: argparse.Namespace) -> None:
     market = connect(args)
     if args.complete:
-        _tx("withdraw", market.transact(market.escrow.functions.withdraw(), "withdrawing"))
+        print_tx("withdraw", market.transact(market.escrow.functions.withdraw(), "withdrawing"))
     elif args.amount:
         receipt = market.transact(market.escrow.functions.requestWithdrawal(args.amount), "requesting a withdrawal")
-        _tx(f"withdrawal of {args.amount} requested (complete it with --complete after the timelock)", receipt)
+        print_tx(f"withdrawal of {args.amount} requested (complete it with --complete after the timelock)", receipt)
     else:
         raise SystemExit("error: give an AMOUNT to request, or --complete")

@@ -21,7 +21,7 @@ from shardmarket.chain.evidence import Evidence, publish, relative_difference
 from shardmarket.client.routing import NodeInfo
 from shardmarket.client.session import InferenceSession, NodeFailure
 from shardmarket.net import wire
-from shardmarket.net.commitment import SignedCommitment
+from shardmarket.chain.commitment import SignedCommitment
 
 log = logging.getLogger("shardmarket.audit")
 

@@ -15,9 +15,9 @@ from shardmarket.client.failures import RecentFailures
 from shardmarket.client.routing import NodeInfo, RouteError, discover, plan_route
 from shardmarket.client.session import CommitmentSink, HopTiming, InferenceSession, Presign, TabSource
 from shardmarket.engine.head import Head
+from shardmarket.engine.openmp import PASSIVE_OPENMP
 from shardmarket.engine.sampling import CONFIRM, LAYERS, SamplingParams, generate, generation_steps
 from shardmarket.net.channel import ChannelPool
-from shardmarket.server.worker import PASSIVE_OPENMP
 
 _DONE = object()
 
@@ -107,7 +107,7 @@ class RemoteModel:
     async def _generate_here(self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
         """Generate on the event loop's thread: no hand-off to a generating thread and back per token (two thread
         wake-ups). The head then holds the loop for a few ms per token, which is fine while no other stream runs;
-        OpenMP does not mind a second team with OMP_WAIT_POLICY=PASSIVE (see shardmarket/server/worker.py)."""
+        OpenMP does not mind a second team with OMP_WAIT_POLICY=PASSIVE (see shardmarket/engine/openmp.py)."""
         steps = generation_steps(self.head, prompt_ids, params, confirming=True)
         answer = None
         while True:
@@ -160,7 +160,7 @@ class RemoteModel:
 
 async def in_passing_thread(fn, *args):
     """Run `fn` in a thread that ends afterwards: its OpenMP team goes with it, so that only the threads that generate
-    hold one (see shardmarket/server/worker.py)."""
+    hold one (see shardmarket/engine/openmp.py)."""
     executor = ThreadPoolExecutor(max_workers=1)
     try:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)

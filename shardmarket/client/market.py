@@ -57,7 +57,7 @@ async def chain_nodes(market: Market, model_name: str) -> list[NodeInfo]:
 
 async def connect_paid(checkpoint: Path, config: Config, account, model_name: str, **kwargs) -> RemoteModel:
     """A RemoteModel over the chain's nodes of `model_name`, paying with `account`'s escrow deposit."""
-    market = await asyncio.to_thread(Market.connect, config, account)
+    market = await asyncio.to_thread(Market.connect, config.chain, account)
     head = await in_passing_thread(Head.load, checkpoint)
     nodes = await chain_nodes(market, model_name)
     payer = Payer(account, market.escrow_domain(), config.home / "client" / "ledger.sqlite")

@@ -15,7 +15,7 @@ from cchecksum import to_checksum_address
 from shardmarket.chain.eip712 import (
     MAX_ENTRIES, Domain, Entry, Tab, UsageRecord, chain_usage_hash, encode_settlement, sign_tab, signing_key,
 )
-from shardmarket.net.commitment import SignedCommitment
+from shardmarket.chain.commitment import SignedCommitment
 
 ZERO32 = bytes(32)
 SCHEMA = """

@@ -22,11 +22,12 @@ import torch
 from shardmarket.chain.eip712 import Domain, tensor_hash
 from shardmarket.net import wire
 from shardmarket.net.channel import ChannelPool, SecureChannel, client_handshake, close_quietly, open_transport
-from shardmarket.net.commitment import CommitmentError, SignedCommitment, check_commitment
+from shardmarket.chain.commitment import CommitmentError, SignedCommitment, check_commitment
 from shardmarket.net.crypto import DecryptError
 from shardmarket.net.wire import Message, WireError
 from shardmarket.client.failures import RecentFailures
 from shardmarket.client.routing import NodeInfo, RouteError, plan_route
+from shardmarket.engine.tensors import tensor_bytes
 
 log = logging.getLogger("shardmarket.client")
 
@@ -257,7 +258,7 @@ class InferenceSession:
             sent, payload = previous.reply.tensor, previous.reply.payload
         else:
             sent = hidden if hidden.dtype == dtype else hidden.to(dtype)
-            payload = wire.tensor_bytes(sent)
+            payload = tensor_bytes(sent)
         fields = self._fields(position)
         started = time.perf_counter()
         await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
@@ -355,7 +356,7 @@ class InferenceSession:
         sent = []
         for step, (position, hidden) in enumerate(inputs):
             tensor = hidden.to(wire.DTYPES[hop.node.dtype]).contiguous()
-            payload = wire.tensor_bytes(tensor)
+            payload = tensor_bytes(tensor)
             fields = self._fields(position)
             await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, tensor, payload))
             sent.append((tensor, payload))

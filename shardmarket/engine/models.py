@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from shardmarket.config import load_config
 from shardmarket.engine.architecture import FAMILIES, family_of
 from shardmarket.engine.errors import EngineError
 from shardmarket.engine.tokenizer import byte_level_tokenizer
@@ -117,9 +116,9 @@ def default_gguf() -> Path:
     return found[0]
 
 
-def default_model(dest_root: Path | None = None) -> Path:
-    """SmolLM2-135M-Instruct as a safetensors checkpoint under <home>/models, imported from its GGUF the first time."""
-    dest = Path(dest_root or load_config().home / "models") / DEFAULT_MODEL
+def default_model(models_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct as a safetensors checkpoint under `models_dir`, imported from its GGUF the first time."""
+    dest = Path(models_dir) / DEFAULT_MODEL
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest.parent / f".{DEFAULT_MODEL}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # processes starting together import it once

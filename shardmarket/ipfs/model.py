@@ -164,15 +164,11 @@ def load_manifest(store: Blockstore, manifest_cid: str, gateways: list[str] = ()
     return manifest
 
 
-def fetch_model(manifest_cid: str, layers: tuple[int, int], dest: Path, gateways: list[str] = (), *,
-                store: Blockstore | None = None, head: bool = False, progress: bool = True) -> Path:
+def fetch_model(manifest_cid: str, layers: tuple[int, int], dest: Path, gateways: list[str], *,
+                store: Blockstore, head: bool = False, progress: bool = True) -> Path:
     """Write a checkpoint folder with config.json and only the shards of layers [start, end) (+ head).
 
-    Fetched shards are pinned in `store` (default: the configured blockstore), so this node can serve them."""
-    if store is None:
-        from shardmarket.config import load_config
-
-        store = Blockstore(load_config().ipfs.store)
+    Fetched shards are pinned in `store`, so this node can serve them."""
     manifest = load_manifest(store, manifest_cid, gateways, progress)
     start, end = layers
     if not 0 <= start < end <= manifest["num_layers"]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shardmarket.files import write_private
 
 PROTOCOL = b"shardmarket-session-v1"
 KEY_BYTES = 32
@@ -41,18 +39,6 @@ def load_public_key(raw: bytes) -> X25519PublicKey:
     if not isinstance(raw, (bytes, bytearray)) or len(raw) != KEY_BYTES:
         raise ValueError(f"an X25519 public key is {KEY_BYTES} bytes")
     return X25519PublicKey.from_public_bytes(bytes(raw))
-
-
-def load_or_create_static_key(path: Path) -> X25519PrivateKey:
-    """The node's long-term X25519 key, created (mode 0600) on first use."""
-    if path.exists():
-        raw = path.read_bytes()
-        if len(raw) != KEY_BYTES:
-            raise ValueError(f"{path} is not a 32-byte X25519 private key; move it away to create a new one")
-        return X25519PrivateKey.from_private_bytes(raw)
-    key = X25519PrivateKey.generate()
-    write_private(path, key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()))
-    return key
 
 
 class _Direction:

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
-from shardmarket.config import Config
 from shardmarket.net import stun
 from shardmarket.net.natpmp import NatPmpMapper
 from shardmarket.net.pcp import PcpMapper, UnsupportedVersion
@@ -82,13 +81,6 @@ class Reachability:
         self.relay: RelayClient | None = None
         self.report = Report()
         self.on_endpoint_change = on_endpoint_change
-
-    @classmethod
-    def from_config(cls, config: Config, port: int | None = None, **kw) -> Reachability:
-        """The node daemon's way in: settings from [reach], the port from [node] unless given."""
-        reach = config.reach
-        return cls(port or config.node.port, stun_servers=reach.stun_servers, relays=reach.relays,
-                   methods=reach.methods, lease_s=reach.lease_s, refresh_s=reach.refresh_s, **kw)
 
     def _moved(self, endpoint: str) -> None:
         """The router or relay handed out a new public address: the registered endpoint must follow."""

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import msgpack
 import torch
 
+from shardmarket.engine.tensors import tensor_bytes
+
 WIRE_VERSION = 1
 _U32 = struct.Struct(">I")
 
@@ -68,13 +70,6 @@ class Message:
     fields: dict = field(default_factory=dict)
     tensor: torch.Tensor | None = None
     payload: bytes = b""  # the tensor's bytes exactly as they travelled (hashed into commitments)
-
-
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The raw little-endian bytes of a tensor in C order, as they travel."""
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: travel as its 16-bit patterns
-        tensor = tensor.contiguous().view(torch.int16)
-    return tensor.numpy(force=True).tobytes()
 
 
 def encode(message: Message) -> bytes:

@@ -1,4 +1,5 @@
-"""A node's keys under `<home>/node`: the operator account (signs commitments) and the X25519 session key."""
+"""A node's keys: the operator account (signs commitments) and the X25519 session key, from the account's keystore
+(a paid node) or from `<data_dir>` (a free node, created on first start)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from eth_account import Account
 
 from shardmarket.chain.eip712 import signing_key
+from shardmarket.chain.keys import load_account, load_or_create_x25519_key, x25519_key
 from shardmarket.files import write_private
-from shardmarket.net.crypto import load_or_create_static_key, public_bytes
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,13 @@ class NodeIdentity:
 
     @property
     def x25519_public(self) -> bytes:
-        return public_bytes(self.x25519)
+        return self.x25519.public_key().public_bytes_raw()
+
+
+def load_identity(password: str, directory: Path) -> NodeIdentity:
+    """The node's identity from the keystore in `directory` (the operator account and the X25519 key beside it)."""
+    account = load_account(password, directory)
+    return NodeIdentity(bytes(account.key), account.address, x25519_key(directory))
 
 
 def load_or_create_identity(data_dir: Path) -> NodeIdentity:
@@ -45,4 +52,4 @@ def load_or_create_identity(data_dir: Path) -> NodeIdentity:
     else:
         account = Account.create()
         write_private(path, account.key.hex().encode())
-    return NodeIdentity(bytes(account.key), account.address, load_or_create_static_key(data_dir / "x25519.key"))
+    return NodeIdentity(bytes(account.key), account.address, load_or_create_x25519_key(data_dir / "x25519.key"))

@@ -17,20 +17,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shardmarket.chain.eip712 import Domain, signing_key, tensor_hash
+from shardmarket.chain.eip712 import Domain, tensor_hash
 from shardmarket.engine.errors import CapacityError, EngineError, ShapeError, UnknownSession
 from shardmarket.net import wire
 from shardmarket.net.channel import HANDSHAKE_CONFIRM, ChannelClosed, SecureChannel, Transport
-from shardmarket.net.commitment import SignedCommitment, commit
+from shardmarket.chain.commitment import SignedCommitment, commit
 from shardmarket.net.crypto import DecryptError, node_handshake
 from shardmarket.net.wire import Limits, Message, StreamDesync, WireError
 from shardmarket.server.identity import NodeIdentity
 from shardmarket.server.payments import OnCredit, PaymentGate, PaymentRefused, charged
 from shardmarket.server.worker import StageWorker
+from shardmarket.engine.tensors import tensor_bytes
 
 log = logging.getLogger("shardmarket.node")
 CACHED_STEPS = 4  # answers kept per session for retries
-FORGED_FROM_STEP = 3  # Fault.forge_commitments
 RETIRED_REQUESTS = 1 << 16  # closed request ids remembered (about 5 MB)
 MAX_BAD_FRAMES = 8  # frames failing authentication before the node hangs up
 MAX_TAB_BYTES = 2048  # the client's signed tab riding on a step (123 bytes + 36 per node, at most 32 nodes)
@@ -71,18 +71,6 @@ class _Session:
         return self.request_id.hex()
 
 
-@dataclass(frozen=True)
-class Fault:
-    """Deliberate misbehaviour for tests: `wrong_shape` drops the last hidden unit of every answer, `noise` adds
-    Gaussian noise of that scale to every answer, `equivocate` answers a retried step with a different output,
-    `forge_commitments` signs the commitments of a session's steps from `FORGED_FROM_STEP` on with a wrong key."""
-
-    wrong_shape: bool = False
-    noise: float = 0.0
-    equivocate: bool = False
-    forge_commitments: bool = False
-
-
 class NodeService:
     """Everything a node does per connection; transports (TCP, WebSocket) hand it their frames."""
 
@@ -94,13 +82,11 @@ class NodeService:
         *,
         limits: Limits = wire.DEFAULT_LIMITS,
         idle_timeout_s: float = 300.0,
-        fault: Fault = Fault(),
         payments: PaymentGate | None = None,
     ) -> None:
         self.worker, self.identity, self.domain, self.limits = worker, identity, domain, limits
         self.stage = worker.stage
         self.idle_timeout_s = idle_timeout_s
-        self.fault = fault
         self.payments = payments
         self.sessions: dict[bytes, _Session] = {}
         self.draining = False
@@ -207,10 +193,7 @@ class NodeService:
     def _commitment(self, answer: _Answer) -> Message:
         """The commitment frame of `answer`, signed on first use."""
         if answer.signed is None:
-            signer = self.identity.signer
-            if self.fault.forge_commitments and answer.step >= FORGED_FROM_STEP:
-                signer = signing_key(bytes(range(1, 33)))
-            answer.signed = commit(signer, answer.request_id, answer.step, answer.input_hash, answer.payload, self.domain)
+            answer.signed = commit(self.identity.signer, answer.request_id, answer.step, answer.input_hash, answer.payload, self.domain)
         return Message(wire.COMMIT, answer.request_id, answer.step, answer.signed.to_fields())
 
     def _check_request_id(self, message: Message) -> bytes:
@@ -314,9 +297,6 @@ class NodeService:
             raise StepRefused("step_too_old", f"step {message.step} was answered and is no longer cached; open a new session")
         if message.tensor is None or tensor_hash(message.payload) != answer.input_hash:
             raise StepRefused("conflict", f"step {message.step} was already answered for a different input; open a new session")
-        if self.fault.equivocate:
-            output = (answer.output + 1e-2).contiguous()
-            return _Answer(answer.request_id, answer.step, answer.input_hash, output, wire.tensor_bytes(output), answer.compute_us)
         return answer
 
     def _check_input(self, session: _Session, message: Message) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,12 +326,8 @@ class NodeService:
             raise StepRefused("unknown_session", "the session expired on this node; open it again and replay") from None
         except (ShapeError, EngineError) as exc:
             raise StepRefused("engine", f"the engine refused the step: {exc}") from None
-        if self.fault.wrong_shape:
-            output = output[..., :-1]
-        if self.fault.noise:
-            output = output + self.fault.noise * torch.randn_like(output)
         output = output.contiguous()
-        payload = wire.tensor_bytes(output)
+        payload = tensor_bytes(output)
         answer = _Answer(session.request_id, message.step, tensor_hash(message.payload), output, payload, int(compute_s * 1e6))
         session.answers[message.step] = answer
         while len(session.answers) > CACHED_STEPS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import requests
@@ -168,6 +169,18 @@ def settle_pending(market: Market, store: TabStore, gate: PaymentGate | None = N
     return done
 
 
+def escrow_balance_reader(market: Market) -> Callable[[str], Awaitable[int]]:
+    """What the payment gate asks about a client it has not seen yet: its spendable escrow balance, read off the loop."""
+
+    async def spendable(client: str) -> int:
+        try:
+            return await asyncio.to_thread(market.read, market.escrow.functions.spendableOf(client), "reading a balance")
+        except ChainError as exc:
+            raise PaymentRefused("chain_unreachable", f"cannot check the client's escrow balance: {exc}") from None
+
+    return spendable
+
+
 class Settler:
     """The node daemon's settlement loop; chain errors are logged and retried, never fatal."""
 
@@ -177,13 +190,6 @@ class Settler:
         self.interval_s, self.min_value, self.tick_s = interval_s, min_value, tick_s
         self.settlements: list[Settlement] = []
         self._from_block: int | None = None
-
-    async def spendable(self, client: str) -> int:
-        """The client's spendable escrow balance (for the payment gate)."""
-        try:
-            return await asyncio.to_thread(self.market.read, self.market.escrow.functions.spendableOf(client), "reading a balance")
-        except ChainError as exc:
-            raise PaymentRefused("chain_unreachable", f"cannot check the client's escrow balance: {exc}") from None
 
     def _withdrawing_clients(self, latest: int) -> set[str]:
         start = latest if self._from_block is None else self._from_block

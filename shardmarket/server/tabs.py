@@ -33,6 +33,11 @@ CREATE TABLE IF NOT EXISTS claims (
 """
 
 
+def tab_store_path(data_dir: Path) -> Path:
+    """Where a node with data folder `data_dir` keeps its tabs."""
+    return data_dir / "tabs.sqlite"
+
+
 @dataclass(frozen=True)
 class LoweringClaim:
     """What this node's claimLowered calls collected on the client's tab `promised_seq` against its lowering tab

@@ -1,33 +1,19 @@
 """Runs a Stage off the event loop on its one compute thread, with concurrent decode steps batched together.
 
-Every shardmarket process runs OpenMP with OMP_WAIT_POLICY=PASSIVE unless the user set a policy (`shardmarket`
-sets it before torch loads). A pipeline stage is idle between its steps, and with libgomp's default a team thread
-spins on after each step (about 10 ms of a core on this 2-core machine): that core is taken from the stage or the
-head that runs next on the same machine. A 3-node pipeline of SmolLM2 on one machine decoded at 0.75 of local
-speed with the spin and 0.86 without, while a stage's own step is no slower with PASSIVE (its parallel regions
-follow each other closely).
-
-With PASSIVE a lone session's decode step runs on the event loop's thread, saving two thread wake-ups. Under a
-policy that spins (one the user set) every torch operation of a node runs on the compute thread instead, loading
-included: OpenMP gives each calling thread its own team, and once a process has more OpenMP threads than
-cores, libgomp stops letting idle team threads spin between parallel regions, which made a decode step of SmolLM2
-1.7x slower on 2 cores.
+A lone session's decode step skips the queue; `shardmarket.engine.openmp` says on which thread it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from shardmarket.engine.openmp import PASSIVE_OPENMP
 from shardmarket.engine.stage import Stage
-
-
-PASSIVE_OPENMP = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
 @dataclass

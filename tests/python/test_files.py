@@ -8,7 +8,7 @@ import pytest
 
 from shardmarket.chain.keys import KeystoreError, save_account
 from shardmarket.files import write_private
-from shardmarket.net.crypto import load_or_create_static_key
+from shardmarket.chain.keys import load_or_create_x25519_key
 from shardmarket.server.identity import load_or_create_identity
 
 
@@ -24,7 +24,7 @@ def test_a_private_file_is_readable_by_its_owner_only_and_never_replaced(tmp_pat
 
 def test_every_key_writer_makes_owner_only_files(tmp_path):
     identity = load_or_create_identity(tmp_path / "free")
-    load_or_create_static_key(tmp_path / "x" / "x25519.key")
+    load_or_create_x25519_key(tmp_path / "x" / "x25519.key")
     save_account(bytes(range(1, 33)), "pw", tmp_path / "keys", scrypt_n=2)
     files = [tmp_path / "free" / "operator.key", tmp_path / "free" / "x25519.key", tmp_path / "x" / "x25519.key",
              tmp_path / "keys" / "account.json", tmp_path / "keys" / "x25519.key"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardmarket.devmarket import PASSWORD, DevMarket
+from shardmarket.cli.devmarket import PASSWORD, DevMarket
 from shardmarket.engine.models import random_checkpoint, tiny_config
 
 MODEL = "tiny"
@@ -47,6 +47,7 @@ async def client_model(market: DevMarket, name: str, *, tokens: int = 10**18, sp
     import os
 
     from shardmarket.chain.keys import load_account
+    from shardmarket.cli.keys import home_keys
     from shardmarket.client.market import connect_paid
     from shardmarket.config import load_config
 
@@ -55,7 +56,7 @@ async def client_model(market: DevMarket, name: str, *, tokens: int = 10**18, sp
         market.cli(name, "client", "deposit", str(10**17))
     with market.acting_as(name):
         os.environ["SHARDMARKET_CLIENT_SPOT_CHECK_RATE"] = str(spot_check_rate)
-        account, config = load_account(PASSWORD), load_config()
+        account, config = load_account(PASSWORD, home_keys()), load_config()
     return await connect_paid(market.checkpoint, config, account, MODEL)
 
 

@@ -14,7 +14,7 @@ from shardmarket.chain.contracts import Market
 from shardmarket.chain.evidence import relative_difference
 from shardmarket.client.session import InferenceSession
 from shardmarket.config import load_config
-from shardmarket.devmarket import DevMarket
+from shardmarket.cli.devmarket import DevMarket
 from shardmarket.engine.models import random_checkpoint, tiny_config
 
 from .conftest import MODEL, client_model, generate, serve_market
@@ -45,7 +45,7 @@ def auditing_client(market: DevMarket, name: str, rate: float):
 
 def stake_of(market: DevMarket, name: str) -> int:
     with market.acting_as(name):
-        chain = Market.connect(load_config())
+        chain = Market.connect(load_config().chain)
     return chain.read(chain.stake.functions.totalStakeOf(market.accounts[name]))
 
 
@@ -77,7 +77,7 @@ def test_honest_nodes_with_other_thread_counts_are_never_accused(market):
         for a, b in zip(outputs[0], other):
             assert relative_difference(a, b) <= 1e-5  # the same within floating-point noise, far below the tolerance
     with market.acting_as("a"):
-        chain = Market.connect(load_config())
+        chain = Market.connect(load_config().chain)
     assert chain.read(chain.disputes.functions.disputeCount()) == 0
 
 
@@ -118,7 +118,7 @@ def test_noisy_node_is_challenged_and_slashed_by_the_verifiers_even_if_their_vot
     wait_for_log(market.start_node("b2"), "verifier state: 1 ballot(s)")  # its pending vote, from its data folder
     set_gas_money(market, verifiers, 10**19)
     with market.acting_as("cheat"):
-        chain = Market.connect(load_config())
+        chain = Market.connect(load_config().chain)
     dispute_id = challenges[0].dispute_id
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -21,9 +21,9 @@ from shardmarket.ipfs.gateway import gateway_routes
 from shardmarket.chain.devchain import free_port
 from shardmarket.chain.eip712 import Domain, signing_key, tensor_hash
 from shardmarket.chain.evidence import MAX_GATEWAY_HINTS, METADATA_KEY, Evidence, EvidenceError, fetch, gateway_hints, publish
-from shardmarket.net import wire
-from shardmarket.net.commitment import commit
+from shardmarket.chain.commitment import commit
 from shardmarket.server.verifier import EvidenceUnavailable, VerifierDuty
+from shardmarket.engine.tensors import tensor_bytes
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)
 
@@ -32,8 +32,8 @@ def evidence(node) -> Evidence:
     request_id, inputs, commitments = os.urandom(32), [torch.randn(1, 3, 8), torch.randn(1, 1, 8)], []
     for step, hidden in enumerate(inputs):
         output = torch.randn(1, hidden.shape[1], 8)
-        commitments.append(commit(signing_key(node.key), request_id, step, tensor_hash(wire.tensor_bytes(hidden)),
-                                  wire.tensor_bytes(output), DOMAIN))
+        commitments.append(commit(signing_key(node.key), request_id, step, tensor_hash(tensor_bytes(hidden)),
+                                  tensor_bytes(output), DOMAIN))
     return Evidence("tiny", 0, 2, [0, 3], inputs, commitments, output)
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from shardmarket.cli import main
+from shardmarket.cli.keys import home_keys
 
 
 @pytest.fixture
@@ -32,8 +33,8 @@ def test_new_show_and_refusals(home, monkeypatch, capsys):
     from shardmarket.chain.keys import KeystoreError, load_account
 
     with pytest.raises(KeystoreError, match="does not open"):
-        load_account("wrong")
-    assert load_account("correct horse").address.lower() in created.lower()
+        load_account("wrong", home_keys())
+    assert load_account("correct horse", home_keys()).address.lower() in created.lower()
 
 
 def test_import_from_a_key_file_and_a_password_file(home, tmp_path, capsys):

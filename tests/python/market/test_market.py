@@ -13,10 +13,11 @@ from shardmarket.chain.contracts import Market
 from shardmarket.chain.keys import load_account
 from shardmarket.client.routing import RouteError
 from shardmarket.config import load_config
-from shardmarket.devmarket import PASSWORD
+from shardmarket.cli.devmarket import PASSWORD
 from shardmarket.engine.head import Head
 from shardmarket.engine.sampling import SamplingParams, generate as local_generate
 from shardmarket.engine.stage import Stage
+from shardmarket.cli.keys import home_keys
 
 from .conftest import PRICE, RANGES, client_model, generate
 
@@ -25,7 +26,7 @@ PROMPT = [1, 5, 9, 2, 7]
 
 def chain_as(market, name: str) -> Market:
     with market.acting_as(name):
-        return Market.connect(load_config(), load_account(PASSWORD))
+        return Market.connect(load_config().chain, load_account(PASSWORD, home_keys()))
 
 
 def paid_on_chain(chain: Market, client: str, node: str) -> int:
@@ -77,12 +78,12 @@ def test_client_that_stops_paying_gets_no_more_than_its_credit_limit(market):
             await generate(model, PROMPT, 200)
 
     asyncio.run(scenario())
-    from shardmarket.server.tabs import TabStore
+    from shardmarket.server.tabs import TabStore, tab_store_path
 
     credit = 64 * PRICE
     for name in ("node0", "node1", "node2"):
         with market.acting_as(name):
-            store = TabStore(load_config().node.data_dir / "tabs.sqlite", market.accounts[name])
+            store = TabStore(tab_store_path(load_config().node.data_dir), market.accounts[name])
         stored = store.get(market.accounts["mallory"])
         assert stored.entry == PRICE * len(PROMPT)  # only the first step was paid
         assert stored.entry < stored.served <= stored.entry + credit
@@ -188,7 +189,7 @@ def test_a_refused_step_is_never_answered_even_on_retry(market):
 
 def test_a_bad_tab_on_a_later_step_is_answered_on_credit_then_refused_in_place_of_the_commitment(market):
     from shardmarket.client.session import CommitmentFailure, InferenceSession, NodeFailure
-    from shardmarket.server.tabs import TabStore
+    from shardmarket.server.tabs import TabStore, tab_store_path
 
     async def scenario():
         model = await client_model(market, "grace")
@@ -220,7 +221,7 @@ def test_a_bad_tab_on_a_later_step_is_answered_on_credit_then_refused_in_place_o
     node = asyncio.run(scenario())
     name = next(n for n in ("node0", "node1", "node2") if market.accounts[n].lower() == node.operator.lower())
     with market.acting_as(name):
-        stored = TabStore(load_config().node.data_dir / "tabs.sqlite", node.operator).get(market.accounts["grace"])
+        stored = TabStore(tab_store_path(load_config().node.data_dir), node.operator).get(market.accounts["grace"])
     assert (stored.entry, stored.served) == (2 * PRICE, 3 * PRICE)  # the answered step stands against grace's credit
 
 
@@ -237,13 +238,13 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
     claimLowered to pay what the older tab promised: what the balance holds at once, the rest after a deposit."""
     from shardmarket.chain.eip712 import encode_settlement, sign_tab
     from shardmarket.server.settlement import settle_pending
-    from shardmarket.server.tabs import TabStore
+    from shardmarket.server.tabs import TabStore, tab_store_path
 
     name = f"ivan-{lowered}"
     market.new_account(name, tokens=10**18)
     market.cli(name, "client", "deposit", "15")
     with market.acting_as(name):
-        client = load_account(PASSWORD)
+        client = load_account(PASSWORD, home_keys())
     first, second = sorted((market.accounts["node0"], market.accounts["node1"]), key=lambda a: int(a, 16))
     holder = chain_as(market, "node1" if second == market.accounts["node1"] else "node0")  # paid last, so paid short
     domain = holder.escrow_domain()
@@ -276,20 +277,20 @@ def test_a_client_that_lowers_a_node_entry_and_settles_it_itself_still_pays_that
     """Served by the node processes, the client signs a newer tab cutting node1's entry to a quarter and settles it
     itself; `node redeem` on node1 sends the fraud proof and node1 is paid all its held tab promised."""
     from shardmarket.chain.eip712 import Entry, Tab, encode_settlement, sign_tab
-    from shardmarket.server.tabs import TabStore
+    from shardmarket.server.tabs import TabStore, tab_store_path
 
     model = asyncio.run(client_model(market, "lucy"))
     asyncio.run(generate(model, PROMPT, 4))
     lucy, node = market.accounts["lucy"], market.accounts["node1"]
     with market.acting_as("node1"):
-        held = TabStore(load_config().node.data_dir / "tabs.sqlite", node).get(lucy)
+        held = TabStore(tab_store_path(load_config().node.data_dir), node).get(lucy)
     promised = held.entry
     assert promised > 0 and held.owed == promised
     lowering = Tab(lucy, held.tab.seq + 1, tuple(Entry(e.node, e.amount // 4 if e.node.lower() == node.lower() else e.amount)
                                                  for e in held.tab.entries), held.tab.usage_hash)
     chain = chain_as(market, "lucy")
     with market.acting_as("lucy"):
-        key = load_account(PASSWORD).key
+        key = load_account(PASSWORD, home_keys()).key
     chain.transact(chain.escrow.functions.settleTabs(encode_settlement(lowering, sign_tab(key, lowering, chain.escrow_domain()), ())),
                    "the client settling its own lowering tab")
     assert paid_on_chain(chain, lucy, node) == promised // 4

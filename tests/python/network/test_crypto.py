@@ -3,7 +3,8 @@
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from shardmarket.net.crypto import ClientHandshake, DecryptError, load_or_create_static_key, node_handshake, public_bytes
+from shardmarket.chain.keys import load_or_create_x25519_key
+from shardmarket.net.crypto import ClientHandshake, DecryptError, node_handshake, public_bytes
 
 
 def pair(node_key=None, pinned=None):
@@ -78,9 +79,9 @@ def test_bad_public_keys_are_refused():
 
 def test_static_key_is_created_once_with_private_permissions(tmp_path):
     path = tmp_path / "node" / "x25519.key"
-    key = load_or_create_static_key(path)
+    key = load_or_create_x25519_key(path)
     assert path.stat().st_mode & 0o777 == 0o600
-    assert public_bytes(load_or_create_static_key(path)) == public_bytes(key)
+    assert public_bytes(load_or_create_x25519_key(path)) == public_bytes(key)
     path.write_bytes(b"short")
     with pytest.raises(ValueError, match="not a 32-byte"):
-        load_or_create_static_key(path)
+        load_or_create_x25519_key(path)

@@ -18,6 +18,7 @@ from shardmarket.net import wire
 from shardmarket.net.channel import ChannelClosed, ChannelPool, KeyMismatch, SecureChannel, client_handshake, open_transport
 from shardmarket.net.crypto import public_bytes
 from shardmarket.net.wire import Message
+from shardmarket.engine.tensors import tensor_bytes
 
 from network_processes import get_json, start_node, wait_ready
 
@@ -85,7 +86,7 @@ def test_steps_are_answered_with_a_commitment_signed_by_the_operator(node, info,
     assert not torch.equal(reply.tensor, hidden)
     assert "signature" not in reply.fields  # the result goes out first; its commitment follows
     assert signed.type == wire.COMMIT and (signed.session, signed.step) == (request_id, 0)
-    commitment = Commitment(request_id, 0, tensor_hash(wire.tensor_bytes(hidden)), tensor_hash(reply.payload))
+    commitment = Commitment(request_id, 0, tensor_hash(tensor_bytes(hidden)), tensor_hash(reply.payload))
     assert (signed.fields["input_hash"], signed.fields["output_hash"]) == (commitment.input_hash, commitment.output_hash)
     domain = Domain(info["commitment_domain"]["chain_id"], info["commitment_domain"]["verifying_contract"])
     assert recover_commitment_signer(commitment, signed.fields["signature"], domain) == info["operator"]

@@ -9,6 +9,7 @@ import torch
 
 from shardmarket.net import wire
 from shardmarket.net.wire import Limits, Message, WireError
+from shardmarket.engine.tensors import tensor_bytes
 
 
 def frame(header: dict, payload: bytes = b"") -> bytes:
@@ -30,7 +31,7 @@ def test_round_trip_keeps_tensor_bits_and_fields(dtype):
     assert (decoded.type, decoded.session, decoded.step) == (wire.STEP, b"s" * 32, 7)
     assert decoded.fields == {"position": 12, "tab": b"\x01\x02"}
     assert decoded.tensor.dtype == dtype and torch.equal(decoded.tensor, tensor)
-    assert decoded.payload == wire.tensor_bytes(tensor)
+    assert decoded.payload == tensor_bytes(tensor)
 
 
 def test_message_without_tensor_has_no_payload():

@@ -15,11 +15,12 @@ from pathlib import Path
 from shardmarket.client.generation import Completion, RemoteModel
 from shardmarket.config import load_config
 from shardmarket.engine.sampling import SamplingParams
-from shardmarket.net.commitment import commitment_domain
+from shardmarket.chain.commitment import commitment_domain
 
 
 async def timed_tokens(checkpoint: Path, url: str, max_tokens: int) -> dict:
-    model = await RemoteModel.connect(checkpoint, [url], commitment_domain(load_config()), transport="ws")
+    config = load_config()
+    model = await RemoteModel.connect(checkpoint, [url], commitment_domain(config.chain.chain_id, config.chain.deployments_dir), transport="ws")
     ids = model.chat_ids([{"role": "user", "content": "Name three colours of the rainbow."}])
     stamps = [time.perf_counter()]
     tokens = []

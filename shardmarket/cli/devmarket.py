@@ -116,10 +116,11 @@ class DevMarket:
     def new_account(self, name: str, eth: float = 10.0, tokens: int = 0) -> str:
         """Create `name`'s keystore (keys new) and fund it with ETH for gas and TestTokens."""
         from shardmarket.chain.keys import keystore_address
+        from shardmarket.cli.keys import home_keys
 
         self.cli(name, "keys", "new")
         with self.acting_as(name):
-            address = keystore_address()
+            address = keystore_address(home_keys())
         self.accounts[name] = address
         self.fund(address, eth, tokens)
         return address
@@ -136,7 +137,7 @@ class DevMarket:
             w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(deployer.sign_transaction(tx).raw_transaction))
         if tokens:
             with self.acting_as("deployer"):
-                market = Market.connect(load_config(), deployer)
+                market = Market.connect(load_config().chain, deployer)
             market.transact(market.token.functions.transfer(address, tokens), "funding")
 
     def start_node(self, name: str, *extra: str, wait: bool = True) -> NodeProcess:

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from shardmarket.chain.deployments import read_deployments
 from shardmarket.chain.eip712 import Commitment, Domain, InvalidSignature, is_commitment_signer, sign_commitment, tensor_hash
-from shardmarket.config import Config
 
 ZERO_ADDRESS = "0x" + "00" * 20
 
 
-def commitment_domain(config: Config) -> Domain:
-    """The EIP-712 domain of commitments: the configured chain and its DisputeManager (zero address if none)."""
-    from shardmarket.chain.deployments import read_deployments
-
+def commitment_domain(chain_id: int, deployments_dir: Path) -> Domain:
+    """The EIP-712 domain of commitments: chain `chain_id` and its DisputeManager (the zero address before a deployment)."""
     try:
-        verifier = read_deployments(config.chain.chain_id).get("DisputeManager", ZERO_ADDRESS)
+        verifier = read_deployments(chain_id, deployments_dir).get("DisputeManager", ZERO_ADDRESS)
     except (FileNotFoundError, KeyError, ValueError):
         verifier = ZERO_ADDRESS
-    return Domain(config.chain.chain_id, verifier)
+    return Domain(chain_id, verifier)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,206 @@
+"""The one place that builds a node daemon: its layers on the compute thread, its keys, the session service, and for a
+paid node its payment gate, tab store, settlement loop and verifier duty; then it serves HTTP, WebSocket and raw TCP
+until SIGINT/SIGTERM. `shardmarket node run` parses its arguments into `ServeOptions` and calls `build_daemon`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from aiohttp import web
+
+from shardmarket.chain.commitment import commitment_domain
+from shardmarket.chain.contracts import ChainError, Market
+from shardmarket.chain.watch import BlockWatch
+from shardmarket.config import Config
+from shardmarket.engine.models import default_model
+from shardmarket.engine.stage import Stage
+from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.ipfs.model import ModelError, fetch_model
+from shardmarket.net.channel import StreamTransport
+from shardmarket.net.wire import DTYPES
+from shardmarket.server.app import NodeListing, build_app
+from shardmarket.server.faults import Fault, FaultyService
+from shardmarket.server.identity import NodeIdentity, load_or_create_identity
+from shardmarket.server.payments import PaymentGate
+from shardmarket.server.service import NodeService
+from shardmarket.server.settlement import Settler, escrow_balance_reader, settle_pending
+from shardmarket.server.tabs import TabStore, tab_store_path
+from shardmarket.server.verifier import VerifierDuty
+from shardmarket.server.worker import StageWorker, compute_thread
+
+log = logging.getLogger("shardmarket.node")
+SWITCH_INTERVAL_S = 0.0002  # a thread checking a tab or polling the chain gives the GIL back to the layers this soon
+CREDIT_STEPS = 64  # without a configured credit limit, a client may run this many tokens ahead of its tabs
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `node run` was asked for; None means the config's value (or, for a paid node, the registration's)."""
+
+    layers: tuple[int, int] | None = None  # None: serve this operator's registration on chain, paid
+    checkpoint: Path | None = None  # None: the default model (free) or the shards fetched by manifest (paid)
+    model_id: str | None = None
+    host: str | None = None
+    port: int | None = None
+    tcp_port: int | None = None
+    price: int | None = None
+    dtype: str = "float32"
+    threads: int | None = None
+    max_memory_mb: float | None = None  # CPU memory for weights; the rest goes to offload_folder
+    offload_folder: Path | None = None
+    fault: Fault = field(default_factory=Fault)
+    shutdown_timeout_s: float = 30.0
+
+
+@dataclass
+class NodeDaemon:
+    """A built node: its service and where it listens, plus the duties that run beside it (settlement, verifying)."""
+
+    service: NodeService
+    listing: NodeListing
+    host: str
+    port: int
+    tcp_port: int
+    shutdown_timeout_s: float = 30.0
+    duties: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_stop: Callable[[], Awaitable[None]] | None = None
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Serve until SIGINT/SIGTERM, then finish the steps running, stop the duties and call `on_stop`."""
+        tasks = [asyncio.get_running_loop().create_task(duty()) for duty in self.duties]
+        try:
+            await self._serve(ready)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.on_stop is not None:
+                await self.on_stop()
+
+    async def _serve(self, ready: asyncio.Event | None) -> None:
+        service = self.service
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        service.worker.start()
+        loop = asyncio.get_running_loop()
+        expiry = loop.create_task(service.expire_idle())
+
+        async def handle_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await service.serve(StreamTransport(reader, writer, service.limits))
+
+        tcp_server = await asyncio.start_server(handle_tcp, self.host, self.tcp_port, limit=2**20)
+        tcp_port = tcp_server.sockets[0].getsockname()[1]
+        runner = web.AppRunner(build_app(service, self.listing, tcp_port), handle_signals=False, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.host, self.port).start()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        port = runner.addresses[0][1]
+        print(f"node ready: http://{self.host}:{port} (tcp {tcp_port}) layers {service.stage.start}:{service.stage.end} "
+              f"of {self.listing.model_id}, operator {service.identity.operator}", flush=True)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        print("shutting down: finishing the steps in progress", flush=True)
+        tcp_server.close()
+        await service.drain(self.shutdown_timeout_s)
+        expiry.cancel()
+        await runner.cleanup()
+        await service.worker.stop()
+        print("node stopped", flush=True)
+
+
+def build_daemon(options: ServeOptions, config: Config, identity: NodeIdentity | None = None) -> NodeDaemon:
+    """Load the layers and wire the node. Without `options.layers` the node serves what `identity`'s operator registered
+    on chain and is paid per step (`identity` is then required); with them it serves those layers for free under the
+    keys of `<data_dir>` (or `identity`). Raises ChainError, ModelError, EngineError, ValueError or OSError."""
+    threads = options.threads if options.threads is not None else config.node.threads
+    if threads:
+        torch.set_num_threads(threads)  # the compute thread sets it too
+    if options.layers is None:
+        if identity is None:
+            raise ValueError("a paid node needs the operator's identity from its keystore")
+        return _paid_daemon(options, config, identity, threads)
+    checkpoint = options.checkpoint or default_model(config.home / "models")
+    if not (checkpoint / "config.json").exists():
+        raise ValueError(f"{checkpoint} is not a checkpoint folder (no config.json); pass --checkpoint DIR")
+    identity = identity or load_or_create_identity(config.node.data_dir)
+    price = options.price if options.price is not None else config.node.price
+    port = options.port if options.port is not None else config.node.port
+    print(f"loading layers {options.layers[0]}:{options.layers[1]} of {checkpoint}", flush=True)
+    service = _load_service(options, config, checkpoint, options.layers, identity, threads)
+    listing = NodeListing(options.model_id or checkpoint.name, price)
+    return _daemon(options, config, service, listing, port)
+
+
+def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, threads: int) -> NodeDaemon:
+    from eth_account import Account
+
+    market = Market.connect(config.chain, Account.from_key(identity.operator_key))
+    node = market.read(market.registry.functions.getNode(identity.operator), "reading this node's registration")
+    _, paused, start, end, price, model_id, key, endpoints = node
+    if bytes(key) != identity.x25519_public:
+        raise ChainError("the X25519 key on chain is not this node's key; run `shardmarket node update`")
+    _, _, _, name, manifest = market.read(market.models.functions.getModel(model_id))
+    store = Blockstore(config.ipfs.store)
+    checkpoint = options.checkpoint
+    if checkpoint is None:
+        dest = config.node.data_dir / "shards" / f"{manifest}-{start}-{end}"
+        print(f"fetching layers {start}:{end} of {name} (manifest {manifest})", flush=True)
+        try:
+            checkpoint = fetch_model(manifest, (start, end), dest, config.ipfs.gateways, store=store, progress=sys.stderr.isatty())
+        except (ModelError, OSError) as exc:
+            raise ChainError(f"cannot fetch the shards of {name}: {exc}") from None
+    tabs = TabStore(tab_store_path(config.node.data_dir), identity.operator)
+    gate = PaymentGate(tabs, identity.operator, price, market.escrow_domain(), config.node.credit_limit or CREDIT_STEPS * price,
+                       escrow_balance_reader(market))
+    settler = Settler(market, tabs, gate, interval_s=config.node.redeem_interval_s, min_value=config.node.redeem_min_value)
+    print(f"loading layers {start}:{end} of {name} ({'paused, not listed' if paused else 'listed'}), price {price}", flush=True)
+    service = _load_service(options, config, checkpoint, (start, end), identity, threads, payments=gate)
+    duty = VerifierDuty(market, service.worker, store, config.ipfs.gateways, config.node.dispute_tolerance,
+                        state_path=config.node.data_dir / "verifier.json")
+    watch = BlockWatch(config.chain.rpc_url, steps_served=lambda: service.steps_served)
+
+    async def settle_at_shutdown() -> None:
+        await watch.close()
+        try:
+            await asyncio.to_thread(settle_pending, market, tabs, gate)
+        except ChainError as exc:
+            print(f"could not settle at shutdown ({exc}); run `shardmarket node redeem` later", flush=True)
+
+    port = options.port if options.port is not None else (urlparse(endpoints[0]).port or config.node.port)
+    daemon = _daemon(options, config, service, NodeListing(name, price), port)
+    daemon.duties = [lambda: settler.run(watch), lambda: duty.run(watch)]
+    daemon.on_stop = settle_at_shutdown
+    return daemon
+
+
+def _load_service(options: ServeOptions, config: Config, checkpoint: Path, layers: tuple[int, int], identity: NodeIdentity,
+                  threads: int, payments: PaymentGate | None = None) -> NodeService:
+    """Load layers `layers` of `checkpoint` on the compute thread (every torch operation of the node runs there) and
+    build the session service, the faulty one when `options.fault` asks for it."""
+    max_memory = None if options.max_memory_mb is None else {"cpu": int(options.max_memory_mb * 2**20)}
+    compute = compute_thread(threads)
+    stage = compute.submit(Stage.load, checkpoint, layers[0], layers[1], dtype=DTYPES[options.dtype],
+                           idle_timeout_s=config.node.idle_timeout_s, max_memory=max_memory,
+                           offload_folder=options.offload_folder).result()
+    worker = StageWorker(stage, executor=compute)
+    compute.submit(worker.warm_up).result()
+    domain = commitment_domain(config.chain.chain_id, config.chain.deployments_dir)
+    kwargs = {"idle_timeout_s": config.node.idle_timeout_s, "payments": payments}
+    if options.fault:
+        return FaultyService(worker, identity, domain, fault=options.fault, **kwargs)
+    return NodeService(worker, identity, domain, **kwargs)
+
+
+def _daemon(options: ServeOptions, config: Config, service: NodeService, listing: NodeListing, port: int) -> NodeDaemon:
+    tcp_port = options.tcp_port if options.tcp_port is not None else (config.node.tcp_port or port + 1)
+    return NodeDaemon(service, listing, options.host or config.node.host, port, tcp_port, options.shutdown_timeout_s)
