@@ -2,9 +2,9 @@
 - gas per paid request: 200 requests from 5 clients through 3 paid nodes on a fresh deployment, then every node
   settles (the first settles every client's tab for all nodes in one settleTabs; the others find them settled)
   (goal <= 1,000 gas; Livepeer spends 250,000+ per redeemed ticket);
-- the per-step payment path in microseconds: the client signs one tab for 3 nodes, a node decodes it, recovers
-  the signer and stores it (SQLite WAL, synchronous=NORMAL), against the per-(client, node) receipts it replaced
-  (3 receipts signed per step, one receipt checked per node, stored with synchronous=FULL);
+- the per-step payment path in microseconds: the client signs one tab for 3 nodes; a node's payment gate admits
+  and acknowledges the step (decodes the tab, recovers the signer, stores it in SQLite WAL with synchronous=NORMAL),
+  for a known client's new session and on credit, against a free node's step;
 - ms/token of the default model through 3 nodes with payment on (a tab per step, checked and stored by every node)
   vs off (free nodes), in interleaved rounds; the ratio is the median of each round's off/on, so that the machine's
   drift between rounds cancels (goal: off/on >= 0.97);
@@ -153,14 +153,12 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
 
 
 def payment_path_us(root: Path, steps: int = 300) -> dict:
-    """Median microseconds per step of each payment stage for a 3-node route: the client signs one tab (vs 3
-    receipts), a node decodes and recovers it (vs one receipt), a node stores it with synchronous=NORMAL (vs FULL)."""
-    import sqlite3
+    """Median microseconds per step of the payment path for a 3-node route: the client signs one tab; a node admits the
+    step and acknowledges it through its payment gate (the tab decoded, its signer recovered and the tab stored, on a
+    thread), both for a known client's new session and on credit; against a free node's step, which has no gate."""
     from types import SimpleNamespace
 
-    from eth_abi import encode
     from eth_account import Account
-    from eth_utils import keccak
 
     from shardmarket.chain import eip712
     from shardmarket.client.payer import Payer
@@ -170,44 +168,43 @@ def payment_path_us(root: Path, steps: int = 300) -> dict:
     nodes = [SimpleNamespace(operator=Account.create().address, price=PRICE) for _ in range(3)]
     domain = eip712.Domain(31337, "0x" + "33" * 20)
     payer = Payer(client, domain, root / "micro-ledger.sqlite")
-    store = TabStore(root / "micro-tabs.sqlite", nodes[0].operator)
-    gate = PaymentGate(store, nodes[0].operator, PRICE, domain, 0, None)
-    receipt_typehash = keccak(text="Receipt(address client,address node,uint256 cumulativeAmount,bytes32 usageHash,uint256 nonce)")
-    full = sqlite3.connect(root / "micro-receipts-full.sqlite", isolation_level=None)
-    full.execute("PRAGMA journal_mode=WAL")
-    full.execute("PRAGMA synchronous=FULL")
-    full.execute("CREATE TABLE receipts (client TEXT PRIMARY KEY, receipt BLOB)")
 
-    def receipt_digest(node: str, amount: int, nonce: int) -> bytes:  # the replaced per-(client, node) receipt
-        fields = encode(["bytes32", "address", "address", "uint256", "bytes32", "uint256"],
-                        [receipt_typehash, client.address, node, amount, bytes(32), nonce])
-        return keccak(b"\x19\x01" + eip712.domain_separator(domain) + keccak(fields))
+    async def unlimited(client: str) -> int:
+        return 10**30
 
-    stages: dict[str, list[float]] = {k: [] for k in ("sign", "check", "store", "old_sign", "old_check", "old_store")}
-    key = payer._key
-    for step in range(steps):
-        t0 = time.perf_counter()
-        raw = payer.tab([(n, 1) for n in nodes], bytes(32))
-        t1 = time.perf_counter()
-        tab, signature = gate._parse(raw)
-        t2 = time.perf_counter()
-        store.record(tab, signature, PRICE)
-        t3 = time.perf_counter()
-        signatures = [eip712._sign(key, receipt_digest(n.operator, PRICE * (step + 1), step + 1)) for n in nodes]
-        t4 = time.perf_counter()
-        eip712._recover(receipt_digest(nodes[0].operator, PRICE * (step + 1), step + 1), signatures[0])
-        t5 = time.perf_counter()
-        full.execute("INSERT OR REPLACE INTO receipts VALUES (?, ?)", (client.address, signatures[0]))
-        t6 = time.perf_counter()
-        for name, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
-            stages[name].append(value)
+    gate = PaymentGate(TabStore(root / "micro-tabs.sqlite", nodes[0].operator), nodes[0].operator, PRICE, domain,
+                       64 * PRICE, unlimited)
 
-    def us(name: str) -> int:
-        return round(statistics.median(stages[name]) * 1e6)
+    async def step() -> None:
+        return None
 
-    return {"client_sign_tab_us": us("sign"), "client_sign_3_receipts_us": us("old_sign"),
-            "node_check_tab_us": us("check"), "node_check_receipt_us": us("old_check"),
-            "node_store_tab_us": us("store"), "node_store_receipt_fsync_us": us("old_store")}
+    async def measure() -> dict[str, list[float]]:
+        times: dict[str, list[float]] = {"sign": [], "new_session": [], "on_credit": [], "free": []}
+        session = os.urandom(32)
+        for index in range(steps):
+            t0 = time.perf_counter()
+            raw = payer.tab([(n, 1) for n in nodes], bytes(32))
+            t1 = time.perf_counter()
+            way = "new_session" if index % 2 == 0 else "on_credit"  # a new session's first step, then one on its credit
+            if way == "new_session":
+                session = os.urandom(32)
+            _, credit = await gate.admit(session, 1, {"tab": raw}, step)
+            await gate.acknowledge(credit, lambda: None)
+            t2 = time.perf_counter()
+            await step()
+            t3 = time.perf_counter()
+            times["sign"].append(t1 - t0)
+            times[way].append(t2 - t1)
+            times["free"].append(t3 - t2)
+        return times
+
+    times = asyncio.run(measure())
+
+    def us(name: str) -> float:
+        return round(statistics.median(times[name][1:]) * 1e6, 1)
+
+    return {"client_sign_tab_us": us("sign"), "node_admit_new_session_us": us("new_session"),
+            "node_admit_on_credit_us": us("on_credit"), "node_free_step_us": us("free")}
 
 
 def demo_first_token() -> dict:

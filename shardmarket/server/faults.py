@@ -56,7 +56,7 @@ class FaultyService(NodeService):
         if answer is None or not self.fault.equivocate:
             return answer
         output = (answer.output + 1e-2).contiguous()
-        return replace(answer, output=output, payload=tensor_bytes(output), signed=None, on_credit=None)
+        return replace(answer, output=output, payload=tensor_bytes(output), signed=None, credit=None)
 
     def _commitment(self, answer: _Answer) -> Message:
         if self.fault.forge_commitments and answer.step >= FORGED_FROM_STEP and answer.signed is None:

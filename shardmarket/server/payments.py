@@ -9,9 +9,12 @@ import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from shardmarket.chain.eip712 import Domain, Entry, InvalidSignature, Tab, decode_settlement, recover_tab_signer, settlement_client
 from shardmarket.server.tabs import StoredTab, TabStore
+
+T = TypeVar("T")
 
 
 class PaymentRefused(Exception):
@@ -23,30 +26,29 @@ class PaymentRefused(Exception):
 
 
 @dataclass(frozen=True)
-class Charge:
-    """A verified tab and the cost of the step it pays for, to be stored before the answer goes out."""
-
-    tab: Tab
-    signature: bytes
-    cost: int
-
-
-@dataclass(frozen=True)
-class OnCredit:
-    """A step run before its tab is checked (see `PaymentGate.run_on_credit`): its client, the tab as it came, and
-    its cost, already counted as served."""
+class Credit:
+    """A step admitted on credit, answered before its tab is checked: its client, the tab as it came, and its cost,
+    already counted as served. `PaymentGate.acknowledge` checks and stores the tab before the node commits."""
 
     client: str
     raw: bytes
     cost: int
 
 
-async def charged(charging: Future | Awaitable[Charge | None]) -> Charge | None:
-    """The outcome of `PaymentGate.start_charge`: a thread that has finished answers at once, without the turns of the
-    event loop that awaiting its asyncio wrapper takes (about 0.1 ms a step on a cold CPU)."""
-    if isinstance(charging, Future):
-        return charging.result() if charging.done() else await asyncio.wrap_future(charging)
-    return await charging
+async def _finished(check: Future | Awaitable[object]) -> None:
+    """Wait for a tab check, as PaymentRefused on any failure: a thread that has finished answers at once, without the
+    turns of the event loop that awaiting its asyncio wrapper takes (about 0.1 ms a step on a cold CPU)."""
+    try:
+        if not isinstance(check, Future):
+            await check
+        elif check.done():
+            check.result()
+        else:
+            await asyncio.wrap_future(check)
+    except PaymentRefused:
+        raise
+    except Exception as exc:  # a full disk, a broken store: the step must not go out unpaid
+        raise PaymentRefused("payment_unavailable", f"this node could not check or store the tab ({exc}); try again") from exc
 
 
 class PaymentGate:
@@ -60,9 +62,67 @@ class PaymentGate:
         self.balances: dict[str, int] = {}  # client -> spendable escrow balance, refreshed by the settler
         self._accounts: dict[str, StoredTab] = {s.client.lower(): s for s in store.all()}
         self._session_clients: dict[bytes, str] = {}
-        self._lock = threading.Lock()  # `charge` checks and stores on worker threads
+        self._lock = threading.Lock()  # tabs are checked and stored on worker threads too
         self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tabs")
         self._refused: set[str] = {c.client.lower() for c in store.claims()}
+
+    async def admit(self, request_id: bytes, tokens: int, fields: dict, step: Callable[[], Awaitable[T]]) -> tuple[T, Credit | None]:
+        """Run `step`, a step of `tokens` tokens whose tab rides in `fields`, as its payment allows; returns its result and,
+        for a step admitted on credit, the Credit that `acknowledge` must settle before the node commits to the answer.
+        Raises PaymentRefused when the client must pay first (the result must then not go out).
+
+        Three ways in, fastest first: a session whose payer an earlier checked tab named runs on credit, its tab checked
+        after the answer went out; a known client's tab is checked and stored on a thread while `step` runs; a client's
+        first tab is checked (its escrow balance read from the chain) while `step` runs, before the answer goes out."""
+        credit = self._on_credit(request_id, tokens, fields)
+        if credit is not None:
+            try:
+                return await step(), credit
+            except BaseException:
+                self._refund(credit)
+                raise
+        if settlement_client(fields.get("tab")) in self.balances:  # not verified yet: only to pick the way
+            checking = self._threads.submit(self._check_and_store, request_id, tokens, fields.get("tab"))
+            try:
+                result = await step()
+            except BaseException:
+                await asyncio.gather(_finished(checking), return_exceptions=True)
+                raise
+            await _finished(checking)
+            return result, None
+        running = asyncio.ensure_future(step())
+        try:
+            await _finished(self._check_first_tab(request_id, tokens, fields))
+        except BaseException:
+            await asyncio.gather(running, return_exceptions=True)
+            raise
+        return await running, None
+
+    async def acknowledge(self, credit: Credit | None, commitment: Callable[[], T]) -> T:
+        """`commitment()`, returned once the tab of a step admitted on `credit` is checked and stored (on a thread, while
+        `commitment()` signs). Raises PaymentRefused for a bad tab: the answered step then stays served against the
+        client's credit, on the tab stored before."""
+        if credit is None:
+            return commitment()
+        checking = self._threads.submit(self._check_credited, credit)
+        signed = commitment()
+        await _finished(checking)
+        return signed
+
+    def refuse(self, client: str) -> None:
+        """Serve `client` no more (it lowered what it promised this node)."""
+        self._refused.add(client.lower())
+
+    def release(self, request_id: bytes) -> None:
+        """Forget the payer of a closed session."""
+        self._session_clients.pop(request_id, None)
+
+    def settled(self, client: str, paid: tuple[Entry, ...], seq: int) -> None:
+        """The escrow's paid vector for `client` is now `paid` (settlement `seq`)."""
+        with self._lock:
+            known = self._accounts.get(client.lower())
+            if known is not None and seq >= known.paid_seq:
+                self._accounts[client.lower()] = StoredTab(self.node, known.tab, known.signature, known.served, paid, seq)
 
     def _parse(self, raw: object) -> tuple[Tab, bytes]:
         if raw is None:
@@ -78,43 +138,25 @@ class PaymentGate:
             raise PaymentRefused("bad_tab", f"the tab names client {tab.client} but was signed by {signer}")
         return tab, signature
 
-    async def authorize(self, request_id: bytes, tokens: int, fields: dict) -> Charge | None:
-        """Check the step's tab and reserve its cost; raises PaymentRefused when the client must pay first."""
+    async def _check_first_tab(self, request_id: bytes, tokens: int, fields: dict) -> None:
+        """A client's first step: its signature is checked before its escrow balance is read from the chain."""
         if self.price == 0 and "tab" not in fields:
-            return None
-        tab, signature = await asyncio.to_thread(self._parse, fields.get("tab"))  # off the loop: overlaps the compute
+            return
+        tab, signature = await asyncio.to_thread(self._parse, fields.get("tab"))  # off the loop: overlaps the step
         if tab.client.lower() not in self.balances:
             self.balances[tab.client.lower()] = await self.spendable(tab.client)
         with self._lock:
-            return self._reserve(request_id, tokens, tab, signature)
+            cost = self._reserve(request_id, tokens, tab, signature)
+        await asyncio.to_thread(self.store.record, tab, signature, cost)
 
-    async def charge(self, request_id: bytes, tokens: int, fields: dict) -> Charge | None:
-        """`authorize`, then `record` (see `start_charge`)."""
-        return await charged(self.start_charge(request_id, tokens, fields))
-
-    def start_charge(self, request_id: bytes, tokens: int, fields: dict) -> Future | Awaitable[Charge | None]:
-        """`charge`, started now (finish it with `charged`): a known client's tab is checked and stored on a worker
-        thread from this moment (the returned concurrent Future), so the layers can run at once alongside; a client's
-        first step goes the long way (its signature is checked before its escrow balance is read from the chain)."""
-        if settlement_client(fields.get("tab")) in self.balances:  # not verified yet: only to pick the way
-            return self._threads.submit(self._charge, request_id, tokens, fields.get("tab"))
-        return self._authorize_then_record(request_id, tokens, fields)
-
-    async def _authorize_then_record(self, request_id: bytes, tokens: int, fields: dict) -> Charge | None:
-        charge = await self.authorize(request_id, tokens, fields)
-        if charge is not None:
-            await self.record(charge)
-        return charge
-
-    def _charge(self, request_id: bytes, tokens: int, raw: object) -> Charge:
+    def _check_and_store(self, request_id: bytes, tokens: int, raw: object) -> None:
         tab, signature = self._parse(raw)
         with self._lock:
-            charge = self._reserve(request_id, tokens, tab, signature)
-            self.store.record(charge.tab, charge.signature, charge.cost)
-        return charge
+            cost = self._reserve(request_id, tokens, tab, signature)
+            self.store.record(tab, signature, cost)
 
-    def _reserve(self, request_id: bytes, tokens: int, tab: Tab, signature: bytes) -> Charge:
-        """Check `tab` against this node's books and reserve the step's cost (the caller holds the lock)."""
+    def _reserve(self, request_id: bytes, tokens: int, tab: Tab, signature: bytes) -> int:
+        """Check `tab` against this node's books and reserve the step's cost, which it returns (the caller holds the lock)."""
         client = tab.client.lower()
         if client in self._refused:
             raise PaymentRefused("client_refused", f"client {tab.client} signed a tab lowering what it promised this node; "
@@ -134,7 +176,7 @@ class PaymentGate:
             )
         self._check_funds(newest)
         self._accounts[client] = replace(newest, served=known.served + cost)
-        return Charge(tab, signature, cost)
+        return cost
 
     def _newer(self, known: StoredTab, tab: Tab, signature: bytes) -> StoredTab:
         """`known` with `tab` as its newest tab if `tab` is newer; raises if `tab` lowers what was promised this node
@@ -158,11 +200,10 @@ class PaymentGate:
                 f"total ({newest.unpaid_total}); deposit more with `shardmarket client deposit`",
             )
 
-    def run_on_credit(self, request_id: bytes, tokens: int, fields: dict) -> OnCredit | None:
-        """Reserve a step's cost on credit, so that it runs and is answered before its tab is checked; `settle_credit`
-        checks and stores the tab afterwards, before the node commits to the answer. Only for a session whose payer an
-        earlier checked tab named (so nobody can spend another client's credit), and only while the newest checked
-        tab leaves credit for the step. None: check the tab first (`start_charge`)."""
+    def _on_credit(self, request_id: bytes, tokens: int, fields: dict) -> Credit | None:
+        """Reserve a step's cost on credit, so that it runs and is answered before its tab is checked. Only for a session
+        whose payer an earlier checked tab named (so nobody can spend another client's credit), and only while the
+        newest checked tab leaves credit for the step. None: the tab must be checked first."""
         client = self._session_clients.get(request_id)
         raw = fields.get("tab")
         if client is None or settlement_client(raw) != client:
@@ -173,51 +214,27 @@ class PaymentGate:
             if client in self._refused or known is None or known.served + cost - known.entry > self.credit_limit:
                 return None
             self._accounts[client] = replace(known, served=known.served + cost)
-        return OnCredit(client, raw, cost)
+        return Credit(client, raw, cost)
 
-    def refund(self, step: OnCredit) -> None:
+    def _refund(self, credit: Credit) -> None:
         """Take back the reservation of a step on credit that did not run."""
         with self._lock:
-            known = self._accounts[step.client]
-            self._accounts[step.client] = replace(known, served=known.served - step.cost)
+            known = self._accounts[credit.client]
+            self._accounts[credit.client] = replace(known, served=known.served - credit.cost)
 
-    def start_settle(self, step: OnCredit) -> Future:
-        """`settle_credit` on a worker thread (finish it with `charged`)."""
-        return self._threads.submit(self.settle_credit, step)
-
-    def settle_credit(self, step: OnCredit) -> Charge:
+    def _check_credited(self, credit: Credit) -> None:
         """Check and store the tab of a step that ran on credit. A bad tab is refused (PaymentRefused) and the step
         stays served on the stored tab: it was answered, so it counts against the client's credit."""
         try:
-            tab, signature = self._parse(step.raw)
+            tab, signature = self._parse(credit.raw)
             with self._lock:
-                known = self._accounts[step.client]
+                known = self._accounts[credit.client]
                 newest = self._newer(known, tab, signature)
                 self._check_funds(newest)
-                self.store.record(tab, signature, step.cost)
-                self._accounts[step.client] = newest
+                self.store.record(tab, signature, credit.cost)
+                self._accounts[credit.client] = newest
         except PaymentRefused:
             with self._lock:
-                known = self._accounts[step.client]
-                self.store.record(known.tab, known.signature, step.cost)
+                known = self._accounts[credit.client]
+                self.store.record(known.tab, known.signature, credit.cost)
             raise
-        return Charge(tab, signature, step.cost)
-
-    async def record(self, charge: Charge) -> StoredTab:
-        """Store the tab (the step's answer is sent only after this returns)."""
-        return await asyncio.to_thread(self.store.record, charge.tab, charge.signature, charge.cost)
-
-    def refuse(self, client: str) -> None:
-        """Serve `client` no more (it lowered what it promised this node)."""
-        self._refused.add(client.lower())
-
-    def release(self, request_id: bytes) -> None:
-        self._session_clients.pop(request_id, None)
-
-    def settled(self, client: str, paid: tuple[Entry, ...], seq: int) -> None:
-        """The escrow's paid vector for `client` is now `paid` (settlement `seq`)."""
-        with self._lock:
-            known = self._accounts.get(client.lower())
-            if known is not None and seq >= known.paid_seq:
-                self._accounts[client.lower()] = StoredTab(self.node, known.tab, known.signature, known.served, paid, seq)
-

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +24,7 @@ from shardmarket.chain.commitment import SignedCommitment, commit
 from shardmarket.net.crypto import DecryptError, node_handshake
 from shardmarket.net.wire import Limits, Message, StreamDesync, WireError
 from shardmarket.server.identity import NodeIdentity
-from shardmarket.server.payments import OnCredit, PaymentGate, PaymentRefused, charged
+from shardmarket.server.payments import Credit, PaymentGate, PaymentRefused
 from shardmarket.server.worker import StageWorker
 from shardmarket.engine.tensors import tensor_bytes
 
@@ -53,7 +52,7 @@ class _Answer:
     payload: bytes
     compute_us: int
     signed: SignedCommitment | None = None  # signed once, after the result went out; a retry gets the same one
-    on_credit: OnCredit | None = None  # a step run before its tab was checked: checked before the commitment goes out
+    credit: Credit | None = None  # a step run before its tab was checked: checked before the commitment goes out
 
 
 @dataclass
@@ -173,21 +172,19 @@ class NodeService:
             return wire.error_message(exc.code, str(exc), message.session, message.step), None
 
     async def _acknowledge(self, answer: _Answer) -> Message:
-        """The frame that follows a step's result: its commitment, once a tab the step ran on credit with is checked
-        and stored (checked on a thread while the commitment is signed); an error frame if that tab is refused."""
-        if answer.on_credit is None:
+        """The frame that follows a step's result: its commitment, once the payment gate has the step's tab checked and
+        stored; an error frame if the gate refuses a tab the step ran on credit with."""
+        if self.payments is None:
             return self._commitment(answer)
-        settling = self.payments.start_settle(answer.on_credit)
-        commitment = self._commitment(answer)
         try:
-            await charged(settling)
+            commitment = await self.payments.acknowledge(answer.credit, lambda: self._commitment(answer))
         except PaymentRefused as exc:
             session = self._retire(answer.request_id)
             if session is not None:
                 async with session.lock:
                     await self._close_stage_session(session)
             return wire.error_message(exc.code, f"{exc}; this step's answer stands unpaid against your credit", answer.request_id, answer.step)
-        answer.on_credit = None
+        answer.credit = None
         return commitment
 
     def _commitment(self, answer: _Answer) -> Message:
@@ -253,38 +250,17 @@ class NodeService:
         return answer
 
     async def _run_paid(self, session: _Session, message: Message) -> _Answer:
-        """Run the step while its tab is checked and stored; the answer goes out only after both, and a
-        refused step's answer never does (its session is dropped, so a retry cannot fetch it from the cache)."""
+        """Run the step as the payment gate admits it; a refused step's answer never goes out (its session is dropped,
+        so a retry cannot fetch it from the cache)."""
         tokens = message.tensor.shape[1] if message.tensor is not None and message.tensor.dim() == 3 else 0
-        on_credit = self.payments.run_on_credit(session.request_id, tokens, message.fields)
-        if on_credit is not None:  # its tab is checked after the result goes out (`_acknowledge`)
-            try:
-                answer = await self._run(session, message)
-            except BaseException:
-                self.payments.refund(on_credit)
-                raise
-            answer.on_credit = on_credit
-            return answer
-        charging = self.payments.start_charge(session.request_id, tokens, message.fields)
-        fast = isinstance(charging, Future)  # a known client's tab is already being checked on a thread: compute at once
-        running = self._run(session, message) if fast else asyncio.ensure_future(self._run(session, message))
-        if fast:
-            try:
-                answer = await running
-            except BaseException:
-                await asyncio.gather(charged(charging), return_exceptions=True)
-                raise
         try:
-            await charged(charging)
-        except BaseException as exc:
-            if not fast:
-                await asyncio.gather(running, return_exceptions=True)
+            answer, credit = await self.payments.admit(session.request_id, tokens, message.fields, lambda: self._run(session, message))
+        except PaymentRefused as exc:
             self._retire(session.request_id)
             await self._close_stage_session(session)
-            if isinstance(exc, PaymentRefused):
-                raise StepRefused(exc.code, str(exc)) from None
-            raise
-        return answer if fast else await running
+            raise StepRefused(exc.code, str(exc)) from None
+        answer.credit = credit
+        return answer
 
     def _cached(self, session: _Session, message: Message) -> _Answer | None:
         """The earlier answer to a retried step; refuses steps out of order or with a different input."""

@@ -4,6 +4,7 @@ that survive a restart, and a gate that refuses what a node must not accept."""
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -62,17 +63,33 @@ def _signed(client, seq: int, amounts: dict[str, int], signer=None) -> bytes:
     return encode_settlement(tab, sign_tab((signer or client).key, tab, DOMAIN), ())
 
 
+async def _step() -> str:
+    return "answer"
+
+
+async def _pay(gate: PaymentGate, tokens: int, raw: bytes | None, session: bytes | None = None):
+    """One step through the gate as a node runs it: admitted, answered, acknowledged; returns its Credit (None: the tab
+    was checked before the answer)."""
+    fields = {} if raw is None else {"tab": raw}
+    answer, credit = await gate.admit(session or os.urandom(32), tokens, fields, _step)
+    assert answer == "answer"
+    assert await gate.acknowledge(credit, lambda: "commitment") == "commitment"
+    return credit
+
+
 def test_the_gate_accepts_a_covering_tab_and_stores_the_newest(tmp_path):
     client, node, other = Account.create(), Account.create().address, Account.create().address
     gate = _gate(tmp_path, node, balance=1000)
+    session = b"\x01" * 32
 
     async def steps():
-        for seq, amount in ((1, 5), (2, 10)):  # the first step reads the balance; the next is checked and stored on one thread
-            await gate.charge(b"\x01" * 32, 5, {"tab": _signed(client, seq, {node: amount, other: amount})})
+        assert await _pay(gate, 5, _signed(client, 1, {node: 5, other: 5})) is None  # reads the balance first
+        assert await _pay(gate, 5, _signed(client, 2, {node: 10, other: 10}), session) is None  # a known client: on a thread
+        assert await _pay(gate, 5, _signed(client, 3, {node: 15, other: 15}), session) is not None  # its session: on credit
 
     asyncio.run(steps())
     stored = TabStore(tmp_path / "tabs.sqlite", node).get(client.address)
-    assert (stored.tab.seq, stored.entry, stored.served, stored.unpaid_total) == (2, 10, 10, 20)
+    assert (stored.tab.seq, stored.entry, stored.served, stored.unpaid_total) == (3, 15, 15, 30)
 
 
 @pytest.mark.parametrize("case, code", [
@@ -84,7 +101,7 @@ def test_the_gate_refuses_what_a_node_must_not_accept(tmp_path, case, code):
     gate = _gate(tmp_path, node, balance=100)
 
     async def scenario():
-        await gate.record(await gate.authorize(b"\x01" * 32, 5, {"tab": _signed(client, 1, {node: 5})}))
+        await _pay(gate, 5, _signed(client, 1, {node: 5}))
         raw = {
             "tampered": lambda: _signed(client, 2, {node: 10})[:-40] + b"\x00" * 40,
             "forged": lambda: _signed(client, 2, {node: 10}, signer=Account.create()),
@@ -93,7 +110,7 @@ def test_the_gate_refuses_what_a_node_must_not_accept(tmp_path, case, code):
             "lowered": lambda: _signed(client, 2, {node: 4}),
             "missing": lambda: None,
         }[case]()
-        await gate.charge(b"\x01" * 32, 11, {} if raw is None else {"tab": raw})
+        await _pay(gate, 11, raw)
 
     with pytest.raises(PaymentRefused) as refused:
         asyncio.run(scenario())
@@ -107,10 +124,10 @@ def test_the_gate_refuses_a_tab_the_escrow_would_reject_over_its_paid_vector(tmp
     gate = _gate(tmp_path, node, balance=1000)
 
     async def scenario():
-        await gate.record(await gate.authorize(b"\x01" * 32, 5, {"tab": _signed(client, 1, {node: 5, other: 5})}))
+        await _pay(gate, 5, _signed(client, 1, {node: 5, other: 5}))
         gate.settled(client.address, (Entry(node, 5), Entry(other, 5)) if int(node, 16) < int(other, 16)
                      else (Entry(other, 5), Entry(node, 5)), 1)
-        await gate.authorize(b"\x01" * 32, 5, {"tab": _signed(client, 2, {node: 10})})  # drops a paid node
+        await _pay(gate, 5, _signed(client, 2, {node: 10}))  # drops a paid node
 
     with pytest.raises(PaymentRefused, match="already paid"):
         asyncio.run(scenario())
@@ -120,34 +137,40 @@ def test_the_gate_refuses_a_client_caught_lowering_its_entry_also_after_a_restar
     client, honest, node = Account.create(), Account.create(), Account.create().address
     gate = _gate(tmp_path, node, balance=1000)
 
-    async def step(on: PaymentGate, who, seq: int):
-        await on.record(await on.authorize(b"\x01" * 32, 5, {"tab": _signed(who, seq, {node: 5 * seq})}))
+    def step(on: PaymentGate, who, seq: int):
+        asyncio.run(_pay(on, 5, _signed(who, seq, {node: 5 * seq})))
 
-    asyncio.run(step(gate, client, 1))
+    step(gate, client, 1)
     gate.refuse(client.address)  # what the settler does when it finds the client's lowering tab
     with pytest.raises(PaymentRefused) as refused:
-        asyncio.run(step(gate, client, 2))
+        step(gate, client, 2)
     assert refused.value.code == "client_refused"
     gate.store.record_claim(LoweringClaim(client.address, 1, 2, 5, "0x" + "ab" * 32))
     restarted = _gate(tmp_path, node, balance=1000)
     with pytest.raises(PaymentRefused, match="no longer serves it"):
-        asyncio.run(step(restarted, client, 2))
-    asyncio.run(step(restarted, honest, 1))  # other clients are served as before
+        step(restarted, client, 2)
+    step(restarted, honest, 1)  # other clients are served as before
 
 
 def test_a_sessions_later_steps_run_on_credit_and_their_tabs_are_checked_after(tmp_path):
     client, node = Account.create(), Account.create().address
     gate = _gate(tmp_path, node, balance=1000)
     session = b"\x01" * 32
-    asyncio.run(gate.charge(session, 5, {"tab": _signed(client, 1, {node: 5})}))  # checked first: names the payer
-    step = gate.run_on_credit(session, 5, {"tab": _signed(client, 2, {node: 10})})
-    assert step is not None and gate.settle_credit(step).tab.seq == 2
-    stored = TabStore(tmp_path / "tabs.sqlite", node).get(client.address)
-    assert (stored.tab.seq, stored.entry, stored.served) == (2, 10, 10)
-    assert gate.run_on_credit(session, 11, {"tab": _signed(client, 3, {node: 21})}) is None  # 10 + 11 > 10 + credit 10
-    assert gate.run_on_credit(b"\x02" * 32, 5, {"tab": _signed(client, 3, {node: 15})}) is None  # no checked tab named it
-    assert gate.run_on_credit(session, 5, {"tab": _signed(Account.create(), 1, {node: 5})}) is None  # another payer
-    assert gate.run_on_credit(session, 5, {}) is None
+
+    async def scenario():
+        assert await _pay(gate, 5, _signed(client, 1, {node: 5}), session) is None  # checked first: names the payer
+        assert await _pay(gate, 5, _signed(client, 2, {node: 10}), session) is not None
+        stored = TabStore(tmp_path / "tabs.sqlite", node).get(client.address)
+        assert (stored.tab.seq, stored.entry, stored.served) == (2, 10, 10)
+        assert await _pay(gate, 11, _signed(client, 3, {node: 21}), session) is None  # 10 + 11 > 10 + credit 10
+        assert await _pay(gate, 5, _signed(client, 4, {node: 26}), b"\x02" * 32) is None  # no checked tab named it
+        with pytest.raises(PaymentRefused, match="paid by another client"):  # another payer: checked, and refused
+            await _pay(gate, 5, _signed(Account.create(), 1, {node: 5}), session)
+        with pytest.raises(PaymentRefused) as missing:
+            await _pay(gate, 5, None, session)
+        assert missing.value.code == "payment_required"
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("case, code", [
@@ -157,20 +180,36 @@ def test_a_bad_tab_on_credit_is_refused_and_its_answered_step_counts_against_the
     client, node, other = Account.create(), Account.create().address, Account.create().address
     gate = _gate(tmp_path, node, balance=100)
     session = b"\x01" * 32
-    asyncio.run(gate.charge(session, 5, {"tab": _signed(client, 1, {node: 5})}))
     raw = {
         "tampered": lambda: _signed(client, 2, {node: 10})[:-40] + b"\x00" * 40,
         "forged": lambda: _signed(client, 2, {node: 10}, signer=Account.create()),
         "lowered": lambda: _signed(client, 2, {node: 4}),
         "beyond-balance": lambda: _signed(client, 2, {node: 10, other: 200}),
     }[case]()
-    step = gate.run_on_credit(session, 5, {"tab": raw})
+
+    async def scenario():
+        await _pay(gate, 5, _signed(client, 1, {node: 5}), session)
+        answer, credit = await gate.admit(session, 5, {"tab": raw}, _step)
+        assert answer == "answer" and credit is not None  # answered before its tab was checked
+        with pytest.raises(PaymentRefused) as refused:
+            await gate.acknowledge(credit, lambda: "commitment")
+        assert refused.value.code == code
+        stored = TabStore(tmp_path / "tabs.sqlite", node).get(client.address)
+        assert (stored.tab.seq, stored.entry, stored.served) == (1, 5, 10)  # the old tab stays; the answered step is served
+        assert await _pay(gate, 6, _signed(client, 3, {node: 16}), session) is None  # 10 + 6 > 5 + credit 10
+
+    asyncio.run(scenario())
+
+
+def test_a_tab_the_node_cannot_store_refuses_the_step_instead_of_answering_it_unpaid(tmp_path):
+    client, node = Account.create(), Account.create().address
+    gate = _gate(tmp_path, node, balance=1000)
+    asyncio.run(_pay(gate, 5, _signed(client, 1, {node: 5})))
+    gate.store.close()  # what a full disk or a broken database does to the next write
+
     with pytest.raises(PaymentRefused) as refused:
-        gate.settle_credit(step)
-    assert refused.value.code == code
-    stored = TabStore(tmp_path / "tabs.sqlite", node).get(client.address)
-    assert (stored.tab.seq, stored.entry, stored.served) == (1, 5, 10)  # the old tab stays; the answered step is served
-    assert gate.run_on_credit(session, 6, {"tab": _signed(client, 3, {node: 16})}) is None  # 10 + 6 > 5 + credit 10
+        asyncio.run(_pay(gate, 5, _signed(client, 2, {node: 10})))
+    assert refused.value.code == "payment_unavailable"
 
 
 def test_a_presigned_tab_is_sent_only_if_nothing_was_signed_since_and_promises_nothing_until_sent(tmp_path, monkeypatch):
