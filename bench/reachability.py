@@ -60,7 +60,7 @@ def relay_vs_direct() -> dict:
 
 
 def daemon_relay_vs_direct(tokens: int = 32) -> dict:
-    """ms/token of the default model on one real node daemon (issue 7), reached through its PCP mapping and
+    """ms/token of the default model on one real node daemon, reached through its PCP mapping and
     through the relay, alternating, in the same lab."""
     try:
         from shardmarket.cli.engine import default_checkpoint

@@ -45,7 +45,7 @@ class ClientConfig:
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_key: str = ""
-    nodes: list[str] = field(default_factory=list)  # base URLs of known nodes (the chain registry comes later)
+    nodes: list[str] = field(default_factory=list)  # base URLs of free nodes to use instead of the NodeRegistry
     transport: str = "tcp"  # "tcp" or "ws"
     step_timeout_s: float = 60.0
     spot_check_rate: float = 0.0  # fraction of requests whose hops are re-run on another node (or locally)

@@ -347,7 +347,7 @@ def chain_usage_hash(previous: bytes, record: UsageRecord) -> bytes:
     """Next link of a usage-hash chain: _keccak(abi.encode(previous, requestId, step, tokens, inputHash, outputHash))."""
     _check_bytes32(previous, "previous")
     # abi.encode of fixed-size fields is each one in a 32-byte word (the record checked them): packed by hand, as
-    # eth_abi's encoder costs a client ~0.1 ms on every step
+    # eth_abi's general encoder is slow for a path every step takes
     return _keccak(bytes(previous) + record.request_id + record.step.to_bytes(32, "big") + record.tokens.to_bytes(32, "big")
                    + record.input_hash + record.output_hash)
 
@@ -398,7 +398,7 @@ def _recover_address(digest: bytes, signature: bytes) -> bytes:
 
 
 def _keccak(data: bytes) -> bytes:
-    """keccak256 through safe-pysha3's C code: ten times eth_utils' on the per-step tab digest."""
+    """keccak256 through safe-pysha3's C code, much faster than eth_utils' on the per-step tab digest."""
     return sha3.keccak_256(data).digest()
 
 

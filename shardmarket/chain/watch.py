@@ -1,7 +1,7 @@
 """The node's view of the chain head: one small async eth_blockNumber per tick (aiohttp, on the event loop, no thread),
 shared by the duties, which do their threaded web3 work only when a new block came (or a timer is due). While the
 node serves steps, a read up to `busy_age_s` old will do: the duties' deadlines are hours and days (withdrawal
-timelock, dispute phases), and on a busy machine each read (1 to 2 ms of CPU on a cold core) is taken from the layers
+timelock, dispute phases), and on a busy machine each read's CPU is taken from the layers
 of whichever node computes at that moment."""
 
 from __future__ import annotations

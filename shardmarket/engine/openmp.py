@@ -2,7 +2,7 @@
 
 Every shardmarket process runs OpenMP with OMP_WAIT_POLICY=PASSIVE unless the user set a policy (`shardmarket` sets it
 before torch loads). A pipeline stage is idle between its steps, and under libgomp's default a team thread spins on
-for about 10 ms after each step: that core is taken from the stage or the head that runs next on the same machine,
+after each step: that core is taken from the stage or the head that runs next on the same machine,
 while a stage's own step is no slower with PASSIVE (its parallel regions follow each other closely). The README's
 bench section has the figures.
 

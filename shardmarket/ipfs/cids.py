@@ -44,7 +44,7 @@ def to_str(cid: bytes | CID) -> str:
     return _text(cid if isinstance(cid, CID) else bytes(cid))
 
 
-# multiformats validates every argument's type, which costs ~50 us a call: a gateway or fetcher that names the
+# multiformats validates every argument's type on every call: a gateway or fetcher that names the
 # same few CIDs in every request (paths, ETags, CAR headers) remembers them
 @functools.lru_cache(maxsize=4096)
 def _decode(value: str | bytes) -> CID:

@@ -37,7 +37,7 @@ class Credit:
 
 async def _finished(check: Future | Awaitable[object]) -> None:
     """Wait for a tab check, as PaymentRefused on any failure: a thread that has finished answers at once, without the
-    turns of the event loop that awaiting its asyncio wrapper takes (about 0.1 ms a step on a cold CPU)."""
+    turns of the event loop that awaiting its asyncio wrapper takes."""
     try:
         if not isinstance(check, Future):
             await check

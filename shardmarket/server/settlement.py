@@ -70,8 +70,9 @@ def _mark(store: TabStore, gate: PaymentGate | None, client: str, paid: tuple[En
         gate.settled(client, paid, seq)
 
 
-def _ready(market: Market, stored: StoredTab, store: TabStore, gate: PaymentGate | None) -> StoredTab | None:
-    """The stored tab if settling it pays this node something, with the paid vector the escrow holds."""
+def _reconcile(market: Market, stored: StoredTab, store: TabStore, gate: PaymentGate | None) -> StoredTab | None:
+    """Bring `stored` up to date with the escrow (its paid vector; the client's own newer tab; a claim, sent now, against
+    a client that lowered this node's entry); returns the tab to settle if settling it pays this node something."""
     seq, paid_hash = market.read(market.escrow.functions.tabOf(stored.client), "reading a client's tab state")
     if paid_hash != paid_vector_hash(stored.paid):  # a settlement the event sync has not seen (or a client new to us)
         paid, paid_seq = paid_vector_on_chain(market, stored.client)
@@ -150,7 +151,7 @@ def settle_pending(market: Market, store: TabStore, gate: PaymentGate | None = N
     """Settle the newest tab of every client (of `clients`, if given) that still owes this node, BATCH per transaction."""
     sync_paid_vectors(market, store, gate)
     pending = [s for s in store.all() if s.owed > 0 and (clients is None or s.client.lower() in clients)]
-    ready = [r for r in (_ready(market, s, store, gate) for s in pending) if r is not None]
+    ready = [r for r in (_reconcile(market, s, store, gate) for s in pending) if r is not None]
     done = []
     for first in range(0, len(ready), BATCH):
         chunk = ready[first : first + BATCH]

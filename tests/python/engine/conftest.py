@@ -14,8 +14,8 @@ from shardmarket.engine.models import random_checkpoint, tiny_config
 from shardmarket.engine.sampling import SamplingParams, generate
 from shardmarket.engine.stage import Stage
 
-# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a second OpenMP thread waiting
-# for a busy core stalls every op.
+# Tiny models gain nothing from intra-op threads, and on a machine whose cores are busy a second OpenMP thread
+# waiting for a core stalls every op.
 torch.set_num_threads(1)
 
 CHAT = [{"role": "user", "content": "Split the model across machines, then pay each node."}]

@@ -1,6 +1,6 @@
 """The lab's chat client for benchmarks: greedy tokens from a node endpoint, timed per token; prints JSON.
 
-Needs the node daemon and client of issue 7 (shardmarket.client); run on the public side of the lab.
+Run on the public side of the lab.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A stand-in for the node daemon (issue 7) in the lab: /health, a streamed answer and a WebSocket echo,
+"""A light stand-in for the node daemon in the lab (no model to load): /health, a streamed answer and a WebSocket echo,
 made reachable by shardmarket.net.reachability. Prints the report as one JSON line, then serves until SIGTERM,
 when it removes its port mapping or leaves the relay."""
 

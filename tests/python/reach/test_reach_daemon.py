@@ -1,6 +1,5 @@
-"""The real node daemon and client (issue 7) through the NAT lab: `shardmarket client chat` on the public side
-gets a streamed answer from `shardmarket node run` in the home LAN, by the path `shardmarket node reachability` chose.
-Skips until the daemon's modules are in the tree."""
+"""The real node daemon and client through the NAT lab: `shardmarket client chat` on the public side
+gets a streamed answer from `shardmarket node run` in the home LAN, by the path `shardmarket node reachability` chose."""
 
 from __future__ import annotations
 
@@ -12,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("shardmarket.server.app", reason="the node daemon (issue 7) is not merged into this tree yet")
-
-from shardmarket.engine.models import random_checkpoint, tiny_config  # noqa: E402
-from tests.python.reach.conftest import from_public  # noqa: E402
-from tests.python.reach.lab import NODE_PORT, REPO  # noqa: E402
+from shardmarket.engine.models import random_checkpoint, tiny_config
+from tests.python.reach.conftest import from_public
+from tests.python.reach.lab import NODE_PORT, REPO
 
 pytestmark = pytest.mark.timeout(180)
 SHARDMARKET = str(Path(sys.executable).with_name("shardmarket"))
