@@ -119,6 +119,33 @@ def test_retried_step_returns_the_cached_answer_and_the_same_commitment(node, in
     assert ahead.type == wire.ERROR and ahead.fields["code"] == "out_of_order"
 
 
+def test_a_free_node_honours_every_test_fault(tiny, tmp_path):
+    """`node run --layers ... --test-fault equivocate`: the same builder makes free and paid nodes, so a free node
+    started to equivocate answers a retried step with a different output, signed again."""
+    node = start_node(tiny, "0:2", tmp_path / "equivocating", "--test-fault", "equivocate")
+    try:
+        wait_ready(node)
+        info = node.info()
+
+        async def go():
+            channel = await connect(node, info)
+            request_id = os.urandom(32)
+            await open_session(channel, request_id)
+            hidden = torch.randn(1, 3, HIDDEN)
+            answers = []
+            for _ in range(2):
+                await channel.send(step(request_id, 0, 0, hidden))
+                answers.append((await channel.recv(), await channel.recv()))
+            await channel.close()
+            return answers
+
+        (first, first_signed), (again, again_signed) = run(go())
+    finally:
+        node.stop()
+    assert first.type == again.type == wire.RESULT and again.payload != first.payload
+    assert again_signed.fields["output_hash"] != first_signed.fields["output_hash"]
+
+
 def test_a_closed_request_cannot_be_reopened_so_no_step_is_answered_twice(node, info):
     async def go():
         channel = await connect(node, info)
