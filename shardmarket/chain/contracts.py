@@ -130,7 +130,8 @@ class Market:
         return cls(w3, addresses, account)
 
     def contract(self, name: str):
-        return self.w3.eth.contract(address=to_checksum_address(self.addresses[name]), abi=abi(name))
+        """Contract `name`; a call returning a struct, or several named values, gives a named tuple (`node.endpoints`)."""
+        return self.w3.eth.contract(address=to_checksum_address(self.addresses[name]), abi=abi(name), decode_tuples=True)
 
     @property
     def token(self):

@@ -116,9 +116,10 @@ def _await_dispute(chain, cheater: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if chain.read(functions.disputeCount()) > 0:
-            node, _, status = chain.read(functions.getDispute(1))[:3]
-            if status != 1:
-                outcome = {2: "the node was slashed", 3: "the challenger lost its bond", 4: "void (tie or no votes)"}[status]
+            dispute = chain.read(functions.getDispute(1))
+            if dispute.status != 1:
+                outcome = {2: "the node was slashed", 3: "the challenger lost its bond", 4: "void (tie or no votes)"}[dispute.status]
+                node = dispute.node
                 print(f"dispute 1 against {node} ({'the cheater' if node.lower() == cheater.lower() else 'an honest node'}): {outcome}; "
                       f"its stake is now {chain.read(chain.stake.functions.totalStakeOf(node))}", flush=True)
                 return

@@ -146,13 +146,13 @@ def cmd_register(args: argparse.Namespace) -> None:
 def cmd_update(args: argparse.Namespace) -> None:
     market = connect(args)
     node = market.read(market.registry.functions.getNode(market.address), "reading the registration")
-    _, _, start, end, price, model_id, key, endpoints = node
+    start, end, model_id = node.layerStart, node.layerEnd, node.modelId
     if args.layers:
         start, end = _layers(args.layers)
     if args.model:
         model_id = _check_model(market, args.model, start, end)
-    price = args.price if args.price is not None else price
-    endpoints = [args.endpoint] if args.endpoint else list(endpoints)
+    price = args.price if args.price is not None else node.pricePerToken
+    endpoints = [args.endpoint] if args.endpoint else list(node.endpoints)
     call = market.registry.functions.update(model_id, start, end, price, x25519_public(home_keys()), endpoints)
     print_tx("update", market.transact(call, "updating the registration"))
 
@@ -170,20 +170,20 @@ def cmd_unpause(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     market = connect(args)
     me = market.address
-    bonded, unbonding, ready_at, locks = market.read(market.stake.functions.stakeOf(me))
+    stake = market.read(market.stake.functions.stakeOf(me))
     print(f"operator {me}")
-    print(f"stake: bonded {bonded}, unbonding {unbonding} (ready at {ready_at}), dispute locks {locks}")
+    print(f"stake: bonded {stake.bonded}, unbonding {stake.unbonding} (ready at {stake.unbondReadyAt}), "
+          f"dispute locks {stake.locks}")
     print(f"escrow earnings (redeemed, not withdrawn): {market.read(market.escrow.functions.earningsOf(me))}")
     try:
         node = market.read(market.registry.functions.getNode(me))
     except ChainError:
         print("not registered")
         return
-    _, paused, start, end, price, model_id, _, endpoints = node
-    name = market.read(market.models.functions.getModel(model_id))[3]
+    model = market.read(market.models.functions.getModel(node.modelId))
     listed = market.read(market.registry.functions.isListed(me))
-    print(f"serving layers {start}:{end} of {name} at {price} per token on {', '.join(endpoints)}; "
-          f"{'listed' if listed else 'NOT listed'}{' (paused)' if paused else ''}")
+    print(f"serving layers {node.layerStart}:{node.layerEnd} of {model.name} at {node.pricePerToken} per token on "
+          f"{', '.join(node.endpoints)}; {'listed' if listed else 'NOT listed'}{' (paused)' if node.paused else ''}")
 
 
 def cmd_earnings(args: argparse.Namespace) -> None:

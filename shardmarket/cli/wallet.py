@@ -34,11 +34,11 @@ def cmd_balance(args: argparse.Namespace) -> None:
     market = connect(args)
     me = market.address
     escrow = market.escrow.functions
-    amount, ready_at = market.read(escrow.pendingWithdrawalOf(me))
+    withdrawal = market.read(escrow.pendingWithdrawalOf(me))
     print(f"client {me}")
     print(f"escrow balance {market.read(escrow.balanceOf(me))}, spendable {market.read(escrow.spendableOf(me))}")
-    if ready_at:
-        print(f"withdrawal of {amount} requested, possible from timestamp {ready_at}")
+    if withdrawal.readyAt:
+        print(f"withdrawal of {withdrawal.amount} requested, possible from timestamp {withdrawal.readyAt}")
     print(f"wallet tokens {market.read(market.token.functions.balanceOf(me))}")
 
 

@@ -30,8 +30,9 @@ def registered_nodes(market: Market, model_name: str) -> list[dict]:
         for operator in market.read(market.registry.functions.modelNodes(model_id, offset, 100)):
             if not market.read(market.registry.functions.isListed(operator)):
                 continue
-            _, _, start, end, price, _, key, endpoints = market.read(market.registry.functions.getNode(operator))
-            nodes.append({"operator": operator, "url": endpoints[0].rstrip("/"), "start": start, "end": end, "price": price, "key": bytes(key)})
+            node = market.read(market.registry.functions.getNode(operator))
+            nodes.append({"operator": operator, "url": node.endpoints[0].rstrip("/"), "start": node.layerStart,
+                          "end": node.layerEnd, "price": node.pricePerToken, "key": bytes(node.encryptionKey)})
     return nodes
 
 

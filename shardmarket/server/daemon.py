@@ -146,10 +146,11 @@ def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, 
 
     market = Market.connect(config.chain, Account.from_key(identity.operator_key))
     node = market.read(market.registry.functions.getNode(identity.operator), "reading this node's registration")
-    _, paused, start, end, price, model_id, key, endpoints = node
-    if bytes(key) != identity.x25519_public:
+    if bytes(node.encryptionKey) != identity.x25519_public:
         raise ChainError("the X25519 key on chain is not this node's key; run `shardmarket node update`")
-    _, _, _, name, manifest = market.read(market.models.functions.getModel(model_id))
+    start, end, price, paused = node.layerStart, node.layerEnd, node.pricePerToken, node.paused
+    model = market.read(market.models.functions.getModel(node.modelId))
+    name, manifest = model.name, model.manifestCid
     store = Blockstore(config.ipfs.store)
     checkpoint = options.checkpoint
     if checkpoint is None:
@@ -176,7 +177,7 @@ def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, 
         except ChainError as exc:
             print(f"could not settle at shutdown ({exc}); run `shardmarket node redeem` later", flush=True)
 
-    port = options.port if options.port is not None else (urlparse(endpoints[0]).port or config.node.port)
+    port = options.port if options.port is not None else (urlparse(node.endpoints[0]).port or config.node.port)
     daemon = _daemon(options, config, service, NodeListing(name, price), port)
     daemon.duties = [lambda: settler.run(watch), lambda: duty.run(watch)]
     daemon.on_stop = settle_at_shutdown

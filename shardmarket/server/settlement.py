@@ -73,18 +73,19 @@ def _mark(store: TabStore, gate: PaymentGate | None, client: str, paid: tuple[En
 def _reconcile(market: Market, stored: StoredTab, store: TabStore, gate: PaymentGate | None) -> StoredTab | None:
     """Bring `stored` up to date with the escrow (its paid vector; the client's own newer tab; a claim, sent now, against
     a client that lowered this node's entry); returns the tab to settle if settling it pays this node something."""
-    seq, paid_hash = market.read(market.escrow.functions.tabOf(stored.client), "reading a client's tab state")
-    if paid_hash != paid_vector_hash(stored.paid):  # a settlement the event sync has not seen (or a client new to us)
+    settled = market.read(market.escrow.functions.tabOf(stored.client), "reading a client's tab state")
+    if settled.paidHash != paid_vector_hash(stored.paid):  # a settlement the event sync has not seen (or a client new to us)
         paid, paid_seq = paid_vector_on_chain(market, stored.client)
         _mark(store, gate, stored.client, paid, paid_seq)
         stored = store.get(stored.client)
     if stored.owed == 0:
         return None  # another node settled this client's tab
-    if stored.tab.seq < seq:  # another node settled a newer tab short (or the client lowered this node's entry)
-        newer = _settled_tab(market, stored.client, seq)
+    if stored.tab.seq < settled.seq:  # another node settled a newer tab short (or the client lowered this node's entry)
+        newer = _settled_tab(market, stored.client, settled.seq)
         if newer is None:
             log.error("client %s owes this node %d but the escrow settled its tab %d, whose signed form this node cannot "
-                      "read back (sent through another contract); this node no longer serves it", stored.client, stored.owed, seq)
+                      "read back (sent through another contract); this node no longer serves it", stored.client, stored.owed,
+                      settled.seq)
             if gate is not None:
                 gate.refuse(stored.client)
             return None

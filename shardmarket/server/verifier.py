@@ -166,7 +166,7 @@ class VerifierDuty:
     def _commit(self, dispute_id: int, ballot: _Ballot) -> None:
         functions = self.market.disputes.functions
         vote = self.market.read(functions.voteHash(dispute_id, self.market.address, ballot.node_wrong, ballot.salt))
-        on_chain = self.market.read(functions.ballotOf(dispute_id, self.market.address))[2]
+        on_chain = self.market.read(functions.ballotOf(dispute_id, self.market.address)).commitHash
         if on_chain != vote:  # else an earlier attempt was mined after all
             self.market.transact(functions.commitVote(dispute_id, vote), f"committing the vote on dispute {dispute_id}")
         ballot.committed = True
@@ -178,8 +178,9 @@ class VerifierDuty:
         functions = self.market.disputes.functions
         now = self.market.w3.eth.get_block("latest")["timestamp"]
         for dispute_id in list(self.pending):
-            commit_deadline, status = self.market.read(functions.getDispute(dispute_id))[1:3]
-            if status != OPEN or now > commit_deadline:  # also a dispute closed meanwhile, found again after a restart
+            dispute = self.market.read(functions.getDispute(dispute_id))
+            # also a dispute closed meanwhile, found again after a restart
+            if dispute.status != OPEN or now > dispute.commitDeadline:
                 log.warning("dispute %d: closed or past its commit phase before this node's vote was committed", dispute_id)
                 del self.pending[dispute_id]
                 self.ballots.pop(dispute_id, None)
@@ -187,19 +188,20 @@ class VerifierDuty:
         for dispute_id, ballot in list(self.ballots.items()):
             if not ballot.committed:
                 continue
-            d = self.market.read(functions.getDispute(dispute_id))
-            node, commit_deadline, status, _, reveal_deadline, count, committed, guilty, innocent = d[:9]
-            if status != OPEN:
+            dispute = self.market.read(functions.getDispute(dispute_id))
+            if dispute.status != OPEN:
                 del self.ballots[dispute_id]
                 self._save()
                 continue
-            if not ballot.revealed and (committed >= count or now > commit_deadline) and now <= reveal_deadline:
+            guilty, innocent, count = dispute.guiltyVotes, dispute.innocentVotes, dispute.verifierCount
+            commit_over = dispute.committed >= count or now > dispute.commitDeadline
+            if not ballot.revealed and commit_over and now <= dispute.revealDeadline:
                 self.market.transact(functions.revealVote(dispute_id, ballot.node_wrong, ballot.salt), f"revealing the vote on dispute {dispute_id}")
                 ballot.revealed = True
                 self._save()
                 guilty, innocent = guilty + ballot.node_wrong, innocent + (not ballot.node_wrong)
                 log.info("dispute %d: revealed the vote", dispute_id)
-            if guilty + innocent >= count or now > reveal_deadline:
+            if guilty + innocent >= count or now > dispute.revealDeadline:
                 self.market.transact(functions.resolve(dispute_id), f"resolving dispute {dispute_id}")
                 log.info("dispute %d: resolved", dispute_id)
                 del self.ballots[dispute_id]

@@ -122,12 +122,12 @@ def test_noisy_node_is_challenged_and_slashed_by_the_verifiers_even_if_their_vot
     dispute_id = challenges[0].dispute_id
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        status = chain.read(chain.disputes.functions.getDispute(dispute_id))[2]
+        status = chain.read(chain.disputes.functions.getDispute(dispute_id)).status
         if status != 1:
             break
         time.sleep(0.5)
     assert status == NODE_SLASHED
-    assert all(chain.read(chain.disputes.functions.ballotOf(dispute_id, market.accounts[name]))[1] for name in verifiers)  # revealed
+    assert all(chain.read(chain.disputes.functions.ballotOf(dispute_id, market.accounts[name])).revealed for name in verifiers)
     assert stake_of(market, "cheat") == 50 * 10**18  # wrongOutputSlashBps = 50 %
     assert all(stake_of(market, name) == 100 * 10**18 for name, _, _, _ in NODES)
     market.stop_node("cheat")
