@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from enum import IntEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +29,26 @@ class ChainSettings(Protocol):
     rpc_url: str
     chain_id: int
     deployments_dir: Path
+
+
+class DisputeStatus(IntEnum):
+    """DisputeManager.Status: where a dispute stands (getDispute's `status`, resolve's outcome)."""
+
+    NONE = 0
+    OPEN = 1
+    NODE_SLASHED = 2
+    CHALLENGER_LOST = 3
+    VOID = 4
+
+
+class Rejection(IntEnum):
+    """PaymentEscrow.Rejection: why settleTabs skipped a tab (TabRejected's `reason`)."""
+
+    NONE = 0
+    BAD_SIGNATURE = 1
+    STALE_SEQ = 2
+    WRONG_PREVIOUS = 3
+    MALFORMED = 4
 
 
 class ChainError(RuntimeError):

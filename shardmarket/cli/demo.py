@@ -112,14 +112,17 @@ def _stream_answer(base: str, key: str, question: str, max_tokens: int) -> tuple
 
 def _await_dispute(chain, cheater: str, timeout: float = 180) -> None:
     """Wait until the first dispute is resolved; print who was accused and what happened."""
+    from shardmarket.chain.contracts import DisputeStatus
+
+    outcomes = {DisputeStatus.NODE_SLASHED: "the node was slashed", DisputeStatus.CHALLENGER_LOST: "the challenger lost its bond",
+                DisputeStatus.VOID: "void (tie or no votes)"}
     functions = chain.disputes.functions
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if chain.read(functions.disputeCount()) > 0:
             dispute = chain.read(functions.getDispute(1))
-            if dispute.status != 1:
-                outcome = {2: "the node was slashed", 3: "the challenger lost its bond", 4: "void (tie or no votes)"}[dispute.status]
-                node = dispute.node
+            if dispute.status != DisputeStatus.OPEN:
+                node, outcome = dispute.node, outcomes[dispute.status]
                 print(f"dispute 1 against {node} ({'the cheater' if node.lower() == cheater.lower() else 'an honest node'}): {outcome}; "
                       f"its stake is now {chain.read(chain.stake.functions.totalStakeOf(node))}", flush=True)
                 return

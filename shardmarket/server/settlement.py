@@ -15,7 +15,7 @@ import requests
 from eth_utils import to_checksum_address
 from web3.logs import DISCARD
 
-from shardmarket.chain.contracts import ChainError, Market
+from shardmarket.chain.contracts import ChainError, Market, Rejection
 from shardmarket.chain.eip712 import (Entry, Tab, decode_settlement, encode_settlement, pack_entries, paid_vector_hash,
                                split_settlements, unpack_entries)
 from shardmarket.chain.watch import BlockWatch
@@ -24,7 +24,8 @@ from shardmarket.server.tabs import LoweringClaim, StoredTab, TabStore
 
 log = logging.getLogger("shardmarket.settle")
 BATCH = 50  # clients per settleTabs transaction
-REJECTIONS = {1: "bad signature", 2: "stale seq", 3: "wrong previous vector", 4: "malformed"}
+REJECTIONS = {Rejection.BAD_SIGNATURE: "bad signature", Rejection.STALE_SEQ: "stale seq",
+              Rejection.WRONG_PREVIOUS: "wrong previous vector", Rejection.MALFORMED: "malformed"}
 
 
 @dataclass(frozen=True)

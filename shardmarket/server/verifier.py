@@ -17,13 +17,12 @@ import torch
 
 from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.ipfs.fetch import FetchError
-from shardmarket.chain.contracts import ChainError, Market
+from shardmarket.chain.contracts import ChainError, DisputeStatus, Market
 from shardmarket.chain.evidence import Evidence, EvidenceError, fetch, relative_difference
 from shardmarket.chain.watch import BlockWatch
 from shardmarket.server.worker import StageWorker
 
 log = logging.getLogger("shardmarket.verifier")
-OPEN = 1
 RESCAN_BLOCKS = 100  # the scan's start is saved at least this often (blocks), so a restart rescans few
 # evidence no gateway serves is asked for again (every EVIDENCE_RETRY_S) until this long before the commit phase
 # ends; then the vote acquits the node (the challenger had the whole phase to make the evidence available)
@@ -180,7 +179,7 @@ class VerifierDuty:
         for dispute_id in list(self.pending):
             dispute = self.market.read(functions.getDispute(dispute_id))
             # also a dispute closed meanwhile, found again after a restart
-            if dispute.status != OPEN or now > dispute.commitDeadline:
+            if dispute.status != DisputeStatus.OPEN or now > dispute.commitDeadline:
                 log.warning("dispute %d: closed or past its commit phase before this node's vote was committed", dispute_id)
                 del self.pending[dispute_id]
                 self.ballots.pop(dispute_id, None)
@@ -189,7 +188,7 @@ class VerifierDuty:
             if not ballot.committed:
                 continue
             dispute = self.market.read(functions.getDispute(dispute_id))
-            if dispute.status != OPEN:
+            if dispute.status != DisputeStatus.OPEN:
                 del self.ballots[dispute_id]
                 self._save()
                 continue

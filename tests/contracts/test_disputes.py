@@ -3,12 +3,12 @@ import pytest
 
 from conftest import TOKEN
 from shardmarket.chain import eip712
+from shardmarket.chain.contracts import DisputeStatus
 from scripts.deploy import DISPUTE_PARAMS, UNBONDING_DELAY
 
 BOND = DISPUTE_PARAMS["challengeBond"]
 PENALTY = DISPUTE_PARAMS["absentVerifierPenalty"]
 COMMIT, REVEAL = DISPUTE_PARAMS["commitPeriod"], DISPUTE_PARAMS["revealPeriod"]
-OPEN, NODE_SLASHED, CHALLENGER_LOST, VOID = 1, 2, 3, 4
 STAKE = 100 * TOKEN
 
 
@@ -148,7 +148,7 @@ def test_challenge_takes_the_bond_picks_slice_verifiers_and_locks_the_node(marke
     assert token.balanceOf(disputes) == BOND and token.balanceOf(challenger) == 0
     dispute = disputes.getDispute(dispute_id)
     assert (dispute["node"], dispute["challenger"], dispute["status"], dispute["verifierCount"]) == (
-        accused, challenger, OPEN, 3)
+        accused, challenger, DisputeStatus.OPEN, 3)
     assert all(disputes.ballotOf(dispute_id, v)["selected"] for v in verifiers)
     # the node cannot leave with its stake while the dispute is open
     stake_manager.unbond(STAKE, {"from": accused})
@@ -207,7 +207,7 @@ def test_majority_wrong_slashes_the_node_and_rewards_the_challenger(market, disp
         assert reveal().events["VoteRevealed"]["verifier"] in verifiers
     before = token.balanceOf(treasury)
     tx = disputes.resolve(dispute_id, {"from": challenger})  # everyone revealed: no need to wait
-    assert tx.return_value == NODE_SLASHED
+    assert tx.return_value == DisputeStatus.NODE_SLASHED
     slashed = STAKE // 2
     assert tx.events["DisputeResolved"]["slashed"] == slashed
     assert stake_manager.totalStakeOf(accused) == STAKE - slashed
@@ -215,7 +215,7 @@ def test_majority_wrong_slashes_the_node_and_rewards_the_challenger(market, disp
     assert token.balanceOf(treasury) - before == slashed - slashed // 2
     assert token.balanceOf(disputes) == 0
     assert stake_manager.stakeOf(accused)["locks"] == 0
-    assert disputes.getDispute(dispute_id)["status"] == NODE_SLASHED
+    assert disputes.getDispute(dispute_id)["status"] == DisputeStatus.NODE_SLASHED
 
 
 def test_majority_right_gives_the_bond_to_the_node(market, disputes, token, stake_manager, slice_nodes, challenger):
@@ -224,7 +224,7 @@ def test_majority_right_gives_the_bond_to_the_node(market, disputes, token, stak
     reveals = [vote(disputes, dispute_id, v, wrong) for v, wrong in zip(verifiers, (False, True, False))]
     for reveal in reveals:
         reveal()
-    assert disputes.resolve(dispute_id, {"from": accused}).return_value == CHALLENGER_LOST
+    assert disputes.resolve(dispute_id, {"from": accused}).return_value == DisputeStatus.CHALLENGER_LOST
     assert token.balanceOf(accused) == BOND
     assert token.balanceOf(challenger) == 0
     assert stake_manager.totalStakeOf(accused) == STAKE
@@ -240,7 +240,7 @@ def test_timeout_without_votes_returns_the_bond_and_penalizes_absent_verifiers(m
     brownie.chain.sleep(COMMIT + REVEAL + 1)
     before = token.balanceOf(treasury)
     tx = disputes.resolve(dispute_id, {"from": challenger})
-    assert tx.return_value == VOID
+    assert tx.return_value == DisputeStatus.VOID
     assert len(tx.events["VerifierPenalized"]) == 3
     assert token.balanceOf(challenger) == BOND
     assert token.balanceOf(treasury) - before == 3 * PENALTY
@@ -260,7 +260,7 @@ def test_tie_is_void_and_only_the_silent_verifier_pays(market, disputes, token, 
         reveal()
     brownie.chain.sleep(REVEAL)
     tx = disputes.resolve(dispute_id, {"from": challenger})
-    assert tx.return_value == VOID
+    assert tx.return_value == DisputeStatus.VOID
     assert tx.events["VerifierPenalized"]["verifier"] == verifiers[2]
     assert [stake_manager.totalStakeOf(v) for v in verifiers] == [STAKE, STAKE, STAKE - PENALTY]
     assert token.balanceOf(challenger) == BOND
@@ -293,7 +293,7 @@ def test_verifier_cannot_vote_twice_or_reveal_another_vote(market, disputes, sli
         disputes.revealVote(dispute_id, True, salt, {"from": first})
     dispute = disputes.getDispute(dispute_id)
     assert (dispute["guiltyVotes"], dispute["innocentVotes"]) == (1, 0)
-    assert disputes.resolve(dispute_id, {"from": challenger}).return_value == NODE_SLASHED
+    assert disputes.resolve(dispute_id, {"from": challenger}).return_value == DisputeStatus.NODE_SLASHED
 
 
 def test_a_commit_hash_copied_from_another_verifier_cannot_be_revealed(market, disputes, slice_nodes, challenger,

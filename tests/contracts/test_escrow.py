@@ -6,9 +6,8 @@ from eth_account import Account
 
 from conftest import TOKEN
 from shardmarket.chain import eip712
+from shardmarket.chain.contracts import Rejection
 from scripts.deploy import WITHDRAWAL_TIMELOCK
-
-BAD_SIGNATURE, STALE_SEQ, WRONG_PREVIOUS, MALFORMED = 1, 2, 3, 4
 
 
 @pytest.fixture
@@ -190,7 +189,7 @@ def test_a_replayed_tab_pays_nothing_and_an_older_one_is_stale(market, escrow, c
     assert tx.return_value == 0 and market.paid_vector(tx, client) == paid
     tx = market.settle([market.item(*older, paid)], node)
     assert tx.return_value == 0
-    assert (tx.events["TabRejected"]["index"], tx.events["TabRejected"]["reason"]) == (0, STALE_SEQ)
+    assert (tx.events["TabRejected"]["index"], tx.events["TabRejected"]["reason"]) == (0, Rejection.STALE_SEQ)
     assert escrow.earningsOf(node) == 2 * TOKEN and escrow.balanceOf(client) == 8 * TOKEN
 
 
@@ -204,7 +203,7 @@ def test_a_wrong_previous_vector_is_rejected(market, escrow, client, nodes):
     for previous in [(), understated, paid[:1], (paid[1], paid[0])]:
         item = market.item(tab, signature)  # the previous vector packed as given, unsorted too
         tx = market.settle([item[:122] + bytes([len(previous)]) + item[123:] + eip712.pack_entries(previous)], a)
-        assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == WRONG_PREVIOUS
+        assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == Rejection.WRONG_PREVIOUS
     assert escrow.earningsOf(a) + escrow.earningsOf(b) == 3 * TOKEN
     assert market.settle([market.item(tab, signature, paid)], a).return_value == 7 * TOKEN
 
@@ -216,7 +215,7 @@ def test_a_tab_that_drops_or_lowers_a_paid_node_is_rejected(market, escrow, clie
     paid = market.paid_vector(tx, client)
     for amounts in [{a: 9 * TOKEN}, {a: 9 * TOKEN, b: TOKEN}]:
         tx = market.settle([market.item(*market.tab(client, amounts, seq=2), paid)], a)
-        assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == WRONG_PREVIOUS
+        assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == Rejection.WRONG_PREVIOUS
     assert escrow.balanceOf(client) == 6 * TOKEN
 
 
@@ -225,7 +224,7 @@ def test_tab_for_another_chain_or_escrow_is_rejected(market, escrow, disputes, c
     market.deposit(client, 10 * TOKEN)
     domain = eip712.Domain(1, escrow.address) if other == "chain-id" else eip712.Domain(31337, disputes.address)
     tx = market.settle([market.item(*market.tab(client, {node: TOKEN}, domain=domain))], node)
-    assert tx.events["TabRejected"]["reason"] == BAD_SIGNATURE
+    assert tx.events["TabRejected"]["reason"] == Rejection.BAD_SIGNATURE
     assert escrow.balanceOf(client) == 10 * TOKEN
 
 
@@ -246,7 +245,7 @@ def test_tampered_amount_or_entry_and_foreign_signers_fail_the_signature(market,
     ]
     tx = market.settle(items, a)
     assert tx.return_value == 0
-    assert [(e["index"], e["reason"]) for e in tx.events["TabRejected"]] == [(i, BAD_SIGNATURE) for i in range(6)]
+    assert [(e["index"], e["reason"]) for e in tx.events["TabRejected"]] == [(i, Rejection.BAD_SIGNATURE) for i in range(6)]
     assert escrow.balanceOf(client) == 10 * TOKEN
 
 
@@ -266,7 +265,7 @@ def test_malformed_tabs_are_rejected(market, escrow, client, nodes):
              raw_settlement(client, [("0x" + "00" * 20, 1)]), raw_settlement(SimpleNamespace(address="0x" + "00" * 20), [(low, 1)]),
              raw_settlement(client, [(low, 1)], [(low, 1), (high, 1)])]
     tx = market.settle(items, nodes[0])
-    assert [e["reason"] for e in tx.events["TabRejected"]] == [MALFORMED] * 6 + [WRONG_PREVIOUS]
+    assert [e["reason"] for e in tx.events["TabRejected"]] == [Rejection.MALFORMED] * 6 + [Rejection.WRONG_PREVIOUS]
     assert escrow.balanceOf(client) == 10 * TOKEN
 
 
@@ -289,7 +288,7 @@ def test_a_batch_skips_bad_items_and_pays_the_rest(market, escrow, clients, node
     good_c = market.tab(c, {nodes[1]: 3 * TOKEN})
     tx = market.settle([market.item(*good_a), market.item(*forged_b), market.item(*good_c)], nodes[0])
     assert tx.return_value == 5 * TOKEN
-    assert [(e["index"], e["client"], e["reason"]) for e in tx.events["TabRejected"]] == [(1, b, BAD_SIGNATURE)]
+    assert [(e["index"], e["client"], e["reason"]) for e in tx.events["TabRejected"]] == [(1, b, Rejection.BAD_SIGNATURE)]
     assert len(tx.events["TabSettled"]) == 2
     assert [escrow.balanceOf(x) for x in clients] == [8 * TOKEN, 10 * TOKEN, 7 * TOKEN]
     assert escrow.earningsOf(nodes[0]) == TOKEN and escrow.earningsOf(nodes[1]) == 4 * TOKEN
@@ -300,7 +299,7 @@ def test_the_same_tab_twice_in_one_batch_pays_once(market, escrow, client, nodes
     pair = market.tab(client, {nodes[0]: 3 * TOKEN})
     tx = market.settle([market.item(*pair), market.item(*pair)], nodes[0])
     assert tx.return_value == 3 * TOKEN  # the second carries a stale previous vector
-    assert tx.events["TabRejected"]["reason"] == WRONG_PREVIOUS
+    assert tx.events["TabRejected"]["reason"] == Rejection.WRONG_PREVIOUS
     assert escrow.balanceOf(client) == 7 * TOKEN
 
 
@@ -313,7 +312,7 @@ def test_two_nodes_settling_the_same_client_in_either_order_pay_each_once(market
     tx = market.settle([market.item(*pair)], settlers[0])
     assert tx.return_value == 5 * TOKEN
     raced = market.settle([market.item(*pair)], settlers[1])  # built before it saw the first settlement
-    assert raced.return_value == 0 and raced.events["TabRejected"]["reason"] == WRONG_PREVIOUS
+    assert raced.return_value == 0 and raced.events["TabRejected"]["reason"] == Rejection.WRONG_PREVIOUS
     again = market.settle([market.item(*pair, market.paid_vector(tx, client))], settlers[1])
     assert again.return_value == 0
     assert (escrow.earningsOf(nodes[0]), escrow.earningsOf(nodes[1])) == (2 * TOKEN, 3 * TOKEN)
@@ -331,4 +330,4 @@ def test_unknown_key_signature_never_pays(market, escrow, client, node):
     tab = eip712.Tab(client.address, 1, (eip712.Entry(node.address, TOKEN),), b"\x00" * 32)
     signature = eip712.sign_tab(stranger.key, tab, market.escrow_domain)
     tx = market.settle([market.item(tab, signature)], node)
-    assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == BAD_SIGNATURE
+    assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == Rejection.BAD_SIGNATURE

@@ -4,8 +4,7 @@ import pytest
 
 from conftest import TOKEN
 from shardmarket.chain import eip712
-
-WRONG_PREVIOUS = 3
+from shardmarket.chain.contracts import Rejection
 
 
 @pytest.fixture
@@ -56,9 +55,9 @@ def test_later_tabs_must_cover_the_raised_entry(market, escrow, client, lowered,
     raised = eip712.unpack_entries(bytes(claim(escrow, b, older, newer, paid, b).events["LoweringClaimed"]["paid"]))
     below = market.tab(client, {a: 11 * TOKEN, b: 7 * TOKEN}, seq=3)
     tx = market.settle([market.item(*below, raised)], a)
-    assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == WRONG_PREVIOUS
+    assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == Rejection.WRONG_PREVIOUS
     tx = market.settle([market.item(*newer, raised)], a)  # the lowering tab itself can no longer be settled
-    assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == WRONG_PREVIOUS
+    assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == Rejection.WRONG_PREVIOUS
     tx = market.settle([market.item(*market.tab(client, {a: 11 * TOKEN, b: 9 * TOKEN}, seq=3), raised)], a)
     assert tx.return_value == 2 * TOKEN and escrow.earningsOf(b) == 9 * TOKEN
 
@@ -88,7 +87,7 @@ def test_an_unsettled_lowering_tab_is_proof_enough_and_the_node_joins_the_paid_v
     paid = eip712.unpack_entries(bytes(tx.events["LoweringClaimed"]["paid"]))
     assert paid == (eip712.Entry(b.address, 4 * TOKEN),) and escrow.tabOf(client) == (0, eip712.paid_vector_hash(paid))
     tx = market.settle([market.item(*newer, paid)], a)  # the lowering tab drops a paid node: refused
-    assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == WRONG_PREVIOUS
+    assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == Rejection.WRONG_PREVIOUS
 
 
 def test_bad_claims_revert_with_clear_errors_and_change_nothing(market, escrow, client, clients, nodes, lowered, reverts_with):

@@ -1,11 +1,16 @@
-"""Contract data read by name, on a real anvil with the contracts deployed: a struct, or several named return values,
-comes back as a named tuple, and the commands that show it read the right fields."""
+"""Contract data read by name: the Python enums are the compiled contracts' enums (member names and order, from
+solc's AST in brownie's build folder); on a real anvil with the contracts deployed, a struct, or several named
+return values, comes back as a named tuple, and the commands that show it read the right fields."""
 
 from __future__ import annotations
 
+import json
+import re
+from enum import IntEnum
+
 import pytest
 
-from shardmarket.chain.contracts import Market
+from shardmarket.chain.contracts import BUILD_DIR, DisputeStatus, Market, Rejection
 from shardmarket.chain.keys import load_account
 from shardmarket.cli.devmarket import PASSWORD, DevMarket
 from shardmarket.cli.keys import home_keys
@@ -13,6 +18,24 @@ from shardmarket.config import load_config
 
 STAKE = 100 * 10**18  # scripts/deploy.py's MIN_STAKE
 MODEL = "by-name"
+ENUMS = {("DisputeManager", "Status"): DisputeStatus, ("PaymentEscrow", "Rejection"): Rejection}
+REPO = BUILD_DIR.parents[1]
+
+
+def contract_ast(name: str) -> dict:
+    """The AST node of contract `name` as compiled into the build folder, which must match its source."""
+    build = json.loads((BUILD_DIR / f"{name}.json").read_text())
+    if build["source"] != (REPO / build["sourcePath"]).read_text():
+        pytest.fail(f"build/contracts/{name}.json is older than {build['sourcePath']}: run `brownie compile`")
+    return next(n for n in build["ast"]["nodes"] if n["nodeType"] == "ContractDefinition" and n["name"] == name)
+
+
+@pytest.mark.parametrize(("contract", "enum"), ENUMS, ids=[f"{c}.{e}" for c, e in ENUMS])
+def test_python_enums_are_the_solidity_enums(contract: str, enum: str):
+    python = ENUMS[contract, enum]
+    definition = next(n for n in contract_ast(contract)["nodes"] if n["nodeType"] == "EnumDefinition" and n["name"] == enum)
+    solidity = [(re.sub(r"(?<!^)(?=[A-Z])", "_", m["name"]).upper(), value) for value, m in enumerate(definition["members"])]
+    assert issubclass(python, IntEnum) and [(m.name, m.value) for m in python] == solidity
 
 
 @pytest.fixture(scope="module")

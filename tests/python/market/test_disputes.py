@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from shardmarket.chain.contracts import Market
+from shardmarket.chain.contracts import DisputeStatus, Market
 from shardmarket.chain.evidence import relative_difference
 from shardmarket.client.session import InferenceSession
 from shardmarket.config import load_config
@@ -20,7 +20,6 @@ from shardmarket.engine.models import random_checkpoint, tiny_config
 from .conftest import MODEL, client_model, generate, serve_market
 
 PROMPT = [3, 1, 4, 1, 5]
-NODE_SLASHED = 2
 # name, layers, price, extra `node run` arguments
 NODES = [
     ("a", "0:2", 1000, ["--threads", "1"]),
@@ -123,10 +122,10 @@ def test_noisy_node_is_challenged_and_slashed_by_the_verifiers_even_if_their_vot
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         status = chain.read(chain.disputes.functions.getDispute(dispute_id)).status
-        if status != 1:
+        if status != DisputeStatus.OPEN:
             break
         time.sleep(0.5)
-    assert status == NODE_SLASHED
+    assert status == DisputeStatus.NODE_SLASHED
     assert all(chain.read(chain.disputes.functions.ballotOf(dispute_id, market.accounts[name])).revealed for name in verifiers)
     assert stake_of(market, "cheat") == 50 * 10**18  # wrongOutputSlashBps = 50 %
     assert all(stake_of(market, name) == 100 * 10**18 for name, _, _, _ in NODES)
