@@ -72,7 +72,7 @@ def main() -> dict:
         def item(client, nodes, amount, seq, previous):
             entries = tuple(eip712.Entry(n, amount) for n in sorted(nodes, key=lambda a: int(a, 16)))
             tab = eip712.Tab(client.address, seq, entries, os.urandom(32))
-            return eip712.encode_settlement(tab, eip712.sign_tab(client.key, tab, escrow_domain), previous)
+            return eip712.pack_tab(tab, eip712.sign_tab(client.key, tab, escrow_domain), previous)
 
         def settle(batch_clients, nodes, amount, seq, previous):
             tx = escrow.settleTabs(b"".join(item(c, nodes, amount, seq, previous) for c in batch_clients), {"from": owner})
@@ -98,7 +98,7 @@ def main() -> dict:
             older = item(client, nodes, 2 * TOKEN, 1, ())
             lowering = eip712.Tab(client.address, 2, tuple(eip712.Entry(n, TOKEN) for n in sorted(nodes, key=lambda a: int(a, 16))),
                                   os.urandom(32))
-            signed = eip712.encode_settlement(lowering, eip712.sign_tab(client.key, lowering, escrow_domain), ())
+            signed = eip712.pack_tab(lowering, eip712.sign_tab(client.key, lowering, escrow_domain))
             tx = escrow.settleTabs(signed, {"from": owner})
             paid = eip712.pack_entries(eip712.unpack_entries(bytes(tx.events["TabSettled"]["paid"])))
             tx = escrow.claimLowered(sorted(nodes, key=lambda a: int(a, 16))[-1], older + signed, paid, {"from": owner})

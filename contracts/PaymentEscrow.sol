@@ -192,7 +192,7 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     /// @param settlements Packed settlements, one after another, each: client (20 bytes) || seq (4) ||
     /// usageHash (32) || r (32) || s (32) || v (1) || entry count n (1) || previous count m (1) ||
     /// n tab entries || m entries of the client's current paid vector (empty at first; rebuilt from its last
-    /// TabSettled or LoweringClaimed). shardmarket/chain/eip712.py `encode_settlement` writes this. A truncated settlement
+    /// TabSettled or LoweringClaimed). shardmarket/chain/eip712.py `pack_tab` writes this. A truncated settlement
     /// reverts.
     /// @return paid Total tokens credited to nodes.
     function settleTabs(bytes calldata settlements) external returns (uint256 paid) {
@@ -219,7 +219,7 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     /// that. Any caller may send it; a second claim of the same pair reverts with NothingOwed.
     /// @param node The node whose entry was lowered (the payee).
     /// @param tabs The older then the newer signed tab, each packed as a settleTabs item with no previous vector
-    /// (shardmarket/chain/eip712.py `encode_settlement(tab, signature, ())`, the form a node stores).
+    /// (shardmarket/chain/eip712.py `pack_tab(tab, signature)`, the form a node stores).
     /// @param paid The client's current paid vector, packed (its last TabSettled or LoweringClaimed `paid`).
     /// @return amount Tokens credited to `node`.
     function claimLowered(address node, bytes calldata tabs, bytes calldata paid) external returns (uint256 amount) {

@@ -185,21 +185,38 @@ def tab_digest(tab: Tab, domain: Domain) -> bytes:
     return _keccak(b"\x19\x01" + domain_separator(domain) + struct_hash)
 
 
-ENTRY_BYTES = 36  # a packed entry: node (20 bytes) || amount (16)
-SETTLEMENT_HEADER_BYTES = 123  # client, seq, usageHash, r, s, v, entry count, previous count
+# A packed tab: how a signed tab travels with every step, how a node stores it, and what PaymentEscrow reads (settleTabs,
+# claimLowered):
+#   client (20 bytes) || seq (uint32, 4) || usageHash (32) || r (32) || s (32) || v (1) || n, the entry count (1) ||
+#   m, the paid count (1) || n entries || m entries of the client's current paid vector
+# (m is 0 in the form that travels and that claimLowered takes); a packed entry is node (20 bytes) || amount (uint128, 16).
+# Each constant is the byte offset where a field starts; a field ends where the next one starts.
+TAB_SEQ = 20
+TAB_USAGE_HASH = 24
+TAB_R = 56
+TAB_S = 88
+TAB_V = 120
+TAB_COUNT = 121
+TAB_PAID_COUNT = 122
+TAB_HEADER_BYTES = 123  # where the entries start
+ENTRY_AMOUNT = 20
+ENTRY_BYTES = 36
+_SEQ_BYTES = TAB_USAGE_HASH - TAB_SEQ
+_AMOUNT_BYTES = ENTRY_BYTES - ENTRY_AMOUNT
 
 
 def pack_entries(entries: tuple[Entry, ...]) -> bytes:
-    """Entries as PaymentEscrow packs them (settlements, claims, paid vectors, TabSettled, LoweringClaimed): node ||
-    amount, 36 bytes each."""
-    return b"".join(bytes.fromhex(e.node[2:]) + e.amount.to_bytes(16, "big") for e in entries)
+    """Entries as PaymentEscrow packs them (packed tabs, paid vectors, TabSettled, LoweringClaimed): node || amount,
+    ENTRY_BYTES each."""
+    return b"".join(bytes.fromhex(e.node[2:]) + e.amount.to_bytes(_AMOUNT_BYTES, "big") for e in entries)
 
 
 def unpack_entries(data: bytes) -> tuple[Entry, ...]:
     """The entries of `pack_entries`' bytes (a TabSettled or LoweringClaimed paid vector); raises ValueError if malformed."""
     if len(data) % ENTRY_BYTES:
         raise ValueError(f"packed entries are a multiple of {ENTRY_BYTES} bytes, got {len(data)}")
-    entries = tuple(Entry(to_checksum_address(data[i:i + 20].hex()), int.from_bytes(data[i + 20:i + 36], "big"))
+    entries = tuple(Entry(to_checksum_address(data[i:i + ENTRY_AMOUNT].hex()),
+                          int.from_bytes(data[i + ENTRY_AMOUNT:i + ENTRY_BYTES], "big"))
                     for i in range(0, len(data), ENTRY_BYTES))
     check_entries(entries, allow_empty=True)
     return entries
@@ -211,46 +228,45 @@ def paid_vector_hash(paid: tuple[Entry, ...]) -> int:
     return int.from_bytes(_keccak(pack_entries(paid))[16:], "big") if paid else 0
 
 
-def encode_settlement(tab: Tab, signature: bytes, previous: tuple[Entry, ...]) -> bytes:
-    """One packed item of PaymentEscrow.settleTabs: client || seq || usageHash || r || s || v || n || m ||
-    n tab entries || m entries of the client's current paid vector."""
+def pack_tab(tab: Tab, signature: bytes, paid: tuple[Entry, ...] = ()) -> bytes:
+    """The packed tab: `tab` and its client's 65-byte signature, followed by the client's current paid vector `paid`
+    when it goes to settleTabs (empty in the form that travels with a step)."""
     v, r, s = split_signature(signature)
-    check_entries(previous, allow_empty=True)
-    return (bytes.fromhex(tab.client[2:]) + tab.seq.to_bytes(4, "big") + tab.usage_hash + r + s + bytes([v, len(tab.entries), len(previous)])
-            + pack_entries(tab.entries) + pack_entries(previous))
+    check_entries(paid, allow_empty=True)
+    return (bytes.fromhex(tab.client[2:]) + tab.seq.to_bytes(_SEQ_BYTES, "big") + tab.usage_hash + r + s
+            + bytes((v, len(tab.entries), len(paid))) + pack_entries(tab.entries) + pack_entries(paid))
 
 
-def settlement_client(data: object) -> str | None:
-    """The client a packed settlement (or a step's tab) names, in lower-case hex, read without checking anything
-    else; None if `data` is too short to name one."""
-    return "0x" + bytes(data[:20]).hex() if isinstance(data, (bytes, bytearray)) and len(data) >= 20 else None
+def tab_client(data: object) -> str | None:
+    """The client a packed tab names, in lower-case hex, read without checking anything else; None if `data` is too
+    short to name one."""
+    return "0x" + bytes(data[:TAB_SEQ]).hex() if isinstance(data, (bytes, bytearray)) and len(data) >= TAB_SEQ else None
 
 
-def decode_settlement(data: bytes) -> tuple[Tab, bytes, tuple[Entry, ...]]:
-    """(tab, signature, previous paid vector) of one `encode_settlement` item (a signed tab travels on every step
-    in this form, with no previous vector); raises ValueError if malformed."""
-    if not isinstance(data, (bytes, bytearray)) or len(data) < SETTLEMENT_HEADER_BYTES:
-        raise ValueError(f"a signed tab is at least {SETTLEMENT_HEADER_BYTES} bytes, got {_describe(data)}")
-    count, previous = data[121], data[122]
-    end = SETTLEMENT_HEADER_BYTES + ENTRY_BYTES * (count + previous)
+def unpack_tab(data: bytes) -> tuple[Tab, bytes, tuple[Entry, ...]]:
+    """(tab, signature, paid vector) of a packed tab; raises ValueError if malformed."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) < TAB_HEADER_BYTES:
+        raise ValueError(f"a signed tab is at least {TAB_HEADER_BYTES} bytes, got {_describe(data)}")
+    entries_end = TAB_HEADER_BYTES + ENTRY_BYTES * data[TAB_COUNT]
+    end = entries_end + ENTRY_BYTES * data[TAB_PAID_COUNT]
     if len(data) != end:
-        raise ValueError(f"a signed tab naming {count} node(s) is {end} bytes, got {len(data)}")
-    entries = unpack_entries(bytes(data[SETTLEMENT_HEADER_BYTES:SETTLEMENT_HEADER_BYTES + ENTRY_BYTES * count]))
-    tab = Tab(to_checksum_address(data[:20].hex()), int.from_bytes(data[20:24], "big"), entries, bytes(data[24:56]))
-    signature = bytes(data[56:120]) + bytes([data[120]])
-    return tab, signature, unpack_entries(bytes(data[SETTLEMENT_HEADER_BYTES + ENTRY_BYTES * count:]))
+        raise ValueError(f"a signed tab naming {data[TAB_COUNT]} node(s) is {end} bytes, got {len(data)}")
+    entries = unpack_entries(bytes(data[TAB_HEADER_BYTES:entries_end]))
+    tab = Tab(to_checksum_address(data[:TAB_SEQ].hex()), int.from_bytes(data[TAB_SEQ:TAB_USAGE_HASH], "big"), entries,
+              bytes(data[TAB_USAGE_HASH:TAB_R]))
+    return tab, bytes(data[TAB_R:TAB_COUNT]), unpack_entries(bytes(data[entries_end:]))
 
 
-def split_settlements(data: bytes) -> list[bytes]:
-    """The items of a packed settleTabs argument (what a node reads back from a settlement's calldata)."""
-    items, at = [], 0
+def split_packed_tabs(data: bytes) -> list[bytes]:
+    """The packed tabs of a settleTabs argument, one after another (what a node reads back from a settlement's calldata)."""
+    tabs, at = [], 0
     while at < len(data):
-        if len(data) - at < SETTLEMENT_HEADER_BYTES:
-            raise ValueError(f"a settlement item at byte {at} is cut short")
-        end = at + SETTLEMENT_HEADER_BYTES + ENTRY_BYTES * (data[at + 121] + data[at + 122])
-        items.append(bytes(data[at:end]))
+        if len(data) - at < TAB_HEADER_BYTES:
+            raise ValueError(f"the packed tab at byte {at} is cut short")
+        end = at + TAB_HEADER_BYTES + ENTRY_BYTES * (data[at + TAB_COUNT] + data[at + TAB_PAID_COUNT])
+        tabs.append(bytes(data[at:end]))
         at = end
-    return items
+    return tabs
 
 
 def _word_address(address: str) -> bytes:
@@ -337,7 +353,7 @@ def is_commitment_signer(commitment: Commitment, signature: bytes, domain: Domai
 
 
 def split_signature(signature: bytes) -> tuple[int, bytes, bytes]:
-    """(v, r, s) of a 65-byte r||s||v signature, as PaymentEscrow.settleTabs takes it."""
+    """(v, r, s) of a 65-byte r||s||v signature (a packed tab holds r, s, v in that order)."""
     if not isinstance(signature, (bytes, bytearray)) or len(signature) != 65:
         raise InvalidSignature(f"a signature is 65 bytes r||s||v, got {_describe(signature)}")
     return signature[64], bytes(signature[:32]), bytes(signature[32:64])

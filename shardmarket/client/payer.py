@@ -13,7 +13,7 @@ from pathlib import Path
 from cchecksum import to_checksum_address
 
 from shardmarket.chain.eip712 import (
-    MAX_ENTRIES, Domain, Entry, Tab, UsageRecord, chain_usage_hash, encode_settlement, sign_tab, signing_key,
+    MAX_ENTRIES, Domain, Entry, Tab, UsageRecord, chain_usage_hash, pack_tab, sign_tab, signing_key,
 )
 from shardmarket.chain.commitment import SignedCommitment
 
@@ -32,7 +32,7 @@ class _Signed:
     base: dict[str, int]
     amounts: dict[str, int]
     seq: int
-    encoded: bytes
+    packed: bytes
 
 
 def _raises(charges: list[tuple[object, int]]) -> dict[str, int]:
@@ -84,7 +84,7 @@ class Payer:
             self._db.execute("COMMIT")
             self._seq, self._amounts = signed.seq, signed.amounts
             self.request_costs[request_id] += sum(raises.values())
-        return signed.encoded
+        return signed.packed
 
     def presign(self, charges: list[tuple[object, int]]) -> None:
         """Sign ahead, while the client waits on a node, the tab that `tab(charges)` would sign next; `tab` sends it
@@ -109,7 +109,7 @@ class Payer:
                           "withdraw its deposit and pay from a new account (`shardmarket keys new`)")
         entries = tuple(Entry(to_checksum_address(n), a) for n, a in sorted(amounts.items(), key=lambda item: int(item[0], 16)))
         tab = Tab(self.account.address, self._seq + 1, entries, self._usage)
-        return _Signed(raises, self._amounts, amounts, tab.seq, encode_settlement(tab, sign_tab(self._key, tab, self.domain), ()))
+        return _Signed(raises, self._amounts, amounts, tab.seq, pack_tab(tab, sign_tab(self._key, tab, self.domain)))
 
     def answered(self, node, signed: SignedCommitment, tokens: int) -> None:
         """Chain the usage record of a step `node` answered into the client's usage hash."""

@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from shardmarket.chain.eip712 import Domain, Entry, InvalidSignature, Tab, decode_settlement, recover_tab_signer, settlement_client
+from shardmarket.chain.eip712 import Domain, Entry, InvalidSignature, Tab, recover_tab_signer, tab_client, unpack_tab
 from shardmarket.server.tabs import StoredTab, TabStore
 
 T = TypeVar("T")
@@ -81,7 +81,7 @@ class PaymentGate:
             except BaseException:
                 self._refund(credit)
                 raise
-        if settlement_client(fields.get("tab")) in self.balances:  # not verified yet: only to pick the way
+        if tab_client(fields.get("tab")) in self.balances:  # not verified yet: only to pick the way
             checking = self._threads.submit(self._check_and_store, request_id, tokens, fields.get("tab"))
             try:
                 result = await step()
@@ -128,8 +128,8 @@ class PaymentGate:
         if raw is None:
             raise PaymentRefused("payment_required", f"this node charges {self.price} token units per token: send a tab with every step")
         try:
-            tab, signature, previous = decode_settlement(raw)
-            if previous:
+            tab, signature, paid = unpack_tab(raw)
+            if paid:
                 raise ValueError("a step's tab carries no paid vector")
             signer = recover_tab_signer(tab, signature, self.domain)
         except (TypeError, ValueError, InvalidSignature) as exc:
@@ -206,7 +206,7 @@ class PaymentGate:
         newest checked tab leaves credit for the step. None: the tab must be checked first."""
         client = self._session_clients.get(request_id)
         raw = fields.get("tab")
-        if client is None or settlement_client(raw) != client:
+        if client is None or tab_client(raw) != client:
             return None
         cost = self.price * tokens
         with self._lock:

@@ -16,8 +16,8 @@ from eth_utils import to_checksum_address
 from web3.logs import DISCARD
 
 from shardmarket.chain.contracts import ChainError, Market, Rejection
-from shardmarket.chain.eip712 import (Entry, Tab, decode_settlement, encode_settlement, pack_entries, paid_vector_hash,
-                               split_settlements, unpack_entries)
+from shardmarket.chain.eip712 import (Entry, Tab, pack_entries, pack_tab, paid_vector_hash, split_packed_tabs, unpack_entries,
+                                      unpack_tab)
 from shardmarket.chain.watch import BlockWatch
 from shardmarket.server.payments import PaymentGate, PaymentRefused
 from shardmarket.server.tabs import LoweringClaim, StoredTab, TabStore
@@ -112,7 +112,7 @@ def _claim_lowered(market: Market, store: TabStore, gate: PaymentGate | None, st
         return
     owed = stored.owed
     call = market.escrow.functions.claimLowered(to_checksum_address(stored.node),
-                                                stored.signed() + encode_settlement(lowered, signature, ()), pack_entries(stored.paid))
+                                                stored.signed() + pack_tab(lowered, signature), pack_entries(stored.paid))
     try:
         receipt = market.transact(call, f"claiming what client {stored.client} promised in tab {stored.tab.seq}")
     except ChainError as exc:
@@ -139,8 +139,8 @@ def _settled_tab(market: Market, client: str, seq: int) -> tuple[Tab, bytes] | N
         tx = market.w3.eth.get_transaction(entry["transactionHash"])
         try:
             _, args = market.escrow.decode_function_input(tx["input"])
-            for item in split_settlements(args["settlements"]):
-                tab, signature, _ = decode_settlement(item)
+            for item in split_packed_tabs(args["settlements"]):
+                tab, signature, _ = unpack_tab(item)
                 if tab.client.lower() == client.lower() and tab.seq == seq:
                     return tab, signature
         except ValueError:
@@ -158,7 +158,7 @@ def settle_pending(market: Market, store: TabStore, gate: PaymentGate | None = N
     for first in range(0, len(ready), BATCH):
         chunk = ready[first : first + BATCH]
         owed = sum(s.owed for s in chunk)
-        tx = market.transact(market.escrow.functions.settleTabs(b"".join(s.settlement() for s in chunk)),
+        tx = market.transact(market.escrow.functions.settleTabs(b"".join(s.packed_with_paid() for s in chunk)),
                              f"settling {len(chunk)} client tab(s)")
         for event in market.escrow.events.TabSettled().process_receipt(tx, errors=DISCARD):
             _mark(store, gate, event["args"]["client"], unpack_entries(bytes(event["args"]["paid"])), event["args"]["seq"])

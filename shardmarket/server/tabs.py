@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardmarket.chain.eip712 import Entry, Tab, decode_settlement, encode_settlement, pack_entries, unpack_entries
+from shardmarket.chain.eip712 import Entry, Tab, pack_entries, pack_tab, unpack_entries, unpack_tab
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tabs (
@@ -87,13 +87,13 @@ class StoredTab:
         paid = {e.node.lower(): e.amount for e in self.paid}
         return sum(max(e.amount - paid.get(e.node.lower(), 0), 0) for e in self.tab.entries)
 
-    def settlement(self) -> bytes:
-        """The settleTabs item for this tab over the stored paid vector."""
-        return encode_settlement(self.tab, self.signature, self.paid)
+    def packed_with_paid(self) -> bytes:
+        """The packed tab with the stored paid vector, as settleTabs takes it."""
+        return pack_tab(self.tab, self.signature, self.paid)
 
     def signed(self) -> bytes:
-        """The signed tab alone (how it travels and how claimLowered takes it)."""
-        return encode_settlement(self.tab, self.signature, ())
+        """The packed tab alone (how it travels and how claimLowered takes it)."""
+        return pack_tab(self.tab, self.signature)
 
 
 class TabStore:
@@ -133,7 +133,7 @@ class TabStore:
                 stored = StoredTab(self.node, newest, newest_signature, (old.served if old else 0) + cost,
                                    old.paid if old else (), old.paid_seq if old else -1)
                 self._db.execute("INSERT OR REPLACE INTO tabs VALUES (?, ?, ?, ?, ?, ?)",
-                                 (client, newest.seq, encode_settlement(newest, newest_signature, ()), str(stored.served),
+                                 (client, newest.seq, pack_tab(newest, newest_signature), str(stored.served),
                                   pack_entries(stored.paid), stored.paid_seq))
                 self._db.execute("COMMIT")
             except BaseException:
@@ -191,5 +191,5 @@ class TabStore:
 
     def _parse(self, row: tuple) -> StoredTab:
         _, _, signed, served, paid, paid_seq = row
-        tab, signature, _ = decode_settlement(bytes(signed))
+        tab, signature, _ = unpack_tab(bytes(signed))
         return StoredTab(self.node, tab, signature, int(served), unpack_entries(bytes(paid)), int(paid_seq))

@@ -131,8 +131,8 @@ class Market:
 
     @staticmethod
     def item(tab, signature, previous=()):
-        """One packed settleTabs item: the signed tab and the client's current paid vector."""
-        return eip712.encode_settlement(tab, signature, tuple(previous))
+        """One packed tab for settleTabs: the signed tab and the client's current paid vector."""
+        return eip712.pack_tab(tab, signature, tuple(previous))
 
     def settle(self, items, sender):
         return self.escrow.settleTabs(b"".join(items), {"from": sender})

@@ -14,7 +14,7 @@ def client(clients):
 
 def signed(tab_and_signature) -> bytes:
     """A signed tab as a node stores it and claimLowered takes it (a settleTabs item with no previous vector)."""
-    return eip712.encode_settlement(*tab_and_signature, ())
+    return eip712.pack_tab(*tab_and_signature)
 
 
 def claim(escrow, node, older, newer, paid, sender):

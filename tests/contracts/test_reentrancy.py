@@ -58,7 +58,7 @@ def test_node_earnings_cannot_be_withdrawn_twice_by_reentering(hook_token, hook_
     hook_escrow.deposit(client, 10 * TOKEN, {"from": accounts[0]})
     tab = eip712.Tab(client.address, 1, (eip712.Entry(attacker.address, 3 * TOKEN),), b"\x00" * 32)
     signature = eip712.sign_tab(client.private_key, tab, eip712.Domain(31337, hook_escrow.address))
-    hook_escrow.settleTabs(eip712.encode_settlement(tab, signature, ()), {"from": accounts[0]})
+    hook_escrow.settleTabs(eip712.pack_tab(tab, signature), {"from": accounts[0]})
     attacker.arm(hook_escrow, hook_escrow.withdrawEarnings.encode_input(attacker), {"from": accounts[0]})
     as_attacker(attacker, hook_escrow, "withdrawEarnings", attacker)
     assert attacker.attempted() and not attacker.reentered()

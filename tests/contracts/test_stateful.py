@@ -116,7 +116,7 @@ class MarketMachine:
             return
         account, paid = self.clients[client], self.paid.setdefault(client, {})
         vector = tuple(eip712.Entry(n, a) for n, a in sorted(paid.items(), key=lambda item: int(item[0], 16)))
-        tabs = b"".join(eip712.encode_settlement(*signed[k], ()) for k in (best, lowering))
+        tabs = b"".join(eip712.pack_tab(*signed[k]) for k in (best, lowering))
         due = min(signed[best][0].amount_for(address) - paid.get(address, 0), self.market.escrow.balanceOf(account))
         if due <= 0:
             with brownie.reverts(revert_pattern=r"NothingOwed(: .*)?"):

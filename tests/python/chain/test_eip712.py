@@ -19,17 +19,19 @@ from shardmarket.chain.eip712 import (
     chain_usage_hash,
     commitment_digest,
     commitment_typed_data,
-    decode_settlement,
-    encode_settlement,
+    pack_tab,
     paid_vector_hash,
     recover_commitment_signer,
     recover_tab_signer,
     sign_commitment,
     sign_tab,
+    split_packed_tabs,
     split_signature,
+    tab_client,
     tab_digest,
     tab_typed_data,
     tensor_hash,
+    unpack_tab,
 )
 
 CLIENT = Account.from_key(b"\x01" * 32)
@@ -209,12 +211,17 @@ def test_changed_entry_or_seq_recovers_someone_else():
     assert recover_tab_signer(tab(seq=2), signature, DOMAIN) != CLIENT.address
 
 
-def test_a_settlement_round_trips_and_truncation_is_refused():
+def test_a_packed_tab_round_trips_and_truncation_is_refused():
     signature = sign_tab(CLIENT.key, tab(), DOMAIN)
-    previous = (Entry(NODE.address, 5),)
-    data = encode_settlement(tab(), signature, previous)
-    assert decode_settlement(data) == (tab(), signature, previous)
-    assert paid_vector_hash(()) == 0 and paid_vector_hash(previous) != paid_vector_hash((Entry(NODE.address, 6),))
+    paid = (Entry(NODE.address, 5),)
+    data = pack_tab(tab(), signature, paid)
+    assert unpack_tab(data) == (tab(), signature, paid)
+    assert unpack_tab(pack_tab(tab(), signature)) == (tab(), signature, ())
+    assert tab_client(data) == CLIENT.address.lower() and tab_client(data[:19]) is None
+    assert split_packed_tabs(data + pack_tab(tab(), signature)) == [data, pack_tab(tab(), signature)]
+    assert paid_vector_hash(()) == 0 and paid_vector_hash(paid) != paid_vector_hash((Entry(NODE.address, 6),))
     for bad in (data[:-1], data + b"\x00", data[:100]):
         with pytest.raises(ValueError, match="signed tab"):
-            decode_settlement(bad)
+            unpack_tab(bad)
+    with pytest.raises(ValueError, match="cut short"):
+        split_packed_tabs(data + data[:100])

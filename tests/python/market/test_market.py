@@ -236,7 +236,7 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
     """Another node settled the client's newer tab short: this node reads that tab back from the settlement's
     calldata and collects the rest once the client tops up; a newer tab promising it less is proof enough for
     claimLowered to pay what the older tab promised: what the balance holds at once, the rest after a deposit."""
-    from shardmarket.chain.eip712 import encode_settlement, sign_tab
+    from shardmarket.chain.eip712 import pack_tab, sign_tab
     from shardmarket.server.settlement import settle_pending
     from shardmarket.server.tabs import TabStore, tab_store_path
 
@@ -252,7 +252,7 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
     newer = _tab(client, 2, {first: 10, second: 2 if lowered else 10})
     store = TabStore(tmp_path / f"{name}.sqlite", second)
     store.record(older, sign_tab(client.key, older, domain), 8)
-    holder.transact(holder.escrow.functions.settleTabs(encode_settlement(newer, sign_tab(client.key, newer, domain), ())), "settling")
+    holder.transact(holder.escrow.functions.settleTabs(pack_tab(newer, sign_tab(client.key, newer, domain))), "settling")
     assert paid_on_chain(holder, client.address, second) == (2 if lowered else 5)  # 15 - 10 paid to the first
 
     def claims() -> list:
@@ -276,7 +276,7 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
 def test_a_client_that_lowers_a_node_entry_and_settles_it_itself_still_pays_that_node(market, capsys):
     """Served by the node processes, the client signs a newer tab cutting node1's entry to a quarter and settles it
     itself; `node redeem` on node1 sends the fraud proof and node1 is paid all its held tab promised."""
-    from shardmarket.chain.eip712 import Entry, Tab, encode_settlement, sign_tab
+    from shardmarket.chain.eip712 import Entry, Tab, pack_tab, sign_tab
     from shardmarket.server.tabs import TabStore, tab_store_path
 
     model = asyncio.run(client_model(market, "lucy"))
@@ -291,7 +291,7 @@ def test_a_client_that_lowers_a_node_entry_and_settles_it_itself_still_pays_that
     chain = chain_as(market, "lucy")
     with market.acting_as("lucy"):
         key = load_account(PASSWORD, home_keys()).key
-    chain.transact(chain.escrow.functions.settleTabs(encode_settlement(lowering, sign_tab(key, lowering, chain.escrow_domain()), ())),
+    chain.transact(chain.escrow.functions.settleTabs(pack_tab(lowering, sign_tab(key, lowering, chain.escrow_domain()))),
                    "the client settling its own lowering tab")
     assert paid_on_chain(chain, lucy, node) == promised // 4
     capsys.readouterr()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 from eth_account import Account
 
-from shardmarket.chain.eip712 import MAX_ENTRIES, Domain, Entry, Tab, decode_settlement, encode_settlement, recover_tab_signer, sign_tab
+from shardmarket.chain.eip712 import MAX_ENTRIES, Domain, Entry, Tab, pack_tab, recover_tab_signer, sign_tab, unpack_tab
 from shardmarket.client.payer import Payer, TabFull
 from shardmarket.server.payments import PaymentGate, PaymentRefused
 from shardmarket.server.tabs import LoweringClaim, TabStore
@@ -29,7 +29,7 @@ def test_one_tab_per_step_covers_every_node_signs_like_eip712_and_survives_a_res
     a, b = _Node(Account.create().address, 7), _Node(Account.create().address, 3)
     payer = Payer(account, DOMAIN, tmp_path / "ledger.sqlite")
     payer.tab([(a, 10), (b, 10)], b"\x01" * 32)
-    tab, signature, previous = decode_settlement(payer.tab([(a, 1), (b, 1)], b"\x01" * 32))
+    tab, signature, previous = unpack_tab(payer.tab([(a, 1), (b, 1)], b"\x01" * 32))
     assert previous == () and tab.seq == 2
     assert tab.entries == tuple(sorted([Entry(a.operator, 77), Entry(b.operator, 33)], key=lambda e: int(e.node, 16)))
     assert signature == sign_tab(account.key, tab, DOMAIN)
@@ -37,7 +37,7 @@ def test_one_tab_per_step_covers_every_node_signs_like_eip712_and_survives_a_res
     assert payer.request_costs[b"\x01" * 32] == 110
     payer.close()
     again = Payer(account, DOMAIN, tmp_path / "ledger.sqlite")
-    tab, _, _ = decode_settlement(again.tab([(a, 1)], bytes(32)))
+    tab, _, _ = unpack_tab(again.tab([(a, 1)], bytes(32)))
     assert (tab.seq, tab.amount_for(a.operator), tab.amount_for(b.operator)) == (3, 84, 33)  # never less than before
     assert again.tab([(_Node(a.operator, 0), 5)], bytes(32)) is None  # a free step needs no tab
 
@@ -60,7 +60,7 @@ def _gate(tmp_path, node: str, balance: int, credit: int = 10) -> PaymentGate:
 
 def _signed(client, seq: int, amounts: dict[str, int], signer=None) -> bytes:
     tab = Tab(client.address, seq, tuple(Entry(n, a) for n, a in sorted(amounts.items(), key=lambda i: int(i[0], 16))), bytes(32))
-    return encode_settlement(tab, sign_tab((signer or client).key, tab, DOMAIN), ())
+    return pack_tab(tab, sign_tab((signer or client).key, tab, DOMAIN))
 
 
 async def _step() -> str:
@@ -225,17 +225,17 @@ def test_a_presigned_tab_is_sent_only_if_nothing_was_signed_since_and_promises_n
     assert len(signings) == 2
     sent = payer.tab([(a, 1), (b, 1)], b"\x01" * 32)
     assert len(signings) == 2  # sent as presigned: no signing on the step's path
-    tab, signature, _ = decode_settlement(sent)
+    tab, signature, _ = unpack_tab(sent)
     assert (tab.seq, tab.amount_for(a.operator), tab.amount_for(b.operator)) == (2, 21, 9)
     assert recover_tab_signer(tab, signature, DOMAIN) == account.address
     payer.presign([(a, 1), (b, 1)])
-    other = decode_settlement(payer.tab([(a, 5)], b"\x02" * 32))[0]  # another request signs first
+    other = unpack_tab(payer.tab([(a, 5)], b"\x02" * 32))[0]  # another request signs first
     assert (other.seq, other.amount_for(a.operator), other.amount_for(b.operator)) == (3, 56, 9)
-    tab = decode_settlement(payer.tab([(a, 1), (b, 1)], b"\x01" * 32))[0]  # so the presigned tab is not sent
+    tab = unpack_tab(payer.tab([(a, 1), (b, 1)], b"\x01" * 32))[0]  # so the presigned tab is not sent
     assert (tab.seq, tab.amount_for(a.operator), tab.amount_for(b.operator)) == (4, 63, 12)
     payer.presign([(a, 100), (b, 100)])  # never sent
     payer.close()
     again = Payer(account, DOMAIN, tmp_path / "ledger.sqlite")
     assert (again.promised(a.operator), again.promised(b.operator)) == (63, 12)
-    tab = decode_settlement(again.tab([(b, 1)], bytes(32)))[0]
+    tab = unpack_tab(again.tab([(b, 1)], bytes(32)))[0]
     assert (tab.seq, tab.amount_for(a.operator), tab.amount_for(b.operator)) == (5, 63, 15)
