@@ -20,9 +20,9 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 /// A client that signs a newer tab promising a node less than an older tab did has broken its promise:
 /// `claimLowered` takes both signed tabs and pays the node what the older one promised (the fraud proof).
 ///
-/// Settlements and paid vectors travel packed (see `settleTabs`), not ABI-encoded: ABI words are mostly zero
-/// padding, and at ~1,000 gas per paid request the padding, its decoder and a 64-byte event entry were a fifth
-/// of a settlement. Entries are packed as `node (20 bytes) || amount (16 bytes)`.
+/// Tabs and paid vectors travel packed (the TAB_* and ENTRY_* constants), not ABI-encoded: ABI words are mostly
+/// zero padding, and at ~1,000 gas per paid request the padding, its decoder and a 64-byte event entry were a fifth
+/// of a settlement.
 contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
@@ -32,11 +32,27 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     );
     /// @notice Most nodes one tab may name (bounds every loop of a settlement).
     uint256 public constant MAX_ENTRIES = 32;
-    /// @notice Bytes of one packed entry: node (20) || amount (16).
+
+    // A packed tab (what settleTabs and claimLowered read; shardmarket/chain/eip712.py has the same constants):
+    //   client (20 bytes) || seq (uint32, 4) || usageHash (32) || r (32) || s (32) || v (1) || n, the entry count (1)
+    //   || m, the paid count (1) || n entries || m entries of the client's current paid vector
+    // (m is 0 in the form a node stores and claimLowered takes); a packed entry is node (20 bytes) || amount
+    // (uint128, 16).
+    // Each constant is the byte offset where a field starts (the client's is 0); a field ends where the next one
+    // starts. A field narrower than a word is read from the word at its offset with a shift (shr(96, ...) for 20 bytes,
+    // shr(224, ...) for 4, shr(128, ...) for 16, byte(0, ...) for 1).
+    uint256 private constant TAB_SEQ = 20;
+    uint256 private constant TAB_USAGE_HASH = 24;
+    uint256 private constant TAB_R = 56;
+    uint256 private constant TAB_S = 88;
+    uint256 private constant TAB_V = 120;
+    uint256 private constant TAB_COUNT = 121;
+    uint256 private constant TAB_PAID_COUNT = 122;
+    /// @notice Bytes of a packed tab before its entries.
+    uint256 public constant TAB_HEADER_BYTES = 123;
+    uint256 private constant ENTRY_AMOUNT = 20;
+    /// @notice Bytes of one packed entry.
     uint256 public constant ENTRY_BYTES = 36;
-    /// @notice Bytes of a packed settlement before its entries: client, seq, usageHash, r, s, v, entry count,
-    /// previous count (20 + 4 + 32 + 32 + 32 + 1 + 1 + 1).
-    uint256 public constant SETTLEMENT_HEADER_BYTES = 123;
 
     /// @notice What a client owes one node, cumulatively (the EIP-712 type; `tabDigest` takes it ABI-encoded).
     struct Entry {
@@ -71,11 +87,11 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
         uint128 paidHash;
     }
 
-    /// @dev One packed settlement's fields (see `settleTabs`); offsets are calldata offsets.
+    /// @dev One packed tab's fields (see `settleTabs`); offsets are calldata offsets.
     struct Item {
         address client;
         uint32 seq;
-        uint256 at; // the settlement's first byte
+        uint256 at; // the packed tab's first byte
         uint256 entries; // the first packed entry
         uint256 count;
         uint256 previous; // the first packed entry of the previous paid vector
@@ -122,7 +138,7 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     error NoWithdrawalRequested();
     error WithdrawalLocked(uint256 readyAt);
     error NothingToWithdraw();
-    error TruncatedSettlements(uint256 index);
+    error TruncatedTab(uint256 index);
     /// @notice A claim's `tabs` are not two packed signed tabs (each 1..MAX_ENTRIES sorted entries, no previous vector).
     error MalformedClaim();
     error DifferentClients(address promised, address lowered);
@@ -189,24 +205,22 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     /// @notice Settle many clients' tabs in one transaction; any caller may (a tab names its payees). A bad item
     /// (bad signature, seq below the settled one, a previous vector that is not the stored one, malformed entries)
     /// is skipped and reported in TabRejected; the rest pay.
-    /// @param settlements Packed settlements, one after another, each: client (20 bytes) || seq (4) ||
-    /// usageHash (32) || r (32) || s (32) || v (1) || entry count n (1) || previous count m (1) ||
-    /// n tab entries || m entries of the client's current paid vector (empty at first; rebuilt from its last
-    /// TabSettled or LoweringClaimed). shardmarket/chain/eip712.py `pack_tab` writes this. A truncated settlement
-    /// reverts.
+    /// @param tabs Packed tabs (see TAB_HEADER_BYTES), one after another, each with the client's current paid
+    /// vector (empty at first; rebuilt from its last TabSettled or LoweringClaimed). shardmarket/chain/eip712.py
+    /// `pack_tab` writes them. A truncated tab reverts.
     /// @return paid Total tokens credited to nodes.
-    function settleTabs(bytes calldata settlements) external returns (uint256 paid) {
+    function settleTabs(bytes calldata tabs) external returns (uint256 paid) {
         bytes32 domain = _domainSeparatorV4();
         uint256 at;
         uint256 end;
         assembly ("memory-safe") {
-            at := settlements.offset
-            end := add(settlements.offset, settlements.length)
+            at := tabs.offset
+            end := add(tabs.offset, tabs.length)
         }
         for (uint256 i = 0; at < end; ++i) {
             Item memory item = _locate(at);
             at = item.previous + item.previousCount * ENTRY_BYTES;
-            if (at > end) revert TruncatedSettlements(i);
+            if (at > end) revert TruncatedTab(i);
             (Rejection reason, uint256 total) = _settle(item, domain);
             if (reason != Rejection.None) emit TabRejected(item.client, i, reason);
             else paid += total;
@@ -305,17 +319,17 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
         return _domainSeparatorV4();
     }
 
-    /// @dev The fields of the packed settlement at calldata offset `at`.
+    /// @dev The fields of the packed tab at calldata offset `at`.
     function _locate(uint256 at) private pure returns (Item memory item) {
         assembly ("memory-safe") {
             mstore(item, shr(96, calldataload(at)))
-            mstore(add(item, 0x20), shr(224, calldataload(add(at, 20))))
+            mstore(add(item, 0x20), shr(224, calldataload(add(at, TAB_SEQ))))
             mstore(add(item, 0x40), at)
-            let count := byte(0, calldataload(add(at, 121)))
-            mstore(add(item, 0x60), add(at, 123))
+            let count := byte(0, calldataload(add(at, TAB_COUNT)))
+            mstore(add(item, 0x60), add(at, TAB_HEADER_BYTES))
             mstore(add(item, 0x80), count)
-            mstore(add(item, 0xa0), add(add(at, 123), mul(count, 36)))
-            mstore(add(item, 0xc0), byte(0, calldataload(add(at, 122))))
+            mstore(add(item, 0xa0), add(add(at, TAB_HEADER_BYTES), mul(count, ENTRY_BYTES)))
+            mstore(add(item, 0xc0), byte(0, calldataload(add(at, TAB_PAID_COUNT))))
         }
     }
 
@@ -347,7 +361,7 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
         if (amount > balance) amount = balance;
         if (amount == 0) revert NothingOwed(node, promised, before, balance);
         vector = found
-            ? abi.encodePacked(paid[:index + 20], bytes16(uint128(before + amount)), paid[index + ENTRY_BYTES:])
+            ? abi.encodePacked(paid[:index + ENTRY_AMOUNT], bytes16(uint128(before + amount)), paid[index + ENTRY_BYTES:])
             : abi.encodePacked(paid[:index], bytes20(node), bytes16(uint128(amount)), paid[index:]);
     }
 
@@ -359,10 +373,10 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
             at := tabs.offset
             end := add(tabs.offset, tabs.length)
         }
-        if (tabs.length < 2 * SETTLEMENT_HEADER_BYTES) revert MalformedClaim();
+        if (tabs.length < 2 * TAB_HEADER_BYTES) revert MalformedClaim();
         first = _locate(at);
         at = first.previous;
-        if (first.previousCount != 0 || at + SETTLEMENT_HEADER_BYTES > end) revert MalformedClaim();
+        if (first.previousCount != 0 || at + TAB_HEADER_BYTES > end) revert MalformedClaim();
         second = _locate(at);
         if (second.previousCount != 0 || second.previous != end) revert MalformedClaim();
     }
@@ -389,8 +403,8 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     /// there, and what it was paid.
     function _findPaid(bytes calldata paid, address node) private pure returns (uint256 index, bool found, uint256 amount) {
         for (; index < paid.length; index += ENTRY_BYTES) {
-            address named = address(bytes20(paid[index:index + 20]));
-            if (named == node) return (index, true, uint128(bytes16(paid[index + 20:index + ENTRY_BYTES])));
+            address named = address(bytes20(paid[index:index + ENTRY_AMOUNT]));
+            if (named == node) return (index, true, uint128(bytes16(paid[index + ENTRY_AMOUNT:index + ENTRY_BYTES])));
             if (uint160(named) > uint160(node)) break;
         }
     }
@@ -418,7 +432,7 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
         bytes32 typehash = TAB_TYPEHASH;
         assembly ("memory-safe") {
             let at := mload(add(item, 0x40))
-            let s := calldataload(add(at, 88))
+            let s := calldataload(add(at, TAB_S))
             // a high s is the malleated twin of a valid signature (what OpenZeppelin's ECDSA refuses too)
             if iszero(gt(s, 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0)) {
                 let m := mload(0x40) // scratch past the free pointer
@@ -426,14 +440,14 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
                 mstore(add(m, 0x20), mload(item)) // client
                 mstore(add(m, 0x40), mload(add(item, 0x20))) // seq
                 mstore(add(m, 0x60), entriesHash)
-                mstore(add(m, 0x80), calldataload(add(at, 24))) // usageHash
+                mstore(add(m, 0x80), calldataload(add(at, TAB_USAGE_HASH)))
                 let structHash := keccak256(m, 0xa0)
                 mstore(m, 0x1901)
                 mstore(add(m, 0x20), domain)
                 mstore(add(m, 0x40), structHash)
                 mstore(m, keccak256(add(m, 0x1e), 0x42))
-                mstore(add(m, 0x20), byte(0, calldataload(add(at, 120)))) // v
-                mstore(add(m, 0x40), calldataload(add(at, 56))) // r
+                mstore(add(m, 0x20), byte(0, calldataload(add(at, TAB_V))))
+                mstore(add(m, 0x40), calldataload(add(at, TAB_R)))
                 mstore(add(m, 0x60), s)
                 mstore(0x00, 0)
                 if staticcall(gas(), 0x01, m, 0x80, 0x00, 0x20) { signer := mload(0x00) }
@@ -477,7 +491,7 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
         assembly ("memory-safe") {
             // event data: seq, offset of paid (0x40), length, packed entries zero-padded to whole words
             let data := mload(0x40) // scratch past the free pointer
-            let size := mul(count, 36)
+            let size := mul(count, ENTRY_BYTES)
             mstore(data, seq)
             mstore(add(data, 0x20), 0x40)
             mstore(add(data, 0x40), size)
@@ -485,9 +499,9 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
             mstore(add(packed, and(add(size, 31), not(31))), 0) // the padding word
             for { let k := 0 } lt(k, count) { k := add(k, 1) } {
                 let at := add(vector, mul(k, 0x60))
-                let out := add(packed, mul(k, 36))
+                let out := add(packed, mul(k, ENTRY_BYTES))
                 mstore(out, shl(96, mload(at)))
-                mstore(add(out, 20), shl(128, mload(add(at, 0x40))))
+                mstore(add(out, ENTRY_AMOUNT), shl(128, mload(add(at, 0x40))))
             }
             mstore(add(packed, add(size, 16)), 0) // clear past the last amount (it wrote 16 zero bytes too)
             paidHash := and(keccak256(packed, size), 0xffffffffffffffffffffffffffffffff)
@@ -510,17 +524,17 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
             let last := 0
             let j := 0
             for { let k := 0 } lt(k, count) { k := add(k, 1) } {
-                let node := shr(96, calldataload(add(mload(add(item, 0x60)), mul(k, 36))))
-                let amount := shr(128, calldataload(add(add(mload(add(item, 0x60)), mul(k, 36)), 20)))
+                let node := shr(96, calldataload(add(mload(add(item, 0x60)), mul(k, ENTRY_BYTES))))
+                let amount := shr(128, calldataload(add(add(mload(add(item, 0x60)), mul(k, ENTRY_BYTES)), ENTRY_AMOUNT)))
                 if iszero(gt(node, last)) {
                     reason := 4 // Rejection.Malformed: unsorted, duplicate or zero node
                     break
                 }
                 last := node
                 let before := 0
-                let p := add(mload(add(item, 0xa0)), mul(j, 36))
+                let p := add(mload(add(item, 0xa0)), mul(j, ENTRY_BYTES))
                 if and(lt(j, mload(add(item, 0xc0))), eq(shr(96, calldataload(p)), node)) {
-                    before := shr(128, calldataload(add(p, 20)))
+                    before := shr(128, calldataload(add(p, ENTRY_AMOUNT)))
                     if gt(before, amount) {
                         reason := 3 // Rejection.WrongPrevious: the tab lowers a node below what it was paid
                         break
@@ -546,8 +560,8 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
         if (count == 0) return 0;
         assembly ("memory-safe") {
             let buffer := mload(0x40) // scratch past the free pointer
-            calldatacopy(buffer, at, mul(count, 36))
-            hash := and(keccak256(buffer, mul(count, 36)), 0xffffffffffffffffffffffffffffffff)
+            calldatacopy(buffer, at, mul(count, ENTRY_BYTES))
+            hash := and(keccak256(buffer, mul(count, ENTRY_BYTES)), 0xffffffffffffffffffffffffffffffff)
         }
     }
 }

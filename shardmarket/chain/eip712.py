@@ -186,11 +186,11 @@ def tab_digest(tab: Tab, domain: Domain) -> bytes:
 
 
 # A packed tab: how a signed tab travels with every step, how a node stores it, and what PaymentEscrow reads (settleTabs,
-# claimLowered):
+# claimLowered), whose TAB_* and ENTRY_* constants are these (tests/python/chain/test_contract_data.py checks it):
 #   client (20 bytes) || seq (uint32, 4) || usageHash (32) || r (32) || s (32) || v (1) || n, the entry count (1) ||
 #   m, the paid count (1) || n entries || m entries of the client's current paid vector
 # (m is 0 in the form that travels and that claimLowered takes); a packed entry is node (20 bytes) || amount (uint128, 16).
-# Each constant is the byte offset where a field starts; a field ends where the next one starts.
+# Each constant is the byte offset where a field starts (the client's is 0); a field ends where the next one starts.
 TAB_SEQ = 20
 TAB_USAGE_HASH = 24
 TAB_R = 56

@@ -139,7 +139,7 @@ def _settled_tab(market: Market, client: str, seq: int) -> tuple[Tab, bytes] | N
         tx = market.w3.eth.get_transaction(entry["transactionHash"])
         try:
             _, args = market.escrow.decode_function_input(tx["input"])
-            for item in split_packed_tabs(args["settlements"]):
+            for item in split_packed_tabs(args["tabs"]):
                 tab, signature, _ = unpack_tab(item)
                 if tab.client.lower() == client.lower() and tab.seq == seq:
                     return tab, signature

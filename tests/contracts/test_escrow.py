@@ -273,9 +273,9 @@ def test_malformed_tabs_are_rejected(market, escrow, client, nodes):
 def test_a_truncated_batch_reverts_and_pays_nothing(market, escrow, client, node, reverts_with):
     market.deposit(client, 10 * TOKEN)
     good = market.item(*market.tab(client, {node: TOKEN}))
-    with reverts_with("TruncatedSettlements"):
+    with reverts_with("TruncatedTab"):
         market.settle([good, good[:-1]], node)
-    with reverts_with("TruncatedSettlements"):
+    with reverts_with("TruncatedTab"):
         market.settle([good[:50]], node)
     assert escrow.balanceOf(client) == 10 * TOKEN
 

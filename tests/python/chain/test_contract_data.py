@@ -1,6 +1,7 @@
-"""Contract data read by name: the Python enums are the compiled contracts' enums (member names and order, from
-solc's AST in brownie's build folder); on a real anvil with the contracts deployed, a struct, or several named
-return values, comes back as a named tuple, and the commands that show it read the right fields."""
+"""Contract data read by name: the Python enums are the compiled contracts' enums (member names and order) and
+eip712's packed-tab layout is PaymentEscrow's (from solc's AST in brownie's build folder); on a real anvil with the
+contracts deployed, a struct, or several named return values, comes back as a named tuple, the commands that show it
+read the right fields, and a tab packed in Python is what the escrow settles."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import re
 from enum import IntEnum
 
 import pytest
+from eth_account import Account
+from web3.logs import DISCARD
 
+from shardmarket.chain import eip712
 from shardmarket.chain.contracts import BUILD_DIR, DisputeStatus, Market, Rejection
 from shardmarket.chain.keys import load_account
 from shardmarket.cli.devmarket import PASSWORD, DevMarket
@@ -36,6 +40,15 @@ def test_python_enums_are_the_solidity_enums(contract: str, enum: str):
     definition = next(n for n in contract_ast(contract)["nodes"] if n["nodeType"] == "EnumDefinition" and n["name"] == enum)
     solidity = [(re.sub(r"(?<!^)(?=[A-Z])", "_", m["name"]).upper(), value) for value, m in enumerate(definition["members"])]
     assert issubclass(python, IntEnum) and [(m.name, m.value) for m in python] == solidity
+
+
+def test_the_packed_tab_layout_is_the_escrows():
+    prefixes = ("TAB_", "ENTRY_", "MAX_")
+    solidity = {n["name"]: int(n["value"]["value"]) for n in contract_ast("PaymentEscrow")["nodes"]
+                if n["nodeType"] == "VariableDeclaration" and n["constant"] and n["name"].startswith(prefixes)
+                and n["value"]["nodeType"] == "Literal"}
+    python = {name: value for name, value in vars(eip712).items() if name.startswith(prefixes) and type(value) is int}
+    assert python == solidity and {"TAB_HEADER_BYTES", "ENTRY_BYTES", "MAX_ENTRIES"} <= python.keys()
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +94,33 @@ def test_structs_and_named_return_values_are_read_by_name(market, chain, capsys)
     assert withdrawal.amount == 20 and withdrawal.readyAt > 0
     market.cli("operator", "client", "balance")
     assert f"withdrawal of 20 requested, possible from timestamp {withdrawal.readyAt}" in capsys.readouterr().out
+
+
+def test_a_tab_packed_in_python_is_what_the_escrow_settles(chain):
+    """Every field the escrow reads from a packed tab (the signature covers the client, seq, entries and usage hash):
+    a first tab, then a newer one over the paid vector, settled in one call and read back from its calldata."""
+    client = Account.create()
+    nodes = sorted((Account.create().address for _ in range(3)), key=lambda a: int(a, 16))
+    chain.transact(chain.token.functions.approve(chain.addresses["PaymentEscrow"], 10**6), "approving the deposit")
+    chain.transact(chain.escrow.functions.deposit(client.address, 10**6), "depositing")
+    domain = chain.escrow_domain()
+
+    def settle(seq: int, amounts: tuple[int, ...], paid: tuple[eip712.Entry, ...]):
+        tab = eip712.Tab(client.address, seq, tuple(eip712.Entry(n, a) for n, a in zip(nodes, amounts)), bytes(range(32)))
+        packed = eip712.pack_tab(tab, eip712.sign_tab(client.key, tab, domain), paid)
+        receipt = chain.transact(chain.escrow.functions.settleTabs(packed), "settling")
+        [settled] = chain.escrow.events.TabSettled().process_receipt(receipt, errors=DISCARD)
+        assert not chain.escrow.events.TabRejected().process_receipt(receipt, errors=DISCARD)
+        return tab, packed, receipt, settled["args"]
+
+    first, _, _, args = settle(7, (1, 2, 3), ())
+    assert (args["client"], args["seq"], eip712.unpack_entries(args["paid"])) == (client.address, 7, first.entries)
+    newer, packed, receipt, args = settle(8, (4, 5, 6), first.entries)
+    assert (args["seq"], eip712.unpack_entries(args["paid"])) == (8, newer.entries)
+    settled = chain.read(chain.escrow.functions.tabOf(client.address))
+    assert (settled.seq, settled.paidHash) == (8, eip712.paid_vector_hash(newer.entries))
+    assert chain.read(chain.escrow.functions.paidVectorHash(eip712.pack_entries(newer.entries))) == settled.paidHash
+    assert [chain.read(chain.escrow.functions.earningsOf(n)) for n in nodes] == [4, 5, 6]
+    _, call = chain.escrow.decode_function_input(chain.w3.eth.get_transaction(receipt["transactionHash"])["input"])
+    assert eip712.split_packed_tabs(call["tabs"]) == [packed]
+    assert eip712.unpack_tab(packed)[0] == newer
