@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shardmarket.chain.eip712 import Domain, tensor_hash
+from shardmarket.chain.eip712 import ENTRY_BYTES, MAX_ENTRIES, TAB_HEADER_BYTES, Domain, tensor_hash
 from shardmarket.engine.errors import CapacityError, EngineError, ShapeError, UnknownSession
 from shardmarket.net import wire
 from shardmarket.net.channel import HANDSHAKE_CONFIRM, ChannelClosed, SecureChannel, Transport
@@ -32,7 +32,7 @@ log = logging.getLogger("shardmarket.node")
 CACHED_STEPS = 4  # answers kept per session for retries
 RETIRED_REQUESTS = 1 << 16  # closed request ids remembered (about 5 MB)
 MAX_BAD_FRAMES = 8  # frames failing authentication before the node hangs up
-MAX_TAB_BYTES = 2048  # the client's signed tab riding on a step (123 bytes + 36 per node, at most 32 nodes)
+MAX_TAB_BYTES = TAB_HEADER_BYTES + ENTRY_BYTES * MAX_ENTRIES  # the client's signed tab riding on a step, naming every node
 
 
 class StepRefused(Exception):
