@@ -14,7 +14,7 @@ export SOLCX_BINARY_PATH := $(CURDIR)/toolchain/solcx
 # the tests and benches run their pipelines in-process too
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup test test-contracts test-python doctor bench slither clean demo demo-serve demo-dispute
+.PHONY: setup lint test test-contracts test-python doctor bench slither clean demo demo-serve demo-dispute
 
 setup: $(STAMPS)/python $(STAMPS)/npm $(STAMPS)/toolchain $(STAMPS)/brownie-network $(STAMPS)/apt
 	@echo "set-up complete: run 'make test' or '$(BIN)/shardmarket doctor'"
@@ -61,7 +61,13 @@ $(STAMPS)/apt:
 	fi
 	@touch $@
 
-test: setup test-contracts test-python
+test: setup lint test-contracts test-python
+
+# Style and types: ruff (lint and format) over every Python file, mypy over the package.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy shardmarket
 
 test-contracts: setup
 	$(BIN)/brownie test tests/contracts
