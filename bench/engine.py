@@ -17,23 +17,23 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # OpenMP threads must not spin between decode steps
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shardmarket.engine.head import Head  # noqa: E402
-from shardmarket.cli.engine import default_checkpoint  # noqa: E402
-from shardmarket.engine.models import random_checkpoint  # noqa: E402
-from shardmarket.engine.stage import Stage, even_splits  # noqa: E402
+from shardmarket.cli.engine import default_checkpoint
+from shardmarket.engine.head import Head
+from shardmarket.engine.models import random_checkpoint
+from shardmarket.engine.stage import Stage, even_splits
 
 LLAMA_850M = {
     "model_type": "llama",

@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shardmarket.ipfs.blockstore import Blockstore, MemoryBlockstore  # noqa: E402
-from shardmarket.ipfs.fetch import DagFetcher  # noqa: E402
-from shardmarket.ipfs.unixfs import ImportOptions, import_path  # noqa: E402
+from shardmarket.ipfs.blockstore import Blockstore, MemoryBlockstore
+from shardmarket.ipfs.fetch import DagFetcher
+from shardmarket.ipfs.unixfs import ImportOptions, import_path
 
 MB = 1_000_000
 REPEATS = 3

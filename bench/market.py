@@ -27,17 +27,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shardmarket.chain.keys import load_account  # noqa: E402
-from shardmarket.client.generation import Completion, RemoteModel  # noqa: E402
-from shardmarket.client.market import connect_paid  # noqa: E402
-from shardmarket.config import load_config  # noqa: E402
-from shardmarket.cli.devmarket import PASSWORD, DevMarket, NodeProcess  # noqa: E402
-from shardmarket.cli.engine import default_checkpoint  # noqa: E402
-from shardmarket.engine.models import random_checkpoint, tiny_config  # noqa: E402
-from shardmarket.engine.sampling import SamplingParams  # noqa: E402
-from shardmarket.server.settlement import settle_pending  # noqa: E402
-from shardmarket.server.tabs import TabStore, tab_store_path  # noqa: E402
-from shardmarket.cli.keys import home_keys  # noqa: E402
+from shardmarket.chain.keys import load_account
+from shardmarket.cli.devmarket import PASSWORD, DevMarket, NodeProcess
+from shardmarket.cli.engine import default_checkpoint
+from shardmarket.cli.keys import home_keys
+from shardmarket.client.generation import Completion, RemoteModel
+from shardmarket.client.market import connect_paid
+from shardmarket.config import load_config
+from shardmarket.engine.models import random_checkpoint, tiny_config
+from shardmarket.engine.sampling import SamplingParams
+from shardmarket.server.settlement import settle_pending
+from shardmarket.server.tabs import TabStore, tab_store_path
 
 PRICE = 1000
 
@@ -226,7 +226,7 @@ def main() -> None:
                         help="run one part (default: all)")
     args = parser.parse_args()
     results: dict = {}
-    wanted = lambda part: args.only in (None, part)  # noqa: E731
+    wanted = lambda part: args.only in (None, part)
     with tempfile.TemporaryDirectory(prefix="bench-market-") as tmp:
         if wanted("payment_path"):
             results.update(payment_path_us(Path(tmp)))

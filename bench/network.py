@@ -36,31 +36,31 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
-import torch  # noqa: E402
-from eth_account import Account  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from eth_account import Account
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shardmarket.chain.eip712 import Domain, signing_key, tensor_hash  # noqa: E402
-from shardmarket.client.generation import Completion, RemoteModel  # noqa: E402
-from shardmarket.config import load_config  # noqa: E402
-from shardmarket.engine.head import Head  # noqa: E402
-from shardmarket.cli.engine import default_checkpoint  # noqa: E402
-from shardmarket.engine.models import random_checkpoint, tiny_config  # noqa: E402
-from shardmarket.engine.sampling import SamplingParams, generate  # noqa: E402
-from shardmarket.engine.stage import Stage  # noqa: E402
-from shardmarket.net import wire  # noqa: E402
-from shardmarket.chain.commitment import check_commitment, commit  # noqa: E402
-from shardmarket.net.crypto import ClientHandshake, node_handshake  # noqa: E402
-from shardmarket.net.wire import Message  # noqa: E402
+from shardmarket.chain.commitment import check_commitment, commit
+from shardmarket.chain.eip712 import Domain, signing_key, tensor_hash
+from shardmarket.cli.engine import default_checkpoint
+from shardmarket.client.generation import Completion, RemoteModel
+from shardmarket.config import load_config
+from shardmarket.engine.head import Head
+from shardmarket.engine.models import random_checkpoint, tiny_config
+from shardmarket.engine.sampling import SamplingParams, generate
+from shardmarket.engine.stage import Stage
 from shardmarket.engine.tensors import tensor_bytes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
+from shardmarket.net import wire
+from shardmarket.net.crypto import ClientHandshake, node_handshake
+from shardmarket.net.wire import Message
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]

@@ -11,10 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from tests.python.reach.conftest import from_public, start_node  # noqa: E402
-from tests.python.reach.lab import VARIANTS, Lab, missing_tools  # noqa: E402
+from tests.python.reach.conftest import from_public, start_node
+from tests.python.reach.lab import VARIANTS, Lab, missing_tools
 
 REPEATS = 3
 GOALS = {"mapping": 5.0, "relay": 10.0}

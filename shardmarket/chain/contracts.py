@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import IntEnum
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -59,7 +59,7 @@ class ChainUnreachable(ChainError):
     """The RPC endpoint does not answer."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def abi(name: str) -> list:
     """The ABI of contract `name` from brownie's build folder."""
     path = BUILD_DIR / f"{name}.json"

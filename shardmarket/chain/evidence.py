@@ -13,14 +13,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from shardmarket.chain.commitment import SignedCommitment
+from shardmarket.chain.eip712 import Commitment, Domain, recover_commitment_signer, tensor_hash
+from shardmarket.engine.tensors import tensor_bytes
 from shardmarket.ipfs.blockstore import Blockstore, BlockstoreError
 from shardmarket.ipfs.cids import parse
 from shardmarket.ipfs.fetch import fetch_dag
 from shardmarket.ipfs.model import SHARD_OPTIONS
 from shardmarket.ipfs.unixfs import import_bytes, iter_file
-from shardmarket.chain.eip712 import Commitment, Domain, recover_commitment_signer, tensor_hash
-from shardmarket.chain.commitment import SignedCommitment
-from shardmarket.engine.tensors import tensor_bytes
 
 MAX_EVIDENCE_BYTES = 256 * 2**20
 MAX_GATEWAY_HINTS = 4  # gateways a dispute's evidence reference may name

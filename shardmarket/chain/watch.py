@@ -6,7 +6,6 @@ of whichever node computes at that moment."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ class BlockWatch:
         try:
             async with self._session.post(self.rpc_url, data=_REQUEST, headers={"Content-Type": "application/json"}) as reply:
                 answer = json.loads(await reply.read())
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             raise ChainError(f"cannot read the newest block at {self.rpc_url} ({type(exc).__name__}: {exc})") from None
         result = answer.get("result") if isinstance(answer, dict) else None
         if not isinstance(result, str):

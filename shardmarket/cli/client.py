@@ -47,8 +47,8 @@ def _has_keystore() -> bool:
 
 
 async def _connect(args: argparse.Namespace):
-    from shardmarket.client.generation import RemoteModel
     from shardmarket.chain.commitment import commitment_domain
+    from shardmarket.client.generation import RemoteModel
 
     config = load_config()
     checkpoint = args.checkpoint
@@ -76,9 +76,9 @@ async def _connect(args: argparse.Namespace):
 def run_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from shardmarket.client.api import build_api
     from shardmarket.chain.contracts import ChainError
     from shardmarket.chain.keys import KeystoreError
+    from shardmarket.client.api import build_api
     from shardmarket.client.routing import RouteError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -104,9 +104,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from shardmarket.client.generation import Completion
     from shardmarket.chain.contracts import ChainError
     from shardmarket.chain.keys import KeystoreError
+    from shardmarket.client.generation import Completion
     from shardmarket.client.routing import RouteError
     from shardmarket.client.text import TextStream
     from shardmarket.engine.sampling import SamplingParams

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from shardmarket import toolchain
 from shardmarket.config import load_config
@@ -88,7 +87,6 @@ def check_brownie() -> Check:
     try:
         version = importlib.metadata.version("eth-brownie")
         import yaml
-
         from brownie._config import _get_data_folder
 
         networks = yaml.safe_load((_get_data_folder() / "network-config.yaml").read_text())

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from shardmarket.config import load_config
 from shardmarket.ipfs.blockstore import Blockstore, BlockstoreError
 from shardmarket.ipfs.car import CarError
 from shardmarket.ipfs.cids import BadCID, parse, to_str
 from shardmarket.ipfs.fetch import FetchError, fetch_dag
 from shardmarket.ipfs.kubo import KuboClient, KuboError
 from shardmarket.ipfs.unixfs import AddError, ExportError, ImportOptions, export, import_path, iter_file
-from shardmarket.config import load_config
 
 ERRORS = (AddError, ExportError, BadCID, BlockstoreError, CarError, FetchError, KuboError, OSError)
 

@@ -30,11 +30,11 @@ def add_publish_command(sub) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from shardmarket.ipfs.model import ModelError, load_manifest, pack_model
     from shardmarket.chain.keys import KeystoreError
     from shardmarket.cli.ipfs import local_store
     from shardmarket.cli.operator import connect
     from shardmarket.config import load_config
+    from shardmarket.ipfs.model import ModelError, load_manifest, pack_model
 
     try:
         market = connect(args)

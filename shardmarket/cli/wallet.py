@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from shardmarket.cli.keys import add_password_file
-from shardmarket.cli.operator import chain_command, print_tx, connect, parse_amount
+from shardmarket.cli.operator import chain_command, connect, parse_amount, print_tx
 
 
 def add_wallet_commands(group) -> None:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from shardmarket.ipfs.blockstore import Blockstore
-from shardmarket.ipfs.gateway import gateway_routes
 from shardmarket.client.generation import Completion, RemoteModel
 from shardmarket.client.routing import RouteError
 from shardmarket.client.text import TextStream
 from shardmarket.engine.errors import EngineError
 from shardmarket.engine.sampling import SamplingParams
+from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.ipfs.gateway import gateway_routes
 
 log = logging.getLogger("shardmarket.api")
 MAX_TOKENS_LIMIT = 4096

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from web3.logs import DISCARD
 
-from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.chain.commitment import SignedCommitment
 from shardmarket.chain.contracts import ChainError, Market
 from shardmarket.chain.evidence import Evidence, publish, relative_difference
 from shardmarket.client.routing import NodeInfo
 from shardmarket.client.session import InferenceSession, NodeFailure
+from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.net import wire
-from shardmarket.chain.commitment import SignedCommitment
 
 log = logging.getLogger("shardmarket.audit")
 
@@ -149,7 +149,7 @@ class Auditor:
             other = self.rng.choice(others)
             try:
                 outputs, commitments = await self._rerun_remote(other, record, max_length)
-            except (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, NodeFailure, ConnectionError, OSError) as exc:
                 log.info("spot check on %s failed to run (%s)", other.url, exc)
                 return
             step = self._first_mismatch(record.outputs, outputs)

@@ -8,13 +8,13 @@ import logging
 from pathlib import Path
 
 from shardmarket.chain.contracts import ChainError, Market
-from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.client.audit import Auditor
 from shardmarket.client.generation import RemoteModel, in_passing_thread
 from shardmarket.client.payer import Payer
 from shardmarket.client.routing import NodeInfo, RouteError, discover, plan_route
 from shardmarket.config import Config
 from shardmarket.engine.head import Head
+from shardmarket.ipfs.blockstore import Blockstore
 
 log = logging.getLogger("shardmarket.client")
 

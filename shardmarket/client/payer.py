@@ -12,10 +12,18 @@ from pathlib import Path
 
 from cchecksum import to_checksum_address
 
-from shardmarket.chain.eip712 import (
-    MAX_ENTRIES, Domain, Entry, Tab, UsageRecord, chain_usage_hash, pack_tab, sign_tab, signing_key,
-)
 from shardmarket.chain.commitment import SignedCommitment
+from shardmarket.chain.eip712 import (
+    MAX_ENTRIES,
+    Domain,
+    Entry,
+    Tab,
+    UsageRecord,
+    chain_usage_hash,
+    pack_tab,
+    sign_tab,
+    signing_key,
+)
 
 ZERO32 = bytes(32)
 SCHEMA = """

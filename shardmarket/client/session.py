@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shardmarket.chain.eip712 import Domain, tensor_hash
-from shardmarket.net import wire
-from shardmarket.net.channel import ChannelPool, SecureChannel, client_handshake, close_quietly, open_transport
 from shardmarket.chain.commitment import CommitmentError, SignedCommitment, check_commitment
-from shardmarket.net.crypto import DecryptError
-from shardmarket.net.wire import Message, WireError
+from shardmarket.chain.eip712 import Domain, tensor_hash
 from shardmarket.client.failures import RecentFailures
 from shardmarket.client.routing import NodeInfo, RouteError, plan_route
 from shardmarket.engine.tensors import tensor_bytes
+from shardmarket.net import wire
+from shardmarket.net.channel import ChannelPool, SecureChannel, client_handshake, close_quietly, open_transport
+from shardmarket.net.crypto import DecryptError
+from shardmarket.net.wire import Message, WireError
 
 log = logging.getLogger("shardmarket.client")
 
@@ -149,7 +149,7 @@ class InferenceSession:
                     hop = await self._open_session(node, channel, min(self.step_timeout_s, KEPT_OPEN_TIMEOUT_S))
                     self.reused_channels += 1
                     return hop
-                except (ConnectionError, OSError, asyncio.TimeoutError, WireError, DecryptError):
+                except (TimeoutError, ConnectionError, OSError, WireError, DecryptError):
                     await close_quietly(channel)  # the node dropped this kept connection meanwhile
         transport = await open_transport(node.url, self.transport, node.tcp_port, wire.DEFAULT_LIMITS, self.step_timeout_s)
         try:
@@ -385,7 +385,7 @@ class InferenceSession:
             try:
                 await hop.channel.send(Message(wire.CLOSE, self.request_id))
                 reply = await asyncio.wait_for(hop.channel.recv(), 2.0)
-            except (ConnectionError, OSError, asyncio.TimeoutError, WireError, DecryptError, ValueError):
+            except (TimeoutError, ConnectionError, OSError, WireError, DecryptError, ValueError):
                 reply = None
             # a node answers a channel's frames in order: after this CLOSED nothing more is on its way
             if self.pool is not None and reply is not None and reply.type == wire.CLOSED and reply.session == self.request_id:

@@ -28,7 +28,7 @@ def tensor_index(checkpoint: Path) -> dict[str, Path]:
     index: dict[str, Path] = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
-            index.update({name: file for name in f.keys()})
+            index.update(dict.fromkeys(f.keys(), file))
     return index
 
 

@@ -9,8 +9,9 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO
 
 from shardmarket.ipfs import pb
 from shardmarket.ipfs.cids import DAG_PB, parse, split, to_str, verify

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import BinaryIO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 import dag_cbor
 from multiformats import CID

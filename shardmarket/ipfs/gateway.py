@@ -10,15 +10,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from aiohttp import web
 
 from shardmarket.ipfs import pb
-from shardmarket.ipfs.blockstore import Blockstore, BlockNotFound, CorruptBlock
+from shardmarket.ipfs.blockstore import BlockNotFound, Blockstore, CorruptBlock
 from shardmarket.ipfs.car import header, section
-from shardmarket.ipfs.pb import varint
 from shardmarket.ipfs.cids import DAG_PB, BadCID, parse, split, to_str
+from shardmarket.ipfs.pb import varint
 
 log = logging.getLogger(__name__)
 

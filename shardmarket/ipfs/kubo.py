@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 from urllib.parse import quote
 
 import aiohttp
@@ -66,7 +66,7 @@ class KuboClient:
         self.api = api.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_s)
 
-    async def __aenter__(self) -> "KuboClient":
+    async def __aenter__(self) -> KuboClient:
         self.session = aiohttp.ClientSession(timeout=self.timeout)
         return self
 

@@ -193,7 +193,7 @@ def fetch_model(manifest_cid: str, layers: tuple[int, int], dest: Path, gateways
         if sha.hexdigest() != shard["sha256"]:
             (dest / file).unlink()
             raise ModelError(f"shard {file} does not match the sha256 in manifest {manifest_cid}")
-        weight_map.update({name: file for name in shard["tensors"]})
+        weight_map.update(dict.fromkeys(shard["tensors"], file))
         total += shard["size"]
     if head and manifest.get("tokenizer"):
         tokenizer = bytes(parse(manifest["tokenizer"]))

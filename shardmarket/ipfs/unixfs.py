@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Protocol, Sequence
+from typing import BinaryIO, Protocol
 
 from shardmarket.ipfs import pb
 from shardmarket.ipfs.cids import DAG_PB, RAW, sha256_cid, split, to_str
@@ -61,7 +62,7 @@ class ImportOptions:
         return self.cid_version == 1 if self.raw_leaves is None else self.raw_leaves
 
     @classmethod
-    def from_chunker(cls, chunker: str, **kwargs) -> "ImportOptions":
+    def from_chunker(cls, chunker: str, **kwargs) -> ImportOptions:
         """Options from a Kubo chunker string; only `size-N` (fixed size) is supported."""
         if not chunker.startswith("size-") or not chunker[5:].isdigit():
             raise AddError(f"chunker {chunker!r} is not supported; use size-N, e.g. size-262144")

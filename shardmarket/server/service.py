@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shardmarket.chain.commitment import SignedCommitment, commit
 from shardmarket.chain.eip712 import ENTRY_BYTES, MAX_ENTRIES, TAB_HEADER_BYTES, Domain, tensor_hash
 from shardmarket.engine.errors import CapacityError, EngineError, ShapeError, UnknownSession
+from shardmarket.engine.tensors import tensor_bytes
 from shardmarket.net import wire
 from shardmarket.net.channel import HANDSHAKE_CONFIRM, ChannelClosed, SecureChannel, Transport
-from shardmarket.chain.commitment import SignedCommitment, commit
 from shardmarket.net.crypto import DecryptError, node_handshake
 from shardmarket.net.wire import Limits, Message, StreamDesync, WireError
 from shardmarket.server.identity import NodeIdentity
 from shardmarket.server.payments import Credit, PaymentGate, PaymentRefused
 from shardmarket.server.worker import StageWorker
-from shardmarket.engine.tensors import tensor_bytes
 
 log = logging.getLogger("shardmarket.node")
 CACHED_STEPS = 4  # answers kept per session for retries
@@ -334,7 +334,7 @@ class NodeService:
         self.draining = True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("shutting down with %d step(s) still running after %.0f s", self.steps_in_flight, timeout)
         for transport in list(self._connections):
             await transport.close()

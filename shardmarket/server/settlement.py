@@ -16,8 +16,16 @@ from eth_utils import to_checksum_address
 from web3.logs import DISCARD
 
 from shardmarket.chain.contracts import ChainError, Market, Rejection
-from shardmarket.chain.eip712 import (Entry, Tab, pack_entries, pack_tab, paid_vector_hash, split_packed_tabs, unpack_entries,
-                                      unpack_tab)
+from shardmarket.chain.eip712 import (
+    Entry,
+    Tab,
+    pack_entries,
+    pack_tab,
+    paid_vector_hash,
+    split_packed_tabs,
+    unpack_entries,
+    unpack_tab,
+)
 from shardmarket.chain.watch import BlockWatch
 from shardmarket.server.payments import PaymentGate, PaymentRefused
 from shardmarket.server.tabs import LoweringClaim, StoredTab, TabStore

@@ -15,11 +15,11 @@ from pathlib import Path
 import requests
 import torch
 
-from shardmarket.ipfs.blockstore import Blockstore
-from shardmarket.ipfs.fetch import FetchError
 from shardmarket.chain.contracts import ChainError, DisputeStatus, Market
 from shardmarket.chain.evidence import Evidence, EvidenceError, fetch, relative_difference
 from shardmarket.chain.watch import BlockWatch
+from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.ipfs.fetch import FetchError
 from shardmarket.server.worker import StageWorker
 
 log = logging.getLogger("shardmarket.verifier")

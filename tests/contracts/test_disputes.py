@@ -1,10 +1,11 @@
 import brownie
 import pytest
 
-from conftest import TOKEN
+from scripts.deploy import DISPUTE_PARAMS, UNBONDING_DELAY
 from shardmarket.chain import eip712
 from shardmarket.chain.contracts import DisputeStatus
-from scripts.deploy import DISPUTE_PARAMS, UNBONDING_DELAY
+
+from conftest import TOKEN
 
 BOND = DISPUTE_PARAMS["challengeBond"]
 PENALTY = DISPUTE_PARAMS["absentVerifierPenalty"]

@@ -4,10 +4,11 @@ import brownie
 import pytest
 from eth_account import Account
 
-from conftest import TOKEN
+from scripts.deploy import WITHDRAWAL_TIMELOCK
 from shardmarket.chain import eip712
 from shardmarket.chain.contracts import Rejection
-from scripts.deploy import WITHDRAWAL_TIMELOCK
+
+from conftest import TOKEN
 
 
 @pytest.fixture

@@ -2,9 +2,10 @@
 
 import pytest
 
-from conftest import TOKEN
 from shardmarket.chain import eip712
 from shardmarket.chain.contracts import Rejection
+
+from conftest import TOKEN
 
 
 @pytest.fixture

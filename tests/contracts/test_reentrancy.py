@@ -4,8 +4,9 @@ import brownie
 import pytest
 from eth_utils import keccak
 
-from conftest import TOKEN
 from shardmarket.chain import eip712
+
+from conftest import TOKEN
 
 GUARD_ERROR = "0x" + keccak(text="ReentrancyGuardReentrantCall()")[:4].hex()
 DELAY = 3600

@@ -1,8 +1,9 @@
 import brownie
 import pytest
 
-from conftest import TOKEN
 from scripts.deploy import UNBONDING_DELAY
+
+from conftest import TOKEN
 
 
 @pytest.fixture

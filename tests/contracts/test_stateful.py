@@ -11,9 +11,10 @@ from itertools import count
 import brownie
 from hypothesis import strategies as st
 
-from conftest import TOKEN
-from shardmarket.chain import eip712
 from scripts.deploy import UNBONDING_DELAY, WITHDRAWAL_TIMELOCK
+from shardmarket.chain import eip712
+
+from conftest import TOKEN
 
 SETTINGS = {"max_examples": 15, "stateful_step_count": 15, "deadline": None, "database": None}
 START_DEPOSIT, START_STAKE = 15 * TOKEN, 50 * TOKEN  # small deposits: settlements often run short

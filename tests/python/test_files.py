@@ -6,9 +6,8 @@ import stat
 
 import pytest
 
-from shardmarket.chain.keys import KeystoreError, save_account
+from shardmarket.chain.keys import KeystoreError, load_or_create_x25519_key, save_account
 from shardmarket.files import write_private
-from shardmarket.chain.keys import load_or_create_x25519_key
 from shardmarket.server.identity import load_or_create_identity
 
 

@@ -8,10 +8,10 @@ from eth_keys import keys
 from eth_utils import keccak
 
 from shardmarket.chain.eip712 import (
+    MAX_ENTRIES,
     SECP256K1_N,
     Commitment,
     Domain,
-    MAX_ENTRIES,
     Entry,
     InvalidSignature,
     Tab,

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from shardmarket.ipfs.blockstore import Blockstore, BlockNotFound, CorruptBlock, StoreFull
+from shardmarket.ipfs.blockstore import BlockNotFound, Blockstore, CorruptBlock, StoreFull
 from shardmarket.ipfs.cids import block_cid
 from shardmarket.ipfs.unixfs import ImportOptions, export, import_bytes, iter_file
 

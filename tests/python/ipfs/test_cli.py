@@ -2,10 +2,10 @@
 
 import random
 
-from shardmarket.ipfs.blockstore import Blockstore
-from shardmarket.ipfs.unixfs import ImportOptions, directory_node, import_bytes
 from shardmarket.cli import main
 from shardmarket.config import load_config
+from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.ipfs.unixfs import ImportOptions, directory_node, import_bytes
 
 
 def store() -> Blockstore:

@@ -14,11 +14,11 @@ from urllib.parse import unquote
 import pytest
 from aiohttp import web
 
+from shardmarket.cli import main
 from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.ipfs.cids import parse
 from shardmarket.ipfs.kubo import KuboClient, KuboError
 from shardmarket.ipfs.unixfs import FileBuilder, ImportOptions, directory_node, import_path, iter_file
-from shardmarket.cli import main
 
 ADD_OPTIONS = {"cid-version", "chunker", "recursive", "only-hash", "pin", "hidden", "raw-leaves"}
 

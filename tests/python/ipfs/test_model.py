@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from shardmarket.cli import main
 from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.ipfs.cids import parse
-from shardmarket.cli import main
 
 ROOT = Path(__file__).resolve().parents[3]
 

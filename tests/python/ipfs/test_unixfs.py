@@ -6,7 +6,17 @@ import pytest
 
 from shardmarket.ipfs import pb
 from shardmarket.ipfs.cids import to_str
-from shardmarket.ipfs.unixfs import AddError, ExportError, ImportOptions, directory_node, export, import_bytes, import_path, import_stream, iter_file
+from shardmarket.ipfs.unixfs import (
+    AddError,
+    ExportError,
+    ImportOptions,
+    directory_node,
+    export,
+    import_bytes,
+    import_path,
+    import_stream,
+    iter_file,
+)
 
 
 class DictStore(dict):

@@ -12,9 +12,9 @@ import torch
 
 from shardmarket.chain.contracts import DisputeStatus, Market
 from shardmarket.chain.evidence import relative_difference
+from shardmarket.cli.devmarket import DevMarket
 from shardmarket.client.session import InferenceSession
 from shardmarket.config import load_config
-from shardmarket.cli.devmarket import DevMarket
 from shardmarket.engine.models import random_checkpoint, tiny_config
 
 from .conftest import MODEL, client_model, generate, serve_market

@@ -16,14 +16,14 @@ from aiohttp import web
 from eth_account import Account
 from safetensors.torch import save as save_tensors
 
-from shardmarket.ipfs.blockstore import Blockstore
-from shardmarket.ipfs.gateway import gateway_routes
+from shardmarket.chain.commitment import commit
 from shardmarket.chain.devchain import free_port
 from shardmarket.chain.eip712 import Domain, signing_key, tensor_hash
 from shardmarket.chain.evidence import MAX_GATEWAY_HINTS, METADATA_KEY, Evidence, EvidenceError, fetch, gateway_hints, publish
-from shardmarket.chain.commitment import commit
-from shardmarket.server.verifier import EvidenceUnavailable, VerifierDuty
 from shardmarket.engine.tensors import tensor_bytes
+from shardmarket.ipfs.blockstore import Blockstore
+from shardmarket.ipfs.gateway import gateway_routes
+from shardmarket.server.verifier import EvidenceUnavailable, VerifierDuty
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)
 

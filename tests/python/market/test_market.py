@@ -11,13 +11,14 @@ import torch
 
 from shardmarket.chain.contracts import Market
 from shardmarket.chain.keys import load_account
+from shardmarket.cli.devmarket import PASSWORD
+from shardmarket.cli.keys import home_keys
 from shardmarket.client.routing import RouteError
 from shardmarket.config import load_config
-from shardmarket.cli.devmarket import PASSWORD
 from shardmarket.engine.head import Head
-from shardmarket.engine.sampling import SamplingParams, generate as local_generate
+from shardmarket.engine.sampling import SamplingParams
+from shardmarket.engine.sampling import generate as local_generate
 from shardmarket.engine.stage import Stage
-from shardmarket.cli.keys import home_keys
 
 from .conftest import PRICE, RANGES, client_model, generate
 
@@ -238,7 +239,7 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
     claimLowered to pay what the older tab promised: what the balance holds at once, the rest after a deposit."""
     from shardmarket.chain.eip712 import pack_tab, sign_tab
     from shardmarket.server.settlement import settle_pending
-    from shardmarket.server.tabs import TabStore, tab_store_path
+    from shardmarket.server.tabs import TabStore
 
     name = f"ivan-{lowered}"
     market.new_account(name, tokens=10**18)

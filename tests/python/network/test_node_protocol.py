@@ -14,11 +14,11 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from shardmarket.chain.eip712 import Commitment, Domain, recover_commitment_signer, tensor_hash
+from shardmarket.engine.tensors import tensor_bytes
 from shardmarket.net import wire
 from shardmarket.net.channel import ChannelClosed, ChannelPool, KeyMismatch, SecureChannel, client_handshake, open_transport
 from shardmarket.net.crypto import public_bytes
 from shardmarket.net.wire import Message
-from shardmarket.engine.tensors import tensor_bytes
 
 from network_processes import get_json, start_node, wait_ready
 
@@ -33,7 +33,7 @@ def node(tiny, tmp_path_factory):
     process.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def info(node) -> dict:
     return node.info()
 

@@ -8,9 +8,9 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import urllib.error
 import urllib.request
-import sys
 
 import openai
 import pytest
@@ -21,6 +21,7 @@ from shardmarket.client.routing import RouteError
 from shardmarket.engine.head import Head
 from shardmarket.engine.sampling import SamplingParams, generate
 from shardmarket.engine.stage import Stage
+
 from network_processes import ROOT, child_env, free_port, start_node, stop_all, wait_http, wait_ready
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)  # what nodes use when no DisputeManager is deployed

@@ -7,9 +7,9 @@ import msgpack
 import pytest
 import torch
 
+from shardmarket.engine.tensors import tensor_bytes
 from shardmarket.net import wire
 from shardmarket.net.wire import Limits, Message, WireError
-from shardmarket.engine.tensors import tensor_bytes
 
 
 def frame(header: dict, payload: bytes = b"") -> bytes:

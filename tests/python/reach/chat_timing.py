@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+from shardmarket.chain.commitment import commitment_domain
 from shardmarket.client.generation import Completion, RemoteModel
 from shardmarket.config import load_config
 from shardmarket.engine.sampling import SamplingParams
-from shardmarket.chain.commitment import commitment_domain
 
 
 async def timed_tokens(checkpoint: Path, url: str, max_tokens: int) -> dict:

@@ -44,10 +44,9 @@ async def within_relay(test) -> None:
 
 
 async def get_text(url: str) -> str:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async with session.get(url) as resp:
-            assert resp.status == 200
-            return await resp.text()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, session.get(url) as resp:
+        assert resp.status == 200
+        return await resp.text()
 
 
 def test_streams_arrive_unchanged_and_multiplexed():
@@ -57,11 +56,10 @@ def test_streams_arrive_unchanged_and_multiplexed():
         direct = await get_text(f"http://127.0.0.1:{node_port}/stream?n=300&size=500")
         many = await asyncio.gather(*(get_text(f"{endpoint}/stream?n=300&size=500") for _ in range(4)))
         assert all(text == direct for text in many) and direct.count("data: token") == 300
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"{endpoint}/ws") as ws:
-                for i in range(20):
-                    await ws.send_bytes(bytes([i]) * 1000)
-                    assert await ws.receive_bytes() == bytes([i]) * 1000
+        async with aiohttp.ClientSession() as session, session.ws_connect(f"{endpoint}/ws") as ws:
+            for i in range(20):
+                await ws.send_bytes(bytes([i]) * 1000)
+                assert await ws.receive_bytes() == bytes([i]) * 1000
 
     asyncio.run(within_relay(run))
 
