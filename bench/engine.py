@@ -151,7 +151,7 @@ def concurrent_decode(head: Head, stages: list[Stage], ids: list[int], sessions:
         start = time.perf_counter()
         if batched:
             for stage in stages:
-                inputs = dict(zip(names, stage.step_batch([(name, inputs[name], position) for name in names])))
+                inputs = dict(zip(names, stage.step_batch([(name, inputs[name], position) for name in names]), strict=True))
         else:
             for name in names:
                 for stage in stages:

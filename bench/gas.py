@@ -93,7 +93,7 @@ def main() -> dict:
         figures["batch_100_vs_old_receipts_ratio"] = round(
             figures["settle_100_clients_warm_gas_per_entry"] / OLD_RECEIPT_BATCH_100_GAS, 3)
 
-        for size, client in zip((NODES_PER_TAB, eip712.MAX_ENTRIES), clients[first:first + 2]):
+        for size, client in zip((NODES_PER_TAB, eip712.MAX_ENTRIES), clients[first:first + 2], strict=True):
             nodes = [Account.create().address for _ in range(size)]
             older = item(client, nodes, 2 * TOKEN, 1, ())
             lowering = eip712.Tab(client.address, 2, tuple(eip712.Entry(n, TOKEN) for n in sorted(nodes, key=lambda a: int(a, 16))),
@@ -109,7 +109,7 @@ def main() -> dict:
 
         commitments = [eip712.Commitment(b"\x22" * 32, 3, b"\x33" * 32, bytes([o]) * 32) for o in (1, 2)]
         signatures = [eip712.sign_commitment(node.private_key, c, dispute_domain) for c in commitments]
-        args = [((c.request_id, c.step, c.input_hash, c.output_hash), s) for c, s in zip(commitments, signatures)]
+        args = [((c.request_id, c.step, c.input_hash, c.output_hash), s) for c, s in zip(commitments, signatures, strict=True)]
         tx = disputes.slashEquivocation(args[0][0], args[0][1], args[1][0], args[1][1], {"from": owner})
         figures["equivocation_slash_gas"] = tx.gas_used
         return figures

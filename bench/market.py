@@ -148,7 +148,7 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
     market.stop()
     ms_on, ms_off = statistics.median(on), statistics.median(off)
     return {"ms_per_token_payment_on": round(ms_on, 2), "ms_per_token_payment_off": round(ms_off, 2),
-            "speed_ratio_on_vs_off": round(statistics.median(b / a for a, b in zip(on, off)), 3),
+            "speed_ratio_on_vs_off": round(statistics.median(b / a for a, b in zip(on, off, strict=True)), 3),
             "speed_ratio_rounds": rounds}
 
 

@@ -311,7 +311,7 @@ def _receive(pipe) -> bytes | None:
 def paired_ratio(baseline_ms: list[float], measured_ms: list[float]) -> float:
     """The median of each round's baseline/measured ms per token (a speed ratio), so that the machine's drift
     between rounds cancels."""
-    return statistics.median(a / b for a, b in zip(baseline_ms, measured_ms))
+    return statistics.median(a / b for a, b in zip(baseline_ms, measured_ms, strict=True))
 
 
 def chat_ids(head: Head) -> list[int]:

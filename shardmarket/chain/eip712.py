@@ -10,6 +10,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import pairwise
 
 import coincurve
 import sha3
@@ -123,7 +124,7 @@ def check_entries(entries: tuple[Entry, ...], *, allow_empty: bool = False) -> N
     if len(entries) > MAX_ENTRIES:
         raise ValueError(f"a tab names at most {MAX_ENTRIES} nodes, got {len(entries)}")
     nodes = [int(e.node, 16) for e in entries]
-    if any(a >= b for a, b in zip(nodes, nodes[1:])):
+    if any(a >= b for a, b in pairwise(nodes)):
         raise ValueError("tab entries must be sorted by node address without duplicates")
 
 

@@ -81,7 +81,7 @@ class Evidence:
         """Every input and the answer match commitments signed by `accused`; raises EvidenceError otherwise."""
         if not self.commitments or len(self.inputs) != len(self.commitments) or len(self.positions) != len(self.inputs):
             raise EvidenceError("evidence needs one input, position and commitment per step")
-        for step, (tensor, signed) in enumerate(zip(self.inputs, self.commitments)):
+        for step, (tensor, signed) in enumerate(zip(self.inputs, self.commitments, strict=True)):
             c = signed.commitment
             if c.step != step or c.request_id != self.challenged.commitment.request_id:
                 raise EvidenceError(f"commitment {step} is for another request or step")

@@ -107,7 +107,7 @@ class Auditor:
                                    tab_source=self.model.tab_source, on_commitment=self.model.payer.answered)
         try:
             hops = await checker._open_hops([other])
-            outputs = await checker._replay_hop(hops[0], list(zip(record.positions, record.inputs)))
+            outputs = await checker._replay_hop(hops[0], list(zip(record.positions, record.inputs, strict=True)))
         finally:
             await checker.close()
         return [o for _, o in outputs], {s.commitment.step: s for url, s in checker.commitments}
@@ -131,12 +131,12 @@ class Auditor:
         stage.open_session("spot-check", max(record.positions[-1] + record.inputs[-1].shape[1], 1))
         try:
             with torch.inference_mode():
-                return [stage.step("spot-check", x, torch.arange(p, p + x.shape[1]).unsqueeze(0)) for p, x in zip(record.positions, record.inputs)]
+                return [stage.step("spot-check", x, torch.arange(p, p + x.shape[1]).unsqueeze(0)) for p, x in zip(record.positions, record.inputs, strict=True)]
         finally:
             stage.close_session("spot-check")
 
     def _first_mismatch(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> int | None:
-        for step, (x, y) in enumerate(zip(a, b)):
+        for step, (x, y) in enumerate(zip(a, b, strict=True)):
             if relative_difference(x, y) > self.tolerance:
                 return step
         return None

@@ -97,7 +97,7 @@ async def discover(urls: list[str], model_id: str | None = None, timeout: float 
     async with aiohttp.ClientSession() as http:
         results = await asyncio.gather(*(measure_node(http, url, timeout) for url in urls), return_exceptions=True)
     nodes = []
-    for url, result in zip(urls, results):
+    for url, result in zip(urls, results, strict=True):
         if isinstance(result, BaseException):
             log.warning("node %s is unreachable or answered badly (%s); skipping it", url, result)
         elif model_id is None or result.model_id == model_id:

@@ -131,7 +131,7 @@ class InferenceSession:
         if any fails, the others are closed and every failed node is marked."""
         results = await asyncio.gather(*(self._open_hop(node) for node in route), return_exceptions=True)
         hops = [result for result in results if isinstance(result, Hop)]
-        failed = [(node, result) for node, result in zip(route, results) if not isinstance(result, Hop)]
+        failed = [(node, result) for node, result in zip(route, results, strict=True) if not isinstance(result, Hop)]
         if not failed:
             return hops
         await self._close_hops(hops)

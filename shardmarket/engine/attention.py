@@ -31,7 +31,7 @@ def stage_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     steps = query.shape[2]
     outputs = []
-    for row, (k, v) in enumerate(zip(key, value)):
+    for row, (k, v) in enumerate(zip(key, value, strict=True)):
         length = k.shape[2]
         start = length - steps
         if steps == 1 and sliding_window is not None and length > sliding_window:

@@ -42,7 +42,7 @@ class StepCache:
         """Store key/value [B, kv_heads, T, head_dim] and return the keys/values seen by each row."""
         steps = key.shape[2]
         keys, values = [], []
-        for row, (session, start) in enumerate(zip(self.sessions, self.starts)):
+        for row, (session, start) in enumerate(zip(self.sessions, self.starts, strict=True)):
             end = start + steps
             k_buf, v_buf = session.keys[layer_idx], session.values[layer_idx]
             k_buf[:, :, start:end] = key[row : row + 1]

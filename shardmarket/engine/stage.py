@@ -8,6 +8,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ def even_splits(num_layers: int, stages: int) -> list[tuple[int, int]]:
     if not 1 <= stages <= num_layers:
         raise EngineError(f"the number of stages must be within 1..{num_layers} (one layer at least per stage)")
     bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
-    return list(zip(bounds, bounds[1:]))
+    return list(pairwise(bounds))
 
 
 class StageLayers(nn.Module):
@@ -201,19 +202,19 @@ class Stage:
             if len(set(ids)) != len(ids):
                 raise ShapeError("a batch holds each session at most once")
             sessions = [self._session(session_id) for session_id in ids]
-            for session, (_, hidden, positions) in zip(sessions, items):
+            for session, (_, hidden, positions) in zip(sessions, items, strict=True):
                 if self._check(hidden, positions, session) != 1:
                     raise ShapeError("step_batch takes decode steps (T == 1); send prefill through step")
             starts = [int(positions[0, 0]) for _, _, positions in items]
-            for session, start in zip(sessions, starts):
+            for session, start in zip(sessions, starts, strict=True):
                 session.length = min(session.length, start)
             hidden = torch.cat([h for _, h, _ in items])
             positions = torch.cat([p for _, _, p in items])
             out = self._forward(sessions, starts, hidden, positions)
             now = time.monotonic()
-            for session, start in zip(sessions, starts):
+            for session, start in zip(sessions, starts, strict=True):
                 session.length, session.last_used = start + 1, now
-            return [row.to(h.device) for row, (_, h, _) in zip(out.split(1), items)]
+            return [row.to(h.device) for row, (_, h, _) in zip(out.split(1), items, strict=True)]
 
     def _check(self, hidden: torch.Tensor, positions: torch.Tensor, session: SessionCache) -> int:
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:

@@ -238,7 +238,7 @@ class DagFetcher:
             if start is None or len(sizes) != len(children):
                 return any(walk(c, None, None) for c in children)
             offset = 0
-            for child, size in zip(children, sizes):
+            for child, size in zip(children, sizes, strict=True):
                 if offset < stop and offset + size > start and walk(child, max(start - offset, 0), min(stop - offset, size)):
                     return True
                 offset += size

@@ -102,7 +102,7 @@ def dag_plan(store: Blockstore, root: bytes, scope: str = "all", byte_range: str
             return
         start, stop = window
         offset = len(fs.data or b"")
-        for link, child_size in zip(links, fs.blocksizes):
+        for link, child_size in zip(links, fs.blocksizes, strict=True):
             if offset < stop and offset + child_size > start and start < stop:
                 walk(link.cid, depth + 1, (max(start - offset, 0), min(stop - offset, child_size)))
             offset += child_size

@@ -272,7 +272,7 @@ def iter_file(source: BlockSource, cid: bytes) -> Iterator[bytes]:
         yield fs.data
     if len(fs.blocksizes) != len(links):
         raise ExportError(f"file node {to_str(cid)} has {len(links)} links but {len(fs.blocksizes)} block sizes")
-    for link, expected in zip(links, fs.blocksizes):
+    for link, expected in zip(links, fs.blocksizes, strict=True):
         got = 0
         for piece in iter_file(source, link.cid):
             got += len(piece)
@@ -314,5 +314,5 @@ def export(source: BlockSource, cid: bytes, dest: Path) -> None:
         return
     names = [safe_name(link.name) for link in links]  # check every name before writing anything
     dest.mkdir(parents=True, exist_ok=True)
-    for link, name in zip(links, names):
+    for link, name in zip(links, names, strict=True):
         export(source, link.cid, dest / name)

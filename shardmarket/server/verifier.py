@@ -99,7 +99,7 @@ class VerifierDuty:
         stage.open_session(session, evidence.positions[-1] + evidence.inputs[-1].shape[1])
         try:
             with torch.inference_mode():
-                for position, hidden in zip(evidence.positions, evidence.inputs):
+                for position, hidden in zip(evidence.positions, evidence.inputs, strict=True):
                     positions = torch.arange(position, position + hidden.shape[1]).unsqueeze(0)
                     output = stage.step(session, hidden.to(stage.dtype), positions)
             return output

@@ -117,7 +117,7 @@ class StageWorker:
                 self._running = False
             if first.hidden.shape[1] == 1:
                 self._timed_decode(elapsed)
-            for item, output in zip(batch, outputs):
+            for item, output in zip(batch, outputs, strict=True):
                 if not item.done.done():
                     item.done.set_result((output, elapsed))
 

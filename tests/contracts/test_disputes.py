@@ -203,7 +203,7 @@ def test_majority_wrong_slashes_the_node_and_rewards_the_challenger(market, disp
                                                                     slice_nodes, challenger, treasury):
     accused, verifiers, _ = slice_nodes
     dispute_id, _ = open_dispute(market, disputes, accused, challenger)
-    reveals = [vote(disputes, dispute_id, v, wrong) for v, wrong in zip(verifiers, (True, True, False))]
+    reveals = [vote(disputes, dispute_id, v, wrong) for v, wrong in zip(verifiers, (True, True, False), strict=True)]
     for reveal in reveals:  # every verifier committed: the reveal phase opens early
         assert reveal().events["VoteRevealed"]["verifier"] in verifiers
     before = token.balanceOf(treasury)
@@ -222,7 +222,7 @@ def test_majority_wrong_slashes_the_node_and_rewards_the_challenger(market, disp
 def test_majority_right_gives_the_bond_to_the_node(market, disputes, token, stake_manager, slice_nodes, challenger):
     accused, verifiers, _ = slice_nodes
     dispute_id, _ = open_dispute(market, disputes, accused, challenger)
-    reveals = [vote(disputes, dispute_id, v, wrong) for v, wrong in zip(verifiers, (False, True, False))]
+    reveals = [vote(disputes, dispute_id, v, wrong) for v, wrong in zip(verifiers, (False, True, False), strict=True)]
     for reveal in reveals:
         reveal()
     assert disputes.resolve(dispute_id, {"from": accused}).return_value == DisputeStatus.CHALLENGER_LOST
@@ -255,7 +255,7 @@ def test_tie_is_void_and_only_the_silent_verifier_pays(market, disputes, token, 
                                                        challenger):
     accused, verifiers, _ = slice_nodes
     dispute_id, _ = open_dispute(market, disputes, accused, challenger)
-    reveals = [vote(disputes, dispute_id, v, wrong) for v, wrong in zip(verifiers[:2], (True, False))]
+    reveals = [vote(disputes, dispute_id, v, wrong) for v, wrong in zip(verifiers[:2], (True, False), strict=True)]
     brownie.chain.sleep(COMMIT + 1)
     for reveal in reveals:
         reveal()

@@ -106,7 +106,7 @@ def test_a_tab_packed_in_python_is_what_the_escrow_settles(chain):
     domain = chain.escrow_domain()
 
     def settle(seq: int, amounts: tuple[int, ...], paid: tuple[eip712.Entry, ...]):
-        tab = eip712.Tab(client.address, seq, tuple(eip712.Entry(n, a) for n, a in zip(nodes, amounts)), bytes(range(32)))
+        tab = eip712.Tab(client.address, seq, tuple(eip712.Entry(n, a) for n, a in zip(nodes, amounts, strict=True)), bytes(range(32)))
         packed = eip712.pack_tab(tab, eip712.sign_tab(client.key, tab, domain), paid)
         receipt = chain.transact(chain.escrow.functions.settleTabs(packed), "settling")
         [settled] = chain.escrow.events.TabSettled().process_receipt(receipt, errors=DISCARD)

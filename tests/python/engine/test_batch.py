@@ -23,7 +23,7 @@ def test_step_batch_equals_step(tiny_checkpoints, family):
     for step in range(5):
         items = [(f"s{i}", torch.randn(1, 1, 64, generator=gen), torch.tensor([[length + step]])) for i, length in enumerate(lengths)]
         outs = batched.step_batch(items)
-        for (session, h, p), out in zip(items, outs):
+        for (session, h, p), out in zip(items, outs, strict=True):
             assert out.shape == (1, 1, 64)
             assert torch.allclose(out, alone.step(session, h, p), rtol=1e-5, atol=1e-4)
     assert [batched.session_length(f"s{i}") for i in range(4)] == [length + 5 for length in lengths]

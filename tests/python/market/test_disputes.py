@@ -73,7 +73,7 @@ def test_honest_nodes_with_other_thread_counts_are_never_accused(market):
     outputs = list(asyncio.run(same_range_outputs()).values())
     assert len(outputs) == 3  # one thread, two threads, layers offloaded to disk
     for other in outputs[1:]:
-        for a, b in zip(outputs[0], other):
+        for a, b in zip(outputs[0], other, strict=True):
             assert relative_difference(a, b) <= 1e-5  # the same within floating-point noise, far below the tolerance
     with market.acting_as("a"):
         chain = Market.connect(load_config().chain)

@@ -10,6 +10,7 @@ import json
 import statistics
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 from shardmarket.chain.commitment import commitment_domain
@@ -28,7 +29,7 @@ async def timed_tokens(checkpoint: Path, url: str, max_tokens: int) -> dict:
     async for token in model.stream(ids, params, Completion(prompt_tokens=len(ids))):
         tokens.append(token)
         stamps.append(time.perf_counter())
-    gaps = [(b - a) * 1e3 for a, b in zip(stamps[1:], stamps[2:])]
+    gaps = [(b - a) * 1e3 for a, b in pairwise(stamps[1:])]
     return {"tokens": tokens, "first_token_ms": (stamps[1] - stamps[0]) * 1e3,
             "ms_per_token_median": statistics.median(gaps) if gaps else None}
 

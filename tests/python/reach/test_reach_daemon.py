@@ -55,7 +55,7 @@ def chats(lab, runs: list[tuple[str, str]], checkpoint: Path) -> list[str]:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab.env(), cwd=REPO)
              for role, url in runs]
     outs = [proc.communicate(timeout=120) for proc in procs]
-    for proc, (_, err) in zip(procs, outs):
+    for proc, (_, err) in zip(procs, outs, strict=True):
         assert proc.returncode == 0, err[-2000:]
     return [out for out, _ in outs]
 
