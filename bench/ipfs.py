@@ -21,12 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardmarket.ipfs.blockstore import Blockstore, MemoryBlockstore
 from shardmarket.ipfs.fetch import DagFetcher
 from shardmarket.ipfs.unixfs import ImportOptions, import_path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MB = 1_000_000
 REPEATS = 3
@@ -215,8 +216,8 @@ def main() -> None:
     wanted = sys.argv[1:] or list(parts)
     if unknown := set(wanted) - set(parts):
         sys.exit(f"unknown part(s) {sorted(unknown)}; choose from {list(parts)}")
-    with tempfile.TemporaryDirectory(prefix="bench-ipfs-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="bench-ipfs-") as tmp_name:
+        tmp = Path(tmp_name)
         result = {}
         for name, bench in ((name, parts[name]) for name in wanted):
             print(f"running {name} benchmark...", file=sys.stderr, flush=True)

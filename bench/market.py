@@ -64,7 +64,6 @@ async def _client(market: DevMarket, name: str, checkpoint: Path, model: str) ->
 
 async def _generate(model: RemoteModel, prompt: list[int], max_tokens: int) -> tuple[int, float]:
     completion = Completion(prompt_tokens=len(prompt))
-    started = time.perf_counter()
     first = None
     count = 0
     async for _ in model.stream(prompt, SamplingParams(max_tokens=max_tokens), completion):
@@ -115,10 +114,11 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
         port = market.node_port(name)
         log = market.root / f"{name}.log"
         env = {**os.environ, **market.env(name), "OMP_NUM_THREADS": "1"}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "shardmarket", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers, "--port", str(port),
-             "--tcp-port", str(port + 1), "--threads", "1"], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-        )
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "shardmarket", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers, "--port", str(port),
+                 "--tcp-port", str(port + 1), "--threads", "1"], env=env, stdout=out, stderr=subprocess.STDOUT,
+            )
         market.nodes[name] = NodeProcess(name, process, f"http://127.0.0.1:{port}", log)
         free.append(market.nodes[name].url)
     for name in [f"f{i}" for i in range(3)]:
@@ -209,7 +209,7 @@ def payment_path_us(root: Path, steps: int = 300) -> dict:
 
 def demo_first_token() -> dict:
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "shardmarket", "demo", "--questions", "1", "--max-tokens", "8"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "shardmarket", "demo", "--questions", "1", "--max-tokens", "8"], check=False, capture_output=True, text=True)
     match = re.search(r"first token ([0-9.]+) s after the demo started", out.stdout)
     return {"demo_first_token_s": float(match.group(1)) if match else None, "demo_total_s": round(time.monotonic() - started, 1),
             "demo_exit_code": out.returncode}
@@ -226,7 +226,10 @@ def main() -> None:
                         help="run one part (default: all)")
     args = parser.parse_args()
     results: dict = {}
-    wanted = lambda part: args.only in (None, part)
+
+    def wanted(part: str) -> bool:
+        return args.only in (None, part)
+
     with tempfile.TemporaryDirectory(prefix="bench-market-") as tmp:
         if wanted("payment_path"):
             results.update(payment_path_us(Path(tmp)))

@@ -45,8 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from eth_account import Account
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardmarket.chain.commitment import check_commitment, commit
 from shardmarket.chain.eip712 import Domain, signing_key, tensor_hash
@@ -62,6 +61,7 @@ from shardmarket.net import wire
 from shardmarket.net.crypto import ClientHandshake, node_handshake
 from shardmarket.net.wire import Message
 
+ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = Domain(31337, "0x" + "00" * 20)
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 CONFIG_850M = tiny_config(

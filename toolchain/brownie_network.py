@@ -24,7 +24,7 @@ def main() -> None:
     path = _get_data_folder() / "network-config.yaml"
     networks = yaml.safe_load(path.read_text())
     development = [n for n in networks["development"] if n["id"] != NETWORK["id"]]
-    networks["development"] = development + [NETWORK]
+    networks["development"] = [*development, NETWORK]
     path.write_text(yaml.dump(networks))
     print(f"brownie network '{NETWORK['id']}' (anvil on port {NETWORK['cmd_settings']['port']}, base fee 0) is in {path}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import secrets
 import signal
@@ -81,14 +82,12 @@ def _table(before: dict, after: dict, names: dict[str, str], gas: dict[str, int]
             first = False
 
 
-def _stream_answer(base: str, key: str, question: str, max_tokens: int) -> tuple[dict, float]:
-    """Ask one question through the OpenAI-compatible API, print the answer as it streams; returns usage and first-token time."""
+def _stream_answer(base: str, key: str, question: str, max_tokens: int) -> dict:
+    """Ask one question through the OpenAI-compatible API, print the answer as it streams; returns its usage."""
     import requests
 
     body = {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    started = time.monotonic()
-    first = None
     usage: dict = {}
     with requests.post(f"{base}/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, stream=True, timeout=300) as response:
         response.raise_for_status()
@@ -103,11 +102,10 @@ def _stream_answer(base: str, key: str, question: str, max_tokens: int) -> tuple
             for choice in chunk.get("choices", []):
                 text = choice.get("delta", {}).get("content")
                 if text:
-                    first = first or time.monotonic() - started
                     sys.stdout.write(text)
                     sys.stdout.flush()
     print(flush=True)
-    return usage, first or 0.0
+    return usage
 
 
 def _await_dispute(chain, cheater: str, timeout: float = 180) -> None:
@@ -123,7 +121,8 @@ def _await_dispute(chain, cheater: str, timeout: float = 180) -> None:
             dispute = chain.read(functions.getDispute(1))
             if dispute.status != DisputeStatus.OPEN:
                 node, outcome = dispute.node, outcomes[dispute.status]
-                print(f"dispute 1 against {node} ({'the cheater' if node.lower() == cheater.lower() else 'an honest node'}): {outcome}; "
+                who = "the cheater" if node.lower() == cheater.lower() else "an honest node"
+                print(f"dispute 1 against {node} ({who}): {outcome}; "
                       f"its stake is now {chain.read(chain.stake.functions.totalStakeOf(node))}", flush=True)
                 return
         time.sleep(1)
@@ -202,24 +201,23 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
         log = root / "client-api.log"
         env = {**os.environ, **market.env("client"), "SHARDMARKET_CLIENT_API_KEY": key, "OMP_NUM_THREADS": "1",
                "SHARDMARKET_CLIENT_SPOT_CHECK_RATE": "1.0" if args.cheat else "0"}
-        client_api = subprocess.Popen(
-            [sys.executable, "-m", "shardmarket", "client", "serve", "--checkpoint", str(checkpoint), "--model-id", MODEL, "--port", str(port)],
-            cwd=REPO, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(log, "ab") as out:
+            client_api = subprocess.Popen(
+                [sys.executable, "-m", "shardmarket", "client", "serve", "--checkpoint", str(checkpoint), "--model-id", MODEL, "--port", str(port)],
+                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         _wait_api(base, key, client_api, log)
         if args.serve:
             _say(f"market running: OpenAI base URL {base}  API key {key}  (Ctrl-C stops everything)")
             signal.signal(signal.SIGTERM, _interrupt)
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 client_api.wait()
-            except KeyboardInterrupt:
-                pass
             return 0
         _say(f"the client asks {args.questions} question(s) through the OpenAI-compatible API at {base}")
         costs = []
         for question in (QUESTIONS * args.questions)[: args.questions]:
             print(f"\n> {question}", flush=True)
-            usage, first_token_s = _stream_answer(base, key, question, args.max_tokens)
+            usage = _stream_answer(base, key, question, args.max_tokens)
             costs.append(usage.get("cost", 0))
             if len(costs) == 1:
                 print(f"(first token {time.monotonic() - started:.1f} s after the demo started)", flush=True)
@@ -228,7 +226,8 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
         if args.cheat:
             _say("the client's spot checks re-run every hop on another node and locally; waiting for the dispute")
             _await_dispute(chain, names[CHEATER])
-        _say("the first node settles every client tab owing it in one transaction (a tab pays all its nodes); each node withdraws its earnings")
+        _say("the first node settles every client tab owing it in one transaction (a tab pays all its nodes); "
+             "each node withdraws its earnings")
         for name, _, _ in NODES:
             market.cli(name, "node", "redeem")
         after = _snapshot(chain, names)

@@ -147,7 +147,8 @@ class DevMarket:
         log_start = log.stat().st_size if log.exists() else 0
         env = {**os.environ, **self.env(name), "OMP_NUM_THREADS": str(self.threads)}
         cmd = [sys.executable, "-m", "shardmarket", "node", "run", "--tcp-port", str(port + 1), "--threads", str(self.threads), *extra]
-        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        with open(log, "ab") as out:
+            process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         node = NodeProcess(name, process, f"http://127.0.0.1:{port}", log, log_start)
         self.nodes[name] = node
         if wait:

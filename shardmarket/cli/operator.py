@@ -198,7 +198,8 @@ def cmd_earnings(args: argparse.Namespace) -> None:
     print(f"{'client':44} {'tab':>6} {'served':>14} {'promised':>14} {'redeemed':>14} {'pending':>14}")
     for s in rows:
         print(f"{s.client:44} {s.tab.seq:>6} {s.served:>14} {s.entry:>14} {s.redeemed:>14} {s.owed:>14}")
-    print(f"total pending {sum(s.owed for s in rows)}; redeemed, in the escrow: {market.read(market.escrow.functions.earningsOf(me))}")
+    redeemed = market.read(market.escrow.functions.earningsOf(me))
+    print(f"total pending {sum(s.owed for s in rows)}; redeemed, in the escrow: {redeemed}")
     _print_claims(store.claims())
 
 

@@ -215,7 +215,8 @@ class InferenceSession:
 
     def confirmed(self) -> bool:
         """Whether the step `start_layers` returned is confirmed already (its check passed while its output was being
-        used): then `confirm` is not needed, and the generating thread saves a turn of the event loop. Safe from that thread: only the loop finishes the check, and only that thread drives steps."""
+        used): then `confirm` is not needed, and the generating thread saves a turn of the event loop. Safe from that
+        thread: only the loop finishes the check, and only that thread drives steps."""
         if self._unconfirmed is None:
             return True
         check = self._unconfirmed[0]

@@ -31,13 +31,14 @@ def stage_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     steps = query.shape[2]
     outputs = []
-    for row, (k, v) in enumerate(zip(key, value, strict=True)):
-        length = k.shape[2]
+    for row, (row_key, row_value) in enumerate(zip(key, value, strict=True)):
+        length = row_key.shape[2]
         start = length - steps
         if steps == 1 and sliding_window is not None and length > sliding_window:
-            k, v = k[:, :, length - sliding_window :], v[:, :, length - sliding_window :]
+            k, v = row_key[:, :, length - sliding_window :], row_value[:, :, length - sliding_window :]
             mask = None
         else:
+            k, v = row_key, row_value
             mask = causal_mask(start, steps, length, sliding_window, query.device)
         out, _ = sdpa_attention_forward(module, query[row : row + 1], k, v, mask, dropout, scaling, **kwargs)
         outputs.append(out)

@@ -132,7 +132,8 @@ class Stage:
             if self.cache_budget_bytes is not None and self.cache_bytes() + need > self.cache_budget_bytes:
                 raise CapacityError(
                     f"a KV cache of {max_length} positions needs {need} bytes and only "
-                    f"{self.cache_budget_bytes - self.cache_bytes()} of the budget are left; ask for fewer positions or retry later"
+                    f"{self.cache_budget_bytes - self.cache_bytes()} of the budget are left; "
+                    "ask for fewer positions or retry later"
                 )
             self._sessions[session_id] = SessionCache(session_id, self._cache_shapes, max_length, self.dtype)
             self._expired.pop(session_id, None)
@@ -194,7 +195,9 @@ class Stage:
             return out.to(hidden.device)
 
     def step_batch(self, items: list[tuple[str, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """One decode step of several sessions in a single forward pass; each item is (session_id, hidden[1,1,H], positions[1,1])."""
+        """One decode step of several sessions in a single forward pass.
+
+        Each item is (session_id, hidden[1,1,H], positions[1,1])."""
         if not items:
             return []
         with self._lock:

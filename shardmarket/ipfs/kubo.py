@@ -52,7 +52,8 @@ def _multipart(path: Path, hidden: bool) -> aiohttp.MultipartWriter:
                 if hidden or not child.startswith("."):
                     add(entry / child)
         else:
-            part = writer.append(open(entry, "rb"), {"Content-Type": "application/octet-stream"})
+            file = open(entry, "rb")  # noqa: SIM115  (the multipart payload owns it and closes it once sent)
+            part = writer.append(file, {"Content-Type": "application/octet-stream"})
             part.set_content_disposition("form-data", name="file", filename=name, quote_fields=False)
 
     add(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from typing import Protocol
@@ -60,10 +61,8 @@ class StreamTransport:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
 
 
 class WebSocketTransport:
@@ -207,7 +206,5 @@ class ChannelPool:
 
 async def close_quietly(channel: SecureChannel) -> None:
     """Close `channel`, ignoring a connection that is broken already."""
-    try:
+    with contextlib.suppress(ConnectionError, OSError):
         await channel.close()
-    except (ConnectionError, OSError):
-        pass

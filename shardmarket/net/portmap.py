@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -85,10 +86,8 @@ class Lease:
     async def close(self) -> None:
         """Stop renewing and remove the mapping from the router (best effort: a gone router forgets it anyway)."""
         self.task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self.task
-        except asyncio.CancelledError:
-            pass
         try:
             await self.mapper.unmap(self.mapping)
         except (MappingError, OSError, TimeoutError) as exc:

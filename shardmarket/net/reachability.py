@@ -90,9 +90,11 @@ class Reachability:
 
     async def _local_health(self) -> str | None:
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-                async with session.get(f"http://127.0.0.1:{self.port}/health") as resp:
-                    return await resp.text() if resp.status == 200 else None
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
+                session.get(f"http://127.0.0.1:{self.port}/health") as resp,
+            ):
+                return await resp.text() if resp.status == 200 else None
         except (aiohttp.ClientError, TimeoutError, OSError):
             return None
 
@@ -172,9 +174,9 @@ class Reachability:
             if classify:
                 await classify
                 classify = None
-            if report.nat and report.nat["mapping"] == "none":  # a public address on this host
-                if await self._use(f"http://{report.public_ip}:{self.port}", "direct", expected, time.monotonic(), t0):
-                    return self.report
+            direct = report.nat and report.nat["mapping"] == "none"  # a public address on this host
+            if direct and await self._use(f"http://{report.public_ip}:{self.port}", "direct", expected, time.monotonic(), t0):
+                return self.report
             if relay_task:
                 start = time.monotonic()
                 endpoint = await relay_task

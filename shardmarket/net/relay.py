@@ -204,10 +204,9 @@ class RelayServer:
             raise web.HTTPForbidden(text=f"{host} is neither your address ({request.remote}) nor this relay's")
         try:
             timeout = aiohttp.ClientTimeout(total=3)
-            async with aiohttp.ClientSession(timeout=timeout) as session:
-                async with session.get(f"http://{host}:{port}/health") as resp:
-                    body = await resp.text()
-                    return web.json_response({"reachable": True, "status": resp.status, "body": body[:4096]})
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(f"http://{host}:{port}/health") as resp:
+                body = await resp.text()
+                return web.json_response({"reachable": True, "status": resp.status, "body": body[:4096]})
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return web.json_response({"reachable": False, "error": str(exc) or type(exc).__name__})
 
@@ -316,11 +315,13 @@ class RelayClient:
 async def verify(verifier_url: str, endpoint: str, expected_body: str | None, timeout: float = 5.0) -> tuple[bool, str]:
     """Ask a relay to connect back to `endpoint`; (True, "") when its /health answers 200 (with `expected_body`)."""
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-            async with session.post(f"{verifier_url.rstrip('/')}/verify", json={"endpoint": endpoint}) as resp:
-                if resp.status != 200:
-                    return False, f"verifier refused: HTTP {resp.status} {(await resp.text())[:200]}"
-                answer = await resp.json()
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.post(f"{verifier_url.rstrip('/')}/verify", json={"endpoint": endpoint}) as resp,
+        ):
+            if resp.status != 200:
+                return False, f"verifier refused: HTTP {resp.status} {(await resp.text())[:200]}"
+            answer = await resp.json()
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
         return False, f"verifier {verifier_url} failed: {exc or type(exc).__name__}"
     if not answer.get("reachable"):

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import struct
 from collections.abc import Callable
+from pathlib import Path
 
 
 class _Exchange(asyncio.DatagramProtocol):
@@ -65,7 +66,7 @@ def local_address_towards(host: str) -> str:
 def default_gateway() -> str | None:
     """The IPv4 default gateway of this network namespace, from /proc/net/route; None when there is none."""
     try:
-        lines = open("/proc/net/route").read().splitlines()[1:]
+        lines = Path("/proc/net/route").read_text().splitlines()[1:]
     except OSError:
         return None
     for line in lines:

@@ -38,7 +38,7 @@ async def discover(timeout: float = 1.5) -> str:
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_datagram_endpoint(_SsdpSearch, local_addr=("0.0.0.0", 0))
     try:
-        for attempt in range(3):
+        for _attempt in range(3):
             for target in SEARCH_TARGETS:
                 message = (
                     f"M-SEARCH * HTTP/1.1\r\nHOST: {SSDP[0]}:{SSDP[1]}\r\nMAN: \"ssdp:discover\"\r\n"

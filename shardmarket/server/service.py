@@ -9,6 +9,7 @@ node's acknowledgement, so a tab it acknowledged is always on disk."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -324,10 +325,8 @@ class NodeService:
                     await self._close_stage_session(session)
 
     async def _close_stage_session(self, session: _Session) -> None:
-        try:
+        with contextlib.suppress(UnknownSession):  # the engine expired it already
             await self.worker.call(self.stage.close_session, session.stage_id)
-        except UnknownSession:
-            pass  # the engine expired it already
 
     async def drain(self, timeout: float) -> None:
         """Refuse new work, let steps already running finish (up to `timeout`), then hang up."""

@@ -72,8 +72,8 @@ def test_same_evidence_cannot_slash_twice(market, disputes, accused, clients, re
 
 @pytest.mark.parametrize(
     "second",
-    [dict(output=b"\x01" * 32), dict(output=b"\x02" * 32, step=1), dict(output=b"\x02" * 32, request=b"\x09" * 32),
-     dict(output=b"\x02" * 32, inp=b"\x34" * 32)],
+    [{"output": b"\x01" * 32}, {"output": b"\x02" * 32, "step": 1}, {"output": b"\x02" * 32, "request": b"\x09" * 32},
+     {"output": b"\x02" * 32, "inp": b"\x34" * 32}],
     ids=["same-output", "other-step", "other-request", "other-input"],
 )
 def test_not_an_equivocation(market, disputes, stake_manager, accused, clients, second, reverts_with):

@@ -253,7 +253,9 @@ def test_tampered_amount_or_entry_and_foreign_signers_fail_the_signature(market,
 
 def raw_tab(client, entries, previous=()):
     """A packed tab with any entries (an attacker skips the Python checks) and a dummy signature."""
-    packed = lambda pairs: b"".join(bytes.fromhex(n[2:]) + a.to_bytes(16, "big") for n, a in pairs)
+    def packed(pairs):
+        return b"".join(bytes.fromhex(n[2:]) + a.to_bytes(16, "big") for n, a in pairs)
+
     return (bytes.fromhex(client.address[2:]) + (1).to_bytes(4, "big") + b"\x11" * 32 + b"\x01" * 64
             + bytes([27, len(entries), len(previous)]) + packed(entries) + packed(previous))
 

@@ -82,7 +82,7 @@ def test_register_needs_the_minimum_stake(market, registry, nodes, reverts_with)
 
 
 @pytest.mark.parametrize(
-    "start, end, key, endpoints, error",
+    ("start", "end", "key", "endpoints", "error"),
     [
         (0, 9, KEY, ENDPOINTS, "InvalidLayerRange"),
         (4, 4, KEY, ENDPOINTS, "InvalidLayerRange"),

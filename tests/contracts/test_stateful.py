@@ -134,7 +134,7 @@ class MarketMachine:
 
     def rule_withdraw(self, client="st_client", wait="st_bool"):
         account = self.clients[client]
-        amount, ready_at = self.market.escrow.pendingWithdrawalOf(account)
+        _, ready_at = self.market.escrow.pendingWithdrawalOf(account)
         if ready_at == 0:
             return
         if wait:

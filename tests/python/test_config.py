@@ -26,7 +26,7 @@ def test_file_then_environment_override(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, env, message",
+    ("text", "env", "message"),
     [
         ("[node]\nport = 1\n[nodes]\n", {}, r"unknown section\(s\) nodes"),
         ("[node]\nprot = 1\n", {}, r"unknown key\(s\) prot"),

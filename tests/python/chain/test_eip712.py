@@ -113,7 +113,7 @@ def test_high_s_twin_is_rejected():
 
 
 @pytest.mark.parametrize(
-    "signature, message",
+    ("signature", "message"),
     [
         (b"", "65 bytes"),
         (b"\x01" * 64, "65 bytes"),
@@ -190,7 +190,7 @@ def test_split_signature_gives_v_r_s():
 
 
 @pytest.mark.parametrize(
-    "entries, message",
+    ("entries", "message"),
     [
         ((), "at least one node"),
         (tuple(Entry("0x" + f"{i + 1:040x}", 1) for i in range(MAX_ENTRIES + 1)), f"at most {MAX_ENTRIES}"),

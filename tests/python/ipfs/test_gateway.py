@@ -111,6 +111,7 @@ def test_car_unpacks_with_npm_ipfs_car(store, tmp_path):
     for options in (ImportOptions(chunk_size=4096), ImportOptions(cid_version=1, chunk_size=1000)):
         entry = import_bytes(DATA, options, store)
         status, _, body = run(_get(store, f"/ipfs/{entry.cid_str}", {"Accept": "application/vnd.ipld.car"}))
+        assert status == 200
         car = tmp_path / f"{entry.cid_str}.car"
         car.write_bytes(body)
         out = tmp_path / f"{entry.cid_str}.out"

@@ -125,7 +125,7 @@ def kubo(tmp_path):
 
 
 def test_cli_add_cat_get_pin_through_kubo(kubo, tmp_path, monkeypatch, capsys):
-    url, kubo_store = kubo
+    url, _ = kubo
     monkeypatch.setenv("SHARDMARKET_IPFS_API", url)
     (tmp_path / "d" / "s").mkdir(parents=True)
     data = random.Random(3).randbytes(20_000)
@@ -137,7 +137,7 @@ def test_cli_add_cat_get_pin_through_kubo(kubo, tmp_path, monkeypatch, capsys):
     assert lines[-1] == f"added {ours.cid_str} d" and len(lines) == 4
     assert main(["ipfs", "get", ours.cid_str, "-o", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "s" / "f.bin").read_bytes() == data
-    file_cid = [line.split()[1] for line in lines if line.endswith("g.txt")][0]
+    file_cid = next(line.split()[1] for line in lines if line.endswith("g.txt"))
     assert main(["ipfs", "cat", file_cid]) == 0
     assert capsys.readouterr().out.endswith("hello world\n")
     assert main(["ipfs", "pin", "ls"]) == 0

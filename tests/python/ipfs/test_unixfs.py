@@ -50,7 +50,7 @@ def _root_links(size: int, chunk: int, **opts) -> tuple[list[pb.Link], pb.UnixFS
 
 
 @pytest.mark.parametrize(
-    "size, links, depth",
+    ("size", "links", "depth"),
     [
         (256, 0, 0),  # one chunk: the leaf is the root
         (257, 2, 1),

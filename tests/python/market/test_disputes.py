@@ -1,6 +1,7 @@
 """Checks on nodes, on a real anvil with real node processes: spot checks never accuse honest nodes that
-compute with other thread counts or from disk-offloaded layers, a node adding noise is challenged and slashed by the verifiers' vote (votes
-that failed to commit, or whose verifier restarted, are sent again), a node signing two answers for one step is slashed for equivocation."""
+compute with other thread counts or from disk-offloaded layers, a node adding noise is challenged and slashed by
+the verifiers' vote (votes that failed to commit, or whose verifier restarted, are sent again), a node signing two
+answers for one step is slashed for equivocation."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def evidence(node) -> Evidence:
 @pytest.fixture
 def gateway(tmp_path):
     """A trustless gateway over the challenger's store, on a real socket (as `client serve` mounts it)."""
-    store, port, ready = Blockstore(tmp_path / "challenger"), free_port(), threading.Event()
+    store, port = Blockstore(tmp_path / "challenger"), free_port()
     loop = asyncio.new_event_loop()
 
     async def start() -> web.AppRunner:

@@ -179,7 +179,7 @@ def test_a_refused_step_is_never_answered_even_on_retry(market):
         hop = (await session._open_hops([node]))[0]
         hidden = torch.randn(1, 2, node.hidden_size)
         session.pay([(node, 2)])
-        with pytest.raises(NodeFailure, match="signature is invalid|signed by"):
+        with pytest.raises(NodeFailure, match=r"signature is invalid|signed by"):
             await session._step(hop, 0, 0, hidden, None)
         with pytest.raises(NodeFailure, match="no open session"):
             await session._step(hop, 0, 0, hidden, None)  # the computed answer was thrown away with the session
@@ -212,7 +212,7 @@ def test_a_bad_tab_on_a_later_step_is_answered_on_credit_then_refused_in_place_o
         session.pay([(node, 1)])
         hidden = torch.randn(1, 1, node.hidden_size)
         _, check = await session._step(hop, 1, 2, hidden, None)  # run on the credit the first tab left
-        with pytest.raises(CommitmentFailure, match="refused after its answer.*(signature is invalid|signed by)"):
+        with pytest.raises(CommitmentFailure, match=r"refused after its answer.*(signature is invalid|signed by)"):
             await check()
         with pytest.raises(NodeFailure, match="no open session"):
             await session._step(hop, 1, 2, hidden, None)  # the session went with the refused tab

@@ -92,7 +92,7 @@ def test_the_gate_accepts_a_covering_tab_and_stores_the_newest(tmp_path):
     assert (stored.tab.seq, stored.entry, stored.served, stored.unpaid_total) == (3, 15, 15, 30)
 
 
-@pytest.mark.parametrize("case, code", [
+@pytest.mark.parametrize(("case", "code"), [
     ("tampered", "bad_tab"), ("forged", "bad_tab"), ("beyond-credit", "payment_required"),
     ("beyond-balance", "insufficient_funds"), ("lowered", "bad_tab"), ("missing", "payment_required"),
 ])
@@ -173,7 +173,7 @@ def test_a_sessions_later_steps_run_on_credit_and_their_tabs_are_checked_after(t
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("case, code", [
+@pytest.mark.parametrize(("case", "code"), [
     ("tampered", "bad_tab"), ("forged", "bad_tab"), ("lowered", "bad_tab"), ("beyond-balance", "insufficient_funds"),
 ])
 def test_a_bad_tab_on_credit_is_refused_and_its_answered_step_counts_against_the_credit(tmp_path, case, code):

@@ -40,7 +40,7 @@ def test_message_without_tensor_has_no_payload():
 
 
 @pytest.mark.parametrize(
-    "data, code",
+    ("data", "code"),
     [
         (b"", "truncated"),
         (b"\x00\x00", "truncated"),
@@ -62,7 +62,7 @@ def test_malformed_frames_are_refused(data, code):
 
 
 @pytest.mark.parametrize(
-    "header, payload, code",
+    ("header", "payload", "code"),
     [
         (step_header(dtype="int64"), bytes(32), "bad_tensor"),
         (step_header(dtype="object"), bytes(32), "bad_tensor"),

@@ -6,6 +6,7 @@ can reach a real network. Needs root, iproute2, nftables, conntrack, coturn and 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -63,13 +64,13 @@ def missing_tools() -> str | None:
     missing = sorted({pkg for tool, pkg in TOOLS.items() if not shutil.which(tool)})
     if missing:
         return f"the NAT lab needs {', '.join(missing)} (make setup installs them as root)"
-    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
+    if subprocess.run(["unshare", "--net", "true"], check=False, capture_output=True).returncode != 0:
         return "this machine does not allow network namespaces (a container without CAP_SYS_ADMIN?)"
     return None
 
 
 def _sh(argv: list[str], check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout, **kw)
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
@@ -92,7 +93,7 @@ class Lab:
         self.miniupnpd: subprocess.Popen | None = None
 
     # ---- addresses the tests use
-    stun_servers = [f"{PUBLIC_NET}.1:{STUN_PORT}", f"{PUBLIC_NET}.2:{STUN_PORT}"]
+    stun_servers = (f"{PUBLIC_NET}.1:{STUN_PORT}", f"{PUBLIC_NET}.2:{STUN_PORT}")
     relay_url = f"http://{PUBLIC_NET}.1:{RELAY_PORT}"
     node_ip = f"{HOME_NET}.2"
     public_ip = f"{PUBLIC_NET}.10"
@@ -110,10 +111,10 @@ class Lab:
 
     def spawn_in(self, role: str, argv: list[str], log: str | None = None, **kw) -> subprocess.Popen:
         """Start a long-running process inside `role`; it is killed at teardown. Output goes to <lab dir>/<log>."""
-        out = open(self.dir / (log or f"{Path(argv[0]).name}-{len(self.procs)}.log"), "w")
-        kw.setdefault("stdout", out)
-        kw.setdefault("stderr", subprocess.STDOUT if kw["stdout"] is out else out)
-        proc = subprocess.Popen(self.argv_in(role, argv), cwd=REPO, env=self.env(), start_new_session=True, **kw)
+        with open(self.dir / (log or f"{Path(argv[0]).name}-{len(self.procs)}.log"), "w") as out:
+            kw.setdefault("stdout", out)
+            kw.setdefault("stderr", subprocess.STDOUT if kw["stdout"] is out else out)
+            proc = subprocess.Popen(self.argv_in(role, argv), cwd=REPO, env=self.env(), start_new_session=True, **kw)
         self.procs.append(proc)
         return proc
 
@@ -297,17 +298,13 @@ deny 0-65535 0.0.0.0/0 0-65535
     def teardown(self) -> None:
         """Kill every process started here, delete the namespaces (and with them the veths), remove files."""
         for proc in reversed(self.procs):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self.stop(proc)
-            except ProcessLookupError:
-                pass
         for name in reversed(self.created):
             leftover = _sh(["ip", "netns", "pids", name], check=False).stdout.split()
             for pid in leftover:  # only processes inside namespaces this lab created
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             _sh(["ip", "netns", "del", name], check=False)
         self.created.clear()
         if not os.environ.get("SHARDMARKET_LAB_KEEP"):

@@ -36,7 +36,7 @@ def test_stun_response_gives_mapped_address_after_other_attributes(xor):
 
 
 @pytest.mark.parametrize(
-    "mangle, message",
+    ("mangle", "message"),
     [
         (lambda r: r[:12], "shorter than a header"),
         (lambda r: r[:8] + b"y" * 12 + r[20:], "does not belong"),

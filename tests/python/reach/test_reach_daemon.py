@@ -42,7 +42,7 @@ def start_daemon(lab, checkpoint: Path, layers: str) -> subprocess.Popen:
 def hold_endpoint(lab, *extra: str) -> tuple[subprocess.Popen, dict]:
     """`shardmarket node reachability --hold` next to the daemon; returns it and its report."""
     hold = lab.spawn_in("lan", [SHARDMARKET, "node", "reachability", "--port", str(NODE_PORT), "--json", "--hold", *extra],
-                        log="reach.log", stdout=subprocess.PIPE, stderr=open(lab.dir / "reach.err", "w"), text=True)
+                        log="reach.err", stdout=subprocess.PIPE, text=True)  # stderr goes to the log
     line = hold.stdout.readline()
     assert line, lab.log("reach.err")[-2000:]
     return hold, json.loads(line)
@@ -61,7 +61,7 @@ def chats(lab, runs: list[tuple[str, str]], checkpoint: Path) -> list[str]:
 
 
 # every variant passes (checked before merging); two keep the suite short: one port mapping, one relay
-@pytest.mark.parametrize("variant, method", [("pcp", "pcp"), ("symmetric", "relay")])
+@pytest.mark.parametrize(("variant", "method"), [("pcp", "pcp"), ("symmetric", "relay")])
 def test_chat_reaches_a_node_behind_nat(lab_for, tiny, variant, method):
     lab = lab_for(variant)
     start_daemon(lab, tiny, f"0:{tiny_config()['num_hidden_layers']}")

@@ -127,10 +127,16 @@ def test_lab_tears_down_when_a_test_fails():
     if missing_tools():
         pytest.skip(missing_tools())
     lab = Lab("pcp")
-    with pytest.raises(RuntimeError, match="boom"), lab:
-        daemons = [p.pid for p in lab.procs]
-        raise RuntimeError("boom")
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    daemons: list[int] = []
+
+    def fail_inside_the_lab() -> None:
+        with lab:
+            daemons.extend(p.pid for p in lab.procs)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fail_inside_the_lab()
+    listed = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
     assert lab.tag not in listed and not lab.dir.exists()
     for pid in daemons:
         assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived the lab"

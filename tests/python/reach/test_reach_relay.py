@@ -79,7 +79,7 @@ def test_a_client_that_does_not_read_cannot_stall_the_others():
         _, _, _, client = relayed
         endpoint = await client.start()
         host, port = endpoint.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
+        _, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"GET /stream?n=200000&size=1000 HTTP/1.1\r\nHost: x\r\n\r\n")  # 200 MB, never read
         await writer.drain()
         await asyncio.sleep(1.0)
