@@ -81,7 +81,7 @@ def verify(cid: bytes, data: bytes | memoryview) -> bool:
     if mh[0] == SHA2_256 and mh[1] == 0x20:
         return hashlib.sha256(data).digest() == mh[2:]
     try:
-        code, _, _ = multihash.unwrap_raw(mh)
+        code, _ = multihash.unwrap_raw(mh)
         return multihash.digest(bytes(data), code) == mh
     except Exception:
         return False
