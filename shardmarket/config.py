@@ -8,6 +8,11 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    Section = typing.TypeVar("Section", bound=DataclassInstance)
+
 
 @dataclass(frozen=True)
 class ChainConfig:
@@ -90,15 +95,19 @@ def _coerce(value: object, kind: object, where: str) -> object:
                 return False
             raise ValueError(f"expected true or false, got {value!r}")
         if kind is int:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
                 raise ValueError("expected an integer")
             return int(value)
         if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError("expected a number")
             return float(value)
         if kind is Path:
             return Path(os.path.expanduser(str(value)))
         if origin is list:
-            items = value.split(",") if isinstance(value, str) else list(value)
+            if not isinstance(value, (str, list)):
+                raise ValueError(f"expected a list or a comma-separated string, got {type(value).__name__}")
+            items = value.split(",") if isinstance(value, str) else value
             return [str(item).strip() for item in items if str(item).strip()]
         if kind is str:
             if not isinstance(value, (str, int, float)):
@@ -109,7 +118,7 @@ def _coerce(value: object, kind: object, where: str) -> object:
     raise ConfigError(f"{where}: unsupported type {kind}")
 
 
-def _section(cls: type, base: object, values: dict, where: str) -> object:
+def _section(cls: type, base: Section, values: dict, where: str) -> Section:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known

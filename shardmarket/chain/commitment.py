@@ -48,6 +48,8 @@ def check_commitment(
     """Check a result frame's commitment against the hash of the input sent (`tensor_hash`, computed while the node
     works), the bytes received and the node's operator address."""
     signature = fields.get("signature")
+    if not isinstance(signature, bytes):
+        raise CommitmentError(f"step {step}: commitment signature is invalid: expected bytes, got {type(signature).__name__}")
     commitment = Commitment(request_id, step, input_hash, tensor_hash(output_bytes))
     if fields.get("input_hash") != commitment.input_hash or fields.get("output_hash") != commitment.output_hash:
         raise CommitmentError(f"step {step}: the node committed to hashes that differ from the tensors exchanged")

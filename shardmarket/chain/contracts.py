@@ -12,9 +12,12 @@ from typing import Protocol
 
 import requests
 from eth_abi import decode
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
 from eth_utils import keccak, to_checksum_address
 from web3 import Web3
 from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3Exception
+from web3.types import TxReceipt
 
 from shardmarket.chain.deployments import read_deployments
 from shardmarket.chain.eip712 import Domain
@@ -26,9 +29,13 @@ CONTRACTS = ("TestToken", "StakeManager", "ModelRegistry", "NodeRegistry", "Paym
 class ChainSettings(Protocol):
     """Where the chain is: the `[chain]` section of the config has these."""
 
-    rpc_url: str
-    chain_id: int
-    deployments_dir: Path
+    # read-only, so that the frozen ChainConfig qualifies
+    @property
+    def rpc_url(self) -> str: ...
+    @property
+    def chain_id(self) -> int: ...
+    @property
+    def deployments_dir(self) -> Path: ...
 
 
 class DisputeStatus(IntEnum):
@@ -116,7 +123,7 @@ def _explain(exc: Exception, what: str) -> ChainError:
     if isinstance(exc, ContractCustomError):
         reason = decode_revert(exc.data if isinstance(exc.data, str) else exc.args[0])
     elif isinstance(exc, ContractLogicError):
-        reason = decode_revert(exc.data) if exc.data else str(exc)
+        reason = decode_revert(exc.data) if isinstance(exc.data, str) and exc.data else str(exc)
     else:
         reason = str(exc)
     name = reason.split("(")[0]
@@ -130,7 +137,7 @@ class Market:
 
     w3: Web3
     addresses: dict[str, str]
-    account: object | None = None  # eth-account LocalAccount
+    account: LocalAccount | None = None
 
     @classmethod
     def connect(cls, chain: ChainSettings, account=None, timeout_s: float = 10.0) -> Market:
@@ -188,11 +195,14 @@ class Market:
     def dispute_domain(self) -> Domain:
         return Domain(self.chain_id, self.addresses["DisputeManager"])
 
-    @property
-    def address(self) -> str:
+    def _signer(self) -> LocalAccount:
         if self.account is None:
             raise ChainError("this command needs an account: create one with `shardmarket keys new`")
-        return self.account.address
+        return self.account
+
+    @property
+    def address(self) -> ChecksumAddress:
+        return self._signer().address
 
     def read(self, call, what: str = "a chain read"):
         """Call a view function with clear errors."""
@@ -203,7 +213,7 @@ class Market:
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise ChainUnreachable(f"{what} failed: the chain does not answer ({type(exc).__name__}); retry when it is back") from None
 
-    def transact(self, call, what: str, gas: int | None = None) -> dict:
+    def transact(self, call, what: str, gas: int | None = None) -> TxReceipt:
         """Sign and send `call` from the account, wait for it to be mined; returns the receipt."""
         sender = self.address
         try:
@@ -218,7 +228,7 @@ class Market:
                     f"{what}: not enough gas money: {sender} holds {balance / 1e18:.6f} ETH, the transaction may cost "
                     f"{cost / 1e18:.6f}; send ETH to that account"
                 )
-            signed = self.account.sign_transaction(tx)
+            signed = self._signer().sign_transaction(tx)
             tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
             receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
         except (ContractCustomError, ContractLogicError) as exc:

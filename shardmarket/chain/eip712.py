@@ -11,12 +11,13 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
+from typing import TypeAlias
 
 import coincurve
 import sha3
 from cchecksum import to_checksum_address
 from eth_abi import encode
-from eth_keys import keys
+from eth_keys import datatypes
 from eth_utils import keccak
 
 DOMAIN_NAME = "shardmarket"
@@ -163,7 +164,7 @@ class UsageRecord:
 
 
 # raw 32 bytes, hex, an eth_keys key, or (fastest, for a frequent signer) the result of `signing_key`
-PrivateKeyLike = bytes | str | keys.PrivateKey | coincurve.PrivateKey
+PrivateKeyLike: TypeAlias = bytes | str | datatypes.PrivateKey | coincurve.PrivateKey
 
 
 @lru_cache(maxsize=64)
@@ -379,7 +380,7 @@ def signing_key(private_key: PrivateKeyLike) -> coincurve.PrivateKey:
     """`private_key` ready to sign (libsecp256k1 through coincurve); keep it when signing every step."""
     if isinstance(private_key, coincurve.PrivateKey):
         return private_key
-    if isinstance(private_key, keys.PrivateKey):
+    if isinstance(private_key, datatypes.PrivateKey):
         return coincurve.PrivateKey(private_key.to_bytes())
     raw = bytes.fromhex(private_key.removeprefix("0x")) if isinstance(private_key, str) else bytes(private_key)
     return coincurve.PrivateKey(raw)

@@ -5,6 +5,7 @@ Verifiers check every hash and signature before re-running anything; nothing is 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -93,7 +94,7 @@ class Evidence:
             raise EvidenceError("the answer is not what the node committed to")
 
 
-def publish(evidence: Evidence, store: Blockstore, gateways: list[str] = ()) -> str:
+def publish(evidence: Evidence, store: Blockstore, gateways: Sequence[str] = ()) -> str:
     """Add the evidence to the block store; returns the string a dispute carries: `ipfs://CID`, followed by
     `?gateway=URL&...` naming where verifiers on other machines can fetch it (the blocks are checked against the
     CID, so a gateway needs no trust)."""
@@ -110,7 +111,7 @@ def gateway_hints(reference: str) -> list[str]:
     return urls[:MAX_GATEWAY_HINTS]
 
 
-def fetch(reference: str, store: Blockstore, gateways: list[str] = ()) -> Evidence:
+def fetch(reference: str, store: Blockstore, gateways: Sequence[str] = ()) -> Evidence:
     """Read evidence named `ipfs://CID[?gateway=URL...]` from the local store, else from the gateways configured
     and those the reference names, verified block by block."""
     if not reference.startswith(PREFIX):

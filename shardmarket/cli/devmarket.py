@@ -69,8 +69,9 @@ class DevMarket:
 
     def stop_chain(self) -> None:
         """Take the chain down (anvil saves its state)."""
-        self.anvil.terminate()
-        self.anvil.wait(30)
+        if self.anvil is not None:
+            self.anvil.terminate()
+            self.anvil.wait(30)
 
     def restart_chain(self) -> None:
         """Bring the chain back on the same port with the state it had."""

@@ -139,8 +139,8 @@ def cmd_pin(args) -> int:
             return asyncio.run(_kubo_pin(api, args))
         store = local_store()
         if args.action == "ls":
-            for cid in sorted(store.pins()):
-                print(f"{cid} recursive")
+            for pinned in sorted(store.pins()):
+                print(f"{pinned} recursive")
             return 0
         cid = bytes(parse(args.cid))
         if args.action == "add":

@@ -36,8 +36,8 @@ def register(commands) -> None:
     show.set_defaults(run=cmd_show)
 
 
-def _fail(exc: Exception) -> int:
-    print(f"error: {exc}", file=sys.stderr)
+def _fail(problem: Exception | str) -> int:
+    print(f"error: {problem}", file=sys.stderr)
     return 1
 
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from shardmarket.chain.contracts import ChainError, Market
 from shardmarket.chain.keys import KeystoreError, load_account, read_password, x25519_public
 from shardmarket.cli.keys import add_password_file, home_keys
 from shardmarket.config import load_config
+
+if TYPE_CHECKING:
+    from web3.types import TxReceipt
 
 
 def parse_amount(text: str) -> int:
@@ -47,7 +51,7 @@ def chain_command(handler):
     return run
 
 
-def print_tx(what: str, receipt: dict) -> None:
+def print_tx(what: str, receipt: TxReceipt) -> None:
     print(f"{what}: tx {receipt['transactionHash'].hex()} ({receipt['gasUsed']} gas)", flush=True)
 
 

@@ -9,8 +9,10 @@ import asyncio
 import logging
 import random
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from web3.logs import DISCARD
@@ -22,6 +24,9 @@ from shardmarket.client.routing import NodeInfo
 from shardmarket.client.session import InferenceSession, NodeFailure
 from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.net import wire
+
+if TYPE_CHECKING:
+    from shardmarket.engine.stage import Stage
 
 log = logging.getLogger("shardmarket.audit")
 
@@ -49,7 +54,7 @@ class Auditor:
     """Watches every commitment and spot-checks finished requests of one RemoteModel."""
 
     def __init__(self, model, market: Market, store: Blockstore, *, rate: float, tolerance: float,
-                 checkpoint: Path | None = None, seed: int | None = None, evidence_gateways: list[str] = ()) -> None:
+                 checkpoint: Path | None = None, seed: int | None = None, evidence_gateways: Sequence[str] = ()) -> None:
         self.model, self.market, self.store = model, market, store
         self.evidence_gateways = list(evidence_gateways)  # named in every dispute, for verifiers elsewhere
         self.rate, self.tolerance, self.checkpoint = rate, tolerance, checkpoint
@@ -58,7 +63,7 @@ class Auditor:
         self.checks = 0
         self._seen: dict[tuple[str, bytes, int], SignedCommitment] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._stages: dict[tuple[int, int], object] = {}
+        self._stages: dict[tuple[int, int], Stage] = {}
         self._local = threading.Lock()  # one local re-run at a time (model loading patches torch globally)
 
     def on_commitment(self, node: NodeInfo, signed: SignedCommitment, tokens: int) -> None:
@@ -116,14 +121,14 @@ class Auditor:
         if self.checkpoint is None:
             return None
         with self._local:
-            return self._rerun_local_locked(record)
+            return self._rerun_local_locked(record, self.checkpoint)
 
-    def _rerun_local_locked(self, record: _HopRecord) -> list[torch.Tensor] | None:
+    def _rerun_local_locked(self, record: _HopRecord, checkpoint: Path) -> list[torch.Tensor] | None:
         from shardmarket.engine.stage import Stage
 
         key = (record.node.start, record.node.end)
         try:
-            stage = self._stages.get(key) or Stage.load(self.checkpoint, *key)
+            stage = self._stages.get(key) or Stage.load(checkpoint, *key)
         except (OSError, ValueError, KeyError) as exc:
             log.info("cannot re-run layers %d:%d locally (%s)", *key, exc)
             return None
@@ -158,8 +163,7 @@ class Auditor:
             suspects = [(node, record.outputs, record.commitments, step), (other, outputs, commitments, step)]
             local = await asyncio.to_thread(self._rerun_local, record)
             if local is not None:  # the local re-run says which of the two is wrong
-                suspects = [(n, o, c, self._first_mismatch(o, local)) for n, o, c, _ in suspects]
-                suspects = [s for s in suspects if s[3] is not None]
+                suspects = [(n, o, c, at) for n, o, c, _ in suspects if (at := self._first_mismatch(o, local)) is not None]
             log.warning("spot check: %s and %s disagree on layers %d:%d at step %d", node.url, other.url, node.start, node.end, step)
         else:
             local = await asyncio.to_thread(self._rerun_local, record)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shardmarket.chain.eip712 import Domain
 from shardmarket.client.failures import RecentFailures
@@ -18,6 +19,11 @@ from shardmarket.engine.head import Head
 from shardmarket.engine.openmp import PASSIVE_OPENMP
 from shardmarket.engine.sampling import CONFIRM, LAYERS, SamplingParams, generate, generation_steps
 from shardmarket.net.channel import ChannelPool
+
+if TYPE_CHECKING:
+    from shardmarket.chain.contracts import Market
+    from shardmarket.client.audit import Auditor
+    from shardmarket.client.payer import Payer
 
 _DONE = object()
 
@@ -52,6 +58,10 @@ class RemoteModel:
         self.channels = ChannelPool()  # connections to the nodes kept between requests
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="generate")
         self._streams = 0  # streams generating now
+        # a paid model's payer, market and auditor (shardmarket.client.market.connect_paid sets them)
+        self.payer: Payer | None = None
+        self.market: Market | None = None
+        self.auditor: Auditor | None = None
 
     @classmethod
     async def connect(cls, checkpoint: Path, urls: list[str], domain: Domain, *, model_id: str | None = None, **kwargs) -> RemoteModel:
@@ -79,7 +89,7 @@ class RemoteModel:
         text = self.head.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.head.tokenizer.encode(text, add_special_tokens=False)
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams, completion: Completion) -> AsyncIterator[int]:
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, completion: Completion) -> AsyncGenerator[int, None]:
         """Yield generated token ids as they come; the pipeline session is closed at the end."""
         session = InferenceSession(
             self.nodes, self.head.num_layers, self.domain, max_length=len(prompt_ids) + params.max_tokens,
@@ -104,7 +114,7 @@ class RemoteModel:
             completion.hop_timings = session.timings
             await session.close()
 
-    async def _generate_here(self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+    async def _generate_here(self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[int, None]:
         """Generate on the event loop's thread: no hand-off to a generating thread and back per token (two thread
         wake-ups). The head then holds the loop for a few ms per token, which is fine while no other stream runs;
         OpenMP does not mind a second team with OMP_WAIT_POLICY=PASSIVE (see shardmarket/engine/openmp.py)."""
@@ -112,18 +122,18 @@ class RemoteModel:
         answer = None
         while True:
             try:
-                kind, value = steps.send(answer)
+                step = steps.send(answer)
             except StopIteration:
                 return
-            if kind == LAYERS:
-                answer = await session.start_layers(*value)
-            elif kind == CONFIRM:  # the last hop's commitment is checked now (the head held the loop); a check
-                answer = await session.confirm(value)  # already done is awaited without a turn of the loop
+            if step[0] == LAYERS:
+                answer = await session.start_layers(*step[1])
+            elif step[0] == CONFIRM:  # the last hop's commitment is checked now (the head held the loop); a check
+                answer = await session.confirm(step[1])  # already done is awaited without a turn of the loop
             else:
                 answer = None
-                yield value
+                yield step[1]
 
-    async def _generate_in_thread(self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+    async def _generate_in_thread(self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[int, None]:
         """Generate on a thread of its own, so that concurrent streams' heads run side by side and never hold the loop."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()

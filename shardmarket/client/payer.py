@@ -9,6 +9,7 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cchecksum import to_checksum_address
 
@@ -24,6 +25,9 @@ from shardmarket.chain.eip712 import (
     sign_tab,
     signing_key,
 )
+
+if TYPE_CHECKING:
+    from shardmarket.client.routing import NodeInfo
 
 ZERO32 = bytes(32)
 SCHEMA = """
@@ -43,7 +47,7 @@ class _Signed:
     packed: bytes
 
 
-def _raises(charges: list[tuple[object, int]]) -> dict[str, int]:
+def _raises(charges: list[tuple[NodeInfo, int]]) -> dict[str, int]:
     return {c[0].operator.lower(): c[0].price * c[1] for c in charges if c[0].price * c[1] > 0}
 
 
@@ -68,7 +72,8 @@ class Payer:
         self._lock = threading.Lock()
         self._amounts = {node: int(amount) for node, amount in self._db.execute("SELECT node, amount FROM entries")}
         row = self._db.execute("SELECT seq, usage_hash FROM tab").fetchone()
-        self._seq, self._usage = (row[0], bytes(row[1])) if row else (0, ZERO32)
+        self._seq: int = row[0] if row else 0
+        self._usage = bytes(row[1]) if row else ZERO32
         self.request_costs: dict[bytes, int] = defaultdict(int)
         self._presigned: _Signed | None = None
 
@@ -76,7 +81,7 @@ class Payer:
     def address(self) -> str:
         return self.account.address
 
-    def tab(self, charges: list[tuple[object, int]], request_id: bytes) -> bytes | None:
+    def tab(self, charges: list[tuple[NodeInfo, int]], request_id: bytes) -> bytes | None:
         """The signed tab for one step: every (node, tokens) of `charges` (NodeInfo, tokens it will process) raises
         that node's entry by price x tokens; stored before it is returned. None when the step costs nothing."""
         raises = _raises(charges)
@@ -94,7 +99,7 @@ class Payer:
             self.request_costs[request_id] += sum(raises.values())
         return signed.packed
 
-    def presign(self, charges: list[tuple[object, int]]) -> None:
+    def presign(self, charges: list[tuple[NodeInfo, int]]) -> None:
         """Sign ahead, while the client waits on a node, the tab that `tab(charges)` would sign next; `tab` sends it
         if no other tab was signed meanwhile (its usageHash may then lag the newest answer: the next tab catches up).
         Nothing is stored until `tab` sends it, so a tab never sent promises nothing."""

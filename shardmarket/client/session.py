@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import overload
 
 import torch
 
@@ -199,9 +200,17 @@ class InferenceSession:
             self._unconfirmed = (check, hidden, positions, answered)
             return output
 
+    @overload
+    async def confirm(self, output: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    async def confirm(self, output: None) -> torch.Tensor | None: ...
+
     async def confirm(self, output: torch.Tensor | None) -> torch.Tensor | None:
         """The output of the step `start_layers` returned, once the last hop's commitment checks out: `output` itself,
         or, when the commitment is bad, the output of the step redone on a route around that node."""
+        if self._unconfirmed is None:
+            return output
         check, hidden, positions, answered = self._unconfirmed
         self._unconfirmed = None
         if check is None:
@@ -254,7 +263,8 @@ class InferenceSession:
         """Run one step on `hop`; the previous hop's commitment is checked while this node works."""
         node = hop.node
         dtype = wire.DTYPES[node.dtype]
-        if previous is not None and previous.reply.tensor.dtype == dtype:  # `hidden` came as these bytes: send them on
+        if previous is not None and previous.reply.tensor is not None and previous.reply.tensor.dtype == dtype:
+            # `hidden` came as these bytes: send them on
             sent, payload = previous.reply.tensor, previous.reply.payload
         else:
             sent = hidden if hidden.dtype == dtype else hidden.to(dtype)

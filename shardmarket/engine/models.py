@@ -37,7 +37,7 @@ _TINY = {
     "eos_token_id": 2,
     "pad_token_id": 0,
 }
-_FAMILY_TINY = {
+_FAMILY_TINY: dict[str, dict[str, object]] = {
     "llama": {"tie_word_embeddings": False},
     "mistral": {"tie_word_embeddings": False, "sliding_window": 16, "head_dim": 16},
     "qwen2": {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 12, "max_window_layers": 2},
@@ -96,7 +96,7 @@ def import_gguf(gguf_path: Path, dest: Path) -> Path:
         family_of(model.config)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         # The weights are plain fp32 once dequantized: drop the GGUF quantizer marker so save_pretrained accepts them.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # undeclared in transformers: torch types it a Tensor or Module
         del model.config.quantization_config
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

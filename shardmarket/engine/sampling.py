@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from typing import Final, Literal, TypeAlias
 
 import torch
 
@@ -53,12 +54,25 @@ def _holds_stop_prefix(text: str, stops: list[str]) -> bool:
     return any(text.endswith(stop[:k]) for stop in stops for k in range(1, len(stop)))
 
 
-LAYERS, CONFIRM, TOKEN = "layers", "confirm", "token"
+LAYERS: Final = "layers"
+CONFIRM: Final = "confirm"
+TOKEN: Final = "token"
+# what generation_steps yields: the layers to run on (hidden, positions), an output to confirm, or a new token
+Step: TypeAlias = (
+    tuple[Literal["layers"], tuple[torch.Tensor, torch.Tensor]] | tuple[Literal["confirm"], torch.Tensor] | tuple[Literal["token"], int]
+)
+
+
+def _sent(output: torch.Tensor | None) -> torch.Tensor:
+    """What a driver sent back for a LAYERS or CONFIRM step."""
+    if output is None:
+        raise EngineError("generation_steps must be sent the layers' output after a layers or confirm step")
+    return output
 
 
 def generation_steps(
     head: Head, prompt_ids: list[int], params: SamplingParams, *, chunk_size: int = 256, confirming: bool = False,
-) -> Generator[tuple[str, object], torch.Tensor | None, None]:
+) -> Generator[Step, torch.Tensor | None, None]:
     """Generation without I/O, for a driver to run (`generate`, or an async one): it yields (LAYERS, (hidden,
     positions)) and must be sent the layers' output; with `confirming`, (CONFIRM, output) once the token is picked,
     and must be sent the output that stands (another tensor when the step had to be redone: the token is then picked
@@ -70,23 +84,22 @@ def generation_steps(
     generator = None
     if params.temperature > 0:
         generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
-    hidden = None
     for begin in range(0, len(prompt_ids), chunk_size):
         ids = torch.tensor([prompt_ids[begin : begin + chunk_size]])
         positions = torch.arange(begin, begin + ids.shape[1])[None]
-        hidden = yield LAYERS, (head.embed(ids), positions)
+        hidden = _sent((yield LAYERS, (head.embed(ids), positions)))
     emitted: list[int] = []
     held: list[int] = []
     token = -1
     for count in range(params.max_tokens):
         if count:
             position = len(prompt_ids) + count - 1
-            hidden = yield LAYERS, (head.embed(torch.tensor([[token]])), torch.tensor([[position]]))
+            hidden = _sent((yield LAYERS, (head.embed(torch.tensor([[token]])), torch.tensor([[position]]))))
         state = generator.get_state() if generator is not None and confirming else None
         token = pick_token(head.logits(hidden[:, -1:])[0, -1], params, generator)
-        if confirming and (checked := (yield CONFIRM, hidden)) is not hidden:
+        if confirming and (checked := _sent((yield CONFIRM, hidden))) is not hidden:
             hidden = checked
-            if state is not None:
+            if generator is not None and state is not None:
                 generator.set_state(state)
             token = pick_token(head.logits(hidden[:, -1:])[0, -1], params, generator)
         if token in head.eos_token_ids and not params.ignore_eos:
@@ -117,13 +130,13 @@ def generate(
     answer = None
     while True:
         try:
-            kind, value = steps.send(answer)
+            step = steps.send(answer)
         except StopIteration:
             return
-        if kind == LAYERS:
-            answer = run_layers(*value)
-        elif kind == CONFIRM:
-            answer = confirm(value)
+        if step[0] == LAYERS:
+            answer = run_layers(*step[1])
+        elif step[0] == CONFIRM:
+            answer = confirm(step[1]) if confirm is not None else step[1]
         else:
             answer = None
-            yield value
+            yield step[1]

@@ -70,10 +70,10 @@ class Stage:
         self._expired: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.RLock()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self._cache_shapes = []
+        self._cache_shapes: list[tuple[int, int, torch.device]] = []
         for i in range(end - start):
-            device = device_of(f"layers.{i}", device_map)
-            device = self.device if device in ("cpu", "disk") else torch.device(device if isinstance(device, str) else f"cuda:{device}")
+            placed = device_of(f"layers.{i}", device_map)
+            device = self.device if placed in ("cpu", "disk") else torch.device(placed if isinstance(placed, str) else f"cuda:{placed}")
             self._cache_shapes.append((config.num_key_value_heads, head_dim, device))
 
     @classmethod
@@ -102,7 +102,7 @@ class Stage:
             body = StageLayers(stage_config(config, start, end), family.decoder_layer)
         device_map = device_map_for(body, max_memory, dtype, [family.decoder_layer.__name__], offload_folder)
         offload_dir = None
-        if "disk" in device_map.values():
+        if offload_folder is not None and "disk" in device_map.values():  # device_map_for refuses disk without a folder
             Path(offload_folder).mkdir(parents=True, exist_ok=True)
             offload_dir = Path(tempfile.mkdtemp(prefix=f"layers-{start}-{end}-", dir=offload_folder))
         tensors = layer_tensors(tensor_index(checkpoint), start, end)

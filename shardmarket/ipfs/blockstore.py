@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import errno
 import functools
+import io
 import json
 import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 from shardmarket.ipfs import pb
 from shardmarket.ipfs.cids import DAG_PB, parse, split, to_str, verify
@@ -94,7 +94,7 @@ class Blockstore:
         except FileNotFoundError:
             raise BlockNotFound(f"block {to_str(cid)} is not in the store at {self.path}") from None
 
-    def open_block(self, cid: bytes) -> BinaryIO:
+    def open_block(self, cid: bytes) -> io.BufferedReader:
         """The block's file opened for reading, unchecked (for serving to trustless clients)."""
         try:
             return open(self._file(cid), "rb")

@@ -120,9 +120,10 @@ def _roots(body: bytes) -> list[bytes]:
     if not isinstance(value, dict) or value.get("version") != 1:
         raise CarError("only CAR version 1 is supported (the header says otherwise)")
     roots = value.get("roots")
-    if not isinstance(roots, list) or not all(isinstance(r, CID) for r in roots):
+    cids = [r for r in roots if isinstance(r, CID)] if isinstance(roots, list) else []
+    if not isinstance(roots, list) or len(cids) != len(roots):
         raise CarError("CAR header has no list of root CIDs")
-    return [bytes(r) for r in roots]
+    return [bytes(c) for c in cids]
 
 
 def read_car(stream: BinaryIO) -> tuple[list[bytes], Iterator[tuple[bytes, bytes]]]:

@@ -52,7 +52,7 @@ class Unit:
 
     def path(self) -> str:
         base = f"/ipfs/{to_str(self.cid)}?format=car"
-        if self.start is None:
+        if self.start is None or self.stop is None:
             return base + "&dag-scope=all"
         return base + f"&dag-scope=entity&entity-bytes={self.start}:{self.stop - 1}"
 
@@ -141,7 +141,8 @@ class DagFetcher:
                 self.bar.update(unit.size)
         self.failed: dict[Unit, set[str]] = {}
         self.alive, self.in_flight = set(self.gateways), 0
-        self.stopping, self.connections = False, []
+        self.stopping = False
+        self.connections: list[Gateway] = []
         workers = [gw for gw in self.gateways for _ in range(WORKERS_PER_GATEWAY)]
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(len(workers), thread_name_prefix="fetch") as threads:
@@ -213,10 +214,11 @@ class DagFetcher:
         for link in links:
             self.expected.add(split(link.cid)[1])
         fs = pb.decode_unixfs(data) if data is not None else None
-        is_file = fs is not None and fs.type in (pb.FILE, pb.RAW)
+        file = fs if fs is not None and fs.type in (pb.FILE, pb.RAW) else None
+        blocksizes = file.blocksizes if file is not None else []
         if links:
-            self.nodes[split(cid)[1]] = ([link.cid for link in links], fs.blocksizes if is_file else [])
-        return links, fs.blocksizes if is_file else [], fs.filesize if is_file else None
+            self.nodes[split(cid)[1]] = ([link.cid for link in links], blocksizes)
+        return links, blocksizes, file.filesize if file is not None else None
 
     def _missing(self, unit: Unit) -> bool:
         """Whether any block the unit covers is absent locally (walks verified nodes only)."""
@@ -235,7 +237,7 @@ class DagFetcher:
                 if mh not in self.nodes:
                     return False  # a leaf, present
             children, sizes = self.nodes[mh]
-            if start is None or len(sizes) != len(children):
+            if start is None or stop is None or len(sizes) != len(children):
                 return any(walk(c, None, None) for c in children)
             offset = 0
             for child, size in zip(children, sizes, strict=True):

@@ -91,18 +91,18 @@ def dag_plan(store: Blockstore, root: bytes, scope: str = "all", byte_range: str
         plan.append((cid, size))
         if scope == "block" and depth == 0:
             return
-        is_file = fs is not None and fs.type in (pb.FILE, pb.RAW)
-        if scope == "entity" and depth == 0 and not is_file and fs is not None:
+        file = fs if fs is not None and fs.type in (pb.FILE, pb.RAW) else None
+        if scope == "entity" and depth == 0 and file is None and fs is not None:
             return  # a directory entity is its own node only
-        if window is None and byte_range is not None and is_file and depth == 0:
-            window = parse_entity_bytes(byte_range, fs.filesize or 0)
-        if window is None or not is_file or len(fs.blocksizes) != len(links):
+        if window is None and byte_range is not None and file is not None and depth == 0:
+            window = parse_entity_bytes(byte_range, file.filesize or 0)
+        if window is None or file is None or len(file.blocksizes) != len(links):
             for link in links:
                 walk(link.cid, depth + 1, None)
             return
         start, stop = window
-        offset = len(fs.data or b"")
-        for link, child_size in zip(links, fs.blocksizes, strict=True):
+        offset = len(file.data or b"")
+        for link, child_size in zip(links, file.blocksizes, strict=True):
             if offset < stop and offset + child_size > start and start < stop:
                 walk(link.cid, depth + 1, (max(start - offset, 0), min(stop - offset, child_size)))
             offset += child_size

@@ -12,8 +12,8 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from shardmarket.ipfs.blockstore import Blockstore, BlockstoreError
 from shardmarket.ipfs.cids import parse, to_str
 from shardmarket.ipfs.fetch import fetch_dag
-from shardmarket.ipfs.unixfs import ImportOptions, export, import_bytes, import_path, import_stream, iter_file
+from shardmarket.ipfs.unixfs import ImportOptions, ReadableInto, export, import_bytes, import_path, import_stream, iter_file
 
 FORMAT = "shardmarket-model/1"
 SHARD_OPTIONS = ImportOptions(cid_version=1)
@@ -39,12 +39,12 @@ class ModelError(ValueError):
 class _HashingReader:
     """Wraps a binary file so whatever reads it also feeds a sha256."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: ReadableInto) -> None:
         self.f, self.sha = f, hashlib.sha256()
 
-    def readinto(self, buf) -> int:
-        n = self.f.readinto(buf)
-        self.sha.update(memoryview(buf)[:n])
+    def readinto(self, buffer: memoryview, /) -> int:
+        n = self.f.readinto(buffer) or 0
+        self.sha.update(buffer[:n])
         return n
 
 
@@ -97,11 +97,11 @@ def pack_model(checkpoint_dir: Path, store: Blockstore, *, model_id: str | None 
     for name in where:
         m = LAYER_NAME.match(name)
         groups.setdefault(int(m.group(1)) if m else "head", []).append(name)
+    numbered = sorted(k for k in groups if isinstance(k, int))
     missing = [i for i in range(num_layers) if i not in groups]
-    extra = [k for k in groups if k != "head" and k >= num_layers]
-    if missing or extra:
+    if missing or any(k >= num_layers for k in numbered):
         raise ModelError(f"config says {num_layers} layers but tensors exist for layers "
-                         f"{sorted(k for k in groups if k != 'head')}; the checkpoint is inconsistent")
+                         f"{numbered}; the checkpoint is inconsistent")
     manifest: dict = {"format": FORMAT, "model_id": model_id or checkpoint.resolve().name,
                       "architectures": config.get("architectures", []), "num_layers": num_layers, "config": config}
     with tempfile.TemporaryDirectory(prefix="pack-", dir=store.tmp) as tmp:
@@ -144,7 +144,7 @@ def _ensure(store: Blockstore, cid: bytes, gateways: list[str], progress: bool) 
         fetch_dag(cid, store, gateways, progress=progress)
 
 
-def load_manifest(store: Blockstore, manifest_cid: str, gateways: list[str] = (), progress: bool = False) -> dict:
+def load_manifest(store: Blockstore, manifest_cid: str, gateways: Sequence[str] = (), progress: bool = False) -> dict:
     """Fetch (if needed), verify and parse a model manifest."""
     cid = bytes(parse(manifest_cid))
     _ensure(store, cid, list(gateways), progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # UnixFS Data.DataType
@@ -61,7 +62,7 @@ class UnixFSData:
     blocksizes: list[int] = field(default_factory=list)
 
 
-def encode_unixfs(type_: int, data: bytes | None = None, filesize: int | None = None, blocksizes: list[int] = ()) -> bytes:
+def encode_unixfs(type_: int, data: bytes | None = None, filesize: int | None = None, blocksizes: Sequence[int] = ()) -> bytes:
     """Encode UnixFS Data with fields in number order, optional ones only when set (Kubo's output)."""
     out = bytearray(b"\x08" + varint(type_))
     if data is not None:
@@ -100,6 +101,7 @@ def _fields(buf: bytes | memoryview):
     while pos < len(view):
         key, pos = read_varint(view, pos)
         number, wire = key >> 3, key & 7
+        value: int | memoryview
         if wire == 0:
             value, pos = read_varint(view, pos)
         elif wire == 2:

@@ -13,7 +13,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from shardmarket.ipfs import pb
 from shardmarket.ipfs.cids import DAG_PB, RAW, sha256_cid, split, to_str
@@ -34,6 +34,16 @@ class ExportError(ValueError):
 
 class BlockSink(Protocol):
     def put(self, cid: bytes, parts: Sequence[bytes | memoryview]) -> None: ...
+
+
+class ReadableInto(Protocol):
+    """A binary stream that fills a caller's buffer: an open file, io.BytesIO."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+# called with the bytes just read; what it returns is ignored (tqdm's update returns a flag)
+Progress = Callable[[int], object]
 
 
 class BlockSource(Protocol):
@@ -159,8 +169,8 @@ class FileBuilder:
         return Entry(cid, 0, tsize)
 
 
-def import_stream(stream: BinaryIO, options: ImportOptions = ImportOptions(), sink: BlockSink | None = None,
-                  progress: Callable[[int], None] | None = None) -> Entry:
+def import_stream(stream: ReadableInto, options: ImportOptions = ImportOptions(), sink: BlockSink | None = None,
+                  progress: Progress | None = None) -> Entry:
     """Import one file from a binary stream, reading one chunk at a time into a reused buffer."""
     builder = FileBuilder(options, sink)
     buf = bytearray(options.chunk_size)
@@ -204,7 +214,7 @@ def directory_node(options: ImportOptions, children: dict[str, Entry], sink: Blo
 def import_path(path: Path, options: ImportOptions = ImportOptions(), sink: BlockSink | None = None, *,
                 recursive: bool = False, hidden: bool = False,
                 on_added: Callable[[str, Entry], None] | None = None,
-                progress: Callable[[int], None] | None = None) -> Entry:
+                progress: Progress | None = None) -> Entry:
     """Import a file or (with `recursive`) a directory tree.
 
     `on_added(name, entry)` reports in Kubo's order: each file as it is added, then every directory post-order.
@@ -218,7 +228,7 @@ def import_path(path: Path, options: ImportOptions = ImportOptions(), sink: Bloc
 
 
 def _import(path: Path, options: ImportOptions, sink: BlockSink | None, recursive: bool, hidden: bool,
-            on_added: Callable[[str, Entry], None] | None, progress: Callable[[int], None] | None,
+            on_added: Callable[[str, Entry], None] | None, progress: Progress | None,
             directories: list[tuple[str, Entry]], prefix: str = "") -> Entry:
     mode = os.lstat(path).st_mode
     if stat.S_ISLNK(mode):

@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 PROTOCOL = b"shardmarket-session-v1"
 KEY_BYTES = 32
-_RAW = {"encoding": serialization.Encoding.Raw, "format": serialization.PublicFormat.Raw}
 
 
 class DecryptError(ValueError):
@@ -30,7 +29,7 @@ class DecryptError(ValueError):
 def public_bytes(key: X25519PrivateKey | X25519PublicKey) -> bytes:
     """The 32 raw bytes of an X25519 public key."""
     public = key.public_key() if isinstance(key, X25519PrivateKey) else key
-    return public.public_bytes(**_RAW)
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def load_public_key(raw: bytes) -> X25519PublicKey:

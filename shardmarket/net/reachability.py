@@ -8,7 +8,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import aiohttp
@@ -60,9 +60,9 @@ class Reachability:
         self,
         port: int,
         *,
-        stun_servers: list[str] = (),
-        relays: list[str] = (),
-        methods: list[str] = METHODS,
+        stun_servers: Sequence[str] = (),
+        relays: Sequence[str] = (),
+        methods: Sequence[str] = METHODS,
         lease_s: int = 3600,
         refresh_s: float = 30.0,
         node_id: str | None = None,
@@ -121,7 +121,8 @@ class Reachability:
         upnp = UpnpMapper(timeout=self.timeout) if "upnp" in self.methods else None
         discovery = asyncio.create_task(upnp.prepare()) if upnp else None
         try:
-            for mapper in [PcpMapper(gateway, self.timeout), NatPmpMapper(gateway, self.timeout)]:
+            mappers: list[PortMapper] = [PcpMapper(gateway, self.timeout), NatPmpMapper(gateway, self.timeout)]
+            for mapper in mappers:
                 if mapper.method not in self.methods:
                     continue
                 start = time.monotonic()
@@ -135,7 +136,7 @@ class Reachability:
                     self._tried(mapper.method, start, False, str(exc))
                     if mapper.method == "pcp":
                         break  # a router without PCP (refused or silent) has no NAT-PMP either
-            if upnp:
+            if upnp and discovery:
                 start = time.monotonic()
                 try:
                     await discovery

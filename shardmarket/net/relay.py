@@ -104,8 +104,8 @@ class Tunnel:
 @dataclass
 class _Slot:
     token: str
-    server: asyncio.Server
-    port: int
+    server: asyncio.Server = field(init=False)  # made after the slot: its connection callback needs the slot
+    port: int = field(init=False)
     tunnel: Tunnel | None = None
     next_stream: int = 1
     tasks: set = field(default_factory=set)
@@ -146,7 +146,7 @@ class RelayServer:
             return slot
         if len(self.slots) >= self.max_nodes:
             raise web.HTTPServiceUnavailable(text=f"this relay serves its maximum of {self.max_nodes} nodes")
-        slot = _Slot(token, None, 0)  # type: ignore[arg-type]
+        slot = _Slot(token)
         slot.server = await asyncio.start_server(lambda r, w: self._client(slot, r, w), self.bind_host, 0)
         slot.port = slot.server.sockets[0].getsockname()[1]
         self.slots[node] = slot
@@ -220,21 +220,21 @@ class RelayClient:
         self.relay_url, self.local = relay_url.rstrip("/"), (local_host, local_port)
         self.on_change = on_change
         self.node_id, self.token = node_id, secrets.token_hex(16)
-        self.endpoint: str | None = None
+        self.endpoint = ""  # the public endpoint, once connected
         self.session: aiohttp.ClientSession | None = None
         self.task: asyncio.Task | None = None
 
     async def start(self, timeout: float = 5.0) -> str:
         """Connect, and return the public endpoint the relay gives this node."""
         self.session = aiohttp.ClientSession()
-        ws = await self._connect(timeout)
-        self.task = asyncio.create_task(self._serve_forever(ws))
+        ws = await self._connect(self.session, timeout)
+        self.task = asyncio.create_task(self._serve_forever(self.session, ws))
         return self.endpoint
 
-    async def _connect(self, timeout: float) -> aiohttp.ClientWebSocketResponse:
+    async def _connect(self, session: aiohttp.ClientSession, timeout: float) -> aiohttp.ClientWebSocketResponse:
         url = f"{self.relay_url}/relay?node={self.node_id}&token={self.token}"
         try:
-            ws = await asyncio.wait_for(self.session.ws_connect(url, heartbeat=15, max_msg_size=2 * CHUNK), timeout)
+            ws = await asyncio.wait_for(session.ws_connect(url, heartbeat=15, max_msg_size=2 * CHUNK), timeout)
             hello = await ws.receive(timeout)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise RelayError(f"cannot reach relay {self.relay_url}: {exc or type(exc).__name__}") from None
@@ -243,7 +243,7 @@ class RelayClient:
         self.endpoint = json.loads(hello.data)["endpoint"]
         return ws
 
-    async def _serve_forever(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _serve_forever(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
         delay = 0.5
         while True:
             try:
@@ -254,7 +254,7 @@ class RelayClient:
                 await asyncio.sleep(delay)
                 previous = self.endpoint
                 try:
-                    ws = await self._connect(5.0)
+                    ws = await self._connect(session, 5.0)
                     delay = 0.5
                     if self.endpoint != previous and self.on_change:  # the relay restarted: new port
                         self.on_change(self.endpoint)

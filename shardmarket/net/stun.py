@@ -6,7 +6,9 @@ import asyncio
 import ipaddress
 import os
 import struct
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import cast
 
 from shardmarket.net.udp import local_address_towards
 
@@ -102,9 +104,10 @@ def parse_binding_response(data: bytes, transaction_id: bytes) -> tuple[str, int
 class StunClient(asyncio.DatagramProtocol):
     """Binding requests from one unconnected UDP socket, so answers from any server address reach us."""
 
+    transport: asyncio.DatagramTransport  # set by connection_made, before `open` returns
+
     def __init__(self) -> None:
         self.pending: dict[bytes, asyncio.Future[tuple[bytes, tuple]]] = {}
-        self.transport: asyncio.DatagramTransport | None = None
 
     @classmethod
     async def open(cls, local: tuple[str, int] = ("0.0.0.0", 0)) -> StunClient:
@@ -113,7 +116,7 @@ class StunClient(asyncio.DatagramProtocol):
         return client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.DatagramTransport, transport)  # create_datagram_endpoint passes one
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         future = self.pending.get(data[8:20]) if len(data) >= 20 else None
@@ -165,7 +168,7 @@ async def classify(servers: list[tuple[str, int]], *, timeout: float = 1.0) -> N
     client = await StunClient.open()
     try:
         first = await client.binding(servers[0], timeout=2 * timeout)
-        checks = [
+        checks: list[Awaitable[bool | Binding]] = [
             _answered(client, servers[0], timeout, change_ip=True, change_port=True),
             _answered(client, servers[0], timeout, change_port=True),
         ]
@@ -176,7 +179,7 @@ async def classify(servers: list[tuple[str, int]], *, timeout: float = 1.0) -> N
         client.close()
     if first.mapped == first.local:
         mapping = "none"
-    elif not second or isinstance(second[0], BaseException):
+    elif not second or not isinstance(second[0], Binding):
         mapping = "unknown"
     else:
         mapping = "endpoint-independent" if second[0].mapped == first.mapped else "endpoint-dependent"

@@ -88,11 +88,11 @@ class UpnpMapper:
             self.control = control_url(self.location, await resp.text())
         return self.control
 
-    async def prepare(self) -> None:
-        """Discover the gateway and read its control URL (so a later `map` is a single SOAP call)."""
+    async def prepare(self) -> tuple[str, str]:
+        """Discover the gateway and read its control URL and service type (so a later `map` is a single SOAP call)."""
         timeout = aiohttp.ClientTimeout(total=self.timeout * 2)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            await self._control(session)
+            return await self._control(session)
 
     async def _soap(self, action: str, args: dict[str, str | int]) -> dict[str, str]:
         timeout = aiohttp.ClientTimeout(total=self.timeout * 2)
@@ -138,9 +138,8 @@ class UpnpMapper:
         })
 
     async def map(self, internal_port: int, external_port: int, lifetime: int) -> Mapping:
-        if not self.control:
-            await self.prepare()
-        internal_ip = local_address_towards(self.control[0].split("/")[2].split(":")[0])
+        control_url, _ = self.control or await self.prepare()
+        internal_ip = local_address_towards(control_url.split("/")[2].split(":")[0])
         port = external_port or internal_port
         for _ in range(4):
             try:

@@ -8,9 +8,10 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -70,7 +71,7 @@ class NodeDaemon:
     port: int
     tcp_port: int
     shutdown_timeout_s: float = 30.0
-    duties: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    duties: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: Callable[[], Awaitable[None]] | None = None
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
@@ -196,10 +197,10 @@ def _load_service(options: ServeOptions, config: Config, checkpoint: Path, layer
     worker = StageWorker(stage, executor=compute)
     compute.submit(worker.warm_up).result()
     domain = commitment_domain(config.chain.chain_id, config.chain.deployments_dir)
-    kwargs = {"idle_timeout_s": config.node.idle_timeout_s, "payments": payments}
+    idle_timeout_s = config.node.idle_timeout_s
     if options.fault:
-        return FaultyService(worker, identity, domain, fault=options.fault, **kwargs)
-    return NodeService(worker, identity, domain, **kwargs)
+        return FaultyService(worker, identity, domain, fault=options.fault, idle_timeout_s=idle_timeout_s, payments=payments)
+    return NodeService(worker, identity, domain, idle_timeout_s=idle_timeout_s, payments=payments)
 
 
 def _daemon(options: ServeOptions, config: Config, service: NodeService, listing: NodeListing, port: int) -> NodeDaemon:

@@ -127,6 +127,8 @@ class PaymentGate:
     def _parse(self, raw: object) -> tuple[Tab, bytes]:
         if raw is None:
             raise PaymentRefused("payment_required", f"this node charges {self.price} token units per token: send a tab with every step")
+        if not isinstance(raw, bytes):
+            raise PaymentRefused("bad_tab", f"a tab is bytes, not {type(raw).__name__}; send the signed tab as bytes")
         try:
             tab, signature, paid = unpack_tab(raw)
             if paid:
@@ -206,7 +208,7 @@ class PaymentGate:
         newest checked tab leaves credit for the step. None: the tab must be checked first."""
         client = self._session_clients.get(request_id)
         raw = fields.get("tab")
-        if client is None or tab_client(raw) != client:
+        if client is None or not isinstance(raw, bytes) or tab_client(raw) != client:
             return None
         cost = self.price * tokens
         with self._lock:

@@ -247,15 +247,15 @@ class NodeService:
             if answer is None:
                 if self.draining:
                     raise StepRefused("shutting_down", "this node is shutting down; use another node for this range")
-                answer = await (self._run(session, message) if self.payments is None else self._run_paid(session, message))
+                answer = await (self._run(session, message) if self.payments is None else self._run_paid(self.payments, session, message))
         return answer
 
-    async def _run_paid(self, session: _Session, message: Message) -> _Answer:
+    async def _run_paid(self, payments: PaymentGate, session: _Session, message: Message) -> _Answer:
         """Run the step as the payment gate admits it; a refused step's answer never goes out (its session is dropped,
         so a retry cannot fetch it from the cache)."""
         tokens = message.tensor.shape[1] if message.tensor is not None and message.tensor.dim() == 3 else 0
         try:
-            answer, credit = await self.payments.admit(session.request_id, tokens, message.fields, lambda: self._run(session, message))
+            answer, credit = await payments.admit(session.request_id, tokens, message.fields, lambda: self._run(session, message))
         except PaymentRefused as exc:
             self._retire(session.request_id)
             await self._close_stage_session(session)

@@ -86,7 +86,7 @@ def _reconcile(market: Market, stored: StoredTab, store: TabStore, gate: Payment
     if settled.paidHash != paid_vector_hash(stored.paid):  # a settlement the event sync has not seen (or a client new to us)
         paid, paid_seq = paid_vector_on_chain(market, stored.client)
         _mark(store, gate, stored.client, paid, paid_seq)
-        stored = store.get(stored.client)
+        stored = store.get(stored.client) or stored  # the store never drops a tab: this is the refreshed row
     if stored.owed == 0:
         return None  # another node settled this client's tab
     if stored.tab.seq < settled.seq:  # another node settled a newer tab short (or the client lowered this node's entry)
@@ -174,7 +174,7 @@ def settle_pending(market: Market, store: TabStore, gate: PaymentGate | None = N
             rejected = chunk[event["args"]["index"]]
             log.warning("the escrow rejected the tab of %s (%s); it is read again next round", rejected.client,
                         REJECTIONS.get(event["args"]["reason"], event["args"]["reason"]))
-        paid = owed - sum(store.get(s.client).owed for s in chunk)
+        paid = owed - sum(fresh.owed for s in chunk if (fresh := store.get(s.client)) is not None)
         done.append(Settlement(tx["transactionHash"].hex(), len(chunk), tx["gasUsed"], paid))
         log.info("settled %d tab(s), %d token units to this node, in tx %s (%d gas)", len(chunk), paid, done[-1].tx, tx["gasUsed"])
     return done

@@ -128,8 +128,7 @@ class TabStore:
             try:
                 row = self._db.execute("SELECT * FROM tabs WHERE client = ?", (client,)).fetchone()
                 old = self._parse(row) if row else None
-                newest = tab if old is None or tab.seq > old.tab.seq else old.tab
-                newest_signature = signature if newest is tab else old.signature
+                newest, newest_signature = (tab, signature) if old is None or tab.seq > old.tab.seq else (old.tab, old.signature)
                 stored = StoredTab(self.node, newest, newest_signature, (old.served if old else 0) + cost,
                                    old.paid if old else (), old.paid_seq if old else -1)
                 self._db.execute("INSERT OR REPLACE INTO tabs VALUES (?, ?, ?, ?, ?, ?)",

@@ -99,7 +99,7 @@ class StageWorker:
             first = await self._queue.get()
             batch = [first]
             if first.hidden.shape[1] == 1:
-                held = []
+                held: list[_Work] = []
                 while not self._queue.empty() and len(batch) < self.max_batch:
                     item = self._queue.get_nowait()
                     (batch if item.hidden.shape[1] == 1 else held).append(item)
@@ -110,7 +110,7 @@ class StageWorker:
                 outputs, elapsed = await loop.run_in_executor(self._executor, self._compute, batch)
             except Exception as exc:  # engine errors go back to each waiting step
                 for item in batch:
-                    if not item.done.done():
+                    if item.done is not None and not item.done.done():
                         item.done.set_exception(exc)
                 continue
             finally:
@@ -118,7 +118,7 @@ class StageWorker:
             if first.hidden.shape[1] == 1:
                 self._timed_decode(elapsed)
             for item, output in zip(batch, outputs, strict=True):
-                if not item.done.done():
+                if item.done is not None and not item.done.done():
                     item.done.set_result((output, elapsed))
 
     def _timed_decode(self, elapsed: float) -> None:
