@@ -33,13 +33,20 @@ OLD_RECEIPT_ONE_GAS = 48_131
 def main() -> dict:
     import brownie
     from brownie import network, project
+    from brownie._config import CONFIG
 
     sys.path.insert(0, str(ROOT))
     from shardmarket.chain import eip712
+    from shardmarket.chain.devchain import BROWNIE_NETWORK, free_port
 
     proj = project.load(ROOT, name="ShardmarketGas")
-    network.connect("shardmarket-anvil")
+    # a fresh anvil of the bench's own: on a port in use (8545 serves every test run) brownie attaches to that chain,
+    # where another sender from accounts[0] races the bench's nonces (tx dropped, nonce too low) and skews the figures
+    CONFIG.networks[BROWNIE_NETWORK]["cmd_settings"]["port"] = free_port()
+    network.connect(BROWNIE_NETWORK)
     try:
+        if not network.rpc.is_child():
+            raise RuntimeError("bench/gas.py could not start its own anvil (its port was taken meanwhile): run it again")
         os.environ["SHARDMARKET_HOME"] = tempfile.mkdtemp(prefix="shardmarket-gas-")
         from scripts import deploy
 
