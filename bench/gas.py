@@ -17,10 +17,13 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from eth_account import Account
 from tqdm import tqdm
+from web3.middleware import Web3Middleware
+from web3.types import MakeRequestFn, RPCEndpoint, RPCResponse
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = 10**18
@@ -28,18 +31,45 @@ BATCH_SIZES = (1, 5, 100)
 NODES_PER_TAB = 3
 OLD_RECEIPT_BATCH_100_GAS = 21_504  # per (client, node) receipt, warm, issue 4
 OLD_RECEIPT_ONE_GAS = 48_131
+MINING_TIMEOUT_S = 60.0
+
+
+class MinedWhenSent(Web3Middleware):
+    """A sent transaction returns once anvil has stored its receipt. anvil (1.7.1) publishes a block's state before
+    its receipts, and brownie calls a transaction whose sender's nonce moved past it with no receipt yet dropped."""
+
+    def wrap_make_request(self, make_request: MakeRequestFn) -> MakeRequestFn:
+        def middleware(method: RPCEndpoint, params: list) -> RPCResponse:
+            response = make_request(method, params)
+            if method in ("eth_sendTransaction", "eth_sendRawTransaction") and "result" in response:
+                deadline = time.monotonic() + MINING_TIMEOUT_S
+                while make_request("eth_getTransactionReceipt", [response["result"]]).get("result") is None:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"anvil did not mine transaction {response['result']} in {MINING_TIMEOUT_S:.0f} s")
+                    time.sleep(0.005)
+            return response
+
+        return middleware
 
 
 def main() -> dict:
     import brownie
     from brownie import network, project
+    from brownie._config import CONFIG
 
     sys.path.insert(0, str(ROOT))
     from shardmarket.chain import eip712
+    from shardmarket.chain.devchain import BROWNIE_NETWORK, free_port
 
     proj = project.load(ROOT, name="ShardmarketGas")
-    network.connect("shardmarket-anvil")
+    # a fresh anvil of the bench's own: on a port in use (8545 serves every test run) brownie attaches to that chain,
+    # where another sender from accounts[0] races the bench's nonces (tx dropped, nonce too low) and skews the figures
+    CONFIG.networks[BROWNIE_NETWORK]["cmd_settings"]["port"] = free_port()
+    network.connect(BROWNIE_NETWORK)
     try:
+        if not network.rpc.is_child():
+            raise RuntimeError("bench/gas.py could not start its own anvil (its port was taken meanwhile): run it again")
+        brownie.web3.middleware_onion.add(MinedWhenSent, name="mined when sent")
         os.environ["SHARDMARKET_HOME"] = tempfile.mkdtemp(prefix="shardmarket-gas-")
         from scripts import deploy
 
