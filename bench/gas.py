@@ -5,8 +5,8 @@
 settleTabs is measured for 1 client x 3 nodes and for batches of 5 and 100 clients (each tab naming the same
 3 nodes), twice each: fresh (the nodes' earnings slots go from zero to non-zero, 20,000 gas the EVM charges
 once per node, and the clients' paid vectors are empty) and warm (the steady state: every client's newer tab
-settled again over its stored paid vector). The baseline is the old per-(client, node) receipt: 48,131 gas to
-redeem one alone, 21,504 per receipt in a batch of 100 (issue 4's figures).
+settled again over its stored paid vector). The baseline, measured in the same run, is what paying each node on chain
+without tabs costs: one warm ERC-20 transfer per (client, node) payment.
 
 claimLowered (a node's fraud proof against a client that signed a tab lowering its entry) is measured for tabs
 naming 3 and MAX_ENTRIES nodes, after the client settled its lowering tab; its baseline is the warm settleTabs of
@@ -17,39 +17,15 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from eth_account import Account
 from tqdm import tqdm
-from web3.middleware import Web3Middleware
-from web3.types import MakeRequestFn, RPCEndpoint, RPCResponse
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = 10**18
 BATCH_SIZES = (1, 5, 100)
 NODES_PER_TAB = 3
-OLD_RECEIPT_BATCH_100_GAS = 21_504  # per (client, node) receipt, warm, issue 4
-OLD_RECEIPT_ONE_GAS = 48_131
-MINING_TIMEOUT_S = 60.0
-
-
-class MinedWhenSent(Web3Middleware):
-    """A sent transaction returns once anvil has stored its receipt. anvil (1.7.1) publishes a block's state before
-    its receipts, and brownie calls a transaction whose sender's nonce moved past it with no receipt yet dropped."""
-
-    def wrap_make_request(self, make_request: MakeRequestFn) -> MakeRequestFn:
-        def middleware(method: RPCEndpoint, params: list) -> RPCResponse:
-            response = make_request(method, params)
-            if method in ("eth_sendTransaction", "eth_sendRawTransaction") and "result" in response:
-                deadline = time.monotonic() + MINING_TIMEOUT_S
-                while make_request("eth_getTransactionReceipt", [response["result"]]).get("result") is None:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"anvil did not mine transaction {response['result']} in {MINING_TIMEOUT_S:.0f} s")
-                    time.sleep(0.005)
-            return response
-
-        return middleware
 
 
 def main() -> dict:
@@ -59,7 +35,7 @@ def main() -> dict:
 
     sys.path.insert(0, str(ROOT))
     from shardmarket.chain import eip712
-    from shardmarket.chain.devchain import BROWNIE_NETWORK, free_port
+    from shardmarket.chain.devchain import BROWNIE_NETWORK, free_port, wait_for_receipts
 
     proj = project.load(ROOT, name="ShardmarketGas")
     # a fresh anvil of the bench's own: on a port in use (8545 serves every test run) brownie attaches to that chain,
@@ -69,7 +45,7 @@ def main() -> dict:
     try:
         if not network.rpc.is_child():
             raise RuntimeError("bench/gas.py could not start its own anvil (its port was taken meanwhile): run it again")
-        brownie.web3.middleware_onion.add(MinedWhenSent, name="mined when sent")
+        wait_for_receipts(brownie.web3)
         os.environ["SHARDMARKET_HOME"] = tempfile.mkdtemp(prefix="shardmarket-gas-")
         from scripts import deploy
 
@@ -119,9 +95,11 @@ def main() -> dict:
             figures[f"settle_{size}_clients_warm_gas"] = warm
             figures[f"settle_{size}_clients_warm_gas_per_client"] = warm // size
             figures[f"settle_{size}_clients_warm_gas_per_entry"] = warm // (size * NODES_PER_TAB)
-        figures["old_receipt_batch_100_gas_per_receipt"] = OLD_RECEIPT_BATCH_100_GAS
-        figures["batch_100_vs_old_receipts_ratio"] = round(
-            figures["settle_100_clients_warm_gas_per_entry"] / OLD_RECEIPT_BATCH_100_GAS, 3)
+        payee = Account.create().address
+        token.transfer(payee, 1, {"from": owner})  # warm: the payee's balance slot is already non-zero
+        figures["token_transfer_warm_gas"] = token.transfer(payee, TOKEN, {"from": owner}).gas_used
+        figures["batch_100_per_entry_vs_transfer_ratio"] = round(
+            figures["settle_100_clients_warm_gas_per_entry"] / figures["token_transfer_warm_gas"], 3)
 
         for size, client in zip((NODES_PER_TAB, eip712.MAX_ENTRIES), clients[first:first + 2], strict=True):
             nodes = [Account.create().address for _ in range(size)]

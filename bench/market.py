@@ -1,7 +1,7 @@
 """Market figures, in one run on a local anvil with real node processes:
 - gas per paid request: 200 requests from 5 clients through 3 paid nodes on a fresh deployment, then every node
   settles (the first settles every client's tab for all nodes in one settleTabs; the others find them settled)
-  (goal <= 1,000 gas; Livepeer spends 250,000+ per redeemed ticket);
+  against paying each of a request's 3 nodes with an ERC-20 transfer, measured on the same chain;
 - the per-step payment path in microseconds: the client signs one tab for 3 nodes; a node's payment gate admits
   and acknowledges the step (decodes the tab, recovers the signer, stores it in SQLite WAL with synchronous=NORMAL),
   for a known client's new session and on credit, against a free node's step;
@@ -97,9 +97,17 @@ def gas_per_request(market: DevMarket, root: Path, requests: int, clients: int) 
             gas += settlement.gas
             txs += 1
             tabs += settlement.tabs
+    with market.acting_as("c0"):  # the baseline: paying each of the request's 3 nodes with an ERC-20 transfer
+        from shardmarket.chain.contracts import Market
+
+        payer = Market.connect(load_config().chain, load_account(PASSWORD, home_keys()))
+        payee = market.accounts["g0"]
+        payer.transact(payer.token.functions.transfer(payee, 1), "warming the payee's balance")
+        transfer = payer.transact(payer.token.functions.transfer(payee, 1), "a plain transfer")["gasUsed"]
     market.stop()
     return {"settle_gas_total": gas, "settle_txs": txs, "tabs_settled": tabs, "gas_per_paid_request": round(gas / requests, 1),
-            "old_receipts_gas_per_paid_request": 3632}
+            "transfers_gas_per_paid_request": 3 * transfer,
+            "tabs_vs_transfers_gas_ratio": round(gas / requests / (3 * transfer), 4)}
 
 
 def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:

@@ -16,9 +16,38 @@ import sys
 import time
 from pathlib import Path
 
+from web3 import Web3
+from web3.middleware import Web3Middleware
+from web3.types import MakeRequestFn, RPCEndpoint, RPCResponse
+
 REPO = Path(__file__).resolve().parents[2]
 ANVIL = REPO / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil"
 BROWNIE_NETWORK = "shardmarket-anvil"
+MINING_TIMEOUT_S = 60.0
+
+
+class MinedWhenSent(Web3Middleware):
+    """A sent transaction returns once anvil has stored its receipt. anvil (1.7.1) publishes a block's state before
+    its receipts, and brownie calls a transaction whose sender's nonce moved past it with no receipt yet dropped."""
+
+    def wrap_make_request(self, make_request: MakeRequestFn) -> MakeRequestFn:
+        def middleware(method: RPCEndpoint, params: list) -> RPCResponse:
+            response = make_request(method, params)
+            if method in ("eth_sendTransaction", "eth_sendRawTransaction") and "result" in response:
+                deadline = time.monotonic() + MINING_TIMEOUT_S
+                while make_request("eth_getTransactionReceipt", [response["result"]]).get("result") is None:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"anvil did not mine transaction {response['result']} in {MINING_TIMEOUT_S:.0f} s")
+                    time.sleep(0.005)
+            return response
+
+        return middleware
+
+
+def wait_for_receipts(w3: Web3) -> None:
+    """Make every transaction `w3` sends return only once anvil has stored its receipt (see MinedWhenSent)."""
+    if "mined when sent" not in w3.middleware_onion:
+        w3.middleware_onion.add(MinedWhenSent, name="mined when sent")
 
 
 def free_port() -> int:
@@ -67,13 +96,14 @@ def deploy(rpc_url: str, deployments_dir: Path, python: str = sys.executable) ->
 
 
 def _deploy_here(rpc_url: str) -> dict[str, str]:
-    from brownie import accounts, network, project
+    from brownie import accounts, network, project, web3
     from brownie._config import CONFIG
 
     loaded = project.load(REPO, name="ShardmarketProject")
     loaded.load_config()
     CONFIG.networks[BROWNIE_NETWORK]["host"] = rpc_url
     network.connect(BROWNIE_NETWORK)
+    wait_for_receipts(web3)
     sys.path.insert(0, str(REPO))
     from scripts.deploy import main as deploy_main
 

@@ -2,9 +2,17 @@ import pytest
 from eth_account import Account
 
 from shardmarket.chain import eip712
+from shardmarket.chain.devchain import wait_for_receipts
 
 TOKEN = 10**18
 KEYED_ACCOUNTS = 10
+
+
+@pytest.fixture(scope="session", autouse=True)
+def receipts_before_nonces(web3):
+    """Every transaction waits for its receipt: anvil shows a sender's new nonce before the receipt, which brownie
+    takes for a dropped transaction (`Tx dropped without known replacement`)."""
+    wait_for_receipts(web3)
 
 
 @pytest.fixture(autouse=True)
