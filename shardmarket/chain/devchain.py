@@ -35,7 +35,7 @@ class MinedWhenSent(Web3Middleware):
             response = make_request(method, params)
             if method in ("eth_sendTransaction", "eth_sendRawTransaction") and "result" in response:
                 deadline = time.monotonic() + MINING_TIMEOUT_S
-                while make_request("eth_getTransactionReceipt", [response["result"]]).get("result") is None:
+                while make_request(RPCEndpoint("eth_getTransactionReceipt"), [response["result"]]).get("result") is None:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"anvil did not mine transaction {response['result']} in {MINING_TIMEOUT_S:.0f} s")
                     time.sleep(0.005)
@@ -68,7 +68,17 @@ def anvil_binary() -> str:
 def start_anvil(port: int, log: Path | None = None, accounts: int = 10, state: Path | None = None) -> subprocess.Popen:
     """Start anvil (base fee 0) on `port` and wait until it answers; with `state`, the chain is saved there on
     exit and reloaded from there on start."""
-    cmd = [anvil_binary(), "--port", str(port), "--block-base-fee-per-gas", "0", "--accounts", str(accounts), "--chain-id", "31337"]
+    cmd = [
+        anvil_binary(),
+        "--port",
+        str(port),
+        "--block-base-fee-per-gas",
+        "0",
+        "--accounts",
+        str(accounts),
+        "--chain-id",
+        "31337",
+    ]
     with open(log, "ab") if log else open(os.devnull, "wb") as out:
         process = subprocess.Popen(cmd + (["--state", str(state)] if state else []), stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
@@ -88,7 +98,12 @@ def deploy(rpc_url: str, deployments_dir: Path, python: str = sys.executable) ->
     """Deploy every contract with brownie (in a child process) onto `rpc_url`; returns name -> address."""
     env = {**os.environ, "SHARDMARKET_CHAIN_DEPLOYMENTS_DIR": str(deployments_dir)}
     result = subprocess.run(
-        [python, "-m", "shardmarket.chain.devchain", "deploy", "--rpc", rpc_url], cwd=REPO, env=env, check=False, capture_output=True, text=True
+        [python, "-m", "shardmarket.chain.devchain", "deploy", "--rpc", rpc_url],
+        cwd=REPO,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         raise RuntimeError(f"brownie deployment failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
