@@ -177,7 +177,9 @@ def bench_model(label: str, checkpoint: Path, new_tokens: int, floor: bool) -> d
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     head = Head.load(checkpoint)
     stages = [Stage.load(checkpoint, a, b) for a, b in even_splits(head.num_layers, 3)]
-    ids = list(head.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    ids = list(
+        head.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    )
     probe = CopyProbe() if floor else None
     local_times, split_times, bandwidth = [], [], []
     for repeat in range(REPEATS):
@@ -196,7 +198,9 @@ def bench_model(label: str, checkpoint: Path, new_tokens: int, floor: bool) -> d
         "split3_ms_per_token": round(split_ms, 2),
         "split_over_local_speed": round(local_ms / split_ms, 3),
         "tokens_equal": run["local"]["tokens"] == run["split"]["tokens"],
-        "max_abs_logit_diff": float(torch.max(torch.abs(torch.stack(run["local"]["logits"]) - torch.stack(run["split"]["logits"])))),
+        "max_abs_logit_diff": float(
+            torch.max(torch.abs(torch.stack(run["local"]["logits"]) - torch.stack(run["split"]["logits"])))
+        ),
     }
     say(f"[{label}] 8 concurrent sessions vs 1")
     steps = 12
@@ -226,7 +230,9 @@ def bench_model(label: str, checkpoint: Path, new_tokens: int, floor: bool) -> d
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, help="a Llama/Mistral/Qwen2 config JSON to bench (random init) instead of the 850M Llama")
+    parser.add_argument(
+        "--config", type=Path, help="a Llama/Mistral/Qwen2 config JSON to bench (random init) instead of the 850M Llama"
+    )
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per decode run (default 32)")
     parser.add_argument("--skip-default", action="store_true", help="do not bench the default model")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: one per core)")

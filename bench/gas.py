@@ -87,7 +87,7 @@ def main() -> dict:
 
         first = 0
         for size in tqdm(BATCH_SIZES, desc="batches", leave=False):
-            group, first = clients[first:first + size], first + size
+            group, first = clients[first : first + size], first + size
             nodes = [Account.create().address for _ in range(NODES_PER_TAB)]
             fresh, paid = settle(group, nodes, TOKEN, 1, ())
             warm, _ = settle(group, nodes, 2 * TOKEN, 2, paid)
@@ -99,13 +99,15 @@ def main() -> dict:
         token.transfer(payee, 1, {"from": owner})  # warm: the payee's balance slot is already non-zero
         figures["token_transfer_warm_gas"] = token.transfer(payee, TOKEN, {"from": owner}).gas_used
         figures["batch_100_per_entry_vs_transfer_ratio"] = round(
-            figures["settle_100_clients_warm_gas_per_entry"] / figures["token_transfer_warm_gas"], 3)
+            figures["settle_100_clients_warm_gas_per_entry"] / figures["token_transfer_warm_gas"], 3
+        )
 
-        for size, client in zip((NODES_PER_TAB, eip712.MAX_ENTRIES), clients[first:first + 2], strict=True):
+        for size, client in zip((NODES_PER_TAB, eip712.MAX_ENTRIES), clients[first : first + 2], strict=True):
             nodes = [Account.create().address for _ in range(size)]
             older = item(client, nodes, 2 * TOKEN, 1, ())
-            lowering = eip712.Tab(client.address, 2, tuple(eip712.Entry(n, TOKEN) for n in sorted(nodes, key=lambda a: int(a, 16))),
-                                  os.urandom(32))
+            lowering = eip712.Tab(
+                client.address, 2, tuple(eip712.Entry(n, TOKEN) for n in sorted(nodes, key=lambda a: int(a, 16))), os.urandom(32)
+            )
             signed = eip712.pack_tab(lowering, eip712.sign_tab(client.key, lowering, escrow_domain))
             tx = escrow.settleTabs(signed, {"from": owner})
             paid = eip712.pack_entries(eip712.unpack_entries(bytes(tx.events["TabSettled"]["paid"])))
@@ -113,7 +115,8 @@ def main() -> dict:
             assert tx.return_value == TOKEN, "the bench claim did not pay the lowered difference"
             figures[f"claim_lowered_{size}_nodes_gas"] = tx.gas_used
         figures["claim_lowered_3_nodes_vs_settle_1_client_warm_ratio"] = round(
-            figures["claim_lowered_3_nodes_gas"] / figures["settle_1_clients_warm_gas"], 3)
+            figures["claim_lowered_3_nodes_gas"] / figures["settle_1_clients_warm_gas"], 3
+        )
 
         commitments = [eip712.Commitment(b"\x22" * 32, 3, b"\x33" * 32, bytes([o]) * 32) for o in (1, 2)]
         signatures = [eip712.sign_commitment(node.private_key, c, dispute_domain) for c in commitments]

@@ -74,8 +74,7 @@ def paired(size: int, candidates: dict, sha, repeats: int = REPEATS) -> dict[str
             took = fn()
             rates[name].append(size / MB / took)
             ratios[name].append(base / took)
-    return {name: (round(statistics.median(rates[name]), 1), round(statistics.median(ratios[name]), 3))
-            for name in rates}
+    return {name: (round(statistics.median(rates[name]), 1), round(statistics.median(ratios[name]), 3)) for name in rates}
 
 
 def bench_importer(tmp: Path) -> dict:
@@ -88,16 +87,26 @@ def bench_importer(tmp: Path) -> dict:
         subprocess.run(["rm", "-rf", str(store.path)], check=True)
         return took
 
-    r = paired(size, {
-        "only_hash": lambda: timed(lambda: import_path(path, ImportOptions())),
-        "cidv1": lambda: timed(lambda: import_path(path, ImportOptions(cid_version=1))),
-        "add": add_to_store,
-    }, lambda: sha256_file(path))
+    r = paired(
+        size,
+        {
+            "only_hash": lambda: timed(lambda: import_path(path, ImportOptions())),
+            "cidv1": lambda: timed(lambda: import_path(path, ImportOptions(cid_version=1))),
+            "add": add_to_store,
+        },
+        lambda: sha256_file(path),
+    )
     path.unlink()
-    return {"import_file_mib": 256, "sha256_mb_per_s": r["sha256"][0],
-            "import_only_hash_mb_per_s": r["only_hash"][0], "import_only_hash_vs_sha256": r["only_hash"][1],
-            "import_cidv1_mb_per_s": r["cidv1"][0], "import_cidv1_vs_sha256": r["cidv1"][1],
-            "add_to_blockstore_mb_per_s": r["add"][0], "add_to_blockstore_vs_sha256": r["add"][1]}
+    return {
+        "import_file_mib": 256,
+        "sha256_mb_per_s": r["sha256"][0],
+        "import_only_hash_mb_per_s": r["only_hash"][0],
+        "import_only_hash_vs_sha256": r["only_hash"][1],
+        "import_cidv1_mb_per_s": r["cidv1"][0],
+        "import_cidv1_vs_sha256": r["cidv1"][1],
+        "add_to_blockstore_mb_per_s": r["add"][0],
+        "add_to_blockstore_vs_sha256": r["add"][1],
+    }
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -124,8 +133,12 @@ def bench_gateway(tmp: Path) -> dict:
     home = tmp / "server"
     entry = import_path(path, ImportOptions(), Blockstore(home / "blocks"))
     port = _free_port()
-    server_process = subprocess.Popen([sys.executable, "-m", "shardmarket", "ipfs", "serve", "--port", str(port)], cwd=ROOT,
-                                      env={**os.environ, "SHARDMARKET_HOME": str(home)}, stdout=subprocess.DEVNULL)
+    server_process = subprocess.Popen(
+        [sys.executable, "-m", "shardmarket", "ipfs", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "SHARDMARKET_HOME": str(home)},
+        stdout=subprocess.DEVNULL,
+    )
     try:
         for _ in range(300):
             try:
@@ -150,23 +163,32 @@ def bench_gateway(tmp: Path) -> dict:
                 subprocess.run(["rm", "-rf", str(store.path)], check=True)
             return took
 
-        r = paired(size, {
-            "fetch": lambda: fetch_once(False),
-            "fetch_store": lambda: fetch_once(True),
-            "disk": lambda: timed(lambda: _write_blocks(tmp / "disk", size)),
-        }, lambda: sha256_file(path), repeats=5)  # its ratio swings most with the machine's load
+        r = paired(
+            size,
+            {
+                "fetch": lambda: fetch_once(False),
+                "fetch_store": lambda: fetch_once(True),
+                "disk": lambda: timed(lambda: _write_blocks(tmp / "disk", size)),
+            },
+            lambda: sha256_file(path),
+            repeats=5,
+        )  # its ratio swings most with the machine's load
     finally:
         server_process.terminate()
         server_process.wait(10)
         path.unlink()
-    return {"gateway_file_mb": 200, "gateway_sha256_mb_per_s": r["sha256"][0],
-            "gateway_fetch_verify_mb_per_s": r["fetch"][0], "gateway_fetch_vs_sha256": r["fetch"][1],
-            "gateway_fetch_to_blockstore_mb_per_s": r["fetch_store"][0],
-            "gateway_fetch_to_blockstore_vs_sha256": r["fetch_store"][1],
-            "plain_256k_file_writes_mb_per_s": r["disk"][0],
-            "gateway_fetch_client_cpu_s": round(statistics.median(cpu["client"]), 3),
-            "gateway_fetch_server_cpu_s": round(statistics.median(cpu["server"]), 3),
-            "gateway_fetch_other_processes_cores": round(statistics.median(cpu["others"]), 2)}
+    return {
+        "gateway_file_mb": 200,
+        "gateway_sha256_mb_per_s": r["sha256"][0],
+        "gateway_fetch_verify_mb_per_s": r["fetch"][0],
+        "gateway_fetch_vs_sha256": r["fetch"][1],
+        "gateway_fetch_to_blockstore_mb_per_s": r["fetch_store"][0],
+        "gateway_fetch_to_blockstore_vs_sha256": r["fetch_store"][1],
+        "plain_256k_file_writes_mb_per_s": r["disk"][0],
+        "gateway_fetch_client_cpu_s": round(statistics.median(cpu["client"]), 3),
+        "gateway_fetch_server_cpu_s": round(statistics.median(cpu["server"]), 3),
+        "gateway_fetch_other_processes_cores": round(statistics.median(cpu["others"]), 2),
+    }
 
 
 def _write_blocks(folder: Path, size: int) -> None:
@@ -197,8 +219,9 @@ def bench_rss(tmp: Path) -> dict:
     def probe(*args: str) -> tuple[float, float]:
         """(ru_maxrss, VmHWM) in MiB of a fresh interpreter; this runs first, while the parent is still small,
         because Linux carries ru_maxrss across fork+exec."""
-        out = subprocess.run([sys.executable, "-c", RSS_PROBE, *args], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", RSS_PROBE, *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
         maxrss, hwm = out.split()[-2:]
         return int(maxrss) / 1024, int(hwm) / 1024
 
@@ -206,8 +229,11 @@ def bench_rss(tmp: Path) -> dict:
     peak, hwm = probe(str(path), str(tmp / "store-rss"))
     path.unlink()
     subprocess.run(["rm", "-rf", str(tmp / "store-rss")], check=True)
-    return {"add_1gib_peak_rss_mb": round(hwm, 1), "add_1gib_ru_maxrss_mb": round(peak, 1),
-            "bare_interpreter_ru_maxrss_mb": round(baseline, 1)}
+    return {
+        "add_1gib_peak_rss_mb": round(hwm, 1),
+        "add_1gib_ru_maxrss_mb": round(peak, 1),
+        "bare_interpreter_ru_maxrss_mb": round(baseline, 1),
+    }
 
 
 def main() -> None:

@@ -105,9 +105,14 @@ def gas_per_request(market: DevMarket, root: Path, requests: int, clients: int) 
         payer.transact(payer.token.functions.transfer(payee, 1), "warming the payee's balance")
         transfer = payer.transact(payer.token.functions.transfer(payee, 1), "a plain transfer")["gasUsed"]
     market.stop()
-    return {"settle_gas_total": gas, "settle_txs": txs, "tabs_settled": tabs, "gas_per_paid_request": round(gas / requests, 1),
-            "transfers_gas_per_paid_request": 3 * transfer,
-            "tabs_vs_transfers_gas_ratio": round(gas / requests / (3 * transfer), 4)}
+    return {
+        "settle_gas_total": gas,
+        "settle_txs": txs,
+        "tabs_settled": tabs,
+        "gas_per_paid_request": round(gas / requests, 1),
+        "transfers_gas_per_paid_request": 3 * transfer,
+        "tabs_vs_transfers_gas_ratio": round(gas / requests / (3 * transfer), 4),
+    }
 
 
 def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
@@ -124,8 +129,26 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
         env = {**os.environ, **market.env(name), "OMP_NUM_THREADS": "1"}
         with open(log, "ab") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "shardmarket", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers, "--port", str(port),
-                 "--tcp-port", str(port + 1), "--threads", "1"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "shardmarket",
+                    "node",
+                    "run",
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--layers",
+                    layers,
+                    "--port",
+                    str(port),
+                    "--tcp-port",
+                    str(port + 1),
+                    "--threads",
+                    "1",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         market.nodes[name] = NodeProcess(name, process, f"http://127.0.0.1:{port}", log)
         free.append(market.nodes[name].url)
@@ -155,9 +178,12 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
     on, off = asyncio.run(measure())
     market.stop()
     ms_on, ms_off = statistics.median(on), statistics.median(off)
-    return {"ms_per_token_payment_on": round(ms_on, 2), "ms_per_token_payment_off": round(ms_off, 2),
-            "speed_ratio_on_vs_off": round(statistics.median(b / a for a, b in zip(on, off, strict=True)), 3),
-            "speed_ratio_rounds": rounds}
+    return {
+        "ms_per_token_payment_on": round(ms_on, 2),
+        "ms_per_token_payment_off": round(ms_off, 2),
+        "speed_ratio_on_vs_off": round(statistics.median(b / a for a, b in zip(on, off, strict=True)), 3),
+        "speed_ratio_rounds": rounds,
+    }
 
 
 def payment_path_us(root: Path, steps: int = 300) -> dict:
@@ -180,8 +206,9 @@ def payment_path_us(root: Path, steps: int = 300) -> dict:
     async def unlimited(client: str) -> int:
         return 10**30
 
-    gate = PaymentGate(TabStore(root / "micro-tabs.sqlite", nodes[0].operator), nodes[0].operator, PRICE, domain,
-                       64 * PRICE, unlimited)
+    gate = PaymentGate(
+        TabStore(root / "micro-tabs.sqlite", nodes[0].operator), nodes[0].operator, PRICE, domain, 64 * PRICE, unlimited
+    )
 
     async def step() -> None:
         return None
@@ -211,16 +238,28 @@ def payment_path_us(root: Path, steps: int = 300) -> dict:
     def us(name: str) -> float:
         return round(statistics.median(times[name][1:]) * 1e6, 1)
 
-    return {"client_sign_tab_us": us("sign"), "node_admit_new_session_us": us("new_session"),
-            "node_admit_on_credit_us": us("on_credit"), "node_free_step_us": us("free")}
+    return {
+        "client_sign_tab_us": us("sign"),
+        "node_admit_new_session_us": us("new_session"),
+        "node_admit_on_credit_us": us("on_credit"),
+        "node_free_step_us": us("free"),
+    }
 
 
 def demo_first_token() -> dict:
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "shardmarket", "demo", "--questions", "1", "--max-tokens", "8"], check=False, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "shardmarket", "demo", "--questions", "1", "--max-tokens", "8"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     match = re.search(r"first token ([0-9.]+) s after the demo started", out.stdout)
-    return {"demo_first_token_s": float(match.group(1)) if match else None, "demo_total_s": round(time.monotonic() - started, 1),
-            "demo_exit_code": out.returncode}
+    return {
+        "demo_first_token_s": float(match.group(1)) if match else None,
+        "demo_total_s": round(time.monotonic() - started, 1),
+        "demo_exit_code": out.returncode,
+    }
 
 
 def main() -> None:
@@ -230,8 +269,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--skip-demo", action="store_true")
-    parser.add_argument("--only", choices=["payment_path", "gas_per_request", "payment_overhead", "demo"],
-                        help="run one part (default: all)")
+    parser.add_argument(
+        "--only", choices=["payment_path", "gas_per_request", "payment_overhead", "demo"], help="run one part (default: all)"
+    )
     args = parser.parse_args()
     results: dict = {}
 
@@ -241,8 +281,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-market-") as tmp:
         if wanted("payment_path"):
             results.update(payment_path_us(Path(tmp)))
-        for part, run in (("gas_per_request", lambda m: gas_per_request(m, Path(tmp), args.requests, args.clients)),
-                          ("payment_overhead", lambda m: payment_overhead(m, args.rounds, args.tokens))):
+        for part, run in (
+            ("gas_per_request", lambda m: gas_per_request(m, Path(tmp), args.requests, args.clients)),
+            ("payment_overhead", lambda m: payment_overhead(m, args.rounds, args.tokens)),
+        ):
             if not wanted(part):
                 continue
             market = DevMarket(Path(tmp) / part)

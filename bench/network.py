@@ -65,8 +65,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = Domain(31337, "0x" + "00" * 20)
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 CONFIG_850M = tiny_config(
-    "llama", vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=30,
-    num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048, initializer_range=0.02,
+    "llama",
+    vocab_size=32000,
+    hidden_size=1536,
+    intermediate_size=4096,
+    num_hidden_layers=30,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    initializer_range=0.02,
 )
 
 
@@ -153,7 +160,9 @@ def local_generate(stage: Stage, head: Head, ids: list[int], params: SamplingPar
     return run
 
 
-def start_nodes(checkpoint: Path, ranges: list[str], home: Path, threads: int) -> tuple[list[subprocess.Popen], list[str], list[float]]:
+def start_nodes(
+    checkpoint: Path, ranges: list[str], home: Path, threads: int
+) -> tuple[list[subprocess.Popen], list[str], list[float]]:
     """Start one node per range, one after the other, timing each from spawn to /health answering."""
     processes, urls, ready_s = [], [], []
     env = dict(os.environ, SHARDMARKET_HOME=str(home))
@@ -162,9 +171,27 @@ def start_nodes(checkpoint: Path, ranges: list[str], home: Path, threads: int) -
         env["SHARDMARKET_NODE_DATA_DIR"] = str(home / f"node{i}")
         started = time.perf_counter()
         process = subprocess.Popen(
-            [sys.executable, "-m", "shardmarket", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers,
-             "--port", str(port), "--tcp-port", str(tcp_port), "--threads", str(threads)],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "shardmarket",
+                "node",
+                "run",
+                "--checkpoint",
+                str(checkpoint),
+                "--layers",
+                layers,
+                "--port",
+                str(port),
+                "--tcp-port",
+                str(tcp_port),
+                "--threads",
+                str(threads),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         processes.append(process)
         url = f"http://127.0.0.1:{port}"
@@ -210,9 +237,17 @@ class LocalRunner:
     `omp_policy` (None: libgomp's default), as a user runs it locally."""
 
     def __init__(self, checkpoint: Path, tokens: int, omp_policy: str | None) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": omp_policy} if omp_policy else {})
-        self.process = subprocess.Popen([sys.executable, __file__, "--local", str(checkpoint), "--tokens", str(tokens)],
-                                        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | (
+            {"OMP_WAIT_POLICY": omp_policy} if omp_policy else {}
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--local", str(checkpoint), "--tokens", str(tokens)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def run(self) -> Run:
         self.process.stdin.write("run\n")
@@ -230,7 +265,9 @@ def serve_local(checkpoint: Path, tokens: int) -> None:
     ids = chat_ids(head)
     stage = Stage.load(checkpoint, 0, head.num_layers)
     for _ in sys.stdin:
-        print(json.dumps(asdict(local_generate(stage, head, ids, SamplingParams(max_tokens=tokens, ignore_eos=True)))), flush=True)
+        print(
+            json.dumps(asdict(local_generate(stage, head, ids, SamplingParams(max_tokens=tokens, ignore_eos=True)))), flush=True
+        )
 
 
 class BareRunner:
@@ -240,8 +277,12 @@ class BareRunner:
     def __init__(self, checkpoint: Path, ranges: list[str], head: Head) -> None:
         self.head = head
         self.processes = [
-            subprocess.Popen([sys.executable, __file__, "--bare-stage", str(checkpoint), "--layers", layers],
-                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            subprocess.Popen(
+                [sys.executable, __file__, "--bare-stage", str(checkpoint), "--layers", layers],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
             for layers in ranges
         ]
         for process in self.processes:
@@ -338,7 +379,7 @@ async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: 
             for round_ in tqdm(range(runs), desc=f"{name}: local, tcp, ws, bare", file=sys.stderr):
                 # the order turns each round: a run right after another process's pass over the whole model is
                 # slower (its caches are cold), and no kind should always take that place
-                for kind in kinds[round_ % 4:] + kinds[: round_ % 4]:
+                for kind in kinds[round_ % 4 :] + kinds[: round_ % 4]:
                     if kind == "local":
                         run = await asyncio.to_thread(local.run)
                     elif kind == "bare":
@@ -385,10 +426,16 @@ async def compare(name: str, checkpoint: Path, tokens: int, runs: int, threads: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request (2 at least)")
-    parser.add_argument("--runs", type=int, default=9, help="interleaved rounds per model (this machine drifts: more rounds, a steadier median)")
+    parser.add_argument(
+        "--runs", type=int, default=9, help="interleaved rounds per model (this machine drifts: more rounds, a steadier median)"
+    )
     parser.add_argument("--no-850m", action="store_true", help="skip the ~850M random model")
-    parser.add_argument("--local-omp", choices=["default", "passive"], default="default",
-                        help="the local baseline's OpenMP wait policy (default: libgomp's, as users run plain torch)")
+    parser.add_argument(
+        "--local-omp",
+        choices=["default", "passive"],
+        default="default",
+        help="the local baseline's OpenMP wait policy (default: libgomp's, as users run plain torch)",
+    )
     parser.add_argument("--local", type=Path, help=argparse.SUPPRESS)  # the baseline's own process (LocalRunner)
     parser.add_argument("--bare-stage", type=Path, help=argparse.SUPPRESS)  # one of the floor's processes (BareRunner)
     parser.add_argument("--layers", help=argparse.SUPPRESS)

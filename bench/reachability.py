@@ -35,8 +35,15 @@ def variant_figures(name: str, *node_args: str) -> dict:
     method = "/".join(sorted(m or "none" for m in methods))
     goal = GOALS["relay" if method == "relay" else "mapping"]
     median = statistics.median(seconds)
-    return {"reachable": reachable, "method": method, "nat_type": nat, "seconds_to_verified_median": median,
-            "seconds_to_verified_max": max(seconds), "goal_s": goal, "meets_goal": reachable and median < goal}
+    return {
+        "reachable": reachable,
+        "method": method,
+        "nat_type": nat,
+        "seconds_to_verified_median": median,
+        "seconds_to_verified_max": max(seconds),
+        "goal_s": goal,
+        "meets_goal": reachable and median < goal,
+    }
 
 
 def relay_vs_direct() -> dict:
@@ -76,13 +83,17 @@ def daemon_relay_vs_direct(tokens: int = 32) -> dict:
         assert (direct["method"], relayed["method"]) == ("pcp", "relay"), (direct, relayed)
         figures: dict[str, list[float]] = {"direct": [], "relay": []}
         for path, report in [("direct", direct), ("relay", relayed)] * 3:
-            out = lab.python_in("pub", ["-m", "tests.python.reach.chat_timing", str(checkpoint), report["endpoint"],
-                                        str(tokens)], timeout=300)
+            out = lab.python_in(
+                "pub", ["-m", "tests.python.reach.chat_timing", str(checkpoint), report["endpoint"], str(tokens)], timeout=300
+            )
             figures[path].append(json.loads(out.stdout.strip().splitlines()[-1])["ms_per_token_median"])
     direct_ms, relay_ms = statistics.median(figures["direct"]), statistics.median(figures["relay"])
-    return {"daemon_model": checkpoint.name, "daemon_ms_per_token_direct": round(direct_ms, 3),
-            "daemon_ms_per_token_relay": round(relay_ms, 3),
-            "daemon_relay_ms_per_token_ratio": round(relay_ms / direct_ms, 3)}
+    return {
+        "daemon_model": checkpoint.name,
+        "daemon_ms_per_token_direct": round(direct_ms, 3),
+        "daemon_ms_per_token_relay": round(relay_ms, 3),
+        "daemon_relay_ms_per_token_ratio": round(relay_ms / direct_ms, 3),
+    }
 
 
 def pytest_skip() -> type[BaseException]:
@@ -99,9 +110,14 @@ def main() -> None:
         return
     runs = {name: (name,) for name in VARIANTS} | {"pcp-lab, NAT-PMP only": ("pcp", "--methods", "natpmp")}
     variants = {label: variant_figures(*run) for label, run in tqdm(runs.items(), desc="variants")}
-    result = {"variants": variants, "repeats": REPEATS, **relay_vs_direct(), **daemon_relay_vs_direct(),
-              "all_variants_reachable": all(v["reachable"] for v in variants.values()),
-              "all_meet_goal": all(v["meets_goal"] for v in variants.values())}
+    result = {
+        "variants": variants,
+        "repeats": REPEATS,
+        **relay_vs_direct(),
+        **daemon_relay_vs_direct(),
+        "all_variants_reachable": all(v["reachable"] for v in variants.values()),
+        "all_meet_goal": all(v["meets_goal"] for v in variants.values()),
+    }
     print(json.dumps(result))
 
 

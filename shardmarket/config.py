@@ -155,7 +155,7 @@ def load_config(path: Path | str | None = None, environ: typing.Mapping[str, str
             raise ConfigError(f"{file}: [{name}] must be a table")
         section = _section(cls, section, values, f"{file} [{name}]")
         prefix = f"SHARDMARKET_{name.upper()}_"
-        from_env = {k[len(prefix):].lower(): v for k, v in environ.items() if k.startswith(prefix)}
+        from_env = {k[len(prefix) :].lower(): v for k, v in environ.items() if k.startswith(prefix)}
         section = _section(cls, section, from_env, f"environment {prefix}*")
         paths = {f.name: config.home / getattr(section, f.name) for f in fields(section) if _is_path(cls, f.name)}
         config = replace(config, **{name: replace(section, **paths)})

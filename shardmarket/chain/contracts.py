@@ -82,7 +82,10 @@ def _error_selectors() -> dict[bytes, tuple[str, list[str]]]:
     for name in CONTRACTS:
         for entry in abi(name):
             if entry.get("type") == "error":
-                types = [i["type"] if i["type"] != "tuple" else "(" + ",".join(c["type"] for c in i["components"]) + ")" for i in entry["inputs"]]
+                types = [
+                    i["type"] if i["type"] != "tuple" else "(" + ",".join(c["type"] for c in i["components"]) + ")"
+                    for i in entry["inputs"]
+                ]
                 selectors[keccak(text=f"{entry['name']}({','.join(types)})")[:4]] = (entry["name"], types)
     return selectors
 
@@ -150,7 +153,9 @@ class Market:
                 f"cannot reach the chain at {chain.rpc_url} ({type(exc).__name__}); start it or set SHARDMARKET_CHAIN_RPC_URL"
             ) from None
         if chain_id != chain.chain_id:
-            raise ChainError(f"{chain.rpc_url} is chain {chain_id}, the config says {chain.chain_id}; set SHARDMARKET_CHAIN_CHAIN_ID")
+            raise ChainError(
+                f"{chain.rpc_url} is chain {chain_id}, the config says {chain.chain_id}; set SHARDMARKET_CHAIN_CHAIN_ID"
+            )
         try:
             addresses = read_deployments(chain_id, chain.deployments_dir)
         except FileNotFoundError as exc:
@@ -211,7 +216,9 @@ class Market:
         except (ContractCustomError, ContractLogicError) as exc:
             raise _explain(exc, what) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise ChainUnreachable(f"{what} failed: the chain does not answer ({type(exc).__name__}); retry when it is back") from None
+            raise ChainUnreachable(
+                f"{what} failed: the chain does not answer ({type(exc).__name__}); retry when it is back"
+            ) from None
 
     def transact(self, call, what: str, gas: int | None = None) -> TxReceipt:
         """Sign and send `call` from the account, wait for it to be mined; returns the receipt."""
@@ -234,7 +241,9 @@ class Market:
         except (ContractCustomError, ContractLogicError) as exc:
             raise _explain(exc, what) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise ChainUnreachable(f"{what} failed: the chain does not answer ({type(exc).__name__}); retry when it is back") from None
+            raise ChainUnreachable(
+                f"{what} failed: the chain does not answer ({type(exc).__name__}); retry when it is back"
+            ) from None
         except TimeExhausted:
             raise ChainError(f"{what}: the transaction was not mined within 120 s; check the chain and retry") from None
         except (Web3Exception, ValueError) as exc:

@@ -173,8 +173,13 @@ def domain_separator(domain: Domain) -> bytes:
     return keccak(
         encode(
             ["bytes32", "bytes32", "bytes32", "uint256", "address"],
-            [DOMAIN_TYPEHASH, keccak(text=DOMAIN_NAME), keccak(text=DOMAIN_VERSION), domain.chain_id,
-             to_checksum_address(domain.verifying_contract)],
+            [
+                DOMAIN_TYPEHASH,
+                keccak(text=DOMAIN_NAME),
+                keccak(text=DOMAIN_VERSION),
+                domain.chain_id,
+                to_checksum_address(domain.verifying_contract),
+            ],
         )
     )
 
@@ -183,7 +188,9 @@ def tab_digest(tab: Tab, domain: Domain) -> bytes:
     """The 32-byte digest a client signs for `tab` (PaymentEscrow's `tabDigest`). Static ABI words are
     concatenated by hand: a node computes this on every step (the tests check it against eth-account)."""
     entries = b"".join(_keccak(ENTRY_TYPEHASH + _word_address(e.node) + e.amount.to_bytes(32, "big")) for e in tab.entries)
-    struct_hash = _keccak(TAB_TYPEHASH + _word_address(tab.client) + tab.seq.to_bytes(32, "big") + _keccak(entries) + tab.usage_hash)
+    struct_hash = _keccak(
+        TAB_TYPEHASH + _word_address(tab.client) + tab.seq.to_bytes(32, "big") + _keccak(entries) + tab.usage_hash
+    )
     return _keccak(b"\x19\x01" + domain_separator(domain) + struct_hash)
 
 
@@ -217,9 +224,12 @@ def unpack_entries(data: bytes) -> tuple[Entry, ...]:
     """The entries of `pack_entries`' bytes (a TabSettled or LoweringClaimed paid vector); raises ValueError if malformed."""
     if len(data) % ENTRY_BYTES:
         raise ValueError(f"packed entries are a multiple of {ENTRY_BYTES} bytes, got {len(data)}")
-    entries = tuple(Entry(to_checksum_address(data[i:i + ENTRY_AMOUNT].hex()),
-                          int.from_bytes(data[i + ENTRY_AMOUNT:i + ENTRY_BYTES], "big"))
-                    for i in range(0, len(data), ENTRY_BYTES))
+    entries = tuple(
+        Entry(
+            to_checksum_address(data[i : i + ENTRY_AMOUNT].hex()), int.from_bytes(data[i + ENTRY_AMOUNT : i + ENTRY_BYTES], "big")
+        )
+        for i in range(0, len(data), ENTRY_BYTES)
+    )
     check_entries(entries, allow_empty=True)
     return entries
 
@@ -235,8 +245,16 @@ def pack_tab(tab: Tab, signature: bytes, paid: tuple[Entry, ...] = ()) -> bytes:
     when it goes to settleTabs (empty in the form that travels with a step)."""
     v, r, s = split_signature(signature)
     check_entries(paid, allow_empty=True)
-    return (bytes.fromhex(tab.client[2:]) + tab.seq.to_bytes(_SEQ_BYTES, "big") + tab.usage_hash + r + s
-            + bytes((v, len(tab.entries), len(paid))) + pack_entries(tab.entries) + pack_entries(paid))
+    return (
+        bytes.fromhex(tab.client[2:])
+        + tab.seq.to_bytes(_SEQ_BYTES, "big")
+        + tab.usage_hash
+        + r
+        + s
+        + bytes((v, len(tab.entries), len(paid)))
+        + pack_entries(tab.entries)
+        + pack_entries(paid)
+    )
 
 
 def tab_client(data: object) -> str | None:
@@ -254,8 +272,12 @@ def unpack_tab(data: bytes) -> tuple[Tab, bytes, tuple[Entry, ...]]:
     if len(data) != end:
         raise ValueError(f"a signed tab naming {data[TAB_COUNT]} node(s) is {end} bytes, got {len(data)}")
     entries = unpack_entries(bytes(data[TAB_HEADER_BYTES:entries_end]))
-    tab = Tab(to_checksum_address(data[:TAB_SEQ].hex()), int.from_bytes(data[TAB_SEQ:TAB_USAGE_HASH], "big"), entries,
-              bytes(data[TAB_USAGE_HASH:TAB_R]))
+    tab = Tab(
+        to_checksum_address(data[:TAB_SEQ].hex()),
+        int.from_bytes(data[TAB_SEQ:TAB_USAGE_HASH], "big"),
+        entries,
+        bytes(data[TAB_USAGE_HASH:TAB_R]),
+    )
     return tab, bytes(data[TAB_R:TAB_COUNT]), unpack_entries(bytes(data[entries_end:]))
 
 
@@ -366,8 +388,14 @@ def chain_usage_hash(previous: bytes, record: UsageRecord) -> bytes:
     _check_bytes32(previous, "previous")
     # abi.encode of fixed-size fields is each one in a 32-byte word (the record checked them): packed by hand, as
     # eth_abi's general encoder is slow for a path every step takes
-    return _keccak(bytes(previous) + record.request_id + record.step.to_bytes(32, "big") + record.tokens.to_bytes(32, "big")
-                   + record.input_hash + record.output_hash)
+    return _keccak(
+        bytes(previous)
+        + record.request_id
+        + record.step.to_bytes(32, "big")
+        + record.tokens.to_bytes(32, "big")
+        + record.input_hash
+        + record.output_hash
+    )
 
 
 def tensor_hash(data: bytes) -> bytes:
@@ -425,8 +453,9 @@ def _describe(value: object) -> str:
 
 
 def _check_address(value: object, name: str) -> None:
-    if not isinstance(value, str) or not (_HEX_ADDRESS.fullmatch(value) and (value[2:].islower() or value[2:].isupper()
-                                                                               or to_checksum_address(value) == value)):
+    if not isinstance(value, str) or not (
+        _HEX_ADDRESS.fullmatch(value) and (value[2:].islower() or value[2:].isupper() or to_checksum_address(value) == value)
+    ):
         raise ValueError(f"{name} must be a 0x-prefixed 20-byte address, got {value!r}")
 
 

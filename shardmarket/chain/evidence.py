@@ -54,9 +54,17 @@ class Evidence:
         its metadata keys in no fixed order, so everything but the tensors goes in one key, as sorted JSON)."""
         tensors = {f"input.{i}": t.contiguous() for i, t in enumerate(self.inputs)} | {"output": self.output.contiguous()}
         meta = {
-            "model": self.model, "layers": [self.start, self.end], "positions": self.positions,
+            "model": self.model,
+            "layers": [self.start, self.end],
+            "positions": self.positions,
             "commitments": [
-                [c.commitment.request_id.hex(), c.commitment.step, c.commitment.input_hash.hex(), c.commitment.output_hash.hex(), c.signature.hex()]
+                [
+                    c.commitment.request_id.hex(),
+                    c.commitment.step,
+                    c.commitment.input_hash.hex(),
+                    c.commitment.output_hash.hex(),
+                    c.signature.hex(),
+                ]
                 for c in self.commitments
             ],
         }
@@ -107,7 +115,9 @@ def publish(evidence: Evidence, store: Blockstore, gateways: Sequence[str] = ())
 def gateway_hints(reference: str) -> list[str]:
     """The http(s) gateways an evidence reference names (at most MAX_GATEWAY_HINTS; anything else is ignored)."""
     query = reference.partition("?")[2]
-    urls = [url for url in parse_qs(query).get("gateway", []) if urlsplit(url).scheme in ("http", "https") and urlsplit(url).netloc]
+    urls = [
+        url for url in parse_qs(query).get("gateway", []) if urlsplit(url).scheme in ("http", "https") and urlsplit(url).netloc
+    ]
     return urls[:MAX_GATEWAY_HINTS]
 
 
@@ -117,7 +127,7 @@ def fetch(reference: str, store: Blockstore, gateways: Sequence[str] = ()) -> Ev
     if not reference.startswith(PREFIX):
         raise EvidenceError(f"evidence {reference!r} is not an ipfs:// reference")
     try:
-        cid = bytes(parse(reference[len(PREFIX):].partition("?")[0]))
+        cid = bytes(parse(reference[len(PREFIX) :].partition("?")[0]))
     except ValueError as exc:
         raise EvidenceError(f"evidence {reference!r} names a bad CID: {exc}") from None
     try:
@@ -126,7 +136,9 @@ def fetch(reference: str, store: Blockstore, gateways: Sequence[str] = ()) -> Ev
         pass
     sources = list(dict.fromkeys([*gateways, *gateway_hints(reference)]))
     if not sources:
-        raise EvidenceError(f"evidence {reference} is not in the local store, and neither the config nor the reference names a gateway")
+        raise EvidenceError(
+            f"evidence {reference} is not in the local store, and neither the config nor the reference names a gateway"
+        )
     fetch_dag(cid, store, sources)
     return Evidence.decode(_read(store, cid))
 

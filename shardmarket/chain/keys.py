@@ -103,5 +103,7 @@ def load_or_create_x25519_key(path: Path) -> X25519PrivateKey:
             raise ValueError(f"{path} is not a 32-byte X25519 private key; move it away to create a new one")
         return X25519PrivateKey.from_private_bytes(raw)
     key = X25519PrivateKey.generate()
-    write_private(path, key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()))
+    write_private(
+        path, key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    )
     return key

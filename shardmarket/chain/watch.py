@@ -21,8 +21,15 @@ class BlockWatch:
     """The latest block number at `rpc_url`; `latest(max_age_s)` answers from a read younger than that, or younger
     than `busy_age_s` while `steps_served()` has moved in the last `busy_s` seconds."""
 
-    def __init__(self, rpc_url: str, *, steps_served: Callable[[], int] = lambda: 0, busy_s: float = 2.0,
-                 busy_age_s: float = 10.0, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        rpc_url: str,
+        *,
+        steps_served: Callable[[], int] = lambda: 0,
+        busy_s: float = 2.0,
+        busy_age_s: float = 10.0,
+        timeout_s: float = 10.0,
+    ) -> None:
         self.rpc_url, self.steps_served, self.timeout_s = rpc_url, steps_served, timeout_s
         self.busy_s, self.busy_age_s = busy_s, busy_age_s
         self._session: aiohttp.ClientSession | None = None
@@ -48,7 +55,9 @@ class BlockWatch:
             raise ChainError(f"cannot read the newest block at {self.rpc_url} ({type(exc).__name__}: {exc})") from None
         result = answer.get("result") if isinstance(answer, dict) else None
         if not isinstance(result, str):
-            raise ChainError(f"eth_blockNumber at {self.rpc_url} failed: {answer.get('error', answer) if isinstance(answer, dict) else answer}")
+            raise ChainError(
+                f"eth_blockNumber at {self.rpc_url} failed: {answer.get('error', answer) if isinstance(answer, dict) else answer}"
+            )
         self._read = (now, int(result, 16))
         return self._read[1]
 

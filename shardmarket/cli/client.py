@@ -13,15 +13,21 @@ from shardmarket.config import load_config
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, help="local checkpoint for the tokenizer, embeddings and LM head (default: the default model)")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="local checkpoint for the tokenizer, embeddings and LM head (default: the default model)"
+    )
     parser.add_argument("--nodes", help="comma-separated node base URLs (config client.nodes)")
     parser.add_argument("--model-id", help="model name the nodes must serve (default: the checkpoint folder's name)")
     parser.add_argument("--transport", choices=["tcp", "ws"], help="session transport (config client.transport)")
-    parser.add_argument("--password-file", type=Path, help="keystore password file (paid mode; else SHARDMARKET_PASSWORD or a prompt)")
+    parser.add_argument(
+        "--password-file", type=Path, help="keystore password file (paid mode; else SHARDMARKET_PASSWORD or a prompt)"
+    )
 
 
 def register(commands) -> None:
-    group = commands.add_parser("client", help="use a model through the network").add_subparsers(dest="client_command", required=True)
+    group = commands.add_parser("client", help="use a model through the network").add_subparsers(
+        dest="client_command", required=True
+    )
     serve = group.add_parser("serve", help="serve an OpenAI-compatible API backed by the nodes")
     _common(serve)
     serve.add_argument("--host", help="listen address (config client.api_host)")
@@ -63,13 +69,23 @@ async def _connect(args: argparse.Namespace):
         from shardmarket.client.market import connect_paid
 
         account = load_account(read_password(args.password_file), home_keys())
-        return await connect_paid(checkpoint, config, account, args.model_id or checkpoint.name,
-                                  transport=args.transport or config.client.transport, step_timeout_s=config.client.step_timeout_s)
+        return await connect_paid(
+            checkpoint,
+            config,
+            account,
+            args.model_id or checkpoint.name,
+            transport=args.transport or config.client.transport,
+            step_timeout_s=config.client.step_timeout_s,
+        )
     if not urls:
         raise SystemExit("error: no nodes known: pass --nodes http://HOST:PORT,... or set client.nodes in the config")
     return await RemoteModel.connect(
-        checkpoint, urls, commitment_domain(config.chain.chain_id, config.chain.deployments_dir), model_id=args.model_id,
-        transport=args.transport or config.client.transport, step_timeout_s=config.client.step_timeout_s,
+        checkpoint,
+        urls,
+        commitment_domain(config.chain.chain_id, config.chain.deployments_dir),
+        model_id=args.model_id,
+        transport=args.transport or config.client.transport,
+        step_timeout_s=config.client.step_timeout_s,
     )
 
 
@@ -115,7 +131,9 @@ def run_chat(args: argparse.Namespace) -> int:
 
     async def chat() -> None:
         model = await _connect(args)
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
         ids = model.chat_ids(messages)
         text = TextStream(model.head.tokenizer)
         completion = Completion(prompt_tokens=len(ids))

@@ -20,8 +20,12 @@ QUESTIONS = [
 ]
 MODEL = "SmolLM2-135M-Instruct"
 # (name, layers, price per token in token units); the spare serves the middle range again
-NODES = [("node-a", "0:10", 2_000_000_000), ("node-b", "10:20", 3_000_000_000), ("node-c", "20:30", 2_000_000_000),
-         ("spare", "10:20", 4_000_000_000)]
+NODES = [
+    ("node-a", "0:10", 2_000_000_000),
+    ("node-b", "10:20", 3_000_000_000),
+    ("node-c", "20:30", 2_000_000_000),
+    ("spare", "10:20", 4_000_000_000),
+]
 STAKE = 100 * 10**18
 BOND = 10 * 10**18  # DisputeManager's challenge bond (scripts/deploy.py)
 CHEATER = "node-b"
@@ -34,7 +38,11 @@ def register(commands) -> None:
     demo.add_argument("--questions", type=int, default=len(QUESTIONS), help="how many questions the client asks")
     demo.add_argument("--max-tokens", type=int, default=24)
     demo.add_argument("--workdir", type=Path, help="keep the market's files here (default: a temporary folder)")
-    demo.add_argument("--cheat", choices=["noise"], help="node-b adds noise to its answers; the client's spot checks catch it and the spare votes")
+    demo.add_argument(
+        "--cheat",
+        choices=["noise"],
+        help="node-b adds noise to its answers; the client's spot checks catch it and the spare votes",
+    )
     demo.set_defaults(run=run_demo)
 
 
@@ -77,8 +85,10 @@ def _table(before: dict, after: dict, names: dict[str, str], gas: dict[str, int]
             b, a = before[name][column], after[name][column]
             if b == 0 and a == 0:
                 continue
-            print(f"{name if first else '':10} {address if first else '':44} {column:9} {b:>26} {a:>26} {a - b:>+22} "
-                  f"{gas.get(address.lower(), 0) if first else '':>10}")
+            print(
+                f"{name if first else '':10} {address if first else '':44} {column:9} {b:>26} {a:>26} {a - b:>+22} "
+                f"{gas.get(address.lower(), 0) if first else '':>10}"
+            )
             first = False
 
 
@@ -86,10 +96,18 @@ def _stream_answer(base: str, key: str, question: str, max_tokens: int) -> dict:
     """Ask one question through the OpenAI-compatible API, print the answer as it streams; returns its usage."""
     import requests
 
-    body = {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     usage: dict = {}
-    with requests.post(f"{base}/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, stream=True, timeout=300) as response:
+    with requests.post(
+        f"{base}/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, stream=True, timeout=300
+    ) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -112,8 +130,11 @@ def _await_dispute(chain, cheater: str, timeout: float = 180) -> None:
     """Wait until the first dispute is resolved; print who was accused and what happened."""
     from shardmarket.chain.contracts import DisputeStatus
 
-    outcomes = {DisputeStatus.NODE_SLASHED: "the node was slashed", DisputeStatus.CHALLENGER_LOST: "the challenger lost its bond",
-                DisputeStatus.VOID: "void (tie or no votes)"}
+    outcomes = {
+        DisputeStatus.NODE_SLASHED: "the node was slashed",
+        DisputeStatus.CHALLENGER_LOST: "the challenger lost its bond",
+        DisputeStatus.VOID: "void (tie or no votes)",
+    }
     functions = chain.disputes.functions
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -122,8 +143,11 @@ def _await_dispute(chain, cheater: str, timeout: float = 180) -> None:
             if dispute.status != DisputeStatus.OPEN:
                 node, outcome = dispute.node, outcomes[dispute.status]
                 who = "the cheater" if node.lower() == cheater.lower() else "an honest node"
-                print(f"dispute 1 against {node} ({who}): {outcome}; "
-                      f"its stake is now {chain.read(chain.stake.functions.totalStakeOf(node))}", flush=True)
+                print(
+                    f"dispute 1 against {node} ({who}): {outcome}; "
+                    f"its stake is now {chain.read(chain.stake.functions.totalStakeOf(node))}",
+                    flush=True,
+                )
                 return
         time.sleep(1)
     raise RuntimeError(f"no dispute was resolved within {timeout:.0f} s")
@@ -176,12 +200,17 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
         for name, layers, price in NODES:
             market.new_account(name, tokens=STAKE)
             market.node_port(name)
-            market.cli(name, "node", "register", "--model", MODEL, "--layers", layers, "--price", str(price), "--stake", str(STAKE))
+            market.cli(
+                name, "node", "register", "--model", MODEL, "--layers", layers, "--price", str(price), "--stake", str(STAKE)
+            )
         _say("the client creates keys and deposits into the escrow")
         market.new_account("client", tokens=2 * DEPOSIT + BOND)
         market.cli("client", "client", "deposit", str(DEPOSIT))
-        names = {"client": market.accounts["client"], **{n: market.accounts[n] for n, _, _ in NODES},
-                 "treasury": market.addresses["Treasury"]}
+        names = {
+            "client": market.accounts["client"],
+            **{n: market.accounts[n] for n, _, _ in NODES},
+            "treasury": market.addresses["Treasury"],
+        }
         with market.acting_as("client"):
             from shardmarket.config import load_config
 
@@ -199,12 +228,33 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
         port, key = free_port(), secrets.token_urlsafe(16)
         base = f"http://127.0.0.1:{port}/v1"
         log = root / "client-api.log"
-        env = {**os.environ, **market.env("client"), "SHARDMARKET_CLIENT_API_KEY": key, "OMP_NUM_THREADS": "1",
-               "SHARDMARKET_CLIENT_SPOT_CHECK_RATE": "1.0" if args.cheat else "0"}
+        env = {
+            **os.environ,
+            **market.env("client"),
+            "SHARDMARKET_CLIENT_API_KEY": key,
+            "OMP_NUM_THREADS": "1",
+            "SHARDMARKET_CLIENT_SPOT_CHECK_RATE": "1.0" if args.cheat else "0",
+        }
         with open(log, "ab") as out:
             client_api = subprocess.Popen(
-                [sys.executable, "-m", "shardmarket", "client", "serve", "--checkpoint", str(checkpoint), "--model-id", MODEL, "--port", str(port)],
-                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "shardmarket",
+                    "client",
+                    "serve",
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--model-id",
+                    MODEL,
+                    "--port",
+                    str(port),
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         _wait_api(base, key, client_api, log)
         if args.serve:
@@ -221,13 +271,18 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
             costs.append(usage.get("cost", 0))
             if len(costs) == 1:
                 print(f"(first token {time.monotonic() - started:.1f} s after the demo started)", flush=True)
-            print(f"[usage: {usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens, "
-                  f"cost {usage.get('cost')} token units]", flush=True)
+            print(
+                f"[usage: {usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens, "
+                f"cost {usage.get('cost')} token units]",
+                flush=True,
+            )
         if args.cheat:
             _say("the client's spot checks re-run every hop on another node and locally; waiting for the dispute")
             _await_dispute(chain, names[CHEATER])
-        _say("the first node settles every client tab owing it in one transaction (a tab pays all its nodes); "
-             "each node withdraws its earnings")
+        _say(
+            "the first node settles every client tab owing it in one transaction (a tab pays all its nodes); "
+            "each node withdraws its earnings"
+        )
         for name, _, _ in NODES:
             market.cli(name, "node", "redeem")
         after = _snapshot(chain, names)

@@ -133,8 +133,15 @@ class DevMarket:
         w3 = self.w3
         deployer = Account.from_key(DEPLOYER_KEY)
         if eth:
-            tx = {"to": address, "value": int(eth * 10**18), "from": deployer.address, "gas": 21000,
-                  "gasPrice": w3.eth.gas_price, "nonce": w3.eth.get_transaction_count(deployer.address), "chainId": w3.eth.chain_id}
+            tx = {
+                "to": address,
+                "value": int(eth * 10**18),
+                "from": deployer.address,
+                "gas": 21000,
+                "gasPrice": w3.eth.gas_price,
+                "nonce": w3.eth.get_transaction_count(deployer.address),
+                "chainId": w3.eth.chain_id,
+            }
             w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(deployer.sign_transaction(tx).raw_transaction))
         if tokens:
             with self.acting_as("deployer"):
@@ -147,7 +154,18 @@ class DevMarket:
         port = self.node_port(name)
         log_start = log.stat().st_size if log.exists() else 0
         env = {**os.environ, **self.env(name), "OMP_NUM_THREADS": str(self.threads)}
-        cmd = [sys.executable, "-m", "shardmarket", "node", "run", "--tcp-port", str(port + 1), "--threads", str(self.threads), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "shardmarket",
+            "node",
+            "run",
+            "--tcp-port",
+            str(port + 1),
+            "--threads",
+            str(self.threads),
+            *extra,
+        ]
         with open(log, "ab") as out:
             process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         node = NodeProcess(name, process, f"http://127.0.0.1:{port}", log, log_start)

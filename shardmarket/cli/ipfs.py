@@ -51,18 +51,26 @@ def cmd_add(args) -> int:
             added = []
             store = None if args.only_hash else local_store()
             total = sum(f.stat().st_size for p in args.paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
-            with tqdm(total=total, unit="B", unit_scale=True, desc="add", file=sys.stderr,
-                      disable=None if not args.quieter else True) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc="add", file=sys.stderr, disable=None if not args.quieter else True
+            ) as bar:
                 for path in args.paths:
-                    entry = import_path(path, options, store, recursive=args.recursive, hidden=args.hidden,
-                                        on_added=lambda name, e: added.append((name, e.cid_str)), progress=bar.update)
+                    entry = import_path(
+                        path,
+                        options,
+                        store,
+                        recursive=args.recursive,
+                        hidden=args.hidden,
+                        on_added=lambda name, e: added.append((name, e.cid_str)),
+                        progress=bar.update,
+                    )
                     if store is not None and args.pin:
                         store.pin(entry.cid)
     except ERRORS as exc:
         return _fail(exc)
     if args.quieter:
         print(added[-1][1])
-    for name, cid in ([] if args.quieter else added):
+    for name, cid in [] if args.quieter else added:
         print(cid if args.quiet else f"added {cid} {name}")
     return 0
 
@@ -71,8 +79,9 @@ async def _kubo_add(api: str, args, options: ImportOptions) -> list[tuple[str, s
     added = []
     async with KuboClient(api) as kubo:
         for path in args.paths:
-            added += await kubo.add(path, options, recursive=args.recursive, only_hash=args.only_hash,
-                                    pin=args.pin, hidden=args.hidden)
+            added += await kubo.add(
+                path, options, recursive=args.recursive, only_hash=args.only_hash, pin=args.pin, hidden=args.hidden
+            )
     return added
 
 
@@ -80,9 +89,11 @@ def _ensure_local(cid: bytes, store: Blockstore, args) -> None:
     """Make every block of `cid` local: from Kubo when configured, else from gateways if any is missing."""
     api = load_config().ipfs.api
     if api:
+
         async def copy() -> None:
             async with KuboClient(api) as kubo:
                 await kubo.fetch_dag(cid, store)
+
         asyncio.run(copy())
         return
     try:
@@ -171,9 +182,11 @@ def cmd_gc(args) -> int:
     api = load_config().ipfs.api
     try:
         if api:
+
             async def gc() -> int:
                 async with KuboClient(api) as kubo:
                     return await kubo.repo_gc()
+
             print(f"removed {asyncio.run(gc())} blocks")
             return 0
         removed, freed = local_store().gc()
@@ -237,8 +250,12 @@ def register(commands) -> None:
     add.add_argument("-r", "--recursive", action="store_true", help="add directories recursively")
     add.add_argument("-n", "--only-hash", action="store_true", help="only chunk and hash; write nothing")
     add.add_argument("--cid-version", type=int, choices=(0, 1), default=0, help="CID version (1 turns on raw leaves)")
-    add.add_argument("--raw-leaves", action=argparse.BooleanOptionalAction, default=None,
-                     help="use raw blocks for leaves (default: on with --cid-version 1)")
+    add.add_argument(
+        "--raw-leaves",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="use raw blocks for leaves (default: on with --cid-version 1)",
+    )
     add.add_argument("-s", "--chunker", default="size-262144", help="chunking algorithm, size-N (default size-262144)")
     add.add_argument("-q", "--quiet", action="store_true", help="print only CIDs")
     add.add_argument("-Q", "--quieter", action="store_true", help="print only the final root CID")
@@ -263,8 +280,9 @@ def register(commands) -> None:
     pin.add_argument("action", choices=("add", "rm", "ls"))
     pin.add_argument("cid", nargs="?", metavar="CID")
     pin.add_argument("--gateway", action="append", metavar="URL", help="trustless gateway to fetch missing blocks from")
-    pin.set_defaults(run=lambda args: cmd_pin(args) if args.action == "ls" or args.cid else _fail(
-        ValueError(f"pin {args.action} needs a CID")))
+    pin.set_defaults(
+        run=lambda args: cmd_pin(args) if args.action == "ls" or args.cid else _fail(ValueError(f"pin {args.action} needs a CID"))
+    )
 
     sub.add_parser("gc", help="delete blocks that no pin reaches").set_defaults(run=cmd_gc)
 

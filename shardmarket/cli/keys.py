@@ -19,7 +19,9 @@ def home_keys() -> Path:
 
 
 def add_password_file(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--password-file", type=Path, help="file holding the keystore password (else SHARDMARKET_PASSWORD, else a prompt)")
+    parser.add_argument(
+        "--password-file", type=Path, help="file holding the keystore password (else SHARDMARKET_PASSWORD, else a prompt)"
+    )
 
 
 def register(commands) -> None:
@@ -43,8 +45,12 @@ def _fail(problem: Exception | str) -> int:
 
 def cmd_new(args: argparse.Namespace) -> int:
     try:
-        address = save_account(bytes(Account.create().key), read_password(args.password_file, confirm=True), home_keys(),
-                               scrypt_n=load_config().chain.keystore_scrypt_n)
+        address = save_account(
+            bytes(Account.create().key),
+            read_password(args.password_file, confirm=True),
+            home_keys(),
+            scrypt_n=load_config().chain.keystore_scrypt_n,
+        )
     except KeystoreError as exc:
         return _fail(exc)
     print(f"created account {address} in {home_keys()}")
@@ -63,8 +69,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     except ValueError:
         return _fail("a private key is 32 bytes of hex (64 hex digits, 0x optional); nothing was written")
     try:
-        address = save_account(key, read_password(args.password_file, confirm=True), home_keys(),
-                               scrypt_n=load_config().chain.keystore_scrypt_n)
+        address = save_account(
+            key, read_password(args.password_file, confirm=True), home_keys(), scrypt_n=load_config().chain.keystore_scrypt_n
+        )
     except KeystoreError as exc:
         return _fail(exc)
     print(f"imported account {address} into {home_keys()}")

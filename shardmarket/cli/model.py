@@ -32,8 +32,9 @@ def cmd_fetch(args) -> int:
     start, end = args.layers
     dest = args.dest or Path(f"{args.manifest}-{start}-{end}")
     try:
-        fetch_model(args.manifest, (start, end), dest, _gateways(args), store=local_store(), head=args.head,
-                    progress=sys.stderr.isatty())
+        fetch_model(
+            args.manifest, (start, end), dest, _gateways(args), store=local_store(), head=args.head, progress=sys.stderr.isatty()
+        )
     except (ModelError, *ERRORS) as exc:
         return _fail(exc)
     print(f"layers {start}:{end}{' and head' if args.head else ''} of {args.manifest} in {dest}")

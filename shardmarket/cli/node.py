@@ -19,10 +19,16 @@ TEST_FAULTS = ["wrong-shape", "equivocate", "forge-commitments"]
 
 
 def register(commands) -> None:
-    group = commands.add_parser("node", help="run a node that serves layers of a model").add_subparsers(dest="node_command", required=True)
+    group = commands.add_parser("node", help="run a node that serves layers of a model").add_subparsers(
+        dest="node_command", required=True
+    )
     run = group.add_parser("run", help="serve a layer range of a checkpoint over encrypted sessions")
     run.add_argument("--checkpoint", type=Path, help="Hugging Face checkpoint folder (default: the imported default model)")
-    run.add_argument("--layers", type=parse_layers, help="layer range A:B (half-open); without it: serve this operator's registration from the chain, paid")
+    run.add_argument(
+        "--layers",
+        type=parse_layers,
+        help="layer range A:B (half-open); without it: serve this operator's registration from the chain, paid",
+    )
     run.add_argument("--model-id", help="model name clients match on (default: the checkpoint folder's name)")
     run.add_argument("--host", help="listen address (config node.host)")
     run.add_argument("--port", type=int, help="HTTP port for /info, /health and WebSocket sessions (config node.port)")
@@ -31,10 +37,16 @@ def register(commands) -> None:
     run.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     run.add_argument("--threads", type=int, help="torch threads (config node.threads)")
     run.add_argument("--test-fault", choices=TEST_FAULTS, help="misbehave on purpose (for tests of clients and verifiers)")
-    run.add_argument("--max-memory-mb", type=float, help="CPU memory for this node's weights; what does not fit is offloaded to disk")
+    run.add_argument(
+        "--max-memory-mb", type=float, help="CPU memory for this node's weights; what does not fit is offloaded to disk"
+    )
     run.add_argument("--offload-folder", type=Path, help="folder for weights that do not fit in --max-memory-mb")
-    run.add_argument("--cheat-noise", type=float, default=0.0, help="add noise of this scale to every answer (demo of a dishonest node)")
-    run.add_argument("--password-file", type=Path, help="keystore password file (chain mode; else SHARDMARKET_PASSWORD or a prompt)")
+    run.add_argument(
+        "--cheat-noise", type=float, default=0.0, help="add noise of this scale to every answer (demo of a dishonest node)"
+    )
+    run.add_argument(
+        "--password-file", type=Path, help="keystore password file (chain mode; else SHARDMARKET_PASSWORD or a prompt)"
+    )
     run.set_defaults(run=run_node)
     add_operator_commands(group)  # register, status, earnings, redeem, ...
     reach.register(group)  # reachability, relay
@@ -51,12 +63,25 @@ def run_node(args: argparse.Namespace) -> int:
     from shardmarket.server.identity import load_identity
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    fault = Fault(wrong_shape=args.test_fault == "wrong-shape", noise=args.cheat_noise,
-                  equivocate=args.test_fault == "equivocate", forge_commitments=args.test_fault == "forge-commitments")
+    fault = Fault(
+        wrong_shape=args.test_fault == "wrong-shape",
+        noise=args.cheat_noise,
+        equivocate=args.test_fault == "equivocate",
+        forge_commitments=args.test_fault == "forge-commitments",
+    )
     options = ServeOptions(
-        layers=args.layers, checkpoint=args.checkpoint, model_id=args.model_id, host=args.host, port=args.port,
-        tcp_port=args.tcp_port, price=args.price, dtype=args.dtype, threads=args.threads, max_memory_mb=args.max_memory_mb,
-        offload_folder=args.offload_folder, fault=fault,
+        layers=args.layers,
+        checkpoint=args.checkpoint,
+        model_id=args.model_id,
+        host=args.host,
+        port=args.port,
+        tcp_port=args.tcp_port,
+        price=args.price,
+        dtype=args.dtype,
+        threads=args.threads,
+        max_memory_mb=args.max_memory_mb,
+        offload_folder=args.offload_folder,
+        fault=fault,
     )
     try:
         identity = None if options.layers else load_identity(read_password(args.password_file), home_keys())
@@ -70,7 +95,10 @@ def run_node(args: argparse.Namespace) -> int:
     try:
         asyncio.run(daemon.run())
     except OSError as exc:
-        print(f"error: cannot listen on {daemon.host}:{daemon.port}/{daemon.tcp_port}: {exc}; pick free ports with "
-              "--port/--tcp-port", file=sys.stderr)
+        print(
+            f"error: cannot listen on {daemon.host}:{daemon.port}/{daemon.tcp_port}: {exc}; pick free ports with "
+            "--port/--tcp-port",
+            file=sys.stderr,
+        )
         return 2
     return 0

@@ -61,7 +61,9 @@ def add_operator_commands(group) -> None:
     reg.add_argument("--model", required=True, help="model name as published on the ModelRegistry")
     reg.add_argument("--layers", required=True, help="layer range A:B (half-open)")
     reg.add_argument("--price", type=parse_amount, required=True, help="token units per token processed")
-    reg.add_argument("--stake", type=parse_amount, required=True, help="token units to stake now (with what is staked: at least the minimum)")
+    reg.add_argument(
+        "--stake", type=parse_amount, required=True, help="token units to stake now (with what is staked: at least the minimum)"
+    )
     reg.add_argument("--endpoint", help="URL clients reach this node at (default: http://node.host:node.port)")
     add_password_file(reg)
     reg.set_defaults(run=chain_command(cmd_register))
@@ -113,7 +115,9 @@ def _check_model(market: Market, name: str, start: int, end: int) -> bytes:
     model_id = market.model_id(name)
     count = market.read(market.models.functions.layerCountOf(model_id))
     if count == 0:
-        raise ChainError(f"unknown model {name!r}: no such model on the ModelRegistry; publish it with `shardmarket model publish`")
+        raise ChainError(
+            f"unknown model {name!r}: no such model on the ModelRegistry; publish it with `shardmarket model publish`"
+        )
     if not 0 <= start < end <= count:
         raise ChainError(f"layer range {start}:{end} is outside the model {name!r}, which has layers 0:{count}")
     return model_id
@@ -132,13 +136,18 @@ def cmd_register(args: argparse.Namespace) -> None:
     minimum = market.read(market.registry.functions.minStake())
     bonded = market.read(market.stake.functions.bondedOf(me))
     if bonded + args.stake < minimum:
-        raise ChainError(f"too little stake: the registry needs {minimum} bonded, you have {bonded} and add {args.stake}; raise --stake")
+        raise ChainError(
+            f"too little stake: the registry needs {minimum} bonded, you have {bonded} and add {args.stake}; raise --stake"
+        )
     held = market.read(market.token.functions.balanceOf(me))
     if held < args.stake:
         raise ChainError(f"too few tokens to stake {args.stake}: {me} holds {held}")
     print(f"registering {me} for layers {start}:{end} of {args.model} at {args.price} per token", flush=True)
     if args.stake:
-        print_tx("approve", market.transact(market.token.functions.approve(market.addresses["StakeManager"], args.stake), "approving the stake"))
+        print_tx(
+            "approve",
+            market.transact(market.token.functions.approve(market.addresses["StakeManager"], args.stake), "approving the stake"),
+        )
         print_tx(f"stake {args.stake}", market.transact(market.stake.functions.stake(args.stake), "staking"))
     key = x25519_public(home_keys())
     receipt = market.transact(
@@ -176,8 +185,9 @@ def cmd_status(args: argparse.Namespace) -> None:
     me = market.address
     stake = market.read(market.stake.functions.stakeOf(me))
     print(f"operator {me}")
-    print(f"stake: bonded {stake.bonded}, unbonding {stake.unbonding} (ready at {stake.unbondReadyAt}), "
-          f"dispute locks {stake.locks}")
+    print(
+        f"stake: bonded {stake.bonded}, unbonding {stake.unbonding} (ready at {stake.unbondReadyAt}), dispute locks {stake.locks}"
+    )
     print(f"escrow earnings (redeemed, not withdrawn): {market.read(market.escrow.functions.earningsOf(me))}")
     try:
         node = market.read(market.registry.functions.getNode(me))
@@ -186,8 +196,10 @@ def cmd_status(args: argparse.Namespace) -> None:
         return
     model = market.read(market.models.functions.getModel(node.modelId))
     listed = market.read(market.registry.functions.isListed(me))
-    print(f"serving layers {node.layerStart}:{node.layerEnd} of {model.name} at {node.pricePerToken} per token on "
-          f"{', '.join(node.endpoints)}; {'listed' if listed else 'NOT listed'}{' (paused)' if node.paused else ''}")
+    print(
+        f"serving layers {node.layerStart}:{node.layerEnd} of {model.name} at {node.pricePerToken} per token on "
+        f"{', '.join(node.endpoints)}; {'listed' if listed else 'NOT listed'}{' (paused)' if node.paused else ''}"
+    )
 
 
 def cmd_earnings(args: argparse.Namespace) -> None:
@@ -210,8 +222,10 @@ def cmd_earnings(args: argparse.Namespace) -> None:
 def _print_claims(claims: Iterable) -> None:
     """One line per claim against a client that lowered this node's entry."""
     for c in claims:
-        print(f"client {c.client} lowered this node's entry in tab {c.lowered_seq}; the claim on its tab {c.promised_seq} "
-              f"collected {c.amount}: tx {c.tx}")
+        print(
+            f"client {c.client} lowered this node's entry in tab {c.lowered_seq}; the claim on its tab {c.promised_seq} "
+            f"collected {c.amount}: tx {c.tx}"
+        )
 
 
 def cmd_redeem(args: argparse.Namespace) -> None:
@@ -227,7 +241,10 @@ def cmd_redeem(args: argparse.Namespace) -> None:
     _print_claims(c for c in store.claims() if c not in claimed)
     earnings = market.read(market.escrow.functions.earningsOf(me))
     if earnings:
-        print_tx(f"withdraw earnings {earnings} to {me}", market.transact(market.escrow.functions.withdrawEarnings(me), "withdrawing earnings"))
+        print_tx(
+            f"withdraw earnings {earnings} to {me}",
+            market.transact(market.escrow.functions.withdrawEarnings(me), "withdrawing earnings"),
+        )
     else:
         print("no earnings to withdraw")
 

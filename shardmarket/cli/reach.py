@@ -20,14 +20,13 @@ def register(commands) -> None:
     """Add `reachability` and `relay` under the `shardmarket node` group."""
     reach = commands.add_parser("reachability", help="find how this node can be reached from outside and say so")
     reach.add_argument("--port", type=int, help="the node's TCP port (default: [node] port)")
-    reach.add_argument("--stun", action="append", metavar="HOST[:PORT]",
-                       help="STUN server (default: [reach] stun_servers)")
+    reach.add_argument("--stun", action="append", metavar="HOST[:PORT]", help="STUN server (default: [reach] stun_servers)")
     reach.add_argument("--relay", action="append", metavar="URL", help="relay/verifier URL (default: [reach] relays)")
-    reach.add_argument("--methods",
-                       help="comma-separated port mapping methods to try, '' for none (default: [reach] methods)")
+    reach.add_argument("--methods", help="comma-separated port mapping methods to try, '' for none (default: [reach] methods)")
     reach.add_argument("--json", action="store_true", help="print the report as one JSON line")
-    reach.add_argument("--hold", action="store_true",
-                       help="keep the mapping or relay (renewed) until Ctrl-C/SIGTERM, for a node already running")
+    reach.add_argument(
+        "--hold", action="store_true", help="keep the mapping or relay (renewed) until Ctrl-C/SIGTERM, for a node already running"
+    )
     reach.set_defaults(run=run_reachability)
 
     relay = commands.add_parser("relay", help="relay for nodes behind NAT: give them a public port, verify endpoints")
@@ -75,8 +74,12 @@ async def _reachability(args) -> Report:
     config = load_config()
     port = args.port or config.node.port
     methods = args.methods.split(",") if args.methods is not None else config.reach.methods
-    reach = Reachability(port, stun_servers=args.stun or config.reach.stun_servers,
-                         relays=args.relay or config.reach.relays, methods=[m for m in methods if m])
+    reach = Reachability(
+        port,
+        stun_servers=args.stun or config.reach.stun_servers,
+        relays=args.relay or config.reach.relays,
+        methods=[m for m in methods if m],
+    )
     runner = await _probe_responder(port) if _port_free(port) else None
     try:
         report = await reach.establish()
@@ -100,8 +103,10 @@ def print_report(report: Report) -> None:
         how = f"by {report.method}, verified from outside in {report.seconds:.2f} s"
         print(f"endpoint        {report.endpoint}  ({how})")
     else:
-        print(f"endpoint        none verified after {report.seconds:.2f} s: configure a relay ([reach] relays) "
-              "or forward the port on the router by hand")
+        print(
+            f"endpoint        none verified after {report.seconds:.2f} s: configure a relay ([reach] relays) "
+            "or forward the port on the router by hand"
+        )
 
 
 def show(report: Report, as_json: bool) -> None:
@@ -127,7 +132,6 @@ def run_reachability(args) -> int:
 
 def run_relay(args) -> int:
     server = RelayServer(args.public_host, args.host, args.rate_mbit * 1e6 / 8, args.max_nodes)
-    print(f"relay on http://{args.host}:{args.port}, public host {args.public_host}, "
-          f"{args.rate_mbit:g} Mbit/s per node")
+    print(f"relay on http://{args.host}:{args.port}, public host {args.public_host}, {args.rate_mbit:g} Mbit/s per node")
     web.run_app(server.app(), host=args.host, port=args.port, print=None)
     return 0

@@ -26,8 +26,13 @@ def add_wallet_commands(group) -> None:
 
 def cmd_deposit(args: argparse.Namespace) -> None:
     market = connect(args)
-    print_tx("approve", market.transact(market.token.functions.approve(market.addresses["PaymentEscrow"], args.amount), "approving the deposit"))
-    print_tx(f"deposit {args.amount}", market.transact(market.escrow.functions.deposit(market.address, args.amount), "depositing"))
+    print_tx(
+        "approve",
+        market.transact(market.token.functions.approve(market.addresses["PaymentEscrow"], args.amount), "approving the deposit"),
+    )
+    print_tx(
+        f"deposit {args.amount}", market.transact(market.escrow.functions.deposit(market.address, args.amount), "depositing")
+    )
 
 
 def cmd_balance(args: argparse.Namespace) -> None:

@@ -27,7 +27,9 @@ MAX_TOKENS_LIMIT = 4096
 class ApiError(Exception):
     """An error answered in OpenAI's JSON shape."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.kind, self.param, self.code = status, kind, param, code
 
@@ -80,11 +82,17 @@ def _sampling(body: dict, default_max_tokens: int) -> tuple[SamplingParams, bool
 
 def _usage(completion: Completion) -> dict:
     n = len(completion.tokens)
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": n, "total_tokens": completion.prompt_tokens + n,
-            "cost": completion.cost}
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": n,
+        "total_tokens": completion.prompt_tokens + n,
+        "cost": completion.cost,
+    }
 
 
-def build_api(model: RemoteModel, api_key: str, default_max_tokens: int = 256, store: Blockstore | None = None) -> web.Application:
+def build_api(
+    model: RemoteModel, api_key: str, default_max_tokens: int = 256, store: Blockstore | None = None
+) -> web.Application:
     """The aiohttp app serving `model` to callers holding `api_key`."""
     routes = web.RouteTableDef()
 
@@ -117,7 +125,12 @@ def build_api(model: RemoteModel, api_key: str, default_max_tokens: int = 256, s
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         if body.get("model") not in (None, model.model_id):
-            raise ApiError(404, f"The model '{body.get('model')}' does not exist; this endpoint serves '{model.model_id}'.", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model '{body.get('model')}' does not exist; this endpoint serves '{model.model_id}'.",
+                param="model",
+                code="model_not_found",
+            )
         return body
 
     @routes.get("/v1/models")
@@ -129,10 +142,16 @@ def build_api(model: RemoteModel, api_key: str, default_max_tokens: int = 256, s
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await read_body(request)
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+            )
         ):
-            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects with text content", param="messages")
+            raise ApiError(
+                400, "'messages' must be a non-empty list of {role, content} objects with text content", param="messages"
+            )
         params, stream, include_usage = _sampling(body, default_max_tokens)
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         req = _Request(model.chat_ids(messages), params, stream, include_usage)
@@ -163,7 +182,13 @@ def build_api(model: RemoteModel, api_key: str, default_max_tokens: int = 256, s
             if chat:
                 content = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
                 choice = {"index": 0, "delta": content, "finish_reason": reason, "logprobs": None}
-                return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model.model_id, "choices": [choice]}
+                return {
+                    "id": ident,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model.model_id,
+                    "choices": [choice],
+                }
             choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
             return {"id": ident, "object": "text_completion", "created": created, "model": model.model_id, "choices": [choice]}
 
@@ -174,11 +199,28 @@ def build_api(model: RemoteModel, api_key: str, default_max_tokens: int = 256, s
             parts.append(text.finish())
             content = "".join(parts)
             if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason(), "logprobs": None}
-                body = {"id": ident, "object": "chat.completion", "created": created, "model": model.model_id, "choices": [choice]}
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish_reason(),
+                    "logprobs": None,
+                }
+                body = {
+                    "id": ident,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model.model_id,
+                    "choices": [choice],
+                }
             else:
                 choice = {"index": 0, "text": content, "finish_reason": finish_reason(), "logprobs": None}
-                body = {"id": ident, "object": "text_completion", "created": created, "model": model.model_id, "choices": [choice]}
+                body = {
+                    "id": ident,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model.model_id,
+                    "choices": [choice],
+                }
             body["usage"] = _usage(completion)
             return web.json_response(body)
 

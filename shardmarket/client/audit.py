@@ -53,8 +53,18 @@ class _HopRecord:
 class Auditor:
     """Watches every commitment and spot-checks finished requests of one RemoteModel."""
 
-    def __init__(self, model, market: Market, store: Blockstore, *, rate: float, tolerance: float,
-                 checkpoint: Path | None = None, seed: int | None = None, evidence_gateways: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        model,
+        market: Market,
+        store: Blockstore,
+        *,
+        rate: float,
+        tolerance: float,
+        checkpoint: Path | None = None,
+        seed: int | None = None,
+        evidence_gateways: Sequence[str] = (),
+    ) -> None:
         self.model, self.market, self.store = model, market, store
         self.evidence_gateways = list(evidence_gateways)  # named in every dispute, for verifiers elsewhere
         self.rate, self.tolerance, self.checkpoint = rate, tolerance, checkpoint
@@ -81,8 +91,13 @@ class Auditor:
             by_url.setdefault(url, {})[signed.commitment.step] = signed
         for hop in session.hops:  # each hop is checked with probability `rate`
             if hop.inputs and self.rng.random() < self.rate:
-                record = _HopRecord(hop.node, [p for p, _ in hop.inputs], [h for _, h in hop.inputs], list(hop.outputs),
-                                    by_url.get(hop.node.url, {}))
+                record = _HopRecord(
+                    hop.node,
+                    [p for p, _ in hop.inputs],
+                    [h for _, h in hop.inputs],
+                    list(hop.outputs),
+                    by_url.get(hop.node.url, {}),
+                )
                 self._spawn(self._spot_check(record, session.max_length))
 
     def _spawn(self, coroutine) -> None:
@@ -106,10 +121,19 @@ class Auditor:
         log.warning("node %s signed two answers for one step; slashed in tx %s", node.url, receipt["transactionHash"].hex())
         self.findings.append(Finding("equivocation", node.operator, receipt["transactionHash"].hex()))
 
-    async def _rerun_remote(self, other: NodeInfo, record: _HopRecord, max_length: int) -> tuple[list[torch.Tensor], dict[int, SignedCommitment]]:
-        checker = InferenceSession([other], self.model.head.num_layers, self.model.domain, max_length=max_length,
-                                   transport=self.model.transport, step_timeout_s=self.model.step_timeout_s,
-                                   tab_source=self.model.tab_source, on_commitment=self.model.payer.answered)
+    async def _rerun_remote(
+        self, other: NodeInfo, record: _HopRecord, max_length: int
+    ) -> tuple[list[torch.Tensor], dict[int, SignedCommitment]]:
+        checker = InferenceSession(
+            [other],
+            self.model.head.num_layers,
+            self.model.domain,
+            max_length=max_length,
+            transport=self.model.transport,
+            step_timeout_s=self.model.step_timeout_s,
+            tab_source=self.model.tab_source,
+            on_commitment=self.model.payer.answered,
+        )
         try:
             hops = await checker._open_hops([other])
             outputs = await checker._replay_hop(hops[0], list(zip(record.positions, record.inputs, strict=True)))
@@ -136,7 +160,10 @@ class Auditor:
         stage.open_session("spot-check", max(record.positions[-1] + record.inputs[-1].shape[1], 1))
         try:
             with torch.inference_mode():
-                return [stage.step("spot-check", x, torch.arange(p, p + x.shape[1]).unsqueeze(0)) for p, x in zip(record.positions, record.inputs, strict=True)]
+                return [
+                    stage.step("spot-check", x, torch.arange(p, p + x.shape[1]).unsqueeze(0))
+                    for p, x in zip(record.positions, record.inputs, strict=True)
+                ]
         finally:
             stage.close_session("spot-check")
 
@@ -149,7 +176,11 @@ class Auditor:
     async def _spot_check(self, record: _HopRecord, max_length: int) -> None:
         self.checks += 1
         node = record.node
-        others = [n for n in self.model.nodes if (n.start, n.end) == (node.start, node.end) and n.url != node.url and n.url not in self.model.failed.current()]
+        others = [
+            n
+            for n in self.model.nodes
+            if (n.start, n.end) == (node.start, node.end) and n.url != node.url and n.url not in self.model.failed.current()
+        ]
         if others:
             other = self.rng.choice(others)
             try:
@@ -164,7 +195,9 @@ class Auditor:
             local = await asyncio.to_thread(self._rerun_local, record)
             if local is not None:  # the local re-run says which of the two is wrong
                 suspects = [(n, o, c, at) for n, o, c, _ in suspects if (at := self._first_mismatch(o, local)) is not None]
-            log.warning("spot check: %s and %s disagree on layers %d:%d at step %d", node.url, other.url, node.start, node.end, step)
+            log.warning(
+                "spot check: %s and %s disagree on layers %d:%d at step %d", node.url, other.url, node.start, node.end, step
+            )
         else:
             local = await asyncio.to_thread(self._rerun_local, record)
             step = None if local is None else self._first_mismatch(record.outputs, local)
@@ -175,22 +208,33 @@ class Auditor:
         for culprit, outputs, commitments, step in suspects:
             await self._challenge(culprit, record, outputs, commitments, step)
 
-    async def _challenge(self, node: NodeInfo, record: _HopRecord, outputs: list[torch.Tensor],
-                         commitments: dict[int, SignedCommitment], step: int) -> None:
+    async def _challenge(
+        self, node: NodeInfo, record: _HopRecord, outputs: list[torch.Tensor], commitments: dict[int, SignedCommitment], step: int
+    ) -> None:
         """Open a dispute on `node`'s commitment at `step`, with its inputs and answers up to there as evidence."""
         if any(i not in commitments for i in range(step + 1)):
             log.warning("cannot challenge %s: its commitments for steps 0..%d are missing", node.url, step)
             return
         dtype = wire.DTYPES[node.dtype]
-        evidence = Evidence(self.model.model_id, node.start, node.end, record.positions[: step + 1],
-                            [x.to(dtype).contiguous() for x in record.inputs[: step + 1]],
-                            [commitments[i] for i in range(step + 1)], outputs[step].to(dtype).contiguous())
+        evidence = Evidence(
+            self.model.model_id,
+            node.start,
+            node.end,
+            record.positions[: step + 1],
+            [x.to(dtype).contiguous() for x in record.inputs[: step + 1]],
+            [commitments[i] for i in range(step + 1)],
+            outputs[step].to(dtype).contiguous(),
+        )
         reference_cid = await asyncio.to_thread(publish, evidence, self.store, self.evidence_gateways)
         disputes = self.market.disputes
         bond = self.market.read(disputes.functions.challengeBond())
         try:
-            await asyncio.to_thread(self.market.transact, self.market.token.functions.approve(disputes.address, bond), "approving the challenge bond")
-            call = disputes.functions.challenge(node.operator, _tuple(evidence.challenged), evidence.challenged.signature, reference_cid)
+            await asyncio.to_thread(
+                self.market.transact, self.market.token.functions.approve(disputes.address, bond), "approving the challenge bond"
+            )
+            call = disputes.functions.challenge(
+                node.operator, _tuple(evidence.challenged), evidence.challenged.signature, reference_cid
+            )
             receipt = await asyncio.to_thread(self.market.transact, call, f"challenging {node.operator}")
         except ChainError as exc:
             log.warning("could not open a dispute against %s: %s", node.url, exc)

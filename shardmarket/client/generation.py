@@ -46,10 +46,20 @@ class Completion:
 class RemoteModel:
     """Generates with a local Head and a remote pipeline chosen by routing over the known nodes."""
 
-    def __init__(self, head: Head, model_id: str, nodes: list[NodeInfo], domain: Domain, *, transport: str = "tcp",
-                 step_timeout_s: float = 60.0, tab_source: TabSource | None = None,
-                 on_commitment: CommitmentSink | None = None, on_finished: Callable[[InferenceSession], None] | None = None,
-                 presign: Presign | None = None) -> None:
+    def __init__(
+        self,
+        head: Head,
+        model_id: str,
+        nodes: list[NodeInfo],
+        domain: Domain,
+        *,
+        transport: str = "tcp",
+        step_timeout_s: float = 60.0,
+        tab_source: TabSource | None = None,
+        on_commitment: CommitmentSink | None = None,
+        on_finished: Callable[[InferenceSession], None] | None = None,
+        presign: Presign | None = None,
+    ) -> None:
         self.head, self.model_id, self.nodes, self.domain = head, model_id, nodes, domain
         self.transport, self.step_timeout_s, self.tab_source, self.presign = transport, step_timeout_s, tab_source, presign
         self.on_commitment, self.on_finished = on_commitment, on_finished
@@ -64,7 +74,9 @@ class RemoteModel:
         self.auditor: Auditor | None = None
 
     @classmethod
-    async def connect(cls, checkpoint: Path, urls: list[str], domain: Domain, *, model_id: str | None = None, **kwargs) -> RemoteModel:
+    async def connect(
+        cls, checkpoint: Path, urls: list[str], domain: Domain, *, model_id: str | None = None, **kwargs
+    ) -> RemoteModel:
         """Load the Head, measure the nodes, and check that some route covers every layer."""
         head = await in_passing_thread(Head.load, checkpoint)
         model_id = model_id or checkpoint.name
@@ -92,9 +104,17 @@ class RemoteModel:
     async def stream(self, prompt_ids: list[int], params: SamplingParams, completion: Completion) -> AsyncGenerator[int, None]:
         """Yield generated token ids as they come; the pipeline session is closed at the end."""
         session = InferenceSession(
-            self.nodes, self.head.num_layers, self.domain, max_length=len(prompt_ids) + params.max_tokens,
-            transport=self.transport, step_timeout_s=self.step_timeout_s, tab_source=self.tab_source, failed=self.failed,
-            on_commitment=self.on_commitment, presign=self.presign, pool=self.channels,
+            self.nodes,
+            self.head.num_layers,
+            self.domain,
+            max_length=len(prompt_ids) + params.max_tokens,
+            transport=self.transport,
+            step_timeout_s=self.step_timeout_s,
+            tab_source=self.tab_source,
+            failed=self.failed,
+            on_commitment=self.on_commitment,
+            presign=self.presign,
+            pool=self.channels,
         )
         here = PASSIVE_OPENMP and not self._streams  # a lone stream: its head runs on the event loop's thread
         self._streams += 1
@@ -114,7 +134,9 @@ class RemoteModel:
             completion.hop_timings = session.timings
             await session.close()
 
-    async def _generate_here(self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[int, None]:
+    async def _generate_here(
+        self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncGenerator[int, None]:
         """Generate on the event loop's thread: no hand-off to a generating thread and back per token (two thread
         wake-ups). The head then holds the loop for a few ms per token, which is fine while no other stream runs;
         OpenMP does not mind a second team with OMP_WAIT_POLICY=PASSIVE (see shardmarket/engine/openmp.py)."""
@@ -133,7 +155,9 @@ class RemoteModel:
                 answer = None
                 yield step[1]
 
-    async def _generate_in_thread(self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[int, None]:
+    async def _generate_in_thread(
+        self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncGenerator[int, None]:
         """Generate on a thread of its own, so that concurrent streams' heads run side by side and never hold the loop."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()

@@ -31,8 +31,16 @@ def registered_nodes(market: Market, model_name: str) -> list[dict]:
             if not market.read(market.registry.functions.isListed(operator)):
                 continue
             node = market.read(market.registry.functions.getNode(operator))
-            nodes.append({"operator": operator, "url": node.endpoints[0].rstrip("/"), "start": node.layerStart,
-                          "end": node.layerEnd, "price": node.pricePerToken, "key": bytes(node.encryptionKey)})
+            nodes.append(
+                {
+                    "operator": operator,
+                    "url": node.endpoints[0].rstrip("/"),
+                    "start": node.layerStart,
+                    "end": node.layerEnd,
+                    "price": node.pricePerToken,
+                    "key": bytes(node.encryptionKey),
+                }
+            )
     return nodes
 
 
@@ -49,7 +57,14 @@ async def chain_nodes(market: Market, model_name: str) -> list[NodeInfo]:
             log.warning("node %s presents another key or operator than it registered on chain; skipping it", node.url)
             continue
         if (node.start, node.end) != (entry["start"], entry["end"]):
-            log.warning("node %s serves layers %d:%d, not the registered %d:%d; skipping it", node.url, node.start, node.end, entry["start"], entry["end"])
+            log.warning(
+                "node %s serves layers %d:%d, not the registered %d:%d; skipping it",
+                node.url,
+                node.start,
+                node.end,
+                entry["start"],
+                entry["end"],
+            )
             continue
         node.price = entry["price"]
         nodes.append(node)
@@ -63,9 +78,15 @@ async def connect_paid(checkpoint: Path, config: Config, account, model_name: st
     nodes = await chain_nodes(market, model_name)
     payer = Payer(account, market.escrow_domain(), config.home / "client" / "ledger.sqlite")
     model = RemoteModel(head, model_name, nodes, market.dispute_domain(), tab_source=payer.tab, presign=payer.presign, **kwargs)
-    auditor = Auditor(model, market, Blockstore(config.ipfs.store), rate=config.client.spot_check_rate,
-                      tolerance=config.client.spot_check_tolerance, checkpoint=checkpoint,
-                      evidence_gateways=config.client.evidence_gateways)
+    auditor = Auditor(
+        model,
+        market,
+        Blockstore(config.ipfs.store),
+        rate=config.client.spot_check_rate,
+        tolerance=config.client.spot_check_tolerance,
+        checkpoint=checkpoint,
+        evidence_gateways=config.client.evidence_gateways,
+    )
 
     def on_commitment(node: NodeInfo, signed, tokens: int) -> None:
         payer.answered(node, signed, tokens)

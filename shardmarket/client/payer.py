@@ -118,8 +118,10 @@ class Payer:
         for node, cost in raises.items():
             amounts[node] = amounts.get(node, 0) + cost
         if len(amounts) > MAX_ENTRIES:
-            raise TabFull(f"this client's tab already names {len(self._amounts)} nodes, the escrow's cap of {MAX_ENTRIES}; "
-                          "withdraw its deposit and pay from a new account (`shardmarket keys new`)")
+            raise TabFull(
+                f"this client's tab already names {len(self._amounts)} nodes, the escrow's cap of {MAX_ENTRIES}; "
+                "withdraw its deposit and pay from a new account (`shardmarket keys new`)"
+            )
         entries = tuple(Entry(to_checksum_address(n), a) for n, a in sorted(amounts.items(), key=lambda item: int(item[0], 16)))
         tab = Tab(self.account.address, self._seq + 1, entries, self._usage)
         return _Signed(raises, self._amounts, amounts, tab.seq, pack_tab(tab, sign_tab(self._key, tab, self.domain)))

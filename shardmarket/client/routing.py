@@ -108,7 +108,9 @@ async def discover(urls: list[str], model_id: str | None = None, timeout: float 
     return nodes
 
 
-def plan_route(nodes: list[NodeInfo], start: int, end: int, payload_bytes: int, exclude: AbstractSet[str] = frozenset()) -> list[NodeInfo]:
+def plan_route(
+    nodes: list[NodeInfo], start: int, end: int, payload_bytes: int, exclude: AbstractSet[str] = frozenset()
+) -> list[NodeInfo]:
     """The cheapest chain of nodes whose ranges tile [start, end) exactly; raises RouteError if none does."""
     best = {start: 0.0}
     previous: dict[int, tuple[int, NodeInfo]] = {}

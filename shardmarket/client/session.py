@@ -258,8 +258,9 @@ class InferenceSession:
         if unchecked is not None:
             await unchecked()
 
-    async def _step(self, hop: Hop, step: int, position: int, hidden: torch.Tensor,
-                    previous: _CommitmentCheck | None) -> tuple[torch.Tensor, _CommitmentCheck]:
+    async def _step(
+        self, hop: Hop, step: int, position: int, hidden: torch.Tensor, previous: _CommitmentCheck | None
+    ) -> tuple[torch.Tensor, _CommitmentCheck]:
         """Run one step on `hop`; the previous hop's commitment is checked while this node works."""
         node = hop.node
         dtype = wire.DTYPES[node.dtype]
@@ -278,7 +279,9 @@ class InferenceSession:
         async with asyncio.timeout(self.step_timeout_s):
             reply = await hop.channel.recv()
         output = self._check_answer(hop, reply, step, sent)
-        self.timings.append(HopTiming(node.url, hidden.shape[1], time.perf_counter() - started, reply.fields.get("compute_us", 0) / 1e6))
+        self.timings.append(
+            HopTiming(node.url, hidden.shape[1], time.perf_counter() - started, reply.fields.get("compute_us", 0) / 1e6)
+        )
         return output, _CommitmentCheck(self, hop, reply, self.request_id, step, input_hash, hidden.shape[1])
 
     def pay(self, charges: list[tuple[NodeInfo, int]]) -> None:
@@ -299,7 +302,9 @@ class InferenceSession:
             raise NodeFailure(f"node {node.url} answered step {step} with a {reply.type} frame for step {reply.step}")
         if reply.tensor is None or reply.tensor.shape != sent.shape or reply.tensor.dtype != sent.dtype:
             got = None if reply.tensor is None else (list(reply.tensor.shape), reply.tensor.dtype)
-            raise NodeFailure(f"node {node.url} answered step {step} with a wrong shape: {got}, expected {list(sent.shape)} {sent.dtype}")
+            raise NodeFailure(
+                f"node {node.url} answered step {step} with a wrong shape: {got}, expected {list(sent.shape)} {sent.dtype}"
+            )
         return reply.tensor if reply.tensor.dtype == torch.float32 else reply.tensor.to(torch.float32)
 
     def _mark_failed(self, node: NodeInfo, reason: BaseException) -> None:
@@ -416,8 +421,9 @@ class _CommitmentCheck:
     """Reads the commitment frame that follows an answer and checks it (once), recording it; raises
     CommitmentFailure if it is missing or bad."""
 
-    def __init__(self, session: InferenceSession, hop: Hop, reply: Message, request_id: bytes, step: int,
-                 input_hash: bytes, tokens: int) -> None:
+    def __init__(
+        self, session: InferenceSession, hop: Hop, reply: Message, request_id: bytes, step: int, input_hash: bytes, tokens: int
+    ) -> None:
         self.session, self.hop, self.reply, self.request_id = session, hop, reply, request_id
         self.step, self.input_hash, self.tokens = step, input_hash, tokens
         self.done = False
@@ -433,8 +439,12 @@ class _CommitmentCheck:
             if frame.type == wire.ERROR:  # e.g. the tab this step ran on credit with was refused
                 raise CommitmentError(f"step {self.step} was refused after its answer: {frame.fields.get('message')}")
             if frame.type != wire.COMMIT or frame.step != self.step or frame.session != self.request_id:
-                raise CommitmentError(f"step {self.step}: expected its commitment, got a {frame.type} frame for step {frame.step}")
-            signed = check_commitment(frame.fields, self.request_id, self.step, self.input_hash, self.reply.payload, node.operator, session.domain)
+                raise CommitmentError(
+                    f"step {self.step}: expected its commitment, got a {frame.type} frame for step {frame.step}"
+                )
+            signed = check_commitment(
+                frame.fields, self.request_id, self.step, self.input_hash, self.reply.payload, node.operator, session.domain
+            )
         except (CommitmentError, *HOP_ERRORS) as exc:
             raise CommitmentFailure(node, f"node {node.url}: {exc}") from None
         session.commitments.append((node.url, signed))

@@ -28,9 +28,7 @@ def family_of(config: PretrainedConfig) -> Family:
     """The transformers classes for `config`; UnsupportedModel for any other architecture."""
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise UnsupportedModel(
-            f"model type {model_type!r} is not supported; use a {', '.join(FAMILIES)} checkpoint"
-        )
+        raise UnsupportedModel(f"model type {model_type!r} is not supported; use a {', '.join(FAMILIES)} checkpoint")
     module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     prefix = FAMILIES[model_type]
     return Family(

@@ -51,7 +51,12 @@ class Head:
     @torch.no_grad()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [1, T] -> hidden states [1, T, H]."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.int64 or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.dtype != torch.int64
+            or input_ids.dim() != 2
+            or input_ids.shape[0] != 1
+        ):
             raise ShapeError("input ids must be an int64 tensor [1, T]")
         vocab = self.embed_weight.shape[0]
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):

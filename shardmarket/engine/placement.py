@@ -31,9 +31,7 @@ def device_map_for(
         limits.setdefault("disk", 2**62)  # "disk" means unbounded: the offload folder holds what does not fit
     device_map = infer_auto_device_map(body, max_memory=limits, no_split_module_classes=no_split, dtype=dtype)
     if "disk" in device_map.values() and offload_folder is None:
-        raise EngineError(
-            f"max_memory {max_memory} cannot hold the stage's layers; give an offload folder or more memory"
-        )
+        raise EngineError(f"max_memory {max_memory} cannot hold the stage's layers; give an offload folder or more memory")
     log.info("device map of the stage within max_memory %s: %s", max_memory, dict(device_map))
     return device_map
 

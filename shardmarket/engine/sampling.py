@@ -59,7 +59,9 @@ CONFIRM: Final = "confirm"
 TOKEN: Final = "token"
 # what generation_steps yields: the layers to run on (hidden, positions), an output to confirm, or a new token
 Step: TypeAlias = (
-    tuple[Literal["layers"], tuple[torch.Tensor, torch.Tensor]] | tuple[Literal["confirm"], torch.Tensor] | tuple[Literal["token"], int]
+    tuple[Literal["layers"], tuple[torch.Tensor, torch.Tensor]]
+    | tuple[Literal["confirm"], torch.Tensor]
+    | tuple[Literal["token"], int]
 )
 
 
@@ -71,7 +73,12 @@ def _sent(output: torch.Tensor | None) -> torch.Tensor:
 
 
 def generation_steps(
-    head: Head, prompt_ids: list[int], params: SamplingParams, *, chunk_size: int = 256, confirming: bool = False,
+    head: Head,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    chunk_size: int = 256,
+    confirming: bool = False,
 ) -> Generator[Step, torch.Tensor | None, None]:
     """Generation without I/O, for a driver to run (`generate`, or an async one): it yields (LAYERS, (hidden,
     positions)) and must be sent the layers' output; with `confirming`, (CONFIRM, output) once the token is picked,
@@ -120,7 +127,12 @@ def generation_steps(
 
 
 def generate(
-    head: Head, run_layers: RunLayers, prompt_ids: list[int], params: SamplingParams, *, chunk_size: int = 256,
+    head: Head,
+    run_layers: RunLayers,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    chunk_size: int = 256,
     confirm: Confirm | None = None,
 ) -> Iterator[int]:
     """Yield new token ids (see `generation_steps`), running the layers with `run_layers`. With `confirm`, each

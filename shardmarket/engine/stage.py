@@ -73,7 +73,11 @@ class Stage:
         self._cache_shapes: list[tuple[int, int, torch.device]] = []
         for i in range(end - start):
             placed = device_of(f"layers.{i}", device_map)
-            device = self.device if placed in ("cpu", "disk") else torch.device(placed if isinstance(placed, str) else f"cuda:{placed}")
+            device = (
+                self.device
+                if placed in ("cpu", "disk")
+                else torch.device(placed if isinstance(placed, str) else f"cuda:{placed}")
+            )
             self._cache_shapes.append((config.num_key_value_heads, head_dim, device))
 
     @classmethod
@@ -220,7 +224,12 @@ class Stage:
             return [row.to(h.device) for row, (_, h, _) in zip(out.split(1), items, strict=True)]
 
     def _check(self, hidden: torch.Tensor, positions: torch.Tensor, session: SessionCache) -> int:
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
+        if (
+            not isinstance(hidden, torch.Tensor)
+            or hidden.dim() != 3
+            or hidden.shape[0] != 1
+            or hidden.shape[2] != self.hidden_size
+        ):
             shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
             raise ShapeError(f"hidden states must be [1, T, {self.hidden_size}], got {shape}")
         if hidden.dtype != self.dtype:
@@ -241,7 +250,9 @@ class Stage:
         return steps
 
     @torch.inference_mode()
-    def _forward(self, sessions: list[SessionCache], starts: list[int], hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, sessions: list[SessionCache], starts: list[int], hidden: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         x = hidden.to(self.device)
         positions = positions.to(self.device)
         embeddings = self.rotary(x, positions)

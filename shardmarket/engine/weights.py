@@ -52,7 +52,7 @@ def layer_tensors(index: dict[str, Path], start: int, end: int) -> dict[str, tor
     for name in index:
         if not name.startswith(LAYER_PREFIX):
             continue
-        number, rest = name[len(LAYER_PREFIX):].split(".", 1)
+        number, rest = name[len(LAYER_PREFIX) :].split(".", 1)
         if start <= int(number) < end:
             renamed[name] = f"layers.{int(number) - start}.{rest}"
     tensors = read_tensors(index, renamed)

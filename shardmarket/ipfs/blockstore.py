@@ -146,7 +146,7 @@ class Blockstore:
                 for part in parts:
                     view = memoryview(part)
                     while view:
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
             if target.parent.name not in self._shards:
@@ -156,8 +156,10 @@ class Blockstore:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(f"the disk holding {self.path} is full; the block was not written. "
-                                "Free space (e.g. `shardmarket ipfs gc`) and retry") from None
+                raise StoreFull(
+                    f"the disk holding {self.path} is full; the block was not written. "
+                    "Free space (e.g. `shardmarket ipfs gc`) and retry"
+                ) from None
             raise BlockstoreError(f"could not write a block under {self.path}: {exc.strerror}") from None
 
     # pins

@@ -109,8 +109,15 @@ class Gateway:
 class DagFetcher:
     """Fetches the DAG under one root into a blockstore."""
 
-    def __init__(self, store: Blockstore | MemoryBlockstore, gateways: list[str], *, range_bytes: int = RANGE_BYTES,
-                 progress: bool = True, timeout_s: float = 60) -> None:
+    def __init__(
+        self,
+        store: Blockstore | MemoryBlockstore,
+        gateways: list[str],
+        *,
+        range_bytes: int = RANGE_BYTES,
+        progress: bool = True,
+        timeout_s: float = 60,
+    ) -> None:
         if not gateways:
             raise FetchError("no gateway to fetch from: pass --gateway URL or set SHARDMARKET_IPFS_GATEWAYS")
         self.store = store
@@ -156,8 +163,10 @@ class DagFetcher:
                     gateway.abort()
         self.bar.close()
         if self.pending:
-            raise FetchError(f"{len(self.pending)} part(s) of {to_str(root)} could not be fetched from any gateway; "
-                             "verified blocks are kept, run the same command again to resume")
+            raise FetchError(
+                f"{len(self.pending)} part(s) of {to_str(root)} could not be fetched from any gateway; "
+                "verified blocks are kept, run the same command again to resume"
+            )
 
     async def _plan(self, cid: bytes, block: bytes) -> list[Unit]:
         """Units for the DAG under a verified block: byte ranges of a file; the entries of a directory,
@@ -222,6 +231,7 @@ class DagFetcher:
 
     def _missing(self, unit: Unit) -> bool:
         """Whether any block the unit covers is absent locally (walks verified nodes only)."""
+
         def walk(cid: bytes, start: int | None, stop: int | None) -> bool:
             mh = split(cid)[1]
             if mh not in self.nodes:
@@ -290,8 +300,12 @@ class DagFetcher:
                 except (CarError, FetchError, pb.DecodeError, *NETWORK_ERRORS) as exc:
                     failures += 1
                     if not self.stopping:
-                        log.warning("gateway %s failed on %s (%s); another gateway will retry it", url,
-                                    to_str(unit.cid), exc or type(exc).__name__)
+                        log.warning(
+                            "gateway %s failed on %s (%s); another gateway will retry it",
+                            url,
+                            to_str(unit.cid),
+                            exc or type(exc).__name__,
+                        )
                     self._settle(unit, failed_on=url)
                 except BaseException:
                     self._settle(unit, failed_on=url)

@@ -76,8 +76,9 @@ def _peek(store: Blockstore, cid: bytes) -> tuple[int, list[pb.Link], pb.UnixFSD
     return len(block), links, fs
 
 
-def dag_plan(store: Blockstore, root: bytes, scope: str = "all", byte_range: str | None = None,
-             already_sent: Iterable[bytes] = ()) -> list[tuple[bytes, int]]:
+def dag_plan(
+    store: Blockstore, root: bytes, scope: str = "all", byte_range: str | None = None, already_sent: Iterable[bytes] = ()
+) -> list[tuple[bytes, int]]:
     """(CID, size) of the DAG's blocks in depth-first order without duplicates, limited by `dag-scope`."""
     seen: set[bytes] = {split(cid)[1] for cid in already_sent}
     plan: list[tuple[bytes, int]] = []
@@ -111,8 +112,9 @@ def dag_plan(store: Blockstore, root: bytes, scope: str = "all", byte_range: str
     return plan
 
 
-def dag_blocks(store: Blockstore, root: bytes, scope: str = "all",
-               byte_range: str | None = None) -> Iterator[tuple[bytes, bytes]]:
+def dag_blocks(
+    store: Blockstore, root: bytes, scope: str = "all", byte_range: str | None = None
+) -> Iterator[tuple[bytes, bytes]]:
     """The blocks of `dag_plan`, read one at a time."""
     for cid, _ in dag_plan(store, root, scope, byte_range):
         yield cid, store.get_unchecked(cid)
@@ -160,7 +162,8 @@ def gateway_routes(store: Blockstore) -> web.RouteTableDef:
             kind, params = _wanted_format(request)
             if kind is None:
                 raise web.HTTPNotAcceptable(
-                    text=f"this is a trustless gateway: send Accept: {RAW_TYPE} or {CAR_TYPE} (or ?format=raw|car)\n")
+                    text=f"this is a trustless gateway: send Accept: {RAW_TYPE} or {CAR_TYPE} (or ?format=raw|car)\n"
+                )
             cid, trail = resolve(store, root, request.match_info.get("path", ""))
             if kind == RAW_TYPE:
                 if trail:
@@ -197,8 +200,9 @@ def _raw_response(request: web.Request, store: Blockstore, cid: bytes) -> web.Re
     return web.Response(body=store.get_unchecked(cid), headers=headers)
 
 
-async def _car_response(request: web.Request, store: Blockstore, root: bytes, cid: bytes,
-                        trail: list[tuple[bytes, bytes]], params: dict[str, str]) -> web.StreamResponse:
+async def _car_response(
+    request: web.Request, store: Blockstore, root: bytes, cid: bytes, trail: list[tuple[bytes, bytes]], params: dict[str, str]
+) -> web.StreamResponse:
     if params.get("version", "1") != "1":
         raise BadRequest(f"CAR version {params['version']} is not served here; ask for version=1")
     if params.get("order", "dfs") not in ("dfs", "unk"):
@@ -220,8 +224,9 @@ async def _car_response(request: web.Request, store: Blockstore, root: bytes, ci
     head = header([root])
     trail_sections = [b"".join(section(c, data)) for c, data in trail]
     response = web.StreamResponse(headers=headers)
-    response.content_length = len(head) + sum(map(len, trail_sections)) + sum(
-        len(varint(len(c) + size)) + len(c) + size for c, size in plan)
+    response.content_length = (
+        len(head) + sum(map(len, trail_sections)) + sum(len(varint(len(c) + size)) + len(c) + size for c, size in plan)
+    )
     await response.prepare(request)
     if request.method == "HEAD":
         return response

@@ -99,8 +99,16 @@ class KuboClient:
                         raise KuboError(f"Kubo reported: {item.get('Message')}")
                     yield item
 
-    async def add(self, path: Path, options: ImportOptions = ImportOptions(), *, recursive: bool = False,
-                  only_hash: bool = False, pin: bool = True, hidden: bool = False) -> list[tuple[str, str]]:
+    async def add(
+        self,
+        path: Path,
+        options: ImportOptions = ImportOptions(),
+        *,
+        recursive: bool = False,
+        only_hash: bool = False,
+        pin: bool = True,
+        hidden: bool = False,
+    ) -> list[tuple[str, str]]:
         """`ipfs add`: (name, CID) of every entry, the root last, as Kubo reports them."""
         path = Path(path)
         params = _add_params(options, recursive=recursive, only_hash=only_hash, pin=pin, hidden=hidden)

@@ -26,8 +26,17 @@ from shardmarket.ipfs.unixfs import ImportOptions, ReadableInto, export, import_
 
 FORMAT = "shardmarket-model/1"
 SHARD_OPTIONS = ImportOptions(cid_version=1)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 MAX_MANIFEST = 16 * 1024 * 1024
 
@@ -68,8 +77,7 @@ def _add_shard(store: Blockstore, path: Path, name: str, tensors: dict[str, dict
         reader = _HashingReader(f)
         entry = import_stream(reader, SHARD_OPTIONS, store)
     store.pin(entry.cid)
-    return {"file": name, "cid": entry.cid_str, "size": entry.size, "sha256": reader.sha.hexdigest(),
-            "tensors": tensors}
+    return {"file": name, "cid": entry.cid_str, "size": entry.size, "sha256": reader.sha.hexdigest(), "tensors": tensors}
 
 
 def _write_group(checkpoint_files: dict[str, Path], names: list[str], out: Path) -> dict[str, dict]:
@@ -83,8 +91,7 @@ def _write_group(checkpoint_files: dict[str, Path], names: list[str], out: Path)
     return meta
 
 
-def pack_model(checkpoint_dir: Path, store: Blockstore, *, model_id: str | None = None,
-               progress: bool = True) -> str:
+def pack_model(checkpoint_dir: Path, store: Blockstore, *, model_id: str | None = None, progress: bool = True) -> str:
     """Split, add and pin a checkpoint's shards, tokenizer and manifest; return the manifest CID."""
     checkpoint = Path(checkpoint_dir)
     try:
@@ -100,10 +107,16 @@ def pack_model(checkpoint_dir: Path, store: Blockstore, *, model_id: str | None 
     numbered = sorted(k for k in groups if isinstance(k, int))
     missing = [i for i in range(num_layers) if i not in groups]
     if missing or any(k >= num_layers for k in numbered):
-        raise ModelError(f"config says {num_layers} layers but tensors exist for layers "
-                         f"{numbered}; the checkpoint is inconsistent")
-    manifest: dict = {"format": FORMAT, "model_id": model_id or checkpoint.resolve().name,
-                      "architectures": config.get("architectures", []), "num_layers": num_layers, "config": config}
+        raise ModelError(
+            f"config says {num_layers} layers but tensors exist for layers {numbered}; the checkpoint is inconsistent"
+        )
+    manifest: dict = {
+        "format": FORMAT,
+        "model_id": model_id or checkpoint.resolve().name,
+        "architectures": config.get("architectures", []),
+        "num_layers": num_layers,
+        "config": config,
+    }
     with tempfile.TemporaryDirectory(prefix="pack-", dir=store.tmp) as tmp:
         work = Path(tmp)
         layers = []
@@ -139,8 +152,9 @@ def _ensure(store: Blockstore, cid: bytes, gateways: list[str], progress: bool) 
             pass
     except BlockstoreError:
         if not gateways:
-            raise ModelError(f"{to_str(cid)} is not in the local store and no gateway is configured; "
-                             "pass --gateway URL") from None
+            raise ModelError(
+                f"{to_str(cid)} is not in the local store and no gateway is configured; pass --gateway URL"
+            ) from None
         fetch_dag(cid, store, gateways, progress=progress)
 
 
@@ -164,8 +178,16 @@ def load_manifest(store: Blockstore, manifest_cid: str, gateways: Sequence[str] 
     return manifest
 
 
-def fetch_model(manifest_cid: str, layers: tuple[int, int], dest: Path, gateways: list[str], *,
-                store: Blockstore, head: bool = False, progress: bool = True) -> Path:
+def fetch_model(
+    manifest_cid: str,
+    layers: tuple[int, int],
+    dest: Path,
+    gateways: list[str],
+    *,
+    store: Blockstore,
+    head: bool = False,
+    progress: bool = True,
+) -> Path:
     """Write a checkpoint folder with config.json and only the shards of layers [start, end) (+ head).
 
     Fetched shards are pinned in `store`, so this node can serve them."""
@@ -206,6 +228,7 @@ def fetch_model(manifest_cid: str, layers: tuple[int, int], dest: Path, gateways
     (dest / "config.json").write_text(json.dumps(manifest["config"], indent=2))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (dest / "shardmarket.json").write_text(json.dumps(
-        {"manifest": manifest_cid, "model_id": manifest["model_id"], "layers": [start, end], "head": head}, indent=2))
+    (dest / "shardmarket.json").write_text(
+        json.dumps({"manifest": manifest_cid, "model_id": manifest["model_id"], "layers": [start, end], "head": head}, indent=2)
+    )
     return dest

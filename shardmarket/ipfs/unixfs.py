@@ -169,8 +169,12 @@ class FileBuilder:
         return Entry(cid, 0, tsize)
 
 
-def import_stream(stream: ReadableInto, options: ImportOptions = ImportOptions(), sink: BlockSink | None = None,
-                  progress: Progress | None = None) -> Entry:
+def import_stream(
+    stream: ReadableInto,
+    options: ImportOptions = ImportOptions(),
+    sink: BlockSink | None = None,
+    progress: Progress | None = None,
+) -> Entry:
     """Import one file from a binary stream, reading one chunk at a time into a reused buffer."""
     builder = FileBuilder(options, sink)
     buf = bytearray(options.chunk_size)
@@ -204,17 +208,25 @@ def directory_node(options: ImportOptions, children: dict[str, Entry], sink: Blo
     names = sorted(children, key=lambda name: name.encode())
     estimate = sum(len(name.encode()) + len(children[name].cid) for name in names)
     if estimate > HAMT_THRESHOLD:
-        raise AddError(f"a directory with {len(names)} entries would be HAMT-sharded by Kubo, which is not "
-                           "supported; split it into smaller directories")
+        raise AddError(
+            f"a directory with {len(names)} entries would be HAMT-sharded by Kubo, which is not "
+            "supported; split it into smaller directories"
+        )
     links = [pb.Link(children[name].cid, name, children[name].tsize) for name in names]
     cid, tsize = _dag_pb_block(options, links, pb.encode_unixfs(pb.DIRECTORY), _Discard() if sink is None else sink)
     return Entry(cid, sum(children[name].size for name in names), tsize)
 
 
-def import_path(path: Path, options: ImportOptions = ImportOptions(), sink: BlockSink | None = None, *,
-                recursive: bool = False, hidden: bool = False,
-                on_added: Callable[[str, Entry], None] | None = None,
-                progress: Progress | None = None) -> Entry:
+def import_path(
+    path: Path,
+    options: ImportOptions = ImportOptions(),
+    sink: BlockSink | None = None,
+    *,
+    recursive: bool = False,
+    hidden: bool = False,
+    on_added: Callable[[str, Entry], None] | None = None,
+    progress: Progress | None = None,
+) -> Entry:
     """Import a file or (with `recursive`) a directory tree.
 
     `on_added(name, entry)` reports in Kubo's order: each file as it is added, then every directory post-order.
@@ -227,9 +239,17 @@ def import_path(path: Path, options: ImportOptions = ImportOptions(), sink: Bloc
     return entry
 
 
-def _import(path: Path, options: ImportOptions, sink: BlockSink | None, recursive: bool, hidden: bool,
-            on_added: Callable[[str, Entry], None] | None, progress: Progress | None,
-            directories: list[tuple[str, Entry]], prefix: str = "") -> Entry:
+def _import(
+    path: Path,
+    options: ImportOptions,
+    sink: BlockSink | None,
+    recursive: bool,
+    hidden: bool,
+    on_added: Callable[[str, Entry], None] | None,
+    progress: Progress | None,
+    directories: list[tuple[str, Entry]],
+    prefix: str = "",
+) -> Entry:
     mode = os.lstat(path).st_mode
     if stat.S_ISLNK(mode):
         raise AddError(f"{path} is a symbolic link; symlinks are not supported, add its target instead")
@@ -241,8 +261,7 @@ def _import(path: Path, options: ImportOptions, sink: BlockSink | None, recursiv
         for child in sorted(os.listdir(path)):
             if child.startswith(".") and not hidden:
                 continue
-            children[child] = _import(path / child, options, sink, recursive, hidden, on_added, progress,
-                                      directories, f"{name}/")
+            children[child] = _import(path / child, options, sink, recursive, hidden, on_added, progress, directories, f"{name}/")
         entry = directory_node(options, children, sink)
         directories.append((name, entry))
         return entry

@@ -68,7 +68,9 @@ class StreamTransport:
 class WebSocketTransport:
     """One frame per binary WebSocket message (client or server side)."""
 
-    def __init__(self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, session: aiohttp.ClientSession | None = None
+    ) -> None:
         self.ws, self._session = ws, session
 
     async def send(self, data: bytes) -> None:
@@ -126,7 +128,11 @@ async def open_transport(base_url: str, kind: str, tcp_port: int | None, limits:
     if kind == "ws":
         session = aiohttp.ClientSession()
         try:
-            ws = await session.ws_connect(url.with_path(SESSION_PATH), max_msg_size=limits.max_frame_bytes, timeout=aiohttp.ClientWSTimeout(ws_close=timeout))
+            ws = await session.ws_connect(
+                url.with_path(SESSION_PATH),
+                max_msg_size=limits.max_frame_bytes,
+                timeout=aiohttp.ClientWSTimeout(ws_close=timeout),
+            )
         except BaseException:
             await session.close()
             raise

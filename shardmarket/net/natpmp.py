@@ -12,8 +12,14 @@ from shardmarket.net.udp import exchange, local_address_towards
 PORT = 5351
 OP_EXTERNAL_ADDRESS = 0
 OP_MAP_TCP = 2
-RESULTS = {0: "success", 1: "unsupported version", 2: "not authorized/refused", 3: "network failure",
-           4: "out of resources", 5: "unsupported opcode"}
+RESULTS = {
+    0: "success",
+    1: "unsupported version",
+    2: "not authorized/refused",
+    3: "network failure",
+    4: "out of resources",
+    5: "unsupported opcode",
+}
 
 
 class NatPmpMapper:

@@ -168,8 +168,9 @@ class Reachability:
             if mapped:
                 mapper, mapping = mapped
                 if await self._use(mapping.endpoint, mapping.method, expected, time.monotonic(), t0):
-                    self.lease = Lease(mapper, mapping, self.lease_s, self.refresh_s,
-                                       on_change=lambda fresh: self._moved(fresh.endpoint))
+                    self.lease = Lease(
+                        mapper, mapping, self.lease_s, self.refresh_s, on_change=lambda fresh: self._moved(fresh.endpoint)
+                    )
                     return self.report
                 await self._unmap(mapper, mapping)
             if classify:

@@ -114,8 +114,14 @@ class _Slot:
 class RelayServer:
     """The relay side: `app()` serves GET /relay (the node's WebSocket), POST /verify and GET /health."""
 
-    def __init__(self, public_host: str, bind_host: str = "0.0.0.0", rate_bytes_per_s: float = 10e6,
-                 max_nodes: int = 64, max_streams: int = 256) -> None:
+    def __init__(
+        self,
+        public_host: str,
+        bind_host: str = "0.0.0.0",
+        rate_bytes_per_s: float = 10e6,
+        max_nodes: int = 64,
+        max_streams: int = 256,
+    ) -> None:
         self.public_host, self.bind_host = public_host, bind_host
         self.rate, self.max_nodes, self.max_streams = rate_bytes_per_s, max_nodes, max_streams
         self.slots: dict[str, _Slot] = {}
@@ -169,7 +175,7 @@ class RelayServer:
                 continue
             kind, stream = FRAME.unpack_from(msg.data)
             if kind == DATA:
-                await tunnel.deliver(stream, msg.data[FRAME.size:])
+                await tunnel.deliver(stream, msg.data[FRAME.size :])
             elif kind == CLOSE:
                 tunnel.close_stream(stream)
         tunnel.close_all()
@@ -215,8 +221,14 @@ class RelayClient:
     """The node side: holds the WebSocket to a relay, opens a local TCP connection per relayed stream,
     reconnects (keeping its public port) when the relay drops it."""
 
-    def __init__(self, relay_url: str, local_port: int, node_id: str, local_host: str = "127.0.0.1",
-                 on_change: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        relay_url: str,
+        local_port: int,
+        node_id: str,
+        local_host: str = "127.0.0.1",
+        on_change: Callable[[str], None] | None = None,
+    ) -> None:
         self.relay_url, self.local = relay_url.rstrip("/"), (local_host, local_port)
         self.on_change = on_change
         self.node_id, self.token = node_id, secrets.token_hex(16)
@@ -276,7 +288,7 @@ class RelayClient:
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             elif kind in (DATA, CLOSE) and stream in tunnel.pending:
-                tunnel.pending[stream].put_nowait(msg.data[FRAME.size:] if kind == DATA else None)
+                tunnel.pending[stream].put_nowait(msg.data[FRAME.size :] if kind == DATA else None)
         for task in tasks:
             task.cancel()
         tunnel.close_all()

@@ -37,9 +37,7 @@ async def exchange(
     Retransmits with a doubling wait (RFC 6886 / RFC 8489 style); raises TimeoutError or ConnectionRefusedError.
     """
     loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(
-        lambda: _Exchange(accept), remote_addr=server, local_addr=local
-    )
+    transport, proto = await loop.create_datagram_endpoint(lambda: _Exchange(accept), remote_addr=server, local_addr=local)
     try:
         wait, deadline = first_wait, loop.time() + timeout
         while True:

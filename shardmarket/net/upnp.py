@@ -41,8 +41,7 @@ async def discover(timeout: float = 1.5) -> str:
         for _attempt in range(3):
             for target in SEARCH_TARGETS:
                 message = (
-                    f"M-SEARCH * HTTP/1.1\r\nHOST: {SSDP[0]}:{SSDP[1]}\r\nMAN: \"ssdp:discover\"\r\n"
-                    f"MX: 1\r\nST: {target}\r\n\r\n"
+                    f'M-SEARCH * HTTP/1.1\r\nHOST: {SSDP[0]}:{SSDP[1]}\r\nMAN: "ssdp:discover"\r\nMX: 1\r\nST: {target}\r\n\r\n'
                 )
                 transport.sendto(message.encode(), SSDP)
             try:
@@ -131,11 +130,19 @@ class UpnpMapper:
         return (await self._soap("GetExternalIPAddress", {}))["NewExternalIPAddress"]
 
     async def _add(self, internal_ip: str, internal_port: int, external_port: int, lifetime: int) -> None:
-        await self._soap("AddPortMapping", {
-            "NewRemoteHost": "", "NewExternalPort": external_port, "NewProtocol": "TCP",
-            "NewInternalPort": internal_port, "NewInternalClient": internal_ip, "NewEnabled": 1,
-            "NewPortMappingDescription": "shardmarket node", "NewLeaseDuration": lifetime,
-        })
+        await self._soap(
+            "AddPortMapping",
+            {
+                "NewRemoteHost": "",
+                "NewExternalPort": external_port,
+                "NewProtocol": "TCP",
+                "NewInternalPort": internal_port,
+                "NewInternalClient": internal_ip,
+                "NewEnabled": 1,
+                "NewPortMappingDescription": "shardmarket node",
+                "NewLeaseDuration": lifetime,
+            },
+        )
 
     async def map(self, internal_port: int, external_port: int, lifetime: int) -> Mapping:
         control_url, _ = self.control or await self.prepare()
@@ -157,6 +164,11 @@ class UpnpMapper:
         return await self.map(mapping.internal_port, mapping.external_port, lifetime)
 
     async def unmap(self, mapping: Mapping) -> None:
-        await self._soap("DeletePortMapping", {
-            "NewRemoteHost": "", "NewExternalPort": mapping.external_port, "NewProtocol": "TCP",
-        })
+        await self._soap(
+            "DeletePortMapping",
+            {
+                "NewRemoteHost": "",
+                "NewExternalPort": mapping.external_port,
+                "NewProtocol": "TCP",
+            },
+        )

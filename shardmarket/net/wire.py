@@ -119,7 +119,9 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
     elif len(payload):
         raise WireError(f"{len(payload)} payload bytes arrived without a tensor header")
     fields = {k: v for k, v in header.items() if k not in _HEADER_KEYS}
-    return Message(header["type"], header.get("session", b""), step, fields, tensor, bytes(payload) if tensor is not None else b"")
+    return Message(
+        header["type"], header.get("session", b""), step, fields, tensor, bytes(payload) if tensor is not None else b""
+    )
 
 
 def _unpack_header(raw: memoryview, limits: Limits) -> dict:

@@ -105,8 +105,11 @@ class NodeDaemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         port = runner.addresses[0][1]
-        print(f"node ready: http://{self.host}:{port} (tcp {tcp_port}) layers {service.stage.start}:{service.stage.end} "
-              f"of {self.listing.model_id}, operator {service.identity.operator}", flush=True)
+        print(
+            f"node ready: http://{self.host}:{port} (tcp {tcp_port}) layers {service.stage.start}:{service.stage.end} "
+            f"of {self.listing.model_id}, operator {service.identity.operator}",
+            flush=True,
+        )
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -158,17 +161,31 @@ def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, 
         dest = config.node.data_dir / "shards" / f"{manifest}-{start}-{end}"
         print(f"fetching layers {start}:{end} of {name} (manifest {manifest})", flush=True)
         try:
-            checkpoint = fetch_model(manifest, (start, end), dest, config.ipfs.gateways, store=store, progress=sys.stderr.isatty())
+            checkpoint = fetch_model(
+                manifest, (start, end), dest, config.ipfs.gateways, store=store, progress=sys.stderr.isatty()
+            )
         except (ModelError, OSError) as exc:
             raise ChainError(f"cannot fetch the shards of {name}: {exc}") from None
     tabs = TabStore(tab_store_path(config.node.data_dir), identity.operator)
-    gate = PaymentGate(tabs, identity.operator, price, market.escrow_domain(), config.node.credit_limit or CREDIT_STEPS * price,
-                       escrow_balance_reader(market))
+    gate = PaymentGate(
+        tabs,
+        identity.operator,
+        price,
+        market.escrow_domain(),
+        config.node.credit_limit or CREDIT_STEPS * price,
+        escrow_balance_reader(market),
+    )
     settler = Settler(market, tabs, gate, interval_s=config.node.redeem_interval_s, min_value=config.node.redeem_min_value)
     print(f"loading layers {start}:{end} of {name} ({'paused, not listed' if paused else 'listed'}), price {price}", flush=True)
     service = _load_service(options, config, checkpoint, (start, end), identity, threads, payments=gate)
-    duty = VerifierDuty(market, service.worker, store, config.ipfs.gateways, config.node.dispute_tolerance,
-                        state_path=config.node.data_dir / "verifier.json")
+    duty = VerifierDuty(
+        market,
+        service.worker,
+        store,
+        config.ipfs.gateways,
+        config.node.dispute_tolerance,
+        state_path=config.node.data_dir / "verifier.json",
+    )
     watch = BlockWatch(config.chain.rpc_url, steps_served=lambda: service.steps_served)
 
     async def settle_at_shutdown() -> None:
@@ -185,15 +202,29 @@ def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, 
     return daemon
 
 
-def _load_service(options: ServeOptions, config: Config, checkpoint: Path, layers: tuple[int, int], identity: NodeIdentity,
-                  threads: int, payments: PaymentGate | None = None) -> NodeService:
+def _load_service(
+    options: ServeOptions,
+    config: Config,
+    checkpoint: Path,
+    layers: tuple[int, int],
+    identity: NodeIdentity,
+    threads: int,
+    payments: PaymentGate | None = None,
+) -> NodeService:
     """Load layers `layers` of `checkpoint` on the compute thread (every torch operation of the node runs there) and
     build the session service, the faulty one when `options.fault` asks for it."""
     max_memory = None if options.max_memory_mb is None else {"cpu": int(options.max_memory_mb * 2**20)}
     compute = compute_thread(threads)
-    stage = compute.submit(Stage.load, checkpoint, layers[0], layers[1], dtype=DTYPES[options.dtype],
-                           idle_timeout_s=config.node.idle_timeout_s, max_memory=max_memory,
-                           offload_folder=options.offload_folder).result()
+    stage = compute.submit(
+        Stage.load,
+        checkpoint,
+        layers[0],
+        layers[1],
+        dtype=DTYPES[options.dtype],
+        idle_timeout_s=config.node.idle_timeout_s,
+        max_memory=max_memory,
+        offload_folder=options.offload_folder,
+    ).result()
     worker = StageWorker(stage, executor=compute)
     compute.submit(worker.warm_up).result()
     domain = commitment_domain(config.chain.chain_id, config.chain.deployments_dir)

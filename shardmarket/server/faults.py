@@ -60,6 +60,7 @@ class FaultyService(NodeService):
 
     def _commitment(self, answer: _Answer) -> Message:
         if self.fault.forge_commitments and answer.step >= FORGED_FROM_STEP and answer.signed is None:
-            answer.signed = commit(signing_key(FORGING_KEY), answer.request_id, answer.step, answer.input_hash,
-                                   answer.payload, self.domain)
+            answer.signed = commit(
+                signing_key(FORGING_KEY), answer.request_id, answer.step, answer.input_hash, answer.payload, self.domain
+            )
         return super()._commitment(answer)

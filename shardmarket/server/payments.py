@@ -54,8 +54,15 @@ async def _finished(check: Future | Awaitable[object]) -> None:
 class PaymentGate:
     """Checks tabs and credit per client; `spendable(client)` reads the client's escrow balance from the chain."""
 
-    def __init__(self, store: TabStore, node: str, price: int, domain: Domain, credit_limit: int,
-                 spendable: Callable[[str], Awaitable[int]]) -> None:
+    def __init__(
+        self,
+        store: TabStore,
+        node: str,
+        price: int,
+        domain: Domain,
+        credit_limit: int,
+        spendable: Callable[[str], Awaitable[int]],
+    ) -> None:
         self.store, self.node, self.price, self.domain = store, node, price, domain
         self.credit_limit = credit_limit
         self.spendable = spendable
@@ -66,7 +73,9 @@ class PaymentGate:
         self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tabs")
         self._refused: set[str] = {c.client.lower() for c in store.claims()}
 
-    async def admit(self, request_id: bytes, tokens: int, fields: dict, step: Callable[[], Awaitable[T]]) -> tuple[T, Credit | None]:
+    async def admit(
+        self, request_id: bytes, tokens: int, fields: dict, step: Callable[[], Awaitable[T]]
+    ) -> tuple[T, Credit | None]:
         """Run `step`, a step of `tokens` tokens whose tab rides in `fields`, as its payment allows; returns its result and,
         for a step admitted on credit, the Credit that `acknowledge` must settle before the node commits to the answer.
         Raises PaymentRefused when the client must pay first (the result must then not go out).
@@ -126,7 +135,9 @@ class PaymentGate:
 
     def _parse(self, raw: object) -> tuple[Tab, bytes]:
         if raw is None:
-            raise PaymentRefused("payment_required", f"this node charges {self.price} token units per token: send a tab with every step")
+            raise PaymentRefused(
+                "payment_required", f"this node charges {self.price} token units per token: send a tab with every step"
+            )
         if not isinstance(raw, bytes):
             raise PaymentRefused("bad_tab", f"a tab is bytes, not {type(raw).__name__}; send the signed tab as bytes")
         try:
@@ -161,8 +172,10 @@ class PaymentGate:
         """Check `tab` against this node's books and reserve the step's cost, which it returns (the caller holds the lock)."""
         client = tab.client.lower()
         if client in self._refused:
-            raise PaymentRefused("client_refused", f"client {tab.client} signed a tab lowering what it promised this node; "
-                                                   "this node no longer serves it")
+            raise PaymentRefused(
+                "client_refused",
+                f"client {tab.client} signed a tab lowering what it promised this node; this node no longer serves it",
+            )
         bound = self._session_clients.setdefault(request_id, client)
         if bound != client:
             raise PaymentRefused("bad_tab", "this session is paid by another client; one session, one payer")
@@ -186,11 +199,16 @@ class PaymentGate:
         if tab.seq <= known.tab.seq:
             return known
         if tab.amount_for(self.node) < known.entry:
-            raise PaymentRefused("bad_tab", f"tab {tab.seq} promises this node less than tab {known.tab.seq} did; "
-                                            "a client never lowers what it promised")
+            raise PaymentRefused(
+                "bad_tab",
+                f"tab {tab.seq} promises this node less than tab {known.tab.seq} did; a client never lowers what it promised",
+            )
         if not tab.covers(known.paid):
-            raise PaymentRefused("bad_tab", f"tab {tab.seq} names less than the escrow has already paid some node; "
-                                            "the escrow would reject it: sign a tab over every node paid")
+            raise PaymentRefused(
+                "bad_tab",
+                f"tab {tab.seq} names less than the escrow has already paid some node; "
+                "the escrow would reject it: sign a tab over every node paid",
+            )
         return replace(known, tab=tab, signature=signature)
 
     def _check_funds(self, newest: StoredTab) -> None:

@@ -125,7 +125,9 @@ class NodeService:
             code = exc.code if isinstance(exc, WireError) else "bad_handshake"
             await transport.send(wire.encode(wire.error_message(code, f"handshake failed: {exc}")))
             return None
-        await transport.send(wire.encode(Message(wire.WELCOME, fields={"key": node_eph, "confirm": cipher.seal(HANDSHAKE_CONFIRM)})))
+        await transport.send(
+            wire.encode(Message(wire.WELCOME, fields={"key": node_eph, "confirm": cipher.seal(HANDSHAKE_CONFIRM)}))
+        )
         return SecureChannel(transport, cipher, self.limits)
 
     async def _serve_channel(self, channel: SecureChannel) -> None:
@@ -164,7 +166,9 @@ class NodeService:
                 return await self._open(message), None
             if message.type == wire.STEP:
                 answer = await self._step(message)
-                reply = Message(wire.RESULT, answer.request_id, answer.step, {"compute_us": answer.compute_us}, answer.output, answer.payload)
+                reply = Message(
+                    wire.RESULT, answer.request_id, answer.step, {"compute_us": answer.compute_us}, answer.output, answer.payload
+                )
                 return reply, answer
             if message.type == wire.CLOSE:
                 return await self._close(message), None
@@ -184,14 +188,18 @@ class NodeService:
             if session is not None:
                 async with session.lock:
                     await self._close_stage_session(session)
-            return wire.error_message(exc.code, f"{exc}; this step's answer stands unpaid against your credit", answer.request_id, answer.step)
+            return wire.error_message(
+                exc.code, f"{exc}; this step's answer stands unpaid against your credit", answer.request_id, answer.step
+            )
         answer.credit = None
         return commitment
 
     def _commitment(self, answer: _Answer) -> Message:
         """The commitment frame of `answer`, signed on first use."""
         if answer.signed is None:
-            answer.signed = commit(self.identity.signer, answer.request_id, answer.step, answer.input_hash, answer.payload, self.domain)
+            answer.signed = commit(
+                self.identity.signer, answer.request_id, answer.step, answer.input_hash, answer.payload, self.domain
+            )
         return Message(wire.COMMIT, answer.request_id, answer.step, answer.signed.to_fields())
 
     def _check_request_id(self, message: Message) -> bytes:
@@ -247,7 +255,9 @@ class NodeService:
             if answer is None:
                 if self.draining:
                     raise StepRefused("shutting_down", "this node is shutting down; use another node for this range")
-                answer = await (self._run(session, message) if self.payments is None else self._run_paid(self.payments, session, message))
+                answer = await (
+                    self._run(session, message) if self.payments is None else self._run_paid(self.payments, session, message)
+                )
         return answer
 
     async def _run_paid(self, payments: PaymentGate, session: _Session, message: Message) -> _Answer:
@@ -290,7 +300,9 @@ class NodeService:
         if position != session.next_position:
             raise StepRefused("bad_position", f"step starts at position {position!r}, expected {session.next_position}")
         if position + hidden.shape[1] > session.max_length:
-            raise StepRefused("too_long", f"positions up to {position + hidden.shape[1]} exceed the session's max_length {session.max_length}")
+            raise StepRefused(
+                "too_long", f"positions up to {position + hidden.shape[1]} exceed the session's max_length {session.max_length}"
+            )
         positions = torch.arange(position, position + hidden.shape[1], dtype=torch.int64).unsqueeze(0)
         return hidden, positions
 

@@ -32,8 +32,12 @@ from shardmarket.server.tabs import LoweringClaim, StoredTab, TabStore
 
 log = logging.getLogger("shardmarket.settle")
 BATCH = 50  # clients per settleTabs transaction
-REJECTIONS = {Rejection.BAD_SIGNATURE: "bad signature", Rejection.STALE_SEQ: "stale seq",
-              Rejection.WRONG_PREVIOUS: "wrong previous vector", Rejection.MALFORMED: "malformed"}
+REJECTIONS = {
+    Rejection.BAD_SIGNATURE: "bad signature",
+    Rejection.STALE_SEQ: "stale seq",
+    Rejection.WRONG_PREVIOUS: "wrong previous vector",
+    Rejection.MALFORMED: "malformed",
+}
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,11 @@ class Settlement:
 def paid_vector_events(market: Market, from_block: int, to_block: int | str = "latest", client: str | None = None) -> list:
     """The TabSettled and LoweringClaimed events (both carry a client's new paid vector and settled seq) in log order."""
     filters = {"client": to_checksum_address(client)} if client else None
-    logs = [entry for event in (market.escrow.events.TabSettled, market.escrow.events.LoweringClaimed)
-            for entry in event.get_logs(from_block=from_block, to_block=to_block, argument_filters=filters)]
+    logs = [
+        entry
+        for event in (market.escrow.events.TabSettled, market.escrow.events.LoweringClaimed)
+        for entry in event.get_logs(from_block=from_block, to_block=to_block, argument_filters=filters)
+    ]
     return sorted(logs, key=lambda entry: (entry["blockNumber"], entry["logIndex"]))
 
 
@@ -92,9 +99,13 @@ def _reconcile(market: Market, stored: StoredTab, store: TabStore, gate: Payment
     if stored.tab.seq < settled.seq:  # another node settled a newer tab short (or the client lowered this node's entry)
         newer = _settled_tab(market, stored.client, settled.seq)
         if newer is None:
-            log.error("client %s owes this node %d but the escrow settled its tab %d, whose signed form this node cannot "
-                      "read back (sent through another contract); this node no longer serves it", stored.client, stored.owed,
-                      settled.seq)
+            log.error(
+                "client %s owes this node %d but the escrow settled its tab %d, whose signed form this node cannot "
+                "read back (sent through another contract); this node no longer serves it",
+                stored.client,
+                stored.owed,
+                settled.seq,
+            )
             if gate is not None:
                 gate.refuse(stored.client)
             return None
@@ -105,8 +116,9 @@ def _reconcile(market: Market, stored: StoredTab, store: TabStore, gate: Payment
     return stored
 
 
-def _claim_lowered(market: Market, store: TabStore, gate: PaymentGate | None, stored: StoredTab, lowered: Tab,
-                   signature: bytes) -> None:
+def _claim_lowered(
+    market: Market, store: TabStore, gate: PaymentGate | None, stored: StoredTab, lowered: Tab, signature: bytes
+) -> None:
     """Make the client pay the held tab's promise with the fraud proof (the held tab and the lowering one): once, and
     again only for what an empty balance left unpaid, after the client deposits."""
     if gate is not None:
@@ -114,19 +126,33 @@ def _claim_lowered(market: Market, store: TabStore, gate: PaymentGate | None, st
     balance = market.read(market.escrow.functions.balanceOf(to_checksum_address(stored.client)), "reading a balance")
     if balance == 0:
         if not store.claimed(stored.client, stored.tab.seq, lowered.seq):
-            log.error("client %s lowered this node's entry from %d (tab %d) to %d (tab %d) but its escrow balance is empty; "
-                      "the claim is sent once it deposits; this node no longer serves it", stored.client, stored.entry,
-                      stored.tab.seq, lowered.amount_for(stored.node), lowered.seq)
+            log.error(
+                "client %s lowered this node's entry from %d (tab %d) to %d (tab %d) but its escrow balance is empty; "
+                "the claim is sent once it deposits; this node no longer serves it",
+                stored.client,
+                stored.entry,
+                stored.tab.seq,
+                lowered.amount_for(stored.node),
+                lowered.seq,
+            )
         return
     owed = stored.owed
-    call = market.escrow.functions.claimLowered(to_checksum_address(stored.node),
-                                                stored.signed() + pack_tab(lowered, signature), pack_entries(stored.paid))
+    call = market.escrow.functions.claimLowered(
+        to_checksum_address(stored.node), stored.signed() + pack_tab(lowered, signature), pack_entries(stored.paid)
+    )
     try:
         receipt = market.transact(call, f"claiming what client {stored.client} promised in tab {stored.tab.seq}")
     except ChainError as exc:
-        log.error("client %s lowered this node's entry from %d (tab %d) to %d (tab %d) and the claim failed: %s; it is "
-                  "tried again next round; this node no longer serves it", stored.client, stored.entry, stored.tab.seq,
-                  lowered.amount_for(stored.node), lowered.seq, exc)
+        log.error(
+            "client %s lowered this node's entry from %d (tab %d) to %d (tab %d) and the claim failed: %s; it is "
+            "tried again next round; this node no longer serves it",
+            stored.client,
+            stored.entry,
+            stored.tab.seq,
+            lowered.amount_for(stored.node),
+            lowered.seq,
+            exc,
+        )
         return
     paid = 0
     for event in market.escrow.events.LoweringClaimed().process_receipt(receipt, errors=DISCARD):
@@ -134,14 +160,26 @@ def _claim_lowered(market: Market, store: TabStore, gate: PaymentGate | None, st
         paid += event["args"]["amount"]
     claim = LoweringClaim(stored.client, stored.tab.seq, lowered.seq, paid, receipt["transactionHash"].to_0x_hex())
     store.record_claim(claim)
-    log.error("client %s lowered this node's entry from %d (tab %d) to %d (tab %d); the fraud proof collected %d of the %d "
-              "it owed, in tx %s (%d gas); this node no longer serves it", stored.client, stored.entry, stored.tab.seq,
-              lowered.amount_for(stored.node), lowered.seq, paid, owed, claim.tx, receipt["gasUsed"])
+    log.error(
+        "client %s lowered this node's entry from %d (tab %d) to %d (tab %d); the fraud proof collected %d of the %d "
+        "it owed, in tx %s (%d gas); this node no longer serves it",
+        stored.client,
+        stored.entry,
+        stored.tab.seq,
+        lowered.amount_for(stored.node),
+        lowered.seq,
+        paid,
+        owed,
+        claim.tx,
+        receipt["gasUsed"],
+    )
 
 
 def _settled_tab(market: Market, client: str, seq: int) -> tuple[Tab, bytes] | None:
     """The signed tab `seq` of `client`, read back from the calldata of the settleTabs that settled it."""
-    for entry in reversed(market.escrow.events.TabSettled.get_logs(from_block=0, argument_filters={"client": to_checksum_address(client)})):
+    for entry in reversed(
+        market.escrow.events.TabSettled.get_logs(from_block=0, argument_filters={"client": to_checksum_address(client)})
+    ):
         if entry["args"]["seq"] != seq:
             continue
         tx = market.w3.eth.get_transaction(entry["transactionHash"])
@@ -156,8 +194,9 @@ def _settled_tab(market: Market, client: str, seq: int) -> tuple[Tab, bytes] | N
     return None
 
 
-def settle_pending(market: Market, store: TabStore, gate: PaymentGate | None = None,
-                   clients: set[str] | None = None) -> list[Settlement]:
+def settle_pending(
+    market: Market, store: TabStore, gate: PaymentGate | None = None, clients: set[str] | None = None
+) -> list[Settlement]:
     """Settle the newest tab of every client (of `clients`, if given) that still owes this node, BATCH per transaction."""
     sync_paid_vectors(market, store, gate)
     pending = [s for s in store.all() if s.owed > 0 and (clients is None or s.client.lower() in clients)]
@@ -166,17 +205,24 @@ def settle_pending(market: Market, store: TabStore, gate: PaymentGate | None = N
     for first in range(0, len(ready), BATCH):
         chunk = ready[first : first + BATCH]
         owed = sum(s.owed for s in chunk)
-        tx = market.transact(market.escrow.functions.settleTabs(b"".join(s.packed_with_paid() for s in chunk)),
-                             f"settling {len(chunk)} client tab(s)")
+        tx = market.transact(
+            market.escrow.functions.settleTabs(b"".join(s.packed_with_paid() for s in chunk)),
+            f"settling {len(chunk)} client tab(s)",
+        )
         for event in market.escrow.events.TabSettled().process_receipt(tx, errors=DISCARD):
             _mark(store, gate, event["args"]["client"], unpack_entries(bytes(event["args"]["paid"])), event["args"]["seq"])
         for event in market.escrow.events.TabRejected().process_receipt(tx, errors=DISCARD):
             rejected = chunk[event["args"]["index"]]
-            log.warning("the escrow rejected the tab of %s (%s); it is read again next round", rejected.client,
-                        REJECTIONS.get(event["args"]["reason"], event["args"]["reason"]))
+            log.warning(
+                "the escrow rejected the tab of %s (%s); it is read again next round",
+                rejected.client,
+                REJECTIONS.get(event["args"]["reason"], event["args"]["reason"]),
+            )
         paid = owed - sum(fresh.owed for s in chunk if (fresh := store.get(s.client)) is not None)
         done.append(Settlement(tx["transactionHash"].hex(), len(chunk), tx["gasUsed"], paid))
-        log.info("settled %d tab(s), %d token units to this node, in tx %s (%d gas)", len(chunk), paid, done[-1].tx, tx["gasUsed"])
+        log.info(
+            "settled %d tab(s), %d token units to this node, in tx %s (%d gas)", len(chunk), paid, done[-1].tx, tx["gasUsed"]
+        )
     return done
 
 
@@ -195,8 +241,9 @@ def escrow_balance_reader(market: Market) -> Callable[[str], Awaitable[int]]:
 class Settler:
     """The node daemon's settlement loop; chain errors are logged and retried, never fatal."""
 
-    def __init__(self, market: Market, store: TabStore, gate: PaymentGate, *, interval_s: float, min_value: int,
-                 tick_s: float = 1.0) -> None:
+    def __init__(
+        self, market: Market, store: TabStore, gate: PaymentGate, *, interval_s: float, min_value: int, tick_s: float = 1.0
+    ) -> None:
         self.market, self.store, self.gate = market, store, gate
         self.interval_s, self.min_value, self.tick_s = interval_s, min_value, tick_s
         self.settlements: list[Settlement] = []
@@ -228,7 +275,9 @@ class Settler:
             return  # the common tick: no new withdrawal request, and the interval has not come round
         urgent = bool(withdrawing) and self._owed(withdrawing) > 0
         if urgent:
-            log.info("client(s) %s asked to withdraw; settling their tabs before the timelock ends", ", ".join(sorted(withdrawing)))
+            log.info(
+                "client(s) %s asked to withdraw; settling their tabs before the timelock ends", ", ".join(sorted(withdrawing))
+            )
         due = self._owed()
         if urgent or (periodic and due > 0 and due >= self.min_value):
             self.settlements += settle_pending(self.market, self.store, self.gate)

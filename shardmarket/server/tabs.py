@@ -129,11 +129,25 @@ class TabStore:
                 row = self._db.execute("SELECT * FROM tabs WHERE client = ?", (client,)).fetchone()
                 old = self._parse(row) if row else None
                 newest, newest_signature = (tab, signature) if old is None or tab.seq > old.tab.seq else (old.tab, old.signature)
-                stored = StoredTab(self.node, newest, newest_signature, (old.served if old else 0) + cost,
-                                   old.paid if old else (), old.paid_seq if old else -1)
-                self._db.execute("INSERT OR REPLACE INTO tabs VALUES (?, ?, ?, ?, ?, ?)",
-                                 (client, newest.seq, pack_tab(newest, newest_signature), str(stored.served),
-                                  pack_entries(stored.paid), stored.paid_seq))
+                stored = StoredTab(
+                    self.node,
+                    newest,
+                    newest_signature,
+                    (old.served if old else 0) + cost,
+                    old.paid if old else (),
+                    old.paid_seq if old else -1,
+                )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO tabs VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        client,
+                        newest.seq,
+                        pack_tab(newest, newest_signature),
+                        str(stored.served),
+                        pack_entries(stored.paid),
+                        stored.paid_seq,
+                    ),
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -143,8 +157,10 @@ class TabStore:
     def mark_paid(self, client: str, paid: tuple[Entry, ...], seq: int) -> None:
         """Record the client's paid vector of settlement `seq` (from TabSettled), if newer than the stored one."""
         with self._lock:
-            self._db.execute("UPDATE tabs SET paid = ?, paid_seq = ? WHERE client = ? AND paid_seq <= ?",
-                             (pack_entries(paid), seq, client.lower(), seq))
+            self._db.execute(
+                "UPDATE tabs SET paid = ?, paid_seq = ? WHERE client = ? AND paid_seq <= ?",
+                (pack_entries(paid), seq, client.lower(), seq),
+            )
 
     def record_claim(self, claim: LoweringClaim) -> None:
         """Record a claim; a second claim of the same pair of tabs adds its amount and keeps its transaction."""
@@ -152,8 +168,9 @@ class TabStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute("SELECT amount FROM claims WHERE client = ? AND promised_seq = ? AND lowered_seq = ?",
-                                       key).fetchone()
+                row = self._db.execute(
+                    "SELECT amount FROM claims WHERE client = ? AND promised_seq = ? AND lowered_seq = ?", key
+                ).fetchone()
                 amount = claim.amount + (int(row[0]) if row else 0)
                 self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)", (*key, str(amount), claim.tx))
                 self._db.execute("COMMIT")
@@ -170,8 +187,10 @@ class TabStore:
     def claimed(self, client: str, promised_seq: int, lowered_seq: int) -> bool:
         """Whether this node already claimed tab `promised_seq` of `client` against its tab `lowered_seq`."""
         with self._lock:
-            row = self._db.execute("SELECT 1 FROM claims WHERE client = ? AND promised_seq = ? AND lowered_seq = ?",
-                                   (client.lower(), promised_seq, lowered_seq)).fetchone()
+            row = self._db.execute(
+                "SELECT 1 FROM claims WHERE client = ? AND promised_seq = ? AND lowered_seq = ?",
+                (client.lower(), promised_seq, lowered_seq),
+            ).fetchone()
         return row is not None
 
     def scanned_block(self) -> int:

@@ -48,8 +48,16 @@ class VerifierDuty:
     committed (a failed commitVote is sent again), and with `state_path` the ballots (verdict and salt, written
     before the vote is sent) and the block to scan from survive a restart."""
 
-    def __init__(self, market: Market, worker: StageWorker, store: Blockstore, gateways: list[str], tolerance: float,
-                 tick_s: float = 1.0, state_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        market: Market,
+        worker: StageWorker,
+        store: Blockstore,
+        gateways: list[str],
+        tolerance: float,
+        tick_s: float = 1.0,
+        state_path: Path | None = None,
+    ) -> None:
         self.market, self.worker, self.store, self.gateways = market, worker, store, gateways
         self.tolerance, self.tick_s, self.state_path = tolerance, tick_s, state_path
         self.ballots: dict[int, _Ballot] = {}
@@ -60,8 +68,10 @@ class VerifierDuty:
         if state_path is not None and state_path.exists():
             state = json.loads(state_path.read_text())
             self._from_block = self._saved_from = state["scan_from"]
-            self.ballots = {int(i): _Ballot(b["node_wrong"], bytes.fromhex(b["salt"]), b["committed"], b["revealed"])
-                            for i, b in state["ballots"].items()}
+            self.ballots = {
+                int(i): _Ballot(b["node_wrong"], bytes.fromhex(b["salt"]), b["committed"], b["revealed"])
+                for i, b in state["ballots"].items()
+            }
             log.info("verifier state: %d ballot(s), scanning for disputes from block %s", len(self.ballots), self._from_block)
 
     def _save(self) -> None:
@@ -128,17 +138,28 @@ class VerifierDuty:
             c = dispute["commitment"]
             challenged = evidence.challenged.commitment
             if (challenged.request_id, challenged.step, challenged.input_hash, challenged.output_hash) != (
-                    c["requestId"], c["step"], c["inputHash"], c["outputHash"]):
+                c["requestId"],
+                c["step"],
+                c["inputHash"],
+                c["outputHash"],
+            ):
                 raise EvidenceError("the evidence is about another commitment than the dispute")
             if (evidence.start, evidence.end) != (stage.start, stage.end):
-                raise EvidenceError(f"the evidence is for layers {evidence.start}:{evidence.end}, this node serves {stage.start}:{stage.end}")
+                raise EvidenceError(
+                    f"the evidence is for layers {evidence.start}:{evidence.end}, this node serves {stage.start}:{stage.end}"
+                )
         except (EvidenceError, ValueError) as exc:
             log.warning("dispute %d: the evidence does not hold (%s); voting that the node was right", dispute["disputeId"], exc)
             return False
         mine = await self.worker.call(self._rerun, evidence)
         difference = relative_difference(evidence.output, mine)
-        log.info("dispute %d: re-ran %d step(s); relative difference %.3g (tolerance %.3g)", dispute["disputeId"],
-                 len(evidence.inputs), difference, self.tolerance)
+        log.info(
+            "dispute %d: re-ran %d step(s); relative difference %.3g (tolerance %.3g)",
+            dispute["disputeId"],
+            len(evidence.inputs),
+            difference,
+            self.tolerance,
+        )
         return difference > self.tolerance
 
     async def _vote(self, dispute: dict, now: int) -> None:
@@ -195,7 +216,10 @@ class VerifierDuty:
             guilty, innocent, count = dispute.guiltyVotes, dispute.innocentVotes, dispute.verifierCount
             commit_over = dispute.committed >= count or now > dispute.commitDeadline
             if not ballot.revealed and commit_over and now <= dispute.revealDeadline:
-                self.market.transact(functions.revealVote(dispute_id, ballot.node_wrong, ballot.salt), f"revealing the vote on dispute {dispute_id}")
+                self.market.transact(
+                    functions.revealVote(dispute_id, ballot.node_wrong, ballot.salt),
+                    f"revealing the vote on dispute {dispute_id}",
+                )
                 ballot.revealed = True
                 self._save()
                 guilty, innocent = guilty + ballot.node_wrong, innocent + (not ballot.node_wrong)
@@ -226,7 +250,9 @@ class VerifierDuty:
                     try:
                         await self._vote(dispute, now)
                     except EvidenceUnavailable as exc:
-                        log.warning("dispute %d: the evidence cannot be fetched yet (%s); asking again", dispute["disputeId"], exc)
+                        log.warning(
+                            "dispute %d: the evidence cannot be fetched yet (%s); asking again", dispute["disputeId"], exc
+                        )
                     except (ChainError, requests.RequestException) as exc:
                         log.warning("dispute %d: the vote is not committed yet (%s); retrying", dispute["disputeId"], exc)
                 handled = None if self.pending else latest  # a vote still to commit is retried without a new block

@@ -106,8 +106,9 @@ class Market:
         self.escrow, self.disputes, self.owner = escrow, disputes, owner
         self.escrow_domain = eip712.Domain(31337, escrow.address)
         self.dispute_domain = eip712.Domain(31337, disputes.address)
-        models.registerModel(self.MODEL, "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi",
-                             self.LAYERS, b"\x07" * 32, {"from": owner})
+        models.registerModel(
+            self.MODEL, "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi", self.LAYERS, b"\x07" * 32, {"from": owner}
+        )
         self.model_id = models.modelIdOf(self.MODEL)
 
     def fund(self, account, amount):
@@ -121,8 +122,9 @@ class Market:
     def register(self, node, start=0, end=4, price=10, stake=100 * TOKEN):
         if stake:
             self.stake_for(node, stake)
-        return self.registry.register(self.model_id, start, end, price, b"\x01" * 32,
-                                      [f"http://{node.address[:10].lower()}.example:7300"], {"from": node})
+        return self.registry.register(
+            self.model_id, start, end, price, b"\x01" * 32, [f"http://{node.address[:10].lower()}.example:7300"], {"from": node}
+        )
 
     def deposit(self, client, amount):
         self.fund(client, amount)
@@ -131,8 +133,10 @@ class Market:
 
     def tab(self, client, amounts, seq=1, domain=None, signer=None, usage=b"\x11" * 32):
         """(eip712.Tab, signature) for `amounts` {node: cumulative amount}, signed by `signer` (default: the client)."""
-        entries = tuple(eip712.Entry(n.address if hasattr(n, "address") else n, a)
-                        for n, a in sorted(amounts.items(), key=lambda item: int(str(item[0]), 16)))
+        entries = tuple(
+            eip712.Entry(n.address if hasattr(n, "address") else n, a)
+            for n, a in sorted(amounts.items(), key=lambda item: int(str(item[0]), 16))
+        )
         tab = eip712.Tab(client.address, seq, entries, usage)
         key = (signer or client).private_key
         return tab, eip712.sign_tab(key, tab, domain or self.escrow_domain)

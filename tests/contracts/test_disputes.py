@@ -26,8 +26,7 @@ def accused(nodes):
 # ---- equivocation
 
 
-def test_equivocation_slashes_all_stake_and_splits_it(market, disputes, stake_manager, token, accused, clients,
-                                                      treasury):
+def test_equivocation_slashes_all_stake_and_splits_it(market, disputes, stake_manager, token, accused, clients, treasury):
     market.stake_for(accused, STAKE)
     a, sig_a = market.commitment(accused, output=b"\x01" * 32)
     b, sig_b = market.commitment(accused, output=b"\x02" * 32)
@@ -72,8 +71,12 @@ def test_same_evidence_cannot_slash_twice(market, disputes, accused, clients, re
 
 @pytest.mark.parametrize(
     "second",
-    [{"output": b"\x01" * 32}, {"output": b"\x02" * 32, "step": 1}, {"output": b"\x02" * 32, "request": b"\x09" * 32},
-     {"output": b"\x02" * 32, "inp": b"\x34" * 32}],
+    [
+        {"output": b"\x01" * 32},
+        {"output": b"\x02" * 32, "step": 1},
+        {"output": b"\x02" * 32, "request": b"\x09" * 32},
+        {"output": b"\x02" * 32, "inp": b"\x34" * 32},
+    ],
     ids=["same-output", "other-step", "other-request", "other-input"],
 )
 def test_not_an_equivocation(market, disputes, stake_manager, accused, clients, second, reverts_with):
@@ -85,8 +88,7 @@ def test_not_an_equivocation(market, disputes, stake_manager, accused, clients, 
     assert stake_manager.totalStakeOf(accused) == STAKE
 
 
-def test_equivocation_needs_both_signatures_from_the_node(market, disputes, stake_manager, accused, nodes, clients,
-                                                          reverts_with):
+def test_equivocation_needs_both_signatures_from_the_node(market, disputes, stake_manager, accused, nodes, clients, reverts_with):
     market.stake_for(accused, STAKE)
     a, sig_a = market.commitment(accused, output=b"\x01" * 32)
     b, sig_other = market.commitment(nodes[1], output=b"\x02" * 32)
@@ -138,8 +140,9 @@ def vote(disputes, dispute_id, verifier, node_wrong, salt=b"\x05" * 32):
     return lambda: disputes.revealVote(dispute_id, node_wrong, salt, {"from": verifier})
 
 
-def test_challenge_takes_the_bond_picks_slice_verifiers_and_locks_the_node(market, disputes, token, stake_manager,
-                                                                           slice_nodes, challenger, reverts_with):
+def test_challenge_takes_the_bond_picks_slice_verifiers_and_locks_the_node(
+    market, disputes, token, stake_manager, slice_nodes, challenger, reverts_with
+):
     accused, verifiers, outsider = slice_nodes
     dispute_id, tx = open_dispute(market, disputes, accused, challenger)
     event = tx.events["DisputeOpened"]
@@ -149,7 +152,11 @@ def test_challenge_takes_the_bond_picks_slice_verifiers_and_locks_the_node(marke
     assert token.balanceOf(disputes) == BOND and token.balanceOf(challenger) == 0
     dispute = disputes.getDispute(dispute_id)
     assert (dispute["node"], dispute["challenger"], dispute["status"], dispute["verifierCount"]) == (
-        accused, challenger, DisputeStatus.OPEN, 3)
+        accused,
+        challenger,
+        DisputeStatus.OPEN,
+        3,
+    )
     assert all(disputes.ballotOf(dispute_id, v)["selected"] for v in verifiers)
     # the node cannot leave with its stake while the dispute is open
     stake_manager.unbond(STAKE, {"from": accused})
@@ -199,8 +206,9 @@ def test_challenge_without_bond_allowance_reverts(market, disputes, slice_nodes,
         disputes.challenge(accused, commitment, signature, "", {"from": clients[1]})
 
 
-def test_majority_wrong_slashes_the_node_and_rewards_the_challenger(market, disputes, token, stake_manager,
-                                                                    slice_nodes, challenger, treasury):
+def test_majority_wrong_slashes_the_node_and_rewards_the_challenger(
+    market, disputes, token, stake_manager, slice_nodes, challenger, treasury
+):
     accused, verifiers, _ = slice_nodes
     dispute_id, _ = open_dispute(market, disputes, accused, challenger)
     reveals = [vote(disputes, dispute_id, v, wrong) for v, wrong in zip(verifiers, (True, True, False), strict=True)]
@@ -231,9 +239,9 @@ def test_majority_right_gives_the_bond_to_the_node(market, disputes, token, stak
     assert stake_manager.totalStakeOf(accused) == STAKE
 
 
-def test_timeout_without_votes_returns_the_bond_and_penalizes_absent_verifiers(market, disputes, token, stake_manager,
-                                                                               slice_nodes, challenger, treasury,
-                                                                               reverts_with):
+def test_timeout_without_votes_returns_the_bond_and_penalizes_absent_verifiers(
+    market, disputes, token, stake_manager, slice_nodes, challenger, treasury, reverts_with
+):
     accused, verifiers, _ = slice_nodes
     dispute_id, _ = open_dispute(market, disputes, accused, challenger)
     with reverts_with("TooEarlyToResolve"):
@@ -251,8 +259,7 @@ def test_timeout_without_votes_returns_the_bond_and_penalizes_absent_verifiers(m
         disputes.resolve(dispute_id, {"from": challenger})
 
 
-def test_tie_is_void_and_only_the_silent_verifier_pays(market, disputes, token, stake_manager, slice_nodes,
-                                                       challenger):
+def test_tie_is_void_and_only_the_silent_verifier_pays(market, disputes, token, stake_manager, slice_nodes, challenger):
     accused, verifiers, _ = slice_nodes
     dispute_id, _ = open_dispute(market, disputes, accused, challenger)
     reveals = [vote(disputes, dispute_id, v, wrong) for v, wrong in zip(verifiers[:2], (True, False), strict=True)]
@@ -297,8 +304,7 @@ def test_verifier_cannot_vote_twice_or_reveal_another_vote(market, disputes, sli
     assert disputes.resolve(dispute_id, {"from": challenger}).return_value == DisputeStatus.NODE_SLASHED
 
 
-def test_a_commit_hash_copied_from_another_verifier_cannot_be_revealed(market, disputes, slice_nodes, challenger,
-                                                                       reverts_with):
+def test_a_commit_hash_copied_from_another_verifier_cannot_be_revealed(market, disputes, slice_nodes, challenger, reverts_with):
     accused, (first, second, _), _ = slice_nodes
     dispute_id, _ = open_dispute(market, disputes, accused, challenger)
     copied = disputes.voteHash(dispute_id, first, True, b"\x05" * 32)
@@ -320,15 +326,27 @@ def test_only_chosen_verifiers_vote(market, disputes, slice_nodes, challenger, r
 
 
 def test_unknown_dispute(disputes, accounts, reverts_with):
-    for call in (lambda: disputes.getDispute(7), lambda: disputes.resolve(7, {"from": accounts[0]}),
-                 lambda: disputes.commitVote(7, b"\x01" * 32, {"from": accounts[0]})):
+    for call in (
+        lambda: disputes.getDispute(7),
+        lambda: disputes.resolve(7, {"from": accounts[0]}),
+        lambda: disputes.commitVote(7, b"\x01" * 32, {"from": accounts[0]}),
+    ):
         with reverts_with("UnknownDispute"):
             call()
 
 
-@pytest.mark.parametrize("change", [{"verifierCount": 0}, {"verifierCount": 8}, {"commitPeriod": 0},
-                                    {"revealPeriod": 0}, {"equivocationSlashBps": 10_001},
-                                    {"wrongOutputSlashBps": 10_001}, {"challengerRewardBps": 10_001}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"verifierCount": 0},
+        {"verifierCount": 8},
+        {"commitPeriod": 0},
+        {"revealPeriod": 0},
+        {"equivocationSlashBps": 10_001},
+        {"wrongOutputSlashBps": 10_001},
+        {"challengerRewardBps": 10_001},
+    ],
+)
 def test_constructor_rejects_bad_params(DisputeManager, stake_manager, registry, accounts, change, reverts_with):
     params = {**DISPUTE_PARAMS, **change}
     with reverts_with("InvalidParams"):
@@ -337,8 +355,7 @@ def test_constructor_rejects_bad_params(DisputeManager, stake_manager, registry,
 
 def test_constructor_rejects_a_zero_treasury(DisputeManager, stake_manager, registry, accounts, reverts_with):
     with reverts_with("InvalidParams"):
-        DisputeManager.deploy(stake_manager, registry, "0x" + "00" * 20, tuple(DISPUTE_PARAMS.values()),
-                              {"from": accounts[0]})
+        DisputeManager.deploy(stake_manager, registry, "0x" + "00" * 20, tuple(DISPUTE_PARAMS.values()), {"from": accounts[0]})
 
 
 def test_a_large_slice_gives_exactly_verifier_count_distinct_verifiers(market, disputes, nodes, challenger):

@@ -204,7 +204,7 @@ def test_a_wrong_previous_vector_is_rejected(market, escrow, client, nodes):
     for previous in [(), understated, paid[:1], (paid[1], paid[0])]:
         item = market.item(tab, signature)  # the previous vector packed as given, unsorted too
         count = eip712.TAB_PAID_COUNT
-        tx = market.settle([item[:count] + bytes([len(previous)]) + item[count + 1:] + eip712.pack_entries(previous)], a)
+        tx = market.settle([item[:count] + bytes([len(previous)]) + item[count + 1 :] + eip712.pack_entries(previous)], a)
         assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == Rejection.WRONG_PREVIOUS
     assert escrow.earningsOf(a) + escrow.earningsOf(b) == 3 * TOKEN
     assert market.settle([market.item(tab, signature, paid)], a).return_value == 7 * TOKEN
@@ -253,21 +253,34 @@ def test_tampered_amount_or_entry_and_foreign_signers_fail_the_signature(market,
 
 def raw_tab(client, entries, previous=()):
     """A packed tab with any entries (an attacker skips the Python checks) and a dummy signature."""
+
     def packed(pairs):
         return b"".join(bytes.fromhex(n[2:]) + a.to_bytes(16, "big") for n, a in pairs)
 
-    return (bytes.fromhex(client.address[2:]) + (1).to_bytes(4, "big") + b"\x11" * 32 + b"\x01" * 64
-            + bytes([27, len(entries), len(previous)]) + packed(entries) + packed(previous))
+    return (
+        bytes.fromhex(client.address[2:])
+        + (1).to_bytes(4, "big")
+        + b"\x11" * 32
+        + b"\x01" * 64
+        + bytes([27, len(entries), len(previous)])
+        + packed(entries)
+        + packed(previous)
+    )
 
 
 def test_malformed_tabs_are_rejected(market, escrow, client, nodes):
     market.deposit(client, 10 * TOKEN)
     low, high = sorted((n.address for n in nodes[:2]), key=lambda a: int(a, 16))
     many = [("0x" + f"{i + 1:040x}", 1) for i in range(33)]
-    items = [raw_tab(client, []), raw_tab(client, [(high, 1), (low, 1)]),
-             raw_tab(client, [(low, 1), (low, 1)]), raw_tab(client, many),
-             raw_tab(client, [("0x" + "00" * 20, 1)]), raw_tab(SimpleNamespace(address="0x" + "00" * 20), [(low, 1)]),
-             raw_tab(client, [(low, 1)], [(low, 1), (high, 1)])]
+    items = [
+        raw_tab(client, []),
+        raw_tab(client, [(high, 1), (low, 1)]),
+        raw_tab(client, [(low, 1), (low, 1)]),
+        raw_tab(client, many),
+        raw_tab(client, [("0x" + "00" * 20, 1)]),
+        raw_tab(SimpleNamespace(address="0x" + "00" * 20), [(low, 1)]),
+        raw_tab(client, [(low, 1)], [(low, 1), (high, 1)]),
+    ]
     tx = market.settle(items, nodes[0])
     assert [e["reason"] for e in tx.events["TabRejected"]] == [Rejection.MALFORMED] * 6 + [Rejection.WRONG_PREVIOUS]
     assert escrow.balanceOf(client) == 10 * TOKEN

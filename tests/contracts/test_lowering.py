@@ -45,7 +45,13 @@ def test_the_claim_pays_exactly_what_the_lowering_took_and_raises_the_paid_entry
     assert escrow.balanceOf(client) == 82 * TOKEN
     event = tx.events["LoweringClaimed"]
     assert (event["client"], event["node"], event["seq"], event["promisedSeq"], event["loweredSeq"], event["amount"]) == (
-        client, b, 2, 1, 2, 6 * TOKEN)
+        client,
+        b,
+        2,
+        1,
+        2,
+        6 * TOKEN,
+    )
     raised = eip712.unpack_entries(bytes(event["paid"]))
     assert raised == (eip712.Entry(a.address, 10 * TOKEN), eip712.Entry(b.address, 8 * TOKEN))
     assert escrow.tabOf(client) == (2, eip712.paid_vector_hash(raised))  # the settled seq is unchanged

@@ -17,7 +17,11 @@ def test_register_model_and_read_it_back(models, accounts):
     assert tx.events["ModelRegistered"]["publisher"] == accounts[1]
     model = models.getModel(model_id)
     assert (model["publisher"], model["layerCount"], model["name"], model["manifestCid"]) == (
-        accounts[1], 30, "SmolLM2-135M", CID)
+        accounts[1],
+        30,
+        "SmolLM2-135M",
+        CID,
+    )
     assert models.layerCountOf(model_id) == 30
 
 

@@ -68,8 +68,7 @@ def test_unbond_errors(market, stake_manager, node, reverts_with):
 
 
 @pytest.mark.parametrize("call", ["slash", "lock", "unlock"])
-def test_no_one_but_the_dispute_manager_can_slash_or_lock(market, stake_manager, node, nodes, accounts, call,
-                                                          reverts_with):
+def test_no_one_but_the_dispute_manager_can_slash_or_lock(market, stake_manager, node, nodes, accounts, call, reverts_with):
     market.stake_for(node, 100 * TOKEN)
     args = (node, 50 * TOKEN) if call == "slash" else (node,)
     for attacker in (nodes[1], node, accounts[0]):  # another node, the node itself, the deployer

@@ -26,8 +26,11 @@ class MarketMachine:
     st_node = st.integers(0, 2)
     st_amount = st.integers(1, 50)
     st_step = st.integers(0, 20)
-    st_rounds = st.lists(st.tuples(st_client, st.lists(st.tuples(st_node, st_step), min_size=1, max_size=3), st.integers(0, 3)),
-                         min_size=1, max_size=6)
+    st_rounds = st.lists(
+        st.tuples(st_client, st.lists(st.tuples(st_node, st_step), min_size=1, max_size=3), st.integers(0, 3)),
+        min_size=1,
+        max_size=6,
+    )
     st_bool = st.booleans()
 
     def __init__(cls, market, clients, nodes, accounts, treasury):
@@ -111,8 +114,14 @@ class MarketMachine:
         """The node claims its highest promise against the newest tab that lowered it: paid up to the balance."""
         signed, address = self.tabs.get(client, []), self.nodes[node].address
         best = max(range(len(signed)), key=lambda k: signed[k][0].amount_for(address), default=None)
-        lowering = next((k for k in range(len(signed) - 1, -1, -1) if best is not None and k > best
-                         and signed[k][0].amount_for(address) < signed[best][0].amount_for(address)), None)
+        lowering = next(
+            (
+                k
+                for k in range(len(signed) - 1, -1, -1)
+                if best is not None and k > best and signed[k][0].amount_for(address) < signed[best][0].amount_for(address)
+            ),
+            None,
+        )
         if lowering is None:
             return
         account, paid = self.clients[client], self.paid.setdefault(client, {})
@@ -193,6 +202,7 @@ class MarketMachine:
             assert all(amount <= max(tab.amount_for(node) for tab, _ in signed) for node, amount in paid.items())
             vector = tuple(eip712.Entry(n, a) for n, a in sorted(paid.items(), key=lambda item: int(item[0], 16)))
             assert escrow.tabOf(self.clients[client]) == (self.settled_seq.get(client, 0), eip712.paid_vector_hash(vector))
+
 
 def test_market_state_machine(state_machine, market, clients, nodes, accounts, treasury):
     state_machine(MarketMachine, market, clients, nodes, accounts, treasury, settings=SETTINGS)

@@ -6,7 +6,9 @@ from shardmarket.cli import doctor
 
 
 def test_doctor_passes_on_a_set_up_machine():
-    result = subprocess.run([sys.executable, "-m", "shardmarket", "doctor"], check=False, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "shardmarket", "doctor"], check=False, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok   solc" in result.stdout and "0.8.28" in result.stdout
     assert "all parts are present" in result.stdout

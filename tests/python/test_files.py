@@ -25,8 +25,13 @@ def test_every_key_writer_makes_owner_only_files(tmp_path):
     identity = load_or_create_identity(tmp_path / "free")
     load_or_create_x25519_key(tmp_path / "x" / "x25519.key")
     save_account(bytes(range(1, 33)), "pw", tmp_path / "keys", scrypt_n=2)
-    files = [tmp_path / "free" / "operator.key", tmp_path / "free" / "x25519.key", tmp_path / "x" / "x25519.key",
-             tmp_path / "keys" / "account.json", tmp_path / "keys" / "x25519.key"]
+    files = [
+        tmp_path / "free" / "operator.key",
+        tmp_path / "free" / "x25519.key",
+        tmp_path / "x" / "x25519.key",
+        tmp_path / "keys" / "account.json",
+        tmp_path / "keys" / "x25519.key",
+    ]
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
     assert load_or_create_identity(tmp_path / "free").operator == identity.operator  # read back, not recreated
     with pytest.raises(KeystoreError, match="exists already"):

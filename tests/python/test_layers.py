@@ -47,7 +47,11 @@ def imported_modules(module: str, source: str, is_package: bool = False) -> list
             else:
                 target = node.module or ""
             found.append((node.lineno, target))
-            found += [(node.lineno, f"{target}.{alias.name}") for alias in node.names if target == "shardmarket" and alias.name in ALLOWED]
+            found += [
+                (node.lineno, f"{target}.{alias.name}")
+                for alias in node.names
+                if target == "shardmarket" and alias.name in ALLOWED
+            ]
     return found
 
 
@@ -88,27 +92,36 @@ def test_every_module_keeps_to_its_layer():
     assert not found, "\n".join(found)
 
 
-@pytest.mark.parametrize(("module", "source"), [
-    ("shardmarket.engine.stage", "from shardmarket.server.worker import StageWorker"),
-    ("shardmarket.ipfs.model", "def f():\n    from shardmarket.config import load_config\n    return load_config()"),
-    ("shardmarket.chain.keys", "from shardmarket.net.crypto import public_bytes"),
-    ("shardmarket.net.commitment", "from shardmarket.chain import eip712"),
-    ("shardmarket.client.generation", "from shardmarket.server.worker import PASSIVE_OPENMP"),
-    ("shardmarket.server.app", "import shardmarket.client.routing"),
-    ("shardmarket.server.daemon", "from shardmarket.config import load_config"),
-    ("shardmarket.chain.keys", "from ..server.identity import NodeIdentity"),
-    ("shardmarket.files", "from shardmarket.chain import keys"),
-    ("shardmarket.newlayer.thing", "import os"),
-])
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("shardmarket.engine.stage", "from shardmarket.server.worker import StageWorker"),
+        ("shardmarket.ipfs.model", "def f():\n    from shardmarket.config import load_config\n    return load_config()"),
+        ("shardmarket.chain.keys", "from shardmarket.net.crypto import public_bytes"),
+        ("shardmarket.net.commitment", "from shardmarket.chain import eip712"),
+        ("shardmarket.client.generation", "from shardmarket.server.worker import PASSIVE_OPENMP"),
+        ("shardmarket.server.app", "import shardmarket.client.routing"),
+        ("shardmarket.server.daemon", "from shardmarket.config import load_config"),
+        ("shardmarket.chain.keys", "from ..server.identity import NodeIdentity"),
+        ("shardmarket.files", "from shardmarket.chain import keys"),
+        ("shardmarket.newlayer.thing", "import os"),
+    ],
+)
 def test_a_forbidden_import_is_caught(module, source):
     assert violations(module, source)
 
 
-@pytest.mark.parametrize(("module", "source"), [
-    ("shardmarket.chain.evidence", "from shardmarket.ipfs.blockstore import Blockstore\nfrom shardmarket.engine.tensors import tensor_bytes"),
-    ("shardmarket.server.daemon", "from shardmarket.config import Config\nfrom shardmarket.chain.contracts import Market"),
-    ("shardmarket.cli.node", "from shardmarket.config import load_config\nload_config()"),
-    ("shardmarket.net.wire", "from . import crypto\nfrom shardmarket.files import write_private"),
-])
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        (
+            "shardmarket.chain.evidence",
+            "from shardmarket.ipfs.blockstore import Blockstore\nfrom shardmarket.engine.tensors import tensor_bytes",
+        ),
+        ("shardmarket.server.daemon", "from shardmarket.config import Config\nfrom shardmarket.chain.contracts import Market"),
+        ("shardmarket.cli.node", "from shardmarket.config import load_config\nload_config()"),
+        ("shardmarket.net.wire", "from . import crypto\nfrom shardmarket.files import write_private"),
+    ],
+)
 def test_an_allowed_import_passes(module, source):
     assert violations(module, source) == []

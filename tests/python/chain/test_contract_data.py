@@ -44,9 +44,14 @@ def test_python_enums_are_the_solidity_enums(contract: str, enum: str):
 
 def test_the_packed_tab_layout_is_the_escrows():
     prefixes = ("TAB_", "ENTRY_", "MAX_")
-    solidity = {n["name"]: int(n["value"]["value"]) for n in contract_ast("PaymentEscrow")["nodes"]
-                if n["nodeType"] == "VariableDeclaration" and n["constant"] and n["name"].startswith(prefixes)
-                and n["value"]["nodeType"] == "Literal"}
+    solidity = {
+        n["name"]: int(n["value"]["value"])
+        for n in contract_ast("PaymentEscrow")["nodes"]
+        if n["nodeType"] == "VariableDeclaration"
+        and n["constant"]
+        and n["name"].startswith(prefixes)
+        and n["value"]["nodeType"] == "Literal"
+    }
     python = {name: value for name, value in vars(eip712).items() if name.startswith(prefixes) and type(value) is int}
     assert python == solidity and {"TAB_HEADER_BYTES", "ENTRY_BYTES", "MAX_ENTRIES"} <= python.keys()
 
@@ -74,7 +79,12 @@ def test_structs_and_named_return_values_are_read_by_name(market, chain, capsys)
     chain.transact(chain.models.functions.registerModel(MODEL, "bafyname", 6, b"\x01" * 32), "publishing")
     model = chain.read(chain.models.functions.getModel(chain.model_id(MODEL)))
     assert (model.publisher, model.layerCount, model.configHash, model.name, model.manifestCid) == (
-        me, 6, b"\x01" * 32, MODEL, "bafyname")
+        me,
+        6,
+        b"\x01" * 32,
+        MODEL,
+        "bafyname",
+    )
     market.cli("operator", "node", "register", "--model", MODEL, "--layers", "2:5", "--price", "7", "--stake", str(STAKE))
     stake = chain.read(chain.stake.functions.stakeOf(me))
     assert (stake.bonded, stake.unbonding, stake.unbondReadyAt, stake.locks) == (STAKE, 0, 0, 0)
@@ -106,7 +116,9 @@ def test_a_tab_packed_in_python_is_what_the_escrow_settles(chain):
     domain = chain.escrow_domain()
 
     def settle(seq: int, amounts: tuple[int, ...], paid: tuple[eip712.Entry, ...]):
-        tab = eip712.Tab(client.address, seq, tuple(eip712.Entry(n, a) for n, a in zip(nodes, amounts, strict=True)), bytes(range(32)))
+        tab = eip712.Tab(
+            client.address, seq, tuple(eip712.Entry(n, a) for n, a in zip(nodes, amounts, strict=True)), bytes(range(32))
+        )
         packed = eip712.pack_tab(tab, eip712.sign_tab(client.key, tab, domain), paid)
         receipt = chain.transact(chain.escrow.functions.settleTabs(packed), "settling")
         [settled] = chain.escrow.events.TabSettled().process_receipt(receipt, errors=DISCARD)

@@ -105,9 +105,10 @@ def test_high_s_twin_is_rejected():
     twin = high_s(signature)
     # the twin is a valid ECDSA signature for the same key: only the low-s rule rejects it
     v, r, s = twin[64] - 27, int.from_bytes(twin[:32], "big"), int.from_bytes(twin[32:64], "big")
-    assert keys.Signature(vrs=(v, r, s)).recover_public_key_from_msg_hash(
-        tab_digest(tab(), DOMAIN)
-    ).to_checksum_address() == CLIENT.address
+    assert (
+        keys.Signature(vrs=(v, r, s)).recover_public_key_from_msg_hash(tab_digest(tab(), DOMAIN)).to_checksum_address()
+        == CLIENT.address
+    )
     with pytest.raises(InvalidSignature, match="lower half"):
         recover_tab_signer(tab(), twin, DOMAIN)
 
@@ -164,9 +165,14 @@ def test_usage_hash_chain_depends_on_every_record_and_their_order():
     ab = chain_usage_hash(chain_usage_hash(start, a), b)
     ba = chain_usage_hash(chain_usage_hash(start, b), a)
     assert len(ab) == 32 and ab != ba
+
     def documented(previous, r):  # keccak256(abi.encode(previous, requestId, step, tokens, inputHash, outputHash))
-        return keccak(encode(["bytes32", "bytes32", "uint64", "uint64", "bytes32", "bytes32"],
-                             [previous, r.request_id, r.step, r.tokens, r.input_hash, r.output_hash]))
+        return keccak(
+            encode(
+                ["bytes32", "bytes32", "uint64", "uint64", "bytes32", "bytes32"],
+                [previous, r.request_id, r.step, r.tokens, r.input_hash, r.output_hash],
+            )
+        )
 
     link = documented(start, a)
     assert chain_usage_hash(start, a) == link
@@ -206,7 +212,9 @@ def test_malformed_entries_are_refused(entries, message):
 
 def test_changed_entry_or_seq_recovers_someone_else():
     signature = sign_tab(CLIENT.key, tab(), DOMAIN)
-    moved = Tab(CLIENT.address, 1, tuple(Entry(e.node, e.amount + 1) if e.amount == 7 else e for e in tab().entries), b"\x11" * 32)
+    moved = Tab(
+        CLIENT.address, 1, tuple(Entry(e.node, e.amount + 1) if e.amount == 7 else e for e in tab().entries), b"\x11" * 32
+    )
     assert recover_tab_signer(moved, signature, DOMAIN) != CLIENT.address
     assert recover_tab_signer(tab(seq=2), signature, DOMAIN) != CLIENT.address
 

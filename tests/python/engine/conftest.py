@@ -45,7 +45,9 @@ class Reference:
 
 def prompt_ids(head: Head, chat: list[dict] = CHAT) -> list[int]:
     """The chat prompt through the checkpoint's own template."""
-    return list(head.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    return list(
+        head.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    )
 
 
 def reference(checkpoint: Path, ids: list[int], new_tokens: int) -> Reference:
@@ -60,15 +62,13 @@ def reference(checkpoint: Path, ids: list[int], new_tokens: int) -> Reference:
         output_logits=True,
         return_dict_in_generate=True,
     )
-    return Reference(ids, out.sequences[0, len(ids):].tolist(), torch.cat(out.logits))
+    return Reference(ids, out.sequences[0, len(ids) :].tolist(), torch.cat(out.logits))
 
 
 @pytest.fixture(scope="session")
 def tiny_references(tiny_checkpoints) -> dict[str, Reference]:
     """64 greedy tokens of each tiny model from transformers."""
-    return {
-        family: reference(path, prompt_ids(Head.load(path)), 64) for family, path in tiny_checkpoints.items()
-    }
+    return {family: reference(path, prompt_ids(Head.load(path)), 64) for family, path in tiny_checkpoints.items()}
 
 
 def chain(stages: list[Stage], session_id: str):

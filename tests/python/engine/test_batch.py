@@ -21,7 +21,9 @@ def test_step_batch_equals_step(tiny_checkpoints, family):
             stage.open_session(f"s{i}", 64)
             stage.step(f"s{i}", prompt, torch.arange(length)[None])
     for step in range(5):
-        items = [(f"s{i}", torch.randn(1, 1, 64, generator=gen), torch.tensor([[length + step]])) for i, length in enumerate(lengths)]
+        items = [
+            (f"s{i}", torch.randn(1, 1, 64, generator=gen), torch.tensor([[length + step]])) for i, length in enumerate(lengths)
+        ]
         outs = batched.step_batch(items)
         for (session, h, p), out in zip(items, outs, strict=True):
             assert out.shape == (1, 1, 64)

@@ -19,7 +19,10 @@ def test_stage_loads_from_a_shard_holding_only_its_layers(tiny_checkpoints, tmp_
     full = tiny_checkpoints["llama"]
     shutil.copy(full / "config.json", tmp_path / "config.json")
     tensors = load_file(full / "model.safetensors")
-    save_file({k: v for k, v in tensors.items() if k.startswith(("model.layers.2.", "model.layers.3."))}, tmp_path / "layers.safetensors")
+    save_file(
+        {k: v for k, v in tensors.items() if k.startswith(("model.layers.2.", "model.layers.3."))},
+        tmp_path / "layers.safetensors",
+    )
     shard = Stage.load(tmp_path, 2, 4)
     assert next(name for name, _ in shard.body.named_parameters()).startswith("layers.0.")
     assert len(shard.body.layers) == 2

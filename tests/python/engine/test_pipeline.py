@@ -48,7 +48,9 @@ def test_chunked_prefill_matches_generate(tiny_checkpoints, tiny_references, fam
     """Prefill chunks of 5 positions cross the sliding windows (12 and 16) and still give the same tokens."""
     checkpoint, ref = tiny_checkpoints[family], tiny_references[family]
     head = Head.load(checkpoint)
-    tokens, logits = run_pipeline(head, [Stage.load(checkpoint, 0, 2), Stage.load(checkpoint, 2, 5)], ref.prompt, 64, chunk_size=5)
+    tokens, logits = run_pipeline(
+        head, [Stage.load(checkpoint, 0, 2), Stage.load(checkpoint, 2, 5)], ref.prompt, 64, chunk_size=5
+    )
     assert tokens == ref.tokens
     assert torch.max(torch.abs(logits - ref.logits)) <= 1e-4
 

@@ -80,12 +80,14 @@ def test_a_step_redone_at_confirm_is_sampled_again_from_the_same_random_state(ti
             steps.append(1)
             out = run(hidden, positions)
             return redone(out) if len(steps) == redo_at_step else out
+
         return run_layers, steps
 
     for session in "abc":
         stage.open_session(session, 128)
     run_a, steps_a = layers("a", None)
-    confirmed = list(generate(head, run_a, prompt_ids(head), params,
-                              confirm=lambda hidden: redone(hidden) if len(steps_a) == 4 else hidden))
+    confirmed = list(
+        generate(head, run_a, prompt_ids(head), params, confirm=lambda hidden: redone(hidden) if len(steps_a) == 4 else hidden)
+    )
     assert confirmed == list(generate(head, layers("b", 4)[0], prompt_ids(head), params))
     assert confirmed != list(generate(head, layers("c", None)[0], prompt_ids(head), params))  # the redo changed the text

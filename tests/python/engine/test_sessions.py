@@ -108,7 +108,9 @@ def test_chunked_prefill_equals_one_prefill(tiny_checkpoints):
     stage.open_session("whole", 64)
     stage.open_session("chunks", 64)
     whole = stage.step("whole", prompt, positions(0, 40))
-    chunks = torch.cat([stage.step("chunks", prompt[:, i : i + 7], positions(i, prompt[:, i : i + 7].shape[1])) for i in range(0, 40, 7)], 1)
+    chunks = torch.cat(
+        [stage.step("chunks", prompt[:, i : i + 7], positions(i, prompt[:, i : i + 7].shape[1])) for i in range(0, 40, 7)], 1
+    )
     assert torch.allclose(whole, chunks, rtol=1e-5, atol=1e-4)
 
 

@@ -27,6 +27,13 @@ def js_import():
 def _js_import(jobs: list[dict]) -> list[str]:
     if not (ROOT / "node_modules" / "ipfs-unixfs-importer").exists() or not shutil.which("node"):
         pytest.fail("npm's ipfs-unixfs-importer is missing: run `make setup`")
-    out = subprocess.run(["node", str(HERE / "js_import.mjs")], input=json.dumps(jobs), capture_output=True,
-                         text=True, cwd=ROOT, timeout=300, check=True).stdout
+    out = subprocess.run(
+        ["node", str(HERE / "js_import.mjs")],
+        input=json.dumps(jobs),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=True,
+    ).stdout
     return out.split()

@@ -91,8 +91,12 @@ def test_dag_import_of_an_npm_ipfs_car_pack(tmp_path, capsys):
     data = tmp_path / "data.bin"
     data.write_bytes(random.Random(9).randbytes(600_000))
     car = tmp_path / "data.car"
-    subprocess.run([str(root / "node_modules/.bin/ipfs-car"), "pack", str(data), "--no-wrap", "--output", str(car)],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [str(root / "node_modules/.bin/ipfs-car"), "pack", str(data), "--no-wrap", "--output", str(car)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert main(["ipfs", "dag", "import", str(car)]) == 0
     cid = capsys.readouterr().out.split()[2]
     assert cid == import_bytes(data.read_bytes(), ImportOptions(cid_version=1, chunk_size=1048576)).cid_str

@@ -85,8 +85,9 @@ async def start_broken_http(mode: str, hits: Counter) -> tuple[asyncio.AbstractS
             elif mode == "garbage":
                 writer.write(b"this is not HTTP\r\n\r\n")
             elif mode == "bad-chunk":
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ipld.car\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ipld.car\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+                )
         finally:
             writer.close()
 
@@ -180,8 +181,7 @@ def test_a_cancelled_fetch_stops_at_once(tmp_path, source):
         hits = Counter()
         good, url = await start(honest(src, hits, "good"))
         stall, stall_url = await start_broken_http("stall", hits)
-        fetcher = DagFetcher(Blockstore(tmp_path / "dest"), [url, stall_url], range_bytes=100_000, progress=False,
-                             timeout_s=60)
+        fetcher = DagFetcher(Blockstore(tmp_path / "dest"), [url, stall_url], range_bytes=100_000, progress=False, timeout_s=60)
         started = time.monotonic()
         try:
             with pytest.raises(asyncio.TimeoutError):

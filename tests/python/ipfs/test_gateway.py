@@ -115,8 +115,12 @@ def test_car_unpacks_with_npm_ipfs_car(store, tmp_path):
         car = tmp_path / f"{entry.cid_str}.car"
         car.write_bytes(body)
         out = tmp_path / f"{entry.cid_str}.out"
-        subprocess.run([str(ROOT / "node_modules/.bin/ipfs-car"), "unpack", str(car), "--output", str(out)],
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [str(ROOT / "node_modules/.bin/ipfs-car"), "unpack", str(car), "--output", str(out)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         assert out.read_bytes() == DATA
 
 

@@ -34,8 +34,9 @@ def kubo_app(store: Blockstore, lie: bool = False) -> web.Application:
         if set(q) - ADD_OPTIONS:
             return error(f"unknown option {set(q) - ADD_OPTIONS}", 400)
         raw = None if "raw-leaves" not in q else q["raw-leaves"] == "true"
-        options = ImportOptions.from_chunker(q.get("chunker", "size-262144"), cid_version=int(q.get("cid-version", 0)),
-                                             raw_leaves=raw)
+        options = ImportOptions.from_chunker(
+            q.get("chunker", "size-262144"), cid_version=int(q.get("cid-version", 0)), raw_leaves=raw
+        )
         reader = await request.multipart()
         entries, dirs, lines = {}, [], []
         while (part := await reader.next()) is not None:
@@ -55,7 +56,7 @@ def kubo_app(store: Blockstore, lie: bool = False) -> web.Application:
             entries[name] = builder.finish()
             lines.append({"Name": name, "Hash": entries[name].cid_str, "Size": str(entries[name].tsize)})
         for d in sorted(dirs, key=lambda p: -p.count("/")):
-            children = {n[len(d) + 1:]: e for n, e in entries.items() if n.startswith(d + "/") and "/" not in n[len(d) + 1:]}
+            children = {n[len(d) + 1 :]: e for n, e in entries.items() if n.startswith(d + "/") and "/" not in n[len(d) + 1 :]}
             entries[d] = directory_node(options, children, store)
             lines.append({"Name": d, "Hash": entries[d].cid_str, "Size": str(entries[d].tsize)})
         if q.get("pin", "true") == "true":
@@ -92,8 +93,15 @@ def kubo_app(store: Blockstore, lie: bool = False) -> web.Application:
         return web.Response(status=405, text="405 - Method Not Allowed")
 
     app = web.Application()
-    for path, handler in (("add", add), ("cat", cat), ("block/get", block_get), ("pin/add", pin_add),
-                          ("pin/rm", pin_rm), ("pin/ls", pin_ls), ("repo/gc", gc)):
+    for path, handler in (
+        ("add", add),
+        ("cat", cat),
+        ("block/get", block_get),
+        ("pin/add", pin_add),
+        ("pin/rm", pin_rm),
+        ("pin/ls", pin_ls),
+        ("repo/gc", gc),
+    ):
         app.router.add_post(f"/api/v0/{path}", handler)
         app.router.add_get(f"/api/v0/{path}", not_post)
     return app

@@ -26,8 +26,16 @@ def checkpoint(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
+    config = LlamaConfig(
+        num_hidden_layers=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     vocab = {f"t{i}": i for i in range(256)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
@@ -68,8 +76,13 @@ def gateway(checkpoint, tmp_path, monkeypatch, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "SHARDMARKET_HOME": str(tmp_path / "packer")}
-    proc = subprocess.Popen([sys.executable, "-m", "shardmarket", "ipfs", "serve", "--port", str(port)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardmarket", "ipfs", "serve", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -90,8 +103,13 @@ def test_fetch_only_the_layer_range(gateway, checkpoint, tmp_path, monkeypatch, 
     monkeypatch.setenv("SHARDMARKET_HOME", str(tmp_path / "fetcher"))
     dest = tmp_path / "stage"
     assert main(["model", "fetch", cid, "--layers", "1:3", "--dest", str(dest), "--gateway", url]) == 0
-    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "layer-001.safetensors", "layer-002.safetensors",
-                                                     "model.safetensors.index.json", "shardmarket.json"]
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "config.json",
+        "layer-001.safetensors",
+        "layer-002.safetensors",
+        "model.safetensors.index.json",
+        "shardmarket.json",
+    ]
     original = load_file(checkpoint / "model.safetensors")
     got = {**load_file(dest / "layer-001.safetensors"), **load_file(dest / "layer-002.safetensors")}
     assert set(got) == {n for n in original if n.startswith(("model.layers.1.", "model.layers.2."))}

@@ -112,13 +112,21 @@ def test_directory_matches_npm_and_kubo_output_order(tmp_path, js_import):
     (root / ".hidden").write_text("skipped without --hidden\n")
     added = []
     for version in (0, 1):
-        entry = import_path(root, ImportOptions(cid_version=version, chunk_size=1024), recursive=True,
-                            on_added=lambda name, e: added.append(name))
+        entry = import_path(
+            root, ImportOptions(cid_version=version, chunk_size=1024), recursive=True, on_added=lambda name, e: added.append(name)
+        )
         [js] = js_import([{"path": str(root), "cidVersion": version, "rawLeaves": version == 1, "chunkSize": 1024}])
         assert entry.cid_str == js
     # Kubo's order: files as they are added, then directories post-order
-    assert added[:7] == ["site/A.txt", "site/b.txt", "site/sub/deeper/empty", "site/sub/x.bin", "site/sub/deeper",
-                         "site/sub", "site"]
+    assert added[:7] == [
+        "site/A.txt",
+        "site/b.txt",
+        "site/sub/deeper/empty",
+        "site/sub/x.bin",
+        "site/sub/deeper",
+        "site/sub",
+        "site",
+    ]
 
 
 def test_directory_round_trip(tmp_path):

@@ -142,8 +142,14 @@ def test_equivocating_node_is_slashed(market):
     async def scenario():
         model = await auditing_client(market, "witness", rate=0.0)
         target = next(n for n in model.nodes if n.url == node.url)
-        session = InferenceSession([target], model.head.num_layers, model.domain, max_length=16,
-                                   tab_source=model.tab_source, on_commitment=model.on_commitment)
+        session = InferenceSession(
+            [target],
+            model.head.num_layers,
+            model.domain,
+            max_length=16,
+            tab_source=model.tab_source,
+            on_commitment=model.on_commitment,
+        )
         hop = (await session._open_hops([target]))[0]
         hidden = torch.randn(1, 3, target.hidden_size)
         session.pay([(target, 3)])

@@ -32,8 +32,9 @@ def evidence(node) -> Evidence:
     request_id, inputs, commitments = os.urandom(32), [torch.randn(1, 3, 8), torch.randn(1, 1, 8)], []
     for step, hidden in enumerate(inputs):
         output = torch.randn(1, hidden.shape[1], 8)
-        commitments.append(commit(signing_key(node.key), request_id, step, tensor_hash(tensor_bytes(hidden)),
-                                  tensor_bytes(output), DOMAIN))
+        commitments.append(
+            commit(signing_key(node.key), request_id, step, tensor_hash(tensor_bytes(hidden)), tensor_bytes(output), DOMAIN)
+        )
     return Evidence("tiny", 0, 2, [0, 3], inputs, commitments, output)
 
 
@@ -81,16 +82,20 @@ def test_the_same_evidence_always_has_the_same_cid_and_malformed_evidence_is_ref
     decoded = Evidence.decode(original.encode())
     assert decoded.commitments == original.commitments and decoded.positions == original.positions
     assert torch.equal(decoded.inputs[0], original.inputs[0]) and (decoded.start, decoded.end) == (0, 2)
-    for bad in [b"not safetensors", save_tensors({"output": torch.zeros(1)}, metadata={"model": "tiny"}),
-                save_tensors({"output": torch.zeros(1)}, metadata={METADATA_KEY: '{"layers": 3}'}),
-                original.encode()[:-5]]:
+    for bad in [
+        b"not safetensors",
+        save_tensors({"output": torch.zeros(1)}, metadata={"model": "tiny"}),
+        save_tensors({"output": torch.zeros(1)}, metadata={METADATA_KEY: '{"layers": 3}'}),
+        original.encode()[:-5],
+    ]:
         with pytest.raises(EvidenceError, match="malformed evidence"):
             Evidence.decode(bad)
 
 
 def test_only_a_few_http_gateways_are_taken_from_a_reference():
-    reference = "ipfs://bafkqaaa?gateway=file%3A%2F%2F%2Fetc%2Fpasswd&gateway=ftp%3A%2F%2Fx&gateway=http%3A%2F%2F" + \
-        "&".join(["a.example"] + [f"gateway=https%3A%2F%2Fg{i}.example" for i in range(6)])
+    reference = "ipfs://bafkqaaa?gateway=file%3A%2F%2F%2Fetc%2Fpasswd&gateway=ftp%3A%2F%2Fx&gateway=http%3A%2F%2F" + "&".join(
+        ["a.example"] + [f"gateway=https%3A%2F%2Fg{i}.example" for i in range(6)]
+    )
     hints = gateway_hints(reference)
     assert hints == ["http://a.example"] + [f"https://g{i}.example" for i in range(MAX_GATEWAY_HINTS - 1)]
 

@@ -59,7 +59,12 @@ def test_pay_per_request_over_three_nodes(market, capsys):
     capsys.readouterr()
     market.cli("node2", "node", "earnings")
     row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(alice))
-    assert [int(x) for x in row[2:]] == [PRICE * processed, PRICE * processed, PRICE * processed, 0]  # served, promised, redeemed, pending
+    assert [int(x) for x in row[2:]] == [
+        PRICE * processed,
+        PRICE * processed,
+        PRICE * processed,
+        0,
+    ]  # served, promised, redeemed, pending
     assert escrow_before - chain.read(chain.escrow.functions.balanceOf(alice)) == completion.cost
 
 
@@ -229,7 +234,9 @@ def test_a_bad_tab_on_a_later_step_is_answered_on_credit_then_refused_in_place_o
 def _tab(account, seq: int, amounts: dict[str, int]):
     from shardmarket.chain.eip712 import Entry, Tab
 
-    return Tab(account.address, seq, tuple(Entry(n, a) for n, a in sorted(amounts.items(), key=lambda i: int(i[0], 16))), bytes(32))
+    return Tab(
+        account.address, seq, tuple(Entry(n, a) for n, a in sorted(amounts.items(), key=lambda i: int(i[0], 16))), bytes(32)
+    )
 
 
 @pytest.mark.parametrize("lowered", [False, True], ids=["short-then-topped-up", "client-lowered-the-entry"])
@@ -287,13 +294,19 @@ def test_a_client_that_lowers_a_node_entry_and_settles_it_itself_still_pays_that
         held = TabStore(tab_store_path(load_config().node.data_dir), node).get(lucy)
     promised = held.entry
     assert promised > 0 and held.owed == promised
-    lowering = Tab(lucy, held.tab.seq + 1, tuple(Entry(e.node, e.amount // 4 if e.node.lower() == node.lower() else e.amount)
-                                                 for e in held.tab.entries), held.tab.usage_hash)
+    lowering = Tab(
+        lucy,
+        held.tab.seq + 1,
+        tuple(Entry(e.node, e.amount // 4 if e.node.lower() == node.lower() else e.amount) for e in held.tab.entries),
+        held.tab.usage_hash,
+    )
     chain = chain_as(market, "lucy")
     with market.acting_as("lucy"):
         key = load_account(PASSWORD, home_keys()).key
-    chain.transact(chain.escrow.functions.settleTabs(pack_tab(lowering, sign_tab(key, lowering, chain.escrow_domain()))),
-                   "the client settling its own lowering tab")
+    chain.transact(
+        chain.escrow.functions.settleTabs(pack_tab(lowering, sign_tab(key, lowering, chain.escrow_domain()))),
+        "the client settling its own lowering tab",
+    )
     assert paid_on_chain(chain, lucy, node) == promised // 4
     capsys.readouterr()
     market.cli("node1", "node", "redeem")

@@ -92,10 +92,17 @@ def test_the_gate_accepts_a_covering_tab_and_stores_the_newest(tmp_path):
     assert (stored.tab.seq, stored.entry, stored.served, stored.unpaid_total) == (3, 15, 15, 30)
 
 
-@pytest.mark.parametrize(("case", "code"), [
-    ("tampered", "bad_tab"), ("forged", "bad_tab"), ("beyond-credit", "payment_required"),
-    ("beyond-balance", "insufficient_funds"), ("lowered", "bad_tab"), ("missing", "payment_required"),
-])
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("tampered", "bad_tab"),
+        ("forged", "bad_tab"),
+        ("beyond-credit", "payment_required"),
+        ("beyond-balance", "insufficient_funds"),
+        ("lowered", "bad_tab"),
+        ("missing", "payment_required"),
+    ],
+)
 def test_the_gate_refuses_what_a_node_must_not_accept(tmp_path, case, code):
     client, node, other = Account.create(), Account.create().address, Account.create().address
     gate = _gate(tmp_path, node, balance=100)
@@ -125,8 +132,11 @@ def test_the_gate_refuses_a_tab_the_escrow_would_reject_over_its_paid_vector(tmp
 
     async def scenario():
         await _pay(gate, 5, _signed(client, 1, {node: 5, other: 5}))
-        gate.settled(client.address, (Entry(node, 5), Entry(other, 5)) if int(node, 16) < int(other, 16)
-                     else (Entry(other, 5), Entry(node, 5)), 1)
+        gate.settled(
+            client.address,
+            (Entry(node, 5), Entry(other, 5)) if int(node, 16) < int(other, 16) else (Entry(other, 5), Entry(node, 5)),
+            1,
+        )
         await _pay(gate, 5, _signed(client, 2, {node: 10}))  # drops a paid node
 
     with pytest.raises(PaymentRefused, match="already paid"):
@@ -173,9 +183,15 @@ def test_a_sessions_later_steps_run_on_credit_and_their_tabs_are_checked_after(t
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize(("case", "code"), [
-    ("tampered", "bad_tab"), ("forged", "bad_tab"), ("lowered", "bad_tab"), ("beyond-balance", "insufficient_funds"),
-])
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("tampered", "bad_tab"),
+        ("forged", "bad_tab"),
+        ("lowered", "bad_tab"),
+        ("beyond-balance", "insufficient_funds"),
+    ],
+)
 def test_a_bad_tab_on_credit_is_refused_and_its_answered_step_counts_against_the_credit(tmp_path, case, code):
     client, node, other = Account.create(), Account.create().address, Account.create().address
     gate = _gate(tmp_path, node, balance=100)

@@ -71,8 +71,24 @@ def start_node(checkpoint: Path, layers: str, home: Path, *extra: str, ports: tu
     port, tcp_port = ports or (free_port(), free_port())
     home.mkdir(parents=True, exist_ok=True)
     log = home / "node.log"
-    cmd = [sys.executable, "-m", "shardmarket", "node", "run", "--checkpoint", str(checkpoint), "--layers", layers,
-           "--port", str(port), "--tcp-port", str(tcp_port), "--threads", "1", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shardmarket",
+        "node",
+        "run",
+        "--checkpoint",
+        str(checkpoint),
+        "--layers",
+        layers,
+        "--port",
+        str(port),
+        "--tcp-port",
+        str(tcp_port),
+        "--threads",
+        "1",
+        *extra,
+    ]
     process = subprocess.Popen(cmd, cwd=ROOT, env=child_env(home), stdout=log.open("w"), stderr=subprocess.STDOUT)
     return NodeProcess(process, port, tcp_port, log)
 
@@ -94,5 +110,3 @@ def wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 1
 def wait_ready(*nodes: NodeProcess) -> None:
     for node in nodes:
         wait_http(f"{node.url}/health", node.process, node.log)
-
-

@@ -189,7 +189,15 @@ def test_bad_steps_get_error_frames_and_the_session_stays_usable(node, info):
         return answers
 
     *errors, good = run(go())
-    assert [e.fields["code"] for e in errors] == ["bad_tensor", "bad_tensor", "bad_position", "too_long", "unknown_session", "bad_tab", "bad_type"]
+    assert [e.fields["code"] for e in errors] == [
+        "bad_tensor",
+        "bad_tensor",
+        "bad_position",
+        "too_long",
+        "unknown_session",
+        "bad_tab",
+        "bad_type",
+    ]
     assert all(e.type == wire.ERROR and e.fields["message"] for e in errors)
     assert good.type == wire.RESULT
     assert_alive(node)
@@ -228,8 +236,18 @@ def test_malformed_oversized_replayed_and_tampered_frames_inside_the_session(nod
         await channel.close()
         return codes
 
-    assert run(go()) == ["bad_frame", "too_large", wire.RESULT, wire.COMMIT, "auth_failed", "auth_failed", wire.RESULT, wire.COMMIT,
-                         "too_large", "closed"]
+    assert run(go()) == [
+        "bad_frame",
+        "too_large",
+        wire.RESULT,
+        wire.COMMIT,
+        "auth_failed",
+        "auth_failed",
+        wire.RESULT,
+        wire.COMMIT,
+        "too_large",
+        "closed",
+    ]
     assert_alive(node)
 
 
@@ -267,6 +285,7 @@ def test_a_client_pinning_another_key_refuses_the_node(node, info):
 def test_the_channel_pool_keeps_a_few_channels_per_node_for_a_while(node, info):
     """A kept channel carries a new session; beyond `per_node` a channel is closed rather than kept, and one idle for
     longer than `idle_s` is closed rather than handed out."""
+
     async def scenario() -> None:
         pool, key = ChannelPool(idle_s=0.5, per_node=2), (node.url, "tcp")
         channels = [await connect(node, info) for _ in range(3)]

@@ -62,7 +62,11 @@ def reference(smollm, head) -> list[int]:
     stage = Stage.load(smollm, 0, head.num_layers)
     stage.open_session("local", 256)
     ids = chat_ids(head)
-    return list(generate(head, lambda hidden, positions: stage.step("local", hidden, positions), ids, SamplingParams(max_tokens=MAX_TOKENS)))
+    return list(
+        generate(
+            head, lambda hidden, positions: stage.step("local", hidden, positions), ids, SamplingParams(max_tokens=MAX_TOKENS)
+        )
+    )
 
 
 def chat_ids(head: Head) -> list[int]:
@@ -153,7 +157,19 @@ def api(smollm, cluster, tmp_path_factory):
     nodes = ",".join(cluster[n].url for n in ("a", "b", "c", "spare"))
     log = home / "api.log"
     env = dict(child_env(home), SHARDMARKET_CLIENT_API_KEY=API_KEY)
-    cmd = [sys.executable, "-m", "shardmarket", "client", "serve", "--checkpoint", str(smollm), "--nodes", nodes, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shardmarket",
+        "client",
+        "serve",
+        "--checkpoint",
+        str(smollm),
+        "--nodes",
+        nodes,
+        "--port",
+        str(port),
+    ]
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", process, log, headers={"Authorization": f"Bearer {API_KEY}"})
@@ -175,7 +191,12 @@ def test_openai_package_chat_and_completions(api, smollm, head, reference):
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + MAX_TOKENS
 
     stream = client.chat.completions.create(
-        model=smollm.name, messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0, stream=True, stream_options={"include_usage": True}
+        model=smollm.name,
+        messages=QUESTION,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
@@ -185,7 +206,10 @@ def test_openai_package_chat_and_completions(api, smollm, head, reference):
 
     prompt = "The capital of France is"
     completion = client.completions.create(model=smollm.name, prompt=prompt, max_tokens=4, temperature=0)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(model=smollm.name, prompt=prompt, max_tokens=4, temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model=smollm.name, prompt=prompt, max_tokens=4, temperature=0, stream=True)
+    )
     assert completion.choices[0].text == streamed and completion.usage.completion_tokens == 4
 
 
@@ -207,8 +231,9 @@ def test_openai_errors_have_openai_shape(api, smollm):
 
 def test_the_api_serves_its_block_store_to_verifiers_without_a_key(api):
     root = api.removesuffix("/v1")
-    request = urllib.request.Request(f"{root}/ipfs/bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku",
-                                     headers={"Accept": "application/vnd.ipld.raw"})
+    request = urllib.request.Request(
+        f"{root}/ipfs/bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku", headers={"Accept": "application/vnd.ipld.raw"}
+    )
     with pytest.raises(urllib.error.HTTPError) as missing:  # the store is empty: not found, yet no key was asked for
         urllib.request.urlopen(request, timeout=10)
     assert missing.value.code == 404
@@ -238,16 +263,31 @@ def test_twenty_concurrent_streams_through_one_pipeline(api, smollm, head):
 
 def test_client_chat_streams_the_answer_to_the_terminal(smollm, cluster, head, reference, tmp_path):
     nodes = ",".join(cluster[n].url for n in ("a", "b", "c"))
-    cmd = [sys.executable, "-m", "shardmarket", "client", "chat", QUESTION[0]["content"], "--checkpoint", str(smollm),
-           "--nodes", nodes, "--max-tokens", str(MAX_TOKENS)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shardmarket",
+        "client",
+        "chat",
+        QUESTION[0]["content"],
+        "--checkpoint",
+        str(smollm),
+        "--nodes",
+        nodes,
+        "--max-tokens",
+        str(MAX_TOKENS),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=child_env(tmp_path), check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == head.tokenizer.decode(reference, skip_special_tokens=True) + "\n"
 
 
-@pytest.mark.parametrize(("route", "honest"), [(("a", "forger", "c"), "b"), (("a", "b", "last-forger"), "c")],
-                         ids=["middle-hop", "last-hop"])
-def test_a_forged_commitment_found_while_its_output_is_used_redoes_the_step_with_the_same_text(smollm, cluster, reference, route, honest):
+@pytest.mark.parametrize(
+    ("route", "honest"), [(("a", "forger", "c"), "b"), (("a", "b", "last-forger"), "c")], ids=["middle-hop", "last-hop"]
+)
+def test_a_forged_commitment_found_while_its_output_is_used_redoes_the_step_with_the_same_text(
+    smollm, cluster, reference, route, honest
+):
     """The forger's answer already went on to the next hop (or to the head, which picks the token meanwhile) when
     its commitment fails the check: the whole step is redone on a new request id around the forger, and the text
     equals the undisturbed run."""

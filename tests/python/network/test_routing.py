@@ -17,7 +17,13 @@ def urls(route: list[NodeInfo]) -> list[str]:
 
 
 def test_route_tiles_the_layers_with_the_lowest_latency():
-    nodes = [node("a", 0, 10), node("b", 10, 20), node("c", 20, 30), node("slow", 10, 20, rtt_ms=50), node("whole", 0, 30, decode_ms=100)]
+    nodes = [
+        node("a", 0, 10),
+        node("b", 10, 20),
+        node("c", 20, 30),
+        node("slow", 10, 20, rtt_ms=50),
+        node("whole", 0, 30, decode_ms=100),
+    ]
     assert urls(plan_route(nodes, 0, 30, 256)) == ["a", "b", "c"]
 
 

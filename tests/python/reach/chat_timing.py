@@ -21,7 +21,9 @@ from shardmarket.engine.sampling import SamplingParams
 
 async def timed_tokens(checkpoint: Path, url: str, max_tokens: int) -> dict:
     config = load_config()
-    model = await RemoteModel.connect(checkpoint, [url], commitment_domain(config.chain.chain_id, config.chain.deployments_dir), transport="ws")
+    model = await RemoteModel.connect(
+        checkpoint, [url], commitment_domain(config.chain.chain_id, config.chain.deployments_dir), transport="ws"
+    )
     ids = model.chat_ids([{"role": "user", "content": "Name three colours of the rainbow."}])
     stamps = [time.perf_counter()]
     tokens = []
@@ -30,8 +32,11 @@ async def timed_tokens(checkpoint: Path, url: str, max_tokens: int) -> dict:
         tokens.append(token)
         stamps.append(time.perf_counter())
     gaps = [(b - a) * 1e3 for a, b in pairwise(stamps[1:])]
-    return {"tokens": tokens, "first_token_ms": (stamps[1] - stamps[0]) * 1e3,
-            "ms_per_token_median": statistics.median(gaps) if gaps else None}
+    return {
+        "tokens": tokens,
+        "first_token_ms": (stamps[1] - stamps[0]) * 1e3,
+        "ms_per_token_median": statistics.median(gaps) if gaps else None,
+    }
 
 
 if __name__ == "__main__":

@@ -24,8 +24,12 @@ async def stream(url: str, n: int) -> dict:
                 first = first or time.perf_counter()
                 events.append(line[6:].decode().strip())
     end = time.perf_counter()
-    return {"status": resp.status, "events": events, "first_ms": (first - t0) * 1e3 if first else None,
-            "total_ms": (end - t0) * 1e3}
+    return {
+        "status": resp.status,
+        "events": events,
+        "first_ms": (first - t0) * 1e3 if first else None,
+        "total_ms": (end - t0) * 1e3,
+    }
 
 
 async def echo(url: str, rounds: int) -> dict:
@@ -45,7 +49,10 @@ async def echo(url: str, rounds: int) -> dict:
 async def health(url: str, timeout: float) -> dict:
     """Does <url>/health answer within `timeout` seconds?"""
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session, session.get(f"{url}/health") as resp:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.get(f"{url}/health") as resp,
+        ):
             return {"ok": resp.status == 200, "body": await resp.text()}
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         return {"ok": False, "error": str(exc) or type(exc).__name__}

@@ -33,8 +33,16 @@ def lab_for():
 
 def start_node(lab: Lab, *extra: str, timeout: float = 30) -> tuple[subprocess.Popen, dict]:
     """Start the node stand-in in the LAN and return it with its reachability report."""
-    argv = [sys.executable, "-m", "tests.python.reach.standin", "--port", "7300",
-            *(f"--stun={s}" for s in lab.stun_servers), f"--relay={lab.relay_url}", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.python.reach.standin",
+        "--port",
+        "7300",
+        *(f"--stun={s}" for s in lab.stun_servers),
+        f"--relay={lab.relay_url}",
+        *extra,
+    ]
     proc = lab.spawn_in("lan", argv, log="node.err", stdout=subprocess.PIPE, text=True)  # stderr goes to the log
     line = proc.stdout.readline()
     if not line:

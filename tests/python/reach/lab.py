@@ -19,8 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-TOOLS = {"ip": "iproute2", "nft": "nftables", "conntrack": "conntrack", "turnserver": "coturn",
-         "miniupnpd": "miniupnpd", "upnpc": "miniupnpc", "unshare": "util-linux"}
+TOOLS = {
+    "ip": "iproute2",
+    "nft": "nftables",
+    "conntrack": "conntrack",
+    "turnserver": "coturn",
+    "miniupnpd": "miniupnpd",
+    "upnpc": "miniupnpc",
+    "unshare": "util-linux",
+}
 
 PUBLIC_NET = "10.99.0"  # the "internet": STUN at .1 and .2, relay at .1, top router WAN at .10
 CGN_NET = "100.64.0"  # between a carrier-grade NAT (.1) and the home router (.2)
@@ -203,22 +210,46 @@ table inet filter {{
         """After start-up (miniupnpd's STUN self-test needs inbound packets), drop new inbound on every WAN."""
         for role in ("rtr", "cgn"):
             if self.ns(role) in self.created:
-                self.run_in(role, ["nft", "add", "rule", "inet", "filter", "input",
-                                   "iifname", "wan0", "ct", "state", "new", "drop"])
+                self.run_in(
+                    role, ["nft", "add", "rule", "inet", "filter", "input", "iifname", "wan0", "ct", "state", "new", "drop"]
+                )
                 self.run_in(role, ["conntrack", "-F"], check=False)
 
     def start_coturn(self) -> None:
         ips = [s.split(":")[0] for s in self.stun_servers]
-        argv = ["turnserver", "-n", "--stun-only", "--no-cli", "--no-tls", "--no-dtls", "--simple-log",
-                "--log-file=stdout", f"--pidfile={self.dir}/turnserver.pid", f"--listening-port={STUN_PORT}",
-                *(f"--listening-ip={ip}" for ip in ips)]
+        argv = [
+            "turnserver",
+            "-n",
+            "--stun-only",
+            "--no-cli",
+            "--no-tls",
+            "--no-dtls",
+            "--simple-log",
+            "--log-file=stdout",
+            f"--pidfile={self.dir}/turnserver.pid",
+            f"--listening-port={STUN_PORT}",
+            *(f"--listening-ip={ip}" for ip in ips),
+        ]
         self.spawn_in("pub", argv, log="coturn.log")
         self._wait_for(lambda: all(self._listening("pub", "-lun", f"{ip}:{STUN_PORT}") for ip in ips), "coturn")
 
     def start_relay(self) -> None:
         """An opted-in public node serving as relay and verifier on the public side."""
-        argv = [sys.executable, "-m", "shardmarket", "node", "relay", "--public-host", f"{PUBLIC_NET}.1",
-                "--host", f"{PUBLIC_NET}.1", "--port", str(RELAY_PORT), "--rate-mbit", str(self.relay_rate_mbit)]
+        argv = [
+            sys.executable,
+            "-m",
+            "shardmarket",
+            "node",
+            "relay",
+            "--public-host",
+            f"{PUBLIC_NET}.1",
+            "--host",
+            f"{PUBLIC_NET}.1",
+            "--port",
+            str(RELAY_PORT),
+            "--rate-mbit",
+            str(self.relay_rate_mbit),
+        ]
         self.spawn_in("pub", argv, log="relay.log")
         self._wait_for(lambda: self._listening("pub", "-ltn", f"{PUBLIC_NET}.1:{RELAY_PORT}"), "relay")
 
@@ -229,8 +260,8 @@ table inet filter {{
         conf.write_text(f"""ext_ifname=wan0
 listening_ip=lan0
 http_port=5000
-enable_upnp={'yes' if v.upnp else 'no'}
-enable_natpmp={'yes' if v.pcp else 'no'}
+enable_upnp={"yes" if v.upnp else "no"}
+enable_natpmp={"yes" if v.pcp else "no"}
 ext_perform_stun=yes
 ext_stun_host={PUBLIC_NET}.1
 ext_stun_port={STUN_PORT}
@@ -245,11 +276,15 @@ allow 1024-65535 {HOME_NET}.0/24 1024-65535
 deny 0-65535 0.0.0.0/0 0-65535
 """)
         script = f"mount --bind /dev/null /dev/console && exec miniupnpd -d -f {conf} -P {self.dir}/miniupnpd.pid"
-        self.miniupnpd = self.spawn_in("rtr", ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                                       log="miniupnpd.log")
+        self.miniupnpd = self.spawn_in(
+            "rtr", ["unshare", "-m", "--propagation", "private", "sh", "-c", script], log="miniupnpd.log"
+        )
         probes = ([("-lun", f"{HOME_NET}.1:5351")] if v.pcp else []) + ([("-ltn", ":5000")] if v.upnp else [])
-        self._wait_for(lambda: self.miniupnpd.poll() is None and all(self._listening("rtr", f, a) for f, a in probes),
-                       "miniupnpd", alive=self.miniupnpd)
+        self._wait_for(
+            lambda: self.miniupnpd.poll() is None and all(self._listening("rtr", f, a) for f, a in probes),
+            "miniupnpd",
+            alive=self.miniupnpd,
+        )
 
     def stop_router(self) -> None:
         """Stop miniupnpd and flush its chains, as a router reboot would forget every mapping."""
@@ -260,8 +295,7 @@ deny 0-65535 0.0.0.0/0 0-65535
 
     def start_router(self) -> None:
         """Start miniupnpd again (its STUN self-test needs the WAN open while it starts)."""
-        self.run_in("rtr", ["nft", "delete", "rule", "inet", "filter", "input", "handle",
-                            self._wan_drop_handle("rtr")])
+        self.run_in("rtr", ["nft", "delete", "rule", "inet", "filter", "input", "handle", self._wan_drop_handle("rtr")])
         self.start_miniupnpd()
         self.close_wan()
 

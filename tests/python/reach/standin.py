@@ -48,8 +48,15 @@ async def main(args: argparse.Namespace) -> None:
     runner = web.AppRunner(app(args.node_id))
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", args.port).start()
-    reach = Reachability(args.port, stun_servers=args.stun, relays=args.relay, methods=args.methods.split(","),
-                         refresh_s=args.refresh_s, lease_s=args.lease_s, node_id=args.node_id)
+    reach = Reachability(
+        args.port,
+        stun_servers=args.stun,
+        relays=args.relay,
+        methods=args.methods.split(","),
+        refresh_s=args.refresh_s,
+        lease_s=args.lease_s,
+        node_id=args.node_id,
+    )
     report = await reach.establish()
     result = report.to_dict()
     extra_relay = None

@@ -27,12 +27,29 @@ def tiny(tmp_path_factory) -> Path:
 
 def start_daemon(lab, checkpoint: Path, layers: str) -> subprocess.Popen:
     """`shardmarket node run` in the LAN, listening on every address (a port mapping forwards to the LAN IP)."""
-    daemon = lab.spawn_in("lan", [SHARDMARKET, "node", "run", "--checkpoint", str(checkpoint), "--layers", layers,
-                                  "--host", "0.0.0.0", "--port", str(NODE_PORT), "--tcp-port", str(NODE_PORT + 1)],
-                          log="daemon.log")
+    daemon = lab.spawn_in(
+        "lan",
+        [
+            SHARDMARKET,
+            "node",
+            "run",
+            "--checkpoint",
+            str(checkpoint),
+            "--layers",
+            layers,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(NODE_PORT),
+            "--tcp-port",
+            str(NODE_PORT + 1),
+        ],
+        log="daemon.log",
+    )
     start = time.monotonic()
-    while not lab.python_in("lan", ["-m", "tests.python.reach.client", "health", f"http://127.0.0.1:{NODE_PORT}", "1"],
-                            check=False).stdout.count('"ok": true'):
+    while not lab.python_in(
+        "lan", ["-m", "tests.python.reach.client", "health", f"http://127.0.0.1:{NODE_PORT}", "1"], check=False
+    ).stdout.count('"ok": true'):
         assert daemon.poll() is None, lab.log("daemon.log")[-2000:]
         assert time.monotonic() - start < 120, "the node daemon did not come up in 120 s"
         time.sleep(0.5)
@@ -41,8 +58,13 @@ def start_daemon(lab, checkpoint: Path, layers: str) -> subprocess.Popen:
 
 def hold_endpoint(lab, *extra: str) -> tuple[subprocess.Popen, dict]:
     """`shardmarket node reachability --hold` next to the daemon; returns it and its report."""
-    hold = lab.spawn_in("lan", [SHARDMARKET, "node", "reachability", "--port", str(NODE_PORT), "--json", "--hold", *extra],
-                        log="reach.err", stdout=subprocess.PIPE, text=True)  # stderr goes to the log
+    hold = lab.spawn_in(
+        "lan",
+        [SHARDMARKET, "node", "reachability", "--port", str(NODE_PORT), "--json", "--hold", *extra],
+        log="reach.err",
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # stderr goes to the log
     line = hold.stdout.readline()
     assert line, lab.log("reach.err")[-2000:]
     return hold, json.loads(line)
@@ -50,10 +72,33 @@ def hold_endpoint(lab, *extra: str) -> tuple[subprocess.Popen, dict]:
 
 def chats(lab, runs: list[tuple[str, str]], checkpoint: Path) -> list[str]:
     """`shardmarket client chat` from each (namespace, node URL) at once; their answers."""
-    procs = [subprocess.Popen(lab.argv_in(role, [SHARDMARKET, "client", "chat", "--nodes", url, "--transport", "ws",
-                                                 "--checkpoint", str(checkpoint), "--max-tokens", "12", PROMPT]),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab.env(), cwd=REPO)
-             for role, url in runs]
+    procs = [
+        subprocess.Popen(
+            lab.argv_in(
+                role,
+                [
+                    SHARDMARKET,
+                    "client",
+                    "chat",
+                    "--nodes",
+                    url,
+                    "--transport",
+                    "ws",
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--max-tokens",
+                    "12",
+                    PROMPT,
+                ],
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=lab.env(),
+            cwd=REPO,
+        )
+        for role, url in runs
+    ]
     outs = [proc.communicate(timeout=120) for proc in procs]
     for proc, (_, err) in zip(procs, outs, strict=True):
         assert proc.returncode == 0, err[-2000:]

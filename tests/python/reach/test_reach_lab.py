@@ -67,8 +67,7 @@ def test_natpmp_maps_when_pcp_is_not_wanted(lab_for):
 
 def test_short_leases_are_renewed_before_they_expire(lab_for):
     lab = lab_for("pcp")
-    one_shot = ("import asyncio; from shardmarket.net.pcp import PcpMapper; "
-                "asyncio.run(PcpMapper('10.99.1.1').map(7400, 7400, 3))")
+    one_shot = "import asyncio; from shardmarket.net.pcp import PcpMapper; asyncio.run(PcpMapper('10.99.1.1').map(7400, 7400, 3))"
     lab.python_in("lan", ["-c", one_shot])  # control: a 3 s mapping nobody renews
     proc, report = start_node(lab, "--lease-s", "3")
     granted = next(a["detail"] for a in report["attempts"] if a["method"] == "pcp")
@@ -118,8 +117,9 @@ def test_cli_prints_what_it_found(lab_for):
     assert "FAIL pcp" in out.stdout and "ok   upnp" in out.stdout
     assert f"endpoint        http://10.99.0.10:{NODE_PORT}  (by upnp, verified" in out.stdout
     assert "dnat" not in miniupnpd_rules(lab), "the one-shot report left its mapping behind"
-    refused = lab.run_in("lan", [SHARDMARKET, "node", "reachability", "--methods", "pcp", "--relay", "http://10.99.0.1:1"],
-                         check=False, timeout=60)
+    refused = lab.run_in(
+        "lan", [SHARDMARKET, "node", "reachability", "--methods", "pcp", "--relay", "http://10.99.0.1:1"], check=False, timeout=60
+    )
     assert refused.returncode == 1 and "none verified" in refused.stdout
 
 
