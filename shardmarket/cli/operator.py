@@ -202,13 +202,18 @@ def cmd_status(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_earnings(args: argparse.Namespace) -> None:
-    from shardmarket.server.settlement import sync_paid_vectors
+def _node_books(args: argparse.Namespace):
+    """The market with this home's account unlocked, its address, and the tabs this node holds."""
     from shardmarket.server.tabs import TabStore, tab_store_path
 
     market = connect(args)
-    me = market.address
-    store = TabStore(tab_store_path(load_config().node.data_dir), me)
+    return market, market.address, TabStore(tab_store_path(load_config().node.data_dir), market.address)
+
+
+def cmd_earnings(args: argparse.Namespace) -> None:
+    from shardmarket.server.settlement import sync_paid_vectors
+
+    market, me, store = _node_books(args)
     sync_paid_vectors(market, store)
     rows = store.all()
     print(f"{'client':44} {'tab':>6} {'served':>14} {'promised':>14} {'redeemed':>14} {'pending':>14}")
@@ -230,11 +235,8 @@ def _print_claims(claims: Iterable) -> None:
 
 def cmd_redeem(args: argparse.Namespace) -> None:
     from shardmarket.server.settlement import settle_pending
-    from shardmarket.server.tabs import TabStore, tab_store_path
 
-    market = connect(args)
-    me = market.address
-    store = TabStore(tab_store_path(load_config().node.data_dir), me)
+    market, me, store = _node_books(args)
     claimed = set(store.claims())
     for r in settle_pending(market, store):
         print(f"settled {r.tabs} client tab(s), {r.paid} to this node: tx {r.tx} ({r.gas} gas)")
