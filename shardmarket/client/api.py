@@ -37,6 +37,10 @@ class ApiError(Exception):
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator takes
+INTERNAL_ERROR = "internal error; the server's log has the details"
+
+
 @dataclass
 class _Request:
     prompt_ids: list[int]
@@ -56,6 +60,15 @@ def _number(body: dict, name: str, default, kind, low, high):
     return kind(value)
 
 
+def _text(value: str, param: str) -> str:
+    """`value` if it is text a tokenizer can take: JSON lets a caller send a lone surrogate such as \\ud800, which is not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"'{param}' must be valid Unicode text (it holds a lone surrogate)", param=param) from None
+    return value
+
+
 def _sampling(body: dict, default_max_tokens: int) -> tuple[SamplingParams, bool, bool]:
     if body.get("n", 1) != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
@@ -66,9 +79,8 @@ def _sampling(body: dict, default_max_tokens: int) -> tuple[SamplingParams, bool
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, "'seed' must be an integer", param="seed")
+    stop = [_text(s, "stop") for s in stop]
+    seed = _number(body, "seed", None, int, SEED_MIN, SEED_MAX)
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
@@ -113,9 +125,9 @@ def build_api(
             return web.json_response(ApiError(503, str(exc), "server_error", code="no_route").body(), status=503)
         except EngineError as exc:
             return web.json_response(ApiError(400, str(exc)).body(), status=400)
-        except Exception as exc:  # answer in OpenAI's shape, and keep serving
+        except Exception:  # answer in OpenAI's shape, and keep serving
             log.exception("request failed")
-            return web.json_response(ApiError(500, f"internal error: {exc}", "server_error").body(), status=500)
+            return web.json_response(ApiError(500, INTERNAL_ERROR, "server_error").body(), status=500)
 
     async def read_body(request: web.Request) -> dict:
         try:
@@ -153,9 +165,9 @@ def build_api(
                 400, "'messages' must be a non-empty list of {role, content} objects with text content", param="messages"
             )
         params, stream, include_usage = _sampling(body, default_max_tokens)
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        messages = [{"role": _text(m["role"], "messages"), "content": _text(m["content"], "messages")} for m in messages]
         req = _Request(model.chat_ids(messages), params, stream, include_usage)
-        return await _respond(request, req, chat=True)
+        return await _respond(request, _within_context(req, "messages"), chat=True)
 
     @routes.post("/v1/completions")
     async def completions(request: web.Request) -> web.StreamResponse:
@@ -166,7 +178,24 @@ def build_api(
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
         params, stream, include_usage = _sampling(body, default_max_tokens)
-        return await _respond(request, _Request(model.prompt_ids(prompt), params, stream, include_usage), chat=False)
+        req = _Request(model.prompt_ids(_text(prompt, "prompt")), params, stream, include_usage)
+        return await _respond(request, _within_context(req, "prompt"), chat=False)
+
+    def _within_context(req: _Request, param: str) -> _Request:
+        """`req` if its prompt and its max_tokens fit the model's context: a caller's mistake, answered as OpenAI does,
+        that must not reach the nodes (they would refuse it, and the route would look broken)."""
+        context = model.head.config.max_position_embeddings
+        needed = len(req.prompt_ids) + req.params.max_tokens
+        if needed > context:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you requested {needed} tokens "
+                f"({len(req.prompt_ids)} in the {param}, {req.params.max_tokens} for the completion). Please reduce the "
+                f"length of the {param} or max_tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return req
 
     async def _respond(request: web.Request, req: _Request, chat: bool) -> web.StreamResponse:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"

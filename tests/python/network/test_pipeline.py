@@ -5,6 +5,7 @@ kill -9 of the middle node during generation."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import urllib.request
 
 import openai
 import pytest
+import requests
 
 from shardmarket.chain.eip712 import Domain
 from shardmarket.client.generation import Completion, RemoteModel
@@ -227,6 +229,33 @@ def test_openai_errors_have_openai_shape(api, smollm):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=smollm.name, messages=[])
     assert err.value.body["param"] == "messages"
+
+
+def test_a_callers_mistake_is_a_400_and_leaves_the_route_usable(api, smollm):
+    """A seed no generator takes, a lone surrogate, and a request past the model's context: each a 400 in OpenAI's
+    shape that names the parameter (never internal text), and the next good request is answered at once."""
+    client = openai.OpenAI(base_url=api, api_key=API_KEY, max_retries=0)
+    bad = [
+        ({"messages": QUESTION, "seed": 2**200}, "seed", None),
+        ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages", None),
+        ({"prompt": "hello \ud800"}, "prompt", None),
+        ({"messages": [{"role": "user", "content": "hello " * 9000}]}, "messages", "context_length_exceeded"),
+        ({"messages": [{"role": "user", "content": "hello " * 4400}], "max_tokens": 3900}, "messages", "context_length_exceeded"),
+    ]
+    for body, param, code in bad:
+        path = "/completions" if "prompt" in body else "/chat/completions"
+        reply = requests.post(
+            f"{api}{path}",
+            data=json.dumps({"model": smollm.name, **body}),
+            headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+            timeout=60,
+        )
+        error = reply.json()["error"]
+        assert reply.status_code == 400, (body, reply.text)
+        assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+        assert "Traceback" not in error["message"] and "internal" not in error["message"]
+    answer = client.chat.completions.create(model=smollm.name, messages=QUESTION, max_tokens=2)
+    assert answer.choices[0].message.content
 
 
 def test_the_api_serves_its_block_store_to_verifiers_without_a_key(api):
