@@ -179,7 +179,7 @@ class NodeService:
     async def _acknowledge(self, answer: _Answer) -> Message:
         """The frame that follows a step's result: its commitment, once the payment gate has the step's tab checked and
         stored; an error frame if the gate refuses a tab the step ran on credit with."""
-        if self.payments is None:
+        if self.payments is None or answer.credit is None:  # nothing left to check: no coroutine on the hot path
             return self._commitment(answer)
         try:
             commitment = await self.payments.acknowledge(answer.credit, lambda: self._commitment(answer))
