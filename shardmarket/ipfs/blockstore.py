@@ -24,8 +24,12 @@ class BlockstoreError(RuntimeError):
 class BlockNotFound(BlockstoreError, KeyError):
     """The block is not in this store."""
 
+    def __init__(self, cid: bytes, where: str = "in the local store") -> None:
+        super().__init__(f"block {to_str(cid)} is not {where}")
+        self.cid = cid
+
     def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "block not found"
+        return str(self.args[0])
 
 
 class CorruptBlock(BlockstoreError):
@@ -86,27 +90,28 @@ class Blockstore:
             raise CorruptBlock(f"block offered as {to_str(cid)} does not hash to that CID; it was not stored")
         self.put(cid, (data,))
 
+    def _open(self, cid: bytes) -> int:
+        """A file descriptor of the block's file; BlockNotFound when it is not here."""
+        try:
+            return os.open(self._file(cid), os.O_RDONLY)
+        except OSError as exc:
+            # a multihash too long for a file name (a stranger's CID) is a block this store cannot hold
+            if exc.errno in (errno.ENOENT, errno.ENAMETOOLONG):
+                raise BlockNotFound(cid) from None
+            raise BlockstoreError(f"cannot read block {to_str(cid)}: {exc.strerror}") from None
+
     def get_unchecked(self, cid: bytes) -> bytes:
         """Read a block without hashing it: for serving to trustless clients, which verify it themselves."""
-        try:
-            with open(self._file(cid), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise BlockNotFound(f"block {to_str(cid)} is not in the store at {self.path}") from None
+        with open(self._open(cid), "rb") as f:
+            return f.read()
 
     def open_block(self, cid: bytes) -> io.BufferedReader:
         """The block's file opened for reading, unchecked (for serving to trustless clients)."""
-        try:
-            return open(self._file(cid), "rb")
-        except FileNotFoundError:
-            raise BlockNotFound(f"block {to_str(cid)} is not in the store at {self.path}") from None
+        return open(self._open(cid), "rb")
 
     def head(self, cid: bytes, n: int) -> tuple[int, bytes]:
         """A block's size and first `n` bytes, unchecked (to plan a traversal without reading leaves)."""
-        try:
-            fd = os.open(self._file(cid), os.O_RDONLY)
-        except FileNotFoundError:
-            raise BlockNotFound(f"block {to_str(cid)} is not in the store at {self.path}") from None
+        fd = self._open(cid)
         try:
             return os.fstat(fd).st_size, os.read(fd, n)
         finally:
@@ -114,21 +119,11 @@ class Blockstore:
 
     def get(self, cid: bytes) -> bytes:
         """Read a block and check its hash; a corrupt file is removed and reported."""
-        path = self.block_path(cid)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise BlockNotFound(f"block {to_str(cid)} is not in the store at {self.path}") from None
+        data = self.get_unchecked(cid)
         if not verify(cid, data):
-            path.unlink(missing_ok=True)
+            self.delete(cid)
             raise CorruptBlock(f"block {to_str(cid)} on disk was corrupt and has been removed; fetch it again")
         return data
-
-    def size(self, cid: bytes) -> int:
-        try:
-            return self.block_path(cid).stat().st_size
-        except FileNotFoundError:
-            raise BlockNotFound(f"block {to_str(cid)} is not in the store at {self.path}") from None
 
     def delete(self, cid: bytes) -> None:
         self.block_path(cid).unlink(missing_ok=True)
@@ -236,4 +231,4 @@ class MemoryBlockstore:
         try:
             return self.blocks[split(cid)[1]]
         except KeyError:
-            raise BlockNotFound(f"block {to_str(cid)} is not in memory") from None
+            raise BlockNotFound(cid, "in memory") from None
