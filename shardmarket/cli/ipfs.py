@@ -7,7 +7,6 @@ otherwise they use the local blockstore, fetching missing blocks from the config
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def cmd_add(args) -> int:
         options = _options(args)
         api = load_config().ipfs.api
         if api:
-            added = asyncio.run(_kubo_add(api, args, options))
+            added = _kubo_add(api, args, options)
         else:
             added = []
             store = None if args.only_hash else local_store()
@@ -75,13 +74,11 @@ def cmd_add(args) -> int:
     return 0
 
 
-async def _kubo_add(api: str, args, options: ImportOptions) -> list[tuple[str, str]]:
+def _kubo_add(api: str, args, options: ImportOptions) -> list[tuple[str, str]]:
     added = []
-    async with KuboClient(api) as kubo:
+    with KuboClient(api) as kubo:
         for path in args.paths:
-            added += await kubo.add(
-                path, options, recursive=args.recursive, only_hash=args.only_hash, pin=args.pin, hidden=args.hidden
-            )
+            added += kubo.add(path, options, recursive=args.recursive, only_hash=args.only_hash, pin=args.pin, hidden=args.hidden)
     return added
 
 
@@ -89,12 +86,8 @@ def _ensure_local(cid: bytes, store: Blockstore, args) -> None:
     """Make every block of `cid` local: from Kubo when configured, else from gateways if any is missing."""
     api = load_config().ipfs.api
     if api:
-
-        async def copy() -> None:
-            async with KuboClient(api) as kubo:
-                await kubo.fetch_dag(cid, store)
-
-        asyncio.run(copy())
+        with KuboClient(api) as kubo:
+            kubo.fetch_dag(cid, store)
         return
     try:
         for _ in store.walk(cid):
@@ -147,7 +140,7 @@ def cmd_pin(args) -> int:
     api = load_config().ipfs.api
     try:
         if api:
-            return asyncio.run(_kubo_pin(api, args))
+            return _kubo_pin(api, args)
         store = local_store()
         if args.action == "ls":
             for pinned in sorted(store.pins()):
@@ -166,15 +159,15 @@ def cmd_pin(args) -> int:
     return 0
 
 
-async def _kubo_pin(api: str, args) -> int:
-    async with KuboClient(api) as kubo:
+def _kubo_pin(api: str, args) -> int:
+    with KuboClient(api) as kubo:
         if args.action == "ls":
-            for cid in await kubo.pin_ls():
+            for cid in kubo.pin_ls():
                 print(f"{cid} recursive")
         elif args.action == "add":
-            print(f"pinned {' '.join(await kubo.pin_add(args.cid))} recursively")
+            print(f"pinned {' '.join(kubo.pin_add(args.cid))} recursively")
         else:
-            print(f"unpinned {' '.join(await kubo.pin_rm(args.cid))}")
+            print(f"unpinned {' '.join(kubo.pin_rm(args.cid))}")
     return 0
 
 
@@ -182,12 +175,8 @@ def cmd_gc(args) -> int:
     api = load_config().ipfs.api
     try:
         if api:
-
-            async def gc() -> int:
-                async with KuboClient(api) as kubo:
-                    return await kubo.repo_gc()
-
-            print(f"removed {asyncio.run(gc())} blocks")
+            with KuboClient(api) as kubo:
+                print(f"removed {kubo.repo_gc()} blocks")
             return 0
         removed, freed = local_store().gc()
     except ERRORS as exc:
@@ -234,33 +223,43 @@ def cmd_dag_import(args) -> int:
     return 0
 
 
-def _bool(text: str) -> bool:
-    """Kubo's boolean option values: --flag=true or --flag=false."""
-    if text.lower() not in ("true", "false"):
-        raise ValueError(text)
-    return text.lower() == "true"
+TRUE, FALSE = {"1", "t", "true"}, {"0", "f", "false"}  # Kubo's spellings (Go's strconv.ParseBool, lower-cased)
+
+
+class KuboFlagParser(argparse.ArgumentParser):
+    """Takes Kubo's boolean flags as Kubo does: `--flag` or `--flag=true|false`, never a separate value (a following
+    word is a path)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args([self._kubo_flag(arg) for arg in (sys.argv[1:] if args is None else args)], namespace)
+
+    def _kubo_flag(self, arg: str) -> str:
+        name, sep, value = arg.partition("=")
+        if not sep or f"--no-{name[2:]}" not in self._option_string_actions or value.lower() not in TRUE | FALSE:
+            return arg
+        return name if value.lower() in TRUE else f"--no-{name[2:]}"
+
+
+def _flag(parser: argparse.ArgumentParser, *names: str, text: str, default: bool | None = False) -> None:
+    """A Kubo boolean flag: `--name`, `--name=false` (and `--no-name`)."""
+    parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, help=text)
 
 
 def register(commands) -> None:
     group = commands.add_parser("ipfs", help="content-addressed storage compatible with Kubo (add, cat, get, serve)")
-    sub = group.add_subparsers(dest="ipfs_command", required=True, metavar="COMMAND")
+    sub = group.add_subparsers(dest="ipfs_command", required=True, metavar="COMMAND", parser_class=KuboFlagParser)
 
     add = sub.add_parser("add", help="add files (Kubo's CIDs, flags and output)")
     add.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    add.add_argument("-r", "--recursive", action="store_true", help="add directories recursively")
-    add.add_argument("-n", "--only-hash", action="store_true", help="only chunk and hash; write nothing")
+    _flag(add, "-r", "--recursive", text="add directories recursively")
+    _flag(add, "-n", "--only-hash", text="only chunk and hash; write nothing")
     add.add_argument("--cid-version", type=int, choices=(0, 1), default=0, help="CID version (1 turns on raw leaves)")
-    add.add_argument(
-        "--raw-leaves",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="use raw blocks for leaves (default: on with --cid-version 1)",
-    )
+    _flag(add, "--raw-leaves", default=None, text="use raw blocks for leaves (default: on with --cid-version 1)")
     add.add_argument("-s", "--chunker", default="size-262144", help="chunking algorithm, size-N (default size-262144)")
-    add.add_argument("-q", "--quiet", action="store_true", help="print only CIDs")
-    add.add_argument("-Q", "--quieter", action="store_true", help="print only the final root CID")
-    add.add_argument("-H", "--hidden", action="store_true", help="include files whose name starts with a dot")
-    add.add_argument("--pin", type=_bool, default=True, metavar="true|false", help="pin what is added (default true)")
+    _flag(add, "-q", "--quiet", text="print only CIDs")
+    _flag(add, "-Q", "--quieter", text="print only the final root CID")
+    _flag(add, "-H", "--hidden", text="include files whose name starts with a dot")
+    _flag(add, "--pin", default=True, text="pin what is added (default true)")
     add.set_defaults(run=cmd_add)
 
     for name, run, text in (("cat", cmd_cat, "print a file's bytes"), ("get", cmd_get, "write a file or directory")):
