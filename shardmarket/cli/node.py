@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from shardmarket.cli import reach
+from shardmarket.cli.ipfs import content_store
 from shardmarket.cli.keys import home_keys
 from shardmarket.cli.operator import add_operator_commands, deployment_advice, parse_layers
 from shardmarket.config import load_config
@@ -87,7 +88,7 @@ def run_node(args: argparse.Namespace) -> int:
     )
     try:
         identity = None if options.layers else load_identity(read_password(args.password_file), home_keys())
-        daemon = build_daemon(options, load_config(), identity)
+        daemon = build_daemon(options, load_config(), identity, content_store())
     except (ChainError, KeystoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

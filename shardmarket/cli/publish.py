@@ -30,20 +30,21 @@ def add_publish_command(sub) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from shardmarket.cli.ipfs import local_store
+    from shardmarket.cli.ipfs import ERRORS, content_store
     from shardmarket.cli.operator import connect
     from shardmarket.config import load_config
     from shardmarket.ipfs.model import ModelError, load_manifest, pack_model
 
     try:
         market = connect(args)
-        store = local_store()
-        cid = args.manifest or pack_model(args.checkpoint, store, model_id=args.name, progress=sys.stderr.isatty())
-        manifest = load_manifest(store, cid, load_config().ipfs.gateways)
+        store = content_store()
+        work_dir = load_config().home / "tmp"
+        cid = args.manifest or pack_model(args.checkpoint, store, work_dir, model_id=args.name, progress=sys.stderr.isatty())
+        manifest = load_manifest(store, cid)
         name = args.name or manifest["model_id"]
         call = market.models.functions.registerModel(name, cid, manifest["num_layers"], config_hash(manifest["config"]))
         receipt = market.transact(call, f"publishing {name}")
-    except (ModelError, OSError) as exc:
+    except (ModelError, *ERRORS) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"published {name}: manifest {cid}, {manifest['num_layers']} layers; tx {receipt['transactionHash'].hex()}")

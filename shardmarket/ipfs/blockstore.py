@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shardmarket.ipfs import pb
 from shardmarket.ipfs.cids import DAG_PB, parse, split, to_str, verify
+from shardmarket.ipfs.unixfs import BlockSource
 
 
 class BlockstoreError(RuntimeError):
@@ -51,6 +52,21 @@ def links_of(cid: bytes, block: bytes) -> list[bytes]:
     if split(cid)[0] != DAG_PB:
         return []
     return [link.cid for link in pb.decode_node(block)[0]]
+
+
+def walk(source: BlockSource, root: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(CID, block) of the DAG under `root` in depth-first order, each once, read (and verified) from `source`."""
+    seen: set[bytes] = set()
+    stack = [bytes(root)]
+    while stack:
+        cid = stack.pop()
+        mh = split(cid)[1]
+        if mh in seen:
+            continue
+        seen.add(mh)
+        block = source.get(cid)
+        yield cid, block
+        stack.extend(reversed(links_of(cid, block)))
 
 
 class Blockstore:
@@ -169,22 +185,9 @@ class Blockstore:
     def _save_pins(self, pins: set[str]) -> None:
         self._write_atomic(self.pins_file, (json.dumps(sorted(pins), indent=0).encode(),))
 
-    def walk(self, root: bytes) -> Iterator[bytes]:
-        """Every CID of the DAG under `root` (each once), reading and verifying each block."""
-        seen: set[bytes] = set()
-        stack = [bytes(root)]
-        while stack:
-            cid = stack.pop()
-            mh = split(cid)[1]
-            if mh in seen:
-                continue
-            seen.add(mh)
-            yield cid
-            stack.extend(reversed(links_of(cid, self.get(cid))))
-
     def pin(self, cid: bytes) -> None:
         """Pin a DAG recursively; every block must be present (BlockNotFound names the first missing)."""
-        for _ in self.walk(cid):
+        for _ in walk(self, cid):
             pass
         self._save_pins(self.pins() | {to_str(cid)})
 
@@ -196,7 +199,7 @@ class Blockstore:
 
     def gc(self) -> tuple[int, int]:
         """Delete every block not reachable from a pin and temporary files older than an hour; return (blocks, bytes)."""
-        keep = {_key(split(c)[1]) for pin in self.pins() for c in self.walk(bytes(parse(pin)))}
+        keep = {_key(split(c)[1]) for pin in self.pins() for c, _ in walk(self, bytes(parse(pin)))}
         removed = freed = 0
         for path in list(self.keys()):
             if path.name not in keep:

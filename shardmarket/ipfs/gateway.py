@@ -12,7 +12,7 @@ import asyncio
 import functools
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from aiohttp import web
 
@@ -85,7 +85,7 @@ def dag_plan(
     scope: str = "all",
     byte_range: str | None = None,
     already_sent: Iterable[bytes] = (),
-    max_blocks: int | None = None,
+    max_blocks: int = MAX_CAR_BLOCKS,
 ) -> list[tuple[bytes, int]]:
     """(CID, size) of the DAG's blocks in depth-first order without duplicates, limited by `dag-scope`; more than
     `max_blocks` blocks is a BadRequest."""
@@ -124,14 +124,6 @@ def dag_plan(
                 offset += child_size
         stack.extend(reversed(children))
     return plan
-
-
-def dag_blocks(
-    store: Blockstore, root: bytes, scope: str = "all", byte_range: str | None = None
-) -> Iterator[tuple[bytes, bytes]]:
-    """The blocks of `dag_plan`, read one at a time."""
-    for cid, _ in dag_plan(store, root, scope, byte_range):
-        yield cid, store.get_unchecked(cid)
 
 
 def resolve(store: Blockstore, root: bytes, path: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:

@@ -1,10 +1,11 @@
-"""Kubo RPC backend: add, verified block reads and pins through a user's Kubo daemon.
+"""Kubo RPC backend: a Kubo daemon as a ContentStore (block get/put, refs, pins, gc) through its RPC API.
 
 Speaks Kubo's documented RPC API (https://docs.ipfs.tech/reference/kubo/rpc/): every call is a POST to
 /api/v0/<command>, arguments in the query string, files as multipart/form-data; streaming answers are
 newline-delimited JSON; errors before the answer starts are JSON {"Message", "Code", "Type": "error"}.
 An error after status 200 arrives only in the HTTP trailer `X-Stream-Error` (go-ipfs-cmds), which
-aiohttp and http.client drop, so calls go over h11, which reads trailers.
+aiohttp and http.client drop, so calls go over h11, which reads trailers. Blocks are hashed here (the
+importer is Kubo's, CID for CID) and every block Kubo returns is checked against its CID.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ import json
 import select
 import socket
 import uuid
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-from urllib.parse import quote, urlencode, urlsplit
+from collections.abc import Iterable, Iterator, Sequence
+from urllib.parse import urlencode, urlsplit
 
 import h11
+from multiformats import CID
 
-from shardmarket.ipfs.blockstore import Blockstore, links_of
-from shardmarket.ipfs.cids import to_str, verify
-from shardmarket.ipfs.unixfs import ImportOptions, walk_tree
+from shardmarket.ipfs.cids import KNOWN_CODECS, parse, split, to_str, verify
 
 CONNECT_TIMEOUT_S = 30
 READ_SIZE = 1 << 20
@@ -32,37 +31,6 @@ class KuboError(RuntimeError):
     """Kubo answered with an error, cut its answer short, or could not be reached; the message says which."""
 
 
-def _add_params(options: ImportOptions, *, recursive: bool, only_hash: bool, pin: bool, hidden: bool) -> dict[str, str]:
-    params = {
-        "cid-version": str(options.cid_version),
-        "chunker": f"size-{options.chunk_size}",
-        "recursive": str(recursive).lower(),
-        "only-hash": str(only_hash).lower(),
-        "pin": str(pin).lower(),
-        "hidden": str(hidden).lower(),
-    }
-    if options.raw_leaves is not None:
-        params["raw-leaves"] = str(options.raw_leaves).lower()
-    return params
-
-
-def _multipart(tree: Iterable[tuple[str, Path, bool]], boundary: str) -> Iterator[bytes]:
-    """Kubo's multipart layout, one part per file or directory named by its escaped relative path; each file is open
-    only while it is sent."""
-    for name, path, is_dir in tree:
-        kind = "application/x-directory" if is_dir else "application/octet-stream"
-        yield (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{quote(name, safe="")}"\r\n'
-            f"Content-Type: {kind}\r\n\r\n"
-        ).encode()
-        if not is_dir:
-            with open(path, "rb") as f:
-                while chunk := f.read(READ_SIZE):
-                    yield chunk
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode()
-
-
 def _error_message(body: bytes) -> str:
     try:
         return str(json.loads(body)["Message"])
@@ -70,9 +38,9 @@ def _error_message(body: bytes) -> str:
         return body.decode(errors="replace").strip()[:300]
 
 
-class KuboClient:
-    """Kubo's RPC API at `api` (e.g. `KuboClient("http://127.0.0.1:5001")`), one call at a time over one kept-alive
-    connection; use it in a `with` block."""
+class KuboStore:
+    """The Kubo daemon whose RPC API is at `api` (e.g. `KuboStore("http://127.0.0.1:5001")`), one call at a time over
+    one kept-alive connection."""
 
     def __init__(self, api: str, timeout_s: float = 300) -> None:
         self.api = api.rstrip("/")
@@ -84,7 +52,7 @@ class KuboClient:
         self.sock: socket.socket | None = None
         self.conn = h11.Connection(h11.CLIENT)
 
-    def __enter__(self) -> KuboClient:
+    def __enter__(self) -> KuboStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -105,31 +73,25 @@ class KuboClient:
             self.sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT_S)
         except OSError as exc:
             raise KuboError(f"cannot reach the Kubo RPC API at {self.api} ({exc}); is `ipfs daemon` running?") from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one call is a few small writes
         self.sock.settimeout(self.timeout_s)
         self.conn = h11.Connection(h11.CLIENT)
         return self.sock
 
     def _call(
-        self, command: str, params: dict[str, str] | None = None, body: Iterable[bytes] | None = None, content_type: str = ""
+        self, command: str, params: dict[str, str] | None = None, body: bytes = b"", content_type: str = ""
     ) -> Iterator[bytes]:
         """POST `command` and yield the answer's bytes. KuboError for an error status, an error in the trailer, or an
         answer cut short; an answer not read to its end closes the connection."""
         sock = self._connect()
-        headers = [("Host", f"{self.host}:{self.port}"), ("User-Agent", "shardmarket")]
-        if body is None:
-            headers.append(("Content-Length", "0"))
-        else:
-            headers += [("Content-Type", content_type), ("Transfer-Encoding", "chunked")]
+        headers = [("Host", f"{self.host}:{self.port}"), ("User-Agent", "shardmarket"), ("Content-Length", str(len(body)))]
+        if content_type:
+            headers.append(("Content-Type", content_type))
         target = f"{self.prefix}/api/v0/{command}" + (f"?{urlencode(params)}" if params else "")
         done = False
         try:
-            sent = self._send(sock, self.conn.send(h11.Request(method="POST", target=target, headers=headers)))
-            for piece in body if sent and body is not None else ():
-                if not self._send(sock, self.conn.send(h11.Data(data=piece))):
-                    break  # Kubo stopped reading (an error); its answer says why
-            else:
-                if body is not None:
-                    self._send(sock, self.conn.send(h11.EndOfMessage()))
+            request = self.conn.send(h11.Request(method="POST", target=target, headers=headers))
+            self._send(sock, request + self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage()))
             response = self._event(sock)
             if not isinstance(response, h11.Response):
                 raise KuboError(f"Kubo closed the connection without answering {command}")
@@ -153,9 +115,9 @@ class KuboClient:
             else:
                 self.close()  # mid-answer or broken: this connection cannot carry another call
 
-    def _send(self, sock: socket.socket, data: bytes) -> bool:
-        """Write `data`, taking in what Kubo answers meanwhile: it writes while it still reads, and a peer that only
-        writes would leave both sides waiting on full buffers. False when Kubo no longer reads."""
+    def _send(self, sock: socket.socket, data: bytes) -> None:
+        """Write `data`, taking in what Kubo answers meanwhile: it may answer (an error) and stop reading before the
+        request is whole, and its answer is then what was received."""
         view = memoryview(data)
         sock.setblocking(False)
         try:
@@ -164,15 +126,14 @@ class KuboClient:
                 if not readable and not writable:
                     raise KuboError(f"Kubo at {self.api} took no data for {self.timeout_s:.0f} s")
                 if readable and not self._receive(sock):
-                    return False  # Kubo closed the connection; what it answered is buffered
+                    return  # Kubo closed the connection
                 if writable:
                     try:
                         view = view[sock.send(view) :]
                     except BlockingIOError:
                         continue
                     except OSError:
-                        return False
-            return True
+                        return
         finally:
             sock.settimeout(self.timeout_s)
 
@@ -221,37 +182,6 @@ class KuboClient:
         if pending.strip():
             yield _object(command, pending)
 
-    # commands
-
-    def add(
-        self,
-        path: Path,
-        options: ImportOptions = ImportOptions(),
-        *,
-        recursive: bool = False,
-        only_hash: bool = False,
-        pin: bool = True,
-        hidden: bool = False,
-    ) -> list[tuple[str, str]]:
-        """`ipfs add`: (name, CID) of every entry, the root last, as Kubo reports them. What the local importer refuses
-        (symlinks, special files) is refused here too, before anything is sent."""
-        tree = list(walk_tree(Path(path), recursive=recursive, hidden=hidden))
-        boundary = uuid.uuid4().hex
-        params = _add_params(options, recursive=recursive, only_hash=only_hash, pin=pin, hidden=hidden)
-        answer = self._call("add", params, _multipart(tree, boundary), f"multipart/form-data; boundary={boundary}")
-        added = [(item["Name"], item["Hash"]) for item in self._objects("add", answer) if "Hash" in item]
-        root = tree[0][0]
-        if not added or added[-1][0] != root:
-            raise KuboError(f"Kubo's answer to add ended before it named the root {root}; it may have stopped partway")
-        return added
-
-    def block_get(self, cid: bytes) -> bytes:
-        """One block, checked against its CID (a daemon is trusted for nothing)."""
-        data = b"".join(self._call("block/get", {"arg": to_str(cid)}))
-        if not verify(cid, data):
-            raise KuboError(f"Kubo returned bytes for {to_str(cid)} that do not match that CID")
-        return data
-
     def _json(self, command: str, params: dict[str, str] | None = None) -> dict:
         body = b"".join(self._call(command, params))
         try:
@@ -259,35 +189,51 @@ class KuboClient:
         except ValueError:
             raise KuboError(f"Kubo's answer to {command} is not JSON") from None
 
-    def pin_add(self, cid: str) -> list[str]:
-        return self._json("pin/add", {"arg": cid, "recursive": "true"})["Pins"]
+    # the ContentStore
 
-    def pin_rm(self, cid: str) -> list[str]:
-        return self._json("pin/rm", {"arg": cid})["Pins"]
+    def get(self, cid: bytes) -> bytes:
+        """One block, checked against its CID (a daemon is trusted for nothing)."""
+        data = b"".join(self._call("block/get", {"arg": to_str(cid)}))
+        if not verify(cid, data):
+            raise KuboError(f"Kubo returned bytes for {to_str(cid)} that do not match that CID")
+        return data
 
-    def pin_ls(self) -> list[str]:
+    def put(self, cid: bytes, parts: Sequence[bytes | memoryview]) -> None:
+        """`ipfs block put` of a block this side hashed; Kubo must store it under the same multihash."""
+        boundary = uuid.uuid4().hex
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="block"\r\n'
+        head += "Content-Type: application/octet-stream\r\n\r\n"
+        body = b"".join([head.encode(), *parts, f"\r\n--{boundary}--\r\n".encode()])
+        params = {"cid-codec": KNOWN_CODECS[split(cid)[0]], "mhtype": CID.decode(cid).hashfun.name, "pin": "false"}
+        answer = list(
+            self._objects("block/put", self._call("block/put", params, body, f"multipart/form-data; boundary={boundary}"))
+        )
+        if not answer or "Key" not in answer[-1]:
+            raise KuboError(f"Kubo's answer to block/put ended before it named the block {to_str(cid)}")
+        if split(bytes(parse(answer[-1]["Key"])))[1] != split(cid)[1]:
+            raise KuboError(f"Kubo stored block {to_str(cid)} as {answer[-1]['Key']}, which is another hash")
+
+    def fetch(self, root: bytes) -> None:
+        """`ipfs refs -r`: Kubo fetches every block under `root` from its network now."""
+        for _ in self._objects("refs", self._call("refs", {"arg": to_str(root), "recursive": "true", "unique": "true"})):
+            pass
+
+    def pin(self, cid: bytes) -> None:
+        """`ipfs pin add --progress`: Kubo fetches what it lacks, and says how far it got while it does."""
+        params = {"arg": to_str(cid), "recursive": "true", "progress": "true"}
+        answer = list(self._objects("pin/add", self._call("pin/add", params)))
+        if not answer or "Pins" not in answer[-1]:
+            raise KuboError(f"Kubo's answer to pin/add ended before it pinned {to_str(cid)}")
+
+    def unpin(self, cid: bytes) -> None:
+        self._json("pin/rm", {"arg": to_str(cid)})
+
+    def pins(self) -> list[str]:
         return sorted(self._json("pin/ls", {"type": "recursive"})["Keys"])
 
-    def repo_gc(self) -> int:
+    def gc(self) -> int:
         """`ipfs repo gc`: how many blocks Kubo removed."""
         return sum("Key" in item for item in self._objects("repo/gc", self._call("repo/gc")))
-
-    def fetch_dag(self, root: bytes, store: Blockstore) -> int:
-        """Copy the DAG under `root` into a local blockstore block by block, each verified; return blocks copied."""
-        copied, stack, seen = 0, [bytes(root)], set()
-        while stack:
-            cid = stack.pop()
-            if cid in seen:
-                continue
-            seen.add(cid)
-            if store.has(cid):
-                block = store.get(cid)
-            else:
-                block = self.block_get(cid)
-                store.put(cid, (block,))
-                copied += 1
-            stack.extend(reversed(links_of(cid, block)))
-        return copied
 
 
 def _object(command: str, line: bytes) -> dict:
