@@ -1,27 +1,27 @@
-"""`shardmarket ipfs add|cat|get|serve|pin|gc`: Kubo-compatible content commands.
+"""`shardmarket ipfs add|cat|get|serve|pin|gc|dag`: Kubo-compatible content commands.
 
-With `SHARDMARKET_IPFS_API` (a Kubo RPC URL) add/cat/get/pin/gc go through that Kubo daemon;
-otherwise they use the local blockstore, fetching missing blocks from the configured gateways.
+They read and write through one ContentStore (shardmarket.ipfs.store): the Kubo daemon named by
+`SHARDMARKET_IPFS_API` when it is set, else the local blockstore, whose missing blocks come from the
+configured gateways. `content_store` is where the cli picks it, from the config.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
 from shardmarket.config import load_config
-from shardmarket.ipfs.blockstore import Blockstore, BlockstoreError
+from shardmarket.ipfs.blockstore import Blockstore, walk
 from shardmarket.ipfs.car import CarError
 from shardmarket.ipfs.cids import BadCID, parse, to_str
-from shardmarket.ipfs.fetch import FetchError, fetch_dag
-from shardmarket.ipfs.kubo import KuboClient, KuboError
+from shardmarket.ipfs.store import STORE_ERRORS, ContentStore, open_store
 from shardmarket.ipfs.unixfs import AddError, ExportError, ImportOptions, export, import_path, iter_file
 
-ERRORS = (AddError, ExportError, BadCID, BlockstoreError, CarError, FetchError, KuboError, OSError)
+ERRORS = (AddError, ExportError, BadCID, CarError, OSError, *STORE_ERRORS)
 
 
 def _fail(exc: Exception) -> int:
@@ -29,12 +29,11 @@ def _fail(exc: Exception) -> int:
     return 1
 
 
-def _gateways(args) -> list[str]:
-    return list(args.gateway or []) + load_config().ipfs.gateways
-
-
-def local_store() -> Blockstore:
-    return Blockstore(load_config().ipfs.store)
+def content_store(gateways: Sequence[str] | None = ()) -> ContentStore:
+    """The configured store: Kubo's RPC API (`[ipfs] api`), else the local blockstore with `gateways` and the
+    configured ones for what it lacks."""
+    config = load_config().ipfs
+    return open_store(config.store, config.api, [*(gateways or ()), *config.gateways])
 
 
 def _options(args) -> ImportOptions:
@@ -42,30 +41,26 @@ def _options(args) -> ImportOptions:
 
 
 def cmd_add(args) -> int:
+    added: list[tuple[str, str]] = []
     try:
         options = _options(args)
-        api = load_config().ipfs.api
-        if api:
-            added = asyncio.run(_kubo_add(api, args, options))
-        else:
-            added = []
-            store = None if args.only_hash else local_store()
-            total = sum(f.stat().st_size for p in args.paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc="add", file=sys.stderr, disable=None if not args.quieter else True
-            ) as bar:
-                for path in args.paths:
-                    entry = import_path(
-                        path,
-                        options,
-                        store,
-                        recursive=args.recursive,
-                        hidden=args.hidden,
-                        on_added=lambda name, e: added.append((name, e.cid_str)),
-                        progress=bar.update,
-                    )
-                    if store is not None and args.pin:
-                        store.pin(entry.cid)
+        store = None if args.only_hash else content_store()
+        total = sum(f.stat().st_size for p in args.paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc="add", file=sys.stderr, disable=None if not args.quieter else True
+        ) as bar:
+            for path in args.paths:
+                entry = import_path(
+                    path,
+                    options,
+                    store,
+                    recursive=args.recursive,
+                    hidden=args.hidden,
+                    on_added=lambda name, e: added.append((name, e.cid_str)),
+                    progress=bar.update,
+                )
+                if store is not None and args.pin:
+                    store.pin(entry.cid)
     except ERRORS as exc:
         return _fail(exc)
     if args.quieter:
@@ -75,39 +70,11 @@ def cmd_add(args) -> int:
     return 0
 
 
-async def _kubo_add(api: str, args, options: ImportOptions) -> list[tuple[str, str]]:
-    added = []
-    async with KuboClient(api) as kubo:
-        for path in args.paths:
-            added += await kubo.add(
-                path, options, recursive=args.recursive, only_hash=args.only_hash, pin=args.pin, hidden=args.hidden
-            )
-    return added
-
-
-def _ensure_local(cid: bytes, store: Blockstore, args) -> None:
-    """Make every block of `cid` local: from Kubo when configured, else from gateways if any is missing."""
-    api = load_config().ipfs.api
-    if api:
-
-        async def copy() -> None:
-            async with KuboClient(api) as kubo:
-                await kubo.fetch_dag(cid, store)
-
-        asyncio.run(copy())
-        return
-    try:
-        for _ in store.walk(cid):
-            pass
-    except BlockstoreError:
-        fetch_dag(cid, store, _gateways(args), progress=sys.stderr.isatty())
-
-
 def cmd_cat(args) -> int:
     try:
         cid = bytes(parse(args.cid))
-        store = local_store()
-        _ensure_local(cid, store, args)
+        store = content_store(args.gateway)
+        store.fetch(cid)
         out = sys.stdout.buffer
         for piece in iter_file(store, cid):
             out.write(piece)
@@ -123,8 +90,8 @@ def cmd_get(args) -> int:
         dest = Path(args.output or to_str(cid))
         if dest.exists():
             raise ExportError(f"{dest} already exists; choose another path with -o")
-        store = local_store()
-        _ensure_local(cid, store, args)
+        store = content_store(args.gateway)
+        store.fetch(cid)
         export(store, cid, dest)
     except ERRORS as exc:
         return _fail(exc)
@@ -137,25 +104,29 @@ def cmd_serve(args) -> int:
 
     from shardmarket.ipfs.gateway import make_app
 
-    store = local_store()
+    config = load_config().ipfs
+    if config.api:
+        return _fail(
+            ValueError(
+                "ipfs serve serves the local blockstore, which is unused while SHARDMARKET_IPFS_API names a Kubo daemon; "
+                "Kubo serves its own trustless gateway (its Addresses.Gateway, e.g. http://127.0.0.1:8080)"
+            )
+        )
+    store = Blockstore(config.store)
     print(f"trustless gateway for {store.path} on http://{args.host}:{args.port}/ipfs/", flush=True)
     web.run_app(make_app(store), host=args.host, port=args.port, print=None)
     return 0
 
 
 def cmd_pin(args) -> int:
-    api = load_config().ipfs.api
     try:
-        if api:
-            return asyncio.run(_kubo_pin(api, args))
-        store = local_store()
+        store = content_store(args.gateway)
         if args.action == "ls":
-            for pinned in sorted(store.pins()):
+            for pinned in store.pins():
                 print(f"{pinned} recursive")
             return 0
         cid = bytes(parse(args.cid))
         if args.action == "add":
-            _ensure_local(cid, store, args)
             store.pin(cid)
             print(f"pinned {to_str(cid)} recursively")
         else:
@@ -166,47 +137,25 @@ def cmd_pin(args) -> int:
     return 0
 
 
-async def _kubo_pin(api: str, args) -> int:
-    async with KuboClient(api) as kubo:
-        if args.action == "ls":
-            for cid in await kubo.pin_ls():
-                print(f"{cid} recursive")
-        elif args.action == "add":
-            print(f"pinned {' '.join(await kubo.pin_add(args.cid))} recursively")
-        else:
-            print(f"unpinned {' '.join(await kubo.pin_rm(args.cid))}")
-    return 0
-
-
 def cmd_gc(args) -> int:
-    api = load_config().ipfs.api
     try:
-        if api:
-
-            async def gc() -> int:
-                async with KuboClient(api) as kubo:
-                    return await kubo.repo_gc()
-
-            print(f"removed {asyncio.run(gc())} blocks")
-            return 0
-        removed, freed = local_store().gc()
+        removed = content_store().gc()
     except ERRORS as exc:
         return _fail(exc)
-    print(f"removed {removed} blocks ({freed} bytes)")
+    print(f"removed {removed} blocks")
     return 0
 
 
 def cmd_dag_export(args) -> int:
     from shardmarket.ipfs.car import header, section
-    from shardmarket.ipfs.gateway import dag_blocks
 
     try:
         cid = bytes(parse(args.cid))
-        store = local_store()
-        _ensure_local(cid, store, args)
+        store = content_store(args.gateway)
+        store.fetch(cid)
         out = sys.stdout.buffer
         out.write(header([cid]))
-        for c, data in dag_blocks(store, cid):
+        for c, data in walk(store, cid):
             out.write(b"".join(section(c, data)))
         out.flush()
     except ERRORS as exc:
@@ -217,8 +166,8 @@ def cmd_dag_export(args) -> int:
 def cmd_dag_import(args) -> int:
     from shardmarket.ipfs.car import read_car
 
-    store = local_store()
     try:
+        store = content_store()
         with open(args.car, "rb") as f:
             roots, blocks = read_car(f)
             count = 0
@@ -234,33 +183,43 @@ def cmd_dag_import(args) -> int:
     return 0
 
 
-def _bool(text: str) -> bool:
-    """Kubo's boolean option values: --flag=true or --flag=false."""
-    if text.lower() not in ("true", "false"):
-        raise ValueError(text)
-    return text.lower() == "true"
+TRUE, FALSE = {"1", "t", "true"}, {"0", "f", "false"}  # Kubo's spellings (Go's strconv.ParseBool, lower-cased)
+
+
+class KuboFlagParser(argparse.ArgumentParser):
+    """Takes Kubo's boolean flags as Kubo does: `--flag` or `--flag=true|false`, never a separate value (a following
+    word is a path)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args([self._kubo_flag(arg) for arg in (sys.argv[1:] if args is None else args)], namespace)
+
+    def _kubo_flag(self, arg: str) -> str:
+        name, sep, value = arg.partition("=")
+        if not sep or f"--no-{name[2:]}" not in self._option_string_actions or value.lower() not in TRUE | FALSE:
+            return arg
+        return name if value.lower() in TRUE else f"--no-{name[2:]}"
+
+
+def _flag(parser: argparse.ArgumentParser, *names: str, text: str, default: bool | None = False) -> None:
+    """A Kubo boolean flag: `--name`, `--name=false` (and `--no-name`)."""
+    parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, help=text)
 
 
 def register(commands) -> None:
     group = commands.add_parser("ipfs", help="content-addressed storage compatible with Kubo (add, cat, get, serve)")
-    sub = group.add_subparsers(dest="ipfs_command", required=True, metavar="COMMAND")
+    sub = group.add_subparsers(dest="ipfs_command", required=True, metavar="COMMAND", parser_class=KuboFlagParser)
 
     add = sub.add_parser("add", help="add files (Kubo's CIDs, flags and output)")
     add.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    add.add_argument("-r", "--recursive", action="store_true", help="add directories recursively")
-    add.add_argument("-n", "--only-hash", action="store_true", help="only chunk and hash; write nothing")
+    _flag(add, "-r", "--recursive", text="add directories recursively")
+    _flag(add, "-n", "--only-hash", text="only chunk and hash; write nothing")
     add.add_argument("--cid-version", type=int, choices=(0, 1), default=0, help="CID version (1 turns on raw leaves)")
-    add.add_argument(
-        "--raw-leaves",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="use raw blocks for leaves (default: on with --cid-version 1)",
-    )
+    _flag(add, "--raw-leaves", default=None, text="use raw blocks for leaves (default: on with --cid-version 1)")
     add.add_argument("-s", "--chunker", default="size-262144", help="chunking algorithm, size-N (default size-262144)")
-    add.add_argument("-q", "--quiet", action="store_true", help="print only CIDs")
-    add.add_argument("-Q", "--quieter", action="store_true", help="print only the final root CID")
-    add.add_argument("-H", "--hidden", action="store_true", help="include files whose name starts with a dot")
-    add.add_argument("--pin", type=_bool, default=True, metavar="true|false", help="pin what is added (default true)")
+    _flag(add, "-q", "--quiet", text="print only CIDs")
+    _flag(add, "-Q", "--quieter", text="print only the final root CID")
+    _flag(add, "-H", "--hidden", text="include files whose name starts with a dot")
+    _flag(add, "--pin", default=True, text="pin what is added (default true)")
     add.set_defaults(run=cmd_add)
 
     for name, run, text in (("cat", cmd_cat, "print a file's bytes"), ("get", cmd_get, "write a file or directory")):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from shardmarket.cli.ipfs import ERRORS, _fail, _gateways, local_store
+from shardmarket.cli.ipfs import ERRORS, _fail, content_store
+from shardmarket.config import load_config
 
 
 def _layers(text: str) -> tuple[int, int]:
@@ -19,7 +20,9 @@ def cmd_pack(args) -> int:
     from shardmarket.ipfs.model import ModelError, pack_model  # torch loads only for model commands
 
     try:
-        cid = pack_model(args.checkpoint, local_store(), model_id=args.model_id, progress=sys.stderr.isatty())
+        cid = pack_model(
+            args.checkpoint, content_store(), load_config().home / "tmp", model_id=args.model_id, progress=sys.stderr.isatty()
+        )
     except (ModelError, *ERRORS) as exc:
         return _fail(exc)
     print(cid)
@@ -33,7 +36,7 @@ def cmd_fetch(args) -> int:
     dest = args.dest or Path(f"{args.manifest}-{start}-{end}")
     try:
         fetch_model(
-            args.manifest, (start, end), dest, _gateways(args), store=local_store(), head=args.head, progress=sys.stderr.isatty()
+            args.manifest, (start, end), dest, store=content_store(args.gateway), head=args.head, progress=sys.stderr.isatty()
         )
     except (ModelError, *ERRORS) as exc:
         return _fail(exc)

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from shardmarket.cli import reach
+from shardmarket.cli.ipfs import content_store
 from shardmarket.cli.keys import home_keys
-from shardmarket.cli.operator import add_operator_commands, parse_layers
+from shardmarket.cli.operator import add_operator_commands, deployment_advice, parse_layers
 from shardmarket.config import load_config
 
 DTYPE_NAMES = ["bfloat16", "float16", "float32"]  # shardmarket.net.wire.DTYPES, named without importing torch (a test checks)
@@ -54,6 +55,8 @@ def register(commands) -> None:
 
 def run_node(args: argparse.Namespace) -> int:
     """Build the daemon from the arguments and the config, and serve until SIGINT/SIGTERM."""
+    from web3.exceptions import BadFunctionCallOutput
+
     from shardmarket.chain.contracts import ChainError
     from shardmarket.chain.keys import KeystoreError, read_password
     from shardmarket.engine.errors import EngineError
@@ -85,9 +88,12 @@ def run_node(args: argparse.Namespace) -> int:
     )
     try:
         identity = None if options.layers else load_identity(read_password(args.password_file), home_keys())
-        daemon = build_daemon(options, load_config(), identity)
+        daemon = build_daemon(options, load_config(), identity, content_store())
     except (ChainError, KeystoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BadFunctionCallOutput:
+        print(f"error: the contracts do not answer as shardmarket's contracts do: {deployment_advice()}", file=sys.stderr)
         return 1
     except (EngineError, ModelError, ValueError, OSError) as exc:
         print(f"error: cannot load the node's layers: {exc}", file=sys.stderr)

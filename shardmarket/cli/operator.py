@@ -8,7 +8,11 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from shardmarket.chain.contracts import ChainError, Market
+from eth_utils import to_checksum_address
+from web3.exceptions import BadFunctionCallOutput
+
+from shardmarket.chain.contracts import CONTRACTS, ChainError, Market
+from shardmarket.chain.deployments import deployments_path
 from shardmarket.chain.keys import KeystoreError, load_account, read_password, x25519_public
 from shardmarket.cli.keys import add_password_file, home_keys
 from shardmarket.config import load_config
@@ -33,9 +37,29 @@ def parse_amount(text: str) -> int:
 
 
 def connect(args: argparse.Namespace) -> Market:
-    """The market with this home's account unlocked."""
+    """The market with this home's account unlocked; ChainError when the deployment's contracts are not on the chain
+    (a transaction to an empty address would succeed and do nothing)."""
     account = load_account(read_password(getattr(args, "password_file", None)), home_keys())
-    return Market.connect(load_config().chain, account)
+    market = Market.connect(load_config().chain, account)
+    missing = [
+        name
+        for name in CONTRACTS
+        if name in market.addresses and not market.w3.eth.get_code(to_checksum_address(market.addresses[name]))
+    ]
+    if missing:
+        raise ChainError(f"no contract at the addresses of {', '.join(missing)}: {deployment_advice()}")
+    return market
+
+
+def deployment_advice() -> str:
+    """What is wrong when the deployments file does not match the chain, and what to do."""
+    chain = load_config().chain
+    path = deployments_path(chain.chain_id, chain.deployments_dir)
+    return (
+        f"{path} does not match the chain at {chain.rpc_url} (a dev chain restarted empty?); deploy the contracts "
+        "again (`brownie run scripts/deploy.py --network NAME`) or point SHARDMARKET_CHAIN_DEPLOYMENTS_DIR or "
+        "SHARDMARKET_CHAIN_RPC_URL at the matching deployment and chain"
+    )
 
 
 def chain_command(handler):
@@ -46,7 +70,11 @@ def chain_command(handler):
             return handler(args) or 0
         except (ChainError, KeystoreError) as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+        except BadFunctionCallOutput:
+            print(
+                f"error: the contracts there do not answer as shardmarket's contracts do: {deployment_advice()}", file=sys.stderr
+            )
+        return 1
 
     return run
 

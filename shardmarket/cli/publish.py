@@ -9,8 +9,8 @@ from pathlib import Path
 
 from eth_utils import keccak
 
-from shardmarket.chain.contracts import ChainError
 from shardmarket.cli.keys import add_password_file
+from shardmarket.cli.operator import chain_command
 
 
 def config_hash(config: dict) -> bytes:
@@ -26,25 +26,25 @@ def add_publish_command(sub) -> None:
     source.add_argument("--manifest", help="manifest CID of an already packed model (in the local store or a gateway)")
     publish.add_argument("--name", help="model name on chain (default: the manifest's model id)")
     add_password_file(publish)
-    publish.set_defaults(run=cmd_publish)
+    publish.set_defaults(run=chain_command(cmd_publish))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from shardmarket.chain.keys import KeystoreError
-    from shardmarket.cli.ipfs import local_store
+    from shardmarket.cli.ipfs import ERRORS, content_store
     from shardmarket.cli.operator import connect
     from shardmarket.config import load_config
     from shardmarket.ipfs.model import ModelError, load_manifest, pack_model
 
     try:
         market = connect(args)
-        store = local_store()
-        cid = args.manifest or pack_model(args.checkpoint, store, model_id=args.name, progress=sys.stderr.isatty())
-        manifest = load_manifest(store, cid, load_config().ipfs.gateways)
+        store = content_store()
+        work_dir = load_config().home / "tmp"
+        cid = args.manifest or pack_model(args.checkpoint, store, work_dir, model_id=args.name, progress=sys.stderr.isatty())
+        manifest = load_manifest(store, cid)
         name = args.name or manifest["model_id"]
         call = market.models.functions.registerModel(name, cid, manifest["num_layers"], config_hash(manifest["config"]))
         receipt = market.transact(call, f"publishing {name}")
-    except (ChainError, KeystoreError, ModelError, OSError) as exc:
+    except (ModelError, *ERRORS) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"published {name}: manifest {cid}, {manifest['num_layers']} layers; tx {receipt['transactionHash'].hex()}")

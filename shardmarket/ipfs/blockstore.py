@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shardmarket.ipfs import pb
 from shardmarket.ipfs.cids import DAG_PB, parse, split, to_str, verify
+from shardmarket.ipfs.unixfs import BlockSource
 
 
 class BlockstoreError(RuntimeError):
@@ -24,8 +25,12 @@ class BlockstoreError(RuntimeError):
 class BlockNotFound(BlockstoreError, KeyError):
     """The block is not in this store."""
 
+    def __init__(self, cid: bytes, where: str = "in the local store") -> None:
+        super().__init__(f"block {to_str(cid)} is not {where}")
+        self.cid = cid
+
     def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "block not found"
+        return str(self.args[0])
 
 
 class CorruptBlock(BlockstoreError):
@@ -47,6 +52,21 @@ def links_of(cid: bytes, block: bytes) -> list[bytes]:
     if split(cid)[0] != DAG_PB:
         return []
     return [link.cid for link in pb.decode_node(block)[0]]
+
+
+def walk(source: BlockSource, root: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(CID, block) of the DAG under `root` in depth-first order, each once, read (and verified) from `source`."""
+    seen: set[bytes] = set()
+    stack = [bytes(root)]
+    while stack:
+        cid = stack.pop()
+        mh = split(cid)[1]
+        if mh in seen:
+            continue
+        seen.add(mh)
+        block = source.get(cid)
+        yield cid, block
+        stack.extend(reversed(links_of(cid, block)))
 
 
 class Blockstore:
@@ -86,27 +106,28 @@ class Blockstore:
             raise CorruptBlock(f"block offered as {to_str(cid)} does not hash to that CID; it was not stored")
         self.put(cid, (data,))
 
+    def _open(self, cid: bytes) -> int:
+        """A file descriptor of the block's file; BlockNotFound when it is not here."""
+        try:
+            return os.open(self._file(cid), os.O_RDONLY)
+        except OSError as exc:
+            # a multihash too long for a file name (a stranger's CID) is a block this store cannot hold
+            if exc.errno in (errno.ENOENT, errno.ENAMETOOLONG):
+                raise BlockNotFound(cid) from None
+            raise BlockstoreError(f"cannot read block {to_str(cid)}: {exc.strerror}") from None
+
     def get_unchecked(self, cid: bytes) -> bytes:
         """Read a block without hashing it: for serving to trustless clients, which verify it themselves."""
-        try:
-            with open(self._file(cid), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise BlockNotFound(f"block {to_str(cid)} is not in the store at {self.path}") from None
+        with open(self._open(cid), "rb") as f:
+            return f.read()
 
     def open_block(self, cid: bytes) -> io.BufferedReader:
         """The block's file opened for reading, unchecked (for serving to trustless clients)."""
-        try:
-            return open(self._file(cid), "rb")
-        except FileNotFoundError:
-            raise BlockNotFound(f"block {to_str(cid)} is not in the store at {self.path}") from None
+        return open(self._open(cid), "rb")
 
     def head(self, cid: bytes, n: int) -> tuple[int, bytes]:
         """A block's size and first `n` bytes, unchecked (to plan a traversal without reading leaves)."""
-        try:
-            fd = os.open(self._file(cid), os.O_RDONLY)
-        except FileNotFoundError:
-            raise BlockNotFound(f"block {to_str(cid)} is not in the store at {self.path}") from None
+        fd = self._open(cid)
         try:
             return os.fstat(fd).st_size, os.read(fd, n)
         finally:
@@ -114,21 +135,11 @@ class Blockstore:
 
     def get(self, cid: bytes) -> bytes:
         """Read a block and check its hash; a corrupt file is removed and reported."""
-        path = self.block_path(cid)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise BlockNotFound(f"block {to_str(cid)} is not in the store at {self.path}") from None
+        data = self.get_unchecked(cid)
         if not verify(cid, data):
-            path.unlink(missing_ok=True)
+            self.delete(cid)
             raise CorruptBlock(f"block {to_str(cid)} on disk was corrupt and has been removed; fetch it again")
         return data
-
-    def size(self, cid: bytes) -> int:
-        try:
-            return self.block_path(cid).stat().st_size
-        except FileNotFoundError:
-            raise BlockNotFound(f"block {to_str(cid)} is not in the store at {self.path}") from None
 
     def delete(self, cid: bytes) -> None:
         self.block_path(cid).unlink(missing_ok=True)
@@ -174,22 +185,9 @@ class Blockstore:
     def _save_pins(self, pins: set[str]) -> None:
         self._write_atomic(self.pins_file, (json.dumps(sorted(pins), indent=0).encode(),))
 
-    def walk(self, root: bytes) -> Iterator[bytes]:
-        """Every CID of the DAG under `root` (each once), reading and verifying each block."""
-        seen: set[bytes] = set()
-        stack = [bytes(root)]
-        while stack:
-            cid = stack.pop()
-            mh = split(cid)[1]
-            if mh in seen:
-                continue
-            seen.add(mh)
-            yield cid
-            stack.extend(reversed(links_of(cid, self.get(cid))))
-
     def pin(self, cid: bytes) -> None:
         """Pin a DAG recursively; every block must be present (BlockNotFound names the first missing)."""
-        for _ in self.walk(cid):
+        for _ in walk(self, cid):
             pass
         self._save_pins(self.pins() | {to_str(cid)})
 
@@ -201,7 +199,7 @@ class Blockstore:
 
     def gc(self) -> tuple[int, int]:
         """Delete every block not reachable from a pin and temporary files older than an hour; return (blocks, bytes)."""
-        keep = {_key(split(c)[1]) for pin in self.pins() for c in self.walk(bytes(parse(pin)))}
+        keep = {_key(split(c)[1]) for pin in self.pins() for c, _ in walk(self, bytes(parse(pin)))}
         removed = freed = 0
         for path in list(self.keys()):
             if path.name not in keep:
@@ -236,4 +234,4 @@ class MemoryBlockstore:
         try:
             return self.blocks[split(cid)[1]]
         except KeyError:
-            raise BlockNotFound(f"block {to_str(cid)} is not in memory") from None
+            raise BlockNotFound(cid, "in memory") from None

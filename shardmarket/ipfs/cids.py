@@ -13,6 +13,10 @@ DAG_PB = 0x70
 RAW = 0x55
 KNOWN_CODECS = {DAG_PB: "dag-pb", RAW: "raw"}
 SHA2_256 = 0x12
+IDENTITY = 0x00
+# Kubo's bounds on a multihash (boxo/verifcid): a shorter digest is no hash, a longer one no file name can hold
+MIN_DIGEST = 20
+MAX_DIGEST = 128
 
 
 class BadCID(ValueError):
@@ -32,10 +36,17 @@ def block_cid(version: int, codec: int, data: bytes) -> bytes:
 
 
 def parse(value: str | bytes | CID) -> CID:
-    """Parse a CID (text or binary) and require a codec this node understands (dag-pb or raw)."""
+    """Parse a CID (text or binary) and require a codec this node understands (dag-pb or raw) and a digest within
+    Kubo's bounds."""
     cid = value if isinstance(value, CID) else _decode(value.strip() if isinstance(value, str) else bytes(value))
     if cid.codec.code not in KNOWN_CODECS:
         raise BadCID(f"CID {cid} uses codec {cid.codec.name}; only dag-pb and raw are supported")
+    code, pos = read_varint(cid.digest, 0)
+    size = read_varint(cid.digest, pos)[0]
+    if size > MAX_DIGEST:
+        raise BadCID(f"CID {str(cid)[:24]}... has a {size}-byte digest; digests are at most {MAX_DIGEST} bytes")
+    if size < MIN_DIGEST and code != IDENTITY:
+        raise BadCID(f"CID {cid} has a {size}-byte digest; a {cid.hashfun.name} digest is at least {MIN_DIGEST} bytes")
     return cid
 
 

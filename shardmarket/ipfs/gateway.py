@@ -2,20 +2,22 @@
 
 Follows https://specs.ipfs.tech/http-gateways/trustless-gateway/: `Accept` (or `?format=`) picks
 `application/vnd.ipld.raw` or `application/vnd.ipld.car`; CARs honour `dag-scope` (all, entity, block)
-and `entity-bytes=from:to`; responses are immutable with ETags.
+and `entity-bytes=from:to`; responses are immutable with ETags. Whatever a stranger asks for, the answer is a
+4xx that names no local path, and one request walks at most `max_car_blocks` blocks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from aiohttp import web
 
 from shardmarket.ipfs import pb
-from shardmarket.ipfs.blockstore import BlockNotFound, Blockstore, CorruptBlock
+from shardmarket.ipfs.blockstore import BlockNotFound, Blockstore, BlockstoreError, CorruptBlock
 from shardmarket.ipfs.car import header, section
 from shardmarket.ipfs.cids import DAG_PB, BadCID, parse, split, to_str
 from shardmarket.ipfs.pb import varint
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 RAW_TYPE = "application/vnd.ipld.raw"
 CAR_TYPE = "application/vnd.ipld.car"
 IMMUTABLE = "public, max-age=29030400, immutable"
+MAX_CAR_BLOCKS = 1 << 16  # 16 GiB of 256 KiB leaves: any one shard; bigger DAGs are asked for in parts
 
 
 class BadRequest(ValueError):
@@ -77,47 +80,50 @@ def _peek(store: Blockstore, cid: bytes) -> tuple[int, list[pb.Link], pb.UnixFSD
 
 
 def dag_plan(
-    store: Blockstore, root: bytes, scope: str = "all", byte_range: str | None = None, already_sent: Iterable[bytes] = ()
+    store: Blockstore,
+    root: bytes,
+    scope: str = "all",
+    byte_range: str | None = None,
+    already_sent: Iterable[bytes] = (),
+    max_blocks: int = MAX_CAR_BLOCKS,
 ) -> list[tuple[bytes, int]]:
-    """(CID, size) of the DAG's blocks in depth-first order without duplicates, limited by `dag-scope`."""
+    """(CID, size) of the DAG's blocks in depth-first order without duplicates, limited by `dag-scope`; more than
+    `max_blocks` blocks is a BadRequest."""
     seen: set[bytes] = {split(cid)[1] for cid in already_sent}
     plan: list[tuple[bytes, int]] = []
-
-    def walk(cid: bytes, depth: int, window: tuple[int, int] | None) -> None:
+    stack: list[tuple[bytes, int, tuple[int, int] | None]] = [(root, 0, None)]  # a DAG can be deeper than the C stack
+    while stack:
+        cid, depth, window = stack.pop()
         mh = split(cid)[1]
         if mh in seen:
-            return
+            continue
         seen.add(mh)
+        if len(plan) == max_blocks:
+            raise BadRequest(
+                f"the DAG under {to_str(root)} has more than {max_blocks} blocks; ask for it in parts "
+                "(dag-scope=entity&entity-bytes=from:to, or the CIDs it links)"
+            )
         size, links, fs = _peek(store, cid)
         plan.append((cid, size))
         if scope == "block" and depth == 0:
-            return
+            continue
         file = fs if fs is not None and fs.type in (pb.FILE, pb.RAW) else None
         if scope == "entity" and depth == 0 and file is None and fs is not None:
-            return  # a directory entity is its own node only
+            continue  # a directory entity is its own node only
         if window is None and byte_range is not None and file is not None and depth == 0:
             window = parse_entity_bytes(byte_range, file.filesize or 0)
+        children: list[tuple[bytes, int, tuple[int, int] | None]] = []
         if window is None or file is None or len(file.blocksizes) != len(links):
-            for link in links:
-                walk(link.cid, depth + 1, None)
-            return
-        start, stop = window
-        offset = len(file.data or b"")
-        for link, child_size in zip(links, file.blocksizes, strict=True):
-            if offset < stop and offset + child_size > start and start < stop:
-                walk(link.cid, depth + 1, (max(start - offset, 0), min(stop - offset, child_size)))
-            offset += child_size
-
-    walk(root, 0, None)
+            children = [(link.cid, depth + 1, None) for link in links]
+        else:
+            start, stop = window
+            offset = len(file.data or b"")
+            for link, child_size in zip(links, file.blocksizes, strict=True):
+                if offset < stop and offset + child_size > start and start < stop:
+                    children.append((link.cid, depth + 1, (max(start - offset, 0), min(stop - offset, child_size))))
+                offset += child_size
+        stack.extend(reversed(children))
     return plan
-
-
-def dag_blocks(
-    store: Blockstore, root: bytes, scope: str = "all", byte_range: str | None = None
-) -> Iterator[tuple[bytes, bytes]]:
-    """The blocks of `dag_plan`, read one at a time."""
-    for cid, _ in dag_plan(store, root, scope, byte_range):
-        yield cid, store.get_unchecked(cid)
 
 
 def resolve(store: Blockstore, root: bytes, path: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -150,7 +156,7 @@ def _wanted_format(request: web.Request) -> tuple[str | None, dict[str, str]]:
     return None, {}
 
 
-def gateway_routes(store: Blockstore) -> web.RouteTableDef:
+def gateway_routes(store: Blockstore, max_car_blocks: int = MAX_CAR_BLOCKS) -> web.RouteTableDef:
     """Routes of the trustless gateway over `store`, for mounting in any aiohttp app."""
     routes = web.RouteTableDef()
 
@@ -169,13 +175,14 @@ def gateway_routes(store: Blockstore) -> web.RouteTableDef:
                 if trail:
                     raise BadRequest("raw blocks are served for a bare CID only; request the CID of the block")
                 return _raw_response(request, store, cid)
-            return await _car_response(request, store, root, cid, trail, params)
+            return await _car_response(request, store, root, cid, trail, params, max_car_blocks)
         except (BadCID, BadRequest, pb.DecodeError) as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from None
         except BlockNotFound as exc:
-            raise web.HTTPNotFound(text=f"{exc}\n") from None
-        except CorruptBlock as exc:
-            raise web.HTTPInternalServerError(text=f"{exc}\n") from None
+            raise web.HTTPNotFound(text=f"block {to_str(exc.cid)} is not on this gateway\n") from None
+        except BlockstoreError as exc:  # corrupt or unreadable: the store's own words may name local paths
+            log.warning("gateway cannot serve %s: %s", request.path, exc)
+            raise web.HTTPInternalServerError(text="this gateway cannot read that block now\n") from None
 
     return routes
 
@@ -201,7 +208,13 @@ def _raw_response(request: web.Request, store: Blockstore, cid: bytes) -> web.Re
 
 
 async def _car_response(
-    request: web.Request, store: Blockstore, root: bytes, cid: bytes, trail: list[tuple[bytes, bytes]], params: dict[str, str]
+    request: web.Request,
+    store: Blockstore,
+    root: bytes,
+    cid: bytes,
+    trail: list[tuple[bytes, bytes]],
+    params: dict[str, str],
+    max_blocks: int,
 ) -> web.StreamResponse:
     if params.get("version", "1") != "1":
         raise BadRequest(f"CAR version {params['version']} is not served here; ask for version=1")
@@ -213,8 +226,9 @@ async def _car_response(
     byte_range = request.query.get("entity-bytes")
     if byte_range is not None and scope != "entity":
         raise BadRequest("entity-bytes needs dag-scope=entity")
-    # every block is located before a byte is sent, so a missing one is a 404, not a cut stream
-    plan = dag_plan(store, cid, scope, byte_range, already_sent=[c for c, _ in trail])
+    # every block is located before a byte is sent, so a missing one is a 404, not a cut stream; in a thread, so that
+    # one big plan does not hold up every other request
+    plan = await asyncio.to_thread(dag_plan, store, cid, scope, byte_range, [c for c, _ in trail], max_blocks)
     key = f"{request.path}|{scope}|{byte_range}".encode()
     etag = f'W/"{to_str(root)}.car.{hashlib.sha256(key).hexdigest()[:16]}"'
     headers = _common_headers(etag, f"{CAR_TYPE}; version=1; order=dfs; dups=n", f"{to_str(root)}.car")
@@ -252,8 +266,8 @@ def _section_of_file(store: Blockstore, cid: bytes, size: int) -> bytearray:
     return buf
 
 
-def make_app(store: Blockstore) -> web.Application:
+def make_app(store: Blockstore, max_car_blocks: int = MAX_CAR_BLOCKS) -> web.Application:
     """A stand-alone gateway app (what `shardmarket ipfs serve` runs)."""
     app = web.Application()
-    app.add_routes(gateway_routes(store))
+    app.add_routes(gateway_routes(store, max_car_blocks))
     return app

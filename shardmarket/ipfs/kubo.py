@@ -1,168 +1,253 @@
-"""Kubo RPC backend (aiohttp): add, cat, verified block reads and pins through a user's Kubo daemon.
+"""Kubo RPC backend: a Kubo daemon as a ContentStore (block get/put, refs, pins, gc) through its RPC API.
 
-Speaks Kubo's documented RPC API (https://docs.ipfs.tech/reference/kubo/rpc/): every call is a POST
-to /api/v0/<command>, arguments in the query string, files as multipart/form-data; streaming answers
-are newline-delimited JSON; errors are JSON {"Message", "Code", "Type": "error"}.
+Speaks Kubo's documented RPC API (https://docs.ipfs.tech/reference/kubo/rpc/): every call is a POST to
+/api/v0/<command>, arguments in the query string, files as multipart/form-data; streaming answers are
+newline-delimited JSON; errors before the answer starts are JSON {"Message", "Code", "Type": "error"}.
+An error after status 200 arrives only in the HTTP trailer `X-Stream-Error` (go-ipfs-cmds), which
+aiohttp and http.client drop, so calls go over h11, which reads trailers. Blocks are hashed here (the
+importer is Kubo's, CID for CID) and every block Kubo returns is checked against its CID.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import AsyncIterator
-from pathlib import Path
-from urllib.parse import quote
+import select
+import socket
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from urllib.parse import urlencode, urlsplit
 
-import aiohttp
+import h11
+from multiformats import CID
 
-from shardmarket.ipfs.blockstore import Blockstore, links_of
-from shardmarket.ipfs.cids import to_str, verify
-from shardmarket.ipfs.unixfs import ImportOptions
+from shardmarket.ipfs.cids import KNOWN_CODECS, parse, split, to_str, verify
+
+CONNECT_TIMEOUT_S = 30
+READ_SIZE = 1 << 20
+MAX_ERROR_BODY = 64 * 1024
 
 
 class KuboError(RuntimeError):
-    """Kubo answered with an error or could not be reached; the message says which."""
+    """Kubo answered with an error, cut its answer short, or could not be reached; the message says which."""
 
 
-def _add_params(options: ImportOptions, *, recursive: bool, only_hash: bool, pin: bool, hidden: bool) -> dict[str, str]:
-    params = {
-        "cid-version": str(options.cid_version),
-        "chunker": f"size-{options.chunk_size}",
-        "recursive": str(recursive).lower(),
-        "only-hash": str(only_hash).lower(),
-        "pin": str(pin).lower(),
-        "hidden": str(hidden).lower(),
-    }
-    if options.raw_leaves is not None:
-        params["raw-leaves"] = str(options.raw_leaves).lower()
-    return params
+def _error_message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["Message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode(errors="replace").strip()[:300]
 
 
-def _multipart(path: Path, hidden: bool) -> aiohttp.MultipartWriter:
-    """Kubo's multipart layout: one part per file or directory, named by its escaped relative path."""
-    writer = aiohttp.MultipartWriter("form-data")
-    root = path.parent
-
-    def add(entry: Path) -> None:
-        name = quote(str(entry.relative_to(root)), safe="")
-        if entry.is_dir():
-            part = writer.append(b"", {"Content-Type": "application/x-directory"})
-            part.set_content_disposition("form-data", name="file", filename=name, quote_fields=False)
-            for child in sorted(os.listdir(entry)):
-                if hidden or not child.startswith("."):
-                    add(entry / child)
-        else:
-            file = open(entry, "rb")  # noqa: SIM115  (the multipart payload owns it and closes it once sent)
-            part = writer.append(file, {"Content-Type": "application/octet-stream"})
-            part.set_content_disposition("form-data", name="file", filename=name, quote_fields=False)
-
-    add(path)
-    return writer
-
-
-class KuboClient:
-    """A session with one Kubo RPC API, e.g. `KuboClient("http://127.0.0.1:5001")`."""
+class KuboStore:
+    """The Kubo daemon whose RPC API is at `api` (e.g. `KuboStore("http://127.0.0.1:5001")`), one call at a time over
+    one kept-alive connection."""
 
     def __init__(self, api: str, timeout_s: float = 300) -> None:
         self.api = api.rstrip("/")
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_s)
+        parts = urlsplit(self.api)
+        if parts.scheme != "http" or not parts.hostname:
+            raise KuboError(f"the Kubo RPC API {api!r} is not an http:// URL; use e.g. http://127.0.0.1:5001")
+        self.host, self.port, self.prefix = parts.hostname, parts.port or 80, parts.path
+        self.timeout_s = timeout_s
+        self.sock: socket.socket | None = None
+        self.conn = h11.Connection(h11.CLIENT)
 
-    async def __aenter__(self) -> KuboClient:
-        self.session = aiohttp.ClientSession(timeout=self.timeout)
+    def __enter__(self) -> KuboStore:
         return self
 
-    async def __aexit__(self, *exc) -> None:
-        await self.session.close()
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-    async def _post(self, command: str, params: dict | list | None = None, data=None) -> aiohttp.ClientResponse:
-        url = f"{self.api}/api/v0/{command}"
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    # transport
+
+    def _connect(self) -> socket.socket:
+        if self.sock is not None and self.conn.our_state is h11.IDLE and not _readable(self.sock):
+            return self.sock  # kept alive, and Kubo has not closed it meanwhile
+        self.close()
         try:
-            resp = await self.session.post(url, params=params, data=data)
-        except aiohttp.ClientError as exc:
+            self.sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT_S)
+        except OSError as exc:
             raise KuboError(f"cannot reach the Kubo RPC API at {self.api} ({exc}); is `ipfs daemon` running?") from None
-        if resp.status != 200:
-            body = await resp.text()
-            try:
-                message = json.loads(body)["Message"]
-            except (ValueError, KeyError, TypeError):
-                message = body.strip()[:300]
-            resp.release()
-            raise KuboError(f"Kubo {command} failed (HTTP {resp.status}): {message}")
-        return resp
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one call is a few small writes
+        self.sock.settimeout(self.timeout_s)
+        self.conn = h11.Connection(h11.CLIENT)
+        return self.sock
 
-    async def _ndjson(self, resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
-        async with resp:
-            async for line in resp.content:
+    def _call(
+        self, command: str, params: dict[str, str] | None = None, body: bytes = b"", content_type: str = ""
+    ) -> Iterator[bytes]:
+        """POST `command` and yield the answer's bytes. KuboError for an error status, an error in the trailer, or an
+        answer cut short; an answer not read to its end closes the connection."""
+        sock = self._connect()
+        headers = [("Host", f"{self.host}:{self.port}"), ("User-Agent", "shardmarket"), ("Content-Length", str(len(body)))]
+        if content_type:
+            headers.append(("Content-Type", content_type))
+        target = f"{self.prefix}/api/v0/{command}" + (f"?{urlencode(params)}" if params else "")
+        done = False
+        try:
+            request = self.conn.send(h11.Request(method="POST", target=target, headers=headers))
+            self._send(sock, request + self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage()))
+            response = self._event(sock)
+            if not isinstance(response, h11.Response):
+                raise KuboError(f"Kubo closed the connection without answering {command}")
+            if response.status_code != 200:
+                raise KuboError(f"Kubo {command} failed (HTTP {response.status_code}): {_error_message(self._rest(sock))}")
+            while True:
+                event = self._event(sock)
+                if isinstance(event, h11.Data):
+                    yield bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    trailer = dict(event.headers).get(b"x-stream-error")
+                    if trailer:
+                        raise KuboError(f"Kubo {command} failed partway: {trailer.decode(errors='replace')}")
+                    done = True
+                    return
+                else:
+                    raise KuboError(f"Kubo's answer to {command} was cut short (the connection closed)")
+        finally:
+            if done and self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                self.conn.start_next_cycle()
+            else:
+                self.close()  # mid-answer or broken: this connection cannot carry another call
+
+    def _send(self, sock: socket.socket, data: bytes) -> None:
+        """Write `data`, taking in what Kubo answers meanwhile: it may answer (an error) and stop reading before the
+        request is whole, and its answer is then what was received."""
+        view = memoryview(data)
+        sock.setblocking(False)
+        try:
+            while view:
+                readable, writable, _ = select.select([sock], [sock], [], self.timeout_s)
+                if not readable and not writable:
+                    raise KuboError(f"Kubo at {self.api} took no data for {self.timeout_s:.0f} s")
+                if readable and not self._receive(sock):
+                    return  # Kubo closed the connection
+                if writable:
+                    try:
+                        view = view[sock.send(view) :]
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        return
+        finally:
+            sock.settimeout(self.timeout_s)
+
+    def _receive(self, sock: socket.socket) -> bool:
+        """Hand what arrived to h11; False at the end of the stream."""
+        try:
+            data = sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return True
+        except TimeoutError:
+            raise KuboError(f"Kubo at {self.api} sent nothing for {self.timeout_s:.0f} s") from None
+        except OSError as exc:
+            raise KuboError(f"the connection to Kubo at {self.api} broke: {exc}") from None
+        self.conn.receive_data(data)
+        return bool(data)
+
+    def _event(self, sock: socket.socket) -> h11.Event:
+        """The next HTTP event of Kubo's answer (informational responses skipped)."""
+        try:
+            while True:
+                event = self.conn.next_event()
+                if event is h11.NEED_DATA:
+                    self._receive(sock)
+                elif isinstance(event, h11.Event) and not isinstance(event, h11.InformationalResponse):
+                    return event
+                elif event is h11.PAUSED:
+                    raise KuboError("Kubo answered more than was asked for")
+        except h11.RemoteProtocolError as exc:
+            raise KuboError(f"Kubo's answer was cut short or malformed ({exc})") from None
+
+    def _rest(self, sock: socket.socket) -> bytes:
+        """The rest of an answer's body (an error's text), at most MAX_ERROR_BODY bytes of it."""
+        body = b""
+        while len(body) < MAX_ERROR_BODY and isinstance(event := self._event(sock), h11.Data):
+            body += event.data
+        return body
+
+    def _objects(self, command: str, chunks: Iterable[bytes]) -> Iterator[dict]:
+        """The JSON objects of a newline-delimited answer; an error object is a KuboError."""
+        pending = b""
+        for chunk in chunks:
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
                 if line.strip():
-                    item = json.loads(line)
-                    if item.get("Type") == "error":
-                        raise KuboError(f"Kubo reported: {item.get('Message')}")
-                    yield item
+                    yield _object(command, line)
+        if pending.strip():
+            yield _object(command, pending)
 
-    async def add(
-        self,
-        path: Path,
-        options: ImportOptions = ImportOptions(),
-        *,
-        recursive: bool = False,
-        only_hash: bool = False,
-        pin: bool = True,
-        hidden: bool = False,
-    ) -> list[tuple[str, str]]:
-        """`ipfs add`: (name, CID) of every entry, the root last, as Kubo reports them."""
-        path = Path(path)
-        params = _add_params(options, recursive=recursive, only_hash=only_hash, pin=pin, hidden=hidden)
-        resp = await self._post("add", params, _multipart(path, hidden))
-        return [(item["Name"], item["Hash"]) async for item in self._ndjson(resp) if "Hash" in item]
+    def _json(self, command: str, params: dict[str, str] | None = None) -> dict:
+        body = b"".join(self._call(command, params))
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise KuboError(f"Kubo's answer to {command} is not JSON") from None
 
-    async def cat(self, cid: str) -> AsyncIterator[bytes]:
-        """`ipfs cat`: the file's bytes as they stream in."""
-        resp = await self._post("cat", {"arg": cid})
-        async with resp:
-            async for chunk in resp.content.iter_chunked(1 << 20):
-                yield chunk
+    # the ContentStore
 
-    async def block_get(self, cid: bytes) -> bytes:
+    def get(self, cid: bytes) -> bytes:
         """One block, checked against its CID (a daemon is trusted for nothing)."""
-        resp = await self._post("block/get", {"arg": to_str(cid)})
-        async with resp:
-            data = await resp.read()
+        data = b"".join(self._call("block/get", {"arg": to_str(cid)}))
         if not verify(cid, data):
             raise KuboError(f"Kubo returned bytes for {to_str(cid)} that do not match that CID")
         return data
 
-    async def pin_add(self, cid: str) -> list[str]:
-        resp = await self._post("pin/add", {"arg": cid, "recursive": "true"})
-        async with resp:
-            return (await resp.json())["Pins"]
+    def put(self, cid: bytes, parts: Sequence[bytes | memoryview]) -> None:
+        """`ipfs block put` of a block this side hashed; Kubo must store it under the same multihash."""
+        boundary = uuid.uuid4().hex
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="block"\r\n'
+        head += "Content-Type: application/octet-stream\r\n\r\n"
+        body = b"".join([head.encode(), *parts, f"\r\n--{boundary}--\r\n".encode()])
+        params = {"cid-codec": KNOWN_CODECS[split(cid)[0]], "mhtype": CID.decode(cid).hashfun.name, "pin": "false"}
+        answer = list(
+            self._objects("block/put", self._call("block/put", params, body, f"multipart/form-data; boundary={boundary}"))
+        )
+        if not answer or "Key" not in answer[-1]:
+            raise KuboError(f"Kubo's answer to block/put ended before it named the block {to_str(cid)}")
+        if split(bytes(parse(answer[-1]["Key"])))[1] != split(cid)[1]:
+            raise KuboError(f"Kubo stored block {to_str(cid)} as {answer[-1]['Key']}, which is another hash")
 
-    async def pin_rm(self, cid: str) -> list[str]:
-        resp = await self._post("pin/rm", {"arg": cid})
-        async with resp:
-            return (await resp.json())["Pins"]
+    def fetch(self, root: bytes) -> None:
+        """`ipfs refs -r`: Kubo fetches every block under `root` from its network now."""
+        for _ in self._objects("refs", self._call("refs", {"arg": to_str(root), "recursive": "true", "unique": "true"})):
+            pass
 
-    async def pin_ls(self) -> list[str]:
-        resp = await self._post("pin/ls", {"type": "recursive"})
-        async with resp:
-            return sorted((await resp.json())["Keys"])
+    def pin(self, cid: bytes) -> None:
+        """`ipfs pin add --progress`: Kubo fetches what it lacks, and says how far it got while it does."""
+        params = {"arg": to_str(cid), "recursive": "true", "progress": "true"}
+        answer = list(self._objects("pin/add", self._call("pin/add", params)))
+        if not answer or "Pins" not in answer[-1]:
+            raise KuboError(f"Kubo's answer to pin/add ended before it pinned {to_str(cid)}")
 
-    async def repo_gc(self) -> int:
+    def unpin(self, cid: bytes) -> None:
+        self._json("pin/rm", {"arg": to_str(cid)})
+
+    def pins(self) -> list[str]:
+        return sorted(self._json("pin/ls", {"type": "recursive"})["Keys"])
+
+    def gc(self) -> int:
         """`ipfs repo gc`: how many blocks Kubo removed."""
-        return len([item async for item in self._ndjson(await self._post("repo/gc")) if "Key" in item])
+        return sum("Key" in item for item in self._objects("repo/gc", self._call("repo/gc")))
 
-    async def fetch_dag(self, root: bytes, store: Blockstore) -> int:
-        """Copy the DAG under `root` into a local blockstore block by block, each verified; return blocks copied."""
-        copied, stack, seen = 0, [bytes(root)], set()
-        while stack:
-            cid = stack.pop()
-            if cid in seen:
-                continue
-            seen.add(cid)
-            if store.has(cid):
-                block = store.get(cid)
-            else:
-                block = await self.block_get(cid)
-                store.put(cid, (block,))
-                copied += 1
-            stack.extend(reversed(links_of(cid, block)))
-        return copied
+
+def _object(command: str, line: bytes) -> dict:
+    try:
+        item = json.loads(line)
+    except ValueError:
+        raise KuboError(f"Kubo's answer to {command} holds a line that is not JSON: {line[:100]!r}") from None
+    if not isinstance(item, dict):
+        raise KuboError(f"Kubo's answer to {command} holds {line[:100]!r}, not a JSON object")
+    if item.get("Type") == "error" or item.get("Err") or item.get("Error"):
+        raise KuboError(f"Kubo {command} failed: {item.get('Message') or item.get('Err') or item.get('Error')}")
+    return item
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether an idle kept-alive socket has something to read: only an end of file, i.e. Kubo closed it."""
+    return bool(select.select([sock], [], [], 0)[0])

@@ -12,16 +12,14 @@ import json
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from shardmarket.ipfs.blockstore import Blockstore, BlockstoreError
-from shardmarket.ipfs.cids import parse, to_str
-from shardmarket.ipfs.fetch import fetch_dag
+from shardmarket.ipfs.cids import parse
+from shardmarket.ipfs.store import ContentStore
 from shardmarket.ipfs.unixfs import ImportOptions, ReadableInto, export, import_bytes, import_path, import_stream, iter_file
 
 FORMAT = "shardmarket-model/1"
@@ -72,7 +70,7 @@ def _tensor_files(checkpoint: Path) -> dict[str, Path]:
     return where
 
 
-def _add_shard(store: Blockstore, path: Path, name: str, tensors: dict[str, dict]) -> dict:
+def _add_shard(store: ContentStore, path: Path, name: str, tensors: dict[str, dict]) -> dict:
     with open(path, "rb") as f:
         reader = _HashingReader(f)
         entry = import_stream(reader, SHARD_OPTIONS, store)
@@ -91,8 +89,11 @@ def _write_group(checkpoint_files: dict[str, Path], names: list[str], out: Path)
     return meta
 
 
-def pack_model(checkpoint_dir: Path, store: Blockstore, *, model_id: str | None = None, progress: bool = True) -> str:
-    """Split, add and pin a checkpoint's shards, tokenizer and manifest; return the manifest CID."""
+def pack_model(
+    checkpoint_dir: Path, store: ContentStore, work_dir: Path, *, model_id: str | None = None, progress: bool = True
+) -> str:
+    """Split, add and pin a checkpoint's shards, tokenizer and manifest; return the manifest CID. Each shard is written
+    to `work_dir` (best on the store's disk) and removed once added."""
     checkpoint = Path(checkpoint_dir)
     try:
         config = json.loads((checkpoint / "config.json").read_text())
@@ -117,7 +118,8 @@ def pack_model(checkpoint_dir: Path, store: Blockstore, *, model_id: str | None 
         "num_layers": num_layers,
         "config": config,
     }
-    with tempfile.TemporaryDirectory(prefix="pack-", dir=store.tmp) as tmp:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pack-", dir=work_dir) as tmp:
         work = Path(tmp)
         layers = []
         for key in tqdm(["head", *range(num_layers)], desc="pack", unit="shard", disable=not progress):
@@ -146,22 +148,10 @@ def pack_model(checkpoint_dir: Path, store: Blockstore, *, model_id: str | None 
     return entry.cid_str
 
 
-def _ensure(store: Blockstore, cid: bytes, gateways: list[str], progress: bool) -> None:
-    try:
-        for _ in store.walk(cid):
-            pass
-    except BlockstoreError:
-        if not gateways:
-            raise ModelError(
-                f"{to_str(cid)} is not in the local store and no gateway is configured; pass --gateway URL"
-            ) from None
-        fetch_dag(cid, store, gateways, progress=progress)
-
-
-def load_manifest(store: Blockstore, manifest_cid: str, gateways: Sequence[str] = (), progress: bool = False) -> dict:
+def load_manifest(store: ContentStore, manifest_cid: str) -> dict:
     """Fetch (if needed), verify and parse a model manifest."""
     cid = bytes(parse(manifest_cid))
-    _ensure(store, cid, list(gateways), progress)
+    store.fetch(cid)
     body = b""
     for piece in iter_file(store, cid):
         body += piece
@@ -179,19 +169,12 @@ def load_manifest(store: Blockstore, manifest_cid: str, gateways: Sequence[str] 
 
 
 def fetch_model(
-    manifest_cid: str,
-    layers: tuple[int, int],
-    dest: Path,
-    gateways: list[str],
-    *,
-    store: Blockstore,
-    head: bool = False,
-    progress: bool = True,
+    manifest_cid: str, layers: tuple[int, int], dest: Path, *, store: ContentStore, head: bool = False, progress: bool = True
 ) -> Path:
     """Write a checkpoint folder with config.json and only the shards of layers [start, end) (+ head).
 
     Fetched shards are pinned in `store`, so this node can serve them."""
-    manifest = load_manifest(store, manifest_cid, gateways, progress)
+    manifest = load_manifest(store, manifest_cid)
     start, end = layers
     if not 0 <= start < end <= manifest["num_layers"]:
         raise ModelError(f"layers {start}:{end} are outside the model's 0:{manifest['num_layers']}")
@@ -205,7 +188,6 @@ def fetch_model(
         if not re.fullmatch(r"(layer-\d{3}|head)\.safetensors", file):
             raise ModelError(f"manifest names an unsafe shard file {file!r}")
         cid = bytes(parse(shard["cid"]))
-        _ensure(store, cid, list(gateways), progress)
         store.pin(cid)
         export(store, cid, dest / file)
         sha = hashlib.sha256()
@@ -219,7 +201,7 @@ def fetch_model(
         total += shard["size"]
     if head and manifest.get("tokenizer"):
         tokenizer = bytes(parse(manifest["tokenizer"]))
-        _ensure(store, tokenizer, list(gateways), progress)
+        store.fetch(tokenizer)
         with tempfile.TemporaryDirectory(dir=dest) as tmp:
             export(store, tokenizer, Path(tmp) / "tokenizer")
             for file in (Path(tmp) / "tokenizer").iterdir():

@@ -217,6 +217,28 @@ def directory_node(options: ImportOptions, children: dict[str, Entry], sink: Blo
     return Entry(cid, sum(children[name].size for name in names), tsize)
 
 
+def walk_tree(path: Path, *, recursive: bool = False, hidden: bool = False) -> Iterator[tuple[str, Path, bool]]:
+    """(name, path, is_directory) of every entry `ipfs add` takes from `path`, each directory before its entries, these
+    sorted by name. What no backend adds is an AddError: a symbolic link (never followed, so nothing outside `path`
+    is added), a special file, a directory without `recursive`."""
+    stack = [(path.name or str(path), path)]
+    while stack:
+        name, entry = stack.pop()
+        mode = os.lstat(entry).st_mode
+        if stat.S_ISLNK(mode):
+            raise AddError(f"{entry} is a symbolic link; symlinks are not added, add its target instead")
+        if stat.S_ISDIR(mode):
+            if not recursive:
+                raise AddError(f"{entry} is a directory; use -r to add it recursively")
+            yield name, entry, True
+            children = [c for c in sorted(os.listdir(entry)) if hidden or not c.startswith(".")]
+            stack.extend((f"{name}/{c}", entry / c) for c in reversed(children))
+        elif stat.S_ISREG(mode):
+            yield name, entry, False
+        else:
+            raise AddError(f"{entry} is neither a regular file nor a directory")
+
+
 def import_path(
     path: Path,
     options: ImportOptions = ImportOptions(),
@@ -227,51 +249,44 @@ def import_path(
     on_added: Callable[[str, Entry], None] | None = None,
     progress: Progress | None = None,
 ) -> Entry:
-    """Import a file or (with `recursive`) a directory tree.
+    """Import a file or (with `recursive`) a directory tree; every entry is checked before a block is written.
 
     `on_added(name, entry)` reports in Kubo's order: each file as it is added, then every directory post-order.
     """
-    directories: list[tuple[str, Entry]] = []
-    entry = _import(Path(path), options, sink, recursive, hidden, on_added, progress, directories)
+    tree = list(walk_tree(Path(path), recursive=recursive, hidden=hidden))
+    open_dirs: list[tuple[str, dict[str, Entry]]] = []  # the directories around the current entry, outermost first
+    directories: list[tuple[str, Entry]] = []  # in the order they are finished: post-order
+    added: list[Entry] = []
+
+    def attach(name: str, entry: Entry) -> None:
+        if open_dirs:
+            open_dirs[-1][1][name.rsplit("/", 1)[1]] = entry
+        else:
+            added.append(entry)
+
+    def close_dir() -> None:
+        name, children = open_dirs.pop()
+        entry = directory_node(options, children, sink)
+        directories.append((name, entry))
+        attach(name, entry)
+
+    for name, entry_path, is_dir in tree:
+        while open_dirs and not name.startswith(open_dirs[-1][0] + "/"):
+            close_dir()
+        if is_dir:
+            open_dirs.append((name, {}))
+            continue
+        with open(entry_path, "rb") as f:
+            entry = import_stream(f, options, sink, progress)
+        if on_added:
+            on_added(name, entry)
+        attach(name, entry)
+    while open_dirs:
+        close_dir()
     for name, directory in directories:
         if on_added:
             on_added(name, directory)
-    return entry
-
-
-def _import(
-    path: Path,
-    options: ImportOptions,
-    sink: BlockSink | None,
-    recursive: bool,
-    hidden: bool,
-    on_added: Callable[[str, Entry], None] | None,
-    progress: Progress | None,
-    directories: list[tuple[str, Entry]],
-    prefix: str = "",
-) -> Entry:
-    mode = os.lstat(path).st_mode
-    if stat.S_ISLNK(mode):
-        raise AddError(f"{path} is a symbolic link; symlinks are not supported, add its target instead")
-    name = prefix + (path.name or str(path))
-    if stat.S_ISDIR(mode):
-        if not recursive:
-            raise AddError(f"{path} is a directory; use -r to add it recursively")
-        children: dict[str, Entry] = {}
-        for child in sorted(os.listdir(path)):
-            if child.startswith(".") and not hidden:
-                continue
-            children[child] = _import(path / child, options, sink, recursive, hidden, on_added, progress, directories, f"{name}/")
-        entry = directory_node(options, children, sink)
-        directories.append((name, entry))
-        return entry
-    if not stat.S_ISREG(mode):
-        raise AddError(f"{path} is neither a regular file nor a directory")
-    with open(path, "rb") as f:
-        entry = import_stream(f, options, sink, progress)
-    if on_added:
-        on_added(name, entry)
-    return entry
+    return added[0]
 
 
 def _unixfs_node(source: BlockSource, cid: bytes) -> tuple[list[pb.Link], pb.UnixFSData | None, bytes]:

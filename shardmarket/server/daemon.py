@@ -25,6 +25,7 @@ from shardmarket.engine.models import default_model
 from shardmarket.engine.stage import Stage
 from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.ipfs.model import ModelError, fetch_model
+from shardmarket.ipfs.store import STORE_ERRORS, ContentStore
 from shardmarket.net.channel import StreamTransport
 from shardmarket.net.wire import DTYPES
 from shardmarket.server.app import NodeListing, build_app
@@ -122,17 +123,20 @@ class NodeDaemon:
         print("node stopped", flush=True)
 
 
-def build_daemon(options: ServeOptions, config: Config, identity: NodeIdentity | None = None) -> NodeDaemon:
+def build_daemon(
+    options: ServeOptions, config: Config, identity: NodeIdentity | None = None, shards: ContentStore | None = None
+) -> NodeDaemon:
     """Load the layers and wire the node. Without `options.layers` the node serves what `identity`'s operator registered
-    on chain and is paid per step (`identity` is then required); with them it serves those layers for free under the
-    keys of `<data_dir>` (or `identity`). Raises ChainError, ModelError, EngineError, ValueError or OSError."""
+    on chain and is paid per step (`identity` is then required), its shards fetched through `shards` unless
+    `options.checkpoint` names them; with them it serves those layers for free under the keys of `<data_dir>` (or
+    `identity`). Raises ChainError, ModelError, EngineError, ValueError or OSError."""
     threads = options.threads if options.threads is not None else config.node.threads
     if threads:
         torch.set_num_threads(threads)  # the compute thread sets it too
     if options.layers is None:
         if identity is None:
             raise ValueError("a paid node needs the operator's identity from its keystore")
-        return _paid_daemon(options, config, identity, threads)
+        return _paid_daemon(options, config, identity, threads, shards)
     checkpoint = options.checkpoint or default_model(config.home / "models")
     if not (checkpoint / "config.json").exists():
         raise ValueError(f"{checkpoint} is not a checkpoint folder (no config.json); pass --checkpoint DIR")
@@ -145,7 +149,9 @@ def build_daemon(options: ServeOptions, config: Config, identity: NodeIdentity |
     return _daemon(options, config, service, listing, port)
 
 
-def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, threads: int) -> NodeDaemon:
+def _paid_daemon(
+    options: ServeOptions, config: Config, identity: NodeIdentity, threads: int, shards: ContentStore | None
+) -> NodeDaemon:
     from eth_account import Account
 
     market = Market.connect(config.chain, Account.from_key(identity.operator_key))
@@ -155,16 +161,15 @@ def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, 
     start, end, price, paused = node.layerStart, node.layerEnd, node.pricePerToken, node.paused
     model = market.read(market.models.functions.getModel(node.modelId))
     name, manifest = model.name, model.manifestCid
-    store = Blockstore(config.ipfs.store)
     checkpoint = options.checkpoint
     if checkpoint is None:
+        if shards is None:
+            raise ValueError("a paid node without a checkpoint needs a content store to fetch its shards through")
         dest = config.node.data_dir / "shards" / f"{manifest}-{start}-{end}"
         print(f"fetching layers {start}:{end} of {name} (manifest {manifest})", flush=True)
         try:
-            checkpoint = fetch_model(
-                manifest, (start, end), dest, config.ipfs.gateways, store=store, progress=sys.stderr.isatty()
-            )
-        except (ModelError, OSError) as exc:
+            checkpoint = fetch_model(manifest, (start, end), dest, store=shards, progress=sys.stderr.isatty())
+        except (ModelError, OSError, *STORE_ERRORS) as exc:
             raise ChainError(f"cannot fetch the shards of {name}: {exc}") from None
     tabs = TabStore(tab_store_path(config.node.data_dir), identity.operator)
     gate = PaymentGate(
@@ -181,7 +186,7 @@ def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, 
     duty = VerifierDuty(
         market,
         service.worker,
-        store,
+        Blockstore(config.ipfs.store),  # evidence is kept locally, where this node's gateway can serve it
         config.ipfs.gateways,
         config.node.dispute_tolerance,
         state_path=config.node.data_dir / "verifier.json",

@@ -110,3 +110,18 @@ def test_dag_import_of_an_npm_ipfs_car_pack(tmp_path, capsys):
     assert main(["ipfs", "dag", "import", str(truncated)]) == 1
     assert "truncated" in capsys.readouterr().err
     assert store().pins() == set() and not list(store().keys())
+
+
+def test_kubo_boolean_flag_syntax(tmp_path, capsys):
+    """`--flag=true|false` as Kubo takes it; a word after a flag is a path, as in Kubo."""
+    hello = tmp_path / "hello.txt"
+    hello.write_text("hello world\n")
+    assert main(["ipfs", "add", "-Q", "--cid-version", "1", "--raw-leaves=false", str(hello)]) == 0
+    assert (
+        capsys.readouterr().out == import_bytes(b"hello world\n", ImportOptions(cid_version=1, raw_leaves=False)).cid_str + "\n"
+    )
+    assert main(["ipfs", "add", "--quieter=true", "--raw-leaves", "--pin=False", str(hello)]) == 0
+    cid = capsys.readouterr().out.strip()
+    assert cid == import_bytes(b"hello world\n", ImportOptions(raw_leaves=True)).cid_str and cid not in store().pins()
+    assert main(["ipfs", "add", "--quiet=1", "--recursive=f", str(tmp_path)]) == 1
+    assert "use -r" in capsys.readouterr().err

@@ -9,11 +9,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from multiformats import varint
 
+from shardmarket.ipfs import pb
 from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.ipfs.car import CarError, read_car
+from shardmarket.ipfs.cids import block_cid, to_str
 from shardmarket.ipfs.gateway import make_app
-from shardmarket.ipfs.unixfs import ImportOptions, import_bytes, import_path
+from shardmarket.ipfs.unixfs import ImportOptions, directory_node, import_bytes, import_path
 
 ROOT = Path(__file__).resolve().parents[3]
 DATA = random.Random(7).randbytes(700_000)
@@ -133,3 +136,69 @@ def test_truncated_or_lying_car_is_refused(store):
     tampered[-5] ^= 1
     with pytest.raises(CarError, match="does not match its CID"):
         list(read_car(io.BytesIO(bytes(tampered)))[1])
+
+
+def _identity_cid(digest: bytes) -> bytes:
+    """A raw-codec CIDv1 whose multihash is the identity hash of `digest` (the bytes are the content)."""
+    mh = b"\x00" + bytes(varint.encode(len(digest))) + digest
+    return b"\x01\x55" + mh
+
+
+def test_hostile_cids_are_a_clear_4xx_that_shows_no_local_path(store):
+    raw = {"Accept": "application/vnd.ipld.raw"}
+    for cid, what in (
+        (_identity_cid(b"x" * 300), b"at most 128"),  # a file name longer than any file system allows
+        (b"\x01\x55\x12\xac\x02" + b"x" * 300, b"at most 128"),  # sha2-256 claiming a 300-byte digest
+        (b"\x01\x55\x12\x04abcd", b"at least 20"),
+    ):
+        status, _, body = run(_get(store, f"/ipfs/{to_str(cid)}", raw))
+        assert status == 400 and what in body, body
+    absent = import_bytes(b"not stored here").cid_str
+    answers = [
+        run(_get(store, f"/ipfs/{absent}", raw)),
+        run(_get(store, f"/ipfs/{absent}?format=car")),
+        run(_get(store, f"/ipfs/{absent}/a/b?format=car")),
+    ]
+    for status, _, body in answers:
+        assert status == 404 and absent.encode() in body and str(store.path).encode() not in body
+        assert b"/" + store.path.name.encode() not in body
+
+
+def test_a_link_no_store_can_hold_is_a_404_not_a_crash(store):
+    """A DAG from a stranger (dispute evidence) can link a CID whose block cannot be a file here."""
+    long_link = pb.Link(_identity_cid(b"y" * 200), "inline", 200)
+    node = pb.encode_node([long_link], pb.encode_unixfs(pb.DIRECTORY))
+    cid = block_cid(1, 0x70, node)
+    store.put(cid, (node,))
+    store.block_path(long_link.cid).parent.mkdir(exist_ok=True)  # the file system then sees the long name itself
+    status, _, body = run(_get(store, f"/ipfs/{to_str(cid)}?format=car"))
+    assert status == 404 and b"is not on this gateway" in body and str(store.path).encode() not in body
+
+
+def test_a_deep_dag_is_served(store):
+    entry = import_bytes(b"at the bottom", ImportOptions(), store)
+    for _ in range(1500):  # deeper than Python's recursion limit
+        entry = directory_node(ImportOptions(), {"d": entry}, store)
+    _, roots, blocks = _car(store, f"/ipfs/{entry.cid_str}")
+    assert roots == [entry.cid] and len(blocks) == 1501
+
+
+def test_one_request_is_bounded_in_blocks(store):
+    entry = import_bytes(DATA, ImportOptions(chunk_size=10_000), store)  # 71 blocks
+
+    async def get(path):
+        runner = web.AppRunner(make_app(store, max_car_blocks=50))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{path}") as resp:
+                return resp.status, await resp.read()
+        finally:
+            await runner.cleanup()
+
+    status, body = run(get(f"/ipfs/{entry.cid_str}?format=car"))
+    assert status == 400 and b"more than 50 blocks" in body and b"entity-bytes" in body
+    status, body = run(get(f"/ipfs/{entry.cid_str}?format=car&dag-scope=entity&entity-bytes=0:99999"))
+    assert status == 200 and len(list(read_car(io.BytesIO(body))[1])) == 11

@@ -153,3 +153,46 @@ def test_bad_requests_change_nothing(gateway, tmp_path, monkeypatch, capsys):
     assert "not JSON" in capsys.readouterr().err
     assert main(["model", "pack", str(tmp_path)]) == 1
     assert "config.json is missing" in capsys.readouterr().err
+
+
+def test_pack_and_fetch_through_kubo(kubo, checkpoint, tmp_path, monkeypatch, capsys):
+    """With SHARDMARKET_IPFS_API, the shards go into Kubo and come back from it; the local stores stay empty."""
+    monkeypatch.setenv("SHARDMARKET_IPFS_API", kubo.url)
+    cid = pack(checkpoint, tmp_path / "packer", monkeypatch, capsys)
+    manifest = json.loads(kubo.store.get(bytes(parse(cid))))
+    assert {cid, manifest["head"]["cid"], *(s["cid"] for s in manifest["layers"])} <= kubo.pins
+    monkeypatch.setenv("SHARDMARKET_HOME", str(tmp_path / "fetcher"))
+    dest = tmp_path / "stage"
+    assert main(["model", "fetch", cid, "--layers", "2:4", "--dest", str(dest)]) == 0
+    original = load_file(checkpoint / "model.safetensors")
+    got = load_file(dest / "layer-003.safetensors")
+    assert all(torch.equal(got[n], original[n]) for n in got) and len(got) == 9
+    for home in ("packer", "fetcher"):
+        assert not (tmp_path / home / "blocks").exists() or not list(Blockstore(tmp_path / home / "blocks").keys())
+
+
+def test_a_paid_node_fetches_its_shards_through_kubo(kubo, tmp_path, monkeypatch):
+    """`node run` on a real anvil, with SHARDMARKET_IPFS_API: the published model's shards come from Kubo."""
+    from shardmarket.cli.devmarket import DevMarket
+    from shardmarket.engine.models import random_checkpoint, tiny_config
+
+    monkeypatch.setenv("SHARDMARKET_IPFS_API", kubo.url)
+    market = DevMarket(tmp_path / "market")
+    market.checkpoint = random_checkpoint(tiny_config(), tmp_path / "tiny")
+    try:
+        market.start_chain()
+        market.new_account("publisher")
+        market.cli("publisher", "model", "publish", "--checkpoint", str(market.checkpoint), "--name", "tiny")
+        market.new_account("node", tokens=100 * 10**18)
+        market.node_port("node")
+        market.cli("node", "node", "register", "--model", "tiny", "--layers", "1:3", "--price", "1", "--stake", "100e18")
+        kubo.calls.clear()
+        node = market.start_node("node")
+        log = node.log.read_text()
+    finally:
+        market.stop()
+    assert "fetching layers 1:3 of tiny" in log and "node ready" in log
+    assert "block/get" in kubo.calls and "pin/add" in kubo.calls
+    shards = next((tmp_path / "market" / "homes" / "node" / "node" / "shards").iterdir())
+    assert sorted(p.name for p in shards.glob("*.safetensors")) == ["layer-001.safetensors", "layer-002.safetensors"]
+    assert not list(Blockstore(tmp_path / "market" / "blocks").keys())  # nothing went through the local store
