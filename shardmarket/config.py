@@ -39,6 +39,12 @@ class NodeConfig:
     price: int = 0  # token units per token processed by this node's layers
     threads: int = 0  # torch threads; 0: torch's default
     idle_timeout_s: float = 300.0
+    # what a stranger may hold of a node on a public address (see the README's "running a node on a public address")
+    max_connections: int = 256  # connections to both ports, in total
+    max_connections_per_address: int = 64  # per IPv4 address or IPv6 /64
+    max_handshakes_per_address: int = 32  # connections of one address that have not completed their handshake
+    handshake_timeout_s: float = 5.0  # from connect to a completed handshake; also the life of a plain HTTP connection
+    handshake_bytes: int = 16384  # what a connection may send before its handshake completes (an HTTP upgrade included)
     credit_limit: int = 0  # token units a node serves a client beyond its newest tab; 0: 64 tokens' worth
     redeem_min_value: int = 0  # a node settles once the tabs owing it are worth this much (0: whenever anything is owed)
     redeem_interval_s: float = 60.0  # how often a node checks whether settling is worth it

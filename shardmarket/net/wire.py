@@ -58,6 +58,8 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# until the handshake completes a peer is a stranger: its hello is a few dozen bytes, so frames stay tiny
+HANDSHAKE_LIMITS = Limits(max_frame_bytes=4 * 2**10, max_header_bytes=1024, max_ndim=1, max_elements=1)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from shardmarket.engine.tensors import tensor_bytes
 from shardmarket.net import wire
 from shardmarket.net.channel import HANDSHAKE_CONFIRM, ChannelClosed, SecureChannel, Transport
 from shardmarket.net.crypto import DecryptError, node_handshake
+from shardmarket.net.doorman import Peer
 from shardmarket.net.wire import Limits, Message, StreamDesync, WireError
 from shardmarket.server.identity import NodeIdentity
 from shardmarket.server.payments import Credit, PaymentGate, PaymentRefused
@@ -99,12 +100,13 @@ class NodeService:
         # (a second answer to the same input could differ in its last bits and look like equivocation)
         self._retired: OrderedDict[bytes, None] = OrderedDict()
 
-    async def serve(self, transport: Transport) -> None:
+    async def serve(self, transport: Transport, peer: Peer | None = None) -> None:
         """Serve one connection until it closes; never raises on bad input."""
         self._connections.add(transport)
         try:
             channel = await self._handshake(transport)
             if channel is not None:
+                (peer or Peer()).handshaken()
                 await self._serve_channel(channel)
         except ChannelClosed:
             pass
@@ -116,7 +118,7 @@ class NodeService:
 
     async def _handshake(self, transport: Transport) -> SecureChannel | None:
         try:
-            hello = wire.decode(await transport.recv(), self.limits)
+            hello = wire.decode(await transport.recv(wire.HANDSHAKE_LIMITS), wire.HANDSHAKE_LIMITS)
             key = hello.fields.get("key")
             if hello.type != wire.HELLO or not isinstance(key, bytes):
                 raise WireError("a session starts with a hello frame carrying the client's X25519 key")
