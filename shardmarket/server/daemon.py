@@ -11,7 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import torch
@@ -20,7 +20,7 @@ from aiohttp import web
 from shardmarket.chain.commitment import commitment_domain
 from shardmarket.chain.contracts import ChainError, Market
 from shardmarket.chain.watch import BlockWatch
-from shardmarket.config import Config
+from shardmarket.config import Config, NodeConfig
 from shardmarket.engine.models import default_model
 from shardmarket.engine.stage import Stage
 from shardmarket.ipfs.blockstore import Blockstore
@@ -33,7 +33,7 @@ from shardmarket.server.app import NodeListing, build_app
 from shardmarket.server.faults import Fault, FaultyService
 from shardmarket.server.identity import NodeIdentity, load_or_create_identity
 from shardmarket.server.payments import PaymentGate
-from shardmarket.server.service import NodeService
+from shardmarket.server.service import NodeService, SessionLimits
 from shardmarket.server.settlement import Settler, escrow_balance_reader, settle_pending
 from shardmarket.server.tabs import TabStore, tab_store_path
 from shardmarket.server.verifier import VerifierDuty
@@ -42,7 +42,13 @@ from shardmarket.server.worker import StageWorker, compute_thread
 log = logging.getLogger("shardmarket.node")
 SWITCH_INTERVAL_S = 0.0002  # a thread checking a tab or polling the chain gives the GIL back to the layers this soon
 CREDIT_STEPS = 64  # without a configured credit limit, a client may run this many tokens ahead of its tabs
+L = TypeVar("L", ConnectionLimits, SessionLimits)
 STREAM_BUFFER = 2**20  # a raw TCP connection pauses reading once twice this much waits beyond the frame being read
+
+
+def limits_from(node: NodeConfig, kind: type[L]) -> L:
+    """`kind` with each field taken from the [node] setting of the same name."""
+    return kind(**{f.name: getattr(node, f.name) for f in fields(kind)})
 
 
 @dataclass(frozen=True)
@@ -236,20 +242,26 @@ def _load_service(
         layers[1],
         dtype=DTYPES[options.dtype],
         idle_timeout_s=config.node.idle_timeout_s,
+        max_sessions=config.node.max_sessions,
         max_memory=max_memory,
         offload_folder=options.offload_folder,
     ).result()
     worker = StageWorker(stage, executor=compute)
     compute.submit(worker.warm_up).result()
     domain = commitment_domain(config.chain.chain_id, config.chain.deployments_dir)
-    idle_timeout_s = config.node.idle_timeout_s
+    kwargs: dict[str, Any] = {
+        "idle_timeout_s": config.node.idle_timeout_s,
+        "payments": payments,
+        "session_limits": limits_from(config.node, SessionLimits),
+    }
     if options.fault:
-        return FaultyService(worker, identity, domain, fault=options.fault, idle_timeout_s=idle_timeout_s, payments=payments)
-    return NodeService(worker, identity, domain, idle_timeout_s=idle_timeout_s, payments=payments)
+        return FaultyService(worker, identity, domain, fault=options.fault, **kwargs)
+    return NodeService(worker, identity, domain, **kwargs)
 
 
 def _daemon(options: ServeOptions, config: Config, service: NodeService, listing: NodeListing, port: int) -> NodeDaemon:
     tcp_port = options.tcp_port if options.tcp_port is not None else (config.node.tcp_port or port + 1)
     host = options.host or config.node.host
-    connections = ConnectionLimits(**{f.name: getattr(config.node, f.name) for f in fields(ConnectionLimits)})
-    return NodeDaemon(service, listing, host, port, tcp_port, connections, options.shutdown_timeout_s)
+    return NodeDaemon(
+        service, listing, host, port, tcp_port, limits_from(config.node, ConnectionLimits), options.shutdown_timeout_s
+    )

@@ -1,6 +1,7 @@
-"""A node on a public address, probed the way a stranger would: until a connection completes the handshake it gets
-a few KiB for a second on either port, whatever it sends or dribbles. Loopback has a whole /8, so peers at many
-addresses are sockets bound to 127.x.y.z."""
+"""A node on a public address, probed the way a stranger would: its sessions cost a stranger its limits (per
+connection, per address) and close with its connections; until a connection completes the handshake it gets a few
+KiB for a second on either port, whatever it sends or dribbles; a connection that goes silent after its handshake is
+dropped. Loopback has a whole /8, so peers at many addresses are sockets bound to 127.x.y.z."""
 
 from __future__ import annotations
 
@@ -10,18 +11,23 @@ import struct
 
 import aiohttp
 import pytest
+import torch
 
 from shardmarket.net import wire
-from shardmarket.net.channel import SESSION_PATH, SecureChannel, StreamTransport, client_handshake
+from shardmarket.net.channel import SESSION_PATH, ChannelClosed, SecureChannel, StreamTransport, client_handshake
 from shardmarket.net.wire import Message
 
 from network_processes import get_json, start_node, wait_ready
 
+HIDDEN = 64  # tiny_config's hidden size
 SETTINGS = {
     "handshake_timeout_s": 1,
     "max_handshakes_per_address": 4,
     "max_connections": 400,
     "max_connections_per_address": 16,
+    "idle_connection_s": 1.5,
+    "max_sessions_per_connection": 2,
+    "max_sessions_per_address": 4,
 }
 WS_UPGRADE = (
     f"GET {SESSION_PATH} HTTP/1.1\r\nHost: node\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -67,6 +73,45 @@ async def seconds_until_closed(reader: asyncio.StreamReader, limit: float = 8.0)
     except ConnectionResetError:
         pass
     return loop.time() - started
+
+
+async def wait_until(condition, timeout: float = 10.0) -> None:
+    """Poll `condition` (run off the event loop) until it holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(condition):
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+def sessions(node) -> int:
+    return get_json(f"{node.url}/info")["load"]["sessions"]
+
+
+def test_a_stranger_holds_a_few_sessions_and_they_close_with_its_connections(node):
+    async def go():
+        stranger = [await handshake_from("127.0.0.2", node) for _ in range(3)]
+        replies = [await open_reply(channel, os.urandom(32)) for channel in stranger for _ in range(3)]
+        held = await asyncio.to_thread(sessions, node)
+        channel = await handshake_from("127.0.0.3", node)  # someone else is served meanwhile
+        request_id = os.urandom(32)
+        opened = await open_reply(channel, request_id)
+        await channel.send(Message(wire.STEP, request_id, 0, {"position": 0}, torch.randn(1, 3, HIDDEN)))
+        answer = await channel.recv()
+        await channel.close()
+        for channel in stranger:
+            await channel.close()
+        await wait_until(lambda: sessions(node) == 0)
+        return replies, held, opened, answer
+
+    replies, held, opened, answer = run(go())
+    outcome = [(r.type, r.fields.get("message", "").split("(")[-1].split(")")[0]) for r in replies]
+    per_connection, per_address = ("error", "max_sessions_per_connection"), ("error", "max_sessions_per_address")
+    assert outcome == [("opened", "")] * 2 + [per_connection] + [("opened", "")] * 2 + [per_connection] + [per_address] * 3
+    assert all(r.fields["code"] == "too_many_sessions" for r in replies if r.type == wire.ERROR)
+    assert held == 4
+    assert opened.type == wire.OPENED and answer.type == wire.RESULT
+    refusals = [line for line in node.log.read_text().splitlines() if "refused a session to 127.0.0.2" in line]
+    assert 1 <= len(refusals) <= 2  # one line per kind of limit, not one per refusal
 
 
 def test_half_open_connections_on_both_ports_are_dropped_at_the_handshake_deadline(node):
@@ -136,3 +181,16 @@ def test_before_its_handshake_a_peer_gets_a_few_connections_and_tiny_frames(node
     assert error.type == wire.ERROR and error.fields["code"] == "too_large"
     assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
     assert opened.type == wire.OPENED
+
+
+def test_a_connection_that_goes_silent_after_its_handshake_is_dropped(node):
+    async def go() -> float:
+        channel = await handshake_from("127.0.3.1", node)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ChannelClosed):
+            async with asyncio.timeout(8):
+                await channel.recv()
+        await channel.close()
+        return asyncio.get_running_loop().time() - started
+
+    assert 1.0 < run(go()) < 6  # idle_connection_s is 1.5 s
