@@ -49,6 +49,7 @@ class NodeConfig:
     max_sessions: int = 64  # sessions (KV caches) in total
     max_sessions_per_connection: int = 4
     max_sessions_per_address: int = 32
+    unpaid_sessions_per_address: int = 2  # a paid node's sessions opened without a tab, until a step's tab pays them
     max_step_tokens: int = 1024  # positions per step; with the model's hidden size it bounds every frame
     credit_limit: int = 0  # token units a node serves a client beyond its newest tab; 0: 64 tokens' worth
     redeem_min_value: int = 0  # a node settles once the tabs owing it are worth this much (0: whenever anything is owed)

@@ -38,6 +38,8 @@ TabSource = Callable[[list[tuple[NodeInfo, int]], bytes], bytes | None]
 Presign = Callable[[list[tuple[NodeInfo, int]]], None]
 # on_commitment(node, signed commitment, tokens): called for every verified answer (usage records, spot checks)
 CommitmentSink = Callable[[NodeInfo, SignedCommitment, int], None]
+# standing_tab(node) -> the client's newest signed tab, promising nothing new: it rides on OPEN to name who pays
+StandingTab = Callable[[NodeInfo], bytes]
 
 
 class NodeFailure(Exception):
@@ -96,13 +98,14 @@ class InferenceSession:
         on_commitment: CommitmentSink | None = None,
         presign: Presign | None = None,
         pool: ChannelPool | None = None,
+        standing_tab: StandingTab | None = None,
     ) -> None:
         self.nodes, self.num_layers, self.domain = nodes, num_layers, domain
         self.pool = pool  # channels kept open between requests (shared between sessions)
         self.reused_channels = 0  # hops opened on a kept channel
         self.max_length, self.transport, self.step_timeout_s = max_length, transport, step_timeout_s
         self.max_failovers, self.tab_source, self.on_commitment = max_failovers, tab_source, on_commitment
-        self.presign = presign
+        self.presign, self.standing_tab = presign, standing_tab
         self.failed = failed if failed is not None else RecentFailures()  # shared between sessions
         self.request_id = os.urandom(32)
         self.request_ids = [self.request_id]  # a new one per restart after a bad commitment
@@ -161,8 +164,12 @@ class InferenceSession:
         return await self._open_session(node, channel, self.step_timeout_s)
 
     async def _open_session(self, node: NodeInfo, channel: SecureChannel, timeout_s: float) -> Hop:
+        fields: dict = {"max_length": self.max_length}
+        tab = self.tab or (self.standing_tab(node) if self.standing_tab is not None else None)
+        if tab is not None:  # names who pays: a paid node opens sessions for strangers only sparingly
+            fields["tab"] = tab
         try:
-            await channel.send(Message(wire.OPEN, self.request_id, 0, {"max_length": self.max_length}))
+            await channel.send(Message(wire.OPEN, self.request_id, 0, fields))
             reply = await asyncio.wait_for(channel.recv(), timeout_s)
         except BaseException:
             await channel.close()

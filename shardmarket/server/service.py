@@ -45,6 +45,7 @@ class SessionLimits:
 
     max_sessions_per_connection: int = 4
     max_sessions_per_address: int = 32
+    unpaid_sessions_per_address: int = 2  # a paid node's sessions opened without a tab, until a step's tab pays them
     idle_connection_s: float = 60.0
     max_step_tokens: int = 1024  # positions per step: with the hidden size, it bounds every frame the node reads
 
@@ -278,18 +279,26 @@ class NodeService:
         max_length = message.fields.get("max_length")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or not 0 < max_length <= 1 << 20:
             raise StepRefused("bad_open", "open needs max_length, a positive integer")
-        self._check_room(connection)
+        tab = message.fields.get("tab")
+        self._check_room(connection, unpaid=self.payments is not None and tab is None)
         connection.sessions.add(request_id)  # claimed before the first await, so that concurrent opens count it
         try:
-            session = await self._new_session(request_id, max_length, connection)
+            session = await self._new_session(request_id, max_length, tab, connection)
         except BaseException:
             connection.sessions.discard(request_id)
+            if self.payments is not None:
+                self.payments.release(request_id)
             raise
         self.sessions[request_id] = session
         return Message(wire.OPENED, request_id, 0, {"position": 0})
 
-    async def _new_session(self, request_id: bytes, max_length: int, connection: _Connection) -> _Session:
-        """A session with its KV cache reserved."""
+    async def _new_session(self, request_id: bytes, max_length: int, tab: object, connection: _Connection) -> _Session:
+        """A session with its KV cache reserved; on a paid node, `tab` (if any) names its payer first."""
+        if self.payments is not None and tab is not None:
+            try:
+                await self.payments.bind(request_id, tab)
+            except PaymentRefused as exc:
+                raise StepRefused(exc.code, str(exc)) from None
         session = _Session(request_id, max_length, connection)
         try:
             await self.worker.call(self.stage.open_session, session.stage_id, max_length)
@@ -299,24 +308,33 @@ class NodeService:
             raise StepRefused("bad_open", str(exc)) from None
         return session
 
-    def _check_room(self, connection: _Connection) -> None:
-        """Refuse a new session beyond what one connection or one address may hold."""
+    def _check_room(self, connection: _Connection, unpaid: bool) -> None:
+        """Refuse a new session beyond what one connection or one address may hold and, for a session no tab pays yet on
+        a paid node, beyond the few such sessions an address may hold."""
         limits, address = self.session_limits, connection.peer.address
         held = [request_id for other in self._live if other.peer.address == address for request_id in other.sessions]
         if len(connection.sessions) >= limits.max_sessions_per_connection:
             setting, why = "max_sessions_per_connection", f"this connection holds {len(connection.sessions)} sessions already"
         elif len(held) >= limits.max_sessions_per_address:
             setting, why = "max_sessions_per_address", f"your address holds {len(held)} sessions on this node already"
+        elif unpaid and (count := self._unpaid(held)) >= limits.unpaid_sessions_per_address:
+            setting, why = "unpaid_sessions_per_address", f"your address holds {count} sessions that no tab paid yet"
         else:
             return
         self._warn(setting, "refused a session to %s: %s (%s)", address, why.replace("your address", "it"), setting)
+        if setting == "unpaid_sessions_per_address":
+            raise StepRefused("payment_required", f"this node charges for its layers and {why}: send your signed tab with open")
         raise StepRefused("too_many_sessions", f"{why} ({setting}); close one first")
+
+    def _unpaid(self, request_ids: list[bytes]) -> int:
+        payments = self.payments
+        return 0 if payments is None else sum(1 for request_id in request_ids if payments.payer(request_id) is None)
 
     def _move(self, session: _Session, connection: _Connection) -> None:
         """Hand `session` to `connection`, within that connection's and its address's limits."""
         session.owner.sessions.discard(session.request_id)
         try:
-            self._check_room(connection)
+            self._check_room(connection, unpaid=False)
         except StepRefused:
             session.owner.sessions.add(session.request_id)
             raise
