@@ -132,13 +132,13 @@ class InferenceSession:
 
     async def _open_hops(self, route: list[NodeInfo]) -> list[Hop]:
         """Open a session on every node of `route` at once (one round of connects and handshakes, not one per hop);
-        if any fails, the others are closed and every failed node is marked."""
+        if any fails, the sessions opened on the others are closed and every failed node is marked."""
         results = await asyncio.gather(*(self._open_hop(node) for node in route), return_exceptions=True)
         hops = [result for result in results if isinstance(result, Hop)]
         failed = [(node, result) for node, result in zip(route, results, strict=True) if not isinstance(result, Hop)]
         if not failed:
             return hops
-        await self._close_hops(hops)
+        await self._close_sessions(hops)
         for node, exc in failed:
             if not isinstance(exc, HOP_ERRORS):
                 raise exc
@@ -323,7 +323,7 @@ class InferenceSession:
         the current step (`tokens`)."""
         old = self.hops[index]
         self._mark_failed(old.node, reason)
-        await self._close_hops([old])
+        await self._drop_hops([old])
         self.failovers += 1
         new_hops = await self._rebuild(old, old.inputs, reason)
         log.info("replaced %s by %s after replaying %d step(s)", old.node.url, [h.node.url for h in new_hops], len(old.inputs))
@@ -335,7 +335,7 @@ class InferenceSession:
         node whose commitment was bad (the step's output already went on to the next hop, so all hops start over)."""
         self._mark_failed(failure.node, failure)
         old = self.hops
-        await self._close_hops(old)
+        await self._drop_hops(old)
         self.request_id = os.urandom(32)
         self.request_ids.append(self.request_id)
         self.failovers += 1
@@ -369,7 +369,7 @@ class InferenceSession:
                 inputs = await self._replay_hop(hop, inputs)
             except HOP_ERRORS as exc:
                 self._mark_failed(hop.node, exc)
-                await self._close_hops(hops)
+                await asyncio.gather(self._drop_hops([hop]), self._close_sessions([h for h in hops if h is not hop]))
                 raise NodeFailure(f"replay on {hop.node.url} failed: {exc}") from None
 
     async def _replay_hop(self, hop: Hop, inputs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
@@ -403,6 +403,12 @@ class InferenceSession:
             self._unconfirmed[0].cancel()  # nobody will use that output (its commitment frame may stay unread)
             await asyncio.gather(self._unconfirmed[0], return_exceptions=True)
         self._unconfirmed = None
+        await self._close_sessions(self.hops)
+        self.hops = []
+
+    async def _close_sessions(self, hops: list[Hop]) -> None:
+        """Close the session on each of `hops` with CLOSE, all at once; a channel whose session closed cleanly is kept in
+        the pool (if any), others are closed."""
 
         async def close_session(hop: Hop) -> None:
             try:
@@ -416,11 +422,11 @@ class InferenceSession:
             else:
                 await close_quietly(hop.channel)
 
-        await asyncio.gather(*(close_session(hop) for hop in self.hops))  # every hop at once, like opening
-        self.hops = []
+        await asyncio.gather(*(close_session(hop) for hop in hops))
 
     @staticmethod
-    async def _close_hops(hops: list[Hop]) -> None:
+    async def _drop_hops(hops: list[Hop]) -> None:
+        """Hang up on `hops` (nodes that failed): the node closes a connection's sessions with it."""
         await asyncio.gather(*(close_quietly(hop.channel) for hop in hops))
 
 
