@@ -46,6 +46,24 @@ class NodeFailure(Exception):
     """A node did not answer a step correctly; the session replaces it."""
 
 
+class RequestRefused(NodeFailure):
+    """A node refused the request itself (wire.REQUEST_FAULTS: too long for the model's context, a step larger than it
+    takes, a wrong shape). No node is at fault, so none is avoided by other requests; this one tries the other nodes
+    (a node could blame good requests to shed them) and raises this once none is left."""
+
+    def __init__(self, node: NodeInfo, code: str, message: str) -> None:
+        super().__init__(f"node {node.url} refused the request ({code}): {message}")
+        self.code = code
+
+
+def _refusal(node: NodeInfo, reply: Message, what: str) -> NodeFailure:
+    """The exception for an error frame: RequestRefused when it names the request as the cause, else NodeFailure."""
+    code, message = reply.fields.get("code"), reply.fields.get("message")
+    if isinstance(code, str) and code in wire.REQUEST_FAULTS:
+        return RequestRefused(node, code, str(message))
+    return NodeFailure(f"node {node.url} refused {what}: {message}")
+
+
 class CommitmentFailure(Exception):
     """A hop's answer was passed on before its commitment was checked, and the commitment is bad."""
 
@@ -107,6 +125,7 @@ class InferenceSession:
         self.max_failovers, self.tab_source, self.on_commitment = max_failovers, tab_source, on_commitment
         self.presign, self.standing_tab = presign, standing_tab
         self.failed = failed if failed is not None else RecentFailures()  # shared between sessions
+        self.refusals: dict[str, RequestRefused] = {}  # node URL -> its refusal of this request (set aside for it alone)
         self.request_id = os.urandom(32)
         self.request_ids = [self.request_id]  # a new one per restart after a bad commitment
         self.hops: list[Hop] = []
@@ -120,10 +139,20 @@ class InferenceSession:
     def _payload_bytes(self) -> int:
         return self.nodes[0].hidden_size * 4 if self.nodes else 0
 
+    def _plan(self, start: int, end: int) -> list[NodeInfo]:
+        """The cheapest route over [start, end) around the nodes that failed lately and those that refused this request;
+        when none is left and some node refused the request, that refusal is the answer."""
+        try:
+            return plan_route(self.nodes, start, end, self._payload_bytes(), self.failed.current() | self.refusals.keys())
+        except RouteError:
+            if self.refusals:
+                raise next(iter(self.refusals.values())) from None
+            raise
+
     async def open(self) -> None:
         """Plan the route over live nodes and open a session on each hop."""
         while True:
-            route = plan_route(self.nodes, 0, self.num_layers, self._payload_bytes(), self.failed.current())
+            route = self._plan(0, self.num_layers)
             try:
                 self.hops = await self._open_hops(route)
                 return
@@ -174,9 +203,12 @@ class InferenceSession:
         except BaseException:
             await channel.close()
             raise
+        if reply.type == wire.ERROR:
+            await channel.close()
+            raise _refusal(node, reply, "the session")
         if reply.type != wire.OPENED:
             await channel.close()
-            raise NodeFailure(f"node {node.url} refused the session: {reply.fields.get('message', reply.type)}")
+            raise NodeFailure(f"node {node.url} answered open with a {reply.type} frame")
         return Hop(node, channel)
 
     def _pool_key(self, node: NodeInfo) -> tuple:
@@ -304,7 +336,7 @@ class InferenceSession:
         """The answer's tensor, if the frame is the result of this step with the right shape (the commitment aside)."""
         node = hop.node
         if reply.type == wire.ERROR:
-            raise NodeFailure(f"node {node.url} refused step {step}: {reply.fields.get('message')}")
+            raise _refusal(node, reply, f"step {step}")
         if reply.type != wire.RESULT or reply.step != step or reply.session != self.request_id:
             raise NodeFailure(f"node {node.url} answered step {step} with a {reply.type} frame for step {reply.step}")
         if reply.tensor is None or reply.tensor.shape != sent.shape or reply.tensor.dtype != sent.dtype:
@@ -315,6 +347,11 @@ class InferenceSession:
         return reply.tensor if reply.tensor.dtype == torch.float32 else reply.tensor.to(torch.float32)
 
     def _mark_failed(self, node: NodeInfo, reason: BaseException) -> None:
+        """Route around `node`: for every request a while, or for this one alone when it refused the request itself."""
+        if isinstance(reason, RequestRefused):
+            log.info("%s; trying another node for this request", reason)
+            self.refusals[node.url] = reason
+            return
         log.warning("node %s failed (%s); routing around it", node.url, reason or type(reason).__name__)
         self.failed.add(node.url)
 
@@ -349,9 +386,11 @@ class InferenceSession:
         """A new route over `old`'s layers, opened and with `inputs` replayed; retried while nodes fail."""
         while True:
             if self.failovers > self.max_failovers:
+                if isinstance(reason, RequestRefused):
+                    raise reason
                 raise RouteError(f"gave up after {self.max_failovers} fail-overs; last failure: {reason}")
             try:
-                route = plan_route(self.nodes, old.node.start, old.node.end, self._payload_bytes(), self.failed.current())
+                route = self._plan(old.node.start, old.node.end)
             except RouteError as exc:
                 raise RouteError(f"{exc}; the last failure: {reason}") from None
             try:
@@ -370,6 +409,8 @@ class InferenceSession:
             except HOP_ERRORS as exc:
                 self._mark_failed(hop.node, exc)
                 await asyncio.gather(self._drop_hops([hop]), self._close_sessions([h for h in hops if h is not hop]))
+                if isinstance(exc, RequestRefused):
+                    raise
                 raise NodeFailure(f"replay on {hop.node.url} failed: {exc}") from None
 
     async def _replay_hop(self, hop: Hop, inputs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:

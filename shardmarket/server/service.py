@@ -304,6 +304,8 @@ class NodeService:
             await self.worker.call(self.stage.open_session, session.stage_id, max_length)
         except CapacityError as exc:
             raise StepRefused("capacity", f"{exc}; try another node or later") from None
+        except ShapeError as exc:  # a length past the model's context
+            raise StepRefused("too_long", str(exc)) from None
         except EngineError as exc:
             raise StepRefused("bad_open", str(exc)) from None
         return session

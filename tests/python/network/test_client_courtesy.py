@@ -1,19 +1,24 @@
-"""The client against real node processes: it closes the sessions of a route it could not open."""
+"""The client against real node processes: it closes the sessions of a route it could not open, and never counts
+against a node a refusal that blames the request."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+import torch
 
 from shardmarket.chain.eip712 import Domain
+from shardmarket.client.generation import Completion, RemoteModel
 from shardmarket.client.routing import RouteError, discover
-from shardmarket.client.session import InferenceSession
+from shardmarket.client.session import InferenceSession, RequestRefused
+from shardmarket.engine.sampling import SamplingParams
 from shardmarket.net.channel import ChannelPool
 
 from network_processes import free_port, get_json, start_node, stop_all, wait_ready
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)  # what nodes use when no DisputeManager is deployed
+HIDDEN, CONTEXT = 64, 512  # tiny_config's hidden size and max_position_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +66,31 @@ def test_a_route_that_cannot_be_opened_closes_the_sessions_it_opened_on_the_heal
     kept = run(go())
     assert load(a)["sessions"] == before  # closed at once, not left to its 300 s idle timeout
     assert kept == 1  # with CLOSE, answered: the connection to a is kept for the next request
+
+
+def test_a_refusal_that_blames_the_request_is_not_counted_against_the_node(tiny, nodes):
+    """A request past the model's context (the nodes refuse its OPEN) and a step of the wrong shape: each refused with
+    an error naming the request, no node is avoided, and the next request is served at once without a fail-over."""
+
+    async def go():
+        model = await RemoteModel.connect(tiny, [n.url for n in nodes], DOMAIN, step_timeout_s=10)
+        prompt = model.prompt_ids("hello")
+        try:
+            with pytest.raises(RequestRefused, match="too_long") as too_long:
+                async for _ in model.stream(prompt, SamplingParams(max_tokens=CONTEXT), Completion(len(prompt))):
+                    pass
+            session = InferenceSession(model.nodes, 5, DOMAIN, max_length=16, failed=model.failed)
+            with pytest.raises(RequestRefused, match="bad_tensor") as bad_shape:
+                await session.run_layers(torch.randn(1, 2, HIDDEN + 1), torch.arange(2).unsqueeze(0))
+            await session.close()
+            avoided = model.failed.current()
+            completion = Completion(len(prompt))
+            tokens = [t async for t in model.stream(prompt, SamplingParams(max_tokens=3, temperature=0), completion)]
+        finally:
+            await model.aclose()
+        return too_long.value, bad_shape.value, avoided, tokens, completion
+
+    too_long, bad_shape, avoided, tokens, completion = run(go())
+    assert too_long.code == "too_long" and bad_shape.code == "bad_tensor"
+    assert avoided == set()
+    assert len(tokens) == 3 and completion.failovers == 0
