@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -226,8 +227,12 @@ def build_api(
 
         if not req.stream:
             parts = []
-            async for token in tokens:
-                parts.append(text.push(token))
+            async with aclosing(tokens):
+                async for token in tokens:
+                    if request.transport is None or request.transport.is_closing():  # streaming finds out when it writes
+                        log.info("caller of %s hung up; stopping its generation", ident)
+                        return web.Response(status=499)  # nobody reads it
+                    parts.append(text.push(token))
             parts.append(text.finish())
             content = "".join(parts)
             if chat:

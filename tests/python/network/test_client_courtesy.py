@@ -1,9 +1,12 @@
-"""The client against real node processes: it closes the sessions of a route it could not open, and never counts
-against a node a refusal that blames the request."""
+"""The client against real node processes and a real `client serve`: it closes the sessions of a route it could not
+open, never counts against a node a refusal that blames the request, and stops generating for a caller who hung up."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,10 +18,11 @@ from shardmarket.client.session import InferenceSession, RequestRefused
 from shardmarket.engine.sampling import SamplingParams
 from shardmarket.net.channel import ChannelPool
 
-from network_processes import free_port, get_json, start_node, stop_all, wait_ready
+from network_processes import ROOT, child_env, free_port, get_json, start_node, stop_all, wait_http, wait_ready
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)  # what nodes use when no DisputeManager is deployed
 HIDDEN, CONTEXT = 64, 512  # tiny_config's hidden size and max_position_embeddings
+API_KEY = "courtesy-key"
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +98,48 @@ def test_a_refusal_that_blames_the_request_is_not_counted_against_the_node(tiny,
     assert too_long.code == "too_long" and bad_shape.code == "bad_tensor"
     assert avoided == set()
     assert len(tokens) == 3 and completion.failovers == 0
+
+
+@pytest.fixture(scope="module")
+def api(tiny, nodes, tmp_path_factory):
+    """`shardmarket client serve` over the two nodes."""
+    home = tmp_path_factory.mktemp("courtesy-api")
+    port = free_port()
+    log = home / "api.log"
+    cmd = [sys.executable, "-m", "shardmarket", "client", "serve", "--checkpoint", str(tiny), "--port", str(port)]
+    cmd += ["--nodes", ",".join(n.url for n in nodes)]
+    env = dict(child_env(home), SHARDMARKET_CLIENT_API_KEY=API_KEY)
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", process, log, headers={"Authorization": f"Bearer {API_KEY}"})
+        yield port, log
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def test_a_caller_that_hangs_up_on_a_non_streaming_request_is_no_longer_generated_for(nodes, api):
+    port, log = api
+    a = nodes[0]
+    body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 400, "temperature": 0}).encode()
+    request = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+    async def go() -> tuple[int, int]:
+        before = load(a)["steps_served"]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await wait_until(lambda: load(a)["steps_served"] >= before + 10)  # generating
+        writer.close()  # the caller hangs up
+        served, previous = before, -1
+        while served != previous:  # until no step runs for a second
+            previous = served
+            await asyncio.sleep(1.0)
+            served = (await asyncio.to_thread(load, a))["steps_served"]
+        return before, served
+
+    before, after = run(go())
+    assert after - before < 200, f"{after - before} steps ran for a request of 400 tokens whose caller hung up at 10"
+    assert "hung up; stopping its generation" in log.read_text()
