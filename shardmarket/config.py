@@ -47,6 +47,7 @@ class NodeConfig:
     handshake_bytes: int = 16384  # what a connection may send before its handshake completes (an HTTP upgrade included)
     idle_connection_s: float = 60.0  # a connection holding no session, idle this long, is closed
     max_sessions: int = 64  # sessions (KV caches) in total
+    max_cache_mb: float = 0.0  # memory the sessions' KV caches may reserve in total; 0: no budget but max_sessions
     max_sessions_per_connection: int = 4
     max_sessions_per_address: int = 32
     unpaid_sessions_per_address: int = 2  # a paid node's sessions opened without a tab, until a step's tab pays them

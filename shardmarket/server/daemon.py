@@ -243,6 +243,7 @@ def _load_service(
         dtype=DTYPES[options.dtype],
         idle_timeout_s=config.node.idle_timeout_s,
         max_sessions=config.node.max_sessions,
+        cache_budget_bytes=int(config.node.max_cache_mb * 2**20) or None,
         max_memory=max_memory,
         offload_folder=options.offload_folder,
     ).result()

@@ -28,6 +28,7 @@ SETTINGS = {
     "idle_connection_s": 1.5,
     "max_sessions_per_connection": 2,
     "max_sessions_per_address": 4,
+    "max_cache_mb": 1,  # a 64-position session of the tiny model reserves 80 KiB
 }
 WS_UPGRADE = (
     f"GET {SESSION_PATH} HTTP/1.1\r\nHost: node\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -96,20 +97,23 @@ def test_a_stranger_holds_a_few_sessions_and_they_close_with_its_connections(nod
         request_id = os.urandom(32)
         opened = await open_reply(channel, request_id)
         await channel.send(Message(wire.STEP, request_id, 0, {"position": 0}, torch.randn(1, 3, HIDDEN)))
-        answer = await channel.recv()
+        answer, _ = await channel.recv(), await channel.recv()  # the result, then its commitment
+        await channel.send(Message(wire.OPEN, os.urandom(32), 0, {"max_length": 512}))  # 640 KiB: past the budget
+        too_big = await channel.recv()
         await channel.close()
         for channel in stranger:
             await channel.close()
         await wait_until(lambda: sessions(node) == 0)
-        return replies, held, opened, answer
+        return replies, held, opened, answer, too_big
 
-    replies, held, opened, answer = run(go())
+    replies, held, opened, answer, too_big = run(go())
     outcome = [(r.type, r.fields.get("message", "").split("(")[-1].split(")")[0]) for r in replies]
     per_connection, per_address = ("error", "max_sessions_per_connection"), ("error", "max_sessions_per_address")
     assert outcome == [("opened", "")] * 2 + [per_connection] + [("opened", "")] * 2 + [per_connection] + [per_address] * 3
     assert all(r.fields["code"] == "too_many_sessions" for r in replies if r.type == wire.ERROR)
     assert held == 4
     assert opened.type == wire.OPENED and answer.type == wire.RESULT
+    assert too_big.type == wire.ERROR and too_big.fields["code"] == "capacity"
     refusals = [line for line in node.log.read_text().splitlines() if "refused a session to 127.0.0.2" in line]
     assert 1 <= len(refusals) <= 2  # one line per kind of limit, not one per refusal
 
