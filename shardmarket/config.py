@@ -38,7 +38,20 @@ class NodeConfig:
     tcp_port: int = 0  # raw TCP session port; 0: the HTTP port + 1
     price: int = 0  # token units per token processed by this node's layers
     threads: int = 0  # torch threads; 0: torch's default
-    idle_timeout_s: float = 300.0
+    idle_timeout_s: float = 300.0  # a session idle this long is closed
+    # what a stranger may hold of a node on a public address (see the README's "running a node on a public address")
+    max_connections: int = 256  # connections to both ports, in total
+    max_connections_per_address: int = 64  # per IPv4 address or IPv6 /64
+    max_handshakes_per_address: int = 32  # connections of one address that have not completed their handshake
+    handshake_timeout_s: float = 5.0  # from connect to a completed handshake; also the life of a plain HTTP connection
+    handshake_bytes: int = 16384  # what a connection may send before its handshake completes (an HTTP upgrade included)
+    idle_connection_s: float = 60.0  # a connection holding no session, idle this long, is closed
+    max_sessions: int = 64  # sessions (KV caches) in total
+    max_cache_mb: float = 0.0  # memory the sessions' KV caches may reserve in total; 0: no budget but max_sessions
+    max_sessions_per_connection: int = 4
+    max_sessions_per_address: int = 32
+    unpaid_sessions_per_address: int = 2  # a paid node's sessions opened without a tab, until a step's tab pays them
+    max_step_tokens: int = 1024  # positions per step; with the model's hidden size it bounds every frame
     credit_limit: int = 0  # token units a node serves a client beyond its newest tab; 0: 64 tokens' worth
     redeem_min_value: int = 0  # a node settles once the tabs owing it are worth this much (0: whenever anything is owed)
     redeem_interval_s: float = 60.0  # how often a node checks whether settling is worth it

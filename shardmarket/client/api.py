@@ -8,12 +8,14 @@ import json
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from shardmarket.client.generation import Completion, RemoteModel
 from shardmarket.client.routing import RouteError
+from shardmarket.client.session import RequestRefused
 from shardmarket.client.text import TextStream
 from shardmarket.engine.errors import EngineError
 from shardmarket.engine.sampling import SamplingParams
@@ -123,6 +125,8 @@ def build_api(
             return web.json_response(ApiError(exc.status, exc.reason).body(), status=exc.status)
         except RouteError as exc:
             return web.json_response(ApiError(503, str(exc), "server_error", code="no_route").body(), status=503)
+        except RequestRefused as exc:
+            return web.json_response(ApiError(400, str(exc), code=exc.code).body(), status=400)
         except EngineError as exc:
             return web.json_response(ApiError(400, str(exc)).body(), status=400)
         except Exception:  # answer in OpenAI's shape, and keep serving
@@ -223,8 +227,12 @@ def build_api(
 
         if not req.stream:
             parts = []
-            async for token in tokens:
-                parts.append(text.push(token))
+            async with aclosing(tokens):
+                async for token in tokens:
+                    if request.transport is None or request.transport.is_closing():  # streaming finds out when it writes
+                        log.info("caller of %s hung up; stopping its generation", ident)
+                        return web.Response(status=499)  # nobody reads it
+                    parts.append(text.push(token))
             parts.append(text.finish())
             content = "".join(parts)
             if chat:
@@ -275,6 +283,8 @@ def build_api(
         except RouteError as exc:
             log.warning("generation %s failed: %s", ident, exc)
             await send(ApiError(503, str(exc), "server_error", code="no_route").body())
+        except RequestRefused as exc:
+            await send(ApiError(400, str(exc), code=exc.code).body())
         except ConnectionResetError:
             log.info("caller of %s hung up; stopping its generation", ident)
             return response

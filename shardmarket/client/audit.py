@@ -133,6 +133,7 @@ class Auditor:
             step_timeout_s=self.model.step_timeout_s,
             tab_source=self.model.tab_source,
             on_commitment=self.model.payer.answered,
+            standing_tab=self.model.standing_tab,
         )
         try:
             hops = await checker._open_hops([other])

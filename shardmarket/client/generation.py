@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from shardmarket.chain.eip712 import Domain
 from shardmarket.client.failures import RecentFailures
 from shardmarket.client.routing import NodeInfo, RouteError, discover, plan_route
-from shardmarket.client.session import CommitmentSink, HopTiming, InferenceSession, Presign, TabSource
+from shardmarket.client.session import CommitmentSink, HopTiming, InferenceSession, Presign, StandingTab, TabSource
 from shardmarket.engine.head import Head
 from shardmarket.engine.openmp import PASSIVE_OPENMP
 from shardmarket.engine.sampling import CONFIRM, LAYERS, SamplingParams, generate, generation_steps
@@ -59,9 +59,11 @@ class RemoteModel:
         on_commitment: CommitmentSink | None = None,
         on_finished: Callable[[InferenceSession], None] | None = None,
         presign: Presign | None = None,
+        standing_tab: StandingTab | None = None,
     ) -> None:
         self.head, self.model_id, self.nodes, self.domain = head, model_id, nodes, domain
         self.transport, self.step_timeout_s, self.tab_source, self.presign = transport, step_timeout_s, tab_source, presign
+        self.standing_tab = standing_tab
         self.on_commitment, self.on_finished = on_commitment, on_finished
         self.request_costs: dict[bytes, int] | None = None  # filled per request by a payer, when there is one
         self.failed = RecentFailures()
@@ -115,6 +117,7 @@ class RemoteModel:
             on_commitment=self.on_commitment,
             presign=self.presign,
             pool=self.channels,
+            standing_tab=self.standing_tab,
         )
         here = PASSIVE_OPENMP and not self._streams  # a lone stream: its head runs on the event loop's thread
         self._streams += 1

@@ -77,7 +77,16 @@ async def connect_paid(checkpoint: Path, config: Config, account, model_name: st
     head = await in_passing_thread(Head.load, checkpoint)
     nodes = await chain_nodes(market, model_name)
     payer = Payer(account, market.escrow_domain(), config.home / "client" / "ledger.sqlite")
-    model = RemoteModel(head, model_name, nodes, market.dispute_domain(), tab_source=payer.tab, presign=payer.presign, **kwargs)
+    model = RemoteModel(
+        head,
+        model_name,
+        nodes,
+        market.dispute_domain(),
+        tab_source=payer.tab,
+        presign=payer.presign,
+        standing_tab=payer.standing,
+        **kwargs,
+    )
     auditor = Auditor(
         model,
         market,

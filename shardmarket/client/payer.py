@@ -76,6 +76,7 @@ class Payer:
         self._usage = bytes(row[1]) if row else ZERO32
         self.request_costs: dict[bytes, int] = defaultdict(int)
         self._presigned: _Signed | None = None
+        self._newest: bytes | None = None  # the newest tab signed since this client started
 
     @property
     def address(self) -> str:
@@ -91,13 +92,34 @@ class Payer:
             signed, self._presigned = self._presigned, None
             if signed is None or signed.raises != raises or signed.base is not self._amounts:
                 signed = self._sign(raises)
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?)", [(n, str(signed.amounts[n])) for n in raises])
-            self._db.execute("INSERT OR REPLACE INTO tab VALUES (0, ?, ?)", (signed.seq, self._usage))
-            self._db.execute("COMMIT")
-            self._seq, self._amounts = signed.seq, signed.amounts
+            self._store(signed)
             self.request_costs[request_id] += sum(raises.values())
         return signed.packed
+
+    def standing(self, node: NodeInfo) -> bytes:
+        """The newest tab, promising nothing new: it rides on OPEN so that a paid node knows who pays the session. Signed
+        and stored now when this client has signed none since it started; one that has promised nothing to anyone yet
+        names `node` at 0 (a tab names at least one node), an entry its next tab may leave out."""
+        with self._lock:
+            if self._newest is not None:
+                return self._newest
+            self._presigned = None  # its sequence number goes to this tab
+            if self._amounts:
+                signed = self._sign({})
+                self._store(signed)
+                return signed.packed
+            tab = Tab(self.account.address, self._seq + 1, (Entry(to_checksum_address(node.operator), 0),), self._usage)
+            self._db.execute("INSERT OR REPLACE INTO tab VALUES (0, ?, ?)", (tab.seq, self._usage))
+            self._seq = tab.seq
+            return pack_tab(tab, sign_tab(self._key, tab, self.domain))
+
+    def _store(self, signed: _Signed) -> None:
+        """Store `signed` before it goes out: what it raises and its sequence number (the caller holds the lock)."""
+        self._db.execute("BEGIN")
+        self._db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?)", [(n, str(signed.amounts[n])) for n in signed.raises])
+        self._db.execute("INSERT OR REPLACE INTO tab VALUES (0, ?, ?)", (signed.seq, self._usage))
+        self._db.execute("COMMIT")
+        self._seq, self._amounts, self._newest = signed.seq, signed.amounts, signed.packed
 
     def presign(self, charges: list[tuple[NodeInfo, int]]) -> None:
         """Sign ahead, while the client waits on a node, the tab that `tab(charges)` would sign next; `tab` sends it

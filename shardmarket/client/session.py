@@ -38,10 +38,30 @@ TabSource = Callable[[list[tuple[NodeInfo, int]], bytes], bytes | None]
 Presign = Callable[[list[tuple[NodeInfo, int]]], None]
 # on_commitment(node, signed commitment, tokens): called for every verified answer (usage records, spot checks)
 CommitmentSink = Callable[[NodeInfo, SignedCommitment, int], None]
+# standing_tab(node) -> the client's newest signed tab, promising nothing new: it rides on OPEN to name who pays
+StandingTab = Callable[[NodeInfo], bytes]
 
 
 class NodeFailure(Exception):
     """A node did not answer a step correctly; the session replaces it."""
+
+
+class RequestRefused(NodeFailure):
+    """A node refused the request itself (wire.REQUEST_FAULTS: too long for the model's context, a step larger than it
+    takes, a wrong shape). No node is at fault, so none is avoided by other requests; this one tries the other nodes
+    (a node could blame good requests to shed them) and raises this once none is left."""
+
+    def __init__(self, node: NodeInfo, code: str, message: str) -> None:
+        super().__init__(f"node {node.url} refused the request ({code}): {message}")
+        self.code = code
+
+
+def _refusal(node: NodeInfo, reply: Message, what: str) -> NodeFailure:
+    """The exception for an error frame: RequestRefused when it names the request as the cause, else NodeFailure."""
+    code, message = reply.fields.get("code"), reply.fields.get("message")
+    if isinstance(code, str) and code in wire.REQUEST_FAULTS:
+        return RequestRefused(node, code, str(message))
+    return NodeFailure(f"node {node.url} refused {what}: {message}")
 
 
 class CommitmentFailure(Exception):
@@ -96,14 +116,16 @@ class InferenceSession:
         on_commitment: CommitmentSink | None = None,
         presign: Presign | None = None,
         pool: ChannelPool | None = None,
+        standing_tab: StandingTab | None = None,
     ) -> None:
         self.nodes, self.num_layers, self.domain = nodes, num_layers, domain
         self.pool = pool  # channels kept open between requests (shared between sessions)
         self.reused_channels = 0  # hops opened on a kept channel
         self.max_length, self.transport, self.step_timeout_s = max_length, transport, step_timeout_s
         self.max_failovers, self.tab_source, self.on_commitment = max_failovers, tab_source, on_commitment
-        self.presign = presign
+        self.presign, self.standing_tab = presign, standing_tab
         self.failed = failed if failed is not None else RecentFailures()  # shared between sessions
+        self.refusals: dict[str, RequestRefused] = {}  # node URL -> its refusal of this request (set aside for it alone)
         self.request_id = os.urandom(32)
         self.request_ids = [self.request_id]  # a new one per restart after a bad commitment
         self.hops: list[Hop] = []
@@ -117,10 +139,20 @@ class InferenceSession:
     def _payload_bytes(self) -> int:
         return self.nodes[0].hidden_size * 4 if self.nodes else 0
 
+    def _plan(self, start: int, end: int) -> list[NodeInfo]:
+        """The cheapest route over [start, end) around the nodes that failed lately and those that refused this request;
+        when none is left and some node refused the request, that refusal is the answer."""
+        try:
+            return plan_route(self.nodes, start, end, self._payload_bytes(), self.failed.current() | self.refusals.keys())
+        except RouteError:
+            if self.refusals:
+                raise next(iter(self.refusals.values())) from None
+            raise
+
     async def open(self) -> None:
         """Plan the route over live nodes and open a session on each hop."""
         while True:
-            route = plan_route(self.nodes, 0, self.num_layers, self._payload_bytes(), self.failed.current())
+            route = self._plan(0, self.num_layers)
             try:
                 self.hops = await self._open_hops(route)
                 return
@@ -129,13 +161,13 @@ class InferenceSession:
 
     async def _open_hops(self, route: list[NodeInfo]) -> list[Hop]:
         """Open a session on every node of `route` at once (one round of connects and handshakes, not one per hop);
-        if any fails, the others are closed and every failed node is marked."""
+        if any fails, the sessions opened on the others are closed and every failed node is marked."""
         results = await asyncio.gather(*(self._open_hop(node) for node in route), return_exceptions=True)
         hops = [result for result in results if isinstance(result, Hop)]
         failed = [(node, result) for node, result in zip(route, results, strict=True) if not isinstance(result, Hop)]
         if not failed:
             return hops
-        await self._close_hops(hops)
+        await self._close_sessions(hops)
         for node, exc in failed:
             if not isinstance(exc, HOP_ERRORS):
                 raise exc
@@ -161,15 +193,22 @@ class InferenceSession:
         return await self._open_session(node, channel, self.step_timeout_s)
 
     async def _open_session(self, node: NodeInfo, channel: SecureChannel, timeout_s: float) -> Hop:
+        fields: dict = {"max_length": self.max_length}
+        tab = self.tab or (self.standing_tab(node) if self.standing_tab is not None else None)
+        if tab is not None:  # names who pays: a paid node opens sessions for strangers only sparingly
+            fields["tab"] = tab
         try:
-            await channel.send(Message(wire.OPEN, self.request_id, 0, {"max_length": self.max_length}))
+            await channel.send(Message(wire.OPEN, self.request_id, 0, fields))
             reply = await asyncio.wait_for(channel.recv(), timeout_s)
         except BaseException:
             await channel.close()
             raise
+        if reply.type == wire.ERROR:
+            await channel.close()
+            raise _refusal(node, reply, "the session")
         if reply.type != wire.OPENED:
             await channel.close()
-            raise NodeFailure(f"node {node.url} refused the session: {reply.fields.get('message', reply.type)}")
+            raise NodeFailure(f"node {node.url} answered open with a {reply.type} frame")
         return Hop(node, channel)
 
     def _pool_key(self, node: NodeInfo) -> tuple:
@@ -297,7 +336,7 @@ class InferenceSession:
         """The answer's tensor, if the frame is the result of this step with the right shape (the commitment aside)."""
         node = hop.node
         if reply.type == wire.ERROR:
-            raise NodeFailure(f"node {node.url} refused step {step}: {reply.fields.get('message')}")
+            raise _refusal(node, reply, f"step {step}")
         if reply.type != wire.RESULT or reply.step != step or reply.session != self.request_id:
             raise NodeFailure(f"node {node.url} answered step {step} with a {reply.type} frame for step {reply.step}")
         if reply.tensor is None or reply.tensor.shape != sent.shape or reply.tensor.dtype != sent.dtype:
@@ -308,6 +347,11 @@ class InferenceSession:
         return reply.tensor if reply.tensor.dtype == torch.float32 else reply.tensor.to(torch.float32)
 
     def _mark_failed(self, node: NodeInfo, reason: BaseException) -> None:
+        """Route around `node`: for every request a while, or for this one alone when it refused the request itself."""
+        if isinstance(reason, RequestRefused):
+            log.info("%s; trying another node for this request", reason)
+            self.refusals[node.url] = reason
+            return
         log.warning("node %s failed (%s); routing around it", node.url, reason or type(reason).__name__)
         self.failed.add(node.url)
 
@@ -316,7 +360,7 @@ class InferenceSession:
         the current step (`tokens`)."""
         old = self.hops[index]
         self._mark_failed(old.node, reason)
-        await self._close_hops([old])
+        await self._drop_hops([old])
         self.failovers += 1
         new_hops = await self._rebuild(old, old.inputs, reason)
         log.info("replaced %s by %s after replaying %d step(s)", old.node.url, [h.node.url for h in new_hops], len(old.inputs))
@@ -328,7 +372,7 @@ class InferenceSession:
         node whose commitment was bad (the step's output already went on to the next hop, so all hops start over)."""
         self._mark_failed(failure.node, failure)
         old = self.hops
-        await self._close_hops(old)
+        await self._drop_hops(old)
         self.request_id = os.urandom(32)
         self.request_ids.append(self.request_id)
         self.failovers += 1
@@ -342,9 +386,11 @@ class InferenceSession:
         """A new route over `old`'s layers, opened and with `inputs` replayed; retried while nodes fail."""
         while True:
             if self.failovers > self.max_failovers:
+                if isinstance(reason, RequestRefused):
+                    raise reason
                 raise RouteError(f"gave up after {self.max_failovers} fail-overs; last failure: {reason}")
             try:
-                route = plan_route(self.nodes, old.node.start, old.node.end, self._payload_bytes(), self.failed.current())
+                route = self._plan(old.node.start, old.node.end)
             except RouteError as exc:
                 raise RouteError(f"{exc}; the last failure: {reason}") from None
             try:
@@ -362,7 +408,9 @@ class InferenceSession:
                 inputs = await self._replay_hop(hop, inputs)
             except HOP_ERRORS as exc:
                 self._mark_failed(hop.node, exc)
-                await self._close_hops(hops)
+                await asyncio.gather(self._drop_hops([hop]), self._close_sessions([h for h in hops if h is not hop]))
+                if isinstance(exc, RequestRefused):
+                    raise
                 raise NodeFailure(f"replay on {hop.node.url} failed: {exc}") from None
 
     async def _replay_hop(self, hop: Hop, inputs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
@@ -396,6 +444,12 @@ class InferenceSession:
             self._unconfirmed[0].cancel()  # nobody will use that output (its commitment frame may stay unread)
             await asyncio.gather(self._unconfirmed[0], return_exceptions=True)
         self._unconfirmed = None
+        await self._close_sessions(self.hops)
+        self.hops = []
+
+    async def _close_sessions(self, hops: list[Hop]) -> None:
+        """Close the session on each of `hops` with CLOSE, all at once; a channel whose session closed cleanly is kept in
+        the pool (if any), others are closed."""
 
         async def close_session(hop: Hop) -> None:
             try:
@@ -409,11 +463,11 @@ class InferenceSession:
             else:
                 await close_quietly(hop.channel)
 
-        await asyncio.gather(*(close_session(hop) for hop in self.hops))  # every hop at once, like opening
-        self.hops = []
+        await asyncio.gather(*(close_session(hop) for hop in hops))
 
     @staticmethod
-    async def _close_hops(hops: list[Hop]) -> None:
+    async def _drop_hops(hops: list[Hop]) -> None:
+        """Hang up on `hops` (nodes that failed): the node closes a connection's sessions with it."""
         await asyncio.gather(*(close_quietly(hop.channel) for hop in hops))
 
 

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from shardmarket.net import wire
 from shardmarket.net.crypto import ClientHandshake, DecryptError, SessionCipher
-from shardmarket.net.wire import Limits, Message, WireError
+from shardmarket.net.wire import Limits, Message, StreamDesync, WireError
 
 HANDSHAKE_CONFIRM = b"shardmarket-ready"
 SESSION_PATH = "/v1/session"
@@ -29,15 +29,18 @@ class KeyMismatch(ConnectionError):
 
 class Transport(Protocol):
     async def send(self, data: bytes) -> None: ...
-    async def recv(self) -> bytes: ...
+    async def recv(self, limits: Limits) -> bytes:
+        """The next frame; one over `limits.max_frame_bytes` raises StreamDesync (the connection must close)."""
+        ...
+
     async def close(self) -> None: ...
 
 
 class StreamTransport:
     """Length-prefixed frames on an asyncio byte stream."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits) -> None:
-        self.reader, self.writer, self.limits = reader, writer, limits
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -51,9 +54,9 @@ class StreamTransport:
         except (ConnectionError, OSError) as exc:
             raise ChannelClosed(f"connection broke while sending: {exc}") from None
 
-    async def recv(self) -> bytes:
+    async def recv(self, limits: Limits) -> bytes:
         try:
-            return await wire.read_stream_frame(self.reader, self.limits)
+            return await wire.read_stream_frame(self.reader, limits)
         except asyncio.IncompleteReadError:
             raise ChannelClosed("connection closed by the other side") from None
         except (ConnectionError, OSError) as exc:
@@ -81,9 +84,13 @@ class WebSocketTransport:
         except (ConnectionError, OSError) as exc:
             raise ChannelClosed(f"WebSocket broke while sending: {exc}") from None
 
-    async def recv(self) -> bytes:
+    async def recv(self, limits: Limits) -> bytes:
         msg = await self.ws.receive()
         if msg.type == aiohttp.WSMsgType.BINARY:
+            if len(msg.data) > limits.max_frame_bytes:
+                raise StreamDesync(
+                    f"frame of {len(msg.data)} bytes exceeds the limit of {limits.max_frame_bytes}; closing", "too_large"
+                )
             return msg.data
         if msg.type == aiohttp.WSMsgType.TEXT:
             raise WireError("frames are binary WebSocket messages, got a text message")
@@ -111,7 +118,7 @@ class SecureChannel:
 
     async def recv(self) -> Message:
         """The next message; raises DecryptError, WireError or ChannelClosed."""
-        return wire.decode(self.cipher.open(await self.transport.recv()), self.limits)
+        return wire.decode(self.cipher.open(await self.transport.recv(self.limits)), self.limits)
 
     async def close(self) -> None:
         await self.transport.close()
@@ -124,7 +131,7 @@ async def open_transport(base_url: str, kind: str, tcp_port: int | None, limits:
         if not tcp_port:
             raise ConnectionError(f"node {base_url} offers no raw TCP port; use the ws transport")
         reader, writer = await asyncio.wait_for(asyncio.open_connection(url.host, tcp_port, limit=2**20), timeout)
-        return StreamTransport(reader, writer, limits)
+        return StreamTransport(reader, writer)
     if kind == "ws":
         session = aiohttp.ClientSession()
         try:
@@ -144,7 +151,7 @@ async def client_handshake(transport: Transport, node_public_key: bytes, limits:
     """Run the handshake to the pinned key; raises KeyMismatch if the node cannot prove it holds it."""
     handshake = ClientHandshake(node_public_key)
     await transport.send(wire.encode(Message(wire.HELLO, fields={"key": handshake.hello_key})))
-    reply = wire.decode(await transport.recv(), limits)
+    reply = wire.decode(await transport.recv(limits), limits)
     if reply.type == wire.ERROR:
         raise ConnectionError(f"node refused the handshake: {reply.fields.get('message')}")
     if reply.type != wire.WELCOME or not isinstance(reply.fields.get("key"), bytes):

@@ -39,6 +39,9 @@ def load_public_key(raw: bytes) -> X25519PublicKey:
     return X25519PublicKey.from_public_bytes(bytes(raw))
 
 
+SEAL_OVERHEAD = 16  # bytes a sealed frame carries beyond its plaintext (the AES-GCM tag)
+
+
 class _Direction:
     """One direction of a session: an AEAD key and the counter of the next frame."""
 

@@ -58,6 +58,12 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# until the handshake completes a peer is a stranger: its hello is a few dozen bytes, so frames stay tiny
+HANDSHAKE_LIMITS = Limits(max_frame_bytes=4 * 2**10, max_header_bytes=1024, max_ndim=1, max_elements=1)
+
+# error codes that name the request, not the node, as the cause (a length past the model's context, a step larger than
+# the node takes, a wrong shape): a client never counts one against the node
+REQUEST_FAULTS = frozenset({"bad_open", "too_long", "too_large", "bad_tensor"})
 
 
 @dataclass

@@ -9,6 +9,7 @@ from aiohttp import web
 from shardmarket import __version__
 from shardmarket.net import wire
 from shardmarket.net.channel import SESSION_PATH, WebSocketTransport
+from shardmarket.net.doorman import peer_of
 from shardmarket.server.service import NodeService
 
 MAX_PROBE_BYTES = 4 * 2**20
@@ -77,7 +78,7 @@ def build_app(service: NodeService, listing: NodeListing, tcp_port: int) -> web.
     async def session(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=service.limits.max_frame_bytes)
         await ws.prepare(request)
-        await service.serve(WebSocketTransport(ws))
+        await service.serve(WebSocketTransport(ws), peer_of(request.transport))
         return ws
 
     app = web.Application()

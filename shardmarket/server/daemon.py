@@ -9,9 +9,9 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import torch
@@ -20,19 +20,20 @@ from aiohttp import web
 from shardmarket.chain.commitment import commitment_domain
 from shardmarket.chain.contracts import ChainError, Market
 from shardmarket.chain.watch import BlockWatch
-from shardmarket.config import Config
+from shardmarket.config import Config, NodeConfig
 from shardmarket.engine.models import default_model
 from shardmarket.engine.stage import Stage
 from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.ipfs.model import ModelError, fetch_model
 from shardmarket.ipfs.store import STORE_ERRORS, ContentStore
 from shardmarket.net.channel import StreamTransport
+from shardmarket.net.doorman import ConnectionLimits, Doorman, peer_of
 from shardmarket.net.wire import DTYPES
 from shardmarket.server.app import NodeListing, build_app
 from shardmarket.server.faults import Fault, FaultyService
 from shardmarket.server.identity import NodeIdentity, load_or_create_identity
 from shardmarket.server.payments import PaymentGate
-from shardmarket.server.service import NodeService
+from shardmarket.server.service import NodeService, SessionLimits
 from shardmarket.server.settlement import Settler, escrow_balance_reader, settle_pending
 from shardmarket.server.tabs import TabStore, tab_store_path
 from shardmarket.server.verifier import VerifierDuty
@@ -41,6 +42,13 @@ from shardmarket.server.worker import StageWorker, compute_thread
 log = logging.getLogger("shardmarket.node")
 SWITCH_INTERVAL_S = 0.0002  # a thread checking a tab or polling the chain gives the GIL back to the layers this soon
 CREDIT_STEPS = 64  # without a configured credit limit, a client may run this many tokens ahead of its tabs
+L = TypeVar("L", ConnectionLimits, SessionLimits)
+STREAM_BUFFER = 2**20  # a raw TCP connection pauses reading once twice this much waits beyond the frame being read
+
+
+def limits_from(node: NodeConfig, kind: type[L]) -> L:
+    """`kind` with each field taken from the [node] setting of the same name."""
+    return kind(**{f.name: getattr(node, f.name) for f in fields(kind)})
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class NodeDaemon:
     host: str
     port: int
     tcp_port: int
+    connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     shutdown_timeout_s: float = 30.0
     duties: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: Callable[[], Awaitable[None]] | None = None
@@ -93,19 +102,24 @@ class NodeDaemon:
         service.worker.start()
         loop = asyncio.get_running_loop()
         expiry = loop.create_task(service.expire_idle())
+        doorman = Doorman(self.connection_limits)  # both ports: every connection passes it
 
         async def handle_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await service.serve(StreamTransport(reader, writer, service.limits))
+            await service.serve(StreamTransport(reader, writer), peer_of(writer.transport))
 
-        tcp_server = await asyncio.start_server(handle_tcp, self.host, self.tcp_port, limit=2**20)
+        def stream_protocol() -> asyncio.StreamReaderProtocol:
+            return asyncio.StreamReaderProtocol(asyncio.StreamReader(STREAM_BUFFER), handle_tcp)
+
+        tcp_server = await loop.create_server(doorman.protocol(stream_protocol), self.host, self.tcp_port)
         tcp_port = tcp_server.sockets[0].getsockname()[1]
         runner = web.AppRunner(build_app(service, self.listing, tcp_port), handle_signals=False, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, self.host, self.port).start()
+        assert runner.server is not None
+        http_server = await loop.create_server(doorman.protocol(runner.server), self.host, self.port)
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        port = runner.addresses[0][1]
+        port = http_server.sockets[0].getsockname()[1]
         print(
             f"node ready: http://{self.host}:{port} (tcp {tcp_port}) layers {service.stage.start}:{service.stage.end} "
             f"of {self.listing.model_id}, operator {service.identity.operator}",
@@ -118,6 +132,7 @@ class NodeDaemon:
         tcp_server.close()
         await service.drain(self.shutdown_timeout_s)
         expiry.cancel()
+        http_server.close()
         await runner.cleanup()
         await service.worker.stop()
         print("node stopped", flush=True)
@@ -227,18 +242,27 @@ def _load_service(
         layers[1],
         dtype=DTYPES[options.dtype],
         idle_timeout_s=config.node.idle_timeout_s,
+        max_sessions=config.node.max_sessions,
+        cache_budget_bytes=int(config.node.max_cache_mb * 2**20) or None,
         max_memory=max_memory,
         offload_folder=options.offload_folder,
     ).result()
     worker = StageWorker(stage, executor=compute)
     compute.submit(worker.warm_up).result()
     domain = commitment_domain(config.chain.chain_id, config.chain.deployments_dir)
-    idle_timeout_s = config.node.idle_timeout_s
+    kwargs: dict[str, Any] = {
+        "idle_timeout_s": config.node.idle_timeout_s,
+        "payments": payments,
+        "session_limits": limits_from(config.node, SessionLimits),
+    }
     if options.fault:
-        return FaultyService(worker, identity, domain, fault=options.fault, idle_timeout_s=idle_timeout_s, payments=payments)
-    return NodeService(worker, identity, domain, idle_timeout_s=idle_timeout_s, payments=payments)
+        return FaultyService(worker, identity, domain, fault=options.fault, **kwargs)
+    return NodeService(worker, identity, domain, **kwargs)
 
 
 def _daemon(options: ServeOptions, config: Config, service: NodeService, listing: NodeListing, port: int) -> NodeDaemon:
     tcp_port = options.tcp_port if options.tcp_port is not None else (config.node.tcp_port or port + 1)
-    return NodeDaemon(service, listing, options.host or config.node.host, port, tcp_port, options.shutdown_timeout_s)
+    host = options.host or config.node.host
+    return NodeDaemon(
+        service, listing, host, port, tcp_port, limits_from(config.node, ConnectionLimits), options.shutdown_timeout_s
+    )

@@ -118,6 +118,32 @@ class PaymentGate:
         await _finished(checking)
         return signed
 
+    async def bind(self, request_id: bytes, raw: object) -> None:
+        """Name the payer of a session being opened: the client whose tab rides on its OPEN (a tab promising nothing
+        new will do). Raises PaymentRefused unless the tab is signed by a client this node serves that has something to
+        spend in the escrow (read from the chain on first sight): sessions, which hold memory, are for paying clients."""
+        await _finished(self._bind(request_id, raw))
+
+    async def _bind(self, request_id: bytes, raw: object) -> None:
+        tab, _ = await asyncio.to_thread(self._parse, raw)
+        client = tab.client.lower()
+        self._check_served(tab)
+        balance = self.balances.get(client)
+        if balance is None:
+            balance = await self.spendable(tab.client)
+            if balance > 0:  # a stranger's fresh keys leave nothing behind
+                self.balances[client] = balance
+        if balance <= 0:
+            raise PaymentRefused(
+                "insufficient_funds",
+                f"client {tab.client} has nothing to spend in the escrow; deposit with `shardmarket client deposit`",
+            )
+        self._session_clients[request_id] = client
+
+    def payer(self, request_id: bytes) -> str | None:
+        """The client paying session `request_id`, once a tab named it (on OPEN or on a step); None before."""
+        return self._session_clients.get(request_id)
+
     def refuse(self, client: str) -> None:
         """Serve `client` no more (it lowered what it promised this node)."""
         self._refused.add(client.lower())
@@ -171,11 +197,7 @@ class PaymentGate:
     def _reserve(self, request_id: bytes, tokens: int, tab: Tab, signature: bytes) -> int:
         """Check `tab` against this node's books and reserve the step's cost, which it returns (the caller holds the lock)."""
         client = tab.client.lower()
-        if client in self._refused:
-            raise PaymentRefused(
-                "client_refused",
-                f"client {tab.client} signed a tab lowering what it promised this node; this node no longer serves it",
-            )
+        self._check_served(tab)
         bound = self._session_clients.setdefault(request_id, client)
         if bound != client:
             raise PaymentRefused("bad_tab", "this session is paid by another client; one session, one payer")
@@ -192,6 +214,13 @@ class PaymentGate:
         self._check_funds(newest)
         self._accounts[client] = replace(newest, served=known.served + cost)
         return cost
+
+    def _check_served(self, tab: Tab) -> None:
+        if tab.client.lower() in self._refused:
+            raise PaymentRefused(
+                "client_refused",
+                f"client {tab.client} signed a tab lowering what it promised this node; this node no longer serves it",
+            )
 
     def _newer(self, known: StoredTab, tab: Tab, signature: bytes) -> StoredTab:
         """`known` with `tab` as its newest tab if `tab` is newer; raises if `tab` lowers what was promised this node

@@ -23,7 +23,9 @@ from shardmarket.engine.errors import CapacityError, EngineError, ShapeError, Un
 from shardmarket.engine.tensors import tensor_bytes
 from shardmarket.net import wire
 from shardmarket.net.channel import HANDSHAKE_CONFIRM, ChannelClosed, SecureChannel, Transport
-from shardmarket.net.crypto import DecryptError, node_handshake
+from shardmarket.net.crypto import SEAL_OVERHEAD, DecryptError, node_handshake
+from shardmarket.net.doorman import Peer
+from shardmarket.net.ratelog import RateLimitedLog
 from shardmarket.net.wire import Limits, Message, StreamDesync, WireError
 from shardmarket.server.identity import NodeIdentity
 from shardmarket.server.payments import Credit, PaymentGate, PaymentRefused
@@ -34,6 +36,28 @@ CACHED_STEPS = 4  # answers kept per session for retries
 RETIRED_REQUESTS = 1 << 16  # closed request ids remembered (about 5 MB)
 MAX_BAD_FRAMES = 8  # frames failing authentication before the node hangs up
 MAX_TAB_BYTES = TAB_HEADER_BYTES + ENTRY_BYTES * MAX_ENTRIES  # the client's signed tab riding on a step, naming every node
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """What one peer may hold of the node's sessions, the largest step, and how long a connection holding no session
+    may idle (sessions themselves expire after `idle_timeout_s`); every field is a [node] setting of the same name."""
+
+    max_sessions_per_connection: int = 4
+    max_sessions_per_address: int = 32
+    unpaid_sessions_per_address: int = 2  # a paid node's sessions opened without a tab, until a step's tab pays them
+    idle_connection_s: float = 60.0
+    max_step_tokens: int = 1024  # positions per step: with the hidden size, it bounds every frame the node reads
+
+
+def step_limits(hidden_size: int, dtype: torch.dtype, max_step_tokens: int) -> Limits:
+    """Frame limits of a node computing `hidden_size`-wide hidden states in `dtype`: a step of up to `max_step_tokens`
+    positions, its header (a tab naming every node fits in it) and the cipher's tag."""
+    header = wire.DEFAULT_LIMITS.max_header_bytes
+    elements = max_step_tokens * hidden_size
+    return Limits(
+        max_frame_bytes=4 + header + elements * dtype.itemsize + SEAL_OVERHEAD, max_header_bytes=header, max_elements=elements
+    )
 
 
 class StepRefused(Exception):
@@ -56,10 +80,20 @@ class _Answer:
     credit: Credit | None = None  # a step run before its tab was checked: checked before the commitment goes out
 
 
+@dataclass(eq=False)
+class _Connection:
+    """A connection's peer and the request ids of the sessions it holds (claimed before an OPEN's first await, so that
+    concurrent opens count them); they close with it."""
+
+    peer: Peer
+    sessions: set[bytes] = field(default_factory=set)
+
+
 @dataclass
 class _Session:
     request_id: bytes
     max_length: int
+    owner: _Connection
     next_step: int = 0
     next_position: int = 0
     answers: OrderedDict[int, _Answer] = field(default_factory=OrderedDict)
@@ -80,43 +114,59 @@ class NodeService:
         identity: NodeIdentity,
         domain: Domain,
         *,
-        limits: Limits = wire.DEFAULT_LIMITS,
         idle_timeout_s: float = 300.0,
         payments: PaymentGate | None = None,
+        session_limits: SessionLimits = SessionLimits(),
     ) -> None:
-        self.worker, self.identity, self.domain, self.limits = worker, identity, domain, limits
+        self.worker, self.identity, self.domain = worker, identity, domain
         self.stage = worker.stage
+        self.limits = step_limits(self.stage.hidden_size, self.stage.dtype, session_limits.max_step_tokens)
+        self.session_limits = session_limits
         self.idle_timeout_s = idle_timeout_s
         self.payments = payments
         self.sessions: dict[bytes, _Session] = {}
+        self._live: set[_Connection] = set()  # connections past their handshake
+        self._warn = RateLimitedLog(log).warning
         self.draining = False
         self.steps_in_flight = 0  # frames being answered
         self.steps_served = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._connections: set[Transport] = set()
+        self._connections: set[Transport] = set()  # until their sessions are closed
+        self._no_connections = asyncio.Event()
+        self._no_connections.set()
         # request ids whose session ended: never reopened, so the node never answers one step of a request twice
         # (a second answer to the same input could differ in its last bits and look like equivocation)
         self._retired: OrderedDict[bytes, None] = OrderedDict()
 
-    async def serve(self, transport: Transport) -> None:
-        """Serve one connection until it closes; never raises on bad input."""
+    async def serve(self, transport: Transport, peer: Peer | None = None) -> None:
+        """Serve one connection until it closes, then close the sessions it holds; never raises on bad input."""
+        connection = _Connection(peer or Peer())
         self._connections.add(transport)
+        self._no_connections.clear()
         try:
             channel = await self._handshake(transport)
             if channel is not None:
-                await self._serve_channel(channel)
+                connection.peer.handshaken()
+                self._live.add(connection)
+                await self._serve_channel(channel, connection)
         except ChannelClosed:
             pass
         except Exception:  # a bug must not take the node down; log it and drop this connection
             log.exception("connection failed unexpectedly")
         finally:
-            self._connections.discard(transport)
-            await transport.close()
+            self._live.discard(connection)
+            try:
+                await transport.close()
+                await self._end_sessions(connection)
+            finally:
+                self._connections.discard(transport)
+                if not self._connections:
+                    self._no_connections.set()
 
     async def _handshake(self, transport: Transport) -> SecureChannel | None:
         try:
-            hello = wire.decode(await transport.recv(), self.limits)
+            hello = wire.decode(await transport.recv(wire.HANDSHAKE_LIMITS), wire.HANDSHAKE_LIMITS)
             key = hello.fields.get("key")
             if hello.type != wire.HELLO or not isinstance(key, bytes):
                 raise WireError("a session starts with a hello frame carrying the client's X25519 key")
@@ -130,11 +180,19 @@ class NodeService:
         )
         return SecureChannel(transport, cipher, self.limits)
 
-    async def _serve_channel(self, channel: SecureChannel) -> None:
+    async def _serve_channel(self, channel: SecureChannel, connection: _Connection) -> None:
         bad_frames = 0
         while True:
+            idle_s = self.idle_timeout_s if connection.sessions else self.session_limits.idle_connection_s
             try:
-                message = await channel.recv()
+                async with asyncio.timeout(idle_s):
+                    message = await channel.recv()
+            except TimeoutError:
+                setting = "idle_timeout_s; its sessions close with it" if connection.sessions else "idle_connection_s"
+                self._warn(
+                    "idle_connection", "closed a connection from %s: idle for %g s (%s)", connection.peer.address, idle_s, setting
+                )
+                return
             except DecryptError as exc:
                 bad_frames += 1
                 await channel.send(wire.error_message("auth_failed", str(exc)))
@@ -150,7 +208,7 @@ class NodeService:
             self.steps_in_flight += 1
             self._idle.clear()
             try:
-                reply, answer = await self._answer(message)
+                reply, answer = await self._answer(message, connection)
                 await channel.send(reply)
                 if answer is not None:
                     await channel.send(await self._acknowledge(answer))
@@ -159,11 +217,11 @@ class NodeService:
                 if not self.steps_in_flight:
                     self._idle.set()
 
-    async def _answer(self, message: Message) -> tuple[Message, _Answer | None]:
+    async def _answer(self, message: Message, connection: _Connection) -> tuple[Message, _Answer | None]:
         """The reply to `message` and, for a step, the answer whose commitment follows it."""
         try:
             if message.type == wire.OPEN:
-                return await self._open(message), None
+                return await self._open(message, connection), None
             if message.type == wire.STEP:
                 answer = await self._step(message)
                 reply = Message(
@@ -184,7 +242,7 @@ class NodeService:
         try:
             commitment = await self.payments.acknowledge(answer.credit, lambda: self._commitment(answer))
         except PaymentRefused as exc:
-            session = self._retire(answer.request_id)
+            session = self._forget(answer.request_id)
             if session is not None:
                 async with session.lock:
                     await self._close_stage_session(session)
@@ -207,43 +265,115 @@ class NodeService:
             raise StepRefused("bad_session", "the session field must be the 32-byte request id")
         return message.session
 
-    async def _open(self, message: Message) -> Message:
+    async def _open(self, message: Message, connection: _Connection) -> Message:
         request_id = self._check_request_id(message)
         if self.draining:
             raise StepRefused("shutting_down", "this node is shutting down; use another node for this range")
         existing = self.sessions.get(request_id)
-        if existing is not None:  # a reconnect: the session goes on where it was
+        if existing is not None:  # a reconnect before the old connection was noticed gone: the session moves here
+            if existing.owner is not connection:
+                self._move(existing, connection)
             return Message(wire.OPENED, request_id, existing.next_step, {"position": existing.next_position})
         if request_id in self._retired:
             raise StepRefused("request_used", "this request id was closed on this node; open the request again with a new id")
         max_length = message.fields.get("max_length")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or not 0 < max_length <= 1 << 20:
             raise StepRefused("bad_open", "open needs max_length, a positive integer")
-        session = _Session(request_id, max_length)
+        tab = message.fields.get("tab")
+        self._check_room(connection, unpaid=self.payments is not None and tab is None)
+        connection.sessions.add(request_id)  # claimed before the first await, so that concurrent opens count it
+        try:
+            session = await self._new_session(request_id, max_length, tab, connection)
+        except BaseException:
+            connection.sessions.discard(request_id)
+            if self.payments is not None:
+                self.payments.release(request_id)
+            raise
+        self.sessions[request_id] = session
+        return Message(wire.OPENED, request_id, 0, {"position": 0})
+
+    async def _new_session(self, request_id: bytes, max_length: int, tab: object, connection: _Connection) -> _Session:
+        """A session with its KV cache reserved; on a paid node, `tab` (if any) names its payer first."""
+        if self.payments is not None and tab is not None:
+            try:
+                await self.payments.bind(request_id, tab)
+            except PaymentRefused as exc:
+                raise StepRefused(exc.code, str(exc)) from None
+        session = _Session(request_id, max_length, connection)
         try:
             await self.worker.call(self.stage.open_session, session.stage_id, max_length)
         except CapacityError as exc:
             raise StepRefused("capacity", f"{exc}; try another node or later") from None
+        except ShapeError as exc:  # a length past the model's context
+            raise StepRefused("too_long", str(exc)) from None
         except EngineError as exc:
             raise StepRefused("bad_open", str(exc)) from None
-        self.sessions[request_id] = session
-        return Message(wire.OPENED, request_id, 0, {"position": 0})
+        return session
 
-    def _retire(self, request_id: bytes) -> _Session | None:
-        """End a request's session for good; returns it (None if it was not open)."""
-        self._retired[request_id] = None
-        while len(self._retired) > RETIRED_REQUESTS:
-            self._retired.popitem(last=False)
-        return self.sessions.pop(request_id, None)
+    def _check_room(self, connection: _Connection, unpaid: bool) -> None:
+        """Refuse a new session beyond what one connection or one address may hold and, for a session no tab pays yet on
+        a paid node, beyond the few such sessions an address may hold."""
+        limits, address = self.session_limits, connection.peer.address
+        held = [request_id for other in self._live if other.peer.address == address for request_id in other.sessions]
+        if len(connection.sessions) >= limits.max_sessions_per_connection:
+            setting, why = "max_sessions_per_connection", f"this connection holds {len(connection.sessions)} sessions already"
+        elif len(held) >= limits.max_sessions_per_address:
+            setting, why = "max_sessions_per_address", f"your address holds {len(held)} sessions on this node already"
+        elif unpaid and (count := self._unpaid(held)) >= limits.unpaid_sessions_per_address:
+            setting, why = "unpaid_sessions_per_address", f"your address holds {count} sessions that no tab paid yet"
+        else:
+            return
+        self._warn(setting, "refused a session to %s: %s (%s)", address, why.replace("your address", "it"), setting)
+        if setting == "unpaid_sessions_per_address":
+            raise StepRefused("payment_required", f"this node charges for its layers and {why}: send your signed tab with open")
+        raise StepRefused("too_many_sessions", f"{why} ({setting}); close one first")
+
+    def _unpaid(self, request_ids: list[bytes]) -> int:
+        payments = self.payments
+        return 0 if payments is None else sum(1 for request_id in request_ids if payments.payer(request_id) is None)
+
+    def _move(self, session: _Session, connection: _Connection) -> None:
+        """Hand `session` to `connection`, within that connection's and its address's limits."""
+        session.owner.sessions.discard(session.request_id)
+        try:
+            self._check_room(connection, unpaid=False)
+        except StepRefused:
+            session.owner.sessions.add(session.request_id)
+            raise
+        connection.sessions.add(session.request_id)
+        session.owner = connection
+
+    def _forget(self, request_id: bytes, retire: bool = True) -> _Session | None:
+        """Take a request's session off the books (its KV cache is the caller's to close); returns it (None if it was not
+        open). Retired, its request id is never opened again: no step of it is ever answered twice."""
+        if retire:
+            self._retired[request_id] = None
+            while len(self._retired) > RETIRED_REQUESTS:
+                self._retired.popitem(last=False)
+        if self.payments is not None:
+            self.payments.release(request_id)
+        session = self.sessions.pop(request_id, None)
+        if session is not None:
+            session.owner.sessions.discard(request_id)
+        return session
 
     async def _close(self, message: Message) -> Message:
-        session = self._retire(self._check_request_id(message))
-        if self.payments is not None:
-            self.payments.release(message.session)
+        session = self._forget(self._check_request_id(message))
         if session is not None:
             async with session.lock:
                 await self._close_stage_session(session)
         return Message(wire.CLOSED, message.session)
+
+    async def _end_sessions(self, connection: _Connection) -> None:
+        """Close the sessions of a connection that closed. One that answered a step is retired (so no step is answered
+        twice); one that did not may be opened again."""
+        for request_id in list(connection.sessions):
+            session = self.sessions.get(request_id)
+            if session is None or session.owner is not connection:
+                continue
+            self._forget(request_id, retire=session.next_step > 0)
+            async with session.lock:
+                await self._close_stage_session(session)
 
     async def _step(self, message: Message) -> _Answer:
         session = self.sessions.get(self._check_request_id(message))
@@ -267,7 +397,7 @@ class NodeService:
         try:
             answer, credit = await payments.admit(session.request_id, tokens, message.fields, lambda: self._run(session, message))
         except PaymentRefused as exc:
-            self._retire(session.request_id)
+            self._forget(session.request_id)
             await self._close_stage_session(session)
             raise StepRefused(exc.code, str(exc)) from None
         answer.credit = credit
@@ -311,7 +441,7 @@ class NodeService:
         try:
             output, compute_s = await self.worker.step(session.stage_id, hidden, positions)
         except UnknownSession:
-            self._retire(session.request_id)
+            self._forget(session.request_id)
             raise StepRefused("unknown_session", "the session expired on this node; open it again and replay") from None
         except (ShapeError, EngineError) as exc:
             raise StepRefused("engine", f"the engine refused the step: {exc}") from None
@@ -333,7 +463,7 @@ class NodeService:
             cutoff = time.monotonic() - self.idle_timeout_s
             for request_id, session in list(self.sessions.items()):
                 if session.last_used < cutoff and not session.lock.locked():
-                    self._retire(request_id)
+                    self._forget(request_id)
                     await self._close_stage_session(session)
 
     async def _close_stage_session(self, session: _Session) -> None:
@@ -341,7 +471,7 @@ class NodeService:
             await self.worker.call(self.stage.close_session, session.stage_id)
 
     async def drain(self, timeout: float) -> None:
-        """Refuse new work, let steps already running finish (up to `timeout`), then hang up."""
+        """Refuse new work, let steps already running finish (up to `timeout`), then hang up and close every session."""
         self.draining = True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
@@ -349,3 +479,5 @@ class NodeService:
             log.warning("shutting down with %d step(s) still running after %.0f s", self.steps_in_flight, timeout)
         for transport in list(self._connections):
             await transport.close()
+        with contextlib.suppress(TimeoutError):  # their sessions close on the compute thread, which stops next
+            await asyncio.wait_for(self._no_connections.wait(), 5.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 
@@ -191,6 +192,46 @@ def test_a_refused_step_is_never_answered_even_on_retry(market):
         await session.close()
 
     asyncio.run(scenario())
+
+
+def test_a_paid_node_opens_a_session_for_a_funded_tab_or_within_a_small_unpaid_allowance(market):
+    """Without a tab an address gets unpaid_sessions_per_address (2) sessions and no more; a tab on OPEN counts only if
+    its signature holds and its client has something to spend in the escrow; a funded client's tab opens a session
+    beyond the strangers' allowance at the same address, and its requests go through as before."""
+    from eth_account import Account
+
+    from shardmarket.chain.eip712 import Entry, Tab, pack_tab, sign_tab, signing_key
+    from shardmarket.net import wire
+    from shardmarket.net.channel import client_handshake, open_transport
+    from shardmarket.net.wire import Message
+
+    async def scenario():
+        model = await client_model(market, "judy")
+        node = next(n for n in model.nodes if n.start == 0)
+        funded = model.payer.standing(node)
+        key = os.urandom(32)
+        tab = Tab(Account.from_key(key).address, 1, (Entry(node.operator, 0),), bytes(32))
+        unfunded = pack_tab(tab, sign_tab(signing_key(key), tab, model.payer.domain))
+        forged = bytearray(funded)
+        forged[60] ^= 0xFF  # a byte of r
+
+        async def open_with(tab: bytes | None):
+            transport = await open_transport(node.url, "tcp", node.tcp_port, wire.DEFAULT_LIMITS, 10)
+            channel = await client_handshake(transport, node.x25519_public_key)
+            fields = {"max_length": 16} if tab is None else {"max_length": 16, "tab": tab}
+            await channel.send(Message(wire.OPEN, os.urandom(32), 0, fields))
+            reply = await channel.recv()
+            return channel, reply.fields.get("code", reply.type)
+
+        opened = [await open_with(tab) for tab in (None, None, None, unfunded, bytes(forged), funded)]
+        tokens, _ = await generate(model, PROMPT, 3)  # while the strangers' sessions stay open
+        for channel, _ in opened:
+            await channel.close()
+        return [code for _, code in opened], tokens
+
+    codes, tokens = asyncio.run(scenario())
+    assert codes == ["opened", "opened", "payment_required", "insufficient_funds", "bad_tab", "opened"]
+    assert len(tokens) == 3
 
 
 def test_a_bad_tab_on_a_later_step_is_answered_on_credit_then_refused_in_place_of_the_commitment(market):

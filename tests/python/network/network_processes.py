@@ -66,8 +66,11 @@ def child_env(home: Path) -> dict:
     return env
 
 
-def start_node(checkpoint: Path, layers: str, home: Path, *extra: str, ports: tuple[int, int] | None = None) -> NodeProcess:
-    """Spawn a node (on `ports`, HTTP and raw TCP, if given: a restart); call `wait_ready` before using it."""
+def start_node(
+    checkpoint: Path, layers: str, home: Path, *extra: str, ports: tuple[int, int] | None = None, settings: dict | None = None
+) -> NodeProcess:
+    """Spawn a node (on `ports`, HTTP and raw TCP, if given: a restart) with [node] `settings` (name -> value) besides
+    the defaults; call `wait_ready` before using it."""
     port, tcp_port = ports or (free_port(), free_port())
     home.mkdir(parents=True, exist_ok=True)
     log = home / "node.log"
@@ -89,7 +92,8 @@ def start_node(checkpoint: Path, layers: str, home: Path, *extra: str, ports: tu
         "1",
         *extra,
     ]
-    process = subprocess.Popen(cmd, cwd=ROOT, env=child_env(home), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = child_env(home) | {f"SHARDMARKET_NODE_{name.upper()}": str(value) for name, value in (settings or {}).items()}
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     return NodeProcess(process, port, tcp_port, log)
 
 

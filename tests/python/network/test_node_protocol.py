@@ -57,6 +57,14 @@ def step(request_id: bytes, number: int, position: int, hidden: torch.Tensor, **
     return Message(wire.STEP, request_id, number, {"position": position, **fields}, hidden)
 
 
+async def wait_until(condition, timeout: float = 10.0) -> None:
+    """Poll `condition` (run off the event loop) until it holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(condition):
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
 def assert_alive(node) -> None:
     assert node.process.poll() is None
     assert get_json(f"{node.url}/health")["status"] == "ok"
@@ -93,16 +101,19 @@ def test_steps_are_answered_with_a_commitment_signed_by_the_operator(node, info,
 
 
 def test_retried_step_returns_the_cached_answer_and_the_same_commitment(node, info):
+    """A reconnect (as after a network blip the node has not noticed yet) moves the session to the new connection: a
+    retried step gets the cached answer, the old connection's close leaves the session alone, the new one's ends it."""
+
     async def go():
-        channel = await connect(node, info)
+        old = await connect(node, info)
         request_id = os.urandom(32)
-        await open_session(channel, request_id)
+        await open_session(old, request_id)
         hidden = torch.randn(1, 3, HIDDEN)
-        await channel.send(step(request_id, 0, 0, hidden))
-        first, first_signed = await channel.recv(), await channel.recv()
-        await channel.close()
-        channel = await connect(node, info)  # a reconnect, as after a network blip
+        await old.send(step(request_id, 0, 0, hidden))
+        first, first_signed = await old.recv(), await old.recv()
+        channel = await connect(node, info)
         await open_session(channel, request_id)
+        await old.close()
         await channel.send(step(request_id, 0, 0, hidden))
         again, again_signed = await channel.recv(), await channel.recv()
         await channel.send(step(request_id, 0, 0, torch.randn(1, 3, HIDDEN)))
@@ -110,13 +121,19 @@ def test_retried_step_returns_the_cached_answer_and_the_same_commitment(node, in
         await channel.send(step(request_id, 5, 3, torch.randn(1, 1, HIDDEN)))
         ahead = await channel.recv()
         await channel.close()
-        return first, again, conflict, ahead, first_signed, again_signed
+        await wait_until(lambda: node.info()["load"]["sessions"] == 0)
+        channel = await connect(node, info)
+        await channel.send(Message(wire.OPEN, request_id, 0, {"max_length": 64}))
+        reopened = await channel.recv()
+        await channel.close()
+        return first, again, conflict, ahead, first_signed, again_signed, reopened
 
-    first, again, conflict, ahead, first_signed, again_signed = run(go())
+    first, again, conflict, ahead, first_signed, again_signed, reopened = run(go())
     assert again.type == wire.RESULT and again.payload == first.payload
     assert again_signed.type == wire.COMMIT and again_signed.fields["signature"] == first_signed.fields["signature"]
     assert conflict.type == wire.ERROR and conflict.fields["code"] == "conflict"
     assert ahead.type == wire.ERROR and ahead.fields["code"] == "out_of_order"
+    assert reopened.type == wire.ERROR and reopened.fields["code"] == "request_used"  # it answered a step: never again
 
 
 def test_a_free_node_honours_every_test_fault(tiny, tmp_path):
