@@ -35,7 +35,6 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 7300
     data_dir: Path = Path("node")
-    tcp_port: int = 0  # raw TCP session port; 0: the HTTP port + 1
     price: int = 0  # token units per token processed by this node's layers
     threads: int = 0  # torch threads; 0: torch's default
     idle_timeout_s: float = 300.0

@@ -1,6 +1,7 @@
 """The one place that builds a node daemon: its layers on the compute thread, its keys, the session service, and for a
 paid node its payment gate, tab store, settlement loop and verifier duty; then it serves HTTP, WebSocket and raw TCP
-until SIGINT/SIGTERM. `shardmarket node run` parses its arguments into `ServeOptions` and calls `build_daemon`."""
+sessions on one port until SIGINT/SIGTERM. `shardmarket node run` parses its arguments into `ServeOptions` and calls
+`build_daemon`."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from shardmarket.engine.stage import Stage
 from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.ipfs.model import ModelError, fetch_model
 from shardmarket.net.channel import StreamTransport
+from shardmarket.net.listener import serve_both
 from shardmarket.net.wire import DTYPES
 from shardmarket.server.app import NodeListing, build_app
 from shardmarket.server.faults import Fault, FaultyService
@@ -51,7 +53,6 @@ class ServeOptions:
     model_id: str | None = None
     host: str | None = None
     port: int | None = None
-    tcp_port: int | None = None
     price: int | None = None
     dtype: str = "float32"
     threads: int | None = None
@@ -69,7 +70,6 @@ class NodeDaemon:
     listing: NodeListing
     host: str
     port: int
-    tcp_port: int
     shutdown_timeout_s: float = 30.0
     duties: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: Callable[[], Awaitable[None]] | None = None
@@ -96,17 +96,17 @@ class NodeDaemon:
         async def handle_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await service.serve(StreamTransport(reader, writer, service.limits))
 
-        tcp_server = await asyncio.start_server(handle_tcp, self.host, self.tcp_port, limit=2**20)
-        tcp_port = tcp_server.sockets[0].getsockname()[1]
-        runner = web.AppRunner(build_app(service, self.listing, tcp_port), handle_signals=False, access_log=None)
+        runner = web.AppRunner(build_app(service, self.listing), handle_signals=False, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, self.host, self.port).start()
+        assert runner.server is not None  # set by setup()
+        server = await serve_both(runner.server, handle_tcp, self.host, self.port)
+        self.port = server.sockets[0].getsockname()[1]
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        port = runner.addresses[0][1]
         print(
-            f"node ready: http://{self.host}:{port} (tcp {tcp_port}) layers {service.stage.start}:{service.stage.end} "
+            f"node ready: http://{self.host}:{self.port} (HTTP, WebSocket and raw TCP sessions) layers "
+            f"{service.stage.start}:{service.stage.end} "
             f"of {self.listing.model_id}, operator {service.identity.operator}",
             flush=True,
         )
@@ -114,7 +114,7 @@ class NodeDaemon:
             ready.set()
         await stop.wait()
         print("shutting down: finishing the steps in progress", flush=True)
-        tcp_server.close()
+        server.close()
         await service.drain(self.shutdown_timeout_s)
         expiry.cancel()
         await runner.cleanup()
@@ -235,5 +235,4 @@ def _load_service(
 
 
 def _daemon(options: ServeOptions, config: Config, service: NodeService, listing: NodeListing, port: int) -> NodeDaemon:
-    tcp_port = options.tcp_port if options.tcp_port is not None else (config.node.tcp_port or port + 1)
-    return NodeDaemon(service, listing, options.host or config.node.host, port, tcp_port, options.shutdown_timeout_s)
+    return NodeDaemon(service, listing, options.host or config.node.host, port, options.shutdown_timeout_s)

@@ -41,8 +41,6 @@ def start_daemon(lab, checkpoint: Path, layers: str) -> subprocess.Popen:
             "0.0.0.0",
             "--port",
             str(NODE_PORT),
-            "--tcp-port",
-            str(NODE_PORT + 1),
         ],
         log="daemon.log",
     )
