@@ -7,11 +7,20 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from shardmarket import __version__
+from shardmarket.chain.proof import sign_challenge
 from shardmarket.net import wire
 from shardmarket.net.channel import SAME_PORT, SESSION_PATH, WebSocketTransport
 from shardmarket.server.service import NodeService
 
 MAX_PROBE_BYTES = 4 * 2**20
+
+
+def prove_endpoint(operator_key: bytes, challenge: str) -> dict[str, str]:
+    """The challenge and the operator's signature over it; a 400 when it is no valid challenge."""
+    try:
+        return {"challenge": challenge, "signature": sign_challenge(operator_key, challenge)}
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
 
 
 @dataclass
@@ -60,8 +69,11 @@ def build_app(service: NodeService, listing: NodeListing) -> web.Application:
 
     @routes.get("/health")
     async def health(request: web.Request) -> web.Response:
-        status = 503 if service.draining else 200
-        return web.json_response({"status": "draining" if service.draining else "ok"}, status=status)
+        """Alive or draining, and who answers: with ?challenge=HEX, the operator's signature over it (endpoint proofs)."""
+        body = {"status": "draining" if service.draining else "ok", "operator": service.identity.operator}
+        if "challenge" in request.query:
+            body |= prove_endpoint(service.identity.operator_key, request.query["challenge"])
+        return web.json_response(body, status=503 if service.draining else 200)
 
     @routes.get("/info")
     async def node_info(request: web.Request) -> web.Response:
