@@ -65,7 +65,9 @@ class ReachConfig:
     relays: list[str] = field(default_factory=list)  # http://relay:port of public nodes that relay and verify
     methods: list[str] = field(default_factory=lambda: ["pcp", "natpmp", "upnp"])
     lease_s: int = 3600
-    refresh_s: float = 30.0
+    refresh_s: float = 10.0  # a port mapping is renewed (re-created if the router lost it) this often
+    check_s: float = 5.0  # the endpoint is checked from outside (through a relay) this often
+    unreachable_s: float = 10.0  # a node unreachable for this long pauses its listing until it is reachable again
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,9 @@ def register(commands) -> None:
         "--password-file", type=Path, help="keystore password file (chain mode; else SHARDMARKET_PASSWORD or a prompt)"
     )
     run.set_defaults(run=run_node)
+    from shardmarket.cli import up  # it takes DTYPE_NAMES from here
+
+    up.register(group)
     add_operator_commands(group)  # register, status, earnings, redeem, ...
     reach.register(group)  # reachability, relay
 

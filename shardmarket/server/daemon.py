@@ -20,6 +20,7 @@ from aiohttp import web
 
 from shardmarket.chain.commitment import commitment_domain
 from shardmarket.chain.contracts import ChainError, Market
+from shardmarket.chain.registry import Registration, registration_of
 from shardmarket.chain.watch import BlockWatch
 from shardmarket.config import Config
 from shardmarket.engine.models import default_model
@@ -73,6 +74,11 @@ class NodeDaemon:
     shutdown_timeout_s: float = 30.0
     duties: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: Callable[[], Awaitable[None]] | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set by SIGINT/SIGTERM, or a duty that gives up
+
+    def stop(self) -> None:
+        """Shut down as SIGTERM would."""
+        self.stopping.set()
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until SIGINT/SIGTERM, then finish the steps running, stop the duties and call `on_stop`."""
@@ -101,9 +107,8 @@ class NodeDaemon:
         assert runner.server is not None  # set by setup()
         server = await serve_both(runner.server, handle_tcp, self.host, self.port)
         self.port = server.sockets[0].getsockname()[1]
-        stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, self.stopping.set)
         print(
             f"node ready: http://{self.host}:{self.port} (HTTP, WebSocket and raw TCP sessions) layers "
             f"{service.stage.start}:{service.stage.end} "
@@ -112,7 +117,7 @@ class NodeDaemon:
         )
         if ready is not None:
             ready.set()
-        await stop.wait()
+        await self.stopping.wait()
         print("shutting down: finishing the steps in progress", flush=True)
         server.close()
         await service.drain(self.shutdown_timeout_s)
@@ -132,7 +137,7 @@ def build_daemon(options: ServeOptions, config: Config, identity: NodeIdentity |
     if options.layers is None:
         if identity is None:
             raise ValueError("a paid node needs the operator's identity from its keystore")
-        return _paid_daemon(options, config, identity, threads)
+        return _paid_daemon(options, config, identity)
     checkpoint = options.checkpoint or default_model(config.home / "models")
     if not (checkpoint / "config.json").exists():
         raise ValueError(f"{checkpoint} is not a checkpoint folder (no config.json); pass --checkpoint DIR")
@@ -145,16 +150,26 @@ def build_daemon(options: ServeOptions, config: Config, identity: NodeIdentity |
     return _daemon(options, config, service, listing, port)
 
 
-def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, threads: int) -> NodeDaemon:
+def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity) -> NodeDaemon:
     from eth_account import Account
 
     market = Market.connect(config.chain, Account.from_key(identity.operator_key))
-    node = market.read(market.registry.functions.getNode(identity.operator), "reading this node's registration")
-    if bytes(node.encryptionKey) != identity.x25519_public:
+    plan = registration_of(market, identity.operator)
+    if plan is None:
+        raise ChainError(f"{identity.operator} is not registered: run `shardmarket node up` (or `node register`)")
+    if plan.key != identity.x25519_public:
         raise ChainError("the X25519 key on chain is not this node's key; run `shardmarket node update`")
-    start, end, price, paused = node.layerStart, node.layerEnd, node.pricePerToken, node.paused
-    model = market.read(market.models.functions.getModel(node.modelId))
-    name, manifest = model.name, model.manifestCid
+    port = options.port if options.port is not None else (urlparse(plan.endpoints[0]).port or config.node.port)
+    return paid_daemon(options, config, identity, market, plan, port)
+
+
+def paid_daemon(
+    options: ServeOptions, config: Config, identity: NodeIdentity, market: Market, plan: Registration, port: int
+) -> NodeDaemon:
+    """A node paid per step for layers plan.start:plan.end of plan.model at plan.price, its shards fetched by the
+    manifest CID (unless options.checkpoint is given), with settlement and verifier duty beside it."""
+    threads = options.threads if options.threads is not None else config.node.threads
+    name, manifest, start, end, price = plan.model, plan.manifest, plan.start, plan.end, plan.price
     store = Blockstore(config.ipfs.store)
     checkpoint = options.checkpoint
     if checkpoint is None:
@@ -165,7 +180,7 @@ def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, 
                 manifest, (start, end), dest, config.ipfs.gateways, store=store, progress=sys.stderr.isatty()
             )
         except (ModelError, OSError) as exc:
-            raise ChainError(f"cannot fetch the shards of {name}: {exc}") from None
+            raise ChainError(f"cannot fetch the shards of {name}: {exc}; set [ipfs] gateways to peers that hold them") from None
     tabs = TabStore(tab_store_path(config.node.data_dir), identity.operator)
     gate = PaymentGate(
         tabs,
@@ -176,7 +191,7 @@ def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, 
         escrow_balance_reader(market),
     )
     settler = Settler(market, tabs, gate, interval_s=config.node.redeem_interval_s, min_value=config.node.redeem_min_value)
-    print(f"loading layers {start}:{end} of {name} ({'paused, not listed' if paused else 'listed'}), price {price}", flush=True)
+    print(f"loading layers {start}:{end} of {name}, price {price}", flush=True)
     service = _load_service(options, config, checkpoint, (start, end), identity, threads, payments=gate)
     duty = VerifierDuty(
         market,
@@ -195,7 +210,6 @@ def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, 
         except ChainError as exc:
             print(f"could not settle at shutdown ({exc}); run `shardmarket node redeem` later", flush=True)
 
-    port = options.port if options.port is not None else (urlparse(node.endpoints[0]).port or config.node.port)
     daemon = _daemon(options, config, service, NodeListing(name, price), port)
     daemon.duties = [lambda: settler.run(watch), lambda: duty.run(watch)]
     daemon.on_stop = settle_at_shutdown

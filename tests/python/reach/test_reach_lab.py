@@ -127,7 +127,10 @@ def test_cli_prints_what_it_found(lab_for):
     assert f"endpoint        http://10.99.0.10:{NODE_PORT}  (by upnp, verified" in out.stdout
     assert "dnat" not in miniupnpd_rules(lab), "the one-shot report left its mapping behind"
     refused = lab.run_in(
-        "lan", [*SHARDMARKET, "node", "reachability", "--methods", "pcp", "--relay", "http://10.99.0.1:1"], check=False, timeout=60
+        "lan",
+        [*SHARDMARKET, "node", "reachability", "--methods", "pcp", "--relay", "http://10.99.0.1:1"],
+        check=False,
+        timeout=60,
     )
     assert refused.returncode == 1 and "none found" in refused.stdout
 
