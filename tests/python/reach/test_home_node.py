@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -18,7 +19,7 @@ from shardmarket.cli.devmarket import DevMarket
 from shardmarket.engine.models import random_checkpoint, tiny_config
 from tests.python.reach.lab import HOME_NET, NODE_PORT, PUBLIC_NET, Lab, missing_tools
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(300)
 SHARDMARKET = [sys.executable, "-m", "shardmarket"]
 MODEL = "tiny"
 API = f"http://{PUBLIC_NET}.1:8000/v1"
@@ -78,16 +79,16 @@ class Public:
     def chat(self) -> dict:
         return self.ask(op="chat", api=API, key=API_KEY, model=MODEL)
 
-    def until(self, operator: str, ready, what: str, timeout: float = 30) -> tuple[dict, float]:
+    def until(self, operator: str, ready, what: str, timeout: float = 60) -> tuple[dict, float]:
         """Poll `operator`'s registration until `ready(entry)`; the entry and the seconds it took."""
         start = time.monotonic()
         while not ready(entry := self.node(operator)):
             assert time.monotonic() - start < timeout, f"{what} did not happen within {timeout:.0f} s: {entry}"
             time.sleep(0.2)
-        return entry, time.monotonic() - start
+        return entry, round(time.monotonic() - start, 2)
 
 
-def wait_line(lab: Lab, log: str, prefix: str, proc: subprocess.Popen, after: int = 0, timeout: float = 90) -> str:
+def wait_line(lab: Lab, log: str, prefix: str, proc: subprocess.Popen, after: int = 0, timeout: float = 180) -> str:
     """The first line of <lab>/<log> past character `after` that starts with `prefix`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -103,24 +104,27 @@ def take_the_mapped_port(lab: Lab, method: str) -> None:
     """The router loses the node's mapping and another host of the LAN takes that external port at once."""
     neighbour, gateway = f"{HOME_NET}.3", f"{HOME_NET}.1"
     lab.run_in("lan", ["ip", "addr", "add", f"{neighbour}/24", "dev", "eth0"])
-    squat = [sys.executable, "-m", "tests.python.reach.squat", method, gateway, neighbour, str(NODE_PORT)]
-    if method == "upnp":
-        lab.run_in("lan", ["upnpc", "-i", "-d", str(NODE_PORT), "TCP"])
-        got = lab.run_in("lan", squat).stdout
-    else:  # PCP deletes only with the mapping's nonce: the router restarts instead, forgetting every mapping
+    squat = [sys.executable, "-m", "tests.python.reach.squat", method, gateway, neighbour, str(NODE_PORT), lab.node_ip]
+    squatter = lab.spawn_in("lan", squat, log="squat.err", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert squatter.stdin and squatter.stdout and squatter.stdout.readline() == "ready\n", lab.log("squat.err")
+    if method == "pcp":  # PCP deletes only with the mapping's nonce: the router restarts instead, forgetting every mapping
         lab.stop_router()
         (lab.dir / "upnp.leases").unlink(missing_ok=True)  # or miniupnpd would restore them
-        proc = lab.spawn_in("lan", squat, log="squat.log")  # asks until the router is back
+        squatter.stdin.write("go\n")
+        squatter.stdin.flush()
         lab.start_router()
-        proc.wait(20)
-        got = lab.log("squat.log")
-    assert got.strip() == str(NODE_PORT), f"the node took its port back before another host could: {got}"
+    else:  # UPnP: the node's mapping is deleted on the router, and the port taken, a few ms apart
+        squatter.stdin.write("go\n")
+        squatter.stdin.flush()
+    got = squatter.stdout.readline().strip()
+    assert got == str(NODE_PORT), f"the node took its port back before another host could: {got} {lab.log('squat.err')}"
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_a_home_node_joins_earns_and_recovers(seeded, variant):
+def journey(seeded: DevMarket, variant: str) -> dict:
+    """The whole story for one router variant, asserting each step; returns its timings in seconds."""
     method = VARIANTS[variant]
     operator = seeded.accounts[f"node-{variant}"]
+    figures: dict = {"method": method}
     with Lab(variant) as lab:
         state = lab.dir / "chain-state.json"
         shutil.copy(seeded.root / "chain-state.json", state)
@@ -130,6 +134,7 @@ def test_a_home_node_joins_earns_and_recovers(seeded, variant):
             return seeded.env(name) | {"SHARDMARKET_CHAIN_RPC_URL": rpc, "SHARDMARKET_REACH_UNREACHABLE_S": "2"}
 
         public = Public(lab, env("client"))
+        started = time.monotonic()
         node = lab.spawn_in(
             "lan",
             [*SHARDMARKET, "node", "up", "--model", MODEL, "--price", "1000", "--port", str(NODE_PORT)],
@@ -139,7 +144,10 @@ def test_a_home_node_joins_earns_and_recovers(seeded, variant):
         reachable = wait_line(lab, "node.log", "reachable: ", node).split()
         assert reachable[2] == "by" and reachable[3].rstrip(",") == method, reachable
         endpoint = reachable[1]
-        wait_line(lab, "node.log", "listed: ", node)
+        listed = wait_line(lab, "node.log", "listed: ", node)
+        figures["up_to_listed_s"] = round(time.monotonic() - started, 2)
+        figures["listed_after_serving_s"] = float(listed.split(", ")[1].split(" s after")[0])
+        figures["model_load_s"] = float(wait_line(lab, "node.log", "model: ", node).split(" loaded in ")[1].split(" s")[0])
         entry = public.node(operator)
         assert entry["endpoints"] == [endpoint] and entry["listed"] and entry["layers"] == [0, 5], entry
         if method != "relay":
@@ -154,17 +162,34 @@ def test_a_home_node_joins_earns_and_recovers(seeded, variant):
         wait_line(lab, "client.log", "OpenAI-compatible API on", client)
         answer = public.chat()
         assert answer.get("chunks", 0) >= 2, answer
-        public.until(operator, lambda e: e["earnings"] > 0, "settling the client's tab")
+        figures["first_answer_s"] = answer["seconds"]
+        _, figures["settled_within_s"] = public.until(operator, lambda e: e["earnings"] > 0, "settling the client's tab")
 
         if method == "relay":
             lab.stop(lab.relay)
-            public.until(operator, lambda e: e["paused"], "pausing the listing while unreachable")
+            _, figures["paused_within_s"] = public.until(operator, lambda e: e["paused"], "pausing the listing while unreachable")
             lab.start_relay()
         else:
             take_the_mapped_port(lab, method)
-        moved, _ = public.until(operator, lambda e: e["listed"] and e["endpoints"] != [endpoint], "registering a new endpoint")
+        moved, figures["recovered_s"] = public.until(
+            operator, lambda e: e["listed"] and e["endpoints"] != [endpoint], "registering a new endpoint"
+        )
         assert moved["endpoints"][0] in lab.log("node.log")
         again = public.chat()
         assert again.get("chunks", 0) >= 2, (again, lab.log("client.log")[-2000:])
+        figures["answer_after_recovery_s"] = again["seconds"]
         lab.stop(node)
         public.until(operator, lambda e: e["paused"], "pausing the listing when the node stops", timeout=10)
+    return figures
+
+
+@pytest.fixture(scope="module")
+def journeys(seeded):
+    """Every variant's journey at once, each in a lab of its own (their waits overlap; the CPU is shared)."""
+    with ThreadPoolExecutor(len(VARIANTS)) as pool:
+        yield {variant: pool.submit(journey, seeded, variant) for variant in VARIANTS}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_home_node_joins_earns_and_recovers(journeys, variant):
+    journeys[variant].result()
