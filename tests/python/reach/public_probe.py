@@ -4,7 +4,9 @@ JSON line on stdout. {"op": "node", "operator": A}: A's registration and earning
 
 from __future__ import annotations
 
+import itertools
 import json
+import statistics
 import sys
 import time
 
@@ -31,15 +33,21 @@ def node(market: Market, operator: str) -> dict:
 
 def chat(api: str, key: str, model: str) -> dict:
     client = OpenAI(base_url=api, api_key=key, max_retries=0, timeout=60)
-    started, chunks, text = time.monotonic(), 0, ""
+    started, stamps, text = time.monotonic(), [], ""
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, stream=True, temperature=0
+        model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=24, stream=True, temperature=0
     )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
-            chunks += 1
+            stamps.append(time.monotonic())
             text += chunk.choices[0].delta.content
-    return {"chunks": chunks, "text": text, "seconds": round(time.monotonic() - started, 3)}
+    gaps = [(b - a) * 1e3 for a, b in itertools.pairwise(stamps)]
+    return {
+        "chunks": len(stamps),
+        "text": text,
+        "seconds": round(time.monotonic() - started, 3),
+        "ms_per_token": round(statistics.median(gaps), 2) if gaps else None,
+    }
 
 
 def main() -> None:

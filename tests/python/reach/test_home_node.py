@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -29,12 +30,15 @@ VARIANTS = {"upnp": "upnp", "pcp": "pcp", "none": "relay", "double-nat": "relay"
 
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
-    """A chain state with the contracts, MODEL published, one funded operator per variant and a client with a deposit;
-    each test starts its own anvil from a copy of it on the lab's public side."""
     why = missing_tools()
     if why:
         pytest.skip(why)
-    root = tmp_path_factory.mktemp("home-node")
+    return seed(tmp_path_factory.mktemp("home-node"))
+
+
+def seed(root: Path) -> DevMarket:
+    """A chain state with the contracts, MODEL published, one funded operator per variant and a client with a deposit;
+    each journey starts its own anvil from a copy of it on the lab's public side."""
     market = DevMarket(root)
     market.checkpoint = random_checkpoint(tiny_config(), root / MODEL)
     try:
@@ -120,9 +124,10 @@ def take_the_mapped_port(lab: Lab, method: str) -> None:
     assert got == str(NODE_PORT), f"the node took its port back before another host could: {got} {lab.log('squat.err')}"
 
 
-def journey(seeded: DevMarket, variant: str) -> dict:
-    """The whole story for one router variant, asserting each step; returns its timings in seconds."""
-    method = VARIANTS[variant]
+def journey(seeded: DevMarket, variant: str, relay_only: bool = False) -> dict:
+    """The whole story for one router variant (the node told to map nothing, if `relay_only`), asserting each step;
+    returns its timings."""
+    method = "relay" if relay_only else VARIANTS[variant]
     operator = seeded.accounts[f"node-{variant}"]
     figures: dict = {"method": method}
     with Lab(variant) as lab:
@@ -130,14 +135,24 @@ def journey(seeded: DevMarket, variant: str) -> dict:
         shutil.copy(seeded.root / "chain-state.json", state)
         rpc = lab.start_chain(state)
 
+        shutil.copytree(seeded.root / "blocks", lab.dir / "blocks")
+        for name in (f"node-{variant}", "client"):  # fresh homes: no tab store or payer ledger of an earlier chain
+            shutil.copytree(seeded.root / "homes" / name, lab.dir / "homes" / name)
+
         def env(name: str) -> dict:
-            return seeded.env(name) | {"SHARDMARKET_CHAIN_RPC_URL": rpc, "SHARDMARKET_REACH_UNREACHABLE_S": "2"}
+            return seeded.env(name) | {
+                "SHARDMARKET_HOME": str(lab.dir / "homes" / name),
+                "SHARDMARKET_IPFS_STORE": str(lab.dir / "blocks"),
+                "SHARDMARKET_CHAIN_RPC_URL": rpc,
+                "SHARDMARKET_REACH_UNREACHABLE_S": "2",
+            }
 
         public = Public(lab, env("client"))
         started = time.monotonic()
         node = lab.spawn_in(
             "lan",
-            [*SHARDMARKET, "node", "up", "--model", MODEL, "--price", "1000", "--port", str(NODE_PORT)],
+            [*SHARDMARKET, "node", "up", "--model", MODEL, "--price", "1000", "--port", str(NODE_PORT)]
+            + (["--methods", ""] if relay_only else []),
             log="node.log",
             env=env(f"node-{variant}") | {"SHARDMARKET_NODE_REDEEM_INTERVAL_S": "1"},
         )
@@ -162,7 +177,7 @@ def journey(seeded: DevMarket, variant: str) -> dict:
         wait_line(lab, "client.log", "OpenAI-compatible API on", client)
         answer = public.chat()
         assert answer.get("chunks", 0) >= 2, answer
-        figures["first_answer_s"] = answer["seconds"]
+        figures["first_answer_s"], figures["ms_per_token"] = answer["seconds"], answer["ms_per_token"]
         _, figures["settled_within_s"] = public.until(operator, lambda e: e["earnings"] > 0, "settling the client's tab")
 
         if method == "relay":
