@@ -160,7 +160,9 @@ def run_up(args: argparse.Namespace) -> int:
         if settle is not None:
             await settle()
 
-    daemon.duties.append(lambda: stay_listed(reach, upkeep, daemon.listing, ready, give_up, config.reach.unreachable_s))
+    daemon.duties.append(
+        lambda: stay_listed(reach, upkeep, daemon.listing, ready, daemon.stopping, give_up, config.reach.unreachable_s)
+    )
     daemon.on_stop = leave
     try:
         asyncio.run(daemon.run(ready))

@@ -128,11 +128,13 @@ async def stay_listed(
     upkeep: RegistryUpkeep,
     listing: NodeListing,
     ready: asyncio.Event,
+    stopping: asyncio.Event,
     give_up: Callable[[], None],
     unreachable_s: float,
 ) -> None:
-    """Once the daemon serves (`ready`): become reachable, register, then keep both true. A node that cannot be reached
-    or registered says what to do and calls `give_up`."""
+    """Once the daemon serves (`ready`): become reachable, register, then keep both true until `stopping`, when the
+    listing is paused at once (before the steps in progress finish). A node that cannot be reached or registered says
+    what to do and calls `give_up`."""
     await ready.wait()
     began = time.monotonic()
     report = await reach.establish()
@@ -156,4 +158,9 @@ async def stay_listed(
         f"listed: serving paying clients at {report.endpoint}, {time.monotonic() - began:.2f} s after serving began "
         "(Ctrl-C stops and pauses the listing)"
     )
-    await upkeep.keep(reach, listing, unreachable_s)
+    keeping = asyncio.create_task(upkeep.keep(reach, listing, unreachable_s))
+    try:
+        await stopping.wait()
+    finally:
+        keeping.cancel()
+    await asyncio.to_thread(upkeep.pause, "the node stops")
