@@ -141,8 +141,6 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
                     layers,
                     "--port",
                     str(port),
-                    "--tcp-port",
-                    str(port + 1),
                     "--threads",
                     "1",
                 ],

@@ -167,7 +167,7 @@ def start_nodes(
     processes, urls, ready_s = [], [], []
     env = dict(os.environ, SHARDMARKET_HOME=str(home))
     for i, layers in enumerate(ranges):
-        port, tcp_port = _free_port(), _free_port()
+        port = _free_port()
         env["SHARDMARKET_NODE_DATA_DIR"] = str(home / f"node{i}")
         started = time.perf_counter()
         process = subprocess.Popen(
@@ -183,8 +183,6 @@ def start_nodes(
                 layers,
                 "--port",
                 str(port),
-                "--tcp-port",
-                str(tcp_port),
                 "--threads",
                 str(threads),
             ],

@@ -35,12 +35,11 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 7300
     data_dir: Path = Path("node")
-    tcp_port: int = 0  # raw TCP session port; 0: the HTTP port + 1
     price: int = 0  # token units per token processed by this node's layers
     threads: int = 0  # torch threads; 0: torch's default
     idle_timeout_s: float = 300.0  # a session idle this long is closed
     # what a stranger may hold of a node on a public address (see the README's "running a node on a public address")
-    max_connections: int = 256  # connections to both ports, in total
+    max_connections: int = 256  # connections to the node's port (every transport), in total
     max_connections_per_address: int = 64  # per IPv4 address or IPv6 /64
     max_handshakes_per_address: int = 32  # connections of one address that have not completed their handshake
     handshake_timeout_s: float = 5.0  # from connect to a completed handshake; also the life of a plain HTTP connection
@@ -79,7 +78,9 @@ class ReachConfig:
     relays: list[str] = field(default_factory=list)  # http://relay:port of public nodes that relay and verify
     methods: list[str] = field(default_factory=lambda: ["pcp", "natpmp", "upnp"])
     lease_s: int = 3600
-    refresh_s: float = 30.0
+    refresh_s: float = 10.0  # a port mapping is renewed (re-created if the router lost it) this often
+    check_s: float = 5.0  # the endpoint is checked from outside (through a relay) this often
+    unreachable_s: float = 10.0  # a node unreachable for this long pauses its listing until it is reachable again
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,18 +20,6 @@ from shardmarket.chain.devchain import REPO, deploy, free_port, start_anvil
 # anvil's first development account (public knowledge): deploys the contracts and holds the TestToken supply
 DEPLOYER_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
 PASSWORD = "shardmarket-dev"
-
-
-def free_port_pair() -> int:
-    """A free port whose successor is free too (a node's HTTP and raw TCP ports)."""
-    while True:
-        port = free_port()
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
 
 
 @dataclass
@@ -160,8 +147,6 @@ class DevMarket:
             "shardmarket",
             "node",
             "run",
-            "--tcp-port",
-            str(port + 1),
             "--threads",
             str(self.threads),
             *extra,
@@ -180,7 +165,7 @@ class DevMarket:
         config = home / "config.toml"
         if not config.exists():
             home.mkdir(parents=True, exist_ok=True)
-            port = free_port_pair()
+            port = free_port()
             config.write_text(f"[node]\nport = {port}\n")
         return int(config.read_text().split("=")[1])
 

@@ -32,8 +32,7 @@ def register(commands) -> None:
     )
     run.add_argument("--model-id", help="model name clients match on (default: the checkpoint folder's name)")
     run.add_argument("--host", help="listen address (config node.host)")
-    run.add_argument("--port", type=int, help="HTTP port for /info, /health and WebSocket sessions (config node.port)")
-    run.add_argument("--tcp-port", type=int, help="raw TCP session port (default: HTTP port + 1)")
+    run.add_argument("--port", type=int, help="port of /info, /health and sessions over WebSocket and raw TCP (config node.port)")
     run.add_argument("--price", type=int, help="token units per token processed (config node.price)")
     run.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     run.add_argument("--threads", type=int, help="torch threads (config node.threads)")
@@ -49,6 +48,9 @@ def register(commands) -> None:
         "--password-file", type=Path, help="keystore password file (chain mode; else SHARDMARKET_PASSWORD or a prompt)"
     )
     run.set_defaults(run=run_node)
+    from shardmarket.cli import up  # it takes DTYPE_NAMES from here
+
+    up.register(group)
     add_operator_commands(group)  # register, status, earnings, redeem, ...
     reach.register(group)  # reachability, relay
 
@@ -78,7 +80,6 @@ def run_node(args: argparse.Namespace) -> int:
         model_id=args.model_id,
         host=args.host,
         port=args.port,
-        tcp_port=args.tcp_port,
         price=args.price,
         dtype=args.dtype,
         threads=args.threads,
@@ -102,8 +103,7 @@ def run_node(args: argparse.Namespace) -> int:
         asyncio.run(daemon.run())
     except OSError as exc:
         print(
-            f"error: cannot listen on {daemon.host}:{daemon.port}/{daemon.tcp_port}: {exc}; pick free ports with "
-            "--port/--tcp-port",
+            f"error: cannot listen on {daemon.host}:{daemon.port}: {exc}; pick a free port with --port",
             file=sys.stderr,
         )
         return 2

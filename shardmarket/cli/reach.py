@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
-import signal
-import socket
 import sys
 
 from aiohttp import web
+from eth_account import Account
 
+from shardmarket.chain.proof import proves, sign_challenge
 from shardmarket.config import load_config
 from shardmarket.net.reachability import Reachability, Report
 from shardmarket.net.relay import RelayServer
@@ -18,15 +17,14 @@ from shardmarket.net.relay import RelayServer
 
 def register(commands) -> None:
     """Add `reachability` and `relay` under the `shardmarket node` group."""
-    reach = commands.add_parser("reachability", help="find how this node can be reached from outside and say so")
-    reach.add_argument("--port", type=int, help="the node's TCP port (default: [node] port)")
+    reach = commands.add_parser(
+        "reachability", help="find how a node on this machine could be reached from outside, and say so (`node up` does it all)"
+    )
+    reach.add_argument("--port", type=int, help="the TCP port to make reachable (default: [node] port)")
     reach.add_argument("--stun", action="append", metavar="HOST[:PORT]", help="STUN server (default: [reach] stun_servers)")
     reach.add_argument("--relay", action="append", metavar="URL", help="relay/verifier URL (default: [reach] relays)")
     reach.add_argument("--methods", help="comma-separated port mapping methods to try, '' for none (default: [reach] methods)")
     reach.add_argument("--json", action="store_true", help="print the report as one JSON line")
-    reach.add_argument(
-        "--hold", action="store_true", help="keep the mapping or relay (renewed) until Ctrl-C/SIGTERM, for a node already running"
-    )
     reach.set_defaults(run=run_reachability)
 
     relay = commands.add_parser("relay", help="relay for nodes behind NAT: give them a public port, verify endpoints")
@@ -38,22 +36,15 @@ def register(commands) -> None:
     relay.set_defaults(run=run_relay)
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-            return True
-        except OSError:
-            return False
-
-
-async def _probe_responder(port: int) -> web.AppRunner:
-    """A stand-in /health on the node's port while no daemon runs, so the endpoint can be verified."""
-    token = secrets.token_hex(16)
+async def _probe_responder(port: int, key: bytes) -> web.AppRunner:
+    """A stand-in /health on the port, answering challenges with a throwaway key, so the endpoint can be verified."""
 
     async def health(request: web.Request) -> web.Response:
-        return web.json_response({"probe": token})
+        challenge = request.query.get("challenge", "")
+        try:
+            return web.json_response({"challenge": challenge, "signature": sign_challenge(key, challenge)})
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
 
     app = web.Application()
     app.router.add_get("/health", health)
@@ -63,34 +54,27 @@ async def _probe_responder(port: int) -> web.AppRunner:
     return runner
 
 
-async def _hold_until_signal() -> None:
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
 async def _reachability(args) -> Report:
     config = load_config()
     port = args.port or config.node.port
     methods = args.methods.split(",") if args.methods is not None else config.reach.methods
+    probe = Account.create()
     reach = Reachability(
         port,
+        lambda challenge, health: proves(health, challenge, probe.address),
         stun_servers=args.stun or config.reach.stun_servers,
         relays=args.relay or config.reach.relays,
         methods=[m for m in methods if m],
     )
-    runner = await _probe_responder(port) if _port_free(port) else None
     try:
-        report = await reach.establish()
-        if args.hold and report.verified:
-            show(report, args.json)
-            await _hold_until_signal()
-        return report
+        runner = await _probe_responder(port, bytes(probe.key))
+    except OSError as exc:
+        raise ValueError(f"cannot listen on port {port} ({exc.strerror}): a node runs there? pick a free --port") from None
+    try:
+        return await reach.establish()
     finally:
         await reach.close()
-        if runner:
-            await runner.cleanup()
+        await runner.cleanup()
 
 
 def print_report(report: Report) -> None:
@@ -102,9 +86,12 @@ def print_report(report: Report) -> None:
     if report.verified:
         how = f"by {report.method}, verified from outside in {report.seconds:.2f} s"
         print(f"endpoint        {report.endpoint}  ({how})")
+    elif report.endpoint:
+        how = f"by {report.method} in {report.seconds:.2f} s, NOT verified from outside: set [reach] relays to check it"
+        print(f"endpoint        {report.endpoint}  ({how})")
     else:
         print(
-            f"endpoint        none verified after {report.seconds:.2f} s: configure a relay ([reach] relays) "
+            f"endpoint        none found after {report.seconds:.2f} s: configure a relay ([reach] relays) "
             "or forward the port on the router by hand"
         )
 
@@ -123,11 +110,8 @@ def run_reachability(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
-    if args.hold and report.verified:
-        print("released the endpoint", flush=True)
-    else:
-        show(report, args.json)
-    return 0 if report.verified else 1
+    show(report, args.json)
+    return 0 if report.endpoint else 1
 
 
 def run_relay(args) -> int:

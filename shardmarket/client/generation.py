@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -74,6 +74,8 @@ class RemoteModel:
         self.payer: Payer | None = None
         self.market: Market | None = None
         self.auditor: Auditor | None = None
+        # reads the nodes again (the chain's registry): a node that moved or joined is found when no route works
+        self.refresh_nodes: Callable[[], Awaitable[list[NodeInfo]]] | None = None
 
     @classmethod
     async def connect(
@@ -104,7 +106,21 @@ class RemoteModel:
         return self.head.tokenizer.encode(text, add_special_tokens=False)
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, completion: Completion) -> AsyncGenerator[int, None]:
-        """Yield generated token ids as they come; the pipeline session is closed at the end."""
+        """Yield generated token ids as they come; the pipeline session is closed at the end. When no route works before
+        the first token, the nodes are read again (`refresh_nodes`) and the request tried once more."""
+        try:
+            async with aclosing(self._stream(prompt_ids, params, completion)) as tokens:
+                async for token in tokens:
+                    yield token
+        except RouteError:
+            if completion.tokens or self.refresh_nodes is None:
+                raise
+            self.nodes, self.failed = await self.refresh_nodes(), RecentFailures()
+            async with aclosing(self._stream(prompt_ids, params, completion)) as tokens:
+                async for token in tokens:
+                    yield token
+
+    async def _stream(self, prompt_ids: list[int], params: SamplingParams, completion: Completion) -> AsyncGenerator[int, None]:
         session = InferenceSession(
             self.nodes,
             self.head.num_layers,

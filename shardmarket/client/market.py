@@ -7,7 +7,8 @@ import asyncio
 import logging
 from pathlib import Path
 
-from shardmarket.chain.contracts import ChainError, Market
+from shardmarket.chain.contracts import Market
+from shardmarket.chain.registry import listed_nodes
 from shardmarket.client.audit import Auditor
 from shardmarket.client.generation import RemoteModel, in_passing_thread
 from shardmarket.client.payer import Payer
@@ -19,34 +20,9 @@ from shardmarket.ipfs.blockstore import Blockstore
 log = logging.getLogger("shardmarket.client")
 
 
-def registered_nodes(market: Market, model_name: str) -> list[dict]:
-    """Every listed node of `model_name`: operator, endpoint, layers, price, X25519 key."""
-    model_id = market.model_id(model_name)
-    if market.read(market.models.functions.layerCountOf(model_id)) == 0:
-        raise ChainError(f"unknown model {model_name!r} on the ModelRegistry")
-    count = market.read(market.registry.functions.modelNodeCount(model_id))
-    nodes = []
-    for offset in range(0, count, 100):
-        for operator in market.read(market.registry.functions.modelNodes(model_id, offset, 100)):
-            if not market.read(market.registry.functions.isListed(operator)):
-                continue
-            node = market.read(market.registry.functions.getNode(operator))
-            nodes.append(
-                {
-                    "operator": operator,
-                    "url": node.endpoints[0].rstrip("/"),
-                    "start": node.layerStart,
-                    "end": node.layerEnd,
-                    "price": node.pricePerToken,
-                    "key": bytes(node.encryptionKey),
-                }
-            )
-    return nodes
-
-
 async def chain_nodes(market: Market, model_name: str) -> list[NodeInfo]:
     """Measure the registered nodes; a node whose /info disagrees with the chain (key, operator, range) is skipped."""
-    registered = await asyncio.to_thread(registered_nodes, market, model_name)
+    registered = await asyncio.to_thread(listed_nodes, market, model_name)
     measured = {n.url: n for n in await discover([r["url"] for r in registered], model_name)}
     nodes = []
     for entry in registered:
@@ -104,6 +80,7 @@ async def connect_paid(checkpoint: Path, config: Config, account, model_name: st
     model.on_commitment, model.on_finished = on_commitment, auditor.on_finished
     model.request_costs = payer.request_costs
     model.payer, model.market, model.auditor = payer, market, auditor
+    model.refresh_nodes = lambda: chain_nodes(market, model_name)
     plan_route(nodes, 0, head.num_layers, head.config.hidden_size * 4)
     spendable = await asyncio.to_thread(market.read, market.escrow.functions.spendableOf(account.address))
     if spendable == 0:

@@ -12,8 +12,10 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from shardmarket.net import wire
+from shardmarket.net.channel import SAME_PORT
 
 log = logging.getLogger("shardmarket.client")
 PROBE_BYTES = 256 * 2**10
@@ -59,7 +61,7 @@ class NodeInfo:
             price=int(info.get("price", 0)),
             x25519_public_key=bytes.fromhex(info["x25519_public_key"]),
             operator=info["operator"],
-            tcp_port=info.get("transports", {}).get("tcp"),
+            tcp_port=URL(url).port if info.get("transports", {}).get("tcp") == SAME_PORT else None,
             decode_ms=float(info.get("load", {}).get("decode_ms", 0.0)),
         )
 

@@ -17,6 +17,7 @@ from shardmarket.net.wire import Limits, Message, StreamDesync, WireError
 
 HANDSHAKE_CONFIRM = b"shardmarket-ready"
 SESSION_PATH = "/v1/session"
+SAME_PORT = "same-port"  # /info's raw TCP transport: served on the port /info was fetched from (net.listener)
 
 
 class ChannelClosed(ConnectionError):

@@ -1,8 +1,9 @@
-"""The node's doorman: every connection to its listening sockets (raw TCP, and HTTP with its WebSocket sessions)
-passes it. It caps connections in total and per address, and until a connection completes the session handshake
-it must do so within a deadline and send no more than a few KiB, so a stranger who never finishes a handshake, or
-dribbles one byte at a time, holds a few KiB for a few seconds. An HTTP connection that never becomes a session
-gets the same deadline: its requests (/info, /health, /probe) take milliseconds."""
+"""The node's doorman: every connection to its listening socket (raw TCP, and HTTP with its WebSocket sessions)
+passes it, before its first byte says which it speaks. It caps connections in total and per address, and until a
+connection completes the session handshake it must do so within a deadline and send no more than a few KiB, so a
+stranger who never finishes a handshake, or dribbles one byte at a time, holds a few KiB for a few seconds. An HTTP
+connection that never becomes a session gets the same deadline: its requests (/info, /health, /probe) take
+milliseconds."""
 
 from __future__ import annotations
 

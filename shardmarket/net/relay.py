@@ -27,11 +27,12 @@ log = logging.getLogger(__name__)
 FRAME = struct.Struct("!BI")
 OPEN, DATA, CLOSE = 1, 2, 3
 CHUNK = 64 * 1024
+MAX_RECONNECT_WAIT_S = 4.0  # a restarted relay is found again within this
 MAX_UNREAD = 4 * 2**20  # bytes a relayed client may leave unread before the relay drops its stream
 
 
 class RelayError(Exception):
-    """The relay refused or dropped the node; the message says why."""
+    """The relay refused or dropped the node, or cannot verify; the message says why."""
 
 
 class TokenBucket:
@@ -197,20 +198,27 @@ class RelayServer:
             tunnel.close_stream(stream)
 
     async def handle_verify(self, request: web.Request) -> web.Response:
-        """Connect back to a node's endpoint and return what its /health answered (only the caller's own address
-        or this relay's ports, so the relay cannot be used to probe third parties)."""
+        """Connect back to a node's endpoint and return what its /health answered to the caller's challenge (only the
+        caller's own address or this relay's ports, so the relay cannot be used to probe third parties)."""
         try:
-            endpoint = str((await request.json())["endpoint"])
+            asked = await request.json()
+            endpoint, challenge = str(asked["endpoint"]), str(asked["challenge"])
             url = urlsplit(endpoint)
             host, port = url.hostname or "", url.port or 80
             ipaddress.ip_address(host)
+            if not 0 < len(challenge) <= 128:
+                raise ValueError(challenge)
         except (ValueError, KeyError, TypeError):
-            raise web.HTTPBadRequest(text='send JSON {"endpoint": "http://<ip>:<port>"}') from None
+            usage = 'send JSON {"endpoint": "http://<ip>:<port>", "challenge": "<up to 128 chars>"}'
+            raise web.HTTPBadRequest(text=usage) from None
         if host not in (request.remote, self.public_host):
             raise web.HTTPForbidden(text=f"{host} is neither your address ({request.remote}) nor this relay's")
         try:
             timeout = aiohttp.ClientTimeout(total=3)
-            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(f"http://{host}:{port}/health") as resp:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(f"http://{host}:{port}/health", params={"challenge": challenge}) as resp,
+            ):
                 body = await resp.text()
                 return web.json_response({"reachable": True, "status": resp.status, "body": body[:4096]})
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -219,7 +227,8 @@ class RelayServer:
 
 class RelayClient:
     """The node side: holds the WebSocket to a relay, opens a local TCP connection per relayed stream,
-    reconnects (keeping its public port) when the relay drops it."""
+    reconnects (keeping its public port) when the relay drops it. `on_change` hears None when the connection to the
+    relay breaks and the public endpoint each time it is back (a new port when the relay restarted)."""
 
     def __init__(
         self,
@@ -227,12 +236,13 @@ class RelayClient:
         local_port: int,
         node_id: str,
         local_host: str = "127.0.0.1",
-        on_change: Callable[[str], None] | None = None,
+        on_change: Callable[[str | None], None] | None = None,
     ) -> None:
         self.relay_url, self.local = relay_url.rstrip("/"), (local_host, local_port)
         self.on_change = on_change
         self.node_id, self.token = node_id, secrets.token_hex(16)
         self.endpoint = ""  # the public endpoint, once connected
+        self.connected = False
         self.session: aiohttp.ClientSession | None = None
         self.task: asyncio.Task | None = None
 
@@ -253,27 +263,29 @@ class RelayClient:
         if hello.type != aiohttp.WSMsgType.TEXT:
             raise RelayError(f"relay {self.relay_url} did not send an endpoint")
         self.endpoint = json.loads(hello.data)["endpoint"]
+        self.connected = True
         return ws
 
     async def _serve_forever(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
-        delay = 0.5
         while True:
             try:
                 await self._serve(ws)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 log.warning("the relay connection broke (%s); reconnecting", exc or type(exc).__name__)
+            self.connected = False
+            if self.on_change:
+                self.on_change(None)
+            delay = 0.25
             while True:
                 await asyncio.sleep(delay)
-                previous = self.endpoint
                 try:
                     ws = await self._connect(session, 5.0)
-                    delay = 0.5
-                    if self.endpoint != previous and self.on_change:  # the relay restarted: new port
-                        self.on_change(self.endpoint)
                     break
                 except RelayError as exc:
-                    delay = min(30.0, delay * 2)
-                    log.warning("%s; retrying in %.0f s", exc, delay)
+                    delay = min(MAX_RECONNECT_WAIT_S, delay * 2)
+                    log.warning("%s; retrying in %.1f s", exc, delay)
+            if self.on_change:  # the same endpoint, or a new port when the relay restarted
+                self.on_change(self.endpoint)
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         tunnel = Tunnel(ws, TokenBucket(0))
@@ -324,22 +336,31 @@ class RelayClient:
             await self.session.close()
 
 
-async def verify(verifier_url: str, endpoint: str, expected_body: str | None, timeout: float = 5.0) -> tuple[bool, str]:
-    """Ask a relay to connect back to `endpoint`; (True, "") when its /health answers 200 (with `expected_body`)."""
+async def verify(verifier_url: str, endpoint: str, proves: Callable[[str, dict], bool], timeout: float = 5.0) -> tuple[bool, str]:
+    """Ask a relay to connect back to `endpoint` with a fresh challenge: (True, "") when its /health answer `proves`
+    (challenge, answer) that it is this node, else (False, why). Raises RelayError when the relay itself cannot be
+    asked (down, overloaded), which says nothing about the endpoint."""
+    challenge = secrets.token_hex(16)
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-            session.post(f"{verifier_url.rstrip('/')}/verify", json={"endpoint": endpoint}) as resp,
+            session.post(f"{verifier_url.rstrip('/')}/verify", json={"endpoint": endpoint, "challenge": challenge}) as resp,
         ):
+            if resp.status >= 500:
+                raise RelayError(f"verifier {verifier_url} answered HTTP {resp.status}")
             if resp.status != 200:
                 return False, f"verifier refused: HTTP {resp.status} {(await resp.text())[:200]}"
             answer = await resp.json()
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-        return False, f"verifier {verifier_url} failed: {exc or type(exc).__name__}"
+        raise RelayError(f"verifier {verifier_url} failed: {exc or type(exc).__name__}") from None
     if not answer.get("reachable"):
         return False, f"{endpoint} did not answer from outside: {answer.get('error', '')}"
     if answer.get("status") != 200:
         return False, f"{endpoint}/health answered HTTP {answer.get('status')} from outside"
-    if expected_body is not None and answer.get("body") != expected_body:
-        return False, f"{endpoint} is answered by another host, not this node"
+    try:
+        health = json.loads(answer.get("body", ""))
+    except ValueError:
+        health = None
+    if not isinstance(health, dict) or not proves(challenge, health):
+        return False, f"{endpoint} is answered by another host, not this node (no signature by its key)"
     return True, ""

@@ -7,23 +7,34 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from shardmarket import __version__
+from shardmarket.chain.proof import sign_challenge
 from shardmarket.net import wire
-from shardmarket.net.channel import SESSION_PATH, WebSocketTransport
+from shardmarket.net.channel import SAME_PORT, SESSION_PATH, WebSocketTransport
 from shardmarket.net.doorman import peer_of
 from shardmarket.server.service import NodeService
 
 MAX_PROBE_BYTES = 4 * 2**20
 
 
-@dataclass(frozen=True)
+def prove_endpoint(operator_key: bytes, challenge: str) -> dict[str, str]:
+    """The challenge and the operator's signature over it; a 400 when it is no valid challenge."""
+    try:
+        return {"challenge": challenge, "signature": sign_challenge(operator_key, challenge)}
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+
+
+@dataclass
 class NodeListing:
-    """What /info tells clients beside the layers: the model name they match on and the price per token."""
+    """What /info tells clients beside the layers: the model name they match on, the price per token, and the public
+    endpoint the node is registered at (None until it has one; `node up` keeps it current)."""
 
     model_id: str
     price: int
+    endpoint: str | None = None
 
 
-def info(service: NodeService, listing: NodeListing, tcp_port: int) -> dict:
+def info(service: NodeService, listing: NodeListing) -> dict:
     """What a client needs to route to and talk to this node."""
     stage = service.stage
     return {
@@ -48,22 +59,26 @@ def info(service: NodeService, listing: NodeListing, tcp_port: int) -> dict:
         "x25519_public_key": service.identity.x25519_public.hex(),
         "operator": service.identity.operator,
         "commitment_domain": {"chain_id": service.domain.chain_id, "verifying_contract": service.domain.verifying_contract},
-        "transports": {"ws": SESSION_PATH, "tcp": tcp_port},
+        "endpoint": listing.endpoint,
+        "transports": {"ws": SESSION_PATH, "tcp": SAME_PORT},
     }
 
 
-def build_app(service: NodeService, listing: NodeListing, tcp_port: int) -> web.Application:
+def build_app(service: NodeService, listing: NodeListing) -> web.Application:
     """The node's HTTP routes."""
     routes = web.RouteTableDef()
 
     @routes.get("/health")
     async def health(request: web.Request) -> web.Response:
-        status = 503 if service.draining else 200
-        return web.json_response({"status": "draining" if service.draining else "ok"}, status=status)
+        """Alive or draining, and who answers: with ?challenge=HEX, the operator's signature over it (endpoint proofs)."""
+        body = {"status": "draining" if service.draining else "ok", "operator": service.identity.operator}
+        if "challenge" in request.query:
+            body |= prove_endpoint(service.identity.operator_key, request.query["challenge"])
+        return web.json_response(body, status=503 if service.draining else 200)
 
     @routes.get("/info")
     async def node_info(request: web.Request) -> web.Response:
-        return web.json_response(info(service, listing, tcp_port))
+        return web.json_response(info(service, listing))
 
     @routes.get("/probe")
     async def probe(request: web.Request) -> web.Response:

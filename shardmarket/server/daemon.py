@@ -1,6 +1,7 @@
 """The one place that builds a node daemon: its layers on the compute thread, its keys, the session service, and for a
 paid node its payment gate, tab store, settlement loop and verifier duty; then it serves HTTP, WebSocket and raw TCP
-until SIGINT/SIGTERM. `shardmarket node run` parses its arguments into `ServeOptions` and calls `build_daemon`."""
+sessions on one port until SIGINT/SIGTERM. `shardmarket node run` parses its arguments into `ServeOptions` and calls
+`build_daemon`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from shardmarket.chain.commitment import commitment_domain
 from shardmarket.chain.contracts import ChainError, Market
+from shardmarket.chain.registry import Registration, registration_of
 from shardmarket.chain.watch import BlockWatch
 from shardmarket.config import Config, NodeConfig
 from shardmarket.engine.models import default_model
@@ -28,6 +30,7 @@ from shardmarket.ipfs.model import ModelError, fetch_model
 from shardmarket.ipfs.store import STORE_ERRORS, ContentStore
 from shardmarket.net.channel import StreamTransport
 from shardmarket.net.doorman import ConnectionLimits, Doorman, peer_of
+from shardmarket.net.listener import first_byte_protocol
 from shardmarket.net.wire import DTYPES
 from shardmarket.server.app import NodeListing, build_app
 from shardmarket.server.faults import Fault, FaultyService
@@ -60,7 +63,6 @@ class ServeOptions:
     model_id: str | None = None
     host: str | None = None
     port: int | None = None
-    tcp_port: int | None = None
     price: int | None = None
     dtype: str = "float32"
     threads: int | None = None
@@ -78,11 +80,15 @@ class NodeDaemon:
     listing: NodeListing
     host: str
     port: int
-    tcp_port: int
     connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     shutdown_timeout_s: float = 30.0
     duties: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: Callable[[], Awaitable[None]] | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set by SIGINT/SIGTERM, or a duty that gives up
+
+    def stop(self) -> None:
+        """Shut down as SIGTERM would."""
+        self.stopping.set()
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until SIGINT/SIGTERM, then finish the steps running, stop the duties and call `on_stop`."""
@@ -102,37 +108,32 @@ class NodeDaemon:
         service.worker.start()
         loop = asyncio.get_running_loop()
         expiry = loop.create_task(service.expire_idle())
-        doorman = Doorman(self.connection_limits)  # both ports: every connection passes it
+        doorman = Doorman(self.connection_limits)  # every connection, HTTP or raw TCP, passes it once
 
         async def handle_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await service.serve(StreamTransport(reader, writer), peer_of(writer.transport))
 
-        def stream_protocol() -> asyncio.StreamReaderProtocol:
-            return asyncio.StreamReaderProtocol(asyncio.StreamReader(STREAM_BUFFER), handle_tcp)
-
-        tcp_server = await loop.create_server(doorman.protocol(stream_protocol), self.host, self.tcp_port)
-        tcp_port = tcp_server.sockets[0].getsockname()[1]
-        runner = web.AppRunner(build_app(service, self.listing, tcp_port), handle_signals=False, access_log=None)
+        runner = web.AppRunner(build_app(service, self.listing), handle_signals=False, access_log=None)
         await runner.setup()
-        assert runner.server is not None
-        http_server = await loop.create_server(doorman.protocol(runner.server), self.host, self.port)
-        stop = asyncio.Event()
+        assert runner.server is not None  # set by setup()
+        protocol = doorman.protocol(first_byte_protocol(runner.server, handle_tcp, STREAM_BUFFER))
+        server = await loop.create_server(protocol, self.host, self.port)
+        self.port = server.sockets[0].getsockname()[1]
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        port = http_server.sockets[0].getsockname()[1]
+            loop.add_signal_handler(sig, self.stopping.set)
         print(
-            f"node ready: http://{self.host}:{port} (tcp {tcp_port}) layers {service.stage.start}:{service.stage.end} "
+            f"node ready: http://{self.host}:{self.port} (HTTP, WebSocket and raw TCP sessions) layers "
+            f"{service.stage.start}:{service.stage.end} "
             f"of {self.listing.model_id}, operator {service.identity.operator}",
             flush=True,
         )
         if ready is not None:
             ready.set()
-        await stop.wait()
+        await self.stopping.wait()
         print("shutting down: finishing the steps in progress", flush=True)
-        tcp_server.close()
+        server.close()
         await service.drain(self.shutdown_timeout_s)
         expiry.cancel()
-        http_server.close()
         await runner.cleanup()
         await service.worker.stop()
         print("node stopped", flush=True)
@@ -151,7 +152,7 @@ def build_daemon(
     if options.layers is None:
         if identity is None:
             raise ValueError("a paid node needs the operator's identity from its keystore")
-        return _paid_daemon(options, config, identity, threads, shards)
+        return _paid_daemon(options, config, identity, shards)
     checkpoint = options.checkpoint or default_model(config.home / "models")
     if not (checkpoint / "config.json").exists():
         raise ValueError(f"{checkpoint} is not a checkpoint folder (no config.json); pass --checkpoint DIR")
@@ -164,18 +165,32 @@ def build_daemon(
     return _daemon(options, config, service, listing, port)
 
 
-def _paid_daemon(
-    options: ServeOptions, config: Config, identity: NodeIdentity, threads: int, shards: ContentStore | None
-) -> NodeDaemon:
+def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, shards: ContentStore | None) -> NodeDaemon:
     from eth_account import Account
 
     market = Market.connect(config.chain, Account.from_key(identity.operator_key))
-    node = market.read(market.registry.functions.getNode(identity.operator), "reading this node's registration")
-    if bytes(node.encryptionKey) != identity.x25519_public:
+    plan = registration_of(market, identity.operator)
+    if plan is None:
+        raise ChainError(f"{identity.operator} is not registered: run `shardmarket node up` (or `node register`)")
+    if plan.key != identity.x25519_public:
         raise ChainError("the X25519 key on chain is not this node's key; run `shardmarket node update`")
-    start, end, price, paused = node.layerStart, node.layerEnd, node.pricePerToken, node.paused
-    model = market.read(market.models.functions.getModel(node.modelId))
-    name, manifest = model.name, model.manifestCid
+    port = options.port if options.port is not None else (urlparse(plan.endpoints[0]).port or config.node.port)
+    return paid_daemon(options, config, identity, market, plan, port, shards)
+
+
+def paid_daemon(
+    options: ServeOptions,
+    config: Config,
+    identity: NodeIdentity,
+    market: Market,
+    plan: Registration,
+    port: int,
+    shards: ContentStore | None,
+) -> NodeDaemon:
+    """A node paid per step for layers plan.start:plan.end of plan.model at plan.price, its shards fetched by the
+    manifest CID through `shards` (unless options.checkpoint is given), with settlement and verifier duty beside it."""
+    threads = options.threads if options.threads is not None else config.node.threads
+    name, manifest, start, end, price = plan.model, plan.manifest, plan.start, plan.end, plan.price
     checkpoint = options.checkpoint
     if checkpoint is None:
         if shards is None:
@@ -185,7 +200,10 @@ def _paid_daemon(
         try:
             checkpoint = fetch_model(manifest, (start, end), dest, store=shards, progress=sys.stderr.isatty())
         except (ModelError, OSError, *STORE_ERRORS) as exc:
-            raise ChainError(f"cannot fetch the shards of {name}: {exc}") from None
+            raise ChainError(
+                f"cannot fetch the shards of {name}: {exc}; set [ipfs] gateways to peers that hold them (or [ipfs] api to a Kubo "
+                "node that can find them)"
+            ) from None
     tabs = TabStore(tab_store_path(config.node.data_dir), identity.operator)
     gate = PaymentGate(
         tabs,
@@ -196,7 +214,7 @@ def _paid_daemon(
         escrow_balance_reader(market),
     )
     settler = Settler(market, tabs, gate, interval_s=config.node.redeem_interval_s, min_value=config.node.redeem_min_value)
-    print(f"loading layers {start}:{end} of {name} ({'paused, not listed' if paused else 'listed'}), price {price}", flush=True)
+    print(f"loading layers {start}:{end} of {name}, price {price}", flush=True)
     service = _load_service(options, config, checkpoint, (start, end), identity, threads, payments=gate)
     duty = VerifierDuty(
         market,
@@ -215,7 +233,6 @@ def _paid_daemon(
         except ChainError as exc:
             print(f"could not settle at shutdown ({exc}); run `shardmarket node redeem` later", flush=True)
 
-    port = options.port if options.port is not None else (urlparse(node.endpoints[0]).port or config.node.port)
     daemon = _daemon(options, config, service, NodeListing(name, price), port)
     daemon.duties = [lambda: settler.run(watch), lambda: duty.run(watch)]
     daemon.on_stop = settle_at_shutdown
@@ -261,8 +278,5 @@ def _load_service(
 
 
 def _daemon(options: ServeOptions, config: Config, service: NodeService, listing: NodeListing, port: int) -> NodeDaemon:
-    tcp_port = options.tcp_port if options.tcp_port is not None else (config.node.tcp_port or port + 1)
     host = options.host or config.node.host
-    return NodeDaemon(
-        service, listing, host, port, tcp_port, limits_from(config.node, ConnectionLimits), options.shutdown_timeout_s
-    )
+    return NodeDaemon(service, listing, host, port, limits_from(config.node, ConnectionLimits), options.shutdown_timeout_s)

@@ -32,8 +32,7 @@ class NodeProcess:
     """A `shardmarket node run` process and where it listens."""
 
     process: subprocess.Popen
-    port: int
-    tcp_port: int
+    port: int  # HTTP and raw TCP sessions
     log: Path
 
     @property
@@ -67,11 +66,11 @@ def child_env(home: Path) -> dict:
 
 
 def start_node(
-    checkpoint: Path, layers: str, home: Path, *extra: str, ports: tuple[int, int] | None = None, settings: dict | None = None
+    checkpoint: Path, layers: str, home: Path, *extra: str, port: int | None = None, settings: dict | None = None
 ) -> NodeProcess:
-    """Spawn a node (on `ports`, HTTP and raw TCP, if given: a restart) with [node] `settings` (name -> value) besides
-    the defaults; call `wait_ready` before using it."""
-    port, tcp_port = ports or (free_port(), free_port())
+    """Spawn a node (on `port` if given: a restart) with [node] `settings` (name -> value) besides the defaults; call
+    `wait_ready` before using it."""
+    port = port or free_port()
     home.mkdir(parents=True, exist_ok=True)
     log = home / "node.log"
     cmd = [
@@ -86,15 +85,13 @@ def start_node(
         layers,
         "--port",
         str(port),
-        "--tcp-port",
-        str(tcp_port),
         "--threads",
         "1",
         *extra,
     ]
     env = child_env(home) | {f"SHARDMARKET_NODE_{name.upper()}": str(value) for name, value in (settings or {}).items()}
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    return NodeProcess(process, port, tcp_port, log)
+    return NodeProcess(process, port, log)
 
 
 def wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 180.0, headers: dict | None = None) -> None:

@@ -1,7 +1,8 @@
 """A node on a public address, probed the way a stranger would: its sessions cost a stranger its limits (per
 connection, per address) and close with its connections; until a connection completes the handshake it gets a few
-KiB for a second on either port, whatever it sends or dribbles; a connection that goes silent after its handshake is
-dropped. Loopback has a whole /8, so peers at many addresses are sockets bound to 127.x.y.z."""
+KiB for a second on the node's one port, over raw TCP or HTTP, whatever it sends or dribbles; a connection that goes
+silent after its handshake is dropped. Loopback has a whole /8, so peers at many addresses are sockets bound to
+127.x.y.z."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ async def connect_from(source: str, port: int) -> tuple[asyncio.StreamReader, as
 
 
 async def handshake_from(source: str, node) -> SecureChannel:
-    reader, writer = await connect_from(source, node.tcp_port)
+    reader, writer = await connect_from(source, node.port)
     key = bytes.fromhex((await asyncio.to_thread(node.info))["x25519_public_key"])
     return await client_handshake(StreamTransport(reader, writer), key)
 
@@ -118,14 +119,15 @@ def test_a_stranger_holds_a_few_sessions_and_they_close_with_its_connections(nod
     assert 1 <= len(refusals) <= 2  # one line per kind of limit, not one per refusal
 
 
-def test_half_open_connections_on_both_ports_are_dropped_at_the_handshake_deadline(node):
-    """300 connections from 75 addresses, each silent, or stuck in its HTTP headers, or upgraded to a WebSocket that
-    sends no frame, or dribbling a hello a byte at a time: all are dropped a second after they connected."""
+def test_half_open_connections_of_every_transport_are_dropped_at_the_handshake_deadline(node):
+    """300 connections from 75 addresses to the node's one port, each silent, or stuck in its HTTP headers, or upgraded
+    to a WebSocket that sends no frame, or dribbling a raw TCP hello a byte at a time: all are dropped a second after
+    they connected."""
 
     async def stalled(index: int) -> float:
         source = f"127.0.1.{index // 4 + 1}"
         kind = index % 4
-        reader, writer = await connect_from(source, node.tcp_port if kind in (0, 3) else node.port)
+        reader, writer = await connect_from(source, node.port)
         if kind == 1:
             writer.write(b"GET /info HTTP/1.1\r\nHost: node\r\n")  # never ends its headers
         elif kind == 2:
@@ -160,11 +162,11 @@ def test_half_open_connections_on_both_ports_are_dropped_at_the_handshake_deadli
 
 def test_before_its_handshake_a_peer_gets_a_few_connections_and_tiny_frames(node):
     async def go():
-        silent = [await connect_from("127.0.2.1", node.tcp_port) for _ in range(6)]
+        silent = [await connect_from("127.0.2.1", node.port) for _ in range(6)]
         lifetimes = await asyncio.gather(*(seconds_until_closed(reader) for reader, _ in silent))
         for _, writer in silent:
             writer.close()
-        reader, writer = await connect_from("127.0.2.2", node.tcp_port)
+        reader, writer = await connect_from("127.0.2.2", node.port)
         writer.write(struct.pack(">I", 100_000) + b"hello")  # a hello claiming 100 kB: refused before it is read
         async with asyncio.timeout(5):
             refusal = await reader.read(65536)

@@ -43,7 +43,7 @@ def run(coro):
 
 
 async def connect(node, info, kind: str = "tcp") -> SecureChannel:
-    transport = await open_transport(node.url, kind, node.tcp_port, wire.DEFAULT_LIMITS, 10)
+    transport = await open_transport(node.url, kind, node.port, wire.DEFAULT_LIMITS, 10)
     return await client_handshake(transport, bytes.fromhex(info["x25519_public_key"]))
 
 
@@ -73,7 +73,7 @@ def assert_alive(node) -> None:
 def test_info_advertises_what_a_client_needs(info):
     assert info["layers"] == [0, 2] and info["model"]["num_layers"] == 5 and info["model"]["hidden_size"] == HIDDEN
     assert len(bytes.fromhex(info["x25519_public_key"])) == 32
-    assert info["operator"].startswith("0x") and info["transports"]["tcp"] and info["transports"]["ws"] == "/v1/session"
+    assert info["operator"].startswith("0x") and info["transports"] == {"tcp": "same-port", "ws": "/v1/session"}
     assert {"sessions", "queued", "decode_ms"} <= set(info["load"])
 
 
@@ -270,7 +270,7 @@ def test_malformed_oversized_replayed_and_tampered_frames_inside_the_session(nod
 
 def test_garbage_truncated_and_oversized_streams_leave_the_node_running(node, info):
     async def raw(data: bytes, read: bool = True) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", node.tcp_port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
         writer.write(data)
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(65536), 10) if read else b""
@@ -288,7 +288,7 @@ def test_garbage_truncated_and_oversized_streams_leave_the_node_running(node, in
 
 def test_a_client_pinning_another_key_refuses_the_node(node, info):
     async def go():
-        transport = await open_transport(node.url, "tcp", node.tcp_port, wire.DEFAULT_LIMITS, 10)
+        transport = await open_transport(node.url, "tcp", node.port, wire.DEFAULT_LIMITS, 10)
         try:
             await client_handshake(transport, public_bytes(X25519PrivateKey.generate()))
         finally:

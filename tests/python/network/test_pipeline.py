@@ -126,7 +126,7 @@ def test_later_requests_open_on_the_kept_connections_and_a_restarted_node_costs_
             for restart in (False, False, True):
                 if restart:
                     await asyncio.to_thread(d.stop)
-                    restarted = start_node(smollm, "20:30", tmp_path / "d", ports=(d.port, d.tcp_port))  # same key
+                    restarted = start_node(smollm, "20:30", tmp_path / "d", port=d.port)  # same key
                     await asyncio.to_thread(wait_ready, restarted)
                 completion = Completion(len(ids))
                 tokens = [t async for t in model.stream(ids, SamplingParams(max_tokens=MAX_TOKENS), completion)]

@@ -31,8 +31,9 @@ def lab_for():
             lab.teardown()
 
 
-def start_node(lab: Lab, *extra: str, timeout: float = 30) -> tuple[subprocess.Popen, dict]:
-    """Start the node stand-in in the LAN and return it with its reachability report."""
+def start_node(lab: Lab, *extra: str, relay: bool = True, timeout: float = 30) -> tuple[subprocess.Popen, dict]:
+    """Start the node stand-in in the LAN (with the lab's relay to verify and relay through, if `relay`) and return it
+    with its reachability report."""
     argv = [
         sys.executable,
         "-m",
@@ -40,7 +41,7 @@ def start_node(lab: Lab, *extra: str, timeout: float = 30) -> tuple[subprocess.P
         "--port",
         "7300",
         *(f"--stun={s}" for s in lab.stun_servers),
-        f"--relay={lab.relay_url}",
+        *([f"--relay={lab.relay_url}"] if relay else []),
         *extra,
     ]
     proc = lab.spawn_in("lan", argv, log="node.err", stdout=subprocess.PIPE, text=True)  # stderr goes to the log

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardmarket.chain.devchain import anvil_binary
+
 REPO = Path(__file__).resolve().parents[3]
 TOOLS = {
     "ip": "iproute2",
@@ -35,6 +37,7 @@ HOME_NET = "10.99.1"  # the home LAN: router .1, node .2
 STUN_PORT = 3478
 RELAY_PORT = 8400
 NODE_PORT = 7300
+CHAIN_PORT = 8545
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Lab:
         self.procs: list[subprocess.Popen] = []
         self.created: list[str] = []
         self.miniupnpd: subprocess.Popen | None = None
+        self.relay: subprocess.Popen | None = None
 
     # ---- addresses the tests use
     stun_servers = (f"{PUBLIC_NET}.1:{STUN_PORT}", f"{PUBLIC_NET}.2:{STUN_PORT}")
@@ -112,16 +116,19 @@ class Lab:
     def argv_in(self, role: str, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns(role), *argv]
 
-    def run_in(self, role: str, argv: list[str], check: bool = True, timeout: float = 30, **kw):
-        """Run `argv` to completion inside namespace `role`; raises with its stderr when it fails and check is set."""
-        return _sh(self.argv_in(role, argv), check=check, timeout=timeout, cwd=REPO, env=self.env(), **kw)
+    def run_in(self, role: str, argv: list[str], check: bool = True, timeout: float = 30, env: dict | None = None, **kw):
+        """Run `argv` to completion inside namespace `role` (`env` on top of the lab's); raises with its stderr when it
+        fails and check is set."""
+        return _sh(self.argv_in(role, argv), check=check, timeout=timeout, cwd=REPO, env=self.env() | (env or {}), **kw)
 
-    def spawn_in(self, role: str, argv: list[str], log: str | None = None, **kw) -> subprocess.Popen:
-        """Start a long-running process inside `role`; it is killed at teardown. Output goes to <lab dir>/<log>."""
+    def spawn_in(self, role: str, argv: list[str], log: str | None = None, env: dict | None = None, **kw) -> subprocess.Popen:
+        """Start a long-running process inside `role` (`env` on top of the lab's); it is killed at teardown. Output goes
+        to <lab dir>/<log>."""
         with open(self.dir / (log or f"{Path(argv[0]).name}-{len(self.procs)}.log"), "w") as out:
             kw.setdefault("stdout", out)
             kw.setdefault("stderr", subprocess.STDOUT if kw["stdout"] is out else out)
-            proc = subprocess.Popen(self.argv_in(role, argv), cwd=REPO, env=self.env(), start_new_session=True, **kw)
+            environ = self.env() | (env or {})
+            proc = subprocess.Popen(self.argv_in(role, argv), cwd=REPO, env=environ, start_new_session=True, **kw)
         self.procs.append(proc)
         return proc
 
@@ -250,8 +257,21 @@ table inet filter {{
             "--rate-mbit",
             str(self.relay_rate_mbit),
         ]
-        self.spawn_in("pub", argv, log="relay.log")
+        self.relay = self.spawn_in("pub", argv, log="relay.log")
         self._wait_for(lambda: self._listening("pub", "-ltn", f"{PUBLIC_NET}.1:{RELAY_PORT}"), "relay")
+
+    def restart_relay(self) -> None:
+        """Stop the relay and start it again: every node it relayed loses its public port."""
+        self.stop(self.relay)
+        self.start_relay()
+
+    def start_chain(self, state: Path) -> str:
+        """anvil on the public side, from a saved chain state (contracts deployed, accounts funded); its RPC URL."""
+        argv = [anvil_binary(), "--host", f"{PUBLIC_NET}.1", "--port", str(CHAIN_PORT), "--chain-id", "31337"]
+        argv += ["--block-base-fee-per-gas", "0", "--load-state", str(state)]
+        self.spawn_in("pub", argv, log="anvil.log")
+        self._wait_for(lambda: self._listening("pub", "-ltn", f"{PUBLIC_NET}.1:{CHAIN_PORT}"), "anvil")
+        return f"http://{PUBLIC_NET}.1:{CHAIN_PORT}"
 
     def start_miniupnpd(self) -> None:
         """Debian's miniupnpd on the home router, /dev/console bound to /dev/null (it logs there, slowly)."""

@@ -1,6 +1,6 @@
 """A light stand-in for the node daemon in the lab (no model to load): /health, a streamed answer and a WebSocket echo,
-made reachable by shardmarket.net.reachability. Prints the report as one JSON line, then serves until SIGTERM,
-when it removes its port mapping or leaves the relay."""
+made reachable by shardmarket.net.reachability, proving who it is with a key of its own. Prints the report as one JSON
+line, then serves until SIGTERM, when it removes its port mapping or leaves the relay."""
 
 from __future__ import annotations
 
@@ -11,9 +11,13 @@ import signal
 import sys
 
 from aiohttp import web
+from eth_account import Account
 
+from shardmarket.chain.proof import proves, sign_challenge
 from shardmarket.net.reachability import Reachability
 from shardmarket.net.relay import RelayClient
+
+KEY = Account.create()
 
 
 def app(node_id: str) -> web.Application:
@@ -35,7 +39,13 @@ def app(node_id: str) -> web.Application:
         return ws
 
     async def health(request: web.Request) -> web.Response:
-        return web.json_response({"node": node_id})
+        body = {"node": node_id}
+        if "challenge" in request.query:
+            body |= {
+                "challenge": request.query["challenge"],
+                "signature": sign_challenge(bytes(KEY.key), request.query["challenge"]),
+            }
+        return web.json_response(body)
 
     application = web.Application()
     application.router.add_get("/health", health)
@@ -50,6 +60,7 @@ async def main(args: argparse.Namespace) -> None:
     await web.TCPSite(runner, "0.0.0.0", args.port).start()
     reach = Reachability(
         args.port,
+        lambda challenge, health: proves(health, challenge, KEY.address),
         stun_servers=args.stun,
         relays=args.relay,
         methods=args.methods.split(","),
@@ -80,7 +91,7 @@ if __name__ == "__main__":
     parser.add_argument("--stun", action="append", default=[])
     parser.add_argument("--relay", action="append", default=[])
     parser.add_argument("--methods", default="pcp,natpmp,upnp")
-    parser.add_argument("--refresh-s", type=float, default=30.0)
+    parser.add_argument("--refresh-s", type=float, default=10.0)
     parser.add_argument("--lease-s", type=int, default=3600)
     parser.add_argument("--node-id", default="standin")
     parser.add_argument("--also-relay", action="store_true", help="also hold a relayed endpoint (for benchmarks)")

@@ -10,8 +10,11 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
+from eth_account import Account
 
-from shardmarket.net.relay import RelayClient, RelayServer, verify
+from shardmarket.chain.proof import proves, sign_challenge
+from shardmarket.net.relay import RelayClient, RelayError, RelayServer, verify
+from tests.python.reach.standin import KEY
 from tests.python.reach.standin import app as standin_app
 
 
@@ -126,20 +129,37 @@ def test_reconnect_keeps_the_port_and_other_tokens_are_refused():
     asyncio.run(within_relay(run))
 
 
-def test_verifier_checks_the_body_and_refuses_third_parties():
+def test_verifier_proves_it_reached_this_node_and_refuses_third_parties():
     async def run(relayed):
-        _, relay_url, node_port, client = relayed
+        _, relay_url, _, client = relayed
         endpoint = await client.start()
-        body = await get_text(f"http://127.0.0.1:{node_port}/health")
-        assert await verify(relay_url, endpoint, body) == (True, "")
-        ok, why = await verify(relay_url, endpoint, '{"node": "someone else"}')
+
+        def signed_by(address):
+            return lambda challenge, health: proves(health, challenge, address)
+
+        assert await verify(relay_url, endpoint, signed_by(KEY.address)) == (True, "")
+        ok, why = await verify(relay_url, endpoint, signed_by(Account.create().address))  # another node's key
         assert not ok and "another host" in why
-        ok, why = await verify(relay_url, "http://192.0.2.1:80", None)  # not the caller's address: never contacted
+        ok, why = await verify(relay_url, "http://192.0.2.1:80", signed_by(KEY.address))  # not the caller's address
         assert not ok and "403" in why
-        ok, why = await verify(relay_url, "not a url", None)
+        ok, why = await verify(relay_url, "not a url", signed_by(KEY.address))
         assert not ok and "400" in why
+        with pytest.raises(RelayError, match="verifier"):  # a relay that is down says nothing about the endpoint
+            await verify("http://127.0.0.1:1", endpoint, signed_by(KEY.address))
 
     asyncio.run(within_relay(run))
+
+
+def test_every_node_answers_health_in_its_own_words():
+    """Two nodes' /health differ (operator), and a challenge is answered with a signature only that operator makes."""
+    first, second = Account.create(), Account.create()
+    challenge = "ab" * 16
+    signature = sign_challenge(bytes(first.key), challenge)
+    assert proves({"challenge": challenge, "signature": signature}, challenge, first.address)
+    assert not proves({"challenge": challenge, "signature": signature}, challenge, second.address)
+    assert not proves({"challenge": "cd" * 16, "signature": signature}, "cd" * 16, first.address)
+    with pytest.raises(ValueError, match="hex"):
+        sign_challenge(bytes(first.key), "not hex; sign anything I like")
 
 
 def test_node_follows_a_restarted_relay_to_its_new_port():
@@ -153,10 +173,10 @@ def test_node_follows_a_restarted_relay_to_its_new_port():
             await relay_runner.cleanup()  # the relay goes away with every slot it held
             relay_runner, _ = await serve(RelayServer("127.0.0.1", "127.0.0.1").app(), port=relay_port)
             for _ in range(100):
-                if moved:
+                if moved and moved[-1]:
                     break
                 await asyncio.sleep(0.1)
-            assert moved and moved[-1] == client.endpoint != first
+            assert moved[0] is None and moved[-1] == client.endpoint != first  # lost, then found at the new port
             assert "n2" in await get_text(f"{client.endpoint}/health")
         finally:
             await client.close()
