@@ -118,9 +118,10 @@ def main() -> dict:
             figures["claim_lowered_3_nodes_gas"] / figures["settle_1_clients_warm_gas"], 3
         )
 
-        commitments = [eip712.Commitment(b"\x22" * 32, 3, b"\x33" * 32, bytes([o]) * 32) for o in (1, 2)]
+        context = eip712.StepContext(model_id, 0, 16, b"\x22" * 32, b"\x23" * 32, 3, 9, b"\x24" * 32, b"\x33" * 32)
+        commitments = [eip712.Commitment(context, bytes([o]) * 32, brownie.chain.time()) for o in (1, 2)]
         signatures = [eip712.sign_commitment(node.private_key, c, dispute_domain) for c in commitments]
-        args = [((c.request_id, c.step, c.input_hash, c.output_hash), s) for c, s in zip(commitments, signatures, strict=True)]
+        args = [(c.as_tuple(), s) for c, s in zip(commitments, signatures, strict=True)]
         tx = disputes.slashEquivocation(args[0][0], args[0][1], args[1][0], args[1][1], {"from": owner})
         figures["equivocation_slash_gas"] = tx.gas_used
         return figures

@@ -11,27 +11,50 @@ import {StakeManager} from "./StakeManager.sol";
 
 /// @title DisputeManager
 /// @notice Slashes nodes on evidence, the only holder of the StakeManager's SLASHER_ROLE.
-/// (1) Equivocation: two EIP-712 `Commitment`s signed by one node for the same (requestId, step) with
-/// different outputs slash it at once. (2) Wrong output: a challenger posts a bond against one signed
+/// A node signs an EIP-712 `Commitment` for every step it answers: the step's `StepContext` (everything the
+/// output depends on: model and layer range, request id, a session nonce the node chose, step, position, a running
+/// hash of every earlier input of the session, the input's hash), the output's hash and when it signed.
+/// (1) Equivocation: two commitments signed by one node for the same context with different outputs slash it at
+/// once; an honest node computes each context once (a new session gets a new nonce), so it never signs two.
+/// (2) Wrong output: a challenger posts a bond against one signed
 /// commitment; the contract picks verifiers among listed nodes serving the same model slice, who commit and
 /// then reveal a verdict; the majority wins. Slashed stake goes `challengerRewardBps` to the challenger and
 /// the rest to `treasury` (not burned: the stake token may be a stablecoin without a burn).
 contract DisputeManager is EIP712, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
-    bytes32 public constant COMMITMENT_TYPEHASH =
-        keccak256("Commitment(bytes32 requestId,uint64 step,bytes32 inputHash,bytes32 outputHash)");
+    bytes32 public constant STEP_CONTEXT_TYPEHASH = keccak256(
+        "StepContext(bytes32 modelId,uint16 layerStart,uint16 layerEnd,bytes32 requestId,bytes32 sessionNonce,uint64 step,"
+        "uint64 position,bytes32 historyHash,bytes32 inputHash)"
+    );
+    bytes32 public constant COMMITMENT_TYPEHASH = keccak256(
+        "Commitment(StepContext context,bytes32 outputHash,uint64 issuedAt)StepContext(bytes32 modelId,uint16 layerStart,"
+        "uint16 layerEnd,bytes32 requestId,bytes32 sessionNonce,uint64 step,uint64 position,bytes32 historyHash,"
+        "bytes32 inputHash)"
+    );
     uint256 public constant BPS = 10_000;
     uint256 public constant MAX_VERIFIERS = 7;
     /// @notice Most slice members looked at when choosing verifiers (bounds the challenge's gas).
     uint256 public constant MAX_PROBES = 32;
 
-    /// @notice A node's signed statement that one step of a request mapped inputHash to outputHash.
-    struct Commitment {
+    /// @notice Everything the output of one step depends on.
+    struct StepContext {
+        bytes32 modelId;
+        uint16 layerStart;
+        uint16 layerEnd;
         bytes32 requestId;
+        bytes32 sessionNonce; // chosen by the node when the session opened
         uint64 step;
-        bytes32 inputHash;
+        uint64 position; // of the step's first token
+        bytes32 historyHash; // the session's earlier inputs: h0 = 0, h(k+1) = keccak256(h(k) || inputHash(k))
+        bytes32 inputHash; // sha256 of the input tensor's bytes
+    }
+
+    /// @notice A node's signed statement that it answered `context` with the output hashed `outputHash` at `issuedAt`.
+    struct Commitment {
+        StepContext context;
         bytes32 outputHash;
+        uint64 issuedAt; // unix seconds
     }
 
     enum Status {
@@ -95,13 +118,13 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
     // slither-disable-next-line uninitialized-state
     mapping(uint256 disputeId => Dispute) private _disputes;
     mapping(uint256 disputeId => mapping(address verifier => Ballot)) private _ballots;
-    /// @notice Equivocations already slashed, by keccak256(node, requestId, step).
+    /// @notice Equivocations already slashed, by keccak256(node, hash of the StepContext).
     mapping(bytes32 key => bool) public equivocationSlashed;
     /// @notice Commitments already challenged, by EIP-712 digest (each can be challenged once).
     mapping(bytes32 digest => bool) public challenged;
 
     event EquivocationSlashed(
-        address indexed node, bytes32 indexed requestId, uint64 step, address indexed reporter, uint256 slashed, uint256 reward
+        address indexed node, bytes32 indexed context, address indexed reporter, uint256 slashed, uint256 reward
     );
     event DisputeOpened(
         uint256 indexed disputeId,
@@ -164,13 +187,13 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
         absentVerifierPenalty = params.absentVerifierPenalty;
     }
 
-    /// @notice Slash the node that signed both `a` and `b`: same request, step and input, different outputs.
-    /// Different inputs are no equivocation: a client that reopens a request could otherwise feed an honest node
-    /// two inputs for one step and frame it with the two honest answers.
+    /// @notice Slash the node that signed both `a` and `b`: the same step context, different outputs. Commitments
+    /// that differ in anything the output depends on (another session, position, history or input) are no
+    /// equivocation, so a client cannot frame an honest node with two honest answers.
     /// The caller (reporter) gets `challengerRewardBps` of the slash, the treasury the rest.
     /// @param a First commitment.
     /// @param signatureA Its 65-byte signature.
-    /// @param b Second commitment, same requestId, step and inputHash as `a`, another outputHash.
+    /// @param b Second commitment, same context as `a`, another outputHash.
     /// @param signatureB Its 65-byte signature.
     /// @return slashed Stake taken from the node.
     function slashEquivocation(
@@ -179,18 +202,19 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
         Commitment calldata b,
         bytes calldata signatureB
     ) external nonReentrant returns (uint256 slashed) {
-        if (a.requestId != b.requestId || a.step != b.step || a.inputHash != b.inputHash || a.outputHash == b.outputHash) {
-            revert NotEquivocation();
+        bytes32 context = _contextHash(a.context);
+        if (context != _contextHash(b.context) || a.outputHash == b.outputHash) revert NotEquivocation();
+        address node = _signer(_commitmentDigest(context, a), signatureA);
+        if (node == address(0) || _signer(_commitmentDigest(context, b), signatureB) != node) {
+            revert CommitmentNotSignedByNode();
         }
-        address node = _signer(_commitmentDigest(a), signatureA);
-        if (node == address(0) || _signer(_commitmentDigest(b), signatureB) != node) revert CommitmentNotSignedByNode();
-        bytes32 key = keccak256(abi.encode(node, a.requestId, a.step));
+        bytes32 key = keccak256(abi.encode(node, context));
         if (equivocationSlashed[key]) revert AlreadySlashed(key);
         equivocationSlashed[key] = true;
         uint256 amount = stakeManager.totalStakeOf(node) * equivocationSlashBps / BPS;
         slashed = stakeManager.slash(node, amount);
         uint256 reward = slashed * challengerRewardBps / BPS;
-        emit EquivocationSlashed(node, a.requestId, a.step, msg.sender, slashed, reward);
+        emit EquivocationSlashed(node, context, msg.sender, slashed, reward);
         _payOut(msg.sender, reward, slashed - reward);
     }
 
@@ -206,7 +230,7 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
         nonReentrant
         returns (uint256 disputeId)
     {
-        bytes32 digest = _commitmentDigest(commitment);
+        bytes32 digest = _commitmentDigest(_contextHash(commitment.context), commitment);
         if (_signer(digest, signature) != node || node == address(0)) revert CommitmentNotSignedByNode();
         if (challenged[digest]) revert AlreadyChallenged(digest);
         if (!nodeRegistry.isListed(node)) revert NotListed(node);
@@ -304,7 +328,12 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
 
     /// @notice The EIP-712 digest a node signs for a commitment (matches shardmarket/chain/eip712.py).
     function commitmentDigest(Commitment calldata commitment) external view returns (bytes32) {
-        return _commitmentDigest(commitment);
+        return _commitmentDigest(_contextHash(commitment.context), commitment);
+    }
+
+    /// @notice The EIP-712 struct hash of a step context: two commitments with the same one answer the same question.
+    function contextHash(StepContext calldata context) external pure returns (bytes32) {
+        return _contextHash(context);
     }
 
     /// @notice The EIP-712 domain separator of this contract.
@@ -397,13 +426,24 @@ contract DisputeManager is EIP712, ReentrancyGuardTransient {
         return error == ECDSA.RecoverError.NoError ? signer : address(0);
     }
 
-    function _commitmentDigest(Commitment calldata commitment) private view returns (bytes32) {
-        return _hashTypedDataV4(
-            keccak256(
-                abi.encode(
-                    COMMITMENT_TYPEHASH, commitment.requestId, commitment.step, commitment.inputHash, commitment.outputHash
-                )
+    function _contextHash(StepContext calldata context) private pure returns (bytes32) {
+        return keccak256(
+            abi.encode(
+                STEP_CONTEXT_TYPEHASH,
+                context.modelId,
+                context.layerStart,
+                context.layerEnd,
+                context.requestId,
+                context.sessionNonce,
+                context.step,
+                context.position,
+                context.historyHash,
+                context.inputHash
             )
         );
+    }
+
+    function _commitmentDigest(bytes32 context, Commitment calldata commitment) private view returns (bytes32) {
+        return _hashTypedDataV4(keccak256(abi.encode(COMMITMENT_TYPEHASH, context, commitment.outputHash, commitment.issuedAt)));
     }
 }

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import torch
 from aiohttp import web
+from eth_utils import keccak
 
 from shardmarket.chain.commitment import commitment_domain
 from shardmarket.chain.contracts import ChainError, Market
@@ -140,8 +141,8 @@ def build_daemon(options: ServeOptions, config: Config, identity: NodeIdentity |
     price = options.price if options.price is not None else config.node.price
     port = options.port if options.port is not None else config.node.port
     print(f"loading layers {options.layers[0]}:{options.layers[1]} of {checkpoint}", flush=True)
-    service = _load_service(options, config, checkpoint, options.layers, identity, threads)
     listing = NodeListing(options.model_id or checkpoint.name, price)
+    service = _load_service(options, config, checkpoint, listing.model_id, options.layers, identity, threads)
     return _daemon(options, config, service, listing, port)
 
 
@@ -177,10 +178,11 @@ def _paid_daemon(options: ServeOptions, config: Config, identity: NodeIdentity, 
     )
     settler = Settler(market, tabs, gate, interval_s=config.node.redeem_interval_s, min_value=config.node.redeem_min_value)
     print(f"loading layers {start}:{end} of {name} ({'paused, not listed' if paused else 'listed'}), price {price}", flush=True)
-    service = _load_service(options, config, checkpoint, (start, end), identity, threads, payments=gate)
+    service = _load_service(options, config, checkpoint, name, (start, end), identity, threads, payments=gate)
     duty = VerifierDuty(
         market,
         service.worker,
+        service.model_id,
         store,
         config.ipfs.gateways,
         config.node.dispute_tolerance,
@@ -206,13 +208,15 @@ def _load_service(
     options: ServeOptions,
     config: Config,
     checkpoint: Path,
+    model: str,
     layers: tuple[int, int],
     identity: NodeIdentity,
     threads: int,
     payments: PaymentGate | None = None,
 ) -> NodeService:
     """Load layers `layers` of `checkpoint` on the compute thread (every torch operation of the node runs there) and
-    build the session service, the faulty one when `options.fault` asks for it."""
+    build the session service of model `model` (its name on the ModelRegistry), the faulty one when `options.fault`
+    asks for it."""
     max_memory = None if options.max_memory_mb is None else {"cpu": int(options.max_memory_mb * 2**20)}
     compute = compute_thread(threads)
     stage = compute.submit(
@@ -228,10 +232,12 @@ def _load_service(
     worker = StageWorker(stage, executor=compute)
     compute.submit(worker.warm_up).result()
     domain = commitment_domain(config.chain.chain_id, config.chain.deployments_dir)
-    idle_timeout_s = config.node.idle_timeout_s
+    model_id, idle_timeout_s = keccak(text=model), config.node.idle_timeout_s
     if options.fault:
-        return FaultyService(worker, identity, domain, fault=options.fault, idle_timeout_s=idle_timeout_s, payments=payments)
-    return NodeService(worker, identity, domain, idle_timeout_s=idle_timeout_s, payments=payments)
+        return FaultyService(
+            worker, identity, domain, fault=options.fault, model_id=model_id, idle_timeout_s=idle_timeout_s, payments=payments
+        )
+    return NodeService(worker, identity, domain, model_id=model_id, idle_timeout_s=idle_timeout_s, payments=payments)
 
 
 def _daemon(options: ServeOptions, config: Config, service: NodeService, listing: NodeListing, port: int) -> NodeDaemon:

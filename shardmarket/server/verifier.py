@@ -1,5 +1,5 @@
 """Verifier duty: when the DisputeManager picks this node for a dispute, it fetches the evidence, checks it
-against the accused's signatures, re-runs the hop on its own layers, commits its verdict, reveals it once
+against the accused's signature, re-runs the hop on its own layers, commits its verdict, reveals it once
 the reveal phase opens, and resolves the dispute when every verifier has revealed."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import requests
 import torch
 
 from shardmarket.chain.contracts import ChainError, DisputeStatus, Market
+from shardmarket.chain.eip712 import commitment_digest
 from shardmarket.chain.evidence import Evidence, EvidenceError, fetch, relative_difference
 from shardmarket.chain.watch import BlockWatch
 from shardmarket.ipfs.blockstore import Blockstore
@@ -52,13 +53,14 @@ class VerifierDuty:
         self,
         market: Market,
         worker: StageWorker,
+        model_id: bytes,
         store: Blockstore,
         gateways: list[str],
         tolerance: float,
         tick_s: float = 1.0,
         state_path: Path | None = None,
     ) -> None:
-        self.market, self.worker, self.store, self.gateways = market, worker, store, gateways
+        self.market, self.worker, self.model_id, self.store, self.gateways = market, worker, model_id, store, gateways
         self.tolerance, self.tick_s, self.state_path = tolerance, tick_s, state_path
         self.ballots: dict[int, _Ballot] = {}
         self.pending: dict[int, tuple[int, dict]] = {}  # vote not committed yet: dispute id -> (its block, DisputeOpened args)
@@ -134,19 +136,15 @@ class VerifierDuty:
             if evidence is None:
                 raise EvidenceError("no gateway served it, and the commit phase is about to end")
             stage = self.worker.stage
-            evidence.check(dispute["node"], self.market.dispute_domain())
-            c = dispute["commitment"]
-            challenged = evidence.challenged.commitment
-            if (challenged.request_id, challenged.step, challenged.input_hash, challenged.output_hash) != (
-                c["requestId"],
-                c["step"],
-                c["inputHash"],
-                c["outputHash"],
-            ):
+            domain = self.market.dispute_domain()
+            evidence.check(dispute["node"], domain)
+            if commitment_digest(evidence.challenged.commitment, domain) != bytes(dispute["commitmentDigest"]):
                 raise EvidenceError("the evidence is about another commitment than the dispute")
-            if (evidence.start, evidence.end) != (stage.start, stage.end):
+            context = evidence.context
+            if (context.model_id, context.layer_start, context.layer_end) != (self.model_id, stage.start, stage.end):
                 raise EvidenceError(
-                    f"the evidence is for layers {evidence.start}:{evidence.end}, this node serves {stage.start}:{stage.end}"
+                    f"the evidence is for layers {context.layer_start}:{context.layer_end} of model 0x{context.model_id.hex()}, "
+                    f"not this node's slice"
                 )
         except (EvidenceError, ValueError) as exc:
             log.warning("dispute %d: the evidence does not hold (%s); voting that the node was right", dispute["disputeId"], exc)

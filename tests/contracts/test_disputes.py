@@ -1,3 +1,5 @@
+"""DisputeManager: equivocation binds everything an output depends on; wrong-output challenges go to a vote."""
+
 import brownie
 import pytest
 
@@ -29,12 +31,13 @@ def accused(nodes):
 def test_equivocation_slashes_all_stake_and_splits_it(market, disputes, stake_manager, token, accused, clients, treasury):
     market.stake_for(accused, STAKE)
     a, sig_a = market.commitment(accused, output=b"\x01" * 32)
-    b, sig_b = market.commitment(accused, output=b"\x02" * 32)
+    b, sig_b = market.commitment(accused, output=b"\x02" * 32, issued_at=brownie.chain.time() + 5)  # signed again later
     reporter = clients[0]
     before = token.balanceOf(treasury)
     tx = disputes.slashEquivocation(a, sig_a, b, sig_b, {"from": reporter})
     event = tx.events["EquivocationSlashed"]
     assert (event["node"], event["reporter"], event["slashed"], event["reward"]) == (accused, reporter, STAKE, STAKE // 2)
+    assert event["context"] == disputes.contextHash(a[0])
     assert stake_manager.totalStakeOf(accused) == 0
     assert token.balanceOf(reporter) == STAKE // 2
     assert token.balanceOf(treasury) - before == STAKE // 2
@@ -53,10 +56,12 @@ def test_equivocation_reaches_unbonding_stake(market, disputes, stake_manager, a
         stake_manager.withdraw({"from": accused})
 
 
-def test_equivocation_digest_matches_the_python_module(market, disputes, accused):
-    commitment, _ = market.commitment(accused)
-    expected = eip712.commitment_digest(eip712.Commitment(*commitment), market.dispute_domain)
-    assert disputes.commitmentDigest(commitment) == "0x" + expected.hex()
+def test_commitment_digest_and_context_hash_match_the_python_module(market, disputes, accused):
+    commitment, _ = market.commitment(accused, step=3, position=9, history=b"\x07" * 32, layers=(2, 6))
+    (context, output, issued_at) = commitment
+    parsed = eip712.Commitment(eip712.StepContext(*context), output, issued_at)
+    assert disputes.commitmentDigest(commitment) == "0x" + eip712.commitment_digest(parsed, market.dispute_domain).hex()
+    assert disputes.contextHash(context) == "0x" + eip712.context_hash(parsed.context).hex()
 
 
 def test_same_evidence_cannot_slash_twice(market, disputes, accused, clients, reverts_with):
@@ -73,16 +78,39 @@ def test_same_evidence_cannot_slash_twice(market, disputes, accused, clients, re
     "second",
     [
         {"output": b"\x01" * 32},
-        {"output": b"\x02" * 32, "step": 1},
-        {"output": b"\x02" * 32, "request": b"\x09" * 32},
-        {"output": b"\x02" * 32, "inp": b"\x34" * 32},
+        {"step": 1},
+        {"request": b"\x09" * 32},
+        {"inp": b"\x34" * 32},
+        {"nonce": b"\x56" * 32},
+        {"history": b"\x67" * 32},
+        {"position": 4},
+        {"layers": (0, 5)},
+        {"model_id": b"\x0a" * 32},
     ],
-    ids=["same-output", "other-step", "other-request", "other-input"],
+    ids=["same-output", "step", "request", "input", "session", "history", "position", "layers", "model"],
 )
 def test_not_an_equivocation(market, disputes, stake_manager, accused, clients, second, reverts_with):
     market.stake_for(accused, STAKE)
     a, sig_a = market.commitment(accused, output=b"\x01" * 32)
-    b, sig_b = market.commitment(accused, **second)
+    b, sig_b = market.commitment(accused, **{"output": b"\x02" * 32, **second})
+    with reverts_with("NotEquivocation"):
+        disputes.slashEquivocation(a, sig_a, b, sig_b, {"from": clients[0]})
+    assert stake_manager.totalStakeOf(accused) == STAKE
+
+
+def test_two_honest_sessions_of_one_request_id_are_no_equivocation(
+    market, disputes, stake_manager, accused, clients, reverts_with
+):
+    """The attack of issue 18: a client reuses a request id after the node restarted (or after flooding CLOSE frames)
+    and sends another step 0, then the same input at step 1. The node answers step 1 differently, honestly (its KV
+    cache differs); its commitments name different session nonces and histories, so they frame nobody."""
+    market.stake_for(accused, STAKE)
+    request, same_input = b"\x22" * 32, b"\x33" * 32
+    sessions = []
+    for nonce, first_input, output in ((b"\x51" * 32, b"\x71" * 32, b"\x01" * 32), (b"\x52" * 32, b"\x72" * 32, b"\x02" * 32)):
+        history = eip712.chain_history(eip712.EMPTY_HISTORY, first_input)
+        sessions.append(market.commitment(accused, request, 1, output, same_input, nonce=nonce, position=3, history=history))
+    (a, sig_a), (b, sig_b) = sessions
     with reverts_with("NotEquivocation"):
         disputes.slashEquivocation(a, sig_a, b, sig_b, {"from": clients[0]})
     assert stake_manager.totalStakeOf(accused) == STAKE
@@ -92,7 +120,7 @@ def test_equivocation_needs_both_signatures_from_the_node(market, disputes, stak
     market.stake_for(accused, STAKE)
     a, sig_a = market.commitment(accused, output=b"\x01" * 32)
     b, sig_other = market.commitment(nodes[1], output=b"\x02" * 32)
-    _, sig_b = market.commitment(accused, output=b"\x02" * 32)
+    _, sig_b = market.commitment(accused, output=b"\x02" * 32, issued_at=b[2])
     cases = [
         (a, sig_a, b, sig_other),  # framed with someone else's signature
         (a, sig_a, b, high_s(sig_b)),  # malleated
@@ -103,7 +131,8 @@ def test_equivocation_needs_both_signatures_from_the_node(market, disputes, stak
         with reverts_with("CommitmentNotSignedByNode"):
             disputes.slashEquivocation(*case, {"from": clients[0]})
     other_domain = eip712.Domain(31337, market.escrow.address)
-    forged = eip712.sign_commitment(accused.private_key, eip712.Commitment(*b), other_domain)
+    parsed = eip712.Commitment(eip712.StepContext(*b[0]), b[1], b[2])
+    forged = eip712.sign_commitment(accused.private_key, parsed, other_domain)
     with reverts_with("CommitmentNotSignedByNode"):
         disputes.slashEquivocation(a, sig_a, b, forged, {"from": clients[0]})
     assert stake_manager.totalStakeOf(accused) == STAKE
