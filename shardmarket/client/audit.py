@@ -1,7 +1,7 @@
 """The client's checks on nodes: two different signed answers for one step context (same session, step, position,
 history and input) are submitted as equivocation; a fraction of requests has one hop re-run on another node of the
 same range, and a mismatch beyond a floating-point tolerance (settled by a local re-run when the client holds those
-layers) opens a dispute with the evidence on IPFS."""
+layers) opens a dispute with the evidence on IPFS, then draws its panel."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from web3.logs import DISCARD
 
 from shardmarket.chain.commitment import SignedCommitment
 from shardmarket.chain.contracts import ChainError, Market
+from shardmarket.chain.disputes import draw_panel
 from shardmarket.chain.eip712 import context_hash
 from shardmarket.chain.evidence import Evidence, publish, relative_difference
 from shardmarket.client.routing import NodeInfo
@@ -214,7 +215,7 @@ class Auditor:
         self, node: NodeInfo, record: _HopRecord, outputs: list[torch.Tensor], commitments: dict[int, SignedCommitment], step: int
     ) -> None:
         """Open a dispute on `node`'s commitment at `step`, with the session's inputs up to there and its answer as
-        evidence."""
+        evidence, then draw the dispute's panel."""
         if step not in commitments:
             log.warning("cannot challenge %s: its commitment for step %d is missing", node.url, step)
             return
@@ -243,3 +244,5 @@ class Auditor:
         dispute_id = opened[0]["args"]["disputeId"] if opened else None
         log.warning("opened dispute %s against %s (evidence %s)", dispute_id, node.url, reference_cid)
         self.findings.append(Finding("challenge", node.operator, receipt["transactionHash"].hex(), dispute_id))
+        if dispute_id is not None:
+            await asyncio.to_thread(draw_panel, self.market, dispute_id)

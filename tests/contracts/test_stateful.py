@@ -196,7 +196,8 @@ class MarketMachine:
         owed = sum(escrow.balanceOf(c) for c in self.clients) + sum(escrow.earningsOf(n) for n in self.nodes)
         assert token.balanceOf(escrow) == owed
         assert token.balanceOf(stake) == sum(stake.totalStakeOf(n) for n in self.nodes)
-        assert token.balanceOf(self.market.disputes) == 0
+        credited = [self.reporter, self.holders[2]]  # the equivocation reporter and the treasury
+        assert token.balanceOf(self.market.disputes) == sum(self.market.disputes.creditOf(a) for a in credited)
         for client, signed in self.tabs.items():
             paid = self.paid.get(client, {})
             assert all(amount <= max(tab.amount_for(node) for tab, _ in signed) for node, amount in paid.items())

@@ -1,8 +1,8 @@
 """Checks on nodes, on a real anvil with real node processes: spot checks never accuse honest nodes that
 compute with other thread counts or from disk-offloaded layers, a node adding noise is challenged and slashed by
 the verifiers' vote (votes that failed to commit, or whose verifier restarted, are sent again), a node signing two
-answers for one step is slashed for equivocation, and an honest node whose request id a client reuses across a
-restart gives nobody slashable evidence."""
+answers for one step is slashed for equivocation, an honest node whose request id a client reuses across a
+restart gives nobody slashable evidence, and a dispute its challenger leaves undrawn is drawn by the slice's nodes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from web3.logs import DISCARD
 
 from shardmarket.chain.contracts import ChainError, DisputeStatus, Market
 from shardmarket.chain.eip712 import EMPTY_HISTORY
@@ -133,6 +134,13 @@ def test_noisy_node_is_challenged_and_slashed_by_the_verifiers_even_if_their_vot
     assert all(chain.read(chain.disputes.functions.ballotOf(dispute_id, market.accounts[name])).revealed for name in verifiers)
     assert stake_of(market, "cheat") == 50 * 10**18  # wrongOutputSlashBps = 50 %
     assert all(stake_of(market, name) == 100 * 10**18 for name, _, _, _ in NODES)
+    # the challenger's bond and reward wait as a credit until it withdraws them
+    challenger = market.accounts["checking-client"]
+    credit = chain.read(chain.disputes.functions.creditOf(challenger))
+    assert credit == 10 * 10**18 + 25 * 10**18  # the bond, and rewardBps (50 %) of the 50 tokens slashed
+    wallet = chain.read(chain.token.functions.balanceOf(challenger))
+    assert market.cli("checking-client", "client", "withdraw-credit") == 0
+    assert chain.read(chain.token.functions.balanceOf(challenger)) == wallet + credit
     market.stop_node("cheat")
 
 
@@ -216,3 +224,38 @@ def test_a_request_id_reused_across_a_node_restart_gives_no_slashable_evidence(m
     with pytest.raises(ChainError, match="NotEquivocation"):
         chain.transact(call, "reporting the two honest answers as equivocation")
     assert stake_of(market, name) == 100 * 10**18
+
+
+def test_a_dispute_its_challenger_leaves_undrawn_is_drawn_by_the_slices_nodes(market):
+    """Nobody can wait for the draw block's hash to expire (and be drawn again): a few blocks on, the nodes serving the
+    commitment's slice draw the panel themselves; here they find the junk evidence unreadable and acquit the node."""
+    from shardmarket.chain import eip712
+    from shardmarket.chain.keys import load_account
+    from shardmarket.cli.devmarket import PASSWORD
+    from shardmarket.cli.keys import home_keys
+
+    market.new_account("accused", tokens=100 * 10**18)
+    market.node_port("accused")
+    market.cli("accused", "node", "register", "--model", MODEL, "--layers", "2:4", "--price", "1", "--stake", "100e18")
+    market.new_account("idle-challenger", tokens=10 * 10**18)
+    with market.acting_as("accused"):
+        accused = load_account(PASSWORD, home_keys())
+    with market.acting_as("idle-challenger"):
+        chain = Market.connect(load_config().chain, load_account(PASSWORD, home_keys()))
+    context = eip712.StepContext(chain.model_id(MODEL), 2, 4, os.urandom(32), os.urandom(32), 0, 0, EMPTY_HISTORY, bytes(32))
+    commitment = eip712.Commitment(context, b"\x01" * 32, chain.w3.eth.get_block("latest")["timestamp"])
+    signature = eip712.sign_commitment(accused.key, commitment, chain.dispute_domain())
+    disputes = chain.disputes.functions
+    chain.transact(chain.token.functions.approve(chain.disputes.address, 10 * 10**18), "approving the bond")
+    receipt = chain.transact(
+        disputes.challenge(accused.address, commitment.as_tuple(), signature, "ipfs://bafkqaaa"), "challenging"
+    )
+    dispute_id = chain.disputes.events.DisputeOpened().process_receipt(receipt, errors=DISCARD)[0]["args"]["disputeId"]
+    for _ in range(4):  # blocks come; the challenger never draws
+        market.w3.provider.make_request("evm_mine", [])
+    deadline = time.monotonic() + 120
+    while (status := chain.read(disputes.getDispute(dispute_id)).status) in (DisputeStatus.DRAWING, DisputeStatus.OPEN):
+        assert time.monotonic() < deadline, f"dispute {dispute_id} still {DisputeStatus(status).name} after 120 s"
+        time.sleep(0.5)
+    assert status == DisputeStatus.CHALLENGER_LOST
+    assert stake_of(market, "accused") == 100 * 10**18
