@@ -1,4 +1,4 @@
-"""Gas of shardmarket's on-chain hot paths on a fresh anvil: register, stake, settleTabs, claimLowered, slash.
+"""Gas of shardmarket's on-chain hot paths on a fresh anvil: register, stake, settleTabs, claimLowered, disputes.
 
     .venv/bin/python bench/gas.py
 
@@ -11,6 +11,9 @@ without tabs costs: one warm ERC-20 transfer per (client, node) payment.
 claimLowered (a node's fraud proof against a client that signed a tab lowering its entry) is measured for tabs
 naming 3 and MAX_ENTRIES nodes, after the client settled its lowering tab; its baseline is the warm settleTabs of
 one client (what the node would have paid to settle an honest tab).
+
+A wrong-output dispute is measured through its life (challenge, drawPanel seating 3 of a 5-node slice, a vote's
+reveal, resolve slashing the node, the challenger's withdrawCredit), then an equivocation slash.
 """
 
 import json
@@ -56,9 +59,7 @@ def main() -> dict:
         models = proj.ModelRegistry.at(addresses["ModelRegistry"])
         registry = proj.NodeRegistry.at(addresses["NodeRegistry"])
         escrow = proj.PaymentEscrow.at(addresses["PaymentEscrow"])
-        disputes = proj.DisputeManager.at(addresses["DisputeManager"])
         escrow_domain = eip712.Domain(brownie.chain.id, escrow.address)
-        dispute_domain = eip712.Domain(brownie.chain.id, disputes.address)
 
         node = brownie.accounts.add(Account.from_key(b"\x42" * 32).key.hex())
         owner.transfer(node, TOKEN)
@@ -118,14 +119,53 @@ def main() -> dict:
             figures["claim_lowered_3_nodes_gas"] / figures["settle_1_clients_warm_gas"], 3
         )
 
-        commitments = [eip712.Commitment(b"\x22" * 32, 3, b"\x33" * 32, bytes([o]) * 32) for o in (1, 2)]
-        signatures = [eip712.sign_commitment(node.private_key, c, dispute_domain) for c in commitments]
-        args = [((c.request_id, c.step, c.input_hash, c.output_hash), s) for c, s in zip(commitments, signatures, strict=True)]
-        tx = disputes.slashEquivocation(args[0][0], args[0][1], args[1][0], args[1][1], {"from": owner})
-        figures["equivocation_slash_gas"] = tx.gas_used
+        figures.update(dispute_gas(brownie, proj, addresses, owner, node, model_id))
         return figures
     finally:
         network.disconnect()
+
+
+def dispute_gas(brownie, proj, addresses: dict, owner, accused, model_id: bytes) -> dict:
+    """Gas of a wrong-output challenge, its panel draw (3 verifiers from a slice of 5), a vote's reveal, resolve and the
+    challenger's withdrawal of its credit, then of an equivocation slash."""
+    from scripts.deploy import DISPUTE_PARAMS
+    from shardmarket.chain import eip712
+
+    token = proj.TestToken.at(addresses["TestToken"])
+    stake = proj.StakeManager.at(addresses["StakeManager"])
+    registry = proj.NodeRegistry.at(addresses["NodeRegistry"])
+    disputes = proj.DisputeManager.at(addresses["DisputeManager"])
+    domain = eip712.Domain(brownie.chain.id, disputes.address)
+    for i in range(4):  # the accused already serves [0, 16)
+        verifier = brownie.accounts.add(Account.from_key(bytes([0x50 + i]) * 32).key.hex())
+        owner.transfer(verifier, TOKEN)
+        token.transfer(verifier, 1000 * TOKEN, {"from": owner})
+        token.approve(stake, 1000 * TOKEN, {"from": verifier})
+        stake.stake(1000 * TOKEN, {"from": verifier})
+        registry.register(model_id, 0, 16, 10, b"\x01" * 32, [f"http://203.0.113.{i}:7300"], {"from": verifier})
+
+    def commitment(output: int) -> tuple[tuple, bytes]:
+        context = eip712.StepContext(model_id, 0, 16, b"\x22" * 32, b"\x23" * 32, 3, 9, b"\x24" * 32, b"\x33" * 32)
+        signed = eip712.Commitment(context, bytes([output]) * 32, brownie.chain.time())
+        return signed.as_tuple(), eip712.sign_commitment(accused.private_key, signed, domain)
+
+    figures = {}
+    token.approve(disputes, DISPUTE_PARAMS["challengeBond"], {"from": owner})
+    tx = disputes.challenge(accused, *commitment(1), "ipfs://bafybench", {"from": owner})
+    figures["challenge_gas"] = tx.gas_used
+    dispute_id = tx.return_value
+    tx = disputes.drawPanel(dispute_id, {"from": owner})
+    figures["draw_panel_gas"] = tx.gas_used
+    verifiers = [brownie.accounts.at(v) for v in tx.events["PanelDrawn"]["verifiers"]]
+    salt = b"\x05" * 32
+    for verifier in verifiers:
+        disputes.commitVote(dispute_id, disputes.voteHash(dispute_id, verifier, True, salt), {"from": verifier})
+    figures["reveal_vote_gas"] = max(disputes.revealVote(dispute_id, True, salt, {"from": v}).gas_used for v in verifiers)
+    figures["resolve_slash_gas"] = disputes.resolve(dispute_id, {"from": owner}).gas_used
+    figures["withdraw_credit_gas"] = disputes.withdrawCredit(owner, {"from": owner}).gas_used
+    (a, signature_a), (b, signature_b) = commitment(1), commitment(2)
+    figures["equivocation_slash_gas"] = disputes.slashEquivocation(a, signature_a, b, signature_b, {"from": owner}).gas_used
+    return figures
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardmarket.chain.commitment import check_commitment, commit
-from shardmarket.chain.eip712 import Domain, signing_key, tensor_hash
+from shardmarket.chain.eip712 import EMPTY_HISTORY, Domain, StepContext, chain_history, signing_key, tensor_hash
 from shardmarket.cli.engine import default_checkpoint
 from shardmarket.client.generation import Completion, RemoteModel
 from shardmarket.config import load_config
@@ -83,7 +83,8 @@ def per_hop_overhead_us(hidden_size: int, repeats: int = 500) -> dict:
     handshake = ClientHandshake(node_key.public_key().public_bytes_raw())
     node_eph, node_cipher = node_handshake(node_key, handshake.hello_key)
     client_cipher = handshake.finish(node_eph)
-    request_id = os.urandom(32)
+    request_id, nonce, model_id = os.urandom(32), os.urandom(32), os.urandom(32)
+    node_history = client_history = EMPTY_HISTORY
     signer = signing_key(operator.key)
     spent = {"framing": [], "encryption": [], "signing": [], "verifying": []}
     for step in range(repeats):
@@ -99,7 +100,10 @@ def per_hop_overhead_us(hidden_size: int, repeats: int = 500) -> dict:
         output = received.tensor  # the layers would run here
         out_payload = tensor_bytes(output)
         t3 = time.perf_counter()
-        signed = commit(signer, request_id, step, tensor_hash(received.payload), out_payload, DOMAIN)
+        input_hash = tensor_hash(received.payload)
+        context = StepContext(model_id, 0, 4, request_id, nonce, step, step, node_history, input_hash)
+        signed = commit(signer, context, out_payload, DOMAIN)
+        node_history = chain_history(node_history, input_hash)
         t4 = time.perf_counter()
         reply = wire.encode(Message(wire.RESULT, request_id, step, {"compute_us": 0}, output, out_payload))
         signed_frame = wire.encode(Message(wire.COMMIT, request_id, step, signed.to_fields()))
@@ -108,7 +112,10 @@ def per_hop_overhead_us(hidden_size: int, repeats: int = 500) -> dict:
         t6 = time.perf_counter()
         result, result_signed = wire.decode(back), wire.decode(back_signed)
         t7 = time.perf_counter()
-        check_commitment(result_signed.fields, request_id, step, tensor_hash(payload), result.payload, operator.address, DOMAIN)
+        input_hash = tensor_hash(payload)
+        context = StepContext(model_id, 0, 4, request_id, nonce, step, step, client_history, input_hash)
+        check_commitment(result_signed.fields, context, result.payload, operator.address, DOMAIN)
+        client_history = chain_history(client_history, input_hash)
         t8 = time.perf_counter()
         spent["framing"].append((t1 - t0) + (t3 - t2) + (t5 - t4) + (t7 - t6))
         spent["encryption"].append((t2 - t1) + (t6 - t5))

@@ -7,8 +7,10 @@ import {StakeManager} from "./StakeManager.sol";
 /// @title NodeRegistry
 /// @notice A node (its operator account) announces where it listens, its X25519 encryption key, the model
 /// and layer range [start, end) it serves and its price per token. It is listed only while it is not
-/// paused and its bonded stake is at least `minStake`. Nodes are enumerable per model (for clients) and
-/// per slice (model, start, end) (for the DisputeManager's verifier choice).
+/// paused and its bonded stake is at least `minStake`. Nodes are enumerable per model (for clients). Each slice
+/// (model, start, end) keeps an append-only list of every node that ever served it (for the DisputeManager's
+/// verifier draw): an index names the same node for good, so nobody can reorder a slice to steer a draw whose
+/// randomness is already known.
 contract NodeRegistry {
     struct Node {
         bool registered;
@@ -16,6 +18,7 @@ contract NodeRegistry {
         uint16 layerStart;
         uint16 layerEnd;
         uint128 pricePerToken;
+        uint64 activeSince; // block since which the node has served its slice without a pause
         bytes32 modelId;
         bytes32 encryptionKey;
         string[] endpoints;
@@ -34,9 +37,9 @@ contract NodeRegistry {
 
     mapping(address operator => Node) private _nodes;
     mapping(bytes32 modelId => address[]) private _modelNodes;
-    mapping(bytes32 sliceKey => address[]) private _sliceNodes;
     mapping(address operator => uint256) private _modelIndex; // index + 1 in _modelNodes
-    mapping(address operator => uint256) private _sliceIndex; // index + 1 in _sliceNodes
+    mapping(bytes32 sliceKey => address[]) private _sliceMembers; // append-only: a node is added on its first join
+    mapping(bytes32 sliceKey => mapping(address operator => bool)) private _inSliceList;
 
     event NodeRegistered(
         address indexed operator,
@@ -101,11 +104,14 @@ contract NodeRegistry {
         if (bonded < minStake) revert InsufficientStake(bonded, minStake);
         _write(node, modelId, layerStart, layerEnd, pricePerToken, encryptionKey, endpoints);
         node.registered = true;
-        _add(msg.sender, modelId, layerStart, layerEnd);
+        node.activeSince = uint64(block.number);
+        _addToModel(msg.sender, modelId);
+        _joinSlice(msg.sender, sliceKey(modelId, layerStart, layerEnd));
         emit NodeRegistered(msg.sender, modelId, layerStart, layerEnd, pricePerToken, encryptionKey, endpoints);
     }
 
-    /// @notice Change everything the caller announced; same rules as `register`.
+    /// @notice Change everything the caller announced; same rules as `register`. Moving to another slice restarts
+    /// the node's active time there (see `verifierAt`).
     /// @param modelId Model id from the ModelRegistry.
     /// @param layerStart First served layer.
     /// @param layerEnd One past the last served layer.
@@ -121,9 +127,18 @@ contract NodeRegistry {
         string[] calldata endpoints
     ) external {
         Node storage node = _requireRegistered(msg.sender);
-        _remove(msg.sender, node.modelId, node.layerStart, node.layerEnd);
+        bytes32 oldModel = node.modelId;
+        bytes32 oldSlice = sliceKey(oldModel, node.layerStart, node.layerEnd);
         _write(node, modelId, layerStart, layerEnd, pricePerToken, encryptionKey, endpoints);
-        _add(msg.sender, modelId, layerStart, layerEnd);
+        if (modelId != oldModel) {
+            _swapAndPop(_modelNodes[oldModel], _modelIndex, msg.sender);
+            _addToModel(msg.sender, modelId);
+        }
+        bytes32 newSlice = sliceKey(modelId, layerStart, layerEnd);
+        if (newSlice != oldSlice) {
+            node.activeSince = uint64(block.number);
+            _joinSlice(msg.sender, newSlice);
+        }
         emit NodeUpdated(msg.sender, modelId, layerStart, layerEnd, pricePerToken, encryptionKey, endpoints);
     }
 
@@ -135,18 +150,19 @@ contract NodeRegistry {
         emit NodePaused(msg.sender);
     }
 
-    /// @notice Be listed again after `pause`.
+    /// @notice Be listed again after `pause`; the node's active time in its slice starts again.
     function unpause() external {
         Node storage node = _requireRegistered(msg.sender);
         if (!node.paused) revert NotPaused(msg.sender);
         node.paused = false;
+        node.activeSince = uint64(block.number);
         emit NodeUnpaused(msg.sender);
     }
 
-    /// @notice Remove the caller's registration (its stake stays in the StakeManager).
+    /// @notice Remove the caller's registration (its stake stays in the StakeManager, slashable as before).
     function deregister() external {
         Node storage node = _requireRegistered(msg.sender);
-        _remove(msg.sender, node.modelId, node.layerStart, node.layerEnd);
+        _swapAndPop(_modelNodes[node.modelId], _modelIndex, msg.sender);
         delete _nodes[msg.sender];
         emit NodeDeregistered(msg.sender);
     }
@@ -174,19 +190,41 @@ contract NodeRegistry {
         return _page(_modelNodes[modelId], offset, limit);
     }
 
-    /// @notice Key of the slice (model, layers [start, end)) used by `sliceNodeCount` and `sliceNodeAt`.
+    /// @notice Key of the slice (model, layers [start, end)) used by `sliceLength`, `sliceMemberAt` and `verifierAt`.
     function sliceKey(bytes32 modelId, uint16 layerStart, uint16 layerEnd) public pure returns (bytes32) {
         return keccak256(abi.encode(modelId, layerStart, layerEnd));
     }
 
-    /// @notice Number of registered nodes serving exactly the slice `key`.
-    function sliceNodeCount(bytes32 key) external view returns (uint256) {
-        return _sliceNodes[key].length;
+    /// @notice Number of nodes that ever served exactly the slice `key` (some may have left it since).
+    function sliceLength(bytes32 key) external view returns (uint256) {
+        return _sliceMembers[key].length;
     }
 
-    /// @notice The `index`-th registered node of slice `key`.
-    function sliceNodeAt(bytes32 key, uint256 index) external view returns (address) {
-        return _sliceNodes[key][index];
+    /// @notice The node at `index` of slice `key`'s append-only list; check `isSliceMember` for whether it still serves it.
+    function sliceMemberAt(bytes32 key, uint256 index) external view returns (address) {
+        return _sliceMembers[key][index];
+    }
+
+    /// @notice Whether `operator` is registered for exactly the slice `key` (listed or not).
+    function isSliceMember(address operator, bytes32 key) public view returns (bool) {
+        Node storage node = _nodes[operator];
+        return node.registered && sliceKey(node.modelId, node.layerStart, node.layerEnd) == key;
+    }
+
+    /// @notice The node at `index` of slice `key`, and whether it may sit on a panel drawn from randomness that did
+    /// not exist before block `before`: it serves the slice, is listed, and neither joined the slice, unpaused nor
+    /// added stake at `before` or later. So a node cannot become a verifier after seeing the randomness; it can only
+    /// drop out, which never changes who else is drawn.
+    /// @param key The slice.
+    /// @param index Position in the slice's append-only list (below `sliceLength`).
+    /// @param before First block whose state may already depend on the randomness.
+    function verifierAt(bytes32 key, uint256 index, uint256 before) external view returns (address operator, bool eligible) {
+        operator = _sliceMembers[key][index];
+        Node storage node = _nodes[operator];
+        if (!node.registered || node.paused || node.activeSince >= before) return (operator, false);
+        if (sliceKey(node.modelId, node.layerStart, node.layerEnd) != key) return (operator, false);
+        StakeManager.StakeInfo memory info = stakeManager.stakeOf(operator);
+        eligible = info.bonded >= minStake && info.stakedAt < before;
     }
 
     function _write(
@@ -221,18 +259,17 @@ contract NodeRegistry {
         if (!node.registered) revert NotRegistered(operator);
     }
 
-    function _add(address operator, bytes32 modelId, uint16 layerStart, uint16 layerEnd) private {
+    function _addToModel(address operator, bytes32 modelId) private {
         address[] storage models = _modelNodes[modelId];
         models.push(operator);
         _modelIndex[operator] = models.length;
-        address[] storage slice = _sliceNodes[sliceKey(modelId, layerStart, layerEnd)];
-        slice.push(operator);
-        _sliceIndex[operator] = slice.length;
     }
 
-    function _remove(address operator, bytes32 modelId, uint16 layerStart, uint16 layerEnd) private {
-        _swapAndPop(_modelNodes[modelId], _modelIndex, operator);
-        _swapAndPop(_sliceNodes[sliceKey(modelId, layerStart, layerEnd)], _sliceIndex, operator);
+    /// @dev A node coming back to a slice keeps its old place in the list: the list grows only with new nodes.
+    function _joinSlice(address operator, bytes32 key) private {
+        if (_inSliceList[key][operator]) return;
+        _inSliceList[key][operator] = true;
+        _sliceMembers[key].push(operator);
     }
 
     function _swapAndPop(address[] storage list, mapping(address => uint256) storage indexOf, address operator)

@@ -10,7 +10,8 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 /// @notice Nodes stake the market's ERC-20 here, unbond with a delay and withdraw after it.
 /// Only holders of SLASHER_ROLE (the DisputeManager) can slash, and slashing reaches unbonding
 /// stake too, so a node cannot unbond to escape a dispute. A slasher can also lock a node's
-/// withdrawal while a dispute against it is open.
+/// withdrawal while a dispute against it is open. The block of a node's last stake is kept: the DisputeManager
+/// seats as verifiers only nodes whose stake did not grow after a challenge was sent (see NodeRegistry.verifierAt).
 contract StakeManager is AccessControl, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
@@ -21,6 +22,7 @@ contract StakeManager is AccessControl, ReentrancyGuardTransient {
         uint128 unbonding;
         uint64 unbondReadyAt;
         uint32 locks;
+        uint64 stakedAt; // block of the last `stake`
     }
 
     /// @notice The staked ERC-20.
@@ -62,6 +64,7 @@ contract StakeManager is AccessControl, ReentrancyGuardTransient {
         uint256 bonded = uint256(info.bonded) + amount;
         if (bonded > type(uint128).max) revert AmountTooLarge(amount);
         info.bonded = uint128(bonded);
+        info.stakedAt = uint64(block.number);
         emit Staked(msg.sender, amount, bonded);
         token.safeTransferFrom(msg.sender, address(this), amount);
     }

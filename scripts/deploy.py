@@ -21,9 +21,10 @@ DISPUTE_PARAMS = {
     "verifierCount": 3,
     "commitPeriod": 3600,
     "revealPeriod": 3600,
+    "challengeWindow": 3 * DAY,  # < UNBONDING_DELAY: the margin bounds how stale a client's view of the registry may be
     "equivocationSlashBps": 10_000,
     "wrongOutputSlashBps": 5_000,
-    "challengerRewardBps": 5_000,
+    "rewardBps": 5_000,
     "absentVerifierPenalty": 1 * 10**18,
 }
 

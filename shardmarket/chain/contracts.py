@@ -42,10 +42,11 @@ class DisputeStatus(IntEnum):
     """DisputeManager.Status: where a dispute stands (getDispute's `status`, resolve's outcome)."""
 
     NONE = 0
-    OPEN = 1
-    NODE_SLASHED = 2
-    CHALLENGER_LOST = 3
-    VOID = 4
+    DRAWING = 1  # waiting for its panel (drawPanel)
+    OPEN = 2  # voting
+    NODE_SLASHED = 3
+    CHALLENGER_LOST = 4
+    VOID = 5
 
 
 class Rejection(IntEnum):
@@ -119,6 +120,9 @@ HINTS = {
     "UnbondingNotReady": "the unbonding delay has not passed yet",
     "NothingToWithdraw": "there are no redeemed earnings; run `shardmarket node redeem` first",
     "ModelExists": "this model name is taken; publish under another name",
+    "ChallengeWindowClosed": "a commitment can only be challenged within the DisputeManager's challengeWindow of its issuedAt",
+    "SliceTooSmall": "too few nodes serve the commitment's slice for a full panel of verifiers",
+    "DrawTooEarly": "the panel is drawn from the challenge block's hash: send drawPanel once the next block is mined",
 }
 
 

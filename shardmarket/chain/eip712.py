@@ -27,6 +27,7 @@ SECP256K1_HALF_N = SECP256K1_N // 2
 UINT256_MAX = 2**256 - 1
 UINT64_MAX = 2**64 - 1
 UINT32_MAX = 2**32 - 1
+UINT16_MAX = 2**16 - 1
 UINT128_MAX = 2**128 - 1
 MAX_ENTRIES = 32  # PaymentEscrow.MAX_ENTRIES: most nodes one tab may name
 
@@ -46,15 +47,31 @@ TAB_TYPE = [
     {"name": "entries", "type": "Entry[]"},
     {"name": "usageHash", "type": "bytes32"},
 ]
-COMMITMENT_TYPE = [
+STEP_CONTEXT_TYPE = [
+    {"name": "modelId", "type": "bytes32"},
+    {"name": "layerStart", "type": "uint16"},
+    {"name": "layerEnd", "type": "uint16"},
     {"name": "requestId", "type": "bytes32"},
+    {"name": "sessionNonce", "type": "bytes32"},
     {"name": "step", "type": "uint64"},
+    {"name": "position", "type": "uint64"},
+    {"name": "historyHash", "type": "bytes32"},
     {"name": "inputHash", "type": "bytes32"},
+]
+COMMITMENT_TYPE = [
+    {"name": "context", "type": "StepContext"},
     {"name": "outputHash", "type": "bytes32"},
+    {"name": "issuedAt", "type": "uint64"},
 ]
 ENTRY_TYPEHASH = keccak(text="Entry(address node,uint128 amount)")
 TAB_TYPEHASH = keccak(text="Tab(address client,uint32 seq,Entry[] entries,bytes32 usageHash)Entry(address node,uint128 amount)")
-COMMITMENT_TYPEHASH = keccak(text="Commitment(bytes32 requestId,uint64 step,bytes32 inputHash,bytes32 outputHash)")
+_STEP_CONTEXT = (
+    "StepContext(bytes32 modelId,uint16 layerStart,uint16 layerEnd,bytes32 requestId,bytes32 sessionNonce,uint64 step,"
+    "uint64 position,bytes32 historyHash,bytes32 inputHash)"
+)
+STEP_CONTEXT_TYPEHASH = keccak(text=_STEP_CONTEXT)
+COMMITMENT_TYPEHASH = keccak(text="Commitment(StepContext context,bytes32 outputHash,uint64 issuedAt)" + _STEP_CONTEXT)
+EMPTY_HISTORY = bytes(32)  # a session's history hash before its first step
 DOMAIN_TYPEHASH = keccak(text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
 
 
@@ -130,19 +147,53 @@ def check_entries(entries: tuple[Entry, ...], *, allow_empty: bool = False) -> N
 
 
 @dataclass(frozen=True)
-class Commitment:
-    """A node's signed statement that step `step` of `request_id` mapped `input_hash` to `output_hash`."""
+class StepContext:
+    """Everything the output of one step depends on: the slice that ran it, the session (request id and the nonce
+    the node chose when it opened), the step and its first token's position, every earlier input of the session
+    (`history_hash`, see `chain_history`) and this input's hash."""
 
+    model_id: bytes
+    layer_start: int
+    layer_end: int
     request_id: bytes
+    session_nonce: bytes
     step: int
+    position: int
+    history_hash: bytes
     input_hash: bytes
-    output_hash: bytes
 
     def __post_init__(self) -> None:
+        _check_bytes32(self.model_id, "model_id")
+        _check_uint(self.layer_start, UINT16_MAX, "layer_start")
+        _check_uint(self.layer_end, UINT16_MAX, "layer_end")
         _check_bytes32(self.request_id, "request_id")
+        _check_bytes32(self.session_nonce, "session_nonce")
         _check_uint(self.step, UINT64_MAX, "step")
+        _check_uint(self.position, UINT64_MAX, "position")
+        _check_bytes32(self.history_hash, "history_hash")
         _check_bytes32(self.input_hash, "input_hash")
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """A node's signed statement that it answered `context` with the output hashed `output_hash`, at `issued_at`
+    (unix seconds, where the challenge window starts)."""
+
+    context: StepContext
+    output_hash: bytes
+    issued_at: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.context, StepContext):
+            raise ValueError(f"context must be a StepContext, got {type(self.context).__name__}")
         _check_bytes32(self.output_hash, "output_hash")
+        _check_uint(self.issued_at, UINT64_MAX, "issued_at")
+
+    def as_tuple(self) -> tuple:
+        """The commitment as the contract's ABI takes it: ((context fields...), outputHash, issuedAt)."""
+        c = self.context
+        context = (c.model_id, c.layer_start, c.layer_end, c.request_id, c.session_nonce, c.step, c.position, c.history_hash)
+        return ((*context, c.input_hash), self.output_hash, self.issued_at)
 
 
 @dataclass(frozen=True)
@@ -297,11 +348,38 @@ def _word_address(address: str) -> bytes:
     return bytes(12) + bytes.fromhex(address[2:])
 
 
+def context_hash(context: StepContext) -> bytes:
+    """The EIP-712 struct hash of `context` (DisputeManager's `contextHash`): what equivocation compares."""
+    c = context  # every field is 32 bytes or a checked uint: abi.encode is plain concatenation (hot path)
+    return _keccak(
+        b"".join(
+            (
+                STEP_CONTEXT_TYPEHASH,
+                c.model_id,
+                c.layer_start.to_bytes(32, "big"),
+                c.layer_end.to_bytes(32, "big"),
+                c.request_id,
+                c.session_nonce,
+                c.step.to_bytes(32, "big"),
+                c.position.to_bytes(32, "big"),
+                c.history_hash,
+                c.input_hash,
+            )
+        )
+    )
+
+
 def commitment_digest(commitment: Commitment, domain: Domain) -> bytes:
     """The 32-byte digest a node signs for `commitment` (DisputeManager's `commitmentDigest`)."""
-    c = commitment  # every field is 32 bytes or a checked uint64: abi.encode is plain concatenation (hot path)
-    struct_hash = _keccak(b"".join((COMMITMENT_TYPEHASH, c.request_id, c.step.to_bytes(32, "big"), c.input_hash, c.output_hash)))
+    c = commitment
+    struct_hash = _keccak(COMMITMENT_TYPEHASH + context_hash(c.context) + c.output_hash + c.issued_at.to_bytes(32, "big"))
     return _keccak(b"\x19\x01" + domain_separator(domain) + struct_hash)
+
+
+def chain_history(history: bytes, input_hash: bytes) -> bytes:
+    """A session's history hash once one more input (hashed `input_hash`) was answered: keccak256(history || input_hash),
+    starting from EMPTY_HISTORY."""
+    return _keccak(bytes(history) + bytes(input_hash))
 
 
 def tab_typed_data(tab: Tab, domain: Domain) -> dict:
@@ -323,17 +401,29 @@ def tab_typed_data(tab: Tab, domain: Domain) -> dict:
 
 def commitment_typed_data(commitment: Commitment, domain: Domain) -> dict:
     """The commitment as an EIP-712 typed-data message (for wallets' eth_signTypedData_v4)."""
-    return _typed_data(
+    c = commitment.context
+    data = _typed_data(
         "Commitment",
         COMMITMENT_TYPE,
         {
-            "requestId": commitment.request_id,
-            "step": commitment.step,
-            "inputHash": commitment.input_hash,
+            "context": {
+                "modelId": c.model_id,
+                "layerStart": c.layer_start,
+                "layerEnd": c.layer_end,
+                "requestId": c.request_id,
+                "sessionNonce": c.session_nonce,
+                "step": c.step,
+                "position": c.position,
+                "historyHash": c.history_hash,
+                "inputHash": c.input_hash,
+            },
             "outputHash": commitment.output_hash,
+            "issuedAt": commitment.issued_at,
         },
         domain,
     )
+    data["types"]["StepContext"] = STEP_CONTEXT_TYPE
+    return data
 
 
 def _typed_data(primary: str, fields: list[dict], message: dict, domain: Domain) -> dict:

@@ -1,6 +1,7 @@
-"""Dispute evidence: every input a node accepted for one hop up to the challenged step, its signed commitment
-for each, and its answer at that step, as one safetensors file added to IPFS (the dispute names its CID).
-Verifiers check every hash and signature before re-running anything; nothing is unpickled."""
+"""Dispute evidence: every input a node accepted in one session up to the challenged step, its positions, the node's
+signed commitment at that step and its answer there, as one safetensors file added to IPFS (the dispute names its
+CID). The commitment's history hash binds the earlier inputs, so verifiers check every hash and the signature
+before re-running anything; nothing is unpickled."""
 
 from __future__ import annotations
 
@@ -15,7 +16,16 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from shardmarket.chain.commitment import SignedCommitment
-from shardmarket.chain.eip712 import Commitment, Domain, recover_commitment_signer, tensor_hash
+from shardmarket.chain.eip712 import (
+    EMPTY_HISTORY,
+    Commitment,
+    Domain,
+    InvalidSignature,
+    StepContext,
+    chain_history,
+    recover_commitment_signer,
+    tensor_hash,
+)
 from shardmarket.engine.tensors import tensor_bytes
 from shardmarket.ipfs.blockstore import Blockstore, BlockstoreError
 from shardmarket.ipfs.cids import parse
@@ -27,46 +37,38 @@ MAX_EVIDENCE_BYTES = 256 * 2**20
 MAX_GATEWAY_HINTS = 4  # gateways a dispute's evidence reference may name
 PREFIX = "ipfs://"
 METADATA_KEY = "shardmarket.evidence"  # the safetensors metadata key holding everything but the tensors
+_HEX_FIELDS = ("model_id", "request_id", "session_nonce", "history_hash", "input_hash")
 
 
 class EvidenceError(ValueError):
-    """Evidence that is missing, malformed or does not match the accused node's signatures."""
+    """Evidence that is missing, malformed or does not match the accused node's signature."""
 
 
 @dataclass
 class Evidence:
-    """One hop's history up to the challenged step (the last one)."""
+    """One hop's session up to the challenged step (the last one)."""
 
-    model: str
-    start: int
-    end: int
     positions: list[int]
     inputs: list[torch.Tensor]  # [1, T, H] per step, exactly as sent
-    commitments: list[SignedCommitment]  # the accused node's, per step
+    challenged: SignedCommitment  # the accused node's commitment at the last step
     output: torch.Tensor  # the accused node's answer at the last step
 
     @property
-    def challenged(self) -> SignedCommitment:
-        return self.commitments[-1]
+    def context(self) -> StepContext:
+        return self.challenged.commitment.context
 
     def encode(self) -> bytes:
         """safetensors bytes; the same evidence always gives the same bytes, so the same CID (safetensors writes
         its metadata keys in no fixed order, so everything but the tensors goes in one key, as sorted JSON)."""
         tensors = {f"input.{i}": t.contiguous() for i, t in enumerate(self.inputs)} | {"output": self.output.contiguous()}
+        c = self.challenged.commitment
+        context = {name: getattr(c.context, name) for name in StepContext.__dataclass_fields__}
         meta = {
-            "model": self.model,
-            "layers": [self.start, self.end],
             "positions": self.positions,
-            "commitments": [
-                [
-                    c.commitment.request_id.hex(),
-                    c.commitment.step,
-                    c.commitment.input_hash.hex(),
-                    c.commitment.output_hash.hex(),
-                    c.signature.hex(),
-                ]
-                for c in self.commitments
-            ],
+            "context": {k: v.hex() if isinstance(v, bytes) else v for k, v in context.items()},
+            "output_hash": c.output_hash.hex(),
+            "issued_at": c.issued_at,
+            "signature": self.challenged.signature.hex(),
         }
         return save_tensors(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
@@ -76,30 +78,40 @@ class Evidence:
             tensors = load_tensors(data)
             header_len = int.from_bytes(data[:8], "little")
             meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"][METADATA_KEY])
-            start, end = meta["layers"]
-            commitments = [
-                SignedCommitment(Commitment(bytes.fromhex(r), s, bytes.fromhex(i), bytes.fromhex(o)), bytes.fromhex(sig))
-                for r, s, i, o, sig in meta["commitments"]
-            ]
-            inputs = [tensors[f"input.{i}"] for i in range(len(commitments))]
-            return cls(meta["model"], start, end, meta["positions"], inputs, commitments, tensors["output"])
-        except (KeyError, ValueError, TypeError, SafetensorError) as exc:
+            fields: dict = {k: bytes.fromhex(v) if k in _HEX_FIELDS else v for k, v in meta["context"].items()}
+            commitment = Commitment(StepContext(**fields), bytes.fromhex(meta["output_hash"]), meta["issued_at"])
+            positions = meta["positions"]
+            inputs = [tensors[f"input.{i}"] for i in range(len(positions))]
+            return cls(positions, inputs, SignedCommitment(commitment, bytes.fromhex(meta["signature"])), tensors["output"])
+        except (KeyError, ValueError, TypeError, AttributeError, SafetensorError) as exc:
             raise EvidenceError(f"malformed evidence: {exc}") from None
 
     def check(self, accused: str, domain: Domain) -> None:
-        """Every input and the answer match commitments signed by `accused`; raises EvidenceError otherwise."""
-        if not self.commitments or len(self.inputs) != len(self.commitments) or len(self.positions) != len(self.inputs):
-            raise EvidenceError("evidence needs one input, position and commitment per step")
-        for step, (tensor, signed) in enumerate(zip(self.inputs, self.commitments, strict=True)):
-            c = signed.commitment
-            if c.step != step or c.request_id != self.challenged.commitment.request_id:
-                raise EvidenceError(f"commitment {step} is for another request or step")
-            if tensor_hash(tensor_bytes(tensor)) != c.input_hash:
-                raise EvidenceError(f"input {step} is not what the node committed to")
-            if recover_commitment_signer(c, signed.signature, domain).lower() != accused.lower():
-                raise EvidenceError(f"commitment {step} was not signed by the accused node {accused}")
+        """The inputs are the session's up to the challenged step (positions, history hash and input hash as committed),
+        the answer is the committed output, and `accused` signed it; raises EvidenceError otherwise."""
+        context = self.context
+        if len(self.inputs) != context.step + 1 or len(self.positions) != len(self.inputs):
+            raise EvidenceError(f"evidence for step {context.step} needs {context.step + 1} inputs and positions")
+        position, history = 0, EMPTY_HISTORY
+        for step, (tensor, at) in enumerate(zip(self.inputs, self.positions, strict=True)):
+            if tensor.dim() != 3 or at != position:
+                raise EvidenceError(f"input {step} is not a [1, T, H] tensor at position {position}")
+            if step == context.step:
+                if at != context.position or history != context.history_hash:
+                    raise EvidenceError("the earlier inputs are not the ones the node committed to (position or history)")
+                if tensor_hash(tensor_bytes(tensor)) != context.input_hash:
+                    raise EvidenceError("the challenged input is not what the node committed to")
+            else:
+                history = chain_history(history, tensor_hash(tensor_bytes(tensor)))
+            position += tensor.shape[1]
         if tensor_hash(tensor_bytes(self.output)) != self.challenged.commitment.output_hash:
             raise EvidenceError("the answer is not what the node committed to")
+        try:
+            signer = recover_commitment_signer(self.challenged.commitment, self.challenged.signature, domain)
+        except InvalidSignature as exc:
+            raise EvidenceError(f"the commitment's signature is invalid: {exc}") from None
+        if signer.lower() != accused.lower():
+            raise EvidenceError(f"the commitment was not signed by the accused node {accused}")
 
 
 def publish(evidence: Evidence, store: Blockstore, gateways: Sequence[str] = ()) -> str:

@@ -56,7 +56,7 @@ def _say(text: str) -> None:
 
 
 def _snapshot(market, names: dict[str, str]) -> dict[str, dict[str, int]]:
-    """Token wallet, stake, escrow balance and redeemed-not-withdrawn earnings of every participant."""
+    """Token wallet, stake, escrow balance, redeemed-not-withdrawn earnings and dispute credit of every participant."""
     rows = {}
     for name, address in names.items():
         rows[name] = {
@@ -64,6 +64,7 @@ def _snapshot(market, names: dict[str, str]) -> dict[str, dict[str, int]]:
             "stake": market.read(market.stake.functions.totalStakeOf(address)),
             "escrow": market.read(market.escrow.functions.balanceOf(address)),
             "earnings": market.read(market.escrow.functions.earningsOf(address)),
+            "credit": market.read(market.disputes.functions.creditOf(address)),
         }
     return rows
 
@@ -81,7 +82,7 @@ def _table(before: dict, after: dict, names: dict[str, str], gas: dict[str, int]
     print(f"{'account':10} {'address':44} {'column':9} {'before':>26} {'after':>26} {'change':>22} {'gas used':>10}")
     for name, address in names.items():
         first = True
-        for column in ("wallet", "stake", "escrow", "earnings"):
+        for column in ("wallet", "stake", "escrow", "earnings", "credit"):
             b, a = before[name][column], after[name][column]
             if b == 0 and a == 0:
                 continue
@@ -133,14 +134,14 @@ def _await_dispute(chain, cheater: str, timeout: float = 180) -> None:
     outcomes = {
         DisputeStatus.NODE_SLASHED: "the node was slashed",
         DisputeStatus.CHALLENGER_LOST: "the challenger lost its bond",
-        DisputeStatus.VOID: "void (tie or no votes)",
+        DisputeStatus.VOID: "void (tie, no votes or no full panel)",
     }
     functions = chain.disputes.functions
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if chain.read(functions.disputeCount()) > 0:
             dispute = chain.read(functions.getDispute(1))
-            if dispute.status != DisputeStatus.OPEN:
+            if dispute.status in outcomes:
                 node, outcome = dispute.node, outcomes[dispute.status]
                 who = "the cheater" if node.lower() == cheater.lower() else "an honest node"
                 print(

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from eth_utils import to_checksum_address
+from eth_utils import is_address, to_checksum_address
 from web3.exceptions import BadFunctionCallOutput
 
 from shardmarket.chain.contracts import CONTRACTS, ChainError, Market
@@ -119,6 +119,22 @@ def add_operator_commands(group) -> None:
     unbond.add_argument("amount", type=parse_amount)
     add_password_file(unbond)
     unbond.set_defaults(run=chain_command(cmd_unbond))
+    add_credit_command(group)
+
+
+def add_credit_command(group) -> None:
+    """Add `withdraw-credit` (dispute payouts: bonds, rewards, refunds) to a command group."""
+    credit = group.add_parser("withdraw-credit", help="withdraw what disputes credited this account (bonds, rewards)")
+    credit.add_argument("--to", type=parse_address, help="send it to this address instead (e.g. when the token blocks yours)")
+    add_password_file(credit)
+    credit.set_defaults(run=chain_command(cmd_withdraw_credit))
+
+
+def parse_address(text: str) -> str:
+    """A 0x-prefixed 20-byte address, checksummed."""
+    if not is_address(text):
+        raise argparse.ArgumentTypeError(f"not an address: {text!r}")
+    return to_checksum_address(text)
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -217,6 +233,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         f"stake: bonded {stake.bonded}, unbonding {stake.unbonding} (ready at {stake.unbondReadyAt}), dispute locks {stake.locks}"
     )
     print(f"escrow earnings (redeemed, not withdrawn): {market.read(market.escrow.functions.earningsOf(me))}")
+    print(f"dispute credit (withdraw-credit): {market.read(market.disputes.functions.creditOf(me))}")
     try:
         node = market.read(market.registry.functions.getNode(me))
     except ChainError:
@@ -287,3 +304,13 @@ def cmd_unbond(args: argparse.Namespace) -> None:
 def cmd_withdraw(args: argparse.Namespace) -> None:
     market = connect(args)
     print_tx("withdraw stake", market.transact(market.stake.functions.withdraw(), "withdrawing stake"))
+
+
+def cmd_withdraw_credit(args: argparse.Namespace) -> None:
+    market = connect(args)
+    credit = market.read(market.disputes.functions.creditOf(market.address))
+    if not credit:
+        raise SystemExit(f"error: {market.address} has no dispute credit (disputes credit bonds, rewards and refunds)")
+    to = args.to or market.address
+    receipt = market.transact(market.disputes.functions.withdrawCredit(to), "withdrawing the dispute credit")
+    print_tx(f"withdraw dispute credit {credit} to {to}", receipt)

@@ -1,11 +1,12 @@
-"""`shardmarket client deposit|balance|withdraw`: the client's escrow account that pays nodes."""
+"""`shardmarket client deposit|balance|withdraw|withdraw-credit`: the client's escrow account that pays nodes, and its
+dispute credit."""
 
 from __future__ import annotations
 
 import argparse
 
 from shardmarket.cli.keys import add_password_file
-from shardmarket.cli.operator import chain_command, connect, parse_amount, print_tx
+from shardmarket.cli.operator import add_credit_command, chain_command, connect, parse_amount, print_tx
 
 
 def add_wallet_commands(group) -> None:
@@ -22,6 +23,7 @@ def add_wallet_commands(group) -> None:
     withdraw.add_argument("--complete", action="store_true", help="withdraw the requested amount once the timelock has passed")
     add_password_file(withdraw)
     withdraw.set_defaults(run=chain_command(cmd_withdraw))
+    add_credit_command(group)
 
 
 def cmd_deposit(args: argparse.Namespace) -> None:
@@ -45,6 +47,7 @@ def cmd_balance(args: argparse.Namespace) -> None:
     if withdrawal.readyAt:
         print(f"withdrawal of {withdrawal.amount} requested, possible from timestamp {withdrawal.readyAt}")
     print(f"wallet tokens {market.read(market.token.functions.balanceOf(me))}")
+    print(f"dispute credit (withdraw-credit) {market.read(market.disputes.functions.creditOf(me))}")
 
 
 def cmd_withdraw(args: argparse.Namespace) -> None:

@@ -1,7 +1,7 @@
-"""The client's checks on nodes: two different signed answers for one (request, step) are submitted as
-equivocation; a fraction of requests has one hop re-run on another node of the same range, and a mismatch
-beyond a floating-point tolerance (settled by a local re-run when the client holds those layers) opens a
-dispute with the evidence on IPFS."""
+"""The client's checks on nodes: two different signed answers for one step context (same session, step, position,
+history and input) are submitted as equivocation; a fraction of requests has one hop re-run on another node of the
+same range, and a mismatch beyond a floating-point tolerance (settled by a local re-run when the client holds those
+layers) opens a dispute with the evidence on IPFS, then draws its panel."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from web3.logs import DISCARD
 
 from shardmarket.chain.commitment import SignedCommitment
 from shardmarket.chain.contracts import ChainError, Market
+from shardmarket.chain.disputes import draw_panel
+from shardmarket.chain.eip712 import context_hash
 from shardmarket.chain.evidence import Evidence, publish, relative_difference
 from shardmarket.client.routing import NodeInfo
 from shardmarket.client.session import InferenceSession, NodeFailure
@@ -47,7 +49,7 @@ class _HopRecord:
     positions: list[int]
     inputs: list[torch.Tensor]
     outputs: list[torch.Tensor]
-    commitments: dict[int, SignedCommitment]
+    commitments: dict[int, SignedCommitment]  # by step, of the hop's current session
 
 
 class Auditor:
@@ -71,24 +73,25 @@ class Auditor:
         self.rng = random.Random(seed)
         self.findings: list[Finding] = []
         self.checks = 0
-        self._seen: dict[tuple[str, bytes, int], SignedCommitment] = {}
+        self._seen: dict[tuple[str, bytes, bytes], SignedCommitment] = {}  # (operator, request id, context hash)
         self._tasks: set[asyncio.Task] = set()
         self._stages: dict[tuple[int, int], Stage] = {}
         self._local = threading.Lock()  # one local re-run at a time (model loading patches torch globally)
 
     def on_commitment(self, node: NodeInfo, signed: SignedCommitment, tokens: int) -> None:
         c = signed.commitment
-        key = (node.operator.lower(), c.request_id, c.step)
+        key = (node.operator.lower(), c.context.request_id, context_hash(c.context))
         earlier = self._seen.setdefault(key, signed)
-        if earlier.commitment.input_hash == c.input_hash and earlier.commitment.output_hash != c.output_hash:
+        if earlier.commitment.output_hash != c.output_hash:
             self._spawn(self._submit_equivocation(node, earlier, signed))
 
     def on_finished(self, session: InferenceSession) -> None:
         for key in [k for k in self._seen if k[1] in session.request_ids]:
             del self._seen[key]
-        by_url: dict[str, dict[int, SignedCommitment]] = {}
-        for url, signed in session.commitments:
-            by_url.setdefault(url, {})[signed.commitment.step] = signed
+        by_session: dict[bytes, dict[int, SignedCommitment]] = {}
+        for _, signed in session.commitments:
+            context = signed.commitment.context
+            by_session.setdefault(context.session_nonce, {})[context.step] = signed
         for hop in session.hops:  # each hop is checked with probability `rate`
             if hop.inputs and self.rng.random() < self.rate:
                 record = _HopRecord(
@@ -96,7 +99,7 @@ class Auditor:
                     [p for p, _ in hop.inputs],
                     [h for _, h in hop.inputs],
                     list(hop.outputs),
-                    by_url.get(hop.node.url, {}),
+                    by_session.get(hop.nonce, {}),
                 )
                 self._spawn(self._spot_check(record, session.max_length))
 
@@ -112,7 +115,7 @@ class Auditor:
 
     async def _submit_equivocation(self, node: NodeInfo, a: SignedCommitment, b: SignedCommitment) -> None:
         disputes = self.market.disputes.functions
-        call = disputes.slashEquivocation(_tuple(a), a.signature, _tuple(b), b.signature)
+        call = disputes.slashEquivocation(a.commitment.as_tuple(), a.signature, b.commitment.as_tuple(), b.signature)
         try:
             receipt = await asyncio.to_thread(self.market.transact, call, f"reporting equivocation by {node.operator}")
         except ChainError as exc:
@@ -140,7 +143,7 @@ class Auditor:
             outputs = await checker._replay_hop(hops[0], list(zip(record.positions, record.inputs, strict=True)))
         finally:
             await checker.close()
-        return [o for _, o in outputs], {s.commitment.step: s for url, s in checker.commitments}
+        return [o for _, o in outputs], {s.commitment.context.step: s for _, s in checker.commitments}
 
     def _rerun_local(self, record: _HopRecord) -> list[torch.Tensor] | None:
         if self.checkpoint is None:
@@ -212,18 +215,16 @@ class Auditor:
     async def _challenge(
         self, node: NodeInfo, record: _HopRecord, outputs: list[torch.Tensor], commitments: dict[int, SignedCommitment], step: int
     ) -> None:
-        """Open a dispute on `node`'s commitment at `step`, with its inputs and answers up to there as evidence."""
-        if any(i not in commitments for i in range(step + 1)):
-            log.warning("cannot challenge %s: its commitments for steps 0..%d are missing", node.url, step)
+        """Open a dispute on `node`'s commitment at `step`, with the session's inputs up to there and its answer as
+        evidence, then draw the dispute's panel."""
+        if step not in commitments:
+            log.warning("cannot challenge %s: its commitment for step %d is missing", node.url, step)
             return
         dtype = wire.DTYPES[node.dtype]
         evidence = Evidence(
-            self.model.model_id,
-            node.start,
-            node.end,
             record.positions[: step + 1],
             [x.to(dtype).contiguous() for x in record.inputs[: step + 1]],
-            [commitments[i] for i in range(step + 1)],
+            commitments[step],
             outputs[step].to(dtype).contiguous(),
         )
         reference_cid = await asyncio.to_thread(publish, evidence, self.store, self.evidence_gateways)
@@ -234,7 +235,7 @@ class Auditor:
                 self.market.transact, self.market.token.functions.approve(disputes.address, bond), "approving the challenge bond"
             )
             call = disputes.functions.challenge(
-                node.operator, _tuple(evidence.challenged), evidence.challenged.signature, reference_cid
+                node.operator, evidence.challenged.commitment.as_tuple(), evidence.challenged.signature, reference_cid
             )
             receipt = await asyncio.to_thread(self.market.transact, call, f"challenging {node.operator}")
         except ChainError as exc:
@@ -244,8 +245,5 @@ class Auditor:
         dispute_id = opened[0]["args"]["disputeId"] if opened else None
         log.warning("opened dispute %s against %s (evidence %s)", dispute_id, node.url, reference_cid)
         self.findings.append(Finding("challenge", node.operator, receipt["transactionHash"].hex(), dispute_id))
-
-
-def _tuple(signed: SignedCommitment) -> tuple:
-    c = signed.commitment
-    return (c.request_id, c.step, c.input_hash, c.output_hash)
+        if dispute_id is not None:
+            await asyncio.to_thread(draw_panel, self.market, dispute_id)

@@ -150,9 +150,9 @@ class Payer:
 
     def answered(self, node, signed: SignedCommitment, tokens: int) -> None:
         """Chain the usage record of a step `node` answered into the client's usage hash."""
-        c = signed.commitment
+        c, output_hash = signed.commitment.context, signed.commitment.output_hash
         with self._lock:
-            self._usage = chain_usage_hash(self._usage, UsageRecord(c.request_id, c.step, tokens, c.input_hash, c.output_hash))
+            self._usage = chain_usage_hash(self._usage, UsageRecord(c.request_id, c.step, tokens, c.input_hash, output_hash))
 
     def promised(self, node_operator: str) -> int:
         """Total promised to a node so far."""

@@ -5,7 +5,9 @@ frame, wrong shape), the hop's inputs are replayed in order to a replacement rou
 which rebuilds the same KV cache, and the step is retried there: the output is the same as an undisturbed
 run. A node answers a step with its result, then its signed commitment to it: the result goes on to the next
 hop at once and the commitment is checked while that hop works; a bad one redoes the whole step on a new
-request, every hop's answered steps replayed, with the forger routed around.
+request, every hop's answered steps replayed, with the forger routed around. The client checks each commitment
+against the context it rebuilds itself: the node's model and layers as registered, the session nonce the node
+named when the session opened, the step, its position and the hash chain of every input it sent that hop.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import overload
 
 import torch
+from eth_utils import keccak
 
 from shardmarket.chain.commitment import CommitmentError, SignedCommitment, check_commitment
-from shardmarket.chain.eip712 import Domain, tensor_hash
+from shardmarket.chain.eip712 import EMPTY_HISTORY, Domain, StepContext, chain_history, tensor_hash
 from shardmarket.client.failures import RecentFailures
 from shardmarket.client.routing import NodeInfo, RouteError, plan_route
 from shardmarket.engine.tensors import tensor_bytes
@@ -90,12 +93,25 @@ class HopTiming:
 
 @dataclass
 class Hop:
-    """One node of the route, its open channel, and every input sent to it (for replay)."""
+    """One node of the route, its open channel and session, and every input sent to it (for replay)."""
 
     node: NodeInfo
     channel: SecureChannel
+    nonce: bytes  # the session nonce the node chose: every commitment of this session names it
     inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, hidden) per step
     outputs: list[torch.Tensor] = field(default_factory=list)  # the node's answer per step (for spot checks)
+    history: bytes = EMPTY_HISTORY  # chain_history over the hashes of every input answered so far
+
+    def context(self, request_id: bytes, step: int, position: int, input_hash: bytes) -> StepContext:
+        """The context the node must commit to for the next step: its model and layers, this session, its history."""
+        node = self.node
+        return StepContext(
+            keccak(text=node.model_id), node.start, node.end, request_id, self.nonce, step, position, self.history, input_hash
+        )
+
+    def answered(self, context: StepContext) -> None:
+        """Take an answered step into the session's history."""
+        self.history = chain_history(self.history, context.input_hash)
 
 
 class InferenceSession:
@@ -209,7 +225,11 @@ class InferenceSession:
         if reply.type != wire.OPENED:
             await channel.close()
             raise NodeFailure(f"node {node.url} answered open with a {reply.type} frame")
-        return Hop(node, channel)
+        nonce = reply.fields.get("nonce")
+        if not isinstance(nonce, bytes) or len(nonce) != 32:
+            await channel.close()
+            raise NodeFailure(f"node {node.url} opened the session without a 32-byte session nonce")
+        return Hop(node, channel, nonce)
 
     def _pool_key(self, node: NodeInfo) -> tuple:
         return node.url, self.transport, node.tcp_port, node.x25519_public_key
@@ -312,16 +332,17 @@ class InferenceSession:
         fields = self._fields(position)
         started = time.perf_counter()
         await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
-        input_hash = tensor_hash(payload)
+        context = hop.context(self.request_id, step, position, tensor_hash(payload))
         if previous is not None:
             await previous()
         async with asyncio.timeout(self.step_timeout_s):
             reply = await hop.channel.recv()
         output = self._check_answer(hop, reply, step, sent)
+        hop.answered(context)
         self.timings.append(
             HopTiming(node.url, hidden.shape[1], time.perf_counter() - started, reply.fields.get("compute_us", 0) / 1e6)
         )
-        return output, _CommitmentCheck(self, hop, reply, self.request_id, step, input_hash, hidden.shape[1])
+        return output, _CommitmentCheck(self, hop, reply, context, hidden.shape[1])
 
     def pay(self, charges: list[tuple[NodeInfo, int]]) -> None:
         """Sign the tab that raises each (node, tokens) of `charges` by its cost, before those steps are sent."""
@@ -428,8 +449,10 @@ class InferenceSession:
             async with asyncio.timeout(self.step_timeout_s):
                 reply = await hop.channel.recv()
             output = self._check_answer(hop, reply, step, tensor)
+            context = hop.context(self.request_id, step, inputs[step][0], tensor_hash(payload))
+            hop.answered(context)
             try:
-                await _CommitmentCheck(self, hop, reply, self.request_id, step, tensor_hash(payload), tensor.shape[1])()
+                await _CommitmentCheck(self, hop, reply, context, tensor.shape[1])()
             except CommitmentFailure as exc:
                 raise NodeFailure(str(exc)) from None
             outputs.append((inputs[step][0], output))
@@ -475,30 +498,23 @@ class _CommitmentCheck:
     """Reads the commitment frame that follows an answer and checks it (once), recording it; raises
     CommitmentFailure if it is missing or bad."""
 
-    def __init__(
-        self, session: InferenceSession, hop: Hop, reply: Message, request_id: bytes, step: int, input_hash: bytes, tokens: int
-    ) -> None:
-        self.session, self.hop, self.reply, self.request_id = session, hop, reply, request_id
-        self.step, self.input_hash, self.tokens = step, input_hash, tokens
+    def __init__(self, session: InferenceSession, hop: Hop, reply: Message, context: StepContext, tokens: int) -> None:
+        self.session, self.hop, self.reply, self.context, self.tokens = session, hop, reply, context, tokens
         self.done = False
 
     async def __call__(self) -> None:
         if self.done:
             return
         self.done = True
-        session, node = self.session, self.hop.node
+        session, node, step = self.session, self.hop.node, self.context.step
         try:
             async with asyncio.timeout(session.step_timeout_s):
                 frame = await self.hop.channel.recv()
             if frame.type == wire.ERROR:  # e.g. the tab this step ran on credit with was refused
-                raise CommitmentError(f"step {self.step} was refused after its answer: {frame.fields.get('message')}")
-            if frame.type != wire.COMMIT or frame.step != self.step or frame.session != self.request_id:
-                raise CommitmentError(
-                    f"step {self.step}: expected its commitment, got a {frame.type} frame for step {frame.step}"
-                )
-            signed = check_commitment(
-                frame.fields, self.request_id, self.step, self.input_hash, self.reply.payload, node.operator, session.domain
-            )
+                raise CommitmentError(f"step {step} was refused after its answer: {frame.fields.get('message')}")
+            if frame.type != wire.COMMIT or frame.step != step or frame.session != self.context.request_id:
+                raise CommitmentError(f"step {step}: expected its commitment, got a {frame.type} frame for step {frame.step}")
+            signed = check_commitment(frame.fields, self.context, self.reply.payload, node.operator, session.domain)
         except (CommitmentError, *HOP_ERRORS) as exc:
             raise CommitmentFailure(node, f"node {node.url}: {exc}") from None
         session.commitments.append((node.url, signed))

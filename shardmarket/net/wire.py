@@ -17,7 +17,7 @@ import torch
 
 from shardmarket.engine.tensors import tensor_bytes
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: OPENED names the session nonce, COMMIT carries the history hash and issued_at
 _U32 = struct.Struct(">I")
 
 # The message types of an inference session (client -> node, node -> client).

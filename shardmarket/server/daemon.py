@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import torch
 from aiohttp import web
+from eth_utils import keccak
 
 from shardmarket.chain.commitment import commitment_domain
 from shardmarket.chain.contracts import ChainError, Market
@@ -160,8 +161,8 @@ def build_daemon(
     price = options.price if options.price is not None else config.node.price
     port = options.port if options.port is not None else config.node.port
     print(f"loading layers {options.layers[0]}:{options.layers[1]} of {checkpoint}", flush=True)
-    service = _load_service(options, config, checkpoint, options.layers, identity, threads)
     listing = NodeListing(options.model_id or checkpoint.name, price)
+    service = _load_service(options, config, checkpoint, listing.model_id, options.layers, identity, threads)
     return _daemon(options, config, service, listing, port)
 
 
@@ -215,10 +216,11 @@ def paid_daemon(
     )
     settler = Settler(market, tabs, gate, interval_s=config.node.redeem_interval_s, min_value=config.node.redeem_min_value)
     print(f"loading layers {start}:{end} of {name}, price {price}", flush=True)
-    service = _load_service(options, config, checkpoint, (start, end), identity, threads, payments=gate)
+    service = _load_service(options, config, checkpoint, name, (start, end), identity, threads, payments=gate)
     duty = VerifierDuty(
         market,
         service.worker,
+        service.model_id,
         Blockstore(config.ipfs.store),  # evidence is kept locally, where this node's gateway can serve it
         config.ipfs.gateways,
         config.node.dispute_tolerance,
@@ -243,13 +245,15 @@ def _load_service(
     options: ServeOptions,
     config: Config,
     checkpoint: Path,
+    model: str,
     layers: tuple[int, int],
     identity: NodeIdentity,
     threads: int,
     payments: PaymentGate | None = None,
 ) -> NodeService:
     """Load layers `layers` of `checkpoint` on the compute thread (every torch operation of the node runs there) and
-    build the session service, the faulty one when `options.fault` asks for it."""
+    build the session service of model `model` (its name on the ModelRegistry), the faulty one when `options.fault`
+    asks for it."""
     max_memory = None if options.max_memory_mb is None else {"cpu": int(options.max_memory_mb * 2**20)}
     compute = compute_thread(threads)
     stage = compute.submit(
@@ -268,6 +272,7 @@ def _load_service(
     compute.submit(worker.warm_up).result()
     domain = commitment_domain(config.chain.chain_id, config.chain.deployments_dir)
     kwargs: dict[str, Any] = {
+        "model_id": keccak(text=model),
         "idle_timeout_s": config.node.idle_timeout_s,
         "payments": payments,
         "session_limits": limits_from(config.node, SessionLimits),

@@ -20,8 +20,9 @@ FORGING_KEY = bytes(range(1, 33))
 @dataclass(frozen=True)
 class Fault:
     """What to do wrong: `wrong_shape` drops the last hidden unit of every answer, `noise` adds Gaussian noise of that
-    scale to every answer, `equivocate` answers a retried step with a different output, `forge_commitments` signs the
-    commitments of a session's steps from `FORGED_FROM_STEP` on with a key that is not the operator's."""
+    scale to every answer, `equivocate` answers a retried step with a different output (the same context: slashable),
+    `forge_commitments` signs the commitments of a session's steps from `FORGED_FROM_STEP` on with a key that is not
+    the operator's."""
 
     wrong_shape: bool = False
     noise: float = 0.0
@@ -60,7 +61,5 @@ class FaultyService(NodeService):
 
     def _commitment(self, answer: _Answer) -> Message:
         if self.fault.forge_commitments and answer.step >= FORGED_FROM_STEP and answer.signed is None:
-            answer.signed = commit(
-                signing_key(FORGING_KEY), answer.request_id, answer.step, answer.input_hash, answer.payload, self.domain
-            )
+            answer.signed = commit(signing_key(FORGING_KEY), answer.context, answer.payload, self.domain)
         return super()._commitment(answer)

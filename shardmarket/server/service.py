@@ -1,5 +1,10 @@
 """The node's inference sessions: handshake, open/step/close, cached answers and signed commitments per step.
 
+Each session gets a random nonce when it opens, and a step's commitment names it with the hash of every earlier
+input of the session: two commitments of this node for the same context come from one computation, so the node never
+signs two answers that look like equivocation, whatever request ids a client reuses and however often the node
+restarts.
+
 A step is answered with two frames: the result, sent as soon as the layers are done, then the signed commitment
 to it (the client passes the result on to the next hop while the node signs, and checks the signature while
 that hop works). A paid session's later steps run on the client's credit: their tab is checked and stored while
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -18,7 +24,16 @@ from dataclasses import dataclass, field
 import torch
 
 from shardmarket.chain.commitment import SignedCommitment, commit
-from shardmarket.chain.eip712 import ENTRY_BYTES, MAX_ENTRIES, TAB_HEADER_BYTES, Domain, tensor_hash
+from shardmarket.chain.eip712 import (
+    EMPTY_HISTORY,
+    ENTRY_BYTES,
+    MAX_ENTRIES,
+    TAB_HEADER_BYTES,
+    Domain,
+    StepContext,
+    chain_history,
+    tensor_hash,
+)
 from shardmarket.engine.errors import CapacityError, EngineError, ShapeError, UnknownSession
 from shardmarket.engine.tensors import tensor_bytes
 from shardmarket.net import wire
@@ -33,7 +48,6 @@ from shardmarket.server.worker import StageWorker
 
 log = logging.getLogger("shardmarket.node")
 CACHED_STEPS = 4  # answers kept per session for retries
-RETIRED_REQUESTS = 1 << 16  # closed request ids remembered (about 5 MB)
 MAX_BAD_FRAMES = 8  # frames failing authentication before the node hangs up
 MAX_TAB_BYTES = TAB_HEADER_BYTES + ENTRY_BYTES * MAX_ENTRIES  # the client's signed tab riding on a step, naming every node
 
@@ -70,14 +84,20 @@ class StepRefused(Exception):
 
 @dataclass
 class _Answer:
-    request_id: bytes
-    step: int
-    input_hash: bytes
+    context: StepContext
     output: torch.Tensor
     payload: bytes
     compute_us: int
     signed: SignedCommitment | None = None  # signed once, after the result went out; a retry gets the same one
     credit: Credit | None = None  # a step run before its tab was checked: checked before the commitment goes out
+
+    @property
+    def request_id(self) -> bytes:
+        return self.context.request_id
+
+    @property
+    def step(self) -> int:
+        return self.context.step
 
 
 @dataclass(eq=False)
@@ -94,6 +114,8 @@ class _Session:
     request_id: bytes
     max_length: int
     owner: _Connection
+    nonce: bytes = field(default_factory=lambda: os.urandom(32))  # names this session in every commitment
+    history: bytes = EMPTY_HISTORY  # chain_history over every input answered so far
     next_step: int = 0
     next_position: int = 0
     answers: OrderedDict[int, _Answer] = field(default_factory=OrderedDict)
@@ -114,6 +136,7 @@ class NodeService:
         identity: NodeIdentity,
         domain: Domain,
         *,
+        model_id: bytes,
         idle_timeout_s: float = 300.0,
         payments: PaymentGate | None = None,
         session_limits: SessionLimits = SessionLimits(),
@@ -122,6 +145,7 @@ class NodeService:
         self.stage = worker.stage
         self.limits = step_limits(self.stage.hidden_size, self.stage.dtype, session_limits.max_step_tokens)
         self.session_limits = session_limits
+        self.model_id = model_id  # keccak256 of the model's name, as the ModelRegistry names it: every commitment carries it
         self.idle_timeout_s = idle_timeout_s
         self.payments = payments
         self.sessions: dict[bytes, _Session] = {}
@@ -135,9 +159,6 @@ class NodeService:
         self._connections: set[Transport] = set()  # until their sessions are closed
         self._no_connections = asyncio.Event()
         self._no_connections.set()
-        # request ids whose session ended: never reopened, so the node never answers one step of a request twice
-        # (a second answer to the same input could differ in its last bits and look like equivocation)
-        self._retired: OrderedDict[bytes, None] = OrderedDict()
 
     async def serve(self, transport: Transport, peer: Peer | None = None) -> None:
         """Serve one connection until it closes, then close the sessions it holds; never raises on bad input."""
@@ -255,9 +276,7 @@ class NodeService:
     def _commitment(self, answer: _Answer) -> Message:
         """The commitment frame of `answer`, signed on first use."""
         if answer.signed is None:
-            answer.signed = commit(
-                self.identity.signer, answer.request_id, answer.step, answer.input_hash, answer.payload, self.domain
-            )
+            answer.signed = commit(self.identity.signer, answer.context, answer.payload, self.domain)
         return Message(wire.COMMIT, answer.request_id, answer.step, answer.signed.to_fields())
 
     def _check_request_id(self, message: Message) -> bytes:
@@ -273,9 +292,8 @@ class NodeService:
         if existing is not None:  # a reconnect before the old connection was noticed gone: the session moves here
             if existing.owner is not connection:
                 self._move(existing, connection)
-            return Message(wire.OPENED, request_id, existing.next_step, {"position": existing.next_position})
-        if request_id in self._retired:
-            raise StepRefused("request_used", "this request id was closed on this node; open the request again with a new id")
+            fields = {"position": existing.next_position, "nonce": existing.nonce}
+            return Message(wire.OPENED, request_id, existing.next_step, fields)
         max_length = message.fields.get("max_length")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or not 0 < max_length <= 1 << 20:
             raise StepRefused("bad_open", "open needs max_length, a positive integer")
@@ -290,7 +308,7 @@ class NodeService:
                 self.payments.release(request_id)
             raise
         self.sessions[request_id] = session
-        return Message(wire.OPENED, request_id, 0, {"position": 0})
+        return Message(wire.OPENED, request_id, 0, {"position": 0, "nonce": session.nonce})
 
     async def _new_session(self, request_id: bytes, max_length: int, tab: object, connection: _Connection) -> _Session:
         """A session with its KV cache reserved; on a paid node, `tab` (if any) names its payer first."""
@@ -343,13 +361,10 @@ class NodeService:
         connection.sessions.add(session.request_id)
         session.owner = connection
 
-    def _forget(self, request_id: bytes, retire: bool = True) -> _Session | None:
+    def _forget(self, request_id: bytes) -> _Session | None:
         """Take a request's session off the books (its KV cache is the caller's to close); returns it (None if it was not
-        open). Retired, its request id is never opened again: no step of it is ever answered twice."""
-        if retire:
-            self._retired[request_id] = None
-            while len(self._retired) > RETIRED_REQUESTS:
-                self._retired.popitem(last=False)
+        open). Opening the request id again starts a new session, with a new nonce: its commitments never collide with
+        this one's."""
         if self.payments is not None:
             self.payments.release(request_id)
         session = self.sessions.pop(request_id, None)
@@ -365,13 +380,12 @@ class NodeService:
         return Message(wire.CLOSED, message.session)
 
     async def _end_sessions(self, connection: _Connection) -> None:
-        """Close the sessions of a connection that closed. One that answered a step is retired (so no step is answered
-        twice); one that did not may be opened again."""
+        """Close the sessions of a connection that closed (opening one of them again starts a new session)."""
         for request_id in list(connection.sessions):
             session = self.sessions.get(request_id)
             if session is None or session.owner is not connection:
                 continue
-            self._forget(request_id, retire=session.next_step > 0)
+            self._forget(request_id)
             async with session.lock:
                 await self._close_stage_session(session)
 
@@ -412,7 +426,7 @@ class NodeService:
         answer = session.answers.get(message.step)
         if answer is None:
             raise StepRefused("step_too_old", f"step {message.step} was answered and is no longer cached; open a new session")
-        if message.tensor is None or tensor_hash(message.payload) != answer.input_hash:
+        if message.tensor is None or tensor_hash(message.payload) != answer.context.input_hash:
             raise StepRefused("conflict", f"step {message.step} was already answered for a different input; open a new session")
         return answer
 
@@ -447,12 +461,25 @@ class NodeService:
             raise StepRefused("engine", f"the engine refused the step: {exc}") from None
         output = output.contiguous()
         payload = tensor_bytes(output)
-        answer = _Answer(session.request_id, message.step, tensor_hash(message.payload), output, payload, int(compute_s * 1e6))
+        input_hash = tensor_hash(message.payload)
+        context = StepContext(
+            self.model_id,
+            self.stage.start,
+            self.stage.end,
+            session.request_id,
+            session.nonce,
+            message.step,
+            session.next_position,
+            session.history,
+            input_hash,
+        )
+        answer = _Answer(context, output, payload, int(compute_s * 1e6))
         session.answers[message.step] = answer
         while len(session.answers) > CACHED_STEPS:
             session.answers.popitem(last=False)
         session.next_step += 1
         session.next_position += hidden.shape[1]
+        session.history = chain_history(session.history, input_hash)
         self.steps_served += 1
         return answer
 

@@ -1,6 +1,8 @@
-"""Verifier duty: when the DisputeManager picks this node for a dispute, it fetches the evidence, checks it
-against the accused's signatures, re-runs the hop on its own layers, commits its verdict, reveals it once
-the reveal phase opens, and resolves the dispute when every verifier has revealed."""
+"""Verifier duty: when a dispute's panel draws this node, it fetches the evidence, checks it against the accused's
+signature, re-runs the hop on its own layers, commits its verdict, reveals it once the reveal phase opens, and
+resolves the dispute when every verifier has revealed. A dispute about this node's slice whose challenger has not
+drawn its panel a few blocks after the draw block is drawn by this node, so that nobody can wait for the draw's
+randomness to expire and be drawn again."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import requests
 import torch
 
 from shardmarket.chain.contracts import ChainError, DisputeStatus, Market
+from shardmarket.chain.disputes import draw_panel
+from shardmarket.chain.eip712 import commitment_digest
 from shardmarket.chain.evidence import Evidence, EvidenceError, fetch, relative_difference
 from shardmarket.chain.watch import BlockWatch
 from shardmarket.ipfs.blockstore import Blockstore
@@ -28,6 +32,7 @@ RESCAN_BLOCKS = 100  # the scan's start is saved at least this often (blocks), s
 # ends; then the vote acquits the node (the challenger had the whole phase to make the evidence available)
 UNAVAILABLE_VOTE_MARGIN_S = 300
 EVIDENCE_RETRY_S = 15  # between two attempts to fetch a dispute's evidence
+DRAW_GRACE_BLOCKS = 3  # blocks after a dispute's draw block left to its challenger before this node draws its panel
 
 
 class EvidenceUnavailable(Exception):
@@ -52,16 +57,19 @@ class VerifierDuty:
         self,
         market: Market,
         worker: StageWorker,
+        model_id: bytes,
         store: Blockstore,
         gateways: list[str],
         tolerance: float,
         tick_s: float = 1.0,
         state_path: Path | None = None,
     ) -> None:
-        self.market, self.worker, self.store, self.gateways = market, worker, store, gateways
+        self.market, self.worker, self.model_id, self.store, self.gateways = market, worker, model_id, store, gateways
         self.tolerance, self.tick_s, self.state_path = tolerance, tick_s, state_path
         self.ballots: dict[int, _Ballot] = {}
-        self.pending: dict[int, tuple[int, dict]] = {}  # vote not committed yet: dispute id -> (its block, DisputeOpened args)
+        # vote not committed yet: dispute id -> (the block its panel was drawn in, DisputeOpened and PanelDrawn args)
+        self.pending: dict[int, tuple[int, dict]] = {}
+        self.drawing: dict[int, tuple[int, int]] = {}  # this slice's disputes without a panel: id -> (opened in, draw block)
         self._from_block: int | None = None
         self._evidence_retry_at: dict[int, float] = {}  # dispute id -> when to try fetching its evidence again
         self._saved_from: int | None = None
@@ -78,7 +86,8 @@ class VerifierDuty:
         """Write the ballots and the first block not fully handled (that of the oldest pending dispute) atomically."""
         if self.state_path is None:
             return
-        scan_from = min((block for block, _ in self.pending.values()), default=self._from_block)
+        blocks = [block for block, _ in self.pending.values()] + [block for block, _ in self.drawing.values()]
+        scan_from = min(blocks, default=self._from_block)
         ballots = {str(i): dict(asdict(b), salt=b.salt.hex()) for i, b in self.ballots.items()}
         temporary = self.state_path.with_suffix(".tmp")
         temporary.write_text(json.dumps({"scan_from": scan_from, "ballots": ballots}))
@@ -86,22 +95,58 @@ class VerifierDuty:
         self._saved_from = scan_from
 
     def _new_disputes(self, latest: int) -> None:
-        """Add the disputes opened up to block `latest` that drew this node and still need its vote to `pending`."""
+        """Add the panels drawn up to block `latest` that seat this node and still need its vote to `pending`, and the
+        disputes opened about this node's slice to `drawing`."""
         start = latest if self._from_block is None else self._from_block
         if start > latest:
             return
-        logs = self.market.disputes.events.DisputeOpened.get_logs(from_block=start, to_block=latest)
+        events = self.market.disputes.events
         me = self.market.address.lower()
         found = 0
-        for entry in logs:
-            dispute = entry["args"]
-            ballot = self.ballots.get(dispute["disputeId"])
-            if me in {v.lower() for v in dispute["verifiers"]} and (ballot is None or not ballot.committed):
-                self.pending[dispute["disputeId"]] = (entry["blockNumber"], dispute)
+        for entry in events.DisputeOpened.get_logs(from_block=start, to_block=latest):
+            context = entry["args"]["commitment"]["context"]
+            if (bytes(context["modelId"]), context["layerStart"], context["layerEnd"]) == self._slice():
+                self.drawing[entry["args"]["disputeId"]] = (entry["blockNumber"], entry["args"]["drawBlock"])
+                found += 1
+        for entry in events.PanelDrawn.get_logs(from_block=start, to_block=latest):
+            dispute_id = entry["args"]["disputeId"]
+            self.drawing.pop(dispute_id, None)
+            ballot = self.ballots.get(dispute_id)
+            if me in {v.lower() for v in entry["args"]["verifiers"]} and (ballot is None or not ballot.committed):
+                self.pending[dispute_id] = (entry["blockNumber"], self._opened(dispute_id) | dict(entry["args"]))
                 found += 1
         self._from_block = latest + 1
         if found or self._saved_from is None or self._from_block - self._saved_from > RESCAN_BLOCKS:
             self._save()  # else a restart scans a few blocks again: disputes already voted on are skipped
+
+    def _slice(self) -> tuple[bytes, int, int]:
+        stage = self.worker.stage
+        return self.model_id, stage.start, stage.end
+
+    def _opened(self, dispute_id: int) -> dict:
+        """The DisputeOpened arguments of `dispute_id` (the accused, the commitment, the evidence)."""
+        block = self.market.read(self.market.disputes.functions.getDispute(dispute_id)).openedBlock
+        logs = self.market.disputes.events.DisputeOpened.get_logs(
+            from_block=block, to_block=block, argument_filters={"disputeId": dispute_id}
+        )
+        if not logs:
+            raise ChainError(f"dispute {dispute_id}: no DisputeOpened event in its block {block}; is the RPC node pruned?")
+        return dict(logs[0]["args"])
+
+    def _draw(self, latest: int) -> None:
+        """Draw the panels of this slice's disputes that their challengers left undrawn for DRAW_GRACE_BLOCKS."""
+        functions = self.market.disputes.functions
+        for dispute_id, (opened_in, draw_block) in list(self.drawing.items()):
+            if latest <= draw_block + DRAW_GRACE_BLOCKS:
+                continue
+            dispute = self.market.read(functions.getDispute(dispute_id))
+            if dispute.status == DisputeStatus.DRAWING:
+                log.info("dispute %d: its panel is still undrawn %d blocks on; drawing it", dispute_id, latest - draw_block)
+                if draw_panel(self.market, dispute_id) == DisputeStatus.DRAWING:  # moved to a later block: wait for it
+                    self.drawing[dispute_id] = (opened_in, self.market.read(functions.getDispute(dispute_id)).drawBlock)
+                    continue
+            del self.drawing[dispute_id]
+            self._save()
 
     def _rerun(self, evidence: Evidence) -> torch.Tensor:
         stage = self.worker.stage
@@ -133,20 +178,15 @@ class VerifierDuty:
             evidence = await self.fetch_evidence(dispute, last_chance=last_chance)
             if evidence is None:
                 raise EvidenceError("no gateway served it, and the commit phase is about to end")
-            stage = self.worker.stage
-            evidence.check(dispute["node"], self.market.dispute_domain())
-            c = dispute["commitment"]
-            challenged = evidence.challenged.commitment
-            if (challenged.request_id, challenged.step, challenged.input_hash, challenged.output_hash) != (
-                c["requestId"],
-                c["step"],
-                c["inputHash"],
-                c["outputHash"],
-            ):
+            domain = self.market.dispute_domain()
+            evidence.check(dispute["node"], domain)
+            if commitment_digest(evidence.challenged.commitment, domain) != bytes(dispute["commitmentDigest"]):
                 raise EvidenceError("the evidence is about another commitment than the dispute")
-            if (evidence.start, evidence.end) != (stage.start, stage.end):
+            context = evidence.context
+            if (context.model_id, context.layer_start, context.layer_end) != self._slice():
                 raise EvidenceError(
-                    f"the evidence is for layers {evidence.start}:{evidence.end}, this node serves {stage.start}:{stage.end}"
+                    f"the evidence is for layers {context.layer_start}:{context.layer_end} of model 0x{context.model_id.hex()}, "
+                    f"not this node's slice"
                 )
         except (EvidenceError, ValueError) as exc:
             log.warning("dispute %d: the evidence does not hold (%s); voting that the node was right", dispute["disputeId"], exc)
@@ -242,6 +282,8 @@ class VerifierDuty:
                 if latest == handled:
                     continue
                 await asyncio.to_thread(self._new_disputes, latest)
+                if self.drawing:
+                    await asyncio.to_thread(self._draw, latest)
                 if not (self.ballots or self.pending):
                     handled = latest
                     continue

@@ -1,3 +1,4 @@
+import brownie
 import pytest
 from eth_account import Account
 
@@ -155,10 +156,25 @@ class Market:
         events = [e for e in tx.events["TabSettled"] if e["client"] == client] if "TabSettled" in tx.events else []
         return eip712.unpack_entries(bytes(events[-1]["paid"])) if events else ()
 
-    def commitment(self, node, request=b"\x22" * 32, step=0, output=b"\x44" * 32, inp=b"\x33" * 32):
-        commitment = eip712.Commitment(request, step, inp, output)
-        signature = eip712.sign_commitment(node.private_key, commitment, self.dispute_domain)
-        return (request, step, inp, output), signature
+    def commitment(
+        self,
+        node,
+        request=b"\x22" * 32,
+        step=0,
+        output=b"\x44" * 32,
+        inp=b"\x33" * 32,
+        *,
+        layers=(0, 4),
+        nonce=b"\x55" * 32,
+        position=0,
+        history=eip712.EMPTY_HISTORY,
+        issued_at=None,
+        model_id=None,
+    ):
+        """(ABI tuple, signature) of a commitment `node` signs: by default step 0 of a session on layers [0, 4), now."""
+        context = eip712.StepContext(bytes(model_id or self.model_id), *layers, request, nonce, step, position, history, inp)
+        commitment = eip712.Commitment(context, output, brownie.chain.time() if issued_at is None else issued_at)
+        return commitment.as_tuple(), eip712.sign_commitment(node.private_key, commitment, self.dispute_domain)
 
 
 @pytest.fixture

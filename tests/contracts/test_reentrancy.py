@@ -80,3 +80,31 @@ def test_stake_withdrawal_cannot_be_reentered(hook_token, hook_stake, attacker, 
     assert attacker.reentryError() == GUARD_ERROR
     assert hook_token.balanceOf(attacker) == 5 * TOKEN
     assert hook_stake.totalStakeOf(attacker) == 5 * TOKEN
+
+
+def test_dispute_credit_cannot_be_withdrawn_twice_by_reentering(
+    hook_token, hook_stake, attacker, ModelRegistry, NodeRegistry, DisputeManager, nodes, accounts
+):
+    from scripts.deploy import DISPUTE_PARAMS
+
+    owner = {"from": accounts[0]}
+    registry = NodeRegistry.deploy(hook_stake, ModelRegistry.deploy(owner), TOKEN, owner)
+    params = {**DISPUTE_PARAMS, "challengeWindow": DELAY // 2}  # shorter than hook_stake's unbonding delay
+    disputes = DisputeManager.deploy(hook_stake, registry, accounts[9], tuple(params.values()), owner)
+    hook_stake.grantRole(hook_stake.SLASHER_ROLE(), disputes, owner)
+    node = nodes[0]
+    hook_token.transfer(node, 10 * TOKEN, owner)
+    hook_token.approve(hook_stake, 10 * TOKEN, {"from": node})
+    hook_stake.stake(10 * TOKEN, {"from": node})
+    domain = eip712.Domain(31337, disputes.address)
+    context = eip712.StepContext(b"\x01" * 32, 0, 4, b"\x02" * 32, b"\x03" * 32, 0, 0, eip712.EMPTY_HISTORY, b"\x04" * 32)
+    signed = [eip712.Commitment(context, bytes([output]) * 32, brownie.chain.time()) for output in (1, 2)]
+    args = [arg for c in signed for arg in (c.as_tuple(), eip712.sign_commitment(node.private_key, c, domain))]
+    as_attacker(attacker, disputes, "slashEquivocation", *args)  # the attacker reports: credited half the stake
+    assert disputes.creditOf(attacker) == 5 * TOKEN
+    attacker.arm(disputes, disputes.withdrawCredit.encode_input(attacker), owner)
+    as_attacker(attacker, disputes, "withdrawCredit", attacker)
+    assert attacker.attempted() and not attacker.reentered()
+    assert attacker.reentryError() == GUARD_ERROR
+    assert hook_token.balanceOf(attacker) == 5 * TOKEN
+    assert hook_token.balanceOf(disputes) == 5 * TOKEN  # the treasury's credit

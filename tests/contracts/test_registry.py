@@ -76,7 +76,9 @@ def test_register_lists_a_staked_node(market, registry, nodes):
     model_id = market.model_id
     assert list(registry.modelNodes(model_id, 0, 10)) == [node.address]
     key = registry.sliceKey(model_id, 2, 6)
-    assert registry.sliceNodeCount(key) == 1 and registry.sliceNodeAt(key, 0) == node
+    assert registry.sliceLength(key) == 1 and registry.sliceMemberAt(key, 0) == node
+    assert registry.isSliceMember(node, key)
+    assert record["activeSince"] == tx.block_number
 
 
 def test_register_needs_the_minimum_stake(market, registry, nodes, reverts_with):
@@ -134,9 +136,22 @@ def test_update_moves_the_node_between_slices(market, registry, nodes):
     record = registry.getNode(node)
     assert (record["layerStart"], record["pricePerToken"], list(record["endpoints"])) == (4, 99, ["http://a", "http://b"])
     old, new = registry.sliceKey(model_id, 0, 4), registry.sliceKey(model_id, 4, 8)
-    assert [registry.sliceNodeAt(old, i) for i in range(registry.sliceNodeCount(old))] == [other]
-    assert [registry.sliceNodeAt(new, i) for i in range(registry.sliceNodeCount(new))] == [node]
+    # a slice's list only grows: the node stays at its index in the old slice, no longer a member
+    assert [registry.sliceMemberAt(old, i) for i in range(registry.sliceLength(old))] == [node, other]
+    assert not registry.isSliceMember(node, old) and registry.isSliceMember(other, old)
+    assert [registry.sliceMemberAt(new, i) for i in range(registry.sliceLength(new))] == [node]
+    assert record["activeSince"] == tx.block_number
     assert sorted(registry.modelNodes(model_id, 0, 10)) == sorted([node.address, other.address])
+    registry.update(model_id, 0, 4, 99, b"\x02" * 32, ["http://a"], {"from": node})  # back: its old place, no new entry
+    assert registry.sliceLength(old) == 2 and registry.isSliceMember(node, old)
+
+
+def test_an_update_within_the_slice_keeps_the_active_time(market, registry, nodes):
+    node = nodes[0]
+    since = market.register(node, 0, 4).block_number
+    registry.update(market.model_id, 0, 4, 99, b"\x02" * 32, ["http://a"], {"from": node})
+    assert registry.getNode(node)["activeSince"] == since
+    assert registry.sliceLength(registry.sliceKey(market.model_id, 0, 4)) == 1
 
 
 def test_update_validates_like_register(market, registry, nodes, reverts_with):
@@ -158,8 +173,10 @@ def test_pause_unpause(market, registry, nodes, reverts_with):
     assert not registry.isListed(node)
     with reverts_with("AlreadyPaused"):
         registry.pause({"from": node})
-    assert "NodeUnpaused" in registry.unpause({"from": node}).events
+    tx = registry.unpause({"from": node})
+    assert "NodeUnpaused" in tx.events
     assert registry.isListed(node)
+    assert registry.getNode(node)["activeSince"] == tx.block_number  # its active time in the slice starts again
 
 
 def test_deregister_removes_everywhere(market, registry, nodes, reverts_with):
@@ -172,11 +189,13 @@ def test_deregister_removes_everywhere(market, registry, nodes, reverts_with):
     assert not registry.isListed(a)
     model_id = market.model_id
     assert sorted(registry.modelNodes(model_id, 0, 10)) == sorted([b.address, c.address])
-    assert registry.sliceNodeCount(registry.sliceKey(model_id, 0, 4)) == 2
+    key = registry.sliceKey(model_id, 0, 4)
+    assert registry.sliceLength(key) == 3 and not registry.isSliceMember(a, key)
     with reverts_with("NotRegistered"):
         registry.deregister({"from": a})
     market.register(a, stake=0)  # can come back
     assert registry.modelNodeCount(model_id) == 3
+    assert registry.sliceLength(key) == 3 and registry.isSliceMember(a, key)
 
 
 def test_model_nodes_pages(market, registry, nodes, reverts_with):

@@ -17,6 +17,7 @@ def test_stake_moves_tokens_and_bonds_them(market, stake_manager, token, node):
     assert token.balanceOf(stake_manager) == 150 * TOKEN
     assert token.balanceOf(node) == 0
     assert tx.events["Staked"]["bonded"] == 150 * TOKEN
+    assert stake_manager.stakeOf(node)["stakedAt"] == tx.block_number  # a later verifier draw asks since when
 
 
 def test_stake_zero_reverts(stake_manager, node, reverts_with):

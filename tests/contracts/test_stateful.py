@@ -1,9 +1,11 @@
-"""Random deposits, tabs, settlements, withdrawals, stakes, unbonds and slashes against a model of the market.
+"""Random deposits, tabs, settlements, withdrawals, stakes, unbonds, slashes and disputes against a model of the market.
 
 Clients sometimes sign a tab lowering a node's entry, and the node claims the older promise (claimLowered).
 After every step: every token is accounted for (holders and contracts sum to the total supply), each contract
 holds exactly what it owes, no node was ever paid more than the most any of its client's tabs promised it, and
-the escrow's stored paid vector is the model's.
+the escrow's stored paid vector is the model's. Disputes: a node of the panel section signs a commitment, then
+pauses, deregisters, unbonds or moves to another slice; the challenge still goes through, its panel is drawn from the
+slice the commitment names, and every payout waits as a credit (the DisputeManager holds exactly the credits).
 """
 
 from itertools import count
@@ -11,14 +13,17 @@ from itertools import count
 import brownie
 from hypothesis import strategies as st
 
-from scripts.deploy import UNBONDING_DELAY, WITHDRAWAL_TIMELOCK
+from scripts.deploy import DISPUTE_PARAMS, UNBONDING_DELAY, WITHDRAWAL_TIMELOCK
 from shardmarket.chain import eip712
+from shardmarket.chain.contracts import DisputeStatus
 
 from conftest import TOKEN
 
 SETTINGS = {"max_examples": 15, "stateful_step_count": 15, "deadline": None, "database": None}
 START_DEPOSIT, START_STAKE = 15 * TOKEN, 50 * TOKEN  # small deposits: settlements often run short
 REQUEST_IDS = count(1)  # never reused, so no two runs send byte-identical slash transactions
+BOND = DISPUTE_PARAMS["challengeBond"]
+PANEL_STAKE = 100 * TOKEN  # the registry's minimum: a slashed or penalized panel node drops out of later draws
 
 
 class MarketMachine:
@@ -45,6 +50,7 @@ class MarketMachine:
         for account in [*cls.clients, *cls.nodes]:
             market.token.approve(market.escrow, 2**255, {"from": account})
             market.token.approve(market.stake, 2**255, {"from": account})
+        cls.init_disputes(market, nodes[3:7], treasury)
 
     def setup(self):
         self.tabs = {}  # client -> [(tab, signature)] every tab it signed, oldest first
@@ -187,6 +193,90 @@ class MarketMachine:
         assert tx.events["EquivocationSlashed"]["slashed"] == before
         assert self.market.stake.totalStakeOf(self.nodes[node]) == 0
 
+    # ---- disputes
+
+    st_panel_node = st.integers(0, 3)
+    st_escape = st.sampled_from(["stay", "pause", "deregister", "unbond", "move"])
+    st_verdict = st.sampled_from(["guilty", "innocent", "silent"])
+    st_creditor = st.integers(0, 5)
+
+    @classmethod
+    def init_disputes(cls, market, panel_nodes, treasury):
+        """Four nodes serve layers [0, 4) with the minimum stake: the accused and the panel of every dispute."""
+        cls.panel_nodes = list(panel_nodes)
+        cls.slice, cls.other_slice = (market.model_id, 0, 4), (market.model_id, 4, 8)
+        for node in cls.panel_nodes:
+            market.register(node, 0, 4, stake=PANEL_STAKE)
+        cls.holders = [*cls.holders, *cls.panel_nodes]
+        cls.creditors = [cls.reporter, treasury, *cls.panel_nodes]
+        market.token.approve(market.disputes, 2**255, {"from": cls.reporter})
+
+    def rule_challenge_after_leaving(self, accused="st_panel_node", escape="st_escape", verdict="st_verdict"):
+        """A panel node signs a commitment on [0, 4), then escapes as it can; the reporter challenges it and draws the
+        panel; the seated verifiers vote `verdict` (silent ones are penalized) and the dispute is resolved."""
+        market, disputes, node = self.market, self.market.disputes, self.panel_nodes[accused]
+        request = next(REQUEST_IDS).to_bytes(32, "big")
+        commitment, signature = market.commitment(node, request=request, output=b"\x0e" * 32)
+        self._escape(node, escape)
+        if market.stake.totalStakeOf(node) == 0:
+            with brownie.reverts(revert_pattern=r"NoStake(: .*)?"):
+                disputes.challenge(node, commitment, signature, "", {"from": self.reporter})
+            return
+        market.fund(self.reporter, BOND)
+        dispute_id = disputes.challenge(node, commitment, signature, "", {"from": self.reporter}).return_value
+        draw = disputes.drawPanel(dispute_id, {"from": self.reporter})
+        if "PanelDrawn" not in draw.events:  # too few eligible verifiers left in [0, 4): void, the bond credited back
+            assert disputes.getDispute(dispute_id)["status"] == DisputeStatus.VOID
+            return
+        verifiers = list(draw.events["PanelDrawn"]["verifiers"])
+        assert node not in verifiers and all(
+            market.registry.isSliceMember(v, market.registry.sliceKey(*self.slice)) for v in verifiers
+        )
+        stake_before = market.stake.totalStakeOf(node)
+        if verdict == "silent":
+            brownie.chain.sleep(DISPUTE_PARAMS["commitPeriod"] + DISPUTE_PARAMS["revealPeriod"] + 1)
+        else:
+            salt = b"\x05" * 32
+            for verifier in verifiers:
+                hidden = disputes.voteHash(dispute_id, verifier, verdict == "guilty", salt)
+                disputes.commitVote(dispute_id, hidden, {"from": verifier})
+            for verifier in verifiers:
+                disputes.revealVote(dispute_id, verdict == "guilty", salt, {"from": verifier})
+        outcome = disputes.resolve(dispute_id, {"from": self.reporter}).return_value
+        expected = {"guilty": DisputeStatus.NODE_SLASHED, "innocent": DisputeStatus.CHALLENGER_LOST}
+        assert outcome == expected.get(verdict, DisputeStatus.VOID)
+        slashed = stake_before * DISPUTE_PARAMS["wrongOutputSlashBps"] // 10_000 if verdict == "guilty" else 0
+        assert market.stake.totalStakeOf(node) == stake_before - slashed
+        assert market.stake.stakeOf(node)["locks"] == 0
+
+    def _escape(self, node, escape):
+        registry, stake = self.market.registry, self.market.stake
+        registered = any(registry.isSliceMember(node, registry.sliceKey(*key)) for key in (self.slice, self.other_slice))
+        if escape == "pause" and registered and not registry.getNode(node)["paused"]:
+            registry.pause({"from": node})
+        elif escape == "deregister" and registered:
+            registry.deregister({"from": node})
+        elif escape == "move" and registered:
+            target = self.other_slice if registry.isSliceMember(node, registry.sliceKey(*self.slice)) else self.slice
+            registry.update(*target, 10, b"\x01" * 32, ["http://moved.example"], {"from": node})
+        elif escape == "unbond":
+            info = stake.stakeOf(node)
+            if info["bonded"]:
+                stake.unbond(info["bonded"], {"from": node})
+            elif info["unbonding"] and info["locks"] == 0 and brownie.chain.time() >= info["unbondReadyAt"]:
+                stake.withdraw({"from": node})  # gone: nothing left to challenge
+
+    def rule_withdraw_credit(self, creditor="st_creditor"):
+        account = self.creditors[creditor]
+        credit = self.market.disputes.creditOf(account)
+        if credit:
+            before = self.market.token.balanceOf(account)
+            self.market.disputes.withdrawCredit(account, {"from": account})
+            assert self.market.token.balanceOf(account) == before + credit
+
+    def invariant_no_dispute_leaves_stake_locked(self):
+        assert all(self.market.stake.stakeOf(n)["locks"] == 0 for n in [*self.nodes, *self.panel_nodes])
+
     # ---- invariants
 
     def invariant_tokens_are_accounted_for_and_no_node_is_overpaid(self):
@@ -195,8 +285,8 @@ class MarketMachine:
         assert held == token.totalSupply()
         owed = sum(escrow.balanceOf(c) for c in self.clients) + sum(escrow.earningsOf(n) for n in self.nodes)
         assert token.balanceOf(escrow) == owed
-        assert token.balanceOf(stake) == sum(stake.totalStakeOf(n) for n in self.nodes)
-        assert token.balanceOf(self.market.disputes) == 0
+        assert token.balanceOf(stake) == sum(stake.totalStakeOf(n) for n in [*self.nodes, *self.panel_nodes])
+        assert token.balanceOf(self.market.disputes) == sum(self.market.disputes.creditOf(a) for a in self.creditors)
         for client, signed in self.tabs.items():
             paid = self.paid.get(client, {})
             assert all(amount <= max(tab.amount_for(node) for tab, _ in signed) for node, amount in paid.items())

@@ -8,17 +8,21 @@ from eth_keys import keys
 from eth_utils import keccak
 
 from shardmarket.chain.eip712 import (
+    EMPTY_HISTORY,
     MAX_ENTRIES,
     SECP256K1_N,
     Commitment,
     Domain,
     Entry,
     InvalidSignature,
+    StepContext,
     Tab,
     UsageRecord,
+    chain_history,
     chain_usage_hash,
     commitment_digest,
     commitment_typed_data,
+    context_hash,
     pack_tab,
     paid_vector_hash,
     recover_commitment_signer,
@@ -46,8 +50,23 @@ def tab(amount: int = 10**18, seq: int = 1) -> Tab:
     return Tab(CLIENT.address, seq, tuple(entries), b"\x11" * 32)
 
 
+def context(**change) -> StepContext:
+    fields = {
+        "model_id": b"\x0a" * 32,
+        "layer_start": 2,
+        "layer_end": 6,
+        "request_id": b"\x22" * 32,
+        "session_nonce": b"\x55" * 32,
+        "step": 7,
+        "position": 31,
+        "history_hash": b"\x66" * 32,
+        "input_hash": b"\x33" * 32,
+    }
+    return StepContext(**(fields | change))
+
+
 def commitment(output: bytes = b"\x44" * 32) -> Commitment:
-    return Commitment(b"\x22" * 32, 7, b"\x33" * 32, output)
+    return Commitment(context(), output, 1_700_000_000)
 
 
 def high_s(signature: bytes) -> bytes:
@@ -65,6 +84,36 @@ def test_tab_round_trip_recovers_the_client():
 def test_commitment_round_trip_recovers_the_node():
     signature = sign_commitment(NODE.key, commitment(), DOMAIN)
     assert recover_commitment_signer(commitment(), signature, DOMAIN) == NODE.address
+
+
+def test_a_commitment_binds_every_field_of_its_context_and_when_it_was_signed():
+    """Changing anything the output depends on (or the signing time) changes the digest, so one signature never stands
+    for another step, session, position, history or slice."""
+    base = commitment_digest(commitment(), DOMAIN)
+    changes = {
+        "model_id": b"\x0b" * 32,
+        "layer_start": 3,
+        "layer_end": 5,
+        "request_id": b"\x23" * 32,
+        "session_nonce": b"\x56" * 32,
+        "step": 8,
+        "position": 30,
+        "history_hash": b"\x67" * 32,
+        "input_hash": b"\x34" * 32,
+    }
+    for name, value in changes.items():
+        changed = Commitment(context(**{name: value}), b"\x44" * 32, 1_700_000_000)
+        assert commitment_digest(changed, DOMAIN) != base, name
+        assert context_hash(changed.context) != context_hash(commitment().context), name
+    assert commitment_digest(Commitment(context(), b"\x44" * 32, 1_700_000_001), DOMAIN) != base
+    assert context_hash(Commitment(context(), b"\x45" * 32, 1).context) == context_hash(commitment().context)
+
+
+def test_the_history_hash_chains_every_input_in_order():
+    a, b = b"\x01" * 32, b"\x02" * 32
+    ab = chain_history(chain_history(EMPTY_HISTORY, a), b)
+    assert ab == keccak(keccak(bytes(32) + a) + b)
+    assert ab != chain_history(chain_history(EMPTY_HISTORY, b), a)
 
 
 def test_digests_match_eth_account_typed_data_encoding():
@@ -147,8 +196,12 @@ def test_signature_with_r_off_the_curve_is_rejected():
         lambda: Tab(CLIENT.address, 2**32, (Entry(NODE.address, 1),), b"\x00" * 32),
         lambda: Tab(CLIENT.address, 1, (Entry(NODE.address, 1),), b"\x00" * 31),
         lambda: Tab(CLIENT.address, 1, [Entry(NODE.address, 1)], b"\x00" * 32),
-        lambda: Commitment(b"\x00" * 32, 2**64, b"\x00" * 32, b"\x00" * 32),
-        lambda: Commitment(b"\x00" * 32, 1, "00" * 32, b"\x00" * 32),
+        lambda: context(step=2**64),
+        lambda: context(layer_end=2**16),
+        lambda: context(session_nonce=b"\x00" * 31),
+        lambda: context(input_hash="00" * 32),
+        lambda: Commitment(context(), b"\x00" * 32, -1),
+        lambda: Commitment("context", b"\x00" * 32, 1),
         lambda: Domain(chain_id=1, verifying_contract="not an address"),
         lambda: UsageRecord(b"\x00" * 32, 0, -5, b"\x00" * 32, b"\x00" * 32),
     ],

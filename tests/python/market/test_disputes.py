@@ -1,17 +1,21 @@
 """Checks on nodes, on a real anvil with real node processes: spot checks never accuse honest nodes that
 compute with other thread counts or from disk-offloaded layers, a node adding noise is challenged and slashed by
 the verifiers' vote (votes that failed to commit, or whose verifier restarted, are sent again), a node signing two
-answers for one step is slashed for equivocation."""
+answers for one step is slashed for equivocation, an honest node whose request id a client reuses across a
+restart gives nobody slashable evidence, and a dispute its challenger leaves undrawn is drawn by the slice's nodes."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
 import torch
+from web3.logs import DISCARD
 
-from shardmarket.chain.contracts import DisputeStatus, Market
+from shardmarket.chain.contracts import ChainError, DisputeStatus, Market
+from shardmarket.chain.eip712 import EMPTY_HISTORY
 from shardmarket.chain.evidence import relative_difference
 from shardmarket.cli.devmarket import DevMarket
 from shardmarket.client.session import InferenceSession
@@ -130,6 +134,13 @@ def test_noisy_node_is_challenged_and_slashed_by_the_verifiers_even_if_their_vot
     assert all(chain.read(chain.disputes.functions.ballotOf(dispute_id, market.accounts[name])).revealed for name in verifiers)
     assert stake_of(market, "cheat") == 50 * 10**18  # wrongOutputSlashBps = 50 %
     assert all(stake_of(market, name) == 100 * 10**18 for name, _, _, _ in NODES)
+    # the challenger's bond and reward wait as a credit until it withdraws them
+    challenger = market.accounts["checking-client"]
+    credit = chain.read(chain.disputes.functions.creditOf(challenger))
+    assert credit == 10 * 10**18 + 25 * 10**18  # the bond, and rewardBps (50 %) of the 50 tokens slashed
+    wallet = chain.read(chain.token.functions.balanceOf(challenger))
+    assert market.cli("checking-client", "client", "withdraw-credit") == 0
+    assert chain.read(chain.token.functions.balanceOf(challenger)) == wallet + credit
     market.stop_node("cheat")
 
 
@@ -154,6 +165,7 @@ def test_equivocating_node_is_slashed(market):
         hidden = torch.randn(1, 3, target.hidden_size)
         session.pay([(target, 3)])
         for _ in range(2):  # the second is a retry: the node answers differently and signs it again
+            hop.history = EMPTY_HISTORY  # step 0 again, after no earlier input
             _, check = await session._step(hop, 0, 0, hidden, None)
             await check()
         await session.close()
@@ -164,3 +176,86 @@ def test_equivocating_node_is_slashed(market):
     assert [f.kind for f in auditor.findings] == ["equivocation"]
     assert stake_of(market, "twofaced") == 0
     market.stop_node("twofaced")
+
+
+def test_a_request_id_reused_across_a_node_restart_gives_no_slashable_evidence(market):
+    """Issue 18's attack: a client runs request R on node c (step 0: A, step 1: X), c restarts (forgetting every
+    request id), the client opens R again (step 0: B, step 1: X). c honestly answers step 1 differently (its KV cache
+    differs). Both step-1 commitments name R, step 1 and X's hash, but also the session nonce c chose and the history:
+    the auditor sees no equivocation, and the contract refuses the pair."""
+    name = "c"
+    target_url = market.nodes[name].url
+    same = torch.randn(1, 1, 64)
+
+    async def session(request_id: bytes, first: torch.Tensor):
+        model = await auditing_client(market, "reuser", rate=0.0)
+        target = next(n for n in model.nodes if n.url == target_url)
+        session = InferenceSession(
+            [target],
+            model.head.num_layers,
+            model.domain,
+            max_length=16,
+            tab_source=model.tab_source,
+            on_commitment=model.on_commitment,
+        )
+        session.request_id = request_id
+        hop = (await session._open_hops([target]))[0]
+        for step, (position, hidden) in enumerate([(0, first), (first.shape[1], same)]):
+            session.pay([(target, hidden.shape[1])])
+            _, check = await session._step(hop, step, position, hidden, None)
+            await check()
+        await session.close()
+        await model.auditor.wait()
+        return model.auditor, session.commitments[-1][1]
+
+    request_id = os.urandom(32)
+    auditor_a, a = asyncio.run(session(request_id, torch.randn(1, 3, 64)))
+    market.stop_node(name)
+    market.start_node(name)
+    auditor_b, b = asyncio.run(session(request_id, torch.randn(1, 2, 64)))
+    ca, cb = a.commitment, b.commitment
+    assert (ca.context.request_id, ca.context.step, ca.context.input_hash) == (cb.context.request_id, 1, cb.context.input_hash)
+    assert ca.output_hash != cb.output_hash  # two honest, different answers
+    assert ca.context.session_nonce != cb.context.session_nonce and ca.context.history_hash != cb.context.history_hash
+    assert auditor_a.findings == auditor_b.findings == []
+    with market.acting_as("reuser"):
+        chain = Market.connect(load_config().chain, auditor_b.market.account)
+    call = chain.disputes.functions.slashEquivocation(ca.as_tuple(), a.signature, cb.as_tuple(), b.signature)
+    with pytest.raises(ChainError, match="NotEquivocation"):
+        chain.transact(call, "reporting the two honest answers as equivocation")
+    assert stake_of(market, name) == 100 * 10**18
+
+
+def test_a_dispute_its_challenger_leaves_undrawn_is_drawn_by_the_slices_nodes(market):
+    """Nobody can wait for the draw block's hash to expire (and be drawn again): a few blocks on, the nodes serving the
+    commitment's slice draw the panel themselves; here they find the junk evidence unreadable and acquit the node."""
+    from shardmarket.chain import eip712
+    from shardmarket.chain.keys import load_account
+    from shardmarket.cli.devmarket import PASSWORD
+    from shardmarket.cli.keys import home_keys
+
+    market.new_account("accused", tokens=100 * 10**18)
+    market.node_port("accused")
+    market.cli("accused", "node", "register", "--model", MODEL, "--layers", "2:4", "--price", "1", "--stake", "100e18")
+    market.new_account("idle-challenger", tokens=10 * 10**18)
+    with market.acting_as("accused"):
+        accused = load_account(PASSWORD, home_keys())
+    with market.acting_as("idle-challenger"):
+        chain = Market.connect(load_config().chain, load_account(PASSWORD, home_keys()))
+    context = eip712.StepContext(chain.model_id(MODEL), 2, 4, os.urandom(32), os.urandom(32), 0, 0, EMPTY_HISTORY, bytes(32))
+    commitment = eip712.Commitment(context, b"\x01" * 32, chain.w3.eth.get_block("latest")["timestamp"])
+    signature = eip712.sign_commitment(accused.key, commitment, chain.dispute_domain())
+    disputes = chain.disputes.functions
+    chain.transact(chain.token.functions.approve(chain.disputes.address, 10 * 10**18), "approving the bond")
+    receipt = chain.transact(
+        disputes.challenge(accused.address, commitment.as_tuple(), signature, "ipfs://bafkqaaa"), "challenging"
+    )
+    dispute_id = chain.disputes.events.DisputeOpened().process_receipt(receipt, errors=DISCARD)[0]["args"]["disputeId"]
+    for _ in range(4):  # blocks come; the challenger never draws
+        market.w3.provider.make_request("evm_mine", [])
+    deadline = time.monotonic() + 120
+    while (status := chain.read(disputes.getDispute(dispute_id)).status) in (DisputeStatus.DRAWING, DisputeStatus.OPEN):
+        assert time.monotonic() < deadline, f"dispute {dispute_id} still {DisputeStatus(status).name} after 120 s"
+        time.sleep(0.5)
+    assert status == DisputeStatus.CHALLENGER_LOST
+    assert stake_of(market, "accused") == 100 * 10**18

@@ -18,7 +18,7 @@ from safetensors.torch import save as save_tensors
 
 from shardmarket.chain.commitment import commit
 from shardmarket.chain.devchain import free_port
-from shardmarket.chain.eip712 import Domain, signing_key, tensor_hash
+from shardmarket.chain.eip712 import EMPTY_HISTORY, Domain, StepContext, chain_history, signing_key, tensor_hash
 from shardmarket.chain.evidence import MAX_GATEWAY_HINTS, METADATA_KEY, Evidence, EvidenceError, fetch, gateway_hints, publish
 from shardmarket.engine.tensors import tensor_bytes
 from shardmarket.ipfs.blockstore import Blockstore
@@ -29,13 +29,11 @@ DOMAIN = Domain(31337, "0x" + "00" * 20)
 
 
 def evidence(node) -> Evidence:
-    request_id, inputs, commitments = os.urandom(32), [torch.randn(1, 3, 8), torch.randn(1, 1, 8)], []
-    for step, hidden in enumerate(inputs):
-        output = torch.randn(1, hidden.shape[1], 8)
-        commitments.append(
-            commit(signing_key(node.key), request_id, step, tensor_hash(tensor_bytes(hidden)), tensor_bytes(output), DOMAIN)
-        )
-    return Evidence("tiny", 0, 2, [0, 3], inputs, commitments, output)
+    """A session of two steps on layers [0, 2): the second is challenged."""
+    inputs, output = [torch.randn(1, 3, 8), torch.randn(1, 1, 8)], torch.randn(1, 1, 8)
+    history = chain_history(EMPTY_HISTORY, tensor_hash(tensor_bytes(inputs[0])))
+    context = StepContext(b"\x0a" * 32, 0, 2, os.urandom(32), os.urandom(32), 1, 3, history, tensor_hash(tensor_bytes(inputs[1])))
+    return Evidence([0, 3], inputs, commit(signing_key(node.key), context, tensor_bytes(output), DOMAIN), output)
 
 
 @pytest.fixture
@@ -80,8 +78,8 @@ def test_the_same_evidence_always_has_the_same_cid_and_malformed_evidence_is_ref
     references = {publish(original, Blockstore(tmp_path / f"store{i}")) for i in range(3)}
     assert len(references) == 1  # safetensors' own metadata order varies from call to call; the evidence's does not
     decoded = Evidence.decode(original.encode())
-    assert decoded.commitments == original.commitments and decoded.positions == original.positions
-    assert torch.equal(decoded.inputs[0], original.inputs[0]) and (decoded.start, decoded.end) == (0, 2)
+    assert decoded.challenged == original.challenged and decoded.positions == original.positions
+    assert torch.equal(decoded.inputs[0], original.inputs[0]) and torch.equal(decoded.output, original.output)
     for bad in [
         b"not safetensors",
         save_tensors({"output": torch.zeros(1)}, metadata={"model": "tiny"}),
@@ -90,6 +88,27 @@ def test_the_same_evidence_always_has_the_same_cid_and_malformed_evidence_is_ref
     ]:
         with pytest.raises(EvidenceError, match="malformed evidence"):
             Evidence.decode(bad)
+
+
+def test_evidence_must_be_the_session_the_node_committed_to():
+    """A verifier re-runs only what the node signed: the earlier inputs must hash into the commitment's history, the
+    positions run on from 0, the last input and the answer are the committed ones, and the accused signed it."""
+    node = Account.create()
+    good = evidence(node)
+    good.check(node.address, DOMAIN)
+    other_first = Evidence(good.positions, [torch.randn(1, 3, 8), good.inputs[1]], good.challenged, good.output)
+    other_last = Evidence(good.positions, [good.inputs[0], torch.randn(1, 1, 8)], good.challenged, good.output)
+    for bad, error in [
+        (other_first, "history"),
+        (Evidence([0, 2], good.inputs, good.challenged, good.output), "position"),
+        (other_last, "challenged input"),
+        (Evidence(good.positions, good.inputs, good.challenged, torch.randn(1, 1, 8)), "answer"),
+        (Evidence(good.positions[:1], good.inputs[:1], good.challenged, good.output), "needs 2 inputs"),
+    ]:
+        with pytest.raises(EvidenceError, match=error):
+            bad.check(node.address, DOMAIN)
+    with pytest.raises(EvidenceError, match="not signed by the accused"):
+        good.check(Account.create().address, DOMAIN)
 
 
 def test_only_a_few_http_gateways_are_taken_from_a_reference():
@@ -108,7 +127,7 @@ def test_a_verifier_asks_again_for_evidence_no_gateway_serves_yet_and_acquits_on
     original = evidence(node)
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     reference = publish(original, Blockstore(tmp_path / "challenger-offline"), [down, url])  # on neither gateway yet
-    duty = VerifierDuty(None, None, Blockstore(tmp_path / "verifier"), [], tolerance=0.01)
+    duty = VerifierDuty(None, None, b"\x0a" * 32, Blockstore(tmp_path / "verifier"), [], tolerance=0.01)
     dispute = {"disputeId": 7, "evidence": reference}
     with pytest.raises(EvidenceUnavailable, match="no gateway had"):
         asyncio.run(duty.judge(dispute, last_chance=False))

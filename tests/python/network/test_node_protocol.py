@@ -1,6 +1,7 @@
 """A real node process on loopback, spoken to frame by frame: bad frames get error frames, the node survives,
-retries return the same signed commitment, the wrong key is refused, shutdown finishes the running step, and
-channels kept between requests carry new sessions for a while."""
+retries return the same signed commitment, a request id opened again is a new session whose commitments never
+look like equivocation, the wrong key is refused, shutdown finishes the running step, and channels kept between
+requests carry new sessions for a while."""
 
 from __future__ import annotations
 
@@ -8,12 +9,23 @@ import asyncio
 import os
 import signal
 import struct
+import time
 
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from eth_utils import keccak
 
-from shardmarket.chain.eip712 import Commitment, Domain, recover_commitment_signer, tensor_hash
+from shardmarket.chain.eip712 import (
+    EMPTY_HISTORY,
+    Commitment,
+    Domain,
+    StepContext,
+    chain_history,
+    context_hash,
+    recover_commitment_signer,
+    tensor_hash,
+)
 from shardmarket.engine.tensors import tensor_bytes
 from shardmarket.net import wire
 from shardmarket.net.channel import ChannelClosed, ChannelPool, KeyMismatch, SecureChannel, client_handshake, open_transport
@@ -47,10 +59,13 @@ async def connect(node, info, kind: str = "tcp") -> SecureChannel:
     return await client_handshake(transport, bytes.fromhex(info["x25519_public_key"]))
 
 
-async def open_session(channel: SecureChannel, request_id: bytes, max_length: int = 64) -> None:
+async def open_session(channel: SecureChannel, request_id: bytes, max_length: int = 64) -> bytes:
+    """Open `request_id`; returns the session nonce the node chose."""
     await channel.send(Message(wire.OPEN, request_id, 0, {"max_length": max_length}))
     reply = await channel.recv()
     assert reply.type == wire.OPENED, reply.fields
+    assert isinstance(reply.fields["nonce"], bytes) and len(reply.fields["nonce"]) == 32
+    return reply.fields["nonce"]
 
 
 def step(request_id: bytes, number: int, position: int, hidden: torch.Tensor, **fields) -> Message:
@@ -82,37 +97,43 @@ def test_steps_are_answered_with_a_commitment_signed_by_the_operator(node, info,
     async def go():
         channel = await connect(node, info, kind)
         request_id = os.urandom(32)
-        await open_session(channel, request_id)
+        nonce = await open_session(channel, request_id)
         hidden = torch.randn(1, 4, HIDDEN)
         await channel.send(step(request_id, 0, 0, hidden, tab=b"ignored by a free node"))
         reply, signed = await channel.recv(), await channel.recv()
         await channel.close()
-        return request_id, hidden, reply, signed
+        return request_id, nonce, hidden, reply, signed
 
-    request_id, hidden, reply, signed = run(go())
+    request_id, nonce, hidden, reply, signed = run(go())
     assert reply.type == wire.RESULT and reply.tensor.shape == (1, 4, HIDDEN)
     assert not torch.equal(reply.tensor, hidden)
     assert "signature" not in reply.fields  # the result goes out first; its commitment follows
     assert signed.type == wire.COMMIT and (signed.session, signed.step) == (request_id, 0)
-    commitment = Commitment(request_id, 0, tensor_hash(tensor_bytes(hidden)), tensor_hash(reply.payload))
-    assert (signed.fields["input_hash"], signed.fields["output_hash"]) == (commitment.input_hash, commitment.output_hash)
+    # the node commits to its model and layers, this session, the step's position and history, and the input
+    context = StepContext(
+        keccak(text=info["model"]["id"]), 0, 2, request_id, nonce, 0, 0, EMPTY_HISTORY, tensor_hash(tensor_bytes(hidden))
+    )
+    commitment = Commitment(context, tensor_hash(reply.payload), signed.fields["issued_at"])
+    assert (signed.fields["input_hash"], signed.fields["output_hash"]) == (context.input_hash, commitment.output_hash)
+    assert abs(commitment.issued_at - time.time()) < 60
     domain = Domain(info["commitment_domain"]["chain_id"], info["commitment_domain"]["verifying_contract"])
     assert recover_commitment_signer(commitment, signed.fields["signature"], domain) == info["operator"]
 
 
 def test_retried_step_returns_the_cached_answer_and_the_same_commitment(node, info):
     """A reconnect (as after a network blip the node has not noticed yet) moves the session to the new connection: a
-    retried step gets the cached answer, the old connection's close leaves the session alone, the new one's ends it."""
+    retried step gets the cached answer, the old connection's close leaves the session alone, the new one's ends it;
+    the request id opened again is a new session with a new nonce."""
 
     async def go():
         old = await connect(node, info)
         request_id = os.urandom(32)
-        await open_session(old, request_id)
+        nonce = await open_session(old, request_id)
         hidden = torch.randn(1, 3, HIDDEN)
         await old.send(step(request_id, 0, 0, hidden))
         first, first_signed = await old.recv(), await old.recv()
         channel = await connect(node, info)
-        await open_session(channel, request_id)
+        moved_nonce = await open_session(channel, request_id)
         await old.close()
         await channel.send(step(request_id, 0, 0, hidden))
         again, again_signed = await channel.recv(), await channel.recv()
@@ -126,14 +147,16 @@ def test_retried_step_returns_the_cached_answer_and_the_same_commitment(node, in
         await channel.send(Message(wire.OPEN, request_id, 0, {"max_length": 64}))
         reopened = await channel.recv()
         await channel.close()
-        return first, again, conflict, ahead, first_signed, again_signed, reopened
+        return first, again, conflict, ahead, first_signed, again_signed, reopened, nonce, moved_nonce
 
-    first, again, conflict, ahead, first_signed, again_signed, reopened = run(go())
+    first, again, conflict, ahead, first_signed, again_signed, reopened, nonce, moved_nonce = run(go())
+    assert moved_nonce == nonce  # the reconnect carried on the same session
     assert again.type == wire.RESULT and again.payload == first.payload
     assert again_signed.type == wire.COMMIT and again_signed.fields["signature"] == first_signed.fields["signature"]
     assert conflict.type == wire.ERROR and conflict.fields["code"] == "conflict"
     assert ahead.type == wire.ERROR and ahead.fields["code"] == "out_of_order"
-    assert reopened.type == wire.ERROR and reopened.fields["code"] == "request_used"  # it answered a step: never again
+    # once ended, the request id opens a new session under a new nonce: its commitments never collide with the old ones
+    assert reopened.type == wire.OPENED and reopened.fields["nonce"] != nonce
 
 
 def test_a_free_node_honours_every_test_fault(tiny, tmp_path):
@@ -161,26 +184,50 @@ def test_a_free_node_honours_every_test_fault(tiny, tmp_path):
         node.stop()
     assert first.type == again.type == wire.RESULT and again.payload != first.payload
     assert again_signed.fields["output_hash"] != first_signed.fields["output_hash"]
+    # the same session, step, history and input: this pair is slashable equivocation
+    assert (again_signed.fields["history_hash"], again_signed.fields["input_hash"]) == (
+        first_signed.fields["history_hash"],
+        first_signed.fields["input_hash"],
+    )
 
 
-def test_a_closed_request_cannot_be_reopened_so_no_step_is_answered_twice(node, info):
+def test_a_request_id_opened_again_is_a_new_session_whose_answers_never_look_like_equivocation(node, info):
+    """Issue 18's attack without a restart: a client closes a request, opens the same id again, feeds another first
+    step and then the same input at step 1. The node answers step 1 differently (its KV cache differs), honestly: the
+    two commitments name different session nonces and histories, so they are no equivocation."""
+    same = torch.randn(1, 1, HIDDEN)
+
+    async def session(channel, request_id: bytes, first: torch.Tensor):
+        nonce = await open_session(channel, request_id)
+        await channel.send(step(request_id, 0, 0, first))
+        await channel.recv(), await channel.recv()
+        await channel.send(step(request_id, 1, 2, same))
+        answer, signed = await channel.recv(), await channel.recv()
+        await channel.send(Message(wire.CLOSE, request_id))
+        assert (await channel.recv()).type == wire.CLOSED
+        return nonce, first, answer, signed
+
     async def go():
         channel = await connect(node, info)
         request_id = os.urandom(32)
-        await open_session(channel, request_id)
-        await channel.send(step(request_id, 0, 0, torch.randn(1, 2, HIDDEN)))
-        answered, _ = await channel.recv(), await channel.recv()
-        await channel.send(Message(wire.CLOSE, request_id))
-        closed = await channel.recv()
-        await channel.send(Message(wire.OPEN, request_id, 0, {"max_length": 64}))
-        reopened = await channel.recv()
+        sessions = [await session(channel, request_id, torch.randn(1, 2, HIDDEN)) for _ in range(2)]
         await channel.close()
-        return answered, closed, reopened
+        return request_id, sessions
 
-    answered, closed, reopened = run(go())
-    assert answered.type == wire.RESULT and closed.type == wire.CLOSED
-    assert reopened.type == wire.ERROR and reopened.fields["code"] == "request_used"
-    assert "new id" in reopened.fields["message"]
+    request_id, sessions = run(go())
+    contexts = []
+    for nonce, first, _, signed in sessions:
+        history = chain_history(EMPTY_HISTORY, tensor_hash(tensor_bytes(first)))
+        assert signed.fields["history_hash"] == history
+        model = keccak(text=info["model"]["id"])
+        contexts.append(StepContext(model, 0, 2, request_id, nonce, 1, 2, history, tensor_hash(tensor_bytes(same))))
+    (_, _, a, a_signed), (_, _, b, b_signed) = sessions
+    assert a.payload != b.payload and a_signed.fields["input_hash"] == b_signed.fields["input_hash"]
+    assert context_hash(contexts[0]) != context_hash(contexts[1])
+    domain = Domain(info["commitment_domain"]["chain_id"], info["commitment_domain"]["verifying_contract"])
+    for context, answer, signed in zip(contexts, (a, b), (a_signed, b_signed), strict=True):
+        commitment = Commitment(context, tensor_hash(answer.payload), signed.fields["issued_at"])
+        assert recover_commitment_signer(commitment, signed.fields["signature"], domain) == info["operator"]
 
 
 def test_bad_steps_get_error_frames_and_the_session_stays_usable(node, info):
@@ -229,7 +276,14 @@ def test_malformed_oversized_replayed_and_tampered_frames_inside_the_session(nod
         codes = []
         await transport.send(cipher.seal(b"\x00\x00\x00\x05garbage"))  # authentic but malformed
         codes.append((await channel.recv()).fields["code"])
-        huge = {"v": 1, "type": "step", "session": request_id, "dtype": "float32", "shape": [1, 2**20, 2**20], "nbytes": 2**42}
+        huge = {
+            "v": wire.WIRE_VERSION,
+            "type": "step",
+            "session": request_id,
+            "dtype": "float32",
+            "shape": [1, 2**20, 2**20],
+            "nbytes": 2**42,
+        }
         import msgpack
 
         packed = msgpack.packb(huge, use_bin_type=True)

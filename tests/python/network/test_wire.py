@@ -18,7 +18,15 @@ def frame(header: dict, payload: bytes = b"") -> bytes:
 
 
 def step_header(**overrides) -> dict:
-    header = {"v": 1, "type": "step", "session": b"r" * 32, "step": 3, "dtype": "float32", "shape": [1, 2, 4], "nbytes": 32}
+    header = {
+        "v": wire.WIRE_VERSION,
+        "type": "step",
+        "session": b"r" * 32,
+        "step": 3,
+        "dtype": "float32",
+        "shape": [1, 2, 4],
+        "nbytes": 32,
+    }
     header.update(overrides)
     return header
 
@@ -47,12 +55,12 @@ def test_message_without_tensor_has_no_payload():
         (struct.pack(">I", 100) + b"\x80", "truncated"),
         (struct.pack(">I", 3) + b"\xc1\xc1\xc1", "bad_frame"),  # not msgpack
         (frame([1, 2, 3]), "bad_frame"),  # not a map
-        (frame({"v": 2, "type": "step"}), "version"),
-        (frame({"v": 1, "type": "launch_missiles"}), "bad_frame"),
-        (frame({"v": 1, "type": "step", "step": "3"}), "bad_frame"),
-        (frame({"v": 1, "type": "step", "step": -1}), "bad_frame"),
-        (frame({"v": 1, "type": "open"}, b"extra"), "bad_frame"),
-        (frame({"v": 1, "type": "step", 5: 1}), "bad_frame"),  # non-string map key
+        (frame({"v": wire.WIRE_VERSION + 1, "type": "step"}), "version"),
+        (frame({"v": wire.WIRE_VERSION, "type": "launch_missiles"}), "bad_frame"),
+        (frame({"v": wire.WIRE_VERSION, "type": "step", "step": "3"}), "bad_frame"),
+        (frame({"v": wire.WIRE_VERSION, "type": "step", "step": -1}), "bad_frame"),
+        (frame({"v": wire.WIRE_VERSION, "type": "open"}, b"extra"), "bad_frame"),
+        (frame({"v": wire.WIRE_VERSION, "type": "step", 5: 1}), "bad_frame"),  # non-string map key
     ],
 )
 def test_malformed_frames_are_refused(data, code):
@@ -95,7 +103,7 @@ def test_limits_apply_to_frame_and_header_sizes():
         wire.decode(bytes(1001), small)
     assert err.value.code == "too_large"
     with pytest.raises(WireError) as err:
-        wire.decode(frame({"v": 1, "type": "open", "pad": "x" * 200}), small)
+        wire.decode(frame({"v": wire.WIRE_VERSION, "type": "open", "pad": "x" * 200}), small)
     assert err.value.code == "too_large"
 
 
