@@ -1,10 +1,11 @@
 """Load benchmark: what a 3-node pipeline and the OpenAI API in front of it hold, with and without a hostile peer.
 
-A seeded random model (small, so that 2 cores can serve hundreds of streams) is split over three `node run`
-processes; `client serve` fronts them. For each level of concurrency (10, 50, 200 streaming callers by default)
-every caller sends `--requests` streamed completions one after the other, and the run is measured twice: alone,
-and while a hostile peer (a process of its own, `--attack`) runs the denial-of-service patterns of a stranger on
-the internet against the same nodes:
+A seeded random model (small, so that 2 cores can serve hundreds of streams) is split over three paid `node run`
+processes, staked and registered on anvil; `client serve` fronts them and pays from its deposit (`--free`: free
+nodes, no chain). The nodes run with the default limits, except that one address (the API's) may hold 256 sessions.
+For each level of concurrency (10, 50, 200 streaming callers by default) every caller sends `--requests` streamed
+completions one after the other, and the run is measured twice: alone, and while a hostile peer (a process of its own, `--attack`) runs the denial-of-service patterns of a stranger on
+the internet against the same nodes, from 8 addresses (127.0.0.2-9) at once:
 
 - session flood: completes the handshake and OPENs sessions it never uses, on many connections, and leaves the
   connections open or drops them with the sessions still open;
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import secrets
@@ -44,13 +46,15 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shardmarket.cli.devmarket import DevMarket
 from shardmarket.engine.models import random_checkpoint, tiny_config
 from shardmarket.net import wire
-from shardmarket.net.channel import SESSION_PATH, client_handshake, open_transport
+from shardmarket.net.channel import SESSION_PATH, StreamTransport, client_handshake
 from shardmarket.net.wire import Message
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "load-bench"
+ATTACKER_ADDRESSES = 8
 PROMPT = "The lighthouse keeper climbed the stairs and"
 MODEL = tiny_config(
     "llama", vocab_size=384, hidden_size=128, intermediate_size=352, num_hidden_layers=6, max_position_embeddings=1024
@@ -76,33 +80,67 @@ def wait_http(url: str, process: subprocess.Popen, what: str, headers: dict | No
     raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f} s")
 
 
+# The nodes' limits in this bench: defaults, except that the API is one address carrying every caller's sessions.
+NODE_SETTINGS = {"max_sessions": 256, "max_sessions_per_address": 256, "max_sessions_per_connection": 4}
+
+
 @dataclass
 class Market:
-    """Three nodes over thirds of the model and `client serve` in front of them, each a process of its own."""
+    """A paid market on anvil: three nodes over thirds of the model, staked and registered, and `client serve` in
+    front of them, paying from a funded deposit; each a process of its own. With `paid=False`, free nodes instead."""
 
     home: Path
+    paid: bool = True
     nodes: list[subprocess.Popen] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)
     api: subprocess.Popen | None = None
     api_url: str = ""
+    dev: DevMarket | None = None
 
     def start(self, checkpoint: Path, layers: int) -> None:
-        env = dict(os.environ, SHARDMARKET_HOME=str(self.home), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        env.pop("SHARDMARKET_CONFIG", None)
         bounds = [0, layers // 3, 2 * layers // 3, layers]
-        for i in range(3):
-            port, tcp_port = free_port(), free_port()
-            node_env = dict(env, SHARDMARKET_NODE_DATA_DIR=str(self.home / f"node{i}"))
-            argv = ["node", "run", "--checkpoint", str(checkpoint), "--layers", f"{bounds[i]}:{bounds[i + 1]}"]
-            argv += ["--port", str(port), "--tcp-port", str(tcp_port), "--threads", "1"]
-            log = (self.home / f"node{i}.log").open("w")
-            self.nodes.append(self._spawn(argv, node_env, log))
-            self.urls.append(f"http://127.0.0.1:{port}")
-            wait_http(f"{self.urls[-1]}/health", self.nodes[-1], f"node {i}")
+        ranges = [f"{bounds[i]}:{bounds[i + 1]}" for i in range(3)]
+        settings = {f"SHARDMARKET_NODE_{name.upper()}": str(value) for name, value in NODE_SETTINGS.items()}
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **settings)
+        env.pop("SHARDMARKET_CONFIG", None)
+        api_argv = ["client", "serve", "--checkpoint", str(checkpoint)]
+        if self.paid:
+            self.dev = dev = DevMarket(self.home / "market")
+            dev.start_chain()
+            dev.new_account("publisher")
+            dev.cli("publisher", "model", "publish", "--checkpoint", str(checkpoint), "--name", checkpoint.name)
+            names = [f"n{i}" for i in range(3)]
+            for name, span in zip(names, ranges, strict=True):
+                dev.new_account(name, tokens=100 * 10**18)
+                dev.node_port(name)
+                dev.cli(
+                    name, "node", "register", "--model", checkpoint.name, "--layers", span, "--price", "1000", "--stake", "100e18"
+                )
+            os.environ.update(settings)  # the dev market starts its nodes with this process's environment
+            for name in names:
+                node = dev.start_node(name, wait=False)
+                self.nodes.append(node.process)
+                self.urls.append(node.url)
+            for name in names:
+                dev.wait_ready(dev.nodes[name])
+            dev.new_account("caller", tokens=10**18)
+            dev.cli("caller", "client", "deposit", str(10**17))
+            env |= dev.env("caller")
+            api_argv += ["--model-id", checkpoint.name]
+        else:
+            env["SHARDMARKET_HOME"] = str(self.home)
+            for i, span in enumerate(ranges):
+                port, tcp_port = free_port(), free_port()
+                argv = ["node", "run", "--checkpoint", str(checkpoint), "--layers", span]
+                argv += ["--port", str(port), "--tcp-port", str(tcp_port), "--threads", "1"]
+                log = (self.home / f"node{i}.log").open("w")
+                self.nodes.append(self._spawn(argv, dict(env, SHARDMARKET_NODE_DATA_DIR=str(self.home / f"node{i}")), log))
+                self.urls.append(f"http://127.0.0.1:{port}")
+                wait_http(f"{self.urls[-1]}/health", self.nodes[-1], f"node {i}")
+            api_argv += ["--nodes", ",".join(self.urls)]
         port = free_port()
-        argv = ["client", "serve", "--checkpoint", str(checkpoint), "--nodes", ",".join(self.urls), "--port", str(port)]
         log = (self.home / "api.log").open("w")
-        self.api = self._spawn(argv, dict(env, SHARDMARKET_CLIENT_API_KEY=API_KEY), log)
+        self.api = self._spawn([*api_argv, "--port", str(port)], dict(env, SHARDMARKET_CLIENT_API_KEY=API_KEY), log)
         self.api_url = f"http://127.0.0.1:{port}/v1"
         wait_http(f"{self.api_url}/models", self.api, "client serve", {"Authorization": f"Bearer {API_KEY}"})
 
@@ -113,10 +151,16 @@ class Market:
         )
 
     def stop(self) -> None:
-        for process in [*self.nodes, *([self.api] if self.api else [])]:
+        if self.api is not None and self.api.poll() is None:
+            self.api.terminate()
+            self.api.wait(15)
+        if self.dev is not None:
+            self.dev.stop()
+            return
+        for process in self.nodes:
             if process.poll() is None:
                 process.terminate()
-        for process in [*self.nodes, *([self.api] if self.api else [])]:
+        for process in self.nodes:
             try:
                 process.wait(15)
             except subprocess.TimeoutExpired:
@@ -274,13 +318,13 @@ async def attack(urls: list[str]) -> None:
             async with http.get(f"{url}/info") as response:
                 infos.append((url, await response.json()))
 
-        async def session_flood(url: str, info: dict) -> None:
+        async def session_flood(url: str, info: dict, source: str) -> None:
             key = bytes.fromhex(info["x25519_public_key"].removeprefix("0x"))
             tcp_port = info["transports"]["tcp"]
             while True:
                 try:
-                    transport = await open_transport(url, "tcp", tcp_port, wire.DEFAULT_LIMITS, 5)
-                    channel = await asyncio.wait_for(client_handshake(transport, key), 5)
+                    reader, writer = await asyncio.open_connection("127.0.0.1", tcp_port, local_addr=(source, 0))
+                    channel = await asyncio.wait_for(client_handshake(StreamTransport(reader, writer), key), 5)
                 except (OSError, ConnectionError, TimeoutError, wire.WireError):
                     tally.handshakes_refused += 1
                     await asyncio.sleep(0.2)
@@ -301,11 +345,11 @@ async def attack(urls: list[str]) -> None:
                     await channel.close()  # leave, sessions and all
                 await asyncio.sleep(0.05)
 
-        async def raw_connection(host: str, port: int, payload: bytes, dribble: bytes) -> None:
+        async def raw_connection(port: int, payload: bytes, dribble: bytes, source: str) -> None:
             """Connect, send `payload`, then `dribble` a byte a second; count how the node ends it."""
             while True:
                 try:
-                    reader, writer = await asyncio.open_connection(host, port)
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
                 except OSError:
                     tally.connect_refused += 1
                     await asyncio.sleep(0.5)
@@ -326,10 +370,15 @@ async def attack(urls: list[str]) -> None:
                 tally.connections_dropped_by_node += 1
                 writer.close()
 
-        async def silent_websocket(url: str) -> None:
+        async def silent_websocket(url: str, source: str) -> None:
+            connector = aiohttp.TCPConnector(local_addr=(source, 0))
+            async with aiohttp.ClientSession(connector=connector) as own:
+                await _silent_websocket(own, url)
+
+        async def _silent_websocket(own: aiohttp.ClientSession, url: str) -> None:
             while True:
                 try:
-                    async with http.ws_connect(f"{url}{SESSION_PATH}") as ws:
+                    async with own.ws_connect(f"{url}{SESSION_PATH}") as ws:
                         tally.connections_opened += 1
                         await ws.receive()  # the node's close, whenever it comes
                     tally.connections_dropped_by_node += 1
@@ -338,30 +387,30 @@ async def attack(urls: list[str]) -> None:
                     await asyncio.sleep(0.5)
 
         tasks = []
+        sources = [f"127.0.0.{2 + i}" for i in range(ATTACKER_ADDRESSES)]  # loopback has a whole /8
+
+        def spread(count: int, make) -> list:
+            return [make(sources[i % len(sources)]) for i in range(count)]
+
         for url, info in infos:
-            host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
-            tcp_port = info["transports"]["tcp"]
-            tasks.append(session_flood(url, info))
-            tasks += [raw_connection(host, tcp_port, b"", b"") for _ in range(100)]  # half-open, session port
-            tasks += [raw_connection(host, port, b"", b"") for _ in range(50)]  # half-open, HTTP port
+            port, tcp_port = int(url.rsplit(":", 1)[1]), info["transports"]["tcp"]
             slow = (4096).to_bytes(4, "big") + b"\x00" * 4096
-            tasks += [raw_connection(host, tcp_port, b"", slow) for _ in range(20)]  # slowloris hello
             huge = (256 * 2**20).to_bytes(4, "big") + os.urandom(2**20)
-            tasks += [raw_connection(host, tcp_port, huge, b"") for _ in range(4)]  # a 256 MiB frame's first MiB
-            tasks += [silent_websocket(url) for _ in range(20)]
+            tasks += [session_flood(url, info, source) for source in sources]
+            tasks += spread(100, functools.partial(raw_connection, tcp_port, b"", b""))  # half-open, session port
+            tasks += spread(50, functools.partial(raw_connection, port, b"", b""))  # half-open, HTTP port
+            tasks += spread(20, functools.partial(raw_connection, tcp_port, b"", slow))  # slowloris hello
+            tasks += spread(4, functools.partial(raw_connection, tcp_port, huge, b""))  # a 256 MiB frame's first MiB
+            tasks += spread(20, lambda source, url=url: silent_websocket(url, source))
 
         stopped = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stopped.set)
-        running = [asyncio.create_task(t) for t in tasks]
+        _running = [asyncio.create_task(t) for t in tasks]  # referenced: the loop keeps only weak references
         await asyncio.sleep(1.0)
         print("started", flush=True)
         await stopped.wait()
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
-        for channel in held:
-            await channel.close()
-    print(json.dumps(tally.__dict__), flush=True)
+        print(json.dumps(tally.__dict__), flush=True)
+        os._exit(0)  # its hundreds of sockets die with it: tearing each down politely is not the bench's business
 
 
 async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
@@ -381,6 +430,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="tokens each request generates")
     parser.add_argument("--requests", type=int, default=2, help="requests each caller sends, one after the other")
     parser.add_argument("--no-attack", action="store_true", help="measure without the hostile peer only")
+    parser.add_argument("--free", action="store_true", help="free nodes (no chain) instead of a paid market")
     parser.add_argument("--attack", help=argparse.SUPPRESS)  # the hostile peer's own process
     args = parser.parse_args()
     if args.attack:
@@ -390,7 +440,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="shardmarket-load-") as tmp:
         home = Path(tmp)
         checkpoint = random_checkpoint(MODEL, home / "model", seed=0)
-        market = Market(home)
+        market = Market(home, paid=not args.free)
         results: dict = {}
         try:
             market.start(checkpoint, MODEL["num_hidden_layers"])
@@ -408,6 +458,8 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "market": "free" if args.free else "paid",
+                "node_settings": NODE_SETTINGS,
                 "model": f"random llama {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}",
                 "tokens_per_request": args.tokens,
                 "node_idle_rss_mib": idle,
