@@ -5,7 +5,8 @@ processes, staked and registered on anvil; `client serve` fronts them and pays f
 nodes, no chain). The nodes run with the default limits, except that one address (the API's) may hold 256 sessions.
 For each level of concurrency (10, 50, 200 streaming callers by default) every caller sends `--requests` streamed
 completions one after the other, and the run is measured twice: alone, and while a hostile peer (a process of its
-own, `--attack`) runs the denial-of-service patterns of a stranger on the internet against the same nodes, from 8 addresses (127.0.0.2-9) at once:
+own, `--attack`) runs the denial-of-service patterns of a stranger on the internet against the same nodes, from 8
+addresses (127.0.0.2-9) at once:
 
 - session flood: completes the handshake and OPENs sessions it never uses, on many connections, and leaves the
   connections open or drops them with the sessions still open;
