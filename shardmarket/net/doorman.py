@@ -3,7 +3,11 @@ passes it, before its first byte says which it speaks. It caps connections in to
 connection completes the session handshake it must do so within a deadline and send no more than a few KiB, so a
 stranger who never finishes a handshake, or dribbles one byte at a time, holds a few KiB for a few seconds. An HTTP
 connection that never becomes a session gets the same deadline: its requests (/info, /health, /probe) take
-milliseconds."""
+milliseconds.
+
+When every connection slot is taken, a newcomer takes the slot of the oldest connection still before its handshake,
+from the address holding the most such connections: a flood of half-open connections from many addresses then
+only churns among itself, and cannot keep a real client from reaching the handshake."""
 
 from __future__ import annotations
 
@@ -71,6 +75,7 @@ class GuardedConnection(asyncio.Protocol, Peer):
         self.inner: asyncio.Protocol | None = None
         self.phase = Phase.REFUSED
         self.received = 0
+        self.counted = False  # whether the doorman counts it among its connections
         self.transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -78,7 +83,7 @@ class GuardedConnection(asyncio.Protocol, Peer):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.address = address_key(transport.get_extra_info("peername"))
-        if not self.doorman._admit(self.address):
+        if not self.doorman._admit(self):
             transport.abort()
             return
         self.phase = Phase.HANDSHAKING
@@ -98,7 +103,7 @@ class GuardedConnection(asyncio.Protocol, Peer):
         if self.phase is Phase.HANDSHAKING:
             self.phase = Phase.OPEN
             self._stop_deadline()
-            self.doorman._handshake_done(self.address)
+            self.doorman._handshake_done(self)
 
     def data_received(self, data: bytes) -> None:
         if self.inner is None or self.transport is None or self.transport.is_closing():
@@ -125,7 +130,7 @@ class GuardedConnection(asyncio.Protocol, Peer):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_deadline()
         if self.inner is not None:
-            self.doorman._release(self.address, self.phase)
+            self.doorman._release(self)
             self.inner.connection_lost(exc)
 
     def _drop(self, kind: str, why: str) -> None:
@@ -149,36 +154,58 @@ class Doorman:
         self.warn = RateLimitedLog(log).warning
         self.connections = 0
         self._per_address: Counter[str] = Counter()
-        self._handshaking: Counter[str] = Counter()
+        self._handshaking: dict[str, dict[GuardedConnection, None]] = {}  # per address, oldest first
 
     def protocol(self, serve: Callable[[], asyncio.BaseProtocol]) -> Callable[[], GuardedConnection]:
         """A protocol factory that admits each connection before `serve` builds the protocol serving it."""
         return lambda: GuardedConnection(self, serve)
 
-    def _admit(self, address: str) -> bool:
-        limits = self.limits
-        if self.connections >= limits.max_connections:
-            why = f"this node holds its maximum of {limits.max_connections} connections (max_connections)"
-        elif self._per_address[address] >= limits.max_connections_per_address:
+    def _admit(self, connection: GuardedConnection) -> bool:
+        limits, address = self.limits, connection.address
+        waiting = self._handshaking.get(address, {})
+        if self._per_address[address] >= limits.max_connections_per_address:
             why = f"it holds {limits.max_connections_per_address} connections already (max_connections_per_address)"
-        elif self._handshaking[address] >= limits.max_handshakes_per_address:
+        elif len(waiting) >= limits.max_handshakes_per_address:
             why = f"it has {limits.max_handshakes_per_address} connections before their handshake (max_handshakes_per_address)"
+        elif self.connections >= limits.max_connections and not self._evict_one():
+            why = f"this node holds its maximum of {limits.max_connections} connections (max_connections)"
         else:
             self.connections += 1
+            connection.counted = True
             self._per_address[address] += 1
-            self._handshaking[address] += 1
+            self._handshaking.setdefault(address, {})[connection] = None
             return True
         self.warn("refused_connection", "refused a connection from %s: %s", address, why)
         return False
 
-    def _handshake_done(self, address: str) -> None:
-        _decrement(self._handshaking, address)
+    def _evict_one(self) -> bool:
+        """Close the oldest connection still before its handshake of the address holding the most of them."""
+        if not self._handshaking:
+            return False
+        address = max(self._handshaking, key=lambda a: len(self._handshaking[a]))
+        oldest = next(iter(self._handshaking[address]))
+        why = f"all {self.limits.max_connections} connection slots were taken and a newcomer needed one (max_connections)"
+        self._release(oldest)  # now, so the newcomer's slot is free before the evicted one's connection_lost
+        oldest._drop("max_connections", f"its handshake was the oldest pending: {why}")
+        return True
 
-    def _release(self, address: str, phase: Phase) -> None:
+    def _handshake_done(self, connection: GuardedConnection) -> None:
+        self._forget_waiting(connection)
+
+    def _release(self, connection: GuardedConnection) -> None:
+        if not connection.counted:
+            return
+        connection.counted = False
         self.connections -= 1
-        _decrement(self._per_address, address)
-        if phase is Phase.HANDSHAKING:
-            _decrement(self._handshaking, address)
+        _decrement(self._per_address, connection.address)
+        self._forget_waiting(connection)
+
+    def _forget_waiting(self, connection: GuardedConnection) -> None:
+        waiting = self._handshaking.get(connection.address)
+        if waiting is not None and connection in waiting:
+            del waiting[connection]
+            if not waiting:
+                del self._handshaking[connection.address]
 
 
 def _decrement(counter: Counter[str], key: str) -> None:

@@ -200,3 +200,42 @@ def test_a_connection_that_goes_silent_after_its_handshake_is_dropped(node):
         return asyncio.get_running_loop().time() - started
 
     assert 1.0 < run(go()) < 6  # idle_connection_s is 1.5 s
+
+
+@pytest.fixture(scope="module")
+def full_node(tiny, tmp_path_factory):
+    """A node with few connection slots and a handshake deadline longer than the test, so only eviction frees a slot."""
+    settings = {"max_connections": 12, "max_handshakes_per_address": 4, "handshake_timeout_s": 60}
+    process = start_node(tiny, "0:5", tmp_path_factory.mktemp("full"), settings=settings)
+    wait_ready(process)
+    yield process
+    process.stop()
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    try:
+        return not await asyncio.wait_for(reader.read(65536), seconds)
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_half_open_flood_from_many_addresses_cannot_keep_a_client_from_its_handshake(full_node):
+    key = bytes.fromhex(full_node.info()["x25519_public_key"])  # read before the flood takes every slot
+
+    async def go():
+        flood = [await connect_from(f"127.0.0.{4 + i % 4}", full_node.port) for i in range(12)]
+        await asyncio.sleep(0.2)  # let the node accept them all
+        reader, writer = await connect_from("127.0.0.9", full_node.port)
+        channel = await asyncio.wait_for(client_handshake(StreamTransport(reader, writer), key), 5)
+        opened = await open_reply(channel, os.urandom(32))
+        closed = [await closed_within(r, 0.5) for r, _ in flood]
+        await channel.close()
+        for _, w in flood:
+            w.close()
+        return opened, closed
+
+    opened, closed = run(go())
+    assert opened.type == wire.OPENED
+    assert sum(closed) == 1  # the newcomer took one flooder's slot, and only one
