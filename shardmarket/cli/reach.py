@@ -10,7 +10,7 @@ from aiohttp import web
 from eth_account import Account
 
 from shardmarket.chain.proof import proves, sign_challenge
-from shardmarket.config import load_config
+from shardmarket.config import Config, load_config
 from shardmarket.net.reachability import Reachability, Report
 from shardmarket.net.relay import RelayServer
 
@@ -54,18 +54,27 @@ async def _probe_responder(port: int, key: bytes) -> web.AppRunner:
     return runner
 
 
-async def _reachability(args) -> Report:
-    config = load_config()
-    port = args.port or config.node.port
+def reachability_for(args, config: Config, port: int, operator: str) -> Reachability:
+    """Reachability of `port`, from the command's --stun/--relay/--methods over the [reach] settings, verified as the
+    node of `operator` (the address whose key answers the outside check's challenge)."""
     methods = args.methods.split(",") if args.methods is not None else config.reach.methods
-    probe = Account.create()
-    reach = Reachability(
+    return Reachability(
         port,
-        lambda challenge, health: proves(health, challenge, probe.address),
+        lambda challenge, health: proves(health, challenge, operator),
         stun_servers=args.stun or config.reach.stun_servers,
         relays=args.relay or config.reach.relays,
         methods=[m for m in methods if m],
+        lease_s=config.reach.lease_s,
+        refresh_s=config.reach.refresh_s,
+        check_s=config.reach.check_s,
     )
+
+
+async def _reachability(args) -> Report:
+    config = load_config()
+    port = args.port or config.node.port
+    probe = Account.create()
+    reach = reachability_for(args, config, port, probe.address)
     try:
         runner = await _probe_responder(port, bytes(probe.key))
     except OSError as exc:

@@ -92,12 +92,11 @@ def _layers(args: argparse.Namespace, config: Config, market, model: str, manife
 def run_up(args: argparse.Namespace) -> int:
     from shardmarket.chain.contracts import ChainError, Market
     from shardmarket.chain.keys import KeystoreError
-    from shardmarket.chain.proof import proves
     from shardmarket.chain.registry import Registration, registration_of
+    from shardmarket.cli.reach import reachability_for
     from shardmarket.engine.errors import EngineError
     from shardmarket.ipfs.model import ModelError
     from shardmarket.ipfs.store import STORE_ERRORS
-    from shardmarket.net.reachability import Reachability
     from shardmarket.server.daemon import ServeOptions, paid_daemon
     from shardmarket.server.identity import NodeIdentity
     from shardmarket.server.upkeep import RegistryUpkeep, Wanted, stay_listed
@@ -132,17 +131,7 @@ def run_up(args: argparse.Namespace) -> int:
     except (EngineError, ModelError, OSError, *STORE_ERRORS) as exc:
         say(f"error: cannot load the node's layers: {exc}")
         return 2
-    methods = args.methods.split(",") if args.methods is not None else config.reach.methods
-    reach = Reachability(
-        port,
-        lambda challenge, health: proves(health, challenge, account.address),
-        stun_servers=args.stun or config.reach.stun_servers,
-        relays=args.relay or config.reach.relays,
-        methods=[m for m in methods if m],
-        lease_s=config.reach.lease_s,
-        refresh_s=config.reach.refresh_s,
-        check_s=config.reach.check_s,
-    )
+    reach = reachability_for(args, config, port, account.address)
     upkeep = RegistryUpkeep(market, identity, Wanted(model, start, end, price, args.stake))
     ready, gave_up = asyncio.Event(), []
 

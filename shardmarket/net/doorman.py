@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shardmarket.net.listener import Forwarding
 from shardmarket.net.ratelog import RateLimitedLog
 
 log = logging.getLogger("shardmarket.node")
@@ -67,7 +68,7 @@ class Peer:
         """The connection completed the session handshake."""
 
 
-class GuardedConnection(asyncio.Protocol, Peer):
+class GuardedConnection(Forwarding, Peer):
     """One connection, in front of the protocol that serves it (built only once the doorman admits the connection)."""
 
     def __init__(self, doorman: Doorman, serve: Callable[[], asyncio.BaseProtocol]) -> None:
@@ -115,17 +116,6 @@ class GuardedConnection(asyncio.Protocol, Peer):
                 self._drop("handshake_bytes", f"more than {limit} bytes before its handshake (handshake_bytes)")
                 return
         self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return None if self.inner is None else self.inner.eof_received()
-
-    def pause_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_deadline()

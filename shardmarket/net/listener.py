@@ -15,7 +15,25 @@ def speaks_http(first: int) -> bool:
     return ord("A") <= first <= ord("Z")
 
 
-class _FirstByte(asyncio.Protocol):
+class Forwarding(asyncio.Protocol):
+    """A protocol in front of another (`inner`, once there is one): the end of the stream and flow control pass
+    through to it."""
+
+    inner: asyncio.Protocol | None = None
+
+    def eof_received(self) -> bool | None:
+        return None if self.inner is None else self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+
+class _FirstByte(Forwarding):
     """Waits for a connection's first byte, then passes the connection and all it receives to the protocol that byte
     names. It forwards rather than handing the transport over (set_protocol), so a protocol wrapping this one (the
     doorman's) stays the transport's protocol and keeps seeing every byte."""
@@ -36,17 +54,6 @@ class _FirstByte(asyncio.Protocol):
                 self.inner = asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=self.limit), self.streams)
             self.inner.connection_made(self.transport)  # type: ignore[arg-type]  # set by connection_made
         self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return None if self.inner is None else self.inner.eof_received()
-
-    def pause_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.inner is not None:
