@@ -2,7 +2,7 @@
 
 A seeded random model (small, so that 2 cores can serve hundreds of streams) is split over three paid `node run`
 processes, staked and registered on anvil; `client serve` fronts them and pays from its deposit (`--free`: free
-nodes, no chain). The nodes run with the default limits, except that one address (the API's) may hold 256 sessions.
+nodes, no chain). The nodes run with the default limits, except that one address (the API's) may hold 256 connections and sessions.
 For each level of concurrency (10, 50, 200 streaming callers by default) every caller sends `--requests` streamed
 completions one after the other, and the run is measured twice: alone, and while a hostile peer (a process of its
 own, `--attack`) runs the denial-of-service patterns of a stranger on the internet against the same nodes, from 8
@@ -81,8 +81,15 @@ def wait_http(url: str, process: subprocess.Popen, what: str, headers: dict | No
     raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f} s")
 
 
-# The nodes' limits in this bench: defaults, except that the API is one address carrying every caller's sessions.
-NODE_SETTINGS = {"max_sessions": 256, "max_sessions_per_address": 256, "max_sessions_per_connection": 4}
+# The nodes' limits in this bench: defaults, except those that one address carrying every caller's sessions (the API,
+# a session per connection) needs: a connection, a handshake and a session per concurrent caller.
+NODE_SETTINGS = {
+    "max_connections": 512,
+    "max_connections_per_address": 256,
+    "max_handshakes_per_address": 256,
+    "max_sessions": 256,
+    "max_sessions_per_address": 256,
+}
 
 
 @dataclass
