@@ -2,7 +2,8 @@
 
 A seeded random model (small, so that 2 cores can serve hundreds of streams) is split over three paid `node run`
 processes, staked and registered on anvil; `client serve` fronts them and pays from its deposit (`--free`: free
-nodes, no chain). The nodes run with the default limits, except that one address (the API's) may hold 256 connections and sessions.
+nodes, no chain). The nodes run with the default limits, except that one address (the API's) may hold 256 connections
+and sessions.
 For each level of concurrency (10, 50, 200 streaming callers by default) every caller sends `--requests` streamed
 completions one after the other, and the run is measured twice: alone, and while a hostile peer (a process of its
 own, `--attack`) runs the denial-of-service patterns of a stranger on the internet against the same nodes, from 8
