@@ -76,7 +76,7 @@ def generate_command(args: argparse.Namespace) -> int:
 
         def run_layers(hidden, positions):
             for stage in stages:
-                hidden = stage.step(session, hidden, positions)
+                hidden = stage.step(session, hidden.to(stage.dtype), positions)
             return hidden
 
         params = SamplingParams(args.max_tokens, args.temperature, args.top_p, args.seed, args.stop)

@@ -72,11 +72,11 @@ def tiny_references(tiny_checkpoints) -> dict[str, Reference]:
 
 
 def chain(stages: list[Stage], session_id: str):
-    """run_layers over in-process stages, in order."""
+    """run_layers over in-process stages, in order (hidden states cast to each stage's dtype, as a client sends them)."""
 
     def run_layers(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         for stage in stages:
-            hidden = stage.step(session_id, hidden, positions)
+            hidden = stage.step(session_id, hidden.to(stage.dtype), positions)
         return hidden
 
     return run_layers
