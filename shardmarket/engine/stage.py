@@ -78,7 +78,11 @@ class Stage:
         self.body = body
         self.device_map = device_map
         self.device = main_device(device_map)
-        self.rotary = family_of(config).rotary_embedding(config=stage_config(config, start, end)).to(self.device)
+        family = family_of(config)
+        sliced = stage_config(config, start, end)
+        self.rotary = family.rotary_embedding(config=sliced).to(self.device)
+        # Gemma 3 rotates local and global layers with different bases: one embedding per layer type, else one for all
+        self._layer_types: list[str] | None = list(sliced.layer_types) if family.rope_per_layer_type else None
         self.max_sessions = max_sessions
         self.cache_budget_bytes = cache_budget_bytes
         self.idle_timeout_s = idle_timeout_s
@@ -315,8 +319,12 @@ class Stage:
     ) -> torch.Tensor:
         x = hidden.to(self.device)
         positions = positions.to(self.device)
-        embeddings = self.rotary(x, positions)
+        if self._layer_types is None:
+            embeddings = [self.rotary(x, positions)] * len(self.body.layers)
+        else:
+            by_type = {kind: self.rotary(x, positions, kind) for kind in set(self._layer_types)}
+            embeddings = [by_type[kind] for kind in self._layer_types]
         cache = StepCache(sessions, starts)
-        for layer in self.body.layers:
-            x = layer(x, position_embeddings=embeddings, position_ids=positions, cache=cache)
+        for layer, embedding in zip(self.body.layers, embeddings, strict=True):
+            x = layer(x, position_embeddings=embedding, position_ids=positions, cache=cache)
         return x
