@@ -26,15 +26,23 @@ def shard_converter(dtype: str | None):
 
 
 def cmd_pack(args) -> int:
+    import tempfile
+
     from shardmarket.engine.errors import EngineError
+    from shardmarket.engine.models import import_gguf
     from shardmarket.ipfs.model import ModelError, pack_model
 
+    progress = sys.stderr.isatty()
     try:
-        convert = shard_converter(args.dtype)
         work_dir = load_config().home / "tmp"
-        cid = pack_model(
-            args.checkpoint, content_store(), work_dir, convert=convert, model_id=args.model_id, progress=sys.stderr.isatty()
-        )
+        work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="gguf-", dir=work_dir) as tmp:
+            checkpoint, dtype = args.checkpoint, args.dtype
+            if checkpoint.suffix == ".gguf":  # dequantized straight into the shards' format, then packed as it is
+                checkpoint = import_gguf(checkpoint, Path(tmp) / checkpoint.stem, weights=dtype, progress=progress)
+                dtype = None
+            convert = shard_converter(dtype)
+            cid = pack_model(checkpoint, content_store(), work_dir, convert=convert, model_id=args.model_id, progress=progress)
     except (ModelError, EngineError, *ERRORS) as exc:
         return _fail(exc)
     print(cid)
@@ -70,8 +78,10 @@ def register(commands) -> None:
     group = commands.add_parser("model", help="model shards on IPFS (pack a checkpoint, fetch a layer range)")
     sub = group.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
 
-    pack = sub.add_parser("pack", help="split a checkpoint into per-layer shards, add them, print the manifest CID")
-    pack.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR")
+    pack = sub.add_parser(
+        "pack", help="split a checkpoint (or a .gguf, dequantized) into per-layer shards, add them, print the manifest CID"
+    )
+    pack.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR|FILE.gguf")
     pack.add_argument("--model-id", help="model id in the manifest (default: the folder name)")
     add_dtype_argument(pack)
     pack.set_defaults(run=cmd_pack)

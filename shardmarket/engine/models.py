@@ -12,10 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from shardmarket.engine.architecture import FAMILIES, family_of
 from shardmarket.engine.errors import EngineError
+from shardmarket.engine.gguf import read_gguf
 from shardmarket.engine.tokenizer import byte_level_tokenizer
 
 log = logging.getLogger(__name__)
@@ -114,24 +115,14 @@ def random_checkpoint(config: dict, path: Path, seed: int = 0) -> Path:
     return _write_atomically(Path(path), write)
 
 
-def import_gguf(gguf_path: Path, dest: Path) -> Path:
-    """Dequantize a Llama/Mistral/Qwen2 GGUF into an ordinary safetensors checkpoint with its tokenizer at `dest`."""
+def import_gguf(gguf_path: Path, dest: Path, *, weights: str | None = None, progress: bool = False) -> Path:
+    """Dequantize a GGUF of a supported family (any quantization the gguf package reads) into a safetensors checkpoint
+    with its tokenizer at `dest`, its layers in the weight format `weights` (default float32)."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise EngineError(f"{gguf_path} is not a file; give the path of a .gguf model")
-
-    def write(folder: Path) -> None:
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        family_of(model.config)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        # The weights are plain fp32 once dequantized: drop the GGUF quantizer marker so save_pretrained accepts them.
-        model.hf_quantizer = None  # type: ignore[assignment]  # undeclared in transformers: torch types it a Tensor or Module
-        del model.config.quantization_config
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
     log.info("importing %s into %s", gguf_path, dest)
-    return _write_atomically(Path(dest), write)
+    return _write_atomically(Path(dest), lambda folder: read_gguf(gguf_path, folder, weights, progress))
 
 
 def default_gguf() -> Path:
