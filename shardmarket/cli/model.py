@@ -16,14 +16,34 @@ def _layers(text: str) -> tuple[int, int]:
     return int(start), int(end)
 
 
-def cmd_pack(args) -> int:
-    from shardmarket.ipfs.model import ModelError, pack_model  # torch loads only for model commands
+def shard_converter(dtype: str | None):
+    """The converter `model pack --dtype` hands to pack_model (torch loads only for model commands)."""
+    from functools import partial
 
+    from shardmarket.engine.formats import check_format, convert_shard
+
+    return partial(convert_shard, target=check_format(dtype) if dtype else None)
+
+
+def cmd_pack(args) -> int:
+    import tempfile
+
+    from shardmarket.engine.errors import EngineError
+    from shardmarket.engine.models import import_gguf
+    from shardmarket.ipfs.model import ModelError, pack_model
+
+    progress = sys.stderr.isatty()
     try:
-        cid = pack_model(
-            args.checkpoint, content_store(), load_config().home / "tmp", model_id=args.model_id, progress=sys.stderr.isatty()
-        )
-    except (ModelError, *ERRORS) as exc:
+        work_dir = load_config().home / "tmp"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="gguf-", dir=work_dir) as tmp:
+            checkpoint, dtype = args.checkpoint, args.dtype
+            if checkpoint.suffix == ".gguf":  # dequantized straight into the shards' format, then packed as it is
+                checkpoint = import_gguf(checkpoint, Path(tmp) / checkpoint.stem, weights=dtype, progress=progress)
+                dtype = None
+            convert = shard_converter(dtype)
+            cid = pack_model(checkpoint, content_store(), work_dir, convert=convert, model_id=args.model_id, progress=progress)
+    except (ModelError, EngineError, *ERRORS) as exc:
         return _fail(exc)
     print(cid)
     return 0
@@ -44,13 +64,26 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def add_dtype_argument(parser) -> None:
+    """`--dtype`: the weight format of the packed layer shards."""
+    parser.add_argument(
+        "--dtype",
+        metavar="FORMAT",
+        help="weight format of the layer shards: int8 (per-channel scales; embeddings and LM head in bf16), bf16, fp16 "
+        "or fp32 (default: as stored); only a coarser format than the checkpoint's can be made",
+    )
+
+
 def register(commands) -> None:
     group = commands.add_parser("model", help="model shards on IPFS (pack a checkpoint, fetch a layer range)")
     sub = group.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
 
-    pack = sub.add_parser("pack", help="split a checkpoint into per-layer shards, add them, print the manifest CID")
-    pack.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR")
+    pack = sub.add_parser(
+        "pack", help="split a checkpoint (or a .gguf, dequantized) into per-layer shards, add them, print the manifest CID"
+    )
+    pack.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR|FILE.gguf")
     pack.add_argument("--model-id", help="model id in the manifest (default: the folder name)")
+    add_dtype_argument(pack)
     pack.set_defaults(run=cmd_pack)
 
     fetch = sub.add_parser("fetch", help="fetch the shards of a layer range into a checkpoint folder")

@@ -16,6 +16,7 @@ from shardmarket.cli.operator import add_operator_commands, deployment_advice, p
 from shardmarket.config import load_config
 
 DTYPE_NAMES = ["bfloat16", "float16", "float32"]  # shardmarket.net.wire.DTYPES, named without importing torch (a test checks)
+WEIGHT_FORMATS = ["float32", "bfloat16", "float16", "int8"]  # shardmarket.engine.formats.FORMATS, likewise
 TEST_FAULTS = ["wrong-shape", "equivocate", "forge-commitments"]
 
 
@@ -34,7 +35,18 @@ def register(commands) -> None:
     run.add_argument("--host", help="listen address (config node.host)")
     run.add_argument("--port", type=int, help="port of /info, /health and sessions over WebSocket and raw TCP (config node.port)")
     run.add_argument("--price", type=int, help="token units per token processed (config node.price)")
-    run.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    run.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPE_NAMES],
+        default="auto",
+        help="activation dtype, announced in /info (default auto: bfloat16/float16 on a GPU; on a CPU bfloat16 for "
+        "bfloat16 weights where the CPU has native bfloat16, else float32)",
+    )
+    run.add_argument(
+        "--weights",
+        choices=WEIGHT_FORMATS,
+        help="convert the layers to this coarser weight format when loading (default: as the shards hold them)",
+    )
     run.add_argument("--threads", type=int, help="torch threads (config node.threads)")
     run.add_argument("--test-fault", choices=TEST_FAULTS, help="misbehave on purpose (for tests of clients and verifiers)")
     run.add_argument(
@@ -82,6 +94,7 @@ def run_node(args: argparse.Namespace) -> int:
         port=args.port,
         price=args.price,
         dtype=args.dtype,
+        weights=args.weights,
         threads=args.threads,
         max_memory_mb=args.max_memory_mb,
         offload_folder=args.offload_folder,

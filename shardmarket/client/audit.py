@@ -1,7 +1,9 @@
 """The client's checks on nodes: two different signed answers for one step context (same session, step, position,
 history and input) are submitted as equivocation; a fraction of requests has one hop re-run on another node of the
-same range, and a mismatch beyond a floating-point tolerance (settled by a local re-run when the client holds those
-layers) opens a dispute with the evidence on IPFS, then draws its panel."""
+same range computing in the same numerics (weight format and activation dtype), else locally in the node's numerics
+when the client holds the layers, else on a node computing otherwise; a mismatch beyond the tolerance of that pair of
+numerics (settled by a local re-run when the client holds the layers) opens a dispute with the evidence on IPFS, then
+draws its panel."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from shardmarket.chain.eip712 import context_hash
 from shardmarket.chain.evidence import Evidence, publish, relative_difference
 from shardmarket.client.routing import NodeInfo
 from shardmarket.client.session import InferenceSession, NodeFailure
+from shardmarket.engine.errors import EngineError
+from shardmarket.engine.formats import FLOATS, Numerics, tolerance
 from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.net import wire
 
@@ -62,7 +66,7 @@ class Auditor:
         store: Blockstore,
         *,
         rate: float,
-        tolerance: float,
+        tolerance: float,  # between float32 re-runs; engine.formats.tolerance scales it to the numerics compared
         checkpoint: Path | None = None,
         seed: int | None = None,
         evidence_gateways: Sequence[str] = (),
@@ -75,7 +79,7 @@ class Auditor:
         self.checks = 0
         self._seen: dict[tuple[str, bytes, bytes], SignedCommitment] = {}  # (operator, request id, context hash)
         self._tasks: set[asyncio.Task] = set()
-        self._stages: dict[tuple[int, int], Stage] = {}
+        self._stages: dict[tuple[int, int, Numerics], Stage] = {}
         self._local = threading.Lock()  # one local re-run at a time (model loading patches torch globally)
 
     def on_commitment(self, node: NodeInfo, signed: SignedCommitment, tokens: int) -> None:
@@ -145,72 +149,81 @@ class Auditor:
             await checker.close()
         return [o for _, o in outputs], {s.commitment.context.step: s for _, s in checker.commitments}
 
-    def _rerun_local(self, record: _HopRecord) -> list[torch.Tensor] | None:
+    def _rerun_local(self, record: _HopRecord, numerics: Numerics) -> list[torch.Tensor] | None:
         if self.checkpoint is None:
             return None
         with self._local:
-            return self._rerun_local_locked(record, self.checkpoint)
+            return self._rerun_local_locked(record, self.checkpoint, numerics)
 
-    def _rerun_local_locked(self, record: _HopRecord, checkpoint: Path) -> list[torch.Tensor] | None:
+    def _rerun_local_locked(self, record: _HopRecord, checkpoint: Path, numerics: Numerics) -> list[torch.Tensor] | None:
         from shardmarket.engine.stage import Stage
 
-        key = (record.node.start, record.node.end)
+        key = (record.node.start, record.node.end, numerics)
         try:
-            stage = self._stages.get(key) or Stage.load(checkpoint, *key)
-        except (OSError, ValueError, KeyError) as exc:
-            log.info("cannot re-run layers %d:%d locally (%s)", *key, exc)
+            stage = self._stages.get(key) or Stage.load(
+                checkpoint, key[0], key[1], weights=numerics.weights, dtype=FLOATS[numerics.dtype]
+            )
+        except (OSError, ValueError, KeyError, EngineError) as exc:
+            log.info("cannot re-run layers %d:%d locally in %s (%s)", key[0], key[1], numerics, exc)
             return None
         self._stages[key] = stage
-        stage.open_session("spot-check", max(record.positions[-1] + record.inputs[-1].shape[1], 1))
-        try:
-            with torch.inference_mode():
-                return [
-                    stage.step("spot-check", x, torch.arange(p, p + x.shape[1]).unsqueeze(0))
-                    for p, x in zip(record.positions, record.inputs, strict=True)
-                ]
-        finally:
-            stage.close_session("spot-check")
+        return stage.rerun(record.positions, record.inputs)
 
-    def _first_mismatch(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> int | None:
+    @staticmethod
+    def _first_mismatch(a: list[torch.Tensor], b: list[torch.Tensor], tolerance: float) -> int | None:
         for step, (x, y) in enumerate(zip(a, b, strict=True)):
-            if relative_difference(x, y) > self.tolerance:
+            if relative_difference(x, y) > tolerance:
                 return step
         return None
+
+    async def _local_mismatch(self, record: _HopRecord, node: NodeInfo, outputs: list[torch.Tensor]) -> tuple[bool, int | None]:
+        """Whether a local re-run in `node`'s numerics ran, and the first step where `outputs` differ from it."""
+        local = await asyncio.to_thread(self._rerun_local, record, node.numerics)
+        if local is None:
+            return False, None
+        return True, self._first_mismatch(outputs, local, tolerance(node.numerics, node.numerics, self.tolerance))
 
     async def _spot_check(self, record: _HopRecord, max_length: int) -> None:
         self.checks += 1
         node = record.node
-        others = [
+        peers = [
             n
             for n in self.model.nodes
             if (n.start, n.end) == (node.start, node.end) and n.url != node.url and n.url not in self.model.failed.current()
         ]
-        if others:
-            other = self.rng.choice(others)
+        same = [n for n in peers if n.numerics == node.numerics]
+        if same or (peers and self.checkpoint is None):  # a peer computing otherwise is only asked when nothing else can
+            other = self.rng.choice(same or peers)
             try:
                 outputs, commitments = await self._rerun_remote(other, record, max_length)
             except (TimeoutError, NodeFailure, ConnectionError, OSError) as exc:
                 log.info("spot check on %s failed to run (%s)", other.url, exc)
                 return
-            step = self._first_mismatch(record.outputs, outputs)
+            step = self._first_mismatch(record.outputs, outputs, tolerance(node.numerics, other.numerics, self.tolerance))
             if step is None:
                 return
-            suspects = [(node, record.outputs, record.commitments, step), (other, outputs, commitments, step)]
-            local = await asyncio.to_thread(self._rerun_local, record)
-            if local is not None:  # the local re-run says which of the two is wrong
-                suspects = [(n, o, c, at) for n, o, c, _ in suspects if (at := self._first_mismatch(o, local)) is not None]
+            suspects = []
+            for suspect, answers, signed in ((node, record.outputs, record.commitments), (other, outputs, commitments)):
+                ran, at = await self._local_mismatch(record, suspect, answers)  # a local re-run says which one is wrong
+                if not ran or at is not None:
+                    suspects.append((suspect, answers, signed, step if at is None else at))
             log.warning(
                 "spot check: %s and %s disagree on layers %d:%d at step %d", node.url, other.url, node.start, node.end, step
             )
         else:
-            local = await asyncio.to_thread(self._rerun_local, record)
-            step = None if local is None else self._first_mismatch(record.outputs, local)
+            _, step = await self._local_mismatch(record, node, record.outputs)
             if step is None:
                 return
             suspects = [(node, record.outputs, record.commitments, step)]
-            log.warning("spot check: %s disagrees with the local re-run of layers %d:%d", node.url, node.start, node.end)
-        for culprit, outputs, commitments, step in suspects:
-            await self._challenge(culprit, record, outputs, commitments, step)
+            log.warning(
+                "spot check: %s disagrees with the local re-run of layers %d:%d in %s",
+                node.url,
+                node.start,
+                node.end,
+                node.numerics,
+            )
+        for culprit, outputs, commitments, at in suspects:
+            await self._challenge(culprit, record, outputs, commitments, at)
 
     async def _challenge(
         self, node: NodeInfo, record: _HopRecord, outputs: list[torch.Tensor], commitments: dict[int, SignedCommitment], step: int

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
+from shardmarket.engine.formats import Numerics
 from shardmarket.net import wire
 from shardmarket.net.channel import SAME_PORT
 
@@ -43,6 +44,12 @@ class NodeInfo:
     decode_ms: float
     rtt_s: float = 0.0
     bytes_per_s: float = 1e9
+    weights: str = "float32"  # the format its layers compute with; `dtype` is that of its hidden states
+
+    @property
+    def numerics(self) -> Numerics:
+        """How this node computes its layers, as it announces: what a check re-runs its hop in."""
+        return Numerics(self.weights, self.dtype)
 
     @classmethod
     def from_info(cls, url: str, info: dict) -> NodeInfo:
@@ -63,6 +70,7 @@ class NodeInfo:
             operator=info["operator"],
             tcp_port=URL(url).port if info.get("transports", {}).get("tcp") == SAME_PORT else None,
             decode_ms=float(info.get("load", {}).get("decode_ms", 0.0)),
+            weights=model.get("weights", model["dtype"]),
         )
 
     def expected_step_s(self, payload_bytes: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -11,17 +12,27 @@ from transformers import PretrainedConfig
 
 from shardmarket.engine.errors import UnsupportedModel
 
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+# model_type -> (transformers module, class prefix)
+FAMILIES = {
+    "llama": ("llama", "Llama"),  # Llama 2 and 3.x (rope_scaling "llama3")
+    "mistral": ("mistral", "Mistral"),
+    "qwen2": ("qwen2", "Qwen2"),
+    "qwen3": ("qwen3", "Qwen3"),  # q/k norms
+    "gemma2": ("gemma2", "Gemma2"),  # (1 + w) norms around attention and MLP, soft-capped attention and logits
+    "gemma3_text": ("gemma3", "Gemma3"),  # q/k norms, local and global layers with their own RoPE
+}
 ATTENTION = "shardmarket"  # the attention implementation registered by shardmarket.engine.attention
 
 
 @dataclass(frozen=True)
 class Family:
-    """The building blocks of one family: decoder layer, rotary embedding, RMS norm."""
+    """The building blocks of one family: decoder layer, rotary embedding, RMS norm, and what the head does otherwise."""
 
     decoder_layer: type[nn.Module]
     rotary_embedding: type[nn.Module]
     rms_norm: type[nn.Module]
+    rope_per_layer_type: bool  # the rotary embedding is computed per layer type (Gemma 3: local and global bases)
+    scales_embeddings: bool  # embeddings are multiplied by sqrt(hidden_size) (Gemma)
 
 
 def family_of(config: PretrainedConfig) -> Family:
@@ -29,12 +40,15 @@ def family_of(config: PretrainedConfig) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UnsupportedModel(f"model type {model_type!r} is not supported; use a {', '.join(FAMILIES)} checkpoint")
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    prefix = FAMILIES[model_type]
+    module_name, prefix = FAMILIES[model_type]
+    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    rotary = getattr(module, f"{prefix}RotaryEmbedding")
     return Family(
         getattr(module, f"{prefix}DecoderLayer"),
-        getattr(module, f"{prefix}RotaryEmbedding"),
+        rotary,
         getattr(module, f"{prefix}RMSNorm"),
+        "layer_type" in inspect.signature(rotary.forward).parameters,
+        prefix.startswith("Gemma"),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
 from shardmarket.engine.architecture import ATTENTION
 
@@ -17,6 +18,11 @@ def causal_mask(start: int, steps: int, length: int, window: int | None, device:
     """Boolean mask [1, 1, steps, length] for queries at positions start..start+steps-1; None when plain causal works."""
     if start == 0 and steps == length and (window is None or window >= length):
         return None  # SDPA's is_causal is exact here
+    return allowed_keys(start, steps, length, window, device)
+
+
+def allowed_keys(start: int, steps: int, length: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean mask [1, 1, steps, length]: which keys each query at positions start..start+steps-1 sees."""
     query = torch.arange(start, start + steps, device=device)[:, None]
     key = torch.arange(length, device=device)[None, :]
     allowed = key <= query
@@ -25,9 +31,21 @@ def causal_mask(start: int, steps: int, length: int, window: int | None, device:
     return allowed[None, None]
 
 
+def softcapped_attention(module, query, key, value, allowed: torch.Tensor | None, dropout, scaling, softcap):
+    """Gemma 2's eager attention, whose scores are soft-capped (SDPA cannot); `allowed` becomes its additive mask."""
+    mask = None
+    if allowed is not None:
+        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        mask.masked_fill_(~allowed, torch.finfo(query.dtype).min)
+    return eager_attention_forward(module, query, key, value, mask, dropout, scaling, softcap)
+
+
 def stage_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
     """Attention for a batch whose rows are different sessions; `key`/`value` are lists of per-row caches."""
+    softcap = kwargs.pop("softcap", None)
     if isinstance(key, torch.Tensor):  # a plain forward without StepCache
+        if softcap is not None:
+            return eager_attention_forward(module, query, key, value, attention_mask, dropout, scaling, softcap)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     steps = query.shape[2]
     outputs = []
@@ -40,7 +58,12 @@ def stage_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         else:
             k, v = row_key, row_value
             mask = causal_mask(start, steps, length, sliding_window, query.device)
-        out, _ = sdpa_attention_forward(module, query[row : row + 1], k, v, mask, dropout, scaling, **kwargs)
+        if softcap is not None:
+            if mask is None and steps > 1:
+                mask = allowed_keys(start, steps, length, None, query.device)
+            out, _ = softcapped_attention(module, query[row : row + 1], k, v, mask, dropout, scaling, softcap)
+        else:
+            out, _ = sdpa_attention_forward(module, query[row : row + 1], k, v, mask, dropout, scaling, **kwargs)
         outputs.append(out)
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), None
 

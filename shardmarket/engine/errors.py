@@ -22,4 +22,4 @@ class CapacityError(EngineError):
 
 
 class UnsupportedModel(EngineError):
-    """The checkpoint's architecture is not one the engine runs (Llama, Mistral, Qwen2)."""
+    """The checkpoint's architecture is not one the engine runs (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3)."""

@@ -18,7 +18,15 @@ EMBED, NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_hea
 class Head:
     """Embeds token ids and turns the last layer's hidden states into logits."""
 
-    def __init__(self, config, tokenizer, embed_weight: torch.Tensor, norm: torch.nn.Module, lm_head_weight: torch.Tensor):
+    def __init__(
+        self,
+        config,
+        tokenizer,
+        embed_weight: torch.Tensor,
+        norm: torch.nn.Module,
+        lm_head_weight: torch.Tensor,
+        embed_scale: float | None = None,
+    ):
         self.config = config
         self.tokenizer = tokenizer
         self.num_layers = config.num_hidden_layers
@@ -27,6 +35,8 @@ class Head:
         self.embed_weight = embed_weight
         self.norm = norm
         self.lm_head_weight = lm_head_weight
+        self.embed_scale = embed_scale  # Gemma multiplies its embeddings by sqrt(hidden_size)
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2: logits = c * tanh(logits / c)
         eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
@@ -46,7 +56,8 @@ class Head:
         norm.weight = torch.nn.Parameter(tensors[NORM], requires_grad=False)
         embed = tensors[EMBED]
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        return cls(config, tokenizer, embed, norm.to(device), embed if tied else tensors[LM_HEAD])
+        scale = config.hidden_size**0.5 if family.scales_embeddings else None
+        return cls(config, tokenizer, embed, norm.to(device), embed if tied else tensors[LM_HEAD], scale)
 
     @torch.no_grad()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -61,7 +72,9 @@ class Head:
         vocab = self.embed_weight.shape[0]
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             raise ShapeError(f"token ids must be within 0..{vocab - 1}")
-        return F.embedding(input_ids.to(self.embed_weight.device), self.embed_weight)
+        hidden = F.embedding(input_ids.to(self.embed_weight.device), self.embed_weight)
+        # in the embeddings' dtype, as transformers does: sqrt(3072) is 55.5 in bfloat16
+        return hidden if self.embed_scale is None else hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -69,4 +82,7 @@ class Head:
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
             raise ShapeError(f"hidden states must be [1, T, {self.hidden_size}], got {tuple(hidden.shape)}")
         hidden = hidden.to(device=self.embed_weight.device, dtype=self.dtype)
-        return F.linear(self.norm(hidden), self.lm_head_weight)
+        logits = F.linear(self.norm(hidden), self.lm_head_weight)
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits

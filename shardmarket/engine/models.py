@@ -12,10 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from shardmarket.engine.architecture import FAMILIES, family_of
 from shardmarket.engine.errors import EngineError
+from shardmarket.engine.gguf import read_gguf
 from shardmarket.engine.tokenizer import byte_level_tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,18 +38,47 @@ _TINY = {
     "eos_token_id": 2,
     "pad_token_id": 0,
 }
+_GEMMA_TINY = {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 12, "tie_word_embeddings": False}
 _FAMILY_TINY: dict[str, dict[str, object]] = {
-    "llama": {"tie_word_embeddings": False},
-    "mistral": {"tie_word_embeddings": False, "sliding_window": 16, "head_dim": 16},
-    "qwen2": {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 12, "max_window_layers": 2},
+    "llama": {"model_type": "llama", "tie_word_embeddings": False},
+    "llama3": {  # Llama 3.1's RoPE scaling, with an original context short enough that the prompts reach past it
+        "model_type": "llama",
+        "tie_word_embeddings": True,
+        "head_dim": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    },
+    "mistral": {"model_type": "mistral", "tie_word_embeddings": False, "sliding_window": 16, "head_dim": 16},
+    "qwen2": {
+        "model_type": "qwen2",
+        "tie_word_embeddings": True,
+        "use_sliding_window": True,
+        "sliding_window": 12,
+        "max_window_layers": 2,
+    },
+    "qwen3": {"model_type": "qwen3", "tie_word_embeddings": True, "head_dim": 32},
+    # caps low enough that the tiny model's scores and logits reach them
+    "gemma2": {"model_type": "gemma2", **_GEMMA_TINY, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0},
+    "gemma3": {"model_type": "gemma3_text", **_GEMMA_TINY, "sliding_window_pattern": 2},
 }
 
 
 def tiny_config(family: str = "llama", **overrides) -> dict:
-    """A config dict of a tiny model of `family` (llama, mistral, qwen2) for tests; `overrides` replace keys."""
-    if family not in FAMILIES:
-        raise EngineError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    return {"model_type": family, **_TINY, **_FAMILY_TINY[family], **overrides}
+    """A config dict of a tiny model of `family` (one of TINY_FAMILIES) for tests; `overrides` replace keys."""
+    if family not in _FAMILY_TINY:
+        raise EngineError(f"unknown family {family!r}; choose one of {', '.join(_FAMILY_TINY)}")
+    return {**_TINY, **_FAMILY_TINY[family], **overrides}
+
+
+TINY_FAMILIES = tuple(_FAMILY_TINY)
 
 
 def _write_atomically(dest: Path, write: Callable[[Path], None]) -> Path:
@@ -71,7 +101,7 @@ def _write_atomically(dest: Path, write: Callable[[Path], None]) -> Path:
 def random_checkpoint(config: dict, path: Path, seed: int = 0) -> Path:
     """Build a seeded random model from `config` (with `model_type`) and save it with a byte-level tokenizer."""
     if "model_type" not in config:
-        raise EngineError("the config needs a model_type (llama, mistral or qwen2)")
+        raise EngineError(f"the config needs a model_type ({', '.join(FAMILIES)})")
     hf_config = AutoConfig.for_model(**config)
     family_of(hf_config)
 
@@ -85,24 +115,14 @@ def random_checkpoint(config: dict, path: Path, seed: int = 0) -> Path:
     return _write_atomically(Path(path), write)
 
 
-def import_gguf(gguf_path: Path, dest: Path) -> Path:
-    """Dequantize a Llama/Mistral/Qwen2 GGUF into an ordinary safetensors checkpoint with its tokenizer at `dest`."""
+def import_gguf(gguf_path: Path, dest: Path, *, weights: str | None = None, progress: bool = False) -> Path:
+    """Dequantize a GGUF of a supported family (any quantization the gguf package reads) into a safetensors checkpoint
+    with its tokenizer at `dest`, its layers in the weight format `weights` (default float32)."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise EngineError(f"{gguf_path} is not a file; give the path of a .gguf model")
-
-    def write(folder: Path) -> None:
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        family_of(model.config)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        # The weights are plain fp32 once dequantized: drop the GGUF quantizer marker so save_pretrained accepts them.
-        model.hf_quantizer = None  # type: ignore[assignment]  # undeclared in transformers: torch types it a Tensor or Module
-        del model.config.quantization_config
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
     log.info("importing %s into %s", gguf_path, dest)
-    return _write_atomically(Path(dest), write)
+    return _write_atomically(Path(dest), lambda folder: read_gguf(gguf_path, folder, weights, progress))
 
 
 def default_gguf() -> Path:

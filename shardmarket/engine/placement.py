@@ -11,6 +11,7 @@ from accelerate.utils import infer_auto_device_map, offload_weight, save_offload
 from torch import nn
 
 from shardmarket.engine.errors import EngineError
+from shardmarket.engine.formats import placed_dtype
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,25 @@ log = logging.getLogger(__name__)
 def default_device() -> str:
     """The first GPU when there is one, else the CPU."""
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def uses_gpu(max_memory: dict | None) -> bool:
+    """Whether a stage placed within `max_memory` (None: everything on the default device) computes on a GPU."""
+    if not torch.cuda.is_available():
+        return False
+    return not max_memory or any(key not in ("cpu", "disk") for key in max_memory)
+
+
+def best_dtype(weights: str, gpu: bool) -> torch.dtype:
+    """The activation dtype a node's hardware computes `weights` best in.
+
+    GPUs: bfloat16 where supported, else float16. CPUs: bfloat16 for bfloat16 weights on a CPU with native bfloat16
+    (AVX512-BF16 or AMX), else float32; int8 weights multiply in 16 bits inside Int8Linear whatever the activations."""
+    if gpu:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if weights == "bfloat16" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def device_map_for(
@@ -67,12 +87,13 @@ def place_weights(
     index: dict = {}
     for name, tensor in tensors.items():
         device = device_of(name, device_map)
+        placed = placed_dtype(name, tensor, dtype)
         if device == "disk":
-            index = offload_weight(tensor.to(dtype), name, str(offload_dir), index=index)
+            index = offload_weight(tensor.to(placed), name, str(offload_dir), index=index)
         else:
             # A copy: safetensors tensors are backed by the file's mmap, whose first touch would land on a decode step.
-            value = tensor.to(dtype=dtype, copy=True) if tensor.device.type == "cpu" else tensor.to(dtype)
-            set_module_tensor_to_device(body, name, device, value=value)
+            value = tensor.to(dtype=placed, copy=True) if tensor.device.type == "cpu" else tensor.to(placed)
+            set_module_tensor_to_device(body, name, device, value=value, dtype=placed)
     if index:
         save_offload_index(index, str(offload_dir))
     if len(set(device_map.values())) > 1 or "disk" in device_map.values():

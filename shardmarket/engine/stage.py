@@ -6,8 +6,10 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
@@ -19,8 +21,9 @@ from transformers import AutoConfig, PretrainedConfig
 import shardmarket.engine.attention  # noqa: F401  (registers the stage attention)
 from shardmarket.engine.architecture import family_of, stage_config
 from shardmarket.engine.errors import CapacityError, DuplicateSession, EngineError, ShapeError, UnknownSession
+from shardmarket.engine.formats import FLOATS, Numerics, convert, effective_weights, format_name, stored_format, use_int8_linears
 from shardmarket.engine.kv_cache import SessionCache, StepCache
-from shardmarket.engine.placement import device_map_for, device_of, main_device, place_weights
+from shardmarket.engine.placement import best_dtype, device_map_for, device_of, main_device, place_weights, uses_gpu
 from shardmarket.engine.weights import layer_tensors, tensor_index
 
 EXPIRED_MEMORY = 4096  # how many expired ids are remembered, to say "expired" rather than "unknown"
@@ -32,6 +35,16 @@ def even_splits(num_layers: int, stages: int) -> list[tuple[int, int]]:
         raise EngineError(f"the number of stages must be within 1..{num_layers} (one layer at least per stage)")
     bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
     return list(pairwise(bounds))
+
+
+@dataclass(frozen=True)
+class StageSource:
+    """Where a stage's layers were read from and how they were placed, so a checker can load them in other numerics."""
+
+    checkpoint: Path
+    stored: str  # the weight format of the checkpoint's layers
+    max_memory: dict | None
+    offload_folder: Path | None
 
 
 class StageLayers(nn.Module):
@@ -52,17 +65,24 @@ class Stage:
         end: int,
         body: StageLayers,
         device_map: dict,
-        dtype: torch.dtype,
+        numerics: Numerics,
         max_sessions: int,
         cache_budget_bytes: int | None,
         idle_timeout_s: float,
     ):
-        self.config, self.start, self.end, self.dtype = config, start, end, dtype
+        self.config, self.start, self.end = config, start, end
+        self.numerics = numerics
+        self.dtype = FLOATS[numerics.dtype]
+        self.source: StageSource | None = None  # set by load()
         self.hidden_size = config.hidden_size
         self.body = body
         self.device_map = device_map
         self.device = main_device(device_map)
-        self.rotary = family_of(config).rotary_embedding(config=stage_config(config, start, end)).to(self.device)
+        family = family_of(config)
+        sliced = stage_config(config, start, end)
+        self.rotary = family.rotary_embedding(config=sliced).to(self.device)
+        # Gemma 3 rotates local and global layers with different bases: one embedding per layer type, else one for all
+        self._layer_types: list[str] | None = list(sliced.layer_types) if family.rope_per_layer_type else None
         self.max_sessions = max_sessions
         self.cache_budget_bytes = cache_budget_bytes
         self.idle_timeout_s = idle_timeout_s
@@ -89,12 +109,16 @@ class Stage:
         *,
         max_memory: dict | None = None,
         offload_folder: Path | None = None,
-        dtype: torch.dtype = torch.float32,
+        weights: str | None = None,
+        dtype: torch.dtype | None = None,
         max_sessions: int = 64,
         cache_budget_bytes: int | None = None,
         idle_timeout_s: float = 300,
     ) -> Stage:
-        """Load only the tensors of layers [start, end) from `checkpoint` and place them within `max_memory`."""
+        """Load only the tensors of layers [start, end) from `checkpoint` and place them within `max_memory`.
+
+        `weights` converts the stored format to a coarser one (see formats); `dtype` is the activation dtype, by default
+        the best of the hardware (placement.best_dtype)."""
         checkpoint = Path(checkpoint)
         if not (checkpoint / "config.json").exists():
             raise EngineError(f"{checkpoint} has no config.json; give a Hugging Face checkpoint folder")
@@ -102,20 +126,48 @@ class Stage:
         family = family_of(config)
         if not 0 <= start < end <= config.num_hidden_layers:
             raise EngineError(f"layer range [{start}, {end}) is outside the model's {config.num_hidden_layers} layers")
+        tensors = layer_tensors(tensor_index(checkpoint), start, end)
+        stored = stored_format(tensors)
+        weights = weights or stored
+        tensors = convert(tensors, weights)
+        dtype = dtype or best_dtype(weights, uses_gpu(max_memory))
+        if dtype not in FLOATS.values():
+            raise EngineError(f"activations cannot be {dtype}; choose one of {', '.join(FLOATS)}")
         with init_empty_weights():
             body = StageLayers(stage_config(config, start, end), family.decoder_layer)
+        if weights == "int8":
+            use_int8_linears(body, tensors)
         device_map = device_map_for(body, max_memory, dtype, [family.decoder_layer.__name__], offload_folder)
         offload_dir = None
         if offload_folder is not None and "disk" in device_map.values():  # device_map_for refuses disk without a folder
             Path(offload_folder).mkdir(parents=True, exist_ok=True)
             offload_dir = Path(tempfile.mkdtemp(prefix=f"layers-{start}-{end}-", dir=offload_folder))
-        tensors = layer_tensors(tensor_index(checkpoint), start, end)
         place_weights(body, tensors, device_map, dtype, offload_dir)
         del tensors
-        stage = cls(config, start, end, body.eval(), device_map, dtype, max_sessions, cache_budget_bytes, idle_timeout_s)
+        numerics = Numerics(effective_weights(weights, dtype), format_name(dtype))
+        stage = cls(config, start, end, body.eval(), device_map, numerics, max_sessions, cache_budget_bytes, idle_timeout_s)
+        stage.source = StageSource(checkpoint, stored, max_memory, offload_folder)
         if offload_dir is not None:
             weakref.finalize(stage, shutil.rmtree, offload_dir, True)
         return stage
+
+    def with_numerics(self, numerics: Numerics) -> Stage:
+        """These layers computed in `numerics` (this stage, or a new one read again from the same checkpoint and placed
+        alike): a checker re-runs another node's hop the way that node computes it. EngineError if the stored
+        weights cannot be converted to those numerics."""
+        if numerics == self.numerics:
+            return self
+        if self.source is None:
+            raise EngineError("this stage was not loaded from a checkpoint; it cannot be loaded in other numerics")
+        return Stage.load(
+            self.source.checkpoint,
+            self.start,
+            self.end,
+            weights=numerics.weights,
+            dtype=FLOATS[numerics.dtype],
+            max_memory=self.source.max_memory,
+            offload_folder=self.source.offload_folder,
+        )
 
     # sessions
 
@@ -141,6 +193,18 @@ class Stage:
                 )
             self._sessions[session_id] = SessionCache(session_id, self._cache_shapes, max_length, self.dtype)
             self._expired.pop(session_id, None)
+
+    def rerun(self, positions: list[int], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The outputs of a hop's steps (`inputs[i]` at `positions[i]`) in a private session: a checker's re-run."""
+        session = f"rerun-{uuid.uuid4().hex}"
+        self.open_session(session, max(positions[-1] + inputs[-1].shape[1], 1))
+        try:
+            return [
+                self.step(session, x.to(self.dtype), torch.arange(p, p + x.shape[1]).unsqueeze(0))
+                for p, x in zip(positions, inputs, strict=True)
+            ]
+        finally:
+            self.close_session(session)
 
     def close_session(self, session_id: str) -> None:
         """Free the session's KV cache; UnknownSession if it is not open."""
@@ -255,8 +319,12 @@ class Stage:
     ) -> torch.Tensor:
         x = hidden.to(self.device)
         positions = positions.to(self.device)
-        embeddings = self.rotary(x, positions)
+        if self._layer_types is None:
+            embeddings = [self.rotary(x, positions)] * len(self.body.layers)
+        else:
+            by_type = {kind: self.rotary(x, positions, kind) for kind in set(self._layer_types)}
+            embeddings = [by_type[kind] for kind in self._layer_types]
         cache = StepCache(sessions, starts)
-        for layer in self.body.layers:
-            x = layer(x, position_embeddings=embeddings, position_ids=positions, cache=cache)
+        for layer, embedding in zip(self.body.layers, embeddings, strict=True):
+            x = layer(x, position_embeddings=embedding, position_ids=positions, cache=cache)
         return x

@@ -2,7 +2,8 @@
 
 `pack_model` writes `layer-NNN.safetensors` (tensors `model.layers.N.*`) and `head.safetensors`
 (embeddings, final norm, LM head), adds them with the tokenizer files, and adds a JSON manifest whose
-CID names the model on chain. `fetch_model` brings back only the shards a layer range needs.
+CID names the model on chain and which says the weight format of the model and of each shard. `fetch_model`
+brings back only the shards a layer range needs.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -37,6 +40,11 @@ TOKENIZER_FILES = (
 )
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 MAX_MANIFEST = 16 * 1024 * 1024
+
+
+# Turns the tensors of one shard ("layer" or "head") into the format it is packed in, and names that format
+# (shardmarket.engine.formats.convert_shard, given by the CLI: this layer does not compute).
+ShardConverter = Callable[[str, dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], str]]
 
 
 class ModelError(ValueError):
@@ -70,30 +78,40 @@ def _tensor_files(checkpoint: Path) -> dict[str, Path]:
     return where
 
 
-def _add_shard(store: ContentStore, path: Path, name: str, tensors: dict[str, dict]) -> dict:
+def _add_shard(store: ContentStore, path: Path, name: str, tensors: dict[str, dict], weights: str) -> dict:
     with open(path, "rb") as f:
         reader = _HashingReader(f)
         entry = import_stream(reader, SHARD_OPTIONS, store)
     store.pin(entry.cid)
-    return {"file": name, "cid": entry.cid_str, "size": entry.size, "sha256": reader.sha.hexdigest(), "tensors": tensors}
+    sha = reader.sha.hexdigest()
+    return {"file": name, "cid": entry.cid_str, "size": entry.size, "sha256": sha, "weights": weights, "tensors": tensors}
 
 
-def _write_group(checkpoint_files: dict[str, Path], names: list[str], out: Path) -> dict[str, dict]:
-    tensors, meta = {}, {}
+def _write_group(
+    checkpoint_files: dict[str, Path], names: list[str], kind: str, convert: ShardConverter, out: Path
+) -> tuple[dict[str, dict], str]:
+    tensors = {}
     for name in sorted(names):
         with safe_open(checkpoint_files[name], framework="pt") as f:
-            tensor = f.get_tensor(name)
-        tensors[name] = tensor.contiguous()
-        meta[name] = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+            tensors[name] = f.get_tensor(name)
+    tensors, weights = convert(kind, tensors)
+    tensors = {name: tensor.contiguous() for name, tensor in sorted(tensors.items())}
+    meta = {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for name, t in tensors.items()}
     save_file(tensors, str(out), metadata={"format": "pt"})
-    return meta
+    return meta, weights
 
 
 def pack_model(
-    checkpoint_dir: Path, store: ContentStore, work_dir: Path, *, model_id: str | None = None, progress: bool = True
+    checkpoint_dir: Path,
+    store: ContentStore,
+    work_dir: Path,
+    *,
+    convert: ShardConverter,
+    model_id: str | None = None,
+    progress: bool = True,
 ) -> str:
-    """Split, add and pin a checkpoint's shards, tokenizer and manifest; return the manifest CID. Each shard is written
-    to `work_dir` (best on the store's disk) and removed once added."""
+    """Split, add and pin a checkpoint's shards (in the format `convert` gives them), tokenizer and manifest; return the
+    manifest CID. Each shard is written to `work_dir` (best on the store's disk) and removed once added."""
     checkpoint = Path(checkpoint_dir)
     try:
         config = json.loads((checkpoint / "config.json").read_text())
@@ -124,14 +142,15 @@ def pack_model(
         layers = []
         for key in tqdm(["head", *range(num_layers)], desc="pack", unit="shard", disable=not progress):
             name = "head.safetensors" if key == "head" else f"layer-{key:03d}.safetensors"
-            meta = _write_group(where, groups.get(key, []), work / name)
-            shard = _add_shard(store, work / name, name, meta)
+            meta, weights = _write_group(where, groups.get(key, []), "head" if key == "head" else "layer", convert, work / name)
+            shard = _add_shard(store, work / name, name, meta, weights)
             (work / name).unlink()
             if key == "head":
                 manifest["head"] = shard
             else:
                 layers.append(shard)
         manifest["layers"] = layers
+        manifest["weights"] = layers[0]["weights"] if layers else None
         tokenizer_dir = work / "tokenizer"
         tokenizer_dir.mkdir()
         for file in TOKENIZER_FILES:
@@ -211,6 +230,15 @@ def fetch_model(
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (dest / "shardmarket.json").write_text(
-        json.dumps({"manifest": manifest_cid, "model_id": manifest["model_id"], "layers": [start, end], "head": head}, indent=2)
+        json.dumps(
+            {
+                "manifest": manifest_cid,
+                "model_id": manifest["model_id"],
+                "weights": manifest.get("weights"),
+                "layers": [start, end],
+                "head": head,
+            },
+            indent=2,
+        )
     )
     return dest

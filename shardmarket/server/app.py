@@ -44,7 +44,8 @@ def info(service: NodeService, listing: NodeListing) -> dict:
             "id": listing.model_id,
             "num_layers": stage.config.num_hidden_layers,
             "hidden_size": stage.hidden_size,
-            "dtype": str(stage.dtype).removeprefix("torch."),
+            "dtype": stage.numerics.dtype,  # of the hidden states it takes and returns
+            "weights": stage.numerics.weights,  # the format its layers compute with (shardmarket.engine.formats)
         },
         "layers": [stage.start, stage.end],
         "price": listing.price,

@@ -65,7 +65,8 @@ class ServeOptions:
     host: str | None = None
     port: int | None = None
     price: int | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # activations; auto: the best of this hardware for the weights (engine.placement.best_dtype)
+    weights: str | None = None  # convert the layers to this weight format; None: as the checkpoint holds them
     threads: int | None = None
     max_memory_mb: float | None = None  # CPU memory for weights; the rest goes to offload_folder
     offload_folder: Path | None = None
@@ -261,7 +262,8 @@ def _load_service(
         checkpoint,
         layers[0],
         layers[1],
-        dtype=DTYPES[options.dtype],
+        weights=options.weights,
+        dtype=None if options.dtype == "auto" else DTYPES[options.dtype],
         idle_timeout_s=config.node.idle_timeout_s,
         max_sessions=config.node.max_sessions,
         cache_budget_bytes=int(config.node.max_cache_mb * 2**20) or None,

@@ -1,8 +1,9 @@
 """Verifier duty: when a dispute's panel draws this node, it fetches the evidence, checks it against the accused's
-signature, re-runs the hop on its own layers, commits its verdict, reveals it once the reveal phase opens, and
-resolves the dispute when every verifier has revealed. A dispute about this node's slice whose challenger has not
-drawn its panel a few blocks after the draw block is drawn by this node, so that nobody can wait for the draw's
-randomness to expire and be drawn again."""
+signature, re-runs the hop on its own layers in every numerics an honest node could have computed that answer in (the
+answer's dtype is signed; the weight format is not, so each one its stored weights can become is tried), commits its
+verdict, reveals it once the reveal phase opens, and resolves the dispute when every verifier has revealed. A dispute
+about this node's slice whose challenger has not drawn its panel a few blocks after the draw block is drawn by this
+node, so that nobody can wait for the draw's randomness to expire and be drawn again."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import requests
-import torch
 
 from shardmarket.chain.contracts import ChainError, DisputeStatus, Market
 from shardmarket.chain.disputes import draw_panel
 from shardmarket.chain.eip712 import commitment_digest
 from shardmarket.chain.evidence import Evidence, EvidenceError, fetch, relative_difference
 from shardmarket.chain.watch import BlockWatch
+from shardmarket.engine.errors import EngineError
+from shardmarket.engine.formats import FLOATS, Numerics, format_name, honest_numerics, tolerance
 from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.ipfs.fetch import FetchError
 from shardmarket.server.worker import StageWorker
@@ -60,7 +62,7 @@ class VerifierDuty:
         model_id: bytes,
         store: Blockstore,
         gateways: list[str],
-        tolerance: float,
+        tolerance: float,  # between float32 re-runs; engine.formats.tolerance scales it to the numerics compared
         tick_s: float = 1.0,
         state_path: Path | None = None,
     ) -> None:
@@ -148,18 +150,32 @@ class VerifierDuty:
             del self.drawing[dispute_id]
             self._save()
 
-    def _rerun(self, evidence: Evidence) -> torch.Tensor:
-        stage = self.worker.stage
-        session = f"verify-{os.urandom(8).hex()}"
-        stage.open_session(session, evidence.positions[-1] + evidence.inputs[-1].shape[1])
-        try:
-            with torch.inference_mode():
-                for position, hidden in zip(evidence.positions, evidence.inputs, strict=True):
-                    positions = torch.arange(position, position + hidden.shape[1]).unsqueeze(0)
-                    output = stage.step(session, hidden.to(stage.dtype), positions)
-            return output
-        finally:
-            stage.close_session(session)
+    def _closest_rerun(self, evidence: Evidence) -> tuple[Numerics, float, float]:
+        """Re-run the hop in each numerics an honest node could have answered in, this stage's own first, until one
+        matches the accused's answer; (numerics, relative difference, tolerance) of the match, else of the closest."""
+        own = self.worker.stage
+        dtype = format_name(evidence.output.dtype)
+        if dtype not in FLOATS:
+            raise EvidenceError(f"the accused's answer is {dtype}, which no node computes in")
+        stored = own.source.stored if own.source is not None else own.numerics.weights
+        candidates = honest_numerics(stored, dtype)
+        candidates.sort(key=lambda numerics: numerics != own.numerics)
+        closest: tuple[Numerics, float, float] | None = None
+        for numerics in candidates:
+            try:
+                stage = own.with_numerics(numerics)
+            except EngineError as exc:
+                log.info("cannot re-run in %s: %s", numerics, exc)
+                continue
+            difference = relative_difference(evidence.output, stage.rerun(evidence.positions, evidence.inputs)[-1])
+            limit = tolerance(numerics, numerics, self.tolerance)
+            if closest is None or difference / limit < closest[1] / closest[2]:
+                closest = (numerics, difference, limit)
+            if difference <= limit:
+                break
+        if closest is None:
+            raise EvidenceError(f"this node cannot re-run layers {own.start}:{own.end} with {dtype} activations")
+        return closest
 
     async def fetch_evidence(self, dispute: dict, *, last_chance: bool = True) -> Evidence | None:
         """The dispute's evidence, from the local store or the gateways. Evidence no gateway serves (yet) raises
@@ -191,16 +207,20 @@ class VerifierDuty:
         except (EvidenceError, ValueError) as exc:
             log.warning("dispute %d: the evidence does not hold (%s); voting that the node was right", dispute["disputeId"], exc)
             return False
-        mine = await self.worker.call(self._rerun, evidence)
-        difference = relative_difference(evidence.output, mine)
+        try:
+            numerics, difference, limit = await self.worker.call(self._closest_rerun, evidence)
+        except EvidenceError as exc:
+            log.warning("dispute %d: %s; voting that the node was right", dispute["disputeId"], exc)
+            return False
         log.info(
-            "dispute %d: re-ran %d step(s); relative difference %.3g (tolerance %.3g)",
+            "dispute %d: re-ran %d step(s); relative difference %.3g in %s (tolerance %.3g)",
             dispute["disputeId"],
             len(evidence.inputs),
             difference,
-            self.tolerance,
+            numerics,
+            limit,
         )
-        return difference > self.tolerance
+        return difference > limit
 
     async def _vote(self, dispute: dict, now: int) -> None:
         """Judge a pending dispute (once: a retry reuses the verdict and salt) and commit the vote; `now` is the chain

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from shardmarket.engine.head import Head
-from shardmarket.engine.models import random_checkpoint, tiny_config
+from shardmarket.engine.models import TINY_FAMILIES, random_checkpoint, tiny_config
 from shardmarket.engine.sampling import SamplingParams, generate
 from shardmarket.engine.stage import Stage
 
@@ -19,7 +19,7 @@ from shardmarket.engine.stage import Stage
 torch.set_num_threads(1)
 
 CHAT = [{"role": "user", "content": "Split the model across machines, then pay each node."}]
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = TINY_FAMILIES
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,8 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One tiny random checkpoint per family: llama (untied), mistral (sliding window), qwen2 (bias, tied, sliding)."""
+    """One tiny random checkpoint per family: llama (untied), llama3 (RoPE scaling), mistral (sliding window), qwen2
+    (bias, tied, sliding), qwen3 (q/k norms), gemma2 (soft-capping, sliding), gemma3 (q/k norms, local/global RoPE)."""
     root = tmp_path_factory.mktemp("tiny")
     return {family: random_checkpoint(tiny_config(family), root / family, seed=0) for family in FAMILIES}
 
@@ -72,11 +73,11 @@ def tiny_references(tiny_checkpoints) -> dict[str, Reference]:
 
 
 def chain(stages: list[Stage], session_id: str):
-    """run_layers over in-process stages, in order."""
+    """run_layers over in-process stages, in order (hidden states cast to each stage's dtype, as a client sends them)."""
 
     def run_layers(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         for stage in stages:
-            hidden = stage.step(session_id, hidden, positions)
+            hidden = stage.step(session_id, hidden.to(stage.dtype), positions)
         return hidden
 
     return run_layers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from shardmarket.engine.head import Head
 from shardmarket.engine.stage import Stage
@@ -32,8 +33,9 @@ def test_split_matches_generate(tiny_checkpoints, tiny_references, family, stage
 def test_disk_offload_matches_generate(tiny_checkpoints, tiny_references, tmp_path, family):
     checkpoint, ref = tiny_checkpoints[family], tiny_references[family]
     head = Head.load(checkpoint)
-    stages = [
-        Stage.load(checkpoint, 0, 3, max_memory={"cpu": 400_000}, offload_folder=tmp_path),  # part on CPU, part on disk
+    layer_bytes = sum(t.numel() * 4 for name, t in load_file(checkpoint / "model.safetensors").items() if ".layers.0." in name)
+    stages = [  # part on CPU, part on disk
+        Stage.load(checkpoint, 0, 3, max_memory={"cpu": int(2.5 * layer_bytes)}, offload_folder=tmp_path),
         Stage.load(checkpoint, 3, 5, max_memory={"cpu": 0}, offload_folder=tmp_path),  # all on disk
     ]
     assert {"cpu", "disk"} <= set(stages[0].device_map.values())
@@ -43,7 +45,7 @@ def test_disk_offload_matches_generate(tiny_checkpoints, tiny_references, tmp_pa
     assert torch.max(torch.abs(logits - ref.logits)) <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2", "gemma3"])
 def test_chunked_prefill_matches_generate(tiny_checkpoints, tiny_references, family):
     """Prefill chunks of 5 positions cross the sliding windows (12 and 16) and still give the same tokens."""
     checkpoint, ref = tiny_checkpoints[family], tiny_references[family]

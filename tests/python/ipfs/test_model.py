@@ -196,3 +196,38 @@ def test_a_paid_node_fetches_its_shards_through_kubo(kubo, tmp_path, monkeypatch
     shards = next((tmp_path / "market" / "homes" / "node" / "node" / "shards").iterdir())
     assert sorted(p.name for p in shards.glob("*.safetensors")) == ["layer-001.safetensors", "layer-002.safetensors"]
     assert not list(Blockstore(tmp_path / "market" / "blocks").keys())  # nothing went through the local store
+
+
+def test_int8_shards_hold_a_quarter_of_the_bytes_and_load_as_int8(gateway, checkpoint, tmp_path, monkeypatch, capsys):
+    from shardmarket.engine.stage import Stage
+
+    url, fp32_cid = gateway
+    monkeypatch.setenv("SHARDMARKET_HOME", str(tmp_path / "packer"))  # the gateway serves this store
+    assert main(["model", "pack", str(checkpoint), "--model-id", "tiny-llama", "--dtype", "int8"]) == 0
+    int8_cid = capsys.readouterr().out.split()[-1]
+    store = Blockstore(tmp_path / "packer" / "blocks")
+    fp32, int8 = (json.loads(store.get(bytes(parse(cid)))) for cid in (fp32_cid, int8_cid))
+    assert (fp32["weights"], int8["weights"]) == ("float32", "int8")
+    assert {shard["weights"] for shard in int8["layers"]} == {"int8"} and int8["head"]["weights"] == "bfloat16"
+    tensors = int8["layers"][2]["tensors"]
+    assert tensors["model.layers.2.self_attn.q_proj.weight"] == {"dtype": "int8", "shape": [64, 64]}
+    assert tensors["model.layers.2.self_attn.q_proj.weight_scale"] == {"dtype": "float32", "shape": [64]}
+    assert tensors["model.layers.2.input_layernorm.weight"]["dtype"] == "float32"
+    ratio = sum(s["size"] for s in int8["layers"]) / sum(s["size"] for s in fp32["layers"])
+    assert 0.25 < ratio < 0.3  # a node's fetch; scales and norms add a little to the quarter
+
+    monkeypatch.setenv("SHARDMARKET_HOME", str(tmp_path / "fetcher"))
+    dest = tmp_path / "stage"
+    assert main(["model", "fetch", int8_cid, "--layers", "1:3", "--dest", str(dest), "--gateway", url]) == 0
+    assert json.loads((dest / "shardmarket.json").read_text())["weights"] == "int8"
+    fetched, converted = Stage.load(dest, 1, 3), Stage.load(checkpoint, 1, 3, weights="int8")
+    assert fetched.numerics == converted.numerics and fetched.numerics.weights == "int8"
+    x = [torch.randn(1, 5, 64), torch.randn(1, 1, 64)]
+    assert all(torch.equal(a, b) for a, b in zip(fetched.rerun([0, 5], x), converted.rerun([0, 5], x), strict=True))
+
+    monkeypatch.setenv("SHARDMARKET_HOME", str(tmp_path / "packer"))
+    assert main(["model", "pack", str(checkpoint), "--dtype", "int4"]) == 1
+    assert "unknown weight format 'int4'" in capsys.readouterr().err
+    assert main(["model", "pack", str(checkpoint), "--dtype", "bf16"]) == 0
+    bf16 = json.loads(store.get(bytes(parse(capsys.readouterr().out.split()[-1]))))
+    assert bf16["weights"] == "bfloat16" and bf16["head"]["weights"] == "bfloat16"
