@@ -1,4 +1,4 @@
-"""Gas of shardmarket's on-chain hot paths on a fresh anvil: register, stake, settleTabs, claimLowered, disputes.
+"""Gas of shardmarket's on-chain hot paths on a fresh anvil: register, stake, settleTabs, claim, reserves, disputes.
 
     .venv/bin/python bench/gas.py
 
@@ -8,9 +8,11 @@ once per node, and the clients' paid vectors are empty) and warm (the steady sta
 settled again over its stored paid vector). The baseline, measured in the same run, is what paying each node on chain
 without tabs costs: one warm ERC-20 transfer per (client, node) payment.
 
-claimLowered (a node's fraud proof against a client that signed a tab lowering its entry) is measured for tabs
-naming 3 and MAX_ENTRIES nodes, after the client settled its lowering tab; its baseline is the warm settleTabs of
-one client (what the node would have paid to settle an honest tab).
+claim (a node collecting what an older tab promised it, here after the client settled a tab lowering its entry) is
+measured for tabs naming 3 and MAX_ENTRIES nodes; its baseline is the warm settleTabs of one client (what the node
+would have paid to settle an honest tab). Then a client funds reserves for the 3 nodes of a route (once per client
+and node, not per request), drains its balance to an alias with a newer tab, and a node claims its older tab out of
+its reserve.
 
 A wrong-output dispute is measured through its life (challenge, drawPanel seating 3 of a 5-node slice, a vote's
 reveal, resolve slashing the node, the challenger's withdrawCredit), then an equivocation slash.
@@ -104,20 +106,34 @@ def main() -> dict:
         )
 
         for size, client in zip((NODES_PER_TAB, eip712.MAX_ENTRIES), clients[first : first + 2], strict=True):
-            nodes = [Account.create().address for _ in range(size)]
+            nodes = sorted((Account.create().address for _ in range(size)), key=lambda a: int(a, 16))
             older = item(client, nodes, 2 * TOKEN, 1, ())
-            lowering = eip712.Tab(
-                client.address, 2, tuple(eip712.Entry(n, TOKEN) for n in sorted(nodes, key=lambda a: int(a, 16))), os.urandom(32)
-            )
+            lowering = eip712.Tab(client.address, 2, tuple(eip712.Entry(n, TOKEN) for n in nodes), os.urandom(32))
             signed = eip712.pack_tab(lowering, eip712.sign_tab(client.key, lowering, escrow_domain))
             tx = escrow.settleTabs(signed, {"from": owner})
             paid = eip712.pack_entries(eip712.unpack_entries(bytes(tx.events["TabSettled"]["paid"])))
-            tx = escrow.claimLowered(sorted(nodes, key=lambda a: int(a, 16))[-1], older + signed, paid, {"from": owner})
+            tx = escrow.claim(nodes[-1], older, paid, {"from": owner})
             assert tx.return_value == TOKEN, "the bench claim did not pay the lowered difference"
-            figures[f"claim_lowered_{size}_nodes_gas"] = tx.gas_used
-        figures["claim_lowered_3_nodes_vs_settle_1_client_warm_ratio"] = round(
-            figures["claim_lowered_3_nodes_gas"] / figures["settle_1_clients_warm_gas"], 3
+            figures[f"claim_{size}_nodes_gas"] = tx.gas_used
+        figures["claim_3_nodes_vs_settle_1_client_warm_ratio"] = round(
+            figures["claim_3_nodes_gas"] / figures["settle_1_clients_warm_gas"], 3
         )
+        # the alias drain: the client's newer tab pays an alias its whole balance; the node holding the older tab is paid
+        # out of the reserve the client set aside for it
+        client = Account.from_key(b"\x43" * 32)
+        sender = brownie.accounts.add(client.key.hex())
+        owner.transfer(sender, TOKEN)
+        escrow.deposit(client.address, 10 * TOKEN, {"from": owner})
+        node_address, alias = sorted((Account.create().address for _ in range(2)), key=lambda a: int(a, 16), reverse=True)
+        route = [node_address, *(Account.create().address for _ in range(NODES_PER_TAB - 1))]
+        tx = escrow.fundReserves(route, [2 * TOKEN] * NODES_PER_TAB, {"from": sender})
+        figures[f"fund_reserves_{NODES_PER_TAB}_nodes_gas"] = tx.gas_used  # once per client and route, not per request
+        acknowledged = item(client, [node_address], 2 * TOKEN, 1, ())
+        drained = escrow.settleTabs(item(client, [alias, node_address], 8 * TOKEN, 2, ()), {"from": owner})
+        paid = eip712.pack_entries(eip712.unpack_entries(bytes(drained.events["TabSettled"]["paid"])))
+        tx = escrow.claim(node_address, acknowledged, paid, {"from": owner})
+        assert tx.events["Claimed"]["fromReserve"] == 2 * TOKEN, "the bench claim did not draw on the reserve"
+        figures["claim_from_reserve_gas"] = tx.gas_used
 
         figures.update(dispute_gas(brownie, proj, addresses, owner, node, model_id))
         return figures

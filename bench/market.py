@@ -201,8 +201,8 @@ def payment_path_us(root: Path, steps: int = 300) -> dict:
     domain = eip712.Domain(31337, "0x" + "33" * 20)
     payer = Payer(client, domain, root / "micro-ledger.sqlite")
 
-    async def unlimited(client: str) -> int:
-        return 10**30
+    async def unlimited(client: str) -> tuple[int, int]:
+        return 10**30, 10**30
 
     gate = PaymentGate(
         TabStore(root / "micro-tabs.sqlite", nodes[0].operator), nodes[0].operator, PRICE, domain, 64 * PRICE, unlimited

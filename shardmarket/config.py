@@ -21,6 +21,9 @@ class ChainConfig:
     brownie_network: str = "shardmarket-anvil"
     deployments_dir: Path = Path("deployments")  # relative paths are under Config.home
     keystore_scrypt_n: int = 262144  # scrypt cost of new keystores (eth-account's default)
+    # blocks on top of a settlement before a node counts it as final (`node earnings`); a settlement the chain drops
+    # earlier, or later in a deeper reorg, is noticed and settled again
+    confirmations: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ class ClientConfig:
     step_timeout_s: float = 60.0
     spot_check_rate: float = 0.0  # fraction of requests whose hops are re-run on another node (or locally)
     spot_check_tolerance: float = 1e-3  # largest relative difference of hidden states still counted as equal
+    # token units set aside in the escrow for each node the client pays (only that node can draw on it, so nodes serve
+    # up to it without trusting the shared balance); 0: half the spendable balance, shared among the model's nodes
+    reserve: int = 0
     # public base URLs where verifiers on other machines can fetch this client's dispute evidence: this client's
     # `client serve` address as seen from the internet (it serves its block store at /ipfs/), or any gateway holding it
     evidence_gateways: list[str] = field(default_factory=list)

@@ -29,7 +29,7 @@ UINT64_MAX = 2**64 - 1
 UINT32_MAX = 2**32 - 1
 UINT16_MAX = 2**16 - 1
 UINT128_MAX = 2**128 - 1
-MAX_ENTRIES = 32  # PaymentEscrow.MAX_ENTRIES: most nodes one tab may name
+MAX_ENTRIES = 32  # PackedTab.MAX_ENTRIES: most nodes one tab may name
 
 EIP712_DOMAIN_TYPE = [
     {"name": "name", "type": "string"},
@@ -128,9 +128,10 @@ class Tab:
         return next((e.amount for e in self.entries if e.node.lower() == node), 0)
 
     def covers(self, paid: tuple[Entry, ...]) -> bool:
-        """Whether the escrow can settle this tab over paid vector `paid`: it names every node paid, no lower."""
-        amounts = {e.node.lower(): e.amount for e in self.entries}
-        return all(amounts.get(e.node.lower(), -1) >= e.amount for e in paid)
+        """Whether the escrow can settle this tab over paid vector `paid`: it names every node paid (an entry below what
+        its node was paid pays that node nothing)."""
+        named = {e.node.lower() for e in self.entries}
+        return all(e.node.lower() in named for e in paid)
 
 
 def check_entries(entries: tuple[Entry, ...], *, allow_empty: bool = False) -> None:
@@ -246,10 +247,12 @@ def tab_digest(tab: Tab, domain: Domain) -> bytes:
 
 
 # A packed tab: how a signed tab travels with every step, how a node stores it, and what PaymentEscrow reads (settleTabs,
-# claimLowered), whose TAB_* and ENTRY_* constants are these (tests/python/chain/test_contract_data.py checks it):
+# claim). contracts/PackedTab.sol documents the layout; its TAB_*, ENTRY_*, PAID_BYTES and MAX_ENTRIES constants are
+# these (tests/python/chain/test_contract_data.py checks it):
 #   client (20 bytes) || seq (uint32, 4) || usageHash (32) || r (32) || s (32) || v (1) || n, the entry count (1) ||
-#   m, the paid count (1) || n entries || m entries of the client's current paid vector
-# (m is 0 in the form that travels and that claimLowered takes); a packed entry is node (20 bytes) || amount (uint128, 16).
+#   m, the paid count (1) || n entries || m paid amounts (uint128, 16 each)
+# A packed entry is node (20 bytes) || amount (uint128, 16). m is 0 in the form that travels and that claim takes, and n
+# when the tab goes to settleTabs: the k-th paid amount is what the escrow has paid the k-th entry's node so far.
 # Each constant is the byte offset where a field starts (the client's is 0); a field ends where the next one starts.
 TAB_SEQ = 20
 TAB_USAGE_HASH = 24
@@ -261,18 +264,19 @@ TAB_PAID_COUNT = 122
 TAB_HEADER_BYTES = 123  # where the entries start
 ENTRY_AMOUNT = 20
 ENTRY_BYTES = 36
+PAID_BYTES = 16
 _SEQ_BYTES = TAB_USAGE_HASH - TAB_SEQ
 _AMOUNT_BYTES = ENTRY_BYTES - ENTRY_AMOUNT
 
 
 def pack_entries(entries: tuple[Entry, ...]) -> bytes:
-    """Entries as PaymentEscrow packs them (packed tabs, paid vectors, TabSettled, LoweringClaimed): node || amount,
-    ENTRY_BYTES each."""
+    """Entries as PaymentEscrow packs them (a tab's entries, paid vectors in TabSettled, Claimed and claim's argument):
+    node || amount, ENTRY_BYTES each."""
     return b"".join(bytes.fromhex(e.node[2:]) + e.amount.to_bytes(_AMOUNT_BYTES, "big") for e in entries)
 
 
 def unpack_entries(data: bytes) -> tuple[Entry, ...]:
-    """The entries of `pack_entries`' bytes (a TabSettled or LoweringClaimed paid vector); raises ValueError if malformed."""
+    """The entries of `pack_entries`' bytes (a TabSettled or Claimed paid vector); raises ValueError if malformed."""
     if len(data) % ENTRY_BYTES:
         raise ValueError(f"packed entries are a multiple of {ENTRY_BYTES} bytes, got {len(data)}")
     entries = tuple(
@@ -285,26 +289,38 @@ def unpack_entries(data: bytes) -> tuple[Entry, ...]:
     return entries
 
 
+def paid_vector(entries: tuple[Entry, ...]) -> tuple[Entry, ...]:
+    """A paid vector as the escrow keeps it: sorted by node, the nodes paid nothing left out."""
+    check_entries(entries, allow_empty=True)
+    return tuple(e for e in entries if e.amount)
+
+
 def paid_vector_hash(paid: tuple[Entry, ...]) -> int:
-    """PaymentEscrow's 128-bit hash of a paid vector: the low half of keccak256 of its packed entries; 0 when empty."""
-    check_entries(paid, allow_empty=True)
+    """PaymentEscrow's 128-bit hash of a paid vector: the low half of keccak256 of its packed entries (the nodes paid
+    nothing left out); 0 when empty."""
+    paid = paid_vector(paid)
     return int.from_bytes(_keccak(pack_entries(paid))[16:], "big") if paid else 0
 
 
 def pack_tab(tab: Tab, signature: bytes, paid: tuple[Entry, ...] = ()) -> bytes:
-    """The packed tab: `tab` and its client's 65-byte signature, followed by the client's current paid vector `paid`
-    when it goes to settleTabs (empty in the form that travels with a step)."""
+    """The packed tab: `tab` and its client's 65-byte signature; for settleTabs, followed by what the client's current
+    paid vector `paid` says each entry's node was paid (none when nothing was paid: the form that travels, too).
+    Raises ValueError when `paid` names a node the tab does not (the escrow would reject the tab)."""
     v, r, s = split_signature(signature)
-    check_entries(paid, allow_empty=True)
+    paid = paid_vector(paid)
+    if not tab.covers(paid):
+        raise ValueError(f"tab {tab.seq} does not name every node the escrow paid; the escrow would reject it")
+    by_node = {e.node.lower(): e.amount for e in paid}
+    amounts = b"".join(by_node.get(e.node.lower(), 0).to_bytes(PAID_BYTES, "big") for e in tab.entries) if paid else b""
     return (
         bytes.fromhex(tab.client[2:])
         + tab.seq.to_bytes(_SEQ_BYTES, "big")
         + tab.usage_hash
         + r
         + s
-        + bytes((v, len(tab.entries), len(paid)))
+        + bytes((v, len(tab.entries), len(tab.entries) if paid else 0))
         + pack_entries(tab.entries)
-        + pack_entries(paid)
+        + amounts
     )
 
 
@@ -315,13 +331,17 @@ def tab_client(data: object) -> str | None:
 
 
 def unpack_tab(data: bytes) -> tuple[Tab, bytes, tuple[Entry, ...]]:
-    """(tab, signature, paid vector) of a packed tab; raises ValueError if malformed."""
+    """(tab, signature, paid vector) of a packed tab (the paid vector empty when it carries no paid amounts); raises
+    ValueError if malformed."""
     if not isinstance(data, (bytes, bytearray)) or len(data) < TAB_HEADER_BYTES:
         raise ValueError(f"a signed tab is at least {TAB_HEADER_BYTES} bytes, got {_describe(data)}")
-    entries_end = TAB_HEADER_BYTES + ENTRY_BYTES * data[TAB_COUNT]
-    end = entries_end + ENTRY_BYTES * data[TAB_PAID_COUNT]
+    count, paid_count = data[TAB_COUNT], data[TAB_PAID_COUNT]
+    entries_end = TAB_HEADER_BYTES + ENTRY_BYTES * count
+    end = entries_end + PAID_BYTES * paid_count
     if len(data) != end:
-        raise ValueError(f"a signed tab naming {data[TAB_COUNT]} node(s) is {end} bytes, got {len(data)}")
+        raise ValueError(f"a signed tab naming {count} node(s) with {paid_count} paid amount(s) is {end} bytes, got {len(data)}")
+    if paid_count not in (0, count):
+        raise ValueError(f"a signed tab carries no paid amounts or one per entry, got {paid_count} for {count} entries")
     entries = unpack_entries(bytes(data[TAB_HEADER_BYTES:entries_end]))
     tab = Tab(
         to_checksum_address(data[:TAB_SEQ].hex()),
@@ -329,7 +349,9 @@ def unpack_tab(data: bytes) -> tuple[Tab, bytes, tuple[Entry, ...]]:
         entries,
         bytes(data[TAB_USAGE_HASH:TAB_R]),
     )
-    return tab, bytes(data[TAB_R:TAB_COUNT]), unpack_entries(bytes(data[entries_end:]))
+    amounts = [int.from_bytes(data[at : at + PAID_BYTES], "big") for at in range(entries_end, end, PAID_BYTES)]
+    paid = tuple(Entry(e.node, a) for e, a in zip(entries, amounts, strict=True) if a) if amounts else ()
+    return tab, bytes(data[TAB_R:TAB_COUNT]), paid
 
 
 def split_packed_tabs(data: bytes) -> list[bytes]:
@@ -338,7 +360,7 @@ def split_packed_tabs(data: bytes) -> list[bytes]:
     while at < len(data):
         if len(data) - at < TAB_HEADER_BYTES:
             raise ValueError(f"the packed tab at byte {at} is cut short")
-        end = at + TAB_HEADER_BYTES + ENTRY_BYTES * (data[at + TAB_COUNT] + data[at + TAB_PAID_COUNT])
+        end = at + TAB_HEADER_BYTES + ENTRY_BYTES * data[at + TAB_COUNT] + PAID_BYTES * data[at + TAB_PAID_COUNT]
         tabs.append(bytes(data[at:end]))
         at = end
     return tabs

@@ -259,22 +259,29 @@ def cmd_earnings(args: argparse.Namespace) -> None:
     from shardmarket.server.settlement import sync_paid_vectors
 
     market, me, store = _node_books(args)
-    sync_paid_vectors(market, store)
+    confirmations = load_config().chain.confirmations
+    if sync_paid_vectors(market, store, confirmations=confirmations):
+        print("the chain forgot blocks this node had read: the settlements they held are pending again", file=sys.stderr)
     rows = store.all()
-    print(f"{'client':44} {'tab':>6} {'served':>14} {'promised':>14} {'redeemed':>14} {'pending':>14}")
+    print(f"{'client':44} {'tab':>6} {'served':>14} {'promised':>14} {'redeemed':>14} {'unconfirmed':>14} {'pending':>14}")
     for s in rows:
-        print(f"{s.client:44} {s.tab.seq:>6} {s.served:>14} {s.entry:>14} {s.redeemed:>14} {s.owed:>14}")
+        unconfirmed = s.redeemed - s.redeemed_final
+        print(f"{s.client:44} {s.tab.seq:>6} {s.served:>14} {s.entry:>14} {s.redeemed_final:>14} {unconfirmed:>14} {s.owed:>14}")
     redeemed = market.read(market.escrow.functions.earningsOf(me))
-    print(f"total pending {sum(s.owed for s in rows)}; redeemed, in the escrow: {redeemed}")
+    print(
+        f"total pending {sum(s.owed for s in rows)}; redeemed, in the escrow: {redeemed} (a settlement counts as redeemed "
+        f"once {confirmations} block(s) are on top of it)"
+    )
     _print_claims(store.claims())
 
 
 def _print_claims(claims: Iterable) -> None:
-    """One line per claim against a client that lowered this node's entry."""
+    """One line per claim this node sent."""
     for c in claims:
+        why = "it had settled a newer tab promising this node less" if c.lowered else "settling could not collect it"
         print(
-            f"client {c.client} lowered this node's entry in tab {c.lowered_seq}; the claim on its tab {c.promised_seq} "
-            f"collected {c.amount}: tx {c.tx}"
+            f"claim on client {c.client}'s tab {c.tab_seq} ({why}) collected {c.amount}, {c.from_reserve} of it out of "
+            f"its reserve for this node: tx {c.tx}"
         )
 
 
@@ -283,7 +290,7 @@ def cmd_redeem(args: argparse.Namespace) -> None:
 
     market, me, store = _node_books(args)
     claimed = set(store.claims())
-    for r in settle_pending(market, store):
+    for r in settle_pending(market, store, confirmations=load_config().chain.confirmations):
         print(f"settled {r.tabs} client tab(s), {r.paid} to this node: tx {r.tx} ({r.gas} gas)")
     _print_claims(c for c in store.claims() if c not in claimed)
     earnings = market.read(market.escrow.functions.earningsOf(me))

@@ -1,9 +1,11 @@
-"""`shardmarket client deposit|balance|withdraw|withdraw-credit`: the client's escrow account that pays nodes, and its
-dispute credit."""
+"""`shardmarket client deposit|balance|withdraw|withdraw-credit|reserve|release`: the client's escrow account that
+pays nodes, its dispute credit, and the reserves it sets aside for single nodes."""
 
 from __future__ import annotations
 
 import argparse
+
+from eth_utils import to_checksum_address
 
 from shardmarket.cli.keys import add_password_file
 from shardmarket.cli.operator import add_credit_command, chain_command, connect, parse_amount, print_tx
@@ -24,6 +26,16 @@ def add_wallet_commands(group) -> None:
     add_password_file(withdraw)
     withdraw.set_defaults(run=chain_command(cmd_withdraw))
     add_credit_command(group)
+    reserve = group.add_parser("reserve", help="set part of the escrow balance aside for one node (only it can draw on it)")
+    reserve.add_argument("node", help="the node's operator address")
+    reserve.add_argument("amount", type=parse_amount, help="token units")
+    add_password_file(reserve)
+    reserve.set_defaults(run=chain_command(cmd_reserve))
+    release = group.add_parser("release", help="ask for a node's reserve back (the node claims first), or --complete it")
+    release.add_argument("node", help="the node's operator address")
+    release.add_argument("--complete", action="store_true", help="move the reserve back to the balance once the timelock passed")
+    add_password_file(release)
+    release.set_defaults(run=chain_command(cmd_release))
 
 
 def cmd_deposit(args: argparse.Namespace) -> None:
@@ -46,6 +58,12 @@ def cmd_balance(args: argparse.Namespace) -> None:
     print(f"escrow balance {market.read(escrow.balanceOf(me))}, spendable {market.read(escrow.spendableOf(me))}")
     if withdrawal.readyAt:
         print(f"withdrawal of {withdrawal.amount} requested, possible from timestamp {withdrawal.readyAt}")
+    funded = market.escrow.events.ReserveFunded.get_logs(from_block=0, argument_filters={"client": me})
+    for node in sorted({entry["args"]["node"] for entry in funded}):
+        reserve = market.read(escrow.reserveOf(me, node))
+        if reserve.amount:
+            release = f", released from timestamp {reserve.releaseAt}" if reserve.releaseAt else ""
+            print(f"reserve for node {node}: {reserve.amount}{release}")
     print(f"wallet tokens {market.read(market.token.functions.balanceOf(me))}")
     print(f"dispute credit (withdraw-credit) {market.read(market.disputes.functions.creditOf(me))}")
 
@@ -59,3 +77,20 @@ def cmd_withdraw(args: argparse.Namespace) -> None:
         print_tx(f"withdrawal of {args.amount} requested (complete it with --complete after the timelock)", receipt)
     else:
         raise SystemExit("error: give an AMOUNT to request, or --complete")
+
+
+def cmd_reserve(args: argparse.Namespace) -> None:
+    market = connect(args)
+    node = to_checksum_address(args.node)
+    receipt = market.transact(market.escrow.functions.fundReserves([node], [args.amount]), "reserving")
+    print_tx(f"reserved {args.amount} for node {node}", receipt)
+
+
+def cmd_release(args: argparse.Namespace) -> None:
+    market = connect(args)
+    node = to_checksum_address(args.node)
+    if args.complete:
+        print_tx(f"reserve for node {node} released", market.transact(market.escrow.functions.releaseReserve(node), "releasing"))
+    else:
+        receipt = market.transact(market.escrow.functions.requestReserveRelease(node), "requesting a reserve release")
+        print_tx(f"release of the reserve for node {node} requested (complete it with --complete after the timelock)", receipt)

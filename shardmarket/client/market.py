@@ -85,4 +85,31 @@ async def connect_paid(checkpoint: Path, config: Config, account, model_name: st
     spendable = await asyncio.to_thread(market.read, market.escrow.functions.spendableOf(account.address))
     if spendable == 0:
         raise RouteError(f"client {account.address} has nothing to spend in the escrow; run `shardmarket client deposit AMOUNT`")
+    await asyncio.to_thread(fund_reserves, market, [n.operator for n in nodes if n.price], config.client.reserve, spendable)
     return model
+
+
+def fund_reserves(market: Market, nodes: list[str], per_node: int, spendable: int) -> None:
+    """Bring the client's reserve for each of `nodes` to `per_node` (0: half of `spendable`, shared among them) where it
+    is below half of that, in one transaction: a node serves a client only as far as its reserve for that node goes."""
+    if not nodes:
+        return
+    target = per_node or spendable // (2 * len(nodes))
+    me = market.address
+    short = {}
+    for node in nodes:
+        reserve = market.read(market.escrow.functions.reserveOf(me, node), "reading a reserve")
+        if reserve.releaseAt == 0 and reserve.amount < target // 2:
+            short[node] = target - reserve.amount
+    if not short or sum(short.values()) > spendable:
+        if short:
+            log.warning(
+                "the escrow balance (%d) is too small to reserve %d for each node; nodes serve only their credit",
+                spendable,
+                target,
+            )
+        return
+    market.transact(
+        market.escrow.functions.fundReserves(list(short), list(short.values())),
+        f"reserving {target} for each of {len(short)} node(s)",
+    )

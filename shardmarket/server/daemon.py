@@ -38,7 +38,7 @@ from shardmarket.server.faults import Fault, FaultyService
 from shardmarket.server.identity import NodeIdentity, load_or_create_identity
 from shardmarket.server.payments import PaymentGate
 from shardmarket.server.service import NodeService, SessionLimits
-from shardmarket.server.settlement import Settler, escrow_balance_reader, settle_pending
+from shardmarket.server.settlement import Settler, escrow_credit_reader, settle_pending
 from shardmarket.server.tabs import TabStore, tab_store_path
 from shardmarket.server.verifier import VerifierDuty
 from shardmarket.server.worker import StageWorker, compute_thread
@@ -213,9 +213,16 @@ def paid_daemon(
         price,
         market.escrow_domain(),
         config.node.credit_limit or CREDIT_STEPS * price,
-        escrow_balance_reader(market),
+        escrow_credit_reader(market, identity.operator),
     )
-    settler = Settler(market, tabs, gate, interval_s=config.node.redeem_interval_s, min_value=config.node.redeem_min_value)
+    settler = Settler(
+        market,
+        tabs,
+        gate,
+        interval_s=config.node.redeem_interval_s,
+        min_value=config.node.redeem_min_value,
+        confirmations=config.chain.confirmations,
+    )
     print(f"loading layers {start}:{end} of {name}, price {price}", flush=True)
     service = _load_service(options, config, checkpoint, name, (start, end), identity, threads, payments=gate)
     duty = VerifierDuty(
@@ -232,7 +239,7 @@ def paid_daemon(
     async def settle_at_shutdown() -> None:
         await watch.close()
         try:
-            await asyncio.to_thread(settle_pending, market, tabs, gate)
+            await asyncio.to_thread(settle_pending, market, tabs, gate, confirmations=config.chain.confirmations)
         except ChainError as exc:
             print(f"could not settle at shutdown ({exc}); run `shardmarket node redeem` later", flush=True)
 

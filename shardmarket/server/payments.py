@@ -1,6 +1,9 @@
 """The node's payment check on every step: the client's newest EIP-712 tab must be signed by the client, promise
-this node what it has served (up to a per-client credit limit), and promise all its nodes no more than the
-client's escrow balance can pay (plus the credit limit). A client caught lowering what it promised is refused."""
+this node what it has served (up to a per-client credit limit), promise all its nodes no more than the client's
+escrow balance can pay (plus the credit limit), and promise this node, beyond what the escrow has paid it, no more than
+the client's reserve for this node (plus the credit limit): the balance is shared with every payee and the client can
+drain it to an alias first, the reserve only this node can draw on. A client caught lowering what it promised is
+refused."""
 
 from __future__ import annotations
 
@@ -52,7 +55,8 @@ async def _finished(check: Future | Awaitable[object]) -> None:
 
 
 class PaymentGate:
-    """Checks tabs and credit per client; `spendable(client)` reads the client's escrow balance from the chain."""
+    """Checks tabs and credit per client; `credit(client)` reads the client's spendable escrow balance and its reserve
+    for this node from the chain."""
 
     def __init__(
         self,
@@ -61,17 +65,18 @@ class PaymentGate:
         price: int,
         domain: Domain,
         credit_limit: int,
-        spendable: Callable[[str], Awaitable[int]],
+        credit: Callable[[str], Awaitable[tuple[int, int]]],
     ) -> None:
         self.store, self.node, self.price, self.domain = store, node, price, domain
         self.credit_limit = credit_limit
-        self.spendable = spendable
+        self.credit = credit
         self.balances: dict[str, int] = {}  # client -> spendable escrow balance, refreshed by the settler
+        self.reserves: dict[str, int] = {}  # client -> its reserve for this node, refreshed by the settler
         self._accounts: dict[str, StoredTab] = {s.client.lower(): s for s in store.all()}
         self._session_clients: dict[bytes, str] = {}
         self._lock = threading.Lock()  # tabs are checked and stored on worker threads too
         self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tabs")
-        self._refused: set[str] = {c.client.lower() for c in store.claims()}
+        self._refused: set[str] = {c.client.lower() for c in store.claims() if c.lowered}
 
     async def admit(
         self, request_id: bytes, tokens: int, fields: dict, step: Callable[[], Awaitable[T]]
@@ -130,9 +135,9 @@ class PaymentGate:
         self._check_served(tab)
         balance = self.balances.get(client)
         if balance is None:
-            balance = await self.spendable(tab.client)
+            balance, reserve = await self.credit(tab.client)
             if balance > 0:  # a stranger's fresh keys leave nothing behind
-                self.balances[client] = balance
+                self.balances[client], self.reserves[client] = balance, reserve
         if balance <= 0:
             raise PaymentRefused(
                 "insufficient_funds",
@@ -157,7 +162,14 @@ class PaymentGate:
         with self._lock:
             known = self._accounts.get(client.lower())
             if known is not None and seq >= known.paid_seq:
-                self._accounts[client.lower()] = StoredTab(self.node, known.tab, known.signature, known.served, paid, seq)
+                self._accounts[client.lower()] = replace(known, paid=paid, paid_seq=seq)
+
+    def reset(self, client: str, paid: tuple[Entry, ...], seq: int) -> None:
+        """The chain forgot blocks: `client`'s paid vector is `paid` (settlement `seq`) again, even if older."""
+        with self._lock:
+            known = self._accounts.get(client.lower())
+            if known is not None:
+                self._accounts[client.lower()] = replace(known, paid=paid, paid_seq=seq)
 
     def _parse(self, raw: object) -> tuple[Tab, bytes]:
         if raw is None:
@@ -183,7 +195,7 @@ class PaymentGate:
             return
         tab, signature = await asyncio.to_thread(self._parse, fields.get("tab"))  # off the loop: overlaps the step
         if tab.client.lower() not in self.balances:
-            self.balances[tab.client.lower()] = await self.spendable(tab.client)
+            self.balances[tab.client.lower()], self.reserves[tab.client.lower()] = await self.credit(tab.client)
         with self._lock:
             cost = self._reserve(request_id, tokens, tab, signature)
         await asyncio.to_thread(self.store.record, tab, signature, cost)
@@ -247,6 +259,14 @@ class PaymentGate:
                 "insufficient_funds",
                 f"client {newest.client} has {balance} spendable in the escrow, less than its tab's unpaid "
                 f"total ({newest.unpaid_total}); deposit more with `shardmarket client deposit`",
+            )
+        reserve = self.reserves.get(newest.client.lower(), 0)
+        if newest.owed > reserve + self.credit_limit:
+            raise PaymentRefused(
+                "reserve_required",
+                f"the tab promises this node {newest.owed} beyond what the escrow has paid it, more than the {reserve} "
+                f"client {newest.client} reserved for it (and this node's credit of {self.credit_limit}); reserve more for "
+                f"node {self.node} with `shardmarket client reserve {self.node} AMOUNT`",
             )
 
     def _on_credit(self, request_id: bytes, tokens: int, fields: dict) -> Credit | None:

@@ -1,7 +1,7 @@
 """The node's tabs: every client's newest signed tab in SQLite, so a tab acknowledged to a client (the node's signed
 commitment to the step it paid for goes out only after the tab is stored) survives a kill -9;
-plus what the node served the client, the client's paid vector as last seen on chain (TabSettled, LoweringClaimed)
-and the claims this node made against clients that lowered its entry."""
+plus what the node served the client, the client's paid vector as last seen on chain (TabSettled, Claimed) and as of
+the last final block, and the claims this node sent."""
 
 from __future__ import annotations
 
@@ -19,18 +19,22 @@ CREATE TABLE IF NOT EXISTS tabs (
     signed BLOB NOT NULL,
     served TEXT NOT NULL,
     paid BLOB NOT NULL,
-    paid_seq INTEGER NOT NULL
+    paid_seq INTEGER NOT NULL,
+    final BLOB NOT NULL DEFAULT x''
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS claims (
+CREATE TABLE IF NOT EXISTS claim_log (
+    tx TEXT PRIMARY KEY,
     client TEXT NOT NULL,
-    promised_seq INTEGER NOT NULL,
-    lowered_seq INTEGER NOT NULL,
+    tab_seq INTEGER NOT NULL,
     amount TEXT NOT NULL,
-    tx TEXT NOT NULL,
-    PRIMARY KEY (client, promised_seq, lowered_seq)
+    from_reserve TEXT NOT NULL,
+    lowered INTEGER NOT NULL
 );
 """
+# A store written before paid vectors had a final copy gets the column (its paid vectors count as final until the
+# next sync says otherwise).
+MIGRATIONS = {"final": "ALTER TABLE tabs ADD COLUMN final BLOB NOT NULL DEFAULT x''; UPDATE tabs SET final = paid"}
 
 
 def tab_store_path(data_dir: Path) -> Path:
@@ -39,15 +43,17 @@ def tab_store_path(data_dir: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class LoweringClaim:
-    """What this node's claimLowered calls collected on the client's tab `promised_seq` against its lowering tab
-    `lowered_seq`, in all, and the last call's transaction."""
+class Claim:
+    """A claim this node sent (PaymentEscrow.claim): the client's tab it claimed, what it collected, the part of that
+    taken out of the client's reserve for this node, its transaction, and whether the client had settled a newer tab
+    promising this node less (a client this node no longer serves)."""
 
     client: str
-    promised_seq: int
-    lowered_seq: int
+    tab_seq: int
     amount: int
+    from_reserve: int
     tx: str
+    lowered: bool
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class StoredTab:
     served: int
     paid: tuple[Entry, ...]
     paid_seq: int
+    final: tuple[Entry, ...] = ()  # the paid vector as of the last block with enough confirmations
 
     @property
     def client(self) -> str:
@@ -72,9 +79,13 @@ class StoredTab:
 
     @property
     def redeemed(self) -> int:
-        """What the escrow has paid this node on this client's tabs."""
-        node = self.node.lower()
-        return next((e.amount for e in self.paid if e.node.lower() == node), 0)
+        """What the escrow has paid this node on this client's tabs (as far as the newest block says)."""
+        return _amount_for(self.paid, self.node)
+
+    @property
+    def redeemed_final(self) -> int:
+        """What the escrow has paid this node on this client's tabs in blocks with enough confirmations to count."""
+        return _amount_for(self.final, self.node)
 
     @property
     def owed(self) -> int:
@@ -92,8 +103,13 @@ class StoredTab:
         return pack_tab(self.tab, self.signature, self.paid)
 
     def signed(self) -> bytes:
-        """The packed tab alone (how it travels and how claimLowered takes it)."""
+        """The packed tab alone (how it travels and how claim takes it)."""
         return pack_tab(self.tab, self.signature)
+
+
+def _amount_for(paid: tuple[Entry, ...], node: str) -> int:
+    node = node.lower()
+    return next((e.amount for e in paid if e.node.lower() == node), 0)
 
 
 class TabStore:
@@ -108,6 +124,10 @@ class TabStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(tabs)")}
+        for column, migration in MIGRATIONS.items():
+            if column not in columns:
+                self._db.executescript(migration)
         self._lock = threading.Lock()
 
     def get(self, client: str) -> StoredTab | None:
@@ -136,9 +156,10 @@ class TabStore:
                     (old.served if old else 0) + cost,
                     old.paid if old else (),
                     old.paid_seq if old else -1,
+                    old.final if old else (),
                 )
                 self._db.execute(
-                    "INSERT OR REPLACE INTO tabs VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO tabs VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         client,
                         newest.seq,
@@ -146,6 +167,7 @@ class TabStore:
                         str(stored.served),
                         pack_entries(stored.paid),
                         stored.paid_seq,
+                        pack_entries(stored.final),
                     ),
                 )
                 self._db.execute("COMMIT")
@@ -155,59 +177,69 @@ class TabStore:
         return stored
 
     def mark_paid(self, client: str, paid: tuple[Entry, ...], seq: int) -> None:
-        """Record the client's paid vector of settlement `seq` (from TabSettled), if newer than the stored one."""
+        """Record the client's paid vector of settlement `seq` (from TabSettled or Claimed), if not older than the stored
+        one."""
         with self._lock:
             self._db.execute(
                 "UPDATE tabs SET paid = ?, paid_seq = ? WHERE client = ? AND paid_seq <= ?",
                 (pack_entries(paid), seq, client.lower(), seq),
             )
 
-    def record_claim(self, claim: LoweringClaim) -> None:
-        """Record a claim; a second claim of the same pair of tabs adds its amount and keeps its transaction."""
-        key = (claim.client.lower(), claim.promised_seq, claim.lowered_seq)
+    def mark_final(self, client: str, paid: tuple[Entry, ...]) -> None:
+        """Record the client's paid vector as of the newest block with enough confirmations."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
-                    "SELECT amount FROM claims WHERE client = ? AND promised_seq = ? AND lowered_seq = ?", key
-                ).fetchone()
-                amount = claim.amount + (int(row[0]) if row else 0)
-                self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)", (*key, str(amount), claim.tx))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            self._db.execute("UPDATE tabs SET final = ? WHERE client = ?", (pack_entries(paid), client.lower()))
 
-    def claims(self) -> list[LoweringClaim]:
-        """Every claim this node made against a client that lowered its entry, oldest client first."""
+    def reset_paid(self, client: str, paid: tuple[Entry, ...], seq: int) -> None:
+        """Replace the client's paid vector with what the chain says now (after the chain forgot blocks), older or not."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM claims ORDER BY client, promised_seq, lowered_seq").fetchall()
-        return [LoweringClaim(client, promised, lowered, int(amount), tx) for client, promised, lowered, amount, tx in rows]
+            self._db.execute(
+                "UPDATE tabs SET paid = ?, paid_seq = ?, final = ? WHERE client = ?",
+                (pack_entries(paid), seq, pack_entries(paid), client.lower()),
+            )
 
-    def claimed(self, client: str, promised_seq: int, lowered_seq: int) -> bool:
-        """Whether this node already claimed tab `promised_seq` of `client` against its tab `lowered_seq`."""
+    def record_claim(self, claim: Claim) -> None:
+        """Record a claim this node sent."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM claims WHERE client = ? AND promised_seq = ? AND lowered_seq = ?",
-                (client.lower(), promised_seq, lowered_seq),
-            ).fetchone()
-        return row is not None
+            self._db.execute(
+                "INSERT OR REPLACE INTO claim_log VALUES (?, ?, ?, ?, ?, ?)",
+                (claim.tx, claim.client.lower(), claim.tab_seq, str(claim.amount), str(claim.from_reserve), int(claim.lowered)),
+            )
 
-    def scanned_block(self) -> int:
-        """The last block whose TabSettled events are in the store (-1: none)."""
+    def forget_claim(self, tx: str) -> None:
+        """Drop the record of a claim whose transaction the chain no longer has."""
         with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'scanned_block'").fetchone()
-        return int(row[0]) if row else -1
+            self._db.execute("DELETE FROM claim_log WHERE tx = ?", (tx,))
 
-    def set_scanned_block(self, block: int) -> None:
+    def claims(self) -> list[Claim]:
+        """Every claim this node sent, in the order it sent them."""
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('scanned_block', ?)", (str(block),))
+            rows = self._db.execute("SELECT * FROM claim_log ORDER BY rowid").fetchall()
+        return [
+            Claim(client, seq, int(amount), int(reserve), tx, bool(lowered)) for tx, client, seq, amount, reserve, lowered in rows
+        ]
+
+    def cursor(self, name: str) -> tuple[int, str]:
+        """A block this store has read the chain up to, and its hash ((-1, "") before the first read): `scanned` for
+        the paid-vector events, `final` for those with enough confirmations."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (f"{name}_block",)).fetchone()
+        if row is None:
+            return -1, ""
+        number, _, block_hash = row[0].partition(" ")
+        return int(number), block_hash
+
+    def set_cursor(self, name: str, block: int, block_hash: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"{name}_block", f"{block} {block_hash}"))
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     def _parse(self, row: tuple) -> StoredTab:
-        _, _, signed, served, paid, paid_seq = row
+        _, _, signed, served, paid, paid_seq, final = row
         tab, signature, _ = unpack_tab(bytes(signed))
-        return StoredTab(self.node, tab, signature, int(served), unpack_entries(bytes(paid)), int(paid_seq))
+        return StoredTab(
+            self.node, tab, signature, int(served), unpack_entries(bytes(paid)), int(paid_seq), unpack_entries(bytes(final))
+        )

@@ -147,6 +147,20 @@ class Market:
         """One packed tab for settleTabs: the signed tab and the client's current paid vector."""
         return eip712.pack_tab(tab, signature, tuple(previous))
 
+    def fund_reserves(self, client, amounts):
+        """`client` sets aside `amounts` {node: tokens} of its balance for those nodes."""
+        nodes = list(amounts)
+        return self.escrow.fundReserves(nodes, [amounts[n] for n in nodes], {"from": client})
+
+    def claim(self, node, signed_tab, paid, sender):
+        """`sender` claims for `node` what the signed tab (tab, signature) promised it, over paid vector `paid`."""
+        return self.escrow.claim(node, eip712.pack_tab(*signed_tab), eip712.pack_entries(tuple(paid)), {"from": sender})
+
+    @staticmethod
+    def claimed_vector(tx):
+        """The paid vector a claim left (its Claimed event's)."""
+        return eip712.unpack_entries(event_bytes(tx.events["Claimed"]["paid"]))
+
     def settle(self, items, sender):
         return self.escrow.settleTabs(b"".join(items), {"from": sender})
 
@@ -154,7 +168,7 @@ class Market:
     def paid_vector(tx, client):
         """The paid vector of `client` from the last TabSettled of `tx` (() if none)."""
         events = [e for e in tx.events["TabSettled"] if e["client"] == client] if "TabSettled" in tx.events else []
-        return eip712.unpack_entries(bytes(events[-1]["paid"])) if events else ()
+        return eip712.unpack_entries(event_bytes(events[-1]["paid"])) if events else ()
 
     def commitment(
         self,
@@ -183,3 +197,10 @@ def reverts_with():
     import brownie
 
     return lambda name: brownie.reverts(revert_pattern=rf"{name}(: .*)?")
+
+
+def event_bytes(value) -> bytes:
+    """A `bytes` field of an event as brownie decoded it; brownie shows an empty one as 0x00, which no paid vector
+    (a multiple of 36 bytes) can be."""
+    data = bytes(value)
+    return b"" if data == b"\x00" else data

@@ -194,31 +194,53 @@ def test_a_replayed_tab_pays_nothing_and_an_older_one_is_stale(market, escrow, c
     assert escrow.earningsOf(node) == 2 * TOKEN and escrow.balanceOf(client) == 8 * TOKEN
 
 
-def test_a_wrong_previous_vector_is_rejected(market, escrow, client, nodes):
+def with_paid_amounts(item: bytes, amounts: list[int]) -> bytes:
+    """A packed tab's bytes with `amounts` appended as its paid amounts, whatever they are (the Python packer refuses
+    what the escrow would reject)."""
+    header = item[: eip712.TAB_PAID_COUNT] + bytes([len(amounts)]) + item[eip712.TAB_PAID_COUNT + 1 :]
+    return header + b"".join(a.to_bytes(eip712.PAID_BYTES, "big") for a in amounts)
+
+
+def test_paid_amounts_that_are_not_the_stored_vector_are_rejected(market, escrow, client, nodes):
     market.deposit(client, 10 * TOKEN)
     a, b = nodes[:2]
     tx = market.settle([market.item(*market.tab(client, {a: 2 * TOKEN, b: TOKEN}, seq=1))], a)
     paid = market.paid_vector(tx, client)
     tab, signature = market.tab(client, {a: 5 * TOKEN, b: 5 * TOKEN}, seq=2)
-    understated = (paid[0], eip712.Entry(paid[1].node, 0))  # claims less was paid, to be paid twice
-    for previous in [(), understated, paid[:1], (paid[1], paid[0])]:
-        item = market.item(tab, signature)  # the previous vector packed as given, unsorted too
-        count = eip712.TAB_PAID_COUNT
-        tx = market.settle([item[:count] + bytes([len(previous)]) + item[count + 1 :] + eip712.pack_entries(previous)], a)
+    first, second = (next(p.amount for p in paid if p.node == e.node) for e in tab.entries)
+    bare = market.item(tab, signature)
+    # nothing paid, one node understated (to be paid twice), overstated, a single amount for two entries
+    for amounts in [[], [first, 0], [first, second + 1], [first]]:
+        tx = market.settle([with_paid_amounts(bare, amounts)], a)
         assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == Rejection.WRONG_PREVIOUS
     assert escrow.earningsOf(a) + escrow.earningsOf(b) == 3 * TOKEN
     assert market.settle([market.item(tab, signature, paid)], a).return_value == 7 * TOKEN
 
 
-def test_a_tab_that_drops_or_lowers_a_paid_node_is_rejected(market, escrow, client, nodes):
+def test_a_tab_that_drops_a_paid_node_is_rejected(market, escrow, client, nodes):
     market.deposit(client, 10 * TOKEN)
     a, b = nodes[:2]
     tx = market.settle([market.item(*market.tab(client, {a: 2 * TOKEN, b: 2 * TOKEN}, seq=1))], a)
     paid = market.paid_vector(tx, client)
-    for amounts in [{a: 9 * TOKEN}, {a: 9 * TOKEN, b: TOKEN}]:
-        tx = market.settle([market.item(*market.tab(client, amounts, seq=2), paid)], a)
-        assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == Rejection.WRONG_PREVIOUS
+    dropping, signature = market.tab(client, {a: 9 * TOKEN}, seq=2)
+    amounts = [next(p.amount for p in paid if p.node == a.address)]  # b cannot even be given a paid amount
+    tx = market.settle([with_paid_amounts(market.item(dropping, signature), amounts)], a)
+    assert tx.return_value == 0 and tx.events["TabRejected"]["reason"] == Rejection.WRONG_PREVIOUS
     assert escrow.balanceOf(client) == 6 * TOKEN
+
+
+def test_an_entry_below_what_its_node_was_paid_pays_that_node_nothing_and_the_others_their_due(market, escrow, client, nodes):
+    market.deposit(client, 10 * TOKEN)
+    a, b = nodes[:2]
+    tx = market.settle([market.item(*market.tab(client, {a: 2 * TOKEN, b: 2 * TOKEN}, seq=1))], a)
+    paid = market.paid_vector(tx, client)
+    tab, signature = market.tab(client, {a: 5 * TOKEN, b: TOKEN}, seq=2)
+    tx = market.settle([market.item(tab, signature, paid)], a)
+    assert tx.return_value == 3 * TOKEN and "TabRejected" not in tx.events
+    assert market.paid_vector(tx, client) == tuple(
+        eip712.Entry(e.node, 5 * TOKEN if e.node == a.address else 2 * TOKEN) for e in tab.entries
+    )  # b keeps what it was paid
+    assert (escrow.earningsOf(a), escrow.earningsOf(b), escrow.balanceOf(client)) == (5 * TOKEN, 2 * TOKEN, 3 * TOKEN)
 
 
 @pytest.mark.parametrize("other", ["chain-id", "escrow"])
@@ -251,20 +273,16 @@ def test_tampered_amount_or_entry_and_foreign_signers_fail_the_signature(market,
     assert escrow.balanceOf(client) == 10 * TOKEN
 
 
-def raw_tab(client, entries, previous=()):
-    """A packed tab with any entries (an attacker skips the Python checks) and a dummy signature."""
-
-    def packed(pairs):
-        return b"".join(bytes.fromhex(n[2:]) + a.to_bytes(16, "big") for n, a in pairs)
-
+def raw_tab(client, entries, paid=()):
+    """A packed tab with any entries and paid amounts (an attacker skips the Python checks) and a dummy signature."""
     return (
         bytes.fromhex(client.address[2:])
         + (1).to_bytes(4, "big")
         + b"\x11" * 32
         + b"\x01" * 64
-        + bytes([27, len(entries), len(previous)])
-        + packed(entries)
-        + packed(previous)
+        + bytes([27, len(entries), len(paid)])
+        + b"".join(bytes.fromhex(n[2:]) + a.to_bytes(16, "big") for n, a in entries)
+        + b"".join(a.to_bytes(eip712.PAID_BYTES, "big") for a in paid)
     )
 
 
@@ -279,7 +297,7 @@ def test_malformed_tabs_are_rejected(market, escrow, client, nodes):
         raw_tab(client, many),
         raw_tab(client, [("0x" + "00" * 20, 1)]),
         raw_tab(SimpleNamespace(address="0x" + "00" * 20), [(low, 1)]),
-        raw_tab(client, [(low, 1)], [(low, 1), (high, 1)]),
+        raw_tab(client, [(low, 1)], [1, 1]),
     ]
     tx = market.settle(items, nodes[0])
     assert [e["reason"] for e in tx.events["TabRejected"]] == [Rejection.MALFORMED] * 6 + [Rejection.WRONG_PREVIOUS]

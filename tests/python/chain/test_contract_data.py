@@ -1,5 +1,5 @@
 """Contract data read by name: the Python enums are the compiled contracts' enums (member names and order) and
-eip712's packed-tab layout is PaymentEscrow's (from solc's AST in brownie's build folder); on a real anvil with the
+eip712's packed-tab layout is PackedTab.sol's (from solc's AST in brownie's build folder); on a real anvil with the
 contracts deployed, a struct, or several named return values, comes back as a named tuple, the commands that show it
 read the right fields, and a tab packed in Python is what the escrow settles."""
 
@@ -43,17 +43,18 @@ def test_python_enums_are_the_solidity_enums(contract: str, enum: str):
 
 
 def test_the_packed_tab_layout_is_the_escrows():
-    prefixes = ("TAB_", "ENTRY_", "MAX_")
+    """contracts/PackedTab.sol's file-level constants are eip712's."""
+    build = json.loads((BUILD_DIR / "PackedTab.json").read_text())
+    if build["source"] != (REPO / build["sourcePath"]).read_text():
+        pytest.fail(f"build/contracts/PackedTab.json is older than {build['sourcePath']}: run `brownie compile`")
+    prefixes = ("TAB_", "ENTRY_", "PAID_", "MAX_")
     solidity = {
         n["name"]: int(n["value"]["value"])
-        for n in contract_ast("PaymentEscrow")["nodes"]
-        if n["nodeType"] == "VariableDeclaration"
-        and n["constant"]
-        and n["name"].startswith(prefixes)
-        and n["value"]["nodeType"] == "Literal"
+        for n in build["ast"]["nodes"]
+        if n["nodeType"] == "VariableDeclaration" and n["constant"] and n["value"]["nodeType"] == "Literal"
     }
     python = {name: value for name, value in vars(eip712).items() if name.startswith(prefixes) and type(value) is int}
-    assert python == solidity and {"TAB_HEADER_BYTES", "ENTRY_BYTES", "MAX_ENTRIES"} <= python.keys()
+    assert python == solidity and {"TAB_HEADER_BYTES", "ENTRY_BYTES", "PAID_BYTES", "MAX_ENTRIES"} <= python.keys()
 
 
 @pytest.fixture(scope="module")

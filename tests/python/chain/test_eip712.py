@@ -10,7 +10,9 @@ from eth_utils import keccak
 from shardmarket.chain.eip712 import (
     EMPTY_HISTORY,
     MAX_ENTRIES,
+    PAID_BYTES,
     SECP256K1_N,
+    TAB_PAID_COUNT,
     Commitment,
     Domain,
     Entry,
@@ -270,6 +272,19 @@ def test_changed_entry_or_seq_recovers_someone_else():
     )
     assert recover_tab_signer(moved, signature, DOMAIN) != CLIENT.address
     assert recover_tab_signer(tab(seq=2), signature, DOMAIN) != CLIENT.address
+
+
+def test_paid_amounts_travel_aligned_with_the_entries_and_only_nodes_paid_something_are_in_a_paid_vector():
+    signature = sign_tab(CLIENT.key, tab(), DOMAIN)
+    first, second = tab().entries
+    data = pack_tab(tab(), signature, (Entry(first.node, 0), Entry(second.node, 4)))
+    assert data[TAB_PAID_COUNT] == 2 and data[-2 * PAID_BYTES :] == (0).to_bytes(PAID_BYTES, "big") + (4).to_bytes(
+        PAID_BYTES, "big"
+    )
+    assert unpack_tab(data)[2] == (Entry(second.node, 4),)
+    assert paid_vector_hash((Entry(first.node, 0), Entry(second.node, 4))) == paid_vector_hash((Entry(second.node, 4),))
+    with pytest.raises(ValueError, match="does not name every node the escrow paid"):
+        pack_tab(tab(), signature, (Entry(CLIENT.address, 1),))
 
 
 def test_a_packed_tab_round_trips_and_truncation_is_refused():

@@ -65,7 +65,8 @@ def test_pay_per_request_over_three_nodes(market, capsys):
         PRICE * processed,
         PRICE * processed,
         0,
-    ]  # served, promised, redeemed, pending
+        0,
+    ]  # served, promised, redeemed, unconfirmed, pending
     assert escrow_before - chain.read(chain.escrow.functions.balanceOf(alice)) == completion.cost
 
 
@@ -283,8 +284,8 @@ def _tab(account, seq: int, amounts: dict[str, int]):
 @pytest.mark.parametrize("lowered", [False, True], ids=["short-then-topped-up", "client-lowered-the-entry"])
 def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_lowered_entry(market, tmp_path, lowered):
     """Another node settled the client's newer tab short: this node reads that tab back from the settlement's
-    calldata and collects the rest once the client tops up; a newer tab promising it less is proof enough for
-    claimLowered to pay what the older tab promised: what the balance holds at once, the rest after a deposit."""
+    calldata and collects the rest once the client tops up; a newer tab promising it less leaves the older tab to
+    claim: what the balance holds at once, the rest after a deposit."""
     from shardmarket.chain.eip712 import pack_tab, sign_tab
     from shardmarket.server.settlement import settle_pending
     from shardmarket.server.tabs import TabStore
@@ -305,7 +306,7 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
     assert paid_on_chain(holder, client.address, second) == (2 if lowered else 5)  # 15 - 10 paid to the first
 
     def claims() -> list:
-        return holder.escrow.events.LoweringClaimed.get_logs(from_block=0, argument_filters={"client": client.address})
+        return holder.escrow.events.Claimed.get_logs(from_block=0, argument_filters={"client": client.address})
 
     if lowered:
         assert settle_pending(holder, store) == [] and paid_on_chain(holder, client.address, second) == 5  # the 3 left
@@ -314,8 +315,8 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
     settlements = settle_pending(holder, store)
     if lowered:
         assert settlements == [] and paid_on_chain(holder, client.address, second) == 8 and len(claims()) == 2
-        [claim] = store.claims()
-        assert (claim.promised_seq, claim.lowered_seq, claim.amount) == (1, 2, 6) and store.get(client.address).owed == 0
+        assert [(c.tab_seq, c.amount, c.lowered) for c in store.claims()] == [(1, 3, True), (1, 3, True)]
+        assert store.get(client.address).owed == 0
         assert settle_pending(holder, store) == [] and len(claims()) == 2  # nothing owed: nothing more is claimed
     else:
         assert [s.paid for s in settlements] == [5] and paid_on_chain(holder, client.address, second) == 10
@@ -324,7 +325,7 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
 
 def test_a_client_that_lowers_a_node_entry_and_settles_it_itself_still_pays_that_node(market, capsys):
     """Served by the node processes, the client signs a newer tab cutting node1's entry to a quarter and settles it
-    itself; `node redeem` on node1 sends the fraud proof and node1 is paid all its held tab promised."""
+    itself; `node redeem` on node1 claims its held tab and node1 is paid all that tab promised."""
     from shardmarket.chain.eip712 import Entry, Tab, pack_tab, sign_tab
     from shardmarket.server.tabs import TabStore, tab_store_path
 
@@ -355,9 +356,99 @@ def test_a_client_that_lowers_a_node_entry_and_settles_it_itself_still_pays_that
     out = capsys.readouterr().out
     assert paid_on_chain(chain, lucy, node) == promised
     row = next(line.split() for line in out.splitlines() if line.startswith(lucy))
-    assert [int(x) for x in row[3:]] == [promised, promised, 0]  # promised, redeemed, pending
-    claim = f"client {lucy.lower()} lowered this node's entry in tab {lowering.seq}; the claim on its tab {held.tab.seq} "
-    assert f"{claim}collected {promised - promised // 4}" in out
+    assert [int(x) for x in row[3:]] == [promised, promised, 0, 0]  # promised, redeemed, unconfirmed, pending
+    claim = f"claim on client {lucy.lower()}'s tab {held.tab.seq} (it had settled a newer tab promising this node less) "
+    assert f"{claim}collected {promised - promised // 4}, 0 of it out of its reserve for this node" in out
+
+
+def test_a_client_that_drains_its_balance_to_an_alias_still_pays_every_node_what_it_acknowledged(market, capsys):
+    """Served by the node processes within the reserves its client software set aside, the client signs a newer tab
+    paying an alias its whole balance and dropping the nodes, settles it itself, and the alias withdraws at once. Each
+    node's `node redeem` claims the tab it acknowledged, out of its reserve: every node is paid all it was promised."""
+    from eth_account import Account
+
+    from shardmarket.chain.eip712 import Entry, Tab, pack_tab, sign_tab
+    from shardmarket.server.tabs import TabStore, tab_store_path
+
+    model = asyncio.run(client_model(market, "oscar"))
+    _, completion = asyncio.run(generate(model, PROMPT, 3))
+    oscar, names = market.accounts["oscar"], ("node0", "node1", "node2")
+    held = {}
+    for name in names:
+        with market.acting_as(name):
+            held[name] = TabStore(tab_store_path(load_config().node.data_dir), market.accounts[name]).get(oscar)
+    assert sum(h.entry for h in held.values()) == completion.cost
+    chain = chain_as(market, "oscar")
+    alias = Account.create()
+    market.fund(alias.address, 1.0, 0)
+    balance = chain.read(chain.escrow.functions.balanceOf(oscar))
+    drain = Tab(oscar, max(h.tab.seq for h in held.values()) + 1, (Entry(alias.address, balance),), bytes(32))
+    with market.acting_as("oscar"):
+        key = load_account(PASSWORD, home_keys()).key
+    chain.transact(chain.escrow.functions.settleTabs(pack_tab(drain, sign_tab(key, drain, chain.escrow_domain()))), "draining")
+    assert chain.read(chain.escrow.functions.balanceOf(oscar)) == 0
+    as_alias = Market(chain.w3, chain.addresses, Account.from_key(alias.key))
+    as_alias.transact(as_alias.escrow.functions.withdrawEarnings(alias.address), "the alias withdrawing at once")
+    for name in names:
+        capsys.readouterr()
+        market.cli(name, "node", "redeem")
+        assert paid_on_chain(chain, oscar, market.accounts[name]) == held[name].entry
+        assert f"{held[name].entry} of it out of its reserve for this node" in capsys.readouterr().out
+    claims = chain.escrow.events.Claimed.get_logs(from_block=0, argument_filters={"client": oscar})
+    assert sorted(c["args"]["fromReserve"] for c in claims) == sorted(h.entry for h in held.values())
+
+
+def test_a_settlement_the_chain_forgets_is_no_longer_redeemed_and_is_settled_again(market, capsys, monkeypatch):
+    """A settlement counts as redeemed once `confirmations` blocks are on top of it. Then the chain goes back to a
+    state from before it (anvil_revert, as a reorg or a dev chain restarted from an older state would): `node earnings`
+    shows it pending again, and the node daemons settle it again."""
+    from shardmarket.server.tabs import TabStore, tab_store_path
+
+    model = asyncio.run(client_model(market, "rita"))
+    _, completion = asyncio.run(generate(model, PROMPT, 3))
+    rita, w3 = market.accounts["rita"], market.w3
+    owed = completion.cost // len(RANGES)
+    chain = chain_as(market, "rita")
+
+    said: list[str] = []
+
+    def earnings(name: str) -> list[int]:
+        capsys.readouterr()
+        market.cli(name, "node", "earnings")
+        out = capsys.readouterr()
+        said.append(out.err)
+        row = next(line.split() for line in out.out.splitlines() if line.startswith(rita))
+        return [int(x) for x in row[4:]]  # redeemed, unconfirmed, pending
+
+    def redeemed_in_store(name: str) -> int:
+        with market.acting_as(name):
+            return TabStore(tab_store_path(load_config().node.data_dir), market.accounts[name]).get(rita).redeemed
+
+    snapshot = w3.provider.make_request("anvil_snapshot", [])["result"]
+    monkeypatch.setenv("SHARDMARKET_CHAIN_CONFIRMATIONS", "2")
+    market.cli("node0", "node", "redeem")  # settles rita's tab for all three nodes, then withdraws node0's earnings
+    assert paid_on_chain(chain, rita, market.accounts["node0"]) == owed
+    assert earnings("node0") == [0, owed, 0]  # one block on top of the settlement: not final yet
+    w3.provider.make_request("evm_mine", [])
+    assert earnings("node0") == [owed, 0, 0]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and redeemed_in_store("node1") < owed:  # node1's daemon reads the settlement
+        w3.provider.make_request("evm_mine", [])
+        time.sleep(0.5)
+    assert redeemed_in_store("node1") == owed
+    assert w3.provider.make_request("anvil_revert", [snapshot])["result"]
+    for _ in range(4):  # past the forgotten blocks' height, so only their hashes tell that the chain changed
+        w3.provider.make_request("evm_mine", [])
+    assert paid_on_chain(chain, rita, market.accounts["node0"]) == 0
+    assert earnings("node0") == [0, 0, owed]  # the lost settlement is pending again
+    assert "the chain forgot blocks" in said[-1]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and paid_on_chain(chain, rita, market.accounts["node1"]) < owed:
+        time.sleep(0.5)
+    assert [paid_on_chain(chain, rita, market.accounts[n]) for n in ("node0", "node1", "node2")] == [owed] * 3
+    for _ in range(2):
+        w3.provider.make_request("evm_mine", [])
+    assert earnings("node0") == [owed, 0, 0]
 
 
 def test_the_duties_block_watch_reads_the_chain_shares_a_recent_read_waits_while_serving_and_says_when_the_chain_is_down(market):

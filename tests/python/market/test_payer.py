@@ -13,7 +13,7 @@ from eth_account import Account
 from shardmarket.chain.eip712 import MAX_ENTRIES, Domain, Entry, Tab, pack_tab, recover_tab_signer, sign_tab, unpack_tab
 from shardmarket.client.payer import Payer, TabFull
 from shardmarket.server.payments import PaymentGate, PaymentRefused
-from shardmarket.server.tabs import LoweringClaim, TabStore
+from shardmarket.server.tabs import Claim, TabStore
 
 DOMAIN = Domain(31337, "0x" + "22" * 20)
 
@@ -51,11 +51,13 @@ def test_a_client_past_the_node_cap_gets_a_clear_error_and_signs_nothing(tmp_pat
     assert payer.promised(nodes[-1].operator) == 0
 
 
-def _gate(tmp_path, node: str, balance: int, credit: int = 10) -> PaymentGate:
-    async def spendable(client: str) -> int:
-        return balance
+def _gate(tmp_path, node: str, balance: int, credit: int = 10, reserve: int | None = None) -> PaymentGate:
+    """A gate whose clients hold `balance` and reserve `reserve` (default: the balance) for this node."""
 
-    return PaymentGate(TabStore(tmp_path / "tabs.sqlite", node), node, 1, DOMAIN, credit, spendable)
+    async def credit_of(client: str) -> tuple[int, int]:
+        return balance, balance if reserve is None else reserve
+
+    return PaymentGate(TabStore(tmp_path / "tabs.sqlite", node), node, 1, DOMAIN, credit, credit_of)
 
 
 def _signed(client, seq: int, amounts: dict[str, int], signer=None) -> bytes:
@@ -99,13 +101,14 @@ def test_the_gate_accepts_a_covering_tab_and_stores_the_newest(tmp_path):
         ("forged", "bad_tab"),
         ("beyond-credit", "payment_required"),
         ("beyond-balance", "insufficient_funds"),
+        ("beyond-reserve", "reserve_required"),
         ("lowered", "bad_tab"),
         ("missing", "payment_required"),
     ],
 )
 def test_the_gate_refuses_what_a_node_must_not_accept(tmp_path, case, code):
     client, node, other = Account.create(), Account.create().address, Account.create().address
-    gate = _gate(tmp_path, node, balance=100)
+    gate = _gate(tmp_path, node, balance=100, reserve=5 if case == "beyond-reserve" else None)
 
     async def scenario():
         await _pay(gate, 5, _signed(client, 1, {node: 5}))
@@ -114,6 +117,7 @@ def test_the_gate_refuses_what_a_node_must_not_accept(tmp_path, case, code):
             "forged": lambda: _signed(client, 2, {node: 10}, signer=Account.create()),
             "beyond-credit": lambda: _signed(client, 2, {node: 5}),  # served 5 + 11 > promised 5 + credit 10
             "beyond-balance": lambda: _signed(client, 2, {node: 16, other: 200}),
+            "beyond-reserve": lambda: _signed(client, 2, {node: 16}),  # owed 16 > reserve 5 + credit 10
             "lowered": lambda: _signed(client, 2, {node: 4}),
             "missing": lambda: None,
         }[case]()
@@ -155,7 +159,7 @@ def test_the_gate_refuses_a_client_caught_lowering_its_entry_also_after_a_restar
     with pytest.raises(PaymentRefused) as refused:
         step(gate, client, 2)
     assert refused.value.code == "client_refused"
-    gate.store.record_claim(LoweringClaim(client.address, 1, 2, 5, "0x" + "ab" * 32))
+    gate.store.record_claim(Claim(client.address, 1, 5, 0, "0x" + "ab" * 32, lowered=True))
     restarted = _gate(tmp_path, node, balance=1000)
     with pytest.raises(PaymentRefused, match="no longer serves it"):
         step(restarted, client, 2)
