@@ -401,6 +401,8 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     function _signedByClient(PackedTab.Location memory tab, bytes32 entriesHash, bytes32 domain) private pure returns (bool) {
         (bytes32 usageHash, uint8 v, bytes32 r, bytes32 s) = PackedTab.signature(tab);
         bytes32 structHash = keccak256(abi.encode(TAB_TYPEHASH, tab.client, tab.seq, entriesHash, usageHash));
+        // the third value only details the error, which a rejected tab does not report
+        // slither-disable-next-line unused-return
         (address signer, ECDSA.RecoverError error,) =
             ECDSA.tryRecover(MessageHashUtils.toTypedDataHash(domain, structHash), v, r, s);
         return error == ECDSA.RecoverError.NoError && signer == tab.client;
