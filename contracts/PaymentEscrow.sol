@@ -421,7 +421,7 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     }
 
     // The settlement's hot loops (`_scan`, `_pay`, `_pack`) are assembly: written with Solidity memory arrays and
-    // checked arithmetic, a warm one-client settlement of 3 entries cost 10,000 gas more (69,088 against 59,109 gas,
+    // checked arithmetic, a warm one-client settlement of 3 entries cost 10,000 gas more (69,088 against 59,043 gas,
     // bench/gas.py), a settlement in a batch of 100 clients 11,000 more per client. They share one memory layout, the
     // scanned vector: for entry k of the tab, three words at `vector + 0x60 * k`: its node, its amount, and what the
     // escrow has paid that node (before `_pay`: the paid amount appended to the tab; after: raised by what `_pay` paid).
