@@ -56,13 +56,15 @@ def _say(text: str) -> None:
 
 
 def _snapshot(market, names: dict[str, str]) -> dict[str, dict[str, int]]:
-    """Token wallet, stake, escrow balance, redeemed-not-withdrawn earnings and dispute credit of every participant."""
+    """Token wallet, stake, escrow balance, reserves set aside for the other participants, redeemed-not-withdrawn
+    earnings and dispute credit of every participant."""
     rows = {}
     for name, address in names.items():
         rows[name] = {
             "wallet": market.read(market.token.functions.balanceOf(address)),
             "stake": market.read(market.stake.functions.totalStakeOf(address)),
             "escrow": market.read(market.escrow.functions.balanceOf(address)),
+            "reserved": sum(market.read(market.escrow.functions.reserveOf(address, other)).amount for other in names.values()),
             "earnings": market.read(market.escrow.functions.earningsOf(address)),
             "credit": market.read(market.disputes.functions.creditOf(address)),
         }
@@ -82,7 +84,7 @@ def _table(before: dict, after: dict, names: dict[str, str], gas: dict[str, int]
     print(f"{'account':10} {'address':44} {'column':9} {'before':>26} {'after':>26} {'change':>22} {'gas used':>10}")
     for name, address in names.items():
         first = True
-        for column in ("wallet", "stake", "escrow", "earnings", "credit"):
+        for column in ("wallet", "stake", "escrow", "reserved", "earnings", "credit"):
             b, a = before[name][column], after[name][column]
             if b == 0 and a == 0:
                 continue
@@ -290,7 +292,7 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
         gas = _gas_by_sender(chain.w3, first_block)
         _say("balances before and after the questions (token units), gas used by each account during the whole demo")
         _table(before, after, names, gas)
-        paid = before["client"]["escrow"] - after["client"]["escrow"]
+        paid = sum(before["client"][c] - after["client"][c] for c in ("escrow", "reserved"))
         earned = sum(after[n]["wallet"] - before[n]["wallet"] for n, _, _ in NODES)
         print(f"\nclient paid {paid}; nodes earned {earned}; the API reported costs summing to {sum(costs)}", flush=True)
         if args.cheat:  # spot checks paid the checking nodes too

@@ -105,6 +105,15 @@ def test_structs_and_named_return_values_are_read_by_name(market, chain, capsys)
     assert withdrawal.amount == 20 and withdrawal.readyAt > 0
     market.cli("operator", "client", "balance")
     assert f"withdrawal of 20 requested, possible from timestamp {withdrawal.readyAt}" in capsys.readouterr().out
+    payee = Account.create().address
+    market.cli("operator", "client", "reserve", payee, "7")
+    market.cli("operator", "client", "release", payee)
+    reserve = chain.read(chain.escrow.functions.reserveOf(me, payee))
+    assert reserve.amount == 7 and reserve.releaseAt > 0
+    capsys.readouterr()
+    market.cli("operator", "client", "balance")
+    out = capsys.readouterr().out
+    assert "escrow balance 43" in out and f"reserve for node {payee}: 7, released from timestamp {reserve.releaseAt}" in out
 
 
 def test_a_tab_packed_in_python_is_what_the_escrow_settles(chain):
