@@ -47,6 +47,18 @@ def auditing_client(market: DevMarket, name: str, rate: float):
     return client_model(market, name, tokens=100 * 10**18, spot_check_rate=rate)
 
 
+def one_hop_session(model, target) -> InferenceSession:
+    """A session of `model`'s client through `target` alone, its commitments going to the client's auditor."""
+    return InferenceSession(
+        [target],
+        model.head.num_layers,
+        model.domain,
+        max_length=16,
+        tab_source=model.tab_source,
+        on_commitment=model.on_commitment,
+    )
+
+
 def stake_of(market: DevMarket, name: str) -> int:
     with market.acting_as(name):
         chain = Market.connect(load_config().chain)
@@ -153,14 +165,7 @@ def test_equivocating_node_is_slashed(market):
     async def scenario():
         model = await auditing_client(market, "witness", rate=0.0)
         target = next(n for n in model.nodes if n.url == node.url)
-        session = InferenceSession(
-            [target],
-            model.head.num_layers,
-            model.domain,
-            max_length=16,
-            tab_source=model.tab_source,
-            on_commitment=model.on_commitment,
-        )
+        session = one_hop_session(model, target)
         hop = (await session._open_hops([target]))[0]
         hidden = torch.randn(1, 3, target.hidden_size)
         session.pay([(target, 3)])
@@ -190,14 +195,7 @@ def test_a_request_id_reused_across_a_node_restart_gives_no_slashable_evidence(m
     async def session(request_id: bytes, first: torch.Tensor):
         model = await auditing_client(market, "reuser", rate=0.0)
         target = next(n for n in model.nodes if n.url == target_url)
-        session = InferenceSession(
-            [target],
-            model.head.num_layers,
-            model.domain,
-            max_length=16,
-            tab_source=model.tab_source,
-            on_commitment=model.on_commitment,
-        )
+        session = one_hop_session(model, target)
         session.request_id = request_id
         hop = (await session._open_hops([target]))[0]
         for step, (position, hidden) in enumerate([(0, first), (first.shape[1], same)]):
