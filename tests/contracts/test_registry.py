@@ -206,3 +206,22 @@ def test_model_nodes_pages(market, registry, nodes, reverts_with):
     assert list(registry.modelNodes(model_id, 10, 3)) == []
     with reverts_with("PageTooLarge"):
         registry.modelNodes(model_id, 0, 101)
+
+
+def test_nodes_of_returns_whole_records_by_page(market, registry, stake_manager, nodes, reverts_with):
+    for i, node in enumerate(nodes[:5]):
+        market.register(node, i, i + 2, price=10 + i)
+    stake_manager.unbond(1, {"from": nodes[1]})
+    registry.pause({"from": nodes[2]})
+    model_id = market.model_id
+    page = list(registry.nodesOf(model_id, 0, 3)) + list(registry.nodesOf(model_id, 3, 3))
+    assert [entry["operator"] for entry in page] == [n.address for n in nodes[:5]]
+    assert [entry["listed"] for entry in page] == [True, False, False, True, True]
+    for i, entry in enumerate(page):
+        record = entry["node"]
+        assert (record["layerStart"], record["layerEnd"], record["pricePerToken"]) == (i, i + 2, 10 + i)
+        assert record["endpoints"] == registry.getNode(nodes[i])["endpoints"]
+        assert record["encryptionKey"] == "0x" + KEY.hex()
+    assert list(registry.nodesOf(model_id, 5, 3)) == []
+    with reverts_with("PageTooLarge"):
+        registry.nodesOf(model_id, 0, 101)
