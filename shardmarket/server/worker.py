@@ -1,4 +1,6 @@
-"""Runs a Stage off the event loop on its one compute thread, with concurrent decode steps batched together.
+"""Runs a Stage off the event loop on its one compute thread, with concurrent decode steps batched together, and a
+long prefill cut into chunks with the waiting decode steps run between them (a 2,000-token prompt must not stall every
+other session's next token for its whole length).
 
 A lone session's decode step skips the queue; `shardmarket.engine.openmp` says on which thread it runs.
 """
@@ -8,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +24,16 @@ class _Work:
     hidden: torch.Tensor
     positions: torch.Tensor
     done: asyncio.Future | None
+    parts: list[torch.Tensor] = field(default_factory=list)  # outputs of a prefill's chunks computed so far
+    elapsed: float = 0.0  # compute seconds of those chunks
+
+    @property
+    def decode(self) -> bool:
+        """A decode step (one position, batched with the others); the last position of a chunked prefill is none."""
+        return self.hidden.shape[1] == 1 and not self.parts
+
+
+PREFILL_CHUNK = 128  # positions of a prefill computed at a time: decode steps wait at most one chunk's time
 
 
 def compute_thread(threads: int | None = None) -> ThreadPoolExecutor:
@@ -37,9 +49,16 @@ class StageWorker:
     waiting together run as one `step_batch`. With one session open there is nothing to batch with: its decode
     steps go to the compute thread at once, without the queue's two turns of the event loop."""
 
-    def __init__(self, stage: Stage, max_batch: int = 32, executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(
+        self,
+        stage: Stage,
+        max_batch: int = 32,
+        executor: ThreadPoolExecutor | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> None:
         self.stage = stage
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
         self._executor = executor or compute_thread()
         self._task: asyncio.Task | None = None
@@ -98,13 +117,16 @@ class StageWorker:
         while True:
             first = await self._queue.get()
             batch = [first]
-            if first.hidden.shape[1] == 1:
+            if first.decode:
                 held: list[_Work] = []
                 while not self._queue.empty() and len(batch) < self.max_batch:
                     item = self._queue.get_nowait()
-                    (batch if item.hidden.shape[1] == 1 else held).append(item)
+                    (batch if item.decode else held).append(item)
                 for item in held:  # prefill steps wait for the next round, in order
                     self._queue.put_nowait(item)
+            elif first.parts or first.hidden.shape[1] > self.prefill_chunk:
+                await self._prefill_chunk(first)
+                continue
             self._running = True
             try:
                 outputs, elapsed = await loop.run_in_executor(self._executor, self._compute, batch)
@@ -115,11 +137,32 @@ class StageWorker:
                 continue
             finally:
                 self._running = False
-            if first.hidden.shape[1] == 1:
+            if first.decode:
                 self._timed_decode(elapsed)
             for item, output in zip(batch, outputs, strict=True):
                 if item.done is not None and not item.done.done():
                     item.done.set_result((output, elapsed))
+
+    async def _prefill_chunk(self, item: _Work) -> None:
+        """Compute the first chunk of a long prefill and queue the rest behind the steps waiting now: each waiting
+        decode batch and each other prefill gets a turn before its next chunk."""
+        size = self.prefill_chunk
+        chunk = _Work(item.session_id, item.hidden[:, :size], item.positions[:, :size], None)
+        self._running = True
+        try:
+            outputs, elapsed = await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, [chunk])
+        except Exception as exc:
+            if item.done is not None and not item.done.done():
+                item.done.set_exception(exc)
+            return
+        finally:
+            self._running = False
+        rest = _Work(item.session_id, item.hidden[:, size:], item.positions[:, size:], item.done, [*item.parts, outputs[0]])
+        rest.elapsed = item.elapsed + elapsed
+        if rest.hidden.shape[1]:
+            self._queue.put_nowait(rest)
+        elif item.done is not None and not item.done.done():
+            item.done.set_result((torch.cat(rest.parts, dim=1), rest.elapsed))
 
     def _timed_decode(self, elapsed: float) -> None:
         elapsed_ms = elapsed * 1000
