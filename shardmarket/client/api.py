@@ -21,6 +21,7 @@ from shardmarket.engine.errors import EngineError
 from shardmarket.engine.sampling import SamplingParams
 from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.ipfs.gateway import gateway_routes
+from shardmarket.net import wire
 
 log = logging.getLogger("shardmarket.api")
 MAX_TOKENS_LIMIT = 4096
@@ -126,7 +127,8 @@ def build_api(
         except RouteError as exc:
             return web.json_response(ApiError(503, str(exc), "server_error", code="no_route").body(), status=503)
         except RequestRefused as exc:
-            return web.json_response(ApiError(400, str(exc), code=exc.code).body(), status=400)
+            status = 503 if exc.code in wire.DECLINES else 400  # every node full or unpaid: retry later
+            return web.json_response(ApiError(status, str(exc), code=exc.code).body(), status=status)
         except EngineError as exc:
             return web.json_response(ApiError(400, str(exc)).body(), status=400)
         except Exception:  # answer in OpenAI's shape, and keep serving
@@ -284,7 +286,7 @@ def build_api(
             log.warning("generation %s failed: %s", ident, exc)
             await send(ApiError(503, str(exc), "server_error", code="no_route").body())
         except RequestRefused as exc:
-            await send(ApiError(400, str(exc), code=exc.code).body())
+            await send(ApiError(503 if exc.code in wire.DECLINES else 400, str(exc), code=exc.code).body())
         except ConnectionResetError:
             log.info("caller of %s hung up; stopping its generation", ident)
             return response

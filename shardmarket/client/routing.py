@@ -1,9 +1,12 @@
 """Routing over known nodes: measure each node, then pick the chain of layer ranges covering [0, L) that
-minimises expected latency x price (Dijkstra over layer boundaries, as in Petals' routing)."""
+minimises expected latency x price x load (Dijkstra over layer boundaries, as in Petals' routing). A node reports its
+load in /info and with every answer; the client adds the sessions it holds on each node itself, so that concurrent
+requests spread over the nodes of a span, and routes around a node that said it is full for a few seconds."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import statistics
@@ -20,6 +23,8 @@ from shardmarket.net.channel import SAME_PORT
 
 log = logging.getLogger("shardmarket.client")
 PROBE_BYTES = 256 * 2**10
+REPORT_FRESH_S = 5.0  # a node's reported load counts this long; then only the sessions this client holds there do
+FULL_FOR_S = 2.0  # a node that refused a session for want of room is left out of routes this long
 
 
 class RouteError(RuntimeError):
@@ -45,6 +50,37 @@ class NodeInfo:
     rtt_s: float = 0.0
     bytes_per_s: float = 1e9
     weights: str = "float32"  # the format its layers compute with; `dtype` is that of its hidden states
+    # its load as it last reported it (sessions open, sessions it can still open, steps waiting) and when
+    sessions: int = 0
+    free_slots: int | None = None
+    queued: int = 0
+    reported_at: float = 0.0
+    held: int = 0  # sessions this client holds on the node now
+    full_until: float = 0.0  # monotonic time until which the node is taken as full
+
+    def report(self, load: dict) -> None:
+        """Take in the load a node reported (/info's "load", or an answer's); unknown or malformed fields are ignored."""
+        with contextlib.suppress(TypeError, ValueError):
+            self.sessions = int(load.get("sessions", self.sessions))
+            self.queued = int(load.get("queued", self.queued))
+            free = load.get("free_slots")
+            self.free_slots = None if free is None else int(free)
+            if load.get("decode_ms"):
+                self.decode_ms = float(load["decode_ms"])
+            self.reported_at = time.monotonic()
+
+    def load(self) -> int:
+        """Sessions competing for this node's steps, as far as the client knows: its own, or the node's fresh report
+        when that says more (the report counts the client's own too), plus the steps waiting in its queue."""
+        if time.monotonic() - self.reported_at > REPORT_FRESH_S:
+            return self.held
+        return max(self.held, self.sessions) + self.queued
+
+    def full(self) -> bool:
+        """Whether the node refused a session for want of room lately, or reported no room left."""
+        if time.monotonic() < self.full_until:
+            return True
+        return self.free_slots == 0 and time.monotonic() - self.reported_at < FULL_FOR_S
 
     @property
     def numerics(self) -> Numerics:
@@ -57,7 +93,7 @@ class NodeInfo:
         if info.get("wire_version") != wire.WIRE_VERSION:
             raise ValueError(f"node {url} speaks wire version {info.get('wire_version')}, this client {wire.WIRE_VERSION}")
         model, (start, end) = info["model"], info["layers"]
-        return cls(
+        node = cls(
             url=url.rstrip("/"),
             model_id=model["id"],
             num_layers=int(model["num_layers"]),
@@ -72,20 +108,25 @@ class NodeInfo:
             decode_ms=float(info.get("load", {}).get("decode_ms", 0.0)),
             weights=model.get("weights", model["dtype"]),
         )
+        node.report(info.get("load", {}))
+        return node
 
     def expected_step_s(self, payload_bytes: int) -> float:
         """Expected seconds for one decode step through this node: round trip, compute, transfer both ways."""
         return self.rtt_s + self.decode_ms / 1000 + 2 * payload_bytes / self.bytes_per_s
 
     def cost(self, payload_bytes: int) -> float:
-        """Routing weight: expected latency x (1 + price per token)."""
-        return self.expected_step_s(payload_bytes) * (1 + self.price)
+        """Routing weight: expected latency x (1 + price per token) x (1 + load): a node twice as busy as an otherwise
+        equal one is worth as much as one twice as slow, so that sessions spread evenly over a span's nodes."""
+        return self.expected_step_s(payload_bytes) * (1 + self.price) * (1 + self.load())
 
 
-async def measure_node(http: aiohttp.ClientSession, url: str, timeout: float = 5.0) -> NodeInfo:
+async def measure_node(
+    http: aiohttp.ClientSession, url: str, timeout: float = 5.0, connect_timeout: float | None = None
+) -> NodeInfo:
     """Fetch a node's /info, then time three /health round trips and one /probe download."""
     url = url.rstrip("/")
-    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    client_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
     async with http.get(f"{url}/info", timeout=client_timeout) as response:
         response.raise_for_status()
         node = NodeInfo.from_info(url, await response.json())
@@ -132,7 +173,7 @@ def plan_route(
         if cost > best.get(boundary, float("inf")):
             continue
         for node in nodes:
-            if node.url in exclude or node.start != boundary or node.end > end:
+            if node.url in exclude or node.start != boundary or node.end > end or node.full():
                 continue
             candidate = cost + node.cost(payload_bytes)
             if candidate < best.get(node.end, float("inf")):
@@ -140,7 +181,8 @@ def plan_route(
                 previous[node.end] = (boundary, node)
                 heapq.heappush(queue, (candidate, node.end))
     if end not in previous and start != end:
-        served = ", ".join(f"{n.url} [{n.start},{n.end})" for n in nodes if n.url not in exclude) or "none"
+        served = ", ".join(f"{n.url} [{n.start},{n.end})" + " (full)" * n.full() for n in nodes if n.url not in exclude)
+        served = served or "none"
         raise RouteError(f"no live nodes cover layers [{start}, {end}); nodes available: {served}")
     route = []
     boundary = end

@@ -26,7 +26,7 @@ from eth_utils import keccak
 from shardmarket.chain.commitment import CommitmentError, SignedCommitment, check_commitment
 from shardmarket.chain.eip712 import EMPTY_HISTORY, Domain, StepContext, chain_history, tensor_hash
 from shardmarket.client.failures import RecentFailures
-from shardmarket.client.routing import NodeInfo, RouteError, plan_route
+from shardmarket.client.routing import FULL_FOR_S, NodeInfo, RouteError, plan_route
 from shardmarket.engine.tensors import tensor_bytes
 from shardmarket.net import wire
 from shardmarket.net.channel import ChannelPool, SecureChannel, client_handshake, close_quietly, open_transport
@@ -51,8 +51,9 @@ class NodeFailure(Exception):
 
 class RequestRefused(NodeFailure):
     """A node refused the request itself (wire.REQUEST_FAULTS: too long for the model's context, a step larger than it
-    takes, a wrong shape). No node is at fault, so none is avoided by other requests; this one tries the other nodes
-    (a node could blame good requests to shed them) and raises this once none is left."""
+    takes, a wrong shape) or declined it for now (wire.DECLINES: full, or not paid enough). No node is at fault, so none
+    is avoided by other requests; this one tries the other nodes (a node could blame good requests to shed them) and
+    raises this once none is left."""
 
     def __init__(self, node: NodeInfo, code: str, message: str) -> None:
         super().__init__(f"node {node.url} refused the request ({code}): {message}")
@@ -60,9 +61,14 @@ class RequestRefused(NodeFailure):
 
 
 def _refusal(node: NodeInfo, reply: Message, what: str) -> NodeFailure:
-    """The exception for an error frame: RequestRefused when it names the request as the cause, else NodeFailure."""
+    """The exception for an error frame: RequestRefused when it names the request as the cause or the node declines it
+    for now (full, or not paid enough: wire.DECLINES), else NodeFailure. A full node is left out of routes a while."""
     code, message = reply.fields.get("code"), reply.fields.get("message")
-    if isinstance(code, str) and code in wire.REQUEST_FAULTS:
+    if isinstance(reply.fields.get("load"), dict):
+        node.report(reply.fields["load"])
+    if code == "capacity":
+        node.full_until = time.monotonic() + FULL_FOR_S
+    if isinstance(code, str) and code in wire.REQUEST_FAULTS | wire.DECLINES:
         return RequestRefused(node, code, str(message))
     return NodeFailure(f"node {node.url} refused {what}: {message}")
 
@@ -101,6 +107,16 @@ class Hop:
     inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, hidden) per step
     outputs: list[torch.Tensor] = field(default_factory=list)  # the node's answer per step (for spot checks)
     history: bytes = EMPTY_HISTORY  # chain_history over the hashes of every input answered so far
+    held: bool = True  # counted in the node's `held` sessions until closed or dropped
+
+    def __post_init__(self) -> None:
+        self.node.held += 1
+
+    def release(self) -> None:
+        """The session on this node is closed or dropped: it no longer counts in the node's load."""
+        if self.held:
+            self.held = False
+            self.node.held -= 1
 
     def context(self, request_id: bytes, step: int, position: int, input_hash: bytes) -> StepContext:
         """The context the node must commit to for the next step: its model and layers, this session, its history."""
@@ -339,6 +355,8 @@ class InferenceSession:
             reply = await hop.channel.recv()
         output = self._check_answer(hop, reply, step, sent)
         hop.answered(context)
+        if isinstance(reply.fields.get("load"), dict):
+            node.report(reply.fields["load"])
         self.timings.append(
             HopTiming(node.url, hidden.shape[1], time.perf_counter() - started, reply.fields.get("compute_us", 0) / 1e6)
         )
@@ -475,6 +493,7 @@ class InferenceSession:
         the pool (if any), others are closed."""
 
         async def close_session(hop: Hop) -> None:
+            hop.release()
             try:
                 await hop.channel.send(Message(wire.CLOSE, self.request_id))
                 reply = await asyncio.wait_for(hop.channel.recv(), 2.0)
@@ -491,6 +510,8 @@ class InferenceSession:
     @staticmethod
     async def _drop_hops(hops: list[Hop]) -> None:
         """Hang up on `hops` (nodes that failed): the node closes a connection's sessions with it."""
+        for hop in hops:
+            hop.release()
         await asyncio.gather(*(close_quietly(hop.channel) for hop in hops))
 
 

@@ -64,6 +64,12 @@ HANDSHAKE_LIMITS = Limits(max_frame_bytes=4 * 2**10, max_header_bytes=1024, max_
 # error codes that name the request, not the node, as the cause (a length past the model's context, a step larger than
 # the node takes, a wrong shape): a client never counts one against the node
 REQUEST_FAULTS = frozenset({"bad_open", "too_long", "too_large", "bad_tensor"})
+# error codes of a node that cannot take this request now: it is full ("capacity": no room for another session; the
+# frame carries the node's load), or this client has too many sessions there, or its payment does not cover the
+# request. No fault of the node's: a client tries other nodes for the request, and keeps routing other requests to it
+DECLINES = frozenset(
+    {"capacity", "too_many_sessions", "payment_required", "insufficient_funds", "reserve_required", "payment_unavailable"}
+)
 
 
 @dataclass

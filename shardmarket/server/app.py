@@ -49,11 +49,9 @@ def info(service: NodeService, listing: NodeListing) -> dict:
         },
         "layers": [stage.start, stage.end],
         "price": listing.price,
-        "load": {
-            "sessions": len(service.sessions),
-            "queued": service.worker.queued,
+        "load": service.load()
+        | {
             "in_flight": service.steps_in_flight,
-            "decode_ms": round(service.worker.decode_ms, 3),
             "steps_served": service.steps_served,
             "draining": service.draining,
         },

@@ -160,6 +160,17 @@ class NodeService:
         self._no_connections = asyncio.Event()
         self._no_connections.set()
 
+    def load(self) -> dict:
+        """How busy the node is now, as /info and every answer report it: sessions open and the room for more, steps
+        waiting for the compute thread, and a decode step's recent compute time."""
+        stage = self.stage
+        return {
+            "sessions": len(self.sessions),
+            "free_slots": max(stage.max_sessions - len(stage.session_ids()), 0),
+            "queued": self.worker.queued,
+            "decode_ms": round(self.worker.decode_ms, 3),
+        }
+
     async def serve(self, transport: Transport, peer: Peer | None = None) -> None:
         """Serve one connection until it closes, then close the sessions it holds; never raises on bad input."""
         connection = _Connection(peer or Peer())
@@ -245,15 +256,17 @@ class NodeService:
                 return await self._open(message, connection), None
             if message.type == wire.STEP:
                 answer = await self._step(message)
-                reply = Message(
-                    wire.RESULT, answer.request_id, answer.step, {"compute_us": answer.compute_us}, answer.output, answer.payload
-                )
+                fields = {"compute_us": answer.compute_us, "load": self.load()}
+                reply = Message(wire.RESULT, answer.request_id, answer.step, fields, answer.output, answer.payload)
                 return reply, answer
             if message.type == wire.CLOSE:
                 return await self._close(message), None
             raise StepRefused("bad_type", f"a node does not accept {message.type!r} frames; send open, step or close")
         except StepRefused as exc:
-            return wire.error_message(exc.code, str(exc), message.session, message.step), None
+            refusal = wire.error_message(exc.code, str(exc), message.session, message.step)
+            if exc.code in wire.DECLINES:
+                refusal.fields["load"] = self.load()
+            return refusal, None
 
     async def _acknowledge(self, answer: _Answer) -> Message:
         """The frame that follows a step's result: its commitment, once the payment gate has the step's tab checked and
