@@ -17,6 +17,7 @@ from eth_typing import ChecksumAddress
 from eth_utils import keccak, to_checksum_address
 from web3 import Web3
 from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3Exception
+from web3.providers.base import BaseProvider
 from web3.types import TxReceipt
 
 from shardmarket.chain.deployments import read_deployments
@@ -142,6 +143,14 @@ def _explain(exc: Exception, what: str) -> ChainError:
     return ChainError(f"{what} was refused by the contract: {reason}" + (f"; {hint}" if hint else ""))
 
 
+def lean_web3(provider: BaseProvider) -> Web3:
+    """Web3 over `provider` without web3's validation middleware, which asks the chain its id before every eth_call and
+    doubles a client's calls (Market.connect checks the id once; transactions are signed with it)."""
+    w3 = Web3(provider)
+    w3.middleware_onion.remove("validation")
+    return w3
+
+
 @dataclass
 class Market:
     """The deployed contracts on one chain, and optionally the local account that sends transactions."""
@@ -153,7 +162,7 @@ class Market:
     @classmethod
     def connect(cls, chain: ChainSettings, account=None, timeout_s: float = 10.0) -> Market:
         """Connect to `chain.rpc_url` and load the deployments of its chain id."""
-        w3 = Web3(Web3.HTTPProvider(chain.rpc_url, request_kwargs={"timeout": timeout_s}))
+        w3 = lean_web3(Web3.HTTPProvider(chain.rpc_url, request_kwargs={"timeout": timeout_s}))
         try:
             chain_id = w3.eth.chain_id
         except (requests.ConnectionError, requests.Timeout, OSError) as exc:
@@ -217,10 +226,10 @@ class Market:
     def address(self) -> ChecksumAddress:
         return self._signer().address
 
-    def read(self, call, what: str = "a chain read"):
-        """Call a view function with clear errors."""
+    def read(self, call, what: str = "a chain read", block: int | str = "latest"):
+        """Call a view function (as of `block`) with clear errors."""
         try:
-            return call.call()
+            return call.call(block_identifier=block)
         except (ContractCustomError, ContractLogicError) as exc:
             raise _explain(exc, what) from None
         except (requests.ConnectionError, requests.Timeout) as exc:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import requests
 from eth_account import Account
 from web3 import Web3
 
@@ -134,6 +135,72 @@ class DevMarket:
             with self.acting_as("deployer"):
                 market = Market.connect(load_config().chain, deployer)
             market.transact(market.token.functions.transfer(address, tokens), "funding")
+
+    def register_crowd(self, model: str, listings: list[tuple[int, int, int, str]], stake: int, batch: int = 250) -> list[str]:
+        """Register one node per (start, end, price, endpoint) of `listings` under new operators, fast: anvil
+        impersonates them (no keys, no signing) and gives them gas money, the deployer sends each its stake, and the
+        transactions go in JSON-RPC batches of `batch`. Returns the operators; raises if any did not get listed."""
+        from shardmarket.chain.contracts import Market
+        from shardmarket.config import load_config
+
+        with self.acting_as("deployer"):
+            market = Market.connect(load_config().chain)
+        token, stakes, registry = market.token, market.stake, market.registry
+        model_id = market.model_id(model)
+        before = market.read(registry.functions.modelNodeCount(model_id))
+        deployer = Account.from_key(DEPLOYER_KEY).address
+        first = before + len(self.accounts) + 1
+        operators: list[str] = [
+            Web3.to_checksum_address(Web3.keccak(text=f"crowd {model} {first + i}")[-20:]) for i in range(len(listings))
+        ]
+        self._rpc_batch([("anvil_autoImpersonateAccount", [True])])
+        self._rpc_batch([("anvil_setBalance", [operator, hex(10**18)]) for operator in operators], batch)
+        # nonces set here: within a batch anvil would hand a sender the same pending nonce twice
+        sends, deployer_nonce = [], market.w3.eth.get_transaction_count(deployer, "pending")
+        for i, (operator, (start, end, price, endpoint)) in enumerate(zip(operators, listings, strict=True)):
+            key = Web3.keccak(text=f"x25519 {operator}")
+            sends.append((deployer, deployer_nonce + i, token, token.encode_abi("transfer", [operator, stake]), 80_000))
+            sends.append((operator, 0, token, token.encode_abi("approve", [stakes.address, stake]), 80_000))
+            sends.append((operator, 1, stakes, stakes.encode_abi("stake", [stake]), 200_000))
+            call = registry.encode_abi("register", [model_id, start, end, price, key, [endpoint]])
+            sends.append((operator, 2, registry, call, 600_000))
+        txs = [
+            {"from": sender, "nonce": hex(nonce), "to": contract.address, "data": data, "gas": hex(gas), "gasPrice": "0x0"}
+            for sender, nonce, contract, data, gas in sends
+        ]
+        # the stakes first, all mined: anvil mines what it accepted after answering, in any order across senders
+        self._rpc_batch([("eth_sendTransaction", [tx]) for tx in txs if tx["from"] == deployer], batch)
+        self._wait_mined()
+        self._rpc_batch([("eth_sendTransaction", [tx]) for tx in txs if tx["from"] != deployer], batch)
+        self._wait_mined()
+        self._rpc_batch([("anvil_autoImpersonateAccount", [False])])
+        listed = market.read(registry.functions.modelNodeCount(model_id)) - before
+        if listed != len(listings):
+            raise RuntimeError(f"registered {listed} of {len(listings)} crowd nodes; see {self.root / 'anvil.log'}")
+        return operators
+
+    def _wait_mined(self, timeout: float = 600.0) -> None:
+        """Until anvil's transaction pool is empty."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = requests.post(self.rpc_url, json={"jsonrpc": "2.0", "id": 1, "method": "txpool_status"}, timeout=30).json()
+            if not any(int(count, 16) for count in status["result"].values()):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"anvil did not mine every transaction within {timeout:.0f} s: {status['result']}")
+            time.sleep(0.05)
+
+    def _rpc_batch(self, calls: list[tuple[str, list]], size: int = 250) -> None:
+        """Send JSON-RPC `calls` (method, params) in batches of `size`; raises on the first error answer."""
+        for offset in range(0, len(calls), size):
+            body = [
+                {"jsonrpc": "2.0", "id": offset + i, "method": method, "params": params}
+                for i, (method, params) in enumerate(calls[offset : offset + size])
+            ]
+            answers = requests.post(self.rpc_url, json=body, timeout=600).json()
+            errors = [answer["error"] for answer in answers if "error" in answer]
+            if errors:
+                raise RuntimeError(f"{len(errors)} of {len(body)} calls failed, the first: {errors[0]}")
 
     def start_node(self, name: str, *extra: str, wait: bool = True) -> NodeProcess:
         """Start `shardmarket node run` (chain mode) as `name`; returns once it is ready (if `wait`)."""

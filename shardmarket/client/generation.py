@@ -23,6 +23,7 @@ from shardmarket.net.channel import ChannelPool
 if TYPE_CHECKING:
     from shardmarket.chain.contracts import Market
     from shardmarket.client.audit import Auditor
+    from shardmarket.client.directory import Discovery
     from shardmarket.client.payer import Payer
 
 _DONE = object()
@@ -76,6 +77,8 @@ class RemoteModel:
         self.auditor: Auditor | None = None
         # reads the nodes again (the chain's registry): a node that moved or joined is found when no route works
         self.refresh_nodes: Callable[[], Awaitable[list[NodeInfo]]] | None = None
+        self.discovery: Discovery | None = None  # a paid model's, still probing nodes after the first route was found
+        self.background: list[asyncio.Task] = []  # the client's own work beside the requests (reserves for new nodes)
 
     @classmethod
     async def connect(
@@ -93,7 +96,12 @@ class RemoteModel:
         return model
 
     async def aclose(self) -> None:
-        """Close the connections kept to the nodes."""
+        """Stop the work in the background and close the connections kept to the nodes."""
+        if self.discovery is not None:
+            await self.discovery.aclose()
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         await self.channels.close()
 
     def prompt_ids(self, prompt: str) -> list[int]:

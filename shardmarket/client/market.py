@@ -1,4 +1,5 @@
-"""The paid client: nodes found on the NodeRegistry (ranges, prices, endpoints, keys pinned from the chain),
+"""The paid client: nodes found on the NodeRegistry (ranges, prices, endpoints, keys pinned from the chain; see
+shardmarket.client.directory),
 and a RemoteModel that pays every step of every hop with the client's signed tab."""
 
 from __future__ import annotations
@@ -8,11 +9,11 @@ import logging
 from pathlib import Path
 
 from shardmarket.chain.contracts import Market
-from shardmarket.chain.registry import listed_nodes
 from shardmarket.client.audit import Auditor
+from shardmarket.client.directory import Discovery
 from shardmarket.client.generation import RemoteModel, in_passing_thread
 from shardmarket.client.payer import Payer
-from shardmarket.client.routing import NodeInfo, RouteError, discover, plan_route
+from shardmarket.client.routing import NodeInfo, RouteError, plan_route
 from shardmarket.config import Config
 from shardmarket.engine.head import Head
 from shardmarket.ipfs.blockstore import Blockstore
@@ -20,38 +21,13 @@ from shardmarket.ipfs.blockstore import Blockstore
 log = logging.getLogger("shardmarket.client")
 
 
-async def chain_nodes(market: Market, model_name: str) -> list[NodeInfo]:
-    """Measure the registered nodes; a node whose /info disagrees with the chain (key, operator, range) is skipped."""
-    registered = await asyncio.to_thread(listed_nodes, market, model_name)
-    measured = {n.url: n for n in await discover([r["url"] for r in registered], model_name)}
-    nodes = []
-    for entry in registered:
-        node = measured.get(entry["url"])
-        if node is None:
-            continue
-        if node.x25519_public_key != entry["key"] or node.operator.lower() != entry["operator"].lower():
-            log.warning("node %s presents another key or operator than it registered on chain; skipping it", node.url)
-            continue
-        if (node.start, node.end) != (entry["start"], entry["end"]):
-            log.warning(
-                "node %s serves layers %d:%d, not the registered %d:%d; skipping it",
-                node.url,
-                node.start,
-                node.end,
-                entry["start"],
-                entry["end"],
-            )
-            continue
-        node.price = entry["price"]
-        nodes.append(node)
-    return nodes
-
-
 async def connect_paid(checkpoint: Path, config: Config, account, model_name: str, **kwargs) -> RemoteModel:
     """A RemoteModel over the chain's nodes of `model_name`, paying with `account`'s escrow deposit."""
     market = await asyncio.to_thread(Market.connect, config.chain, account)
     head = await in_passing_thread(Head.load, checkpoint)
-    nodes = await chain_nodes(market, model_name)
+    discovery = Discovery(market, model_name, config.home / "client", confirmations=config.chain.confirmations)
+    payload_bytes = head.config.hidden_size * 4
+    nodes = await discovery.find(head.num_layers, payload_bytes)
     payer = Payer(account, market.escrow_domain(), config.home / "client" / "ledger.sqlite")
     model = RemoteModel(
         head,
@@ -80,12 +56,19 @@ async def connect_paid(checkpoint: Path, config: Config, account, model_name: st
     model.on_commitment, model.on_finished = on_commitment, auditor.on_finished
     model.request_costs = payer.request_costs
     model.payer, model.market, model.auditor = payer, market, auditor
-    model.refresh_nodes = lambda: chain_nodes(market, model_name)
-    plan_route(nodes, 0, head.num_layers, head.config.hidden_size * 4)
+    model.discovery = discovery
+    model.refresh_nodes = lambda: discovery.find(head.num_layers, payload_bytes, retry_failed=True)
+    plan_route(nodes, 0, head.num_layers, payload_bytes)
     spendable = await asyncio.to_thread(market.read, market.escrow.functions.spendableOf(account.address))
     if spendable == 0:
         raise RouteError(f"client {account.address} has nothing to spend in the escrow; run `shardmarket client deposit AMOUNT`")
     await asyncio.to_thread(fund_reserves, market, [n.operator for n in nodes if n.price], config.client.reserve, spendable)
+
+    async def reserve_for_nodes_found_later() -> None:
+        await discovery.wait()
+        await asyncio.to_thread(fund_reserves, market, [n.operator for n in nodes if n.price], config.client.reserve, spendable)
+
+    model.background.append(asyncio.create_task(reserve_for_nodes_found_later()))
     return model
 
 
