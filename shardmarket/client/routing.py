@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import heapq
 import logging
-import statistics
 import time
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -50,10 +49,10 @@ class NodeInfo:
     rtt_s: float = 0.0
     bytes_per_s: float = 1e9
     weights: str = "float32"  # the format its layers compute with; `dtype` is that of its hidden states
-    # its load as it last reported it (sessions open, sessions it can still open, steps waiting) and when
+    # its load as it last reported it (sessions open, those of other clients, sessions it can still open) and when
     sessions: int = 0
+    others: int = 0
     free_slots: int | None = None
-    queued: int = 0
     reported_at: float = 0.0
     held: int = 0  # sessions this client holds on the node now
     full_until: float = 0.0  # monotonic time until which the node is taken as full
@@ -62,7 +61,7 @@ class NodeInfo:
         """Take in the load a node reported (/info's "load", or an answer's); unknown or malformed fields are ignored."""
         with contextlib.suppress(TypeError, ValueError):
             self.sessions = int(load.get("sessions", self.sessions))
-            self.queued = int(load.get("queued", self.queued))
+            self.others = max(self.sessions - self.held, 0)
             free = load.get("free_slots")
             self.free_slots = None if free is None else int(free)
             if load.get("decode_ms"):
@@ -70,11 +69,11 @@ class NodeInfo:
             self.reported_at = time.monotonic()
 
     def load(self) -> int:
-        """Sessions competing for this node's steps, as far as the client knows: its own, or the node's fresh report
-        when that says more (the report counts the client's own too), plus the steps waiting in its queue."""
+        """Sessions competing for this node's steps, as far as the client knows: its own now, and those of other
+        clients while the node's report of them is fresh (how long a step takes under that load is in `decode_ms`)."""
         if time.monotonic() - self.reported_at > REPORT_FRESH_S:
             return self.held
-        return max(self.held, self.sessions) + self.queued
+        return self.held + self.others
 
     def full(self) -> bool:
         """Whether the node refused a session for want of room lately, or reported no room left."""
@@ -116,9 +115,10 @@ class NodeInfo:
         return self.rtt_s + self.decode_ms / 1000 + 2 * payload_bytes / self.bytes_per_s
 
     def cost(self, payload_bytes: int) -> float:
-        """Routing weight: expected latency x (1 + price per token) x (1 + load): a node twice as busy as an otherwise
-        equal one is worth as much as one twice as slow, so that sessions spread evenly over a span's nodes."""
-        return self.expected_step_s(payload_bytes) * (1 + self.price) * (1 + self.load())
+        """Routing weight: expected latency x (1 + price per token) x (1 + load)^2. The square makes load outweigh the
+        noise in measured latencies (a few ms apart on a busy machine), so sessions spread evenly over equal nodes;
+        a node several times faster than the others still takes more of them."""
+        return self.expected_step_s(payload_bytes) * (1 + self.price) * (1 + self.load()) ** 2
 
 
 async def measure_node(
@@ -136,7 +136,7 @@ async def measure_node(
         async with http.get(f"{url}/health", timeout=client_timeout) as response:
             await response.read()
         rtts.append(time.perf_counter() - started)
-    node.rtt_s = statistics.median(rtts)
+    node.rtt_s = min(rtts)  # the least the path takes; a busy moment on either side only adds to it
     started = time.perf_counter()
     async with http.get(f"{url}/probe", params={"bytes": str(PROBE_BYTES)}, timeout=client_timeout) as response:
         size = len(await response.read())

@@ -107,10 +107,7 @@ class Hop:
     inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, hidden) per step
     outputs: list[torch.Tensor] = field(default_factory=list)  # the node's answer per step (for spot checks)
     history: bytes = EMPTY_HISTORY  # chain_history over the hashes of every input answered so far
-    held: bool = True  # counted in the node's `held` sessions until closed or dropped
-
-    def __post_init__(self) -> None:
-        self.node.held += 1
+    held: bool = True  # counted in the node's `held` sessions (from when its route was planned) until closed or dropped
 
     def release(self) -> None:
         """The session on this node is closed or dropped: it no longer counts in the node's load."""
@@ -193,10 +190,15 @@ class InferenceSession:
 
     async def _open_hops(self, route: list[NodeInfo]) -> list[Hop]:
         """Open a session on every node of `route` at once (one round of connects and handshakes, not one per hop);
-        if any fails, the sessions opened on the others are closed and every failed node is marked."""
+        if any fails, the sessions opened on the others are closed and every failed node is marked. Each node counts the
+        session from now on, before the first await: concurrent requests planning meanwhile see it."""
+        for node in route:
+            node.held += 1
         results = await asyncio.gather(*(self._open_hop(node) for node in route), return_exceptions=True)
         hops = [result for result in results if isinstance(result, Hop)]
         failed = [(node, result) for node, result in zip(route, results, strict=True) if not isinstance(result, Hop)]
+        for node, _ in failed:
+            node.held -= 1
         if not failed:
             return hops
         await self._close_sessions(hops)
