@@ -153,7 +153,8 @@ class DevMarket:
         operators: list[str] = [
             Web3.to_checksum_address(Web3.keccak(text=f"crowd {model} {first + i}")[-20:]) for i in range(len(listings))
         ]
-        self._rpc_batch([("anvil_autoImpersonateAccount", [True])])
+        # automine off: anvil then packs the transactions into full blocks, instead of one block each
+        self._rpc_batch([("anvil_autoImpersonateAccount", [True]), ("evm_setAutomine", [False])])
         self._rpc_batch([("anvil_setBalance", [operator, hex(10**18)]) for operator in operators], batch)
         # nonces set here: within a batch anvil would hand a sender the same pending nonce twice
         sends, deployer_nonce = [], market.w3.eth.get_transaction_count(deployer, "pending")
@@ -173,14 +174,14 @@ class DevMarket:
         self._wait_mined()
         self._rpc_batch([("eth_sendTransaction", [tx]) for tx in txs if tx["from"] != deployer], batch)
         self._wait_mined()
-        self._rpc_batch([("anvil_autoImpersonateAccount", [False])])
+        self._rpc_batch([("anvil_autoImpersonateAccount", [False]), ("evm_setAutomine", [True])])
         listed = market.read(registry.functions.modelNodeCount(model_id)) - before
         if listed != len(listings):
             raise RuntimeError(f"registered {listed} of {len(listings)} crowd nodes; see {self.root / 'anvil.log'}")
         return operators
 
     def _wait_mined(self, timeout: float = 600.0) -> None:
-        """Until anvil's transaction pool is empty."""
+        """Mine blocks until anvil's transaction pool is empty."""
         deadline = time.monotonic() + timeout
         while True:
             status = requests.post(self.rpc_url, json={"jsonrpc": "2.0", "id": 1, "method": "txpool_status"}, timeout=30).json()
@@ -188,7 +189,7 @@ class DevMarket:
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"anvil did not mine every transaction within {timeout:.0f} s: {status['result']}")
-            time.sleep(0.05)
+            self._rpc_batch([("evm_mine", [])])
 
     def _rpc_batch(self, calls: list[tuple[str, list]], size: int = 250) -> None:
         """Send JSON-RPC `calls` (method, params) in batches of `size`; raises on the first error answer."""
