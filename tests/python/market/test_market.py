@@ -14,7 +14,7 @@ from shardmarket.chain.contracts import Market
 from shardmarket.chain.keys import load_account
 from shardmarket.cli.devmarket import PASSWORD
 from shardmarket.cli.keys import home_keys
-from shardmarket.client.routing import RouteError
+from shardmarket.client.session import RequestRefused
 from shardmarket.config import load_config
 from shardmarket.engine.head import Head
 from shardmarket.engine.sampling import SamplingParams
@@ -82,8 +82,9 @@ def test_client_that_stops_paying_gets_no_more_than_its_credit_limit(market):
             return first[0]
 
         model.tab_source = stale
-        with pytest.raises(RouteError):
+        with pytest.raises(RequestRefused, match="payment_required"):  # every node of a span declined it in turn
             await generate(model, PROMPT, 200)
+        assert model.failed.current() == set()  # an unpaid request is no node's fault: no node is avoided for others
 
     asyncio.run(scenario())
     from shardmarket.server.tabs import TabStore, tab_store_path
