@@ -11,7 +11,9 @@ In one run, for the default model (SmolLM2-135M-Instruct) and a seeded random ~8
   float32, int8 (per-channel) and bf16, alternating token by token (goal: int8 >= 1.5x float32's speed);
   for SmolLM2 imported from its GGUF in each format, top-1 agreement with float32 under teacher forcing over
   float32's greedy continuations of a fixed prompt set (goal: int8 >= 99 %) and greedy-token agreement when
-  each format generates on its own; the bytes of the layer shards a node fetches over IPFS (int8 vs float32);
+  each format generates on its own, and the same for the int8 weights dequantized to float32 (what the int8
+  rounding of the weights alone costs, without Int8Linear's 16-bit activations); the bytes of the layer shards a
+  node fetches over IPFS (int8 vs float32);
 - with `--device cuda`, where a GPU is present: decode ms/token of the 850M model in bf16 on it vs its
   memory-bandwidth floor (goal: within 1.3x); without a GPU the section says why it was skipped.
 Local and split decode alternate token by token, so both see the same load; figures are medians of
@@ -27,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # OpenMP threads must not s
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -35,12 +38,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardmarket.cli.engine import default_checkpoint
-from shardmarket.engine.formats import convert_shard
+from shardmarket.engine.formats import SCALE_SUFFIX, convert_shard
 from shardmarket.engine.head import Head
 from shardmarket.engine.models import default_gguf, import_gguf, random_checkpoint
 from shardmarket.engine.sampling import SamplingParams, generate
@@ -407,6 +411,23 @@ def shard_fetch_bytes(checkpoints: dict[str, Path], store_dir: Path) -> dict:
     }
 
 
+def dequantized_copy(int8: Path, dest: Path) -> Path:
+    """A copy of the int8 checkpoint `int8` whose matrices are its int8 values times their scales in float32: the same
+    weights computed without the 16-bit activations, scales and outputs of Int8Linear."""
+    shutil.copytree(int8, dest)
+    index_file = dest / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    for file in sorted(dest.glob("layer-*.safetensors")):
+        tensors = load_file(file)
+        for name in [name for name in tensors if name.endswith(SCALE_SUFFIX)]:
+            matrix = name.removesuffix(SCALE_SUFFIX)
+            tensors[matrix] = tensors[matrix].float() * tensors.pop(name)[:, None]
+            del index["weight_map"][name]
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    index_file.write_text(json.dumps(index))
+    return dest
+
+
 def bench_formats(smollm: Path, large: Path, tokens: int, work: Path) -> dict:
     """The weight formats: speed on the large random model, agreement and shard bytes on SmolLM2."""
     head = Head.load(large)
@@ -422,6 +443,7 @@ def bench_formats(smollm: Path, large: Path, tokens: int, work: Path) -> dict:
         checkpoints[name] = import_gguf(source, work / f"smollm-{name}", weights=name)
     variants = {name: (checkpoints[name], dtype) for name, (_, dtype) in NODE_FORMATS.items()}
     variants["bfloat16_weights_float32_activations"] = checkpoints["bfloat16"], torch.float32
+    variants["int8_weights_dequantized_float32"] = dequantized_copy(checkpoints["int8"], work / "smollm-int8-fp32"), torch.float32
     result["agreement_smollm2"] = format_agreement(variants, 64)
     result["fetch_smollm2"] = shard_fetch_bytes(checkpoints, work / "blocks")
     return result

@@ -48,7 +48,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shardmarket.cli.devmarket import DevMarket
+from shardmarket.cli.devmarket import DevMarket, node_command
 from shardmarket.engine.models import random_checkpoint, tiny_config
 from shardmarket.net import wire
 from shardmarket.net.channel import SESSION_PATH, StreamTransport, client_handshake
@@ -112,7 +112,7 @@ class Market:
         settings = {f"SHARDMARKET_NODE_{name.upper()}": str(value) for name, value in NODE_SETTINGS.items()}
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **settings)
         env.pop("SHARDMARKET_CONFIG", None)
-        api_argv = ["client", "serve", "--checkpoint", str(checkpoint)]
+        api_argv = [sys.executable, "-m", "shardmarket", "client", "serve", "--checkpoint", str(checkpoint)]
         if self.paid:
             self.dev = dev = DevMarket(self.home / "market")
             dev.start_chain()
@@ -140,8 +140,7 @@ class Market:
             env["SHARDMARKET_HOME"] = str(self.home)
             for i, span in enumerate(ranges):
                 port = free_port()
-                argv = ["node", "run", "--checkpoint", str(checkpoint), "--layers", span]
-                argv += ["--port", str(port), "--threads", "1"]
+                argv = node_command(checkpoint=checkpoint, layers=span, port=port, threads=1)
                 log = (self.home / f"node{i}.log").open("w")
                 self.nodes.append(self._spawn(argv, dict(env, SHARDMARKET_NODE_DATA_DIR=str(self.home / f"node{i}")), log))
                 self.urls.append(f"http://127.0.0.1:{port}")
@@ -155,9 +154,7 @@ class Market:
 
     @staticmethod
     def _spawn(argv: list[str], env: dict, log) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "shardmarket", *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
         if self.api is not None and self.api.poll() is None:

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardmarket.chain.keys import load_account
-from shardmarket.cli.devmarket import PASSWORD, DevMarket, NodeProcess
+from shardmarket.cli.devmarket import PASSWORD, DevMarket, NodeProcess, node_command
 from shardmarket.cli.engine import default_checkpoint
 from shardmarket.cli.keys import home_keys
 from shardmarket.client.generation import Completion, RemoteModel
@@ -129,21 +129,7 @@ def payment_overhead(market: DevMarket, rounds: int, tokens: int) -> dict:
         env = {**os.environ, **market.env(name), "OMP_NUM_THREADS": "1"}
         with open(log, "ab") as out:
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "shardmarket",
-                    "node",
-                    "run",
-                    "--checkpoint",
-                    str(checkpoint),
-                    "--layers",
-                    layers,
-                    "--port",
-                    str(port),
-                    "--threads",
-                    "1",
-                ],
+                node_command(checkpoint=checkpoint, layers=layers, port=port, threads=1),
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardmarket.chain.commitment import check_commitment, commit
 from shardmarket.chain.eip712 import EMPTY_HISTORY, Domain, StepContext, chain_history, signing_key, tensor_hash
+from shardmarket.cli.devmarket import node_command
 from shardmarket.cli.engine import default_checkpoint
 from shardmarket.client.generation import Completion, RemoteModel
 from shardmarket.config import load_config
@@ -178,21 +179,7 @@ def start_nodes(
         env["SHARDMARKET_NODE_DATA_DIR"] = str(home / f"node{i}")
         started = time.perf_counter()
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "shardmarket",
-                "node",
-                "run",
-                "--checkpoint",
-                str(checkpoint),
-                "--layers",
-                layers,
-                "--port",
-                str(port),
-                "--threads",
-                str(threads),
-            ],
+            node_command(checkpoint=checkpoint, layers=layers, port=port, threads=threads),
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,

@@ -23,6 +23,18 @@ DEPLOYER_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff
 PASSWORD = "shardmarket-dev"
 
 
+def node_command(
+    *extra: str, checkpoint: Path | None = None, layers: str | None = None, port: int | None = None, threads: int | None = None
+) -> list[str]:
+    """The argv of `python -m shardmarket node run` with the options given, then `extra`."""
+    options = {"--checkpoint": checkpoint, "--layers": layers, "--port": port, "--threads": threads}
+    argv = [sys.executable, "-m", "shardmarket", "node", "run"]
+    for option, value in options.items():
+        if value is not None:
+            argv += [option, str(value)]
+    return [*argv, *extra]
+
+
 @dataclass
 class NodeProcess:
     """A node daemon started by the dev market."""
@@ -209,18 +221,15 @@ class DevMarket:
         port = self.node_port(name)
         log_start = log.stat().st_size if log.exists() else 0
         env = {**os.environ, **self.env(name), "OMP_NUM_THREADS": str(self.threads)}
-        cmd = [
-            sys.executable,
-            "-m",
-            "shardmarket",
-            "node",
-            "run",
-            "--threads",
-            str(self.threads),
-            *extra,
-        ]
         with open(log, "ab") as out:
-            process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                node_command(*extra, threads=self.threads),
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         node = NodeProcess(name, process, f"http://127.0.0.1:{port}", log, log_start)
         self.nodes[name] = node
         if wait:

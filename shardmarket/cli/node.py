@@ -52,7 +52,13 @@ def register(commands) -> None:
     run.add_argument(
         "--max-memory-mb", type=float, help="CPU memory for this node's weights; what does not fit is offloaded to disk"
     )
-    run.add_argument("--offload-folder", type=Path, help="folder for weights that do not fit in --max-memory-mb")
+    run.add_argument(
+        "--gpu-memory-mb",
+        type=float,
+        help="memory of the first GPU for this node's weights; what does not fit goes to the CPU (--max-memory-mb), then "
+        "to disk (default: every layer on the GPU where there is one)",
+    )
+    run.add_argument("--offload-folder", type=Path, help="folder for weights that fit in neither memory budget")
     run.add_argument(
         "--cheat-noise", type=float, default=0.0, help="add noise of this scale to every answer (demo of a dishonest node)"
     )
@@ -97,6 +103,7 @@ def run_node(args: argparse.Namespace) -> int:
         weights=args.weights,
         threads=args.threads,
         max_memory_mb=args.max_memory_mb,
+        gpu_memory_mb=args.gpu_memory_mb,
         offload_folder=args.offload_folder,
         fault=fault,
     )

@@ -1,8 +1,9 @@
 """Weight formats of a model's layers: float32, bfloat16, float16, and int8 weight-only with one scale per output channel.
 
-An int8 matrix `x.weight` is stored as int8 with its scales in `x.weight_scale` (float32, one per output row); the
-norms and biases of int8 layers stay float32. A format can be converted to a coarser one only (float32 to anything,
-bfloat16 or float16 to int8), so every node converting the same shards gets the same weights, bit for bit.
+An int8 matrix `x.weight` is stored as int8 with its scales in `x.weight_scale` (float32 holding bfloat16 values, one
+per output row); the norms and biases of int8 layers stay float32. A format can be converted to a coarser one only
+(float32 to anything, bfloat16 or float16 to int8), so every node converting the same shards gets the same weights,
+bit for bit.
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ def can_convert(source: str, target: str) -> bool:
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 of a matrix [out, in] with one float32 scale per output row (max |w| maps to 127)."""
+    """Symmetric int8 of a matrix [out, in] with one scale per output row (max |w| maps to 127).
+
+    The scales are rounded to bfloat16 before the weights are, since Int8Linear multiplies by them in 16 bits: rounding
+    them after would scale each row's weights by up to 0.4 % more than its quantization error."""
     w = weight.to(torch.float32)
-    scale = w.abs().amax(dim=1) / 127
+    scale = (w.abs().amax(dim=1) / 127).to(torch.bfloat16).to(torch.float32)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero with any scale
     return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import torch
 from accelerate import dispatch_model
-from accelerate.utils import infer_auto_device_map, offload_weight, save_offload_index, set_module_tensor_to_device
+from accelerate.utils import (
+    get_max_memory,
+    infer_auto_device_map,
+    offload_weight,
+    save_offload_index,
+    set_module_tensor_to_device,
+)
 from torch import nn
 
 from shardmarket.engine.errors import EngineError
@@ -26,6 +32,29 @@ def uses_gpu(max_memory: dict | None) -> bool:
     if not torch.cuda.is_available():
         return False
     return not max_memory or any(key not in ("cpu", "disk") for key in max_memory)
+
+
+def memory_budget(gpu_mb: float | None, cpu_mb: float | None) -> dict | None:
+    """accelerate's max_memory for a node's weights from MiB budgets (None for both: all on the default device).
+
+    With a GPU budget the layers fill the first GPU, then the CPU (all it has free when `cpu_mb` is None), then the
+    offload folder; with a CPU budget only, the node computes on the CPU."""
+    if gpu_mb is None:
+        return None if cpu_mb is None else {"cpu": int(cpu_mb * 2**20)}
+    cpu = int(cpu_mb * 2**20) if cpu_mb is not None else int(get_max_memory()["cpu"])
+    return {0: int(gpu_mb * 2**20), "cpu": cpu}
+
+
+def check_devices(max_memory: dict | None) -> None:
+    """EngineError when `max_memory` gives memory to a GPU that torch does not see."""
+    gpus = [key for key in max_memory or {} if key not in ("cpu", "disk")]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [gpu for gpu in gpus if int(str(gpu).removeprefix("cuda:")) >= count]
+    if missing:
+        raise EngineError(
+            f"max_memory gives memory to GPU {missing} but torch sees {count} CUDA device(s); "
+            "drop the GPU budget or install torch with CUDA"
+        )
 
 
 def best_dtype(weights: str, gpu: bool) -> torch.dtype:
@@ -62,6 +91,14 @@ def device_of(name: str, device_map: dict[str, str | int]) -> str | int:
     if best is None:
         raise EngineError(f"the device map has no entry for {name}")
     return device_map[best]
+
+
+def cache_device(placed: str | int, main: torch.device) -> torch.device:
+    """Where the KV cache of a layer placed on `placed` lives: on its GPU; for a layer on the CPU or disk, on the main
+    device, where its weights are brought to compute (so a GPU node keeps every cache on a GPU)."""
+    if placed in ("cpu", "disk"):
+        return main
+    return torch.device(f"cuda:{placed}" if isinstance(placed, int) else placed)
 
 
 def main_device(device_map: dict[str, str | int]) -> torch.device:

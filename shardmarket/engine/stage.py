@@ -23,7 +23,16 @@ from shardmarket.engine.architecture import family_of, stage_config
 from shardmarket.engine.errors import CapacityError, DuplicateSession, EngineError, ShapeError, UnknownSession
 from shardmarket.engine.formats import FLOATS, Numerics, convert, effective_weights, format_name, stored_format, use_int8_linears
 from shardmarket.engine.kv_cache import SessionCache, StepCache
-from shardmarket.engine.placement import best_dtype, device_map_for, device_of, main_device, place_weights, uses_gpu
+from shardmarket.engine.placement import (
+    best_dtype,
+    cache_device,
+    check_devices,
+    device_map_for,
+    device_of,
+    main_device,
+    place_weights,
+    uses_gpu,
+)
 from shardmarket.engine.weights import layer_tensors, tensor_index
 
 EXPIRED_MEMORY = 4096  # how many expired ids are remembered, to say "expired" rather than "unknown"
@@ -92,12 +101,7 @@ class Stage:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._cache_shapes: list[tuple[int, int, torch.device]] = []
         for i in range(end - start):
-            placed = device_of(f"layers.{i}", device_map)
-            device = (
-                self.device
-                if placed in ("cpu", "disk")
-                else torch.device(placed if isinstance(placed, str) else f"cuda:{placed}")
-            )
+            device = cache_device(device_of(f"layers.{i}", device_map), self.device)
             self._cache_shapes.append((config.num_key_value_heads, head_dim, device))
 
     @classmethod
@@ -126,6 +130,7 @@ class Stage:
         family = family_of(config)
         if not 0 <= start < end <= config.num_hidden_layers:
             raise EngineError(f"layer range [{start}, {end}) is outside the model's {config.num_hidden_layers} layers")
+        check_devices(max_memory)
         tensors = layer_tensors(tensor_index(checkpoint), start, end)
         stored = stored_format(tensors)
         weights = weights or stored

@@ -25,6 +25,7 @@ from shardmarket.chain.registry import Registration, registration_of
 from shardmarket.chain.watch import BlockWatch
 from shardmarket.config import Config, NodeConfig
 from shardmarket.engine.models import default_model
+from shardmarket.engine.placement import memory_budget
 from shardmarket.engine.stage import Stage
 from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.ipfs.model import ModelError, fetch_model
@@ -69,6 +70,7 @@ class ServeOptions:
     weights: str | None = None  # convert the layers to this weight format; None: as the checkpoint holds them
     threads: int | None = None
     max_memory_mb: float | None = None  # CPU memory for weights; the rest goes to offload_folder
+    gpu_memory_mb: float | None = None  # memory of the first GPU for weights; the rest goes to the CPU, then the folder
     offload_folder: Path | None = None
     fault: Fault = field(default_factory=Fault)
     shutdown_timeout_s: float = 30.0
@@ -262,7 +264,7 @@ def _load_service(
     """Load layers `layers` of `checkpoint` on the compute thread (every torch operation of the node runs there) and
     build the session service of model `model` (its name on the ModelRegistry), the faulty one when `options.fault`
     asks for it."""
-    max_memory = None if options.max_memory_mb is None else {"cpu": int(options.max_memory_mb * 2**20)}
+    max_memory = memory_budget(options.gpu_memory_mb, options.max_memory_mb)
     compute = compute_thread(threads)
     stage = compute.submit(
         Stage.load,

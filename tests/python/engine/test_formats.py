@@ -39,6 +39,7 @@ def test_int8_keeps_each_row_within_half_a_step():
     weight[5] = 0
     q, scale = quantize_int8(weight)
     assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (48,)
+    assert torch.equal(scale.to(torch.bfloat16).float(), scale)  # Int8Linear multiplies by the scales rounding used
     assert int(q.abs().max()) == 127 and torch.all(q[5] == 0)
     error = (q.float() * scale[:, None] - weight).abs()
     assert torch.all(error <= scale[:, None] / 2 + 1e-12)  # per row: a small row keeps its own precision

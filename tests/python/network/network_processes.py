@@ -7,11 +7,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from shardmarket.cli.devmarket import node_command
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -73,22 +74,7 @@ def start_node(
     port = port or free_port()
     home.mkdir(parents=True, exist_ok=True)
     log = home / "node.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "shardmarket",
-        "node",
-        "run",
-        "--checkpoint",
-        str(checkpoint),
-        "--layers",
-        layers,
-        "--port",
-        str(port),
-        "--threads",
-        "1",
-        *extra,
-    ]
+    cmd = node_command(*extra, checkpoint=checkpoint, layers=layers, port=port, threads=1)
     env = child_env(home) | {f"SHARDMARKET_NODE_{name.upper()}": str(value) for name, value in (settings or {}).items()}
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     return NodeProcess(process, port, log)
