@@ -21,6 +21,7 @@ from web3.types import TxReceipt
 
 from shardmarket.chain.deployments import read_deployments
 from shardmarket.chain.eip712 import Domain
+from shardmarket.chain.units import TokenUnits
 
 BUILD_DIR = Path(__file__).resolve().parents[2] / "build" / "contracts"
 CONTRACTS = ("TestToken", "StakeManager", "ModelRegistry", "NodeRegistry", "PaymentEscrow", "DisputeManager")
@@ -201,6 +202,11 @@ class Market:
     @property
     def chain_id(self) -> int:
         return self.w3.eth.chain_id
+
+    def units(self) -> TokenUnits:
+        """The payment token's decimals and symbol, for showing amounts to people."""
+        token = self.token.functions
+        return TokenUnits(self.read(token.decimals(), "reading the token's decimals"), self.read(token.symbol()))
 
     def escrow_domain(self) -> Domain:
         return Domain(self.chain_id, self.addresses["PaymentEscrow"])

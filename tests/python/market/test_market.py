@@ -153,12 +153,12 @@ def test_operator_mistakes_get_clear_errors_and_change_nothing(market, capsys):
     ]
     for argv, message in cases:
         with pytest.raises(RuntimeError):
-            market.cli("newbie", "node", "register", "--price", "1", *argv)
+            market.cli("newbie", "node", "register", "--price", "1raw", *argv)
         assert message in capsys.readouterr().err
     market.new_account("broke", eth=0, tokens=100 * 10**18)
     market.node_port("broke")
     with pytest.raises(RuntimeError):
-        market.cli("broke", "node", "register", "--model", "tiny", "--layers", "0:2", "--price", "1", "--stake", "100e18")
+        market.cli("broke", "node", "register", "--model", "tiny", "--layers", "0:2", "--price", "1raw", "--stake", "100e18")
     assert "not enough gas money" in capsys.readouterr().err
     with market.acting_as("newbie"):
         os.environ["SHARDMARKET_CHAIN_RPC_URL"] = "http://127.0.0.1:9"
@@ -292,7 +292,7 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
 
     name = f"ivan-{lowered}"
     market.new_account(name, tokens=10**18)
-    market.cli(name, "client", "deposit", "15")
+    market.cli(name, "client", "deposit", "15raw")
     with market.acting_as(name):
         client = load_account(PASSWORD, home_keys())
     first, second = sorted((market.accounts["node0"], market.accounts["node1"]), key=lambda a: int(a, 16))
@@ -311,7 +311,7 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
     if lowered:
         assert settle_pending(holder, store) == [] and paid_on_chain(holder, client.address, second) == 5  # the 3 left
         assert settle_pending(holder, store) == [] and len(claims()) == 1  # an empty balance: no claim is sent
-    market.cli(name, "client", "deposit", "100")
+    market.cli(name, "client", "deposit", "100raw")
     settlements = settle_pending(holder, store)
     if lowered:
         assert settlements == [] and paid_on_chain(holder, client.address, second) == 8 and len(claims()) == 2

@@ -48,7 +48,7 @@ def seed(root: Path) -> DevMarket:
         for variant in VARIANTS:
             market.new_account(f"node-{variant}", tokens=200 * 10**18)
         market.new_account("client", tokens=10**18)
-        market.cli("client", "client", "deposit", str(10**17))
+        market.cli("client", "client", "deposit", "0.1")
     finally:
         market.stop()
     return market
@@ -151,7 +151,7 @@ def journey(seeded: DevMarket, variant: str, relay_only: bool = False) -> dict:
         started = time.monotonic()
         node = lab.spawn_in(
             "lan",
-            [*SHARDMARKET, "node", "up", "--model", MODEL, "--price", "1000", "--port", str(NODE_PORT)]
+            [*SHARDMARKET, "node", "up", "--model", MODEL, "--price", "1000raw", "--port", str(NODE_PORT)]
             + (["--methods", ""] if relay_only else []),
             log="node.log",
             env=env(f"node-{variant}") | {"SHARDMARKET_NODE_REDEEM_INTERVAL_S": "1"},
