@@ -34,8 +34,10 @@ from shardmarket.net.doorman import ConnectionLimits, Doorman, peer_of
 from shardmarket.net.listener import first_byte_protocol
 from shardmarket.net.wire import DTYPES
 from shardmarket.server.app import NodeListing, build_app
+from shardmarket.server.dashboard import Dashboard, NodeBooks, step_observer
 from shardmarket.server.faults import Fault, FaultyService
 from shardmarket.server.identity import NodeIdentity, load_or_create_identity
+from shardmarket.server.metrics import EarningsLedger, NodeMetrics
 from shardmarket.server.payments import PaymentGate
 from shardmarket.server.service import NodeService, SessionLimits
 from shardmarket.server.settlement import Settler, escrow_credit_reader, settle_pending
@@ -86,6 +88,8 @@ class NodeDaemon:
     shutdown_timeout_s: float = 30.0
     duties: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: Callable[[], Awaitable[None]] | None = None
+    dashboard: Dashboard | None = None
+    dashboard_key: str = ""
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set by SIGINT/SIGTERM, or a duty that gives up
 
     def stop(self) -> None:
@@ -115,7 +119,8 @@ class NodeDaemon:
         async def handle_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await service.serve(StreamTransport(reader, writer), peer_of(writer.transport))
 
-        runner = web.AppRunner(build_app(service, self.listing), handle_signals=False, access_log=None)
+        app = build_app(service, self.listing, self.dashboard, self.dashboard_key)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         assert runner.server is not None  # set by setup()
         protocol = doorman.protocol(first_byte_protocol(runner.server, handle_tcp, STREAM_BUFFER))
@@ -244,8 +249,16 @@ def paid_daemon(
             print(f"could not settle at shutdown ({exc}); run `shardmarket node redeem` later", flush=True)
 
     daemon = _daemon(options, config, service, NodeListing(name, price), port)
-    daemon.duties = [lambda: settler.run(watch), lambda: duty.run(watch)]
-    daemon.on_stop = settle_at_shutdown
+    ledger = EarningsLedger(config.node.data_dir / "earnings.sqlite")
+    books = NodeBooks(market, tabs, settler, duty, ledger, market.units())
+    dashboard = _watch(daemon, books)
+    daemon.duties = [lambda: settler.run(watch), lambda: duty.run(watch), dashboard.refresh_chain]
+
+    async def stop() -> None:
+        await settle_at_shutdown()
+        ledger.close()
+
+    daemon.on_stop = stop
     return daemon
 
 
@@ -293,4 +306,19 @@ def _load_service(
 
 def _daemon(options: ServeOptions, config: Config, service: NodeService, listing: NodeListing, port: int) -> NodeDaemon:
     host = options.host or config.node.host
-    return NodeDaemon(service, listing, host, port, limits_from(config.node, ConnectionLimits), options.shutdown_timeout_s)
+    daemon = NodeDaemon(service, listing, host, port, limits_from(config.node, ConnectionLimits), options.shutdown_timeout_s)
+    daemon.dashboard_key = config.node.dashboard_key
+    _watch(daemon, None)
+    return daemon
+
+
+def _watch(daemon: NodeDaemon, books: NodeBooks | None) -> Dashboard:
+    """Give `daemon` its metrics and dashboard (with a paid node's `books`), counting every step it answers."""
+    dashboard = Dashboard(
+        daemon.service, daemon.listing, NodeMetrics(daemon.listing.model_id), f"http://{daemon.host}:{daemon.port}", books
+    )
+    if books is not None:
+        dashboard.metrics.ledger = books.ledger
+    daemon.dashboard = dashboard
+    daemon.service.on_step = step_observer(dashboard)
+    return dashboard
