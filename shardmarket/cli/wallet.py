@@ -7,6 +7,8 @@ import argparse
 
 from eth_utils import to_checksum_address
 
+from shardmarket.chain.contracts import Market
+from shardmarket.chain.eip712 import Domain, Permit, sign_permit
 from shardmarket.chain.units import AMOUNT_HELP
 from shardmarket.cli.keys import add_password_file
 from shardmarket.cli.operator import (
@@ -24,6 +26,11 @@ def add_wallet_commands(group) -> None:
     """Add the escrow commands to the `client` command group."""
     deposit = group.add_parser("deposit", help="deposit tokens into the escrow that pays nodes")
     deposit.add_argument("amount", type=parse_amount, help=AMOUNT_HELP)
+    deposit.add_argument(
+        "--no-permit",
+        action="store_true",
+        help="approve, then deposit (two transactions), for a token without EIP-2612 permit; default: one permit signature",
+    )
     add_password_file(deposit)
     deposit.set_defaults(run=chain_command(cmd_deposit))
     balance = group.add_parser("balance", help="escrow balance, pending withdrawal and wallet tokens")
@@ -50,6 +57,10 @@ def add_wallet_commands(group) -> None:
 
 def cmd_deposit(args: argparse.Namespace) -> None:
     market = connect(args)
+    if not args.no_permit:
+        call = deposit_with_permit(market, args.amount)
+        print_tx(f"deposit {args.units.format(args.amount)} (EIP-2612 permit)", market.transact(call, "depositing"))
+        return
     print_tx(
         "approve",
         market.transact(market.token.functions.approve(market.addresses["PaymentEscrow"], args.amount), "approving the deposit"),
@@ -58,6 +69,18 @@ def cmd_deposit(args: argparse.Namespace) -> None:
         f"deposit {args.units.format(args.amount)}",
         market.transact(market.escrow.functions.deposit(market.address, args.amount), "depositing"),
     )
+
+
+def deposit_with_permit(market: Market, amount: int, deadline_s: int = 3600):
+    """The escrow call that deposits `amount` for the account, approved by a permit it signs (valid `deadline_s`)."""
+    me, escrow = market.address, market.addresses["PaymentEscrow"]
+    token = market.token.functions
+    nonce, name = market.read(token.nonces(me), "reading the permit nonce"), market.read(token.name())
+    deadline = market.w3.eth.get_block("latest")["timestamp"] + deadline_s
+    permit = Permit(me, escrow, amount, nonce, deadline)
+    assert market.account is not None  # connect() unlocked it
+    v, r, s = sign_permit(market.account.key, permit, name, Domain(market.chain_id, market.addresses["TestToken"]))
+    return market.escrow.functions.depositWithPermit(me, amount, deadline, v, r, s)
 
 
 def cmd_balance(args: argparse.Namespace) -> None:
