@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -127,7 +128,7 @@ def add_operator_commands(group) -> None:
     for name, helptext, handler in (
         ("pause", "stop being listed (keeps the registration)", cmd_pause),
         ("unpause", "be listed again", cmd_unpause),
-        ("status", "registration, stake and earnings", cmd_status),
+        ("status", "registration, stake and earnings; the running node's dashboard summary", cmd_status),
         ("earnings", "per client: the newest tab's promise to this node, redeemed and pending", cmd_earnings),
         ("redeem", "settle every client's tab that owes this node, in one transaction, and withdraw the earnings", cmd_redeem),
         ("withdraw", "withdraw unbonded stake after the unbonding delay", cmd_withdraw),
@@ -271,6 +272,49 @@ def cmd_status(args: argparse.Namespace) -> None:
         f"serving layers {node.layerStart}:{node.layerEnd} of {model.name} at {fmt(node.pricePerToken)} per token on "
         f"{', '.join(node.endpoints)}; {'listed' if listed else 'NOT listed'}{' (paused)' if node.paused else ''}"
     )
+    print_node_summary(fmt)
+
+
+def print_node_summary(fmt: Callable[[int], str]) -> None:
+    """What the running node's dashboard shows, read from its /dashboard/summary.json on this machine."""
+    import requests
+
+    node = load_config().node
+    host = "127.0.0.1" if node.host in ("0.0.0.0", "::", "") else node.host
+    url = f"http://{host}:{node.port}/dashboard/summary.json"
+    headers = {"Authorization": f"Bearer {node.dashboard_key}"} if node.dashboard_key else {}
+    try:
+        s = requests.get(url, headers=headers, timeout=5).json()
+    except (requests.RequestException, ValueError):
+        s = None
+    if not isinstance(s, dict) or "load" not in s:
+        print(f"no node of this home answers at {url} (start it with `shardmarket node up` or `node run`)")
+        return
+    load, reach = s["load"], s["reachability"]
+    checked = "never" if reach["checked_at"] is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(reach["checked_at"]))
+    print(
+        f"running: layers {s['layers'][0]}:{s['layers'][1]} of {s['num_layers']}, up {s['uptime_s']:.0f} s; "
+        f"{load['sessions']} session(s), {load['queued']} queued, {load['steps_served']} steps served, "
+        f"{load['tokens_per_s']:.2f} tokens/s over the last minute, decode step {load['decode_ms']:.1f} ms, "
+        f"KV cache {100 * load['kv_cache']:.1f} % in use"
+    )
+    print(
+        f"reachability: {reach['method']} at {reach['endpoint']}, "
+        f"{'verified' if reach['verified'] else 'not verified'} from outside, last outside check {checked}"
+    )
+    money = s.get("earnings")
+    if money is None:
+        return
+    print(f"earned (promised by tabs) {fmt(money['promised'])}, settled {fmt(money['settled'])}, pending {fmt(money['pending'])}")
+    for c in money["clients"]:
+        print(f"  client {c['client']}: earned {fmt(c['promised'])}, settled {fmt(c['settled'])}, pending {fmt(c['pending'])}")
+    settlement, disputes = s["settlement"], s["disputes"]
+    next_at = time.strftime("%H:%M:%S UTC", time.gmtime(settlement["next_check_at"]))
+    print(
+        f"settlement: next check {next_at} (settles once {fmt(settlement['min_value'])} is pending, at once when a client "
+        f"asks to withdraw); {len(settlement['transactions'])} settlement(s) by this run, {settlement['gas']} gas"
+    )
+    print(f"disputes: {disputes['accused']} against this node, {disputes['verifier']} on its verifier panel")
 
 
 def _node_books(args: argparse.Namespace):

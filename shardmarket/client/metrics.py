@@ -164,17 +164,13 @@ def dashboard_routes(metrics: ClientMetrics, nodes: Callable[[], list[NodeInfo]]
                 "spent": (fmt(s["spent"]), "spent"),
             }
         )
-        rows = metrics.rows()
-        hours = sorted({int(datetime.strptime(r["hour"], "%Y-%m-%dT%H:00Z").replace(tzinfo=UTC).timestamp()) for r in rows})
-        scale = 10**metrics.units.decimals
-        series = {
-            "all nodes": [
-                sum(r["value_raw"] for r in rows if r["hour"] == datetime.fromtimestamp(h, UTC).strftime("%Y-%m-%dT%H:00Z"))
-                / scale
-                for h in hours
-            ]
-        }
-        body += f"<h2>Spent per hour ({metrics.units.symbol})</h2>" + chart("spending-chart", hours, series, metrics.units.symbol)
+        rows, scale = metrics.rows(), 10**metrics.units.decimals
+        per_hour: dict[int, float] = {}
+        for (hour, _), (value, _) in metrics.spending.items():
+            per_hour[hour] = per_hour.get(hour, 0.0) + value / scale
+        body += f"<h2>Spent per hour ({metrics.units.symbol})</h2>" + chart(
+            "spending-chart", per_hour, "all nodes", metrics.units.symbol
+        )
         body += table(
             ["hour (UTC)", "node", "spent", "tokens"],
             [[r["hour"], r["host"], fmt(r["value_raw"]), r["tokens"]] for r in rows],

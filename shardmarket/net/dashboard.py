@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import time
 from collections.abc import Iterable
 from html import escape
 from pathlib import Path
@@ -95,14 +96,16 @@ def table(headers: Iterable[str], rows: Iterable[Iterable[object]], testid: str,
     return f'<table data-testid="{escape(testid)}"><tr>{head}</tr>{body or "<tr><td>none yet</td></tr>"}</table>'
 
 
-def chart(element: str, hours: list[int], series: dict[str, list[float]], unit: str) -> str:
-    """A uPlot bar-like chart of `series` (label -> one value per hour, in tokens) over `hours` (unix seconds)."""
-    data = json.dumps([hours, *series.values()])
-    palette = ["#4a7bd0", "#d0884a", "#4ab07b", "#b04a9c", "#888"]
-    specs = json.dumps([{}] + [{"label": name, "stroke": palette[k % len(palette)], "width": 2} for k, name in enumerate(series)])
+def chart(element: str, per_hour: dict[int, float], label: str, unit: str, hours: int = 24) -> str:
+    """A uPlot step chart of `per_hour` (unix hour -> value in tokens) over the last `hours` hours, missing hours as 0."""
+    now = int(time.time() // 3600 * 3600)
+    xs = [now - 3600 * k for k in range(hours - 1, -1, -1)]
+    data = json.dumps([xs, [per_hour.get(x, 0.0) for x in xs]])
     return (
-        f'<div id="{escape(element)}"></div><script>(function(){{const data={data};const series={specs};'
-        f"series.slice(1).forEach(s=>{{s.points={{show:true,size:8}};s.paths=uPlot.paths.stepped({{align:1}});}});"
-        f'new uPlot({{width:900,height:260,series:series,axes:[{{}},{{label:"{escape(unit)} per hour"}}],'
-        f'scales:{{x:{{time:true}}}}}},data,document.getElementById("{escape(element)}"));}})();</script>'
+        f'<div id="{escape(element)}"></div><script>(function(){{const data={data};'
+        f'const series=[{{}},{{label:{json.dumps(label)},stroke:"#4a7bd0",fill:"rgba(74,123,208,.15)",width:2,'
+        f"paths:uPlot.paths.stepped({{align:1}})}}];"
+        f"new uPlot({{width:900,height:260,series:series,axes:[{{}},{{label:{json.dumps(unit + ' per hour')},size:90,"
+        f"values:(u,v)=>v.map(x=>+x.toPrecision(3))}}],scales:{{x:{{time:true}}}}}},data,"
+        f'document.getElementById("{escape(element)}"));}})();</script>'
     )

@@ -237,7 +237,7 @@ class Dashboard:
         )
         body += "<h2>Reachability</h2>" + table(
             ["method", "public endpoint", "verified from outside", "last outside check", "NAT"],
-            [[reach["method"], reach["endpoint"], reach["verified"], _when(checked), reach["nat_type"]]],
+            [[reach["method"], reach["endpoint"], "yes" if reach["verified"] else "no", _when(checked), reach["nat_type"]]],
             "reachability",
         )
         if "earnings" in s:
@@ -255,12 +255,12 @@ class Dashboard:
                 "settlement gas": (str(settlement["gas"]), "gas"),
             }
         )
-        hourly = self.earnings()
-        hours = sorted({int(datetime.strptime(r["hour"], "%Y-%m-%dT%H:00Z").replace(tzinfo=UTC).timestamp()) for r in hourly})
-        scale = 10**self.units.decimals
-        per_hour = [sum(r["value_raw"] for r in hourly if r["hour"] == _hour(h)) / scale for h in hours]
+        hourly, scale = self.earnings(), 10**self.units.decimals
+        per_hour: dict[int, float] = {}
+        for r in self.books.ledger.rows() if self.books is not None else []:
+            per_hour[r["hour"]] = per_hour.get(r["hour"], 0.0) + r["value"] / scale
         body += f"<h3>Earned per hour ({self.units.symbol})</h3>" + chart(
-            "earnings-chart", hours, {"all clients": per_hour}, self.units.symbol
+            "earnings-chart", per_hour, "all clients", self.units.symbol
         )
         body += table(
             ["hour (UTC)", "client", "earned", "steps", "tokens"],
@@ -326,10 +326,6 @@ class Dashboard:
             "market",
         )
         return page(f"{self.metrics.model_name}: the market by layer span", NAV, body)
-
-
-def _hour(unix: int) -> str:
-    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%dT%H:00Z")
 
 
 def _when(unix: float | None) -> str:
