@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from network_processes import start_node, stop_all, wait_ready
+from network_processes import ROOT, child_env, free_port, start_node, stop_all, wait_http, wait_ready
 
 
 def outside_address() -> str:
@@ -63,3 +66,51 @@ def test_metrics_parse_and_carry_vllm_names_labelled_by_model(tiny, tmp_path):
         assert [s.labels["method"] for s in families["shardmarket:reachable"].samples] == ["direct"]
     finally:
         stop_all([node])
+
+
+def test_client_serve_times_requests_under_vllms_names_and_keeps_its_dashboard_local(tiny, tmp_path):
+    """TTFT, inter-token latency and end-to-end latency of a real request through `client serve` over two nodes; the
+    API key opens the API, not /metrics."""
+    nodes = [start_node(tiny, "0:2", tmp_path / "a"), start_node(tiny, "2:5", tmp_path / "b")]
+    port, key, log = free_port(), "api-key", tmp_path / "api.log"
+    cmd = [sys.executable, "-m", "shardmarket", "client", "serve", "--checkpoint", str(tiny), "--host", "0.0.0.0"]
+    cmd += ["--port", str(port), "--nodes", ",".join(n.url for n in nodes)]
+    env = dict(child_env(tmp_path / "client"), SHARDMARKET_CLIENT_API_KEY=key)
+    api = None
+    try:
+        wait_ready(*nodes)
+        api = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/v1/models", api, log, headers={"Authorization": f"Bearer {key}"})
+        body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 6, "temperature": 0}).encode()
+        request = urllib.request.Request(
+            f"{base}/v1/completions", body, {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            usage = json.loads(response.read())["usage"]
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+            families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+
+        def sample(name: str, suffix: str = "") -> float:
+            [value] = [s.value for s in families[f"shardmarket:{name}"].samples if s.name == f"shardmarket:{name}{suffix}"]
+            return value
+
+        generated = usage["completion_tokens"]
+        assert generated >= 1 and sample("generation_tokens", "_total") == generated
+        assert sample("prompt_tokens", "_total") == usage["prompt_tokens"]
+        assert sample("time_to_first_token_seconds", "_count") == 1 == sample("e2e_request_latency_seconds", "_count")
+        assert sample("inter_token_latency_seconds", "_count") == generated - 1
+        assert sample("e2e_request_latency_seconds", "_sum") >= sample("time_to_first_token_seconds", "_sum") > 0
+        assert sample("num_requests_running") == 0
+        assert {s.labels["model_name"] for s in families["shardmarket:time_to_first_token_seconds"].samples} == {"tiny"}
+        outside = f"http://{outside_address()}:{port}"
+        assert status(f"{outside}/metrics", {"Authorization": f"Bearer {key}"}) == 403  # the API key is not the dashboard's
+        assert status(f"{outside}/v1/models", {"Authorization": f"Bearer {key}"}) == 200
+        with urllib.request.urlopen(f"{base}/dashboard/summary.json", timeout=10) as response:
+            assert json.loads(response.read())["requests_done"] == 1
+        assert status(f"{base}/dashboard") == 200
+    finally:
+        if api is not None:
+            api.terminate()
+            api.wait(15)
+        stop_all(nodes)
