@@ -136,6 +136,8 @@ def run_up(args: argparse.Namespace) -> int:
         say(f"error: cannot load the node's layers: {exc}")
         return 2
     reach = reachability_for(args, config, port, account.address)
+    if daemon.dashboard is not None:
+        daemon.dashboard.reach.source = reach
     upkeep = RegistryUpkeep(market, identity, Wanted(model, start, end, price, args.stake))
     ready, gave_up = asyncio.Event(), []
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -22,12 +23,15 @@ from shardmarket.chain.contracts import Market
 from shardmarket.chain.registry import listed_nodes
 from shardmarket.chain.units import TokenUnits
 from shardmarket.net.dashboard import cards, chart, page, table
-from shardmarket.net.reachability import Report
+from shardmarket.net.reachability import Reachability
 from shardmarket.server.metrics import EarningsLedger, NodeMetrics, StateCollector
 from shardmarket.server.service import NodeService
 from shardmarket.server.settlement import Settler
 from shardmarket.server.tabs import TabStore
 from shardmarket.server.verifier import VerifierDuty
+
+if TYPE_CHECKING:
+    from shardmarket.server.app import NodeListing
 
 log = logging.getLogger("shardmarket.node")
 DASHBOARD_PATHS = ("/dashboard", "/metrics")
@@ -37,20 +41,20 @@ NAV = {"node": "/dashboard", "market": "/dashboard/market", "earnings CSV": "/da
 
 @dataclass
 class Reach:
-    """How the node is reachable, as `node up` last found it (a `node run` node is reached where it listens)."""
+    """How the node is reachable: what `node up`'s Reachability last found (a `node run` node is reached where it
+    listens, unchecked)."""
 
-    report: Report | None = None
-    checked_at: float | None = None  # unix time of the last check from outside
+    source: Reachability | None = None
 
     def to_dict(self, listen: str) -> dict:
-        r = self.report
-        if r is None:
+        if self.source is None:
             return {"method": "direct", "endpoint": listen, "verified": False, "checked_at": None, "nat_type": "not checked"}
+        r = self.source.report
         return {
             "method": r.method,
             "endpoint": r.endpoint,
             "verified": r.verified,
-            "checked_at": self.checked_at,
+            "checked_at": self.source.checked_at,
             "nat_type": r.nat_type,
         }
 
@@ -80,7 +84,7 @@ class Dashboard:
     """What the node's dashboard and /metrics read."""
 
     service: NodeService
-    listing: object  # server.app.NodeListing (model_id, price, endpoint)
+    listing: NodeListing
     metrics: NodeMetrics
     listen: str
     books: NodeBooks | None = None
@@ -105,10 +109,10 @@ class Dashboard:
             "layers": [stage.start, stage.end],
             "num_layers": stage.config.num_hidden_layers,
             "operator": service.identity.operator,
-            "price": getattr(self.listing, "price", 0),
+            "price": self.listing.price,
             "units": {"symbol": self.units.symbol, "decimals": self.units.decimals},
             "uptime_s": round(time.time() - self.started, 1),
-            "reachability": self.reach.to_dict(getattr(self.listing, "endpoint", None) or self.listen),
+            "reachability": self.reach.to_dict(self.listing.endpoint or self.listen),
             "load": {
                 "sessions": len(service.sessions),
                 "queued": service.worker.queued,

@@ -179,6 +179,11 @@ def journey(seeded: DevMarket, variant: str, relay_only: bool = False) -> dict:
         assert answer.get("chunks", 0) >= 2, answer
         figures["first_answer_s"], figures["ms_per_token"] = answer["seconds"], answer["ms_per_token"]
         _, figures["settled_within_s"] = public.until(operator, lambda e: e["earnings"] > 0, "settling the client's tab")
+        at_port = env(f"node-{variant}") | {"SHARDMARKET_NODE_PORT": str(NODE_PORT)}
+        status = lab.run_in("lan", [*SHARDMARKET, "node", "status"], env=at_port, timeout=60).stdout
+        verified = "verified" if "NOT verified" not in lab.log("node.log") else "not verified"
+        assert f"reachability: {method} at {endpoint}, {verified} from outside, last outside check " in status, status
+        assert verified == "not verified" or "last outside check never" not in status, status
 
         if method == "relay":
             lab.stop(lab.relay)
