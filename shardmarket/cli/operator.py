@@ -135,7 +135,7 @@ def add_operator_commands(group) -> None:
     ):
         sub = group.add_parser(name, help=helptext)
         add_password_file(sub)
-        if name in ("status", "earnings"):
+        if name in ("status", "earnings", "redeem"):
             add_raw_flag(sub)
         sub.set_defaults(run=chain_command(handler))
     unbond = group.add_parser("unbond", help="start unbonding stake (withdraw after the delay)")
@@ -366,14 +366,15 @@ def cmd_redeem(args: argparse.Namespace) -> None:
     from shardmarket.server.settlement import settle_pending
 
     market, me, store = _node_books(args)
+    fmt = amount_format(args)
     claimed = set(store.claims())
     for r in settle_pending(market, store, confirmations=load_config().chain.confirmations):
-        print(f"settled {r.tabs} client tab(s), {args.units.format(r.paid)} to this node: tx {r.tx} ({r.gas} gas)")
-    _print_claims((c for c in store.claims() if c not in claimed), args.units.format)
+        print(f"settled {r.tabs} client tab(s), {fmt(r.paid)} to this node: tx {r.tx} ({r.gas} gas)")
+    _print_claims((c for c in store.claims() if c not in claimed), fmt)
     earnings = market.read(market.escrow.functions.earningsOf(me))
     if earnings:
         print_tx(
-            f"withdraw earnings {args.units.format(earnings)} to {me}",
+            f"withdraw earnings {fmt(earnings)} to {me}",
             market.transact(market.escrow.functions.withdrawEarnings(me), "withdrawing earnings"),
         )
     else:

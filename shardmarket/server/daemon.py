@@ -248,11 +248,11 @@ def paid_daemon(
         except ChainError as exc:
             print(f"could not settle at shutdown ({exc}); run `shardmarket node redeem` later", flush=True)
 
-    daemon = _daemon(options, config, service, NodeListing(name, price), port)
     ledger = EarningsLedger(config.node.data_dir / "earnings.sqlite")
     books = NodeBooks(market, tabs, settler, duty, ledger, market.units())
-    dashboard = _watch(daemon, books)
-    daemon.duties = [lambda: settler.run(watch), lambda: duty.run(watch), dashboard.refresh_chain]
+    daemon = _daemon(options, config, service, NodeListing(name, price), port, books)
+    assert daemon.dashboard is not None
+    daemon.duties = [lambda: settler.run(watch), lambda: duty.run(watch), daemon.dashboard.refresh_chain]
 
     async def stop() -> None:
         await settle_at_shutdown()
@@ -304,21 +304,14 @@ def _load_service(
     return NodeService(worker, identity, domain, **kwargs)
 
 
-def _daemon(options: ServeOptions, config: Config, service: NodeService, listing: NodeListing, port: int) -> NodeDaemon:
+def _daemon(
+    options: ServeOptions, config: Config, service: NodeService, listing: NodeListing, port: int, books: NodeBooks | None = None
+) -> NodeDaemon:
+    """The daemon, with its metrics and dashboard (a paid node's `books` in them) counting every step it answers."""
     host = options.host or config.node.host
     daemon = NodeDaemon(service, listing, host, port, limits_from(config.node, ConnectionLimits), options.shutdown_timeout_s)
     daemon.dashboard_key = config.node.dashboard_key
-    _watch(daemon, None)
+    metrics = NodeMetrics(listing.model_id, books.ledger if books is not None else None)
+    daemon.dashboard = Dashboard(service, listing, metrics, f"http://{host}:{port}", books)
+    service.on_step = step_observer(daemon.dashboard)
     return daemon
-
-
-def _watch(daemon: NodeDaemon, books: NodeBooks | None) -> Dashboard:
-    """Give `daemon` its metrics and dashboard (with a paid node's `books`), counting every step it answers."""
-    dashboard = Dashboard(
-        daemon.service, daemon.listing, NodeMetrics(daemon.listing.model_id), f"http://{daemon.host}:{daemon.port}", books
-    )
-    if books is not None:
-        dashboard.metrics.ledger = books.ledger
-    daemon.dashboard = dashboard
-    daemon.service.on_step = step_observer(dashboard)
-    return dashboard

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardmarket.node")
 DASHBOARD_PATHS = ("/dashboard", "/metrics")
-CHAIN_REFRESH_S = 5.0
+CHAIN_REFRESH_S = 15.0  # disputes take minutes; the settlement loop reads the chain every second already
 NAV = {"node": "/dashboard", "market": "/dashboard/market", "earnings CSV": "/dashboard/earnings.csv", "metrics": "/metrics"}
 
 
@@ -70,13 +70,18 @@ class NodeBooks:
     ledger: EarningsLedger
     units: TokenUnits = field(default_factory=TokenUnits)
     accused: int = 0  # disputes opened against this node, as of the last chain read
+    scanned: int = -1  # the last block read for them
 
     def refresh(self, operator: str) -> None:
-        """Read from the chain what the summary shows beside the node's own books (blocking: run it on a thread)."""
+        """Read the new blocks' disputes against this node (blocking: run it on a thread)."""
+        head = self.market.w3.eth.block_number
+        if head <= self.scanned:
+            return
         events = self.market.disputes.events.DisputeOpened.get_logs(
-            from_block=0, argument_filters={"node": to_checksum_address(operator)}
+            from_block=self.scanned + 1, to_block=head, argument_filters={"node": to_checksum_address(operator)}
         )
-        self.accused = len(events)
+        self.accused += len(events)
+        self.scanned = head
 
 
 @dataclass

@@ -120,6 +120,9 @@ def test_structs_and_named_return_values_are_read_by_name(market, chain, capsys)
         "escrow balance 0.000000000000000043 SMT" in out
         and f"reserve for node {payee}: 0.000000000000000007 SMT, released from timestamp {reserve.releaseAt}" in out
     )
+    market.cli("operator", "client", "balance", "--raw")  # for programs: raw base units
+    out = capsys.readouterr().out
+    assert "escrow balance 43, spendable" in out and f"reserve for node {payee}: 7, released" in out
 
 
 def test_a_tab_packed_in_python_is_what_the_escrow_settles(chain):

@@ -58,7 +58,7 @@ def test_pay_per_request_over_three_nodes(market, capsys):
     settlements = chain.escrow.events.TabSettled.get_logs(from_block=0, argument_filters={"client": alice})
     assert len(settlements) == 1  # one signature, one settlement, three nodes paid
     capsys.readouterr()
-    market.cli("node2", "node", "earnings")
+    market.cli("node2", "node", "earnings", "--raw")
     row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(alice))
     assert [int(x) for x in row[2:]] == [
         PRICE * processed,
@@ -351,8 +351,8 @@ def test_a_client_that_lowers_a_node_entry_and_settles_it_itself_still_pays_that
     )
     assert paid_on_chain(chain, lucy, node) == promised // 4
     capsys.readouterr()
-    market.cli("node1", "node", "redeem")
-    market.cli("node1", "node", "earnings")
+    market.cli("node1", "node", "redeem", "--raw")
+    market.cli("node1", "node", "earnings", "--raw")
     out = capsys.readouterr().out
     assert paid_on_chain(chain, lucy, node) == promised
     row = next(line.split() for line in out.splitlines() if line.startswith(lucy))
@@ -391,7 +391,7 @@ def test_a_client_that_drains_its_balance_to_an_alias_still_pays_every_node_what
     as_alias.transact(as_alias.escrow.functions.withdrawEarnings(alias.address), "the alias withdrawing at once")
     for name in names:
         capsys.readouterr()
-        market.cli(name, "node", "redeem")
+        market.cli(name, "node", "redeem", "--raw")
         assert paid_on_chain(chain, oscar, market.accounts[name]) == held[name].entry
         assert f"{held[name].entry} of it out of its reserve for this node" in capsys.readouterr().out
     claims = chain.escrow.events.Claimed.get_logs(from_block=0, argument_filters={"client": oscar})
@@ -414,7 +414,7 @@ def test_a_settlement_the_chain_forgets_is_no_longer_redeemed_and_is_settled_aga
 
     def earnings(name: str) -> list[int]:
         capsys.readouterr()
-        market.cli(name, "node", "earnings")
+        market.cli(name, "node", "earnings", "--raw")
         out = capsys.readouterr()
         said.append(out.err)
         row = next(line.split() for line in out.out.splitlines() if line.startswith(rita))
