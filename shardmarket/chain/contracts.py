@@ -12,11 +12,12 @@ from typing import Protocol
 
 import requests
 from eth_abi import decode
+from eth_abi.exceptions import DecodingError
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress, HexStr
 from eth_utils import keccak, to_checksum_address
 from web3 import Web3
-from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3Exception
+from web3.exceptions import BadFunctionCallOutput, ContractCustomError, ContractLogicError, TimeExhausted, Web3Exception
 from web3.types import TxReceipt
 
 from shardmarket.chain.deployments import read_deployments
@@ -218,10 +219,8 @@ class Market:
                 raise ChainUnreachable(
                     f"reading the token's decimals failed: the chain does not answer ({type(exc).__name__})"
                 ) from None
-            except (Web3Exception, ValueError) as exc:
-                raise ChainError(
-                    f"the token at {token} does not answer decimals() and symbol() as an ERC-20 does: {exc}"
-                ) from None
+            except (DecodingError, Web3Exception, ValueError) as exc:  # as a call through the ABI would say it
+                raise BadFunctionCallOutput(f"the token at {token} does not answer decimals() and symbol(): {exc}") from None
             self._units = TokenUnits(decimals, symbol)
         return self._units
 
