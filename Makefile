@@ -51,13 +51,13 @@ $(STAMPS)/brownie-network: $(STAMPS)/toolchain toolchain/brownie_network.py
 $(STAMPS)/apt:
 	@mkdir -p $(STAMPS)
 	@if [ "$$(id -u)" != 0 ]; then \
-		echo "not root: skipping miniupnpd, coturn, nftables, conntrack (the reachability tests will skip)"; \
-	elif command -v miniupnpd >/dev/null && command -v turnserver >/dev/null && command -v nft >/dev/null && command -v conntrack >/dev/null && command -v upnpc >/dev/null; then \
-		echo "NAT test tools already installed"; \
+		echo "not root: skipping miniupnpd, coturn, nftables, conntrack, chromium (the reachability and browser tests will skip)"; \
+	elif command -v miniupnpd >/dev/null && command -v turnserver >/dev/null && command -v nft >/dev/null && command -v conntrack >/dev/null && command -v upnpc >/dev/null && command -v chromium >/dev/null; then \
+		echo "NAT test tools and chromium already installed"; \
 	else \
-		echo "installing NAT test tools with apt: miniupnpd miniupnpc coturn nftables conntrack iproute2"; \
+		echo "installing NAT test tools and the dashboard test's browser with apt: miniupnpd miniupnpc coturn nftables conntrack iproute2 chromium"; \
 		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-			miniupnpd miniupnpc coturn nftables conntrack iproute2 >/dev/null; \
+			miniupnpd miniupnpc coturn nftables conntrack iproute2 chromium >/dev/null; \
 	fi
 	@touch $@
 

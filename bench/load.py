@@ -123,7 +123,17 @@ class Market:
                 dev.new_account(name, tokens=100 * 10**18)
                 dev.node_port(name)
                 dev.cli(
-                    name, "node", "register", "--model", checkpoint.name, "--layers", span, "--price", "1000", "--stake", "100e18"
+                    name,
+                    "node",
+                    "register",
+                    "--model",
+                    checkpoint.name,
+                    "--layers",
+                    span,
+                    "--price",
+                    "1000raw",
+                    "--stake",
+                    "100e18",
                 )
             os.environ.update(settings)  # the dev market starts its nodes with this process's environment
             for name in names:
@@ -133,7 +143,7 @@ class Market:
             for name in names:
                 dev.wait_ready(dev.nodes[name])
             dev.new_account("caller", tokens=10**18)
-            dev.cli("caller", "client", "deposit", str(10**17))
+            dev.cli("caller", "client", "deposit", "0.1")
             env |= dev.env("caller")
             api_argv += ["--model-id", checkpoint.name]
         else:

@@ -46,7 +46,7 @@ def _register(market: DevMarket, names_layers: list[tuple[str, str]], model: str
     for name, layers in names_layers:
         market.new_account(name, tokens=100 * 10**18)
         market.node_port(name)
-        market.cli(name, "node", "register", "--model", model, "--layers", layers, "--price", str(PRICE), "--stake", "100e18")
+        market.cli(name, "node", "register", "--model", model, "--layers", layers, "--price", f"{PRICE}raw", "--stake", "100e18")
     for name, _ in names_layers:
         market.start_node(name, wait=False)
     for name, _ in names_layers:
@@ -56,7 +56,7 @@ def _register(market: DevMarket, names_layers: list[tuple[str, str]], model: str
 async def _client(market: DevMarket, name: str, checkpoint: Path, model: str) -> RemoteModel:
     if name not in market.accounts:
         market.new_account(name, tokens=10**18)
-        market.cli(name, "client", "deposit", str(10**17))
+        market.cli(name, "client", "deposit", "0.1")
     with market.acting_as(name):
         account, config = load_account(PASSWORD, home_keys()), load_config()
     return await connect_paid(checkpoint, config, account, model)

@@ -89,7 +89,7 @@ def start_market(market: DevMarket, root: Path, per_span: int) -> Path:
     for name, layers in names:
         market.new_account(name, tokens=STAKE)
         market.node_port(name)
-        market.cli(name, "node", "register", "--model", MODEL, "--layers", layers, "--price", str(PRICE), "--stake", "100e18")
+        market.cli(name, "node", "register", "--model", MODEL, "--layers", layers, "--price", f"{PRICE}raw", "--stake", "100e18")
     for name, _ in names:
         market.start_node(name, wait=False)
     for name, _ in names:
@@ -233,7 +233,7 @@ def spread(before: dict[str, int], after: dict[str, int]) -> dict:
 
 async def market_under_load(market: DevMarket, checkpoint: Path, levels: list[int], max_tokens: int) -> dict:
     market.new_account("client", tokens=10**21)
-    market.cli("client", "client", "deposit", str(10**20))
+    market.cli("client", "client", "deposit", f"{10**20}raw")
     with market.acting_as("client"):
         account, config = load_account(PASSWORD, home_keys()), load_config()
     model = await connect_paid(checkpoint, config, account, MODEL)

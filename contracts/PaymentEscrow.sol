@@ -2,6 +2,7 @@
 pragma solidity ^0.8.24;
 
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
@@ -122,6 +123,7 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     event ReserveReleased(address indexed client, address indexed node, uint256 amount);
 
     error ZeroAmount();
+    error PermitFailed(uint256 allowance, uint256 amount);
     error ZeroAddress();
     error AmountTooLarge(uint256 amount);
     error InsufficientBalance(uint256 balance, uint256 requested);
@@ -154,6 +156,31 @@ contract PaymentEscrow is EIP712, ReentrancyGuardTransient {
     /// @param client The account whose tabs this balance pays.
     /// @param amount Tokens deposited.
     function deposit(address client, uint256 amount) external nonReentrant {
+        _deposit(client, amount);
+    }
+
+    /// @notice Add `amount` to `client`'s balance, paid by the caller, who approves it with an EIP-2612 permit signature
+    /// in the same transaction (no separate approve). A permit someone front-ran (its nonce used) still lets the deposit
+    /// through when the allowance it granted is there, as OpenZeppelin's IERC20Permit advises.
+    /// @param client The account whose tabs this balance pays.
+    /// @param amount Tokens deposited (and the permit's value).
+    /// @param deadline The permit's deadline (unix seconds).
+    /// @param v The permit signature's recovery byte.
+    /// @param r The permit signature's r.
+    /// @param s The permit signature's s.
+    function depositWithPermit(address client, uint256 amount, uint256 deadline, uint8 v, bytes32 r, bytes32 s)
+        external
+        nonReentrant
+    {
+        try IERC20Permit(address(token)).permit(msg.sender, address(this), amount, deadline, v, r, s) {}
+        catch {
+            uint256 allowance = token.allowance(msg.sender, address(this));
+            if (allowance < amount) revert PermitFailed(allowance, amount);
+        }
+        _deposit(client, amount);
+    }
+
+    function _deposit(address client, uint256 amount) private {
         if (amount == 0) revert ZeroAmount();
         if (client == address(0)) revert ZeroAddress();
         ClientAccount storage account = _accounts[client];

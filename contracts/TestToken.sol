@@ -2,12 +2,18 @@
 pragma solidity ^0.8.24;
 
 import {ERC20} from "@openzeppelin/contracts/token/ERC20/ERC20.sol";
+import {ERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/ERC20Permit.sol";
 import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 
 /// @title TestToken
-/// @notice ERC-20 used for stake and payment on development chains only.
-contract TestToken is ERC20, Ownable {
-    constructor(uint256 initialSupply) ERC20("shardmarket Test Token", "SMT") Ownable(msg.sender) {
+/// @notice ERC-20 used for stake and payment on development chains only; EIP-2612 permits let a holder approve with a
+/// signature, so a deposit is one transaction.
+contract TestToken is ERC20, ERC20Permit, Ownable {
+    constructor(uint256 initialSupply)
+        ERC20("shardmarket Test Token", "SMT")
+        ERC20Permit("shardmarket Test Token")
+        Ownable(msg.sender)
+    {
         _mint(msg.sender, initialSupply);
     }
 

@@ -58,6 +58,7 @@ class NodeConfig:
     redeem_min_value: int = 0  # a node settles once the tabs owing it are worth this much (0: whenever anything is owed)
     redeem_interval_s: float = 60.0  # how often a node checks whether settling is worth it
     dispute_tolerance: float = 1e-3  # verifier duty: largest relative difference of hidden states counted as equal
+    dashboard_key: str = ""  # /dashboard and /metrics for whoever presents it; empty: for local addresses only
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class ClientConfig:
     # public base URLs where verifiers on other machines can fetch this client's dispute evidence: this client's
     # `client serve` address as seen from the internet (it serves its block store at /ipfs/), or any gateway holding it
     evidence_gateways: list[str] = field(default_factory=list)
+    dashboard_key: str = ""  # /dashboard and /metrics of `client serve` for whoever presents it; empty: local addresses only
 
 
 @dataclass(frozen=True)

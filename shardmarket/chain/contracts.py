@@ -4,7 +4,7 @@ deployments file; transactions signed locally, reverts decoded into their custom
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import cache, lru_cache
 from pathlib import Path
@@ -12,18 +12,22 @@ from typing import Protocol
 
 import requests
 from eth_abi import decode
+from eth_abi.exceptions import DecodingError
 from eth_account.signers.local import LocalAccount
-from eth_typing import ChecksumAddress
+from eth_typing import ChecksumAddress, HexStr
 from eth_utils import keccak, to_checksum_address
 from web3 import Web3
-from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3Exception
+from web3.exceptions import BadFunctionCallOutput, ContractCustomError, ContractLogicError, TimeExhausted, Web3Exception
 from web3.providers.base import BaseProvider
 from web3.types import TxReceipt
 
 from shardmarket.chain.deployments import read_deployments
 from shardmarket.chain.eip712 import Domain
+from shardmarket.chain.units import TokenUnits
 
 BUILD_DIR = Path(__file__).resolve().parents[2] / "build" / "contracts"
+DECIMALS_SELECTOR = HexStr("0x313ce567")  # decimals()
+SYMBOL_SELECTOR = HexStr("0x95d89b41")  # symbol()
 CONTRACTS = ("TestToken", "StakeManager", "ModelRegistry", "NodeRegistry", "PaymentEscrow", "DisputeManager")
 
 
@@ -158,6 +162,7 @@ class Market:
     w3: Web3
     addresses: dict[str, str]
     account: LocalAccount | None = None
+    _units: TokenUnits | None = field(default=None, repr=False)
 
     @classmethod
     def connect(cls, chain: ChainSettings, account=None, timeout_s: float = 10.0) -> Market:
@@ -210,6 +215,23 @@ class Market:
     @property
     def chain_id(self) -> int:
         return self.w3.eth.chain_id
+
+    def units(self) -> TokenUnits:
+        """The payment token's decimals and symbol, for showing amounts to people; read once per Market, by two bare
+        eth_calls (through the contract's ABI every command would spend a tenth of a second on them)."""
+        if self._units is None:
+            token = to_checksum_address(self.addresses["TestToken"])
+            try:
+                decimals = decode(["uint8"], self.w3.eth.call({"to": token, "data": DECIMALS_SELECTOR}))[0]
+                symbol = decode(["string"], self.w3.eth.call({"to": token, "data": SYMBOL_SELECTOR}))[0]
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise ChainUnreachable(
+                    f"reading the token's decimals failed: the chain does not answer ({type(exc).__name__})"
+                ) from None
+            except (DecodingError, Web3Exception, ValueError) as exc:  # as a call through the ABI would say it
+                raise BadFunctionCallOutput(f"the token at {token} does not answer decimals() and symbol(): {exc}") from None
+            self._units = TokenUnits(decimals, symbol)
+        return self._units
 
     def escrow_domain(self) -> Domain:
         return Domain(self.chain_id, self.addresses["PaymentEscrow"])

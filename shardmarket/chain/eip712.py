@@ -579,3 +579,85 @@ def _check_uint(value: object, maximum: int, name: str) -> None:
 def _check_bytes32(value: object, name: str) -> None:
     if not isinstance(value, (bytes, bytearray)) or len(value) != 32:
         raise ValueError(f"{name} must be 32 bytes, got {_describe(value)}")
+
+
+PERMIT_TYPE = [
+    {"name": "owner", "type": "address"},
+    {"name": "spender", "type": "address"},
+    {"name": "value", "type": "uint256"},
+    {"name": "nonce", "type": "uint256"},
+    {"name": "deadline", "type": "uint256"},
+]
+PERMIT_TYPEHASH = keccak(text="Permit(address owner,address spender,uint256 value,uint256 nonce,uint256 deadline)")
+PERMIT_VERSION = "1"  # OpenZeppelin's ERC20Permit signs under version "1"
+
+
+@dataclass(frozen=True)
+class Permit:
+    """An EIP-2612 permit: `owner` lets `spender` move `value` of the token until `deadline`, with the owner's `nonce`."""
+
+    owner: str
+    spender: str
+    value: int
+    nonce: int
+    deadline: int
+
+
+def permit_typed_data(permit: Permit, token_name: str, domain: Domain) -> dict:
+    """The permit as EIP-712 typed data, in the token's domain (its name, version 1, chain, address)."""
+    message = {
+        "owner": to_checksum_address(permit.owner),
+        "spender": to_checksum_address(permit.spender),
+        "value": permit.value,
+        "nonce": permit.nonce,
+        "deadline": permit.deadline,
+    }
+    data = _typed_data("Permit", PERMIT_TYPE, message, domain)
+    data["domain"] |= {"name": token_name, "version": PERMIT_VERSION}
+    return data
+
+
+def permit_digest(permit: Permit, token_name: str, domain: Domain) -> bytes:
+    """The digest the token's `permit` checks the owner's signature against."""
+    separator = _keccak(
+        DOMAIN_TYPEHASH
+        + encode(
+            ["bytes32", "bytes32", "uint256", "address"],
+            [keccak(text=token_name), keccak(text=PERMIT_VERSION), domain.chain_id, domain.verifying_contract],
+        )
+    )
+    struct_hash = _keccak(
+        PERMIT_TYPEHASH
+        + encode(
+            ["address", "address", "uint256", "uint256", "uint256"],
+            [permit.owner, permit.spender, permit.value, permit.nonce, permit.deadline],
+        )
+    )
+    return _keccak(b"\x19\x01" + separator + struct_hash)
+
+
+def sign_permit(private_key: PrivateKeyLike, permit: Permit, token_name: str, domain: Domain) -> tuple[int, bytes, bytes]:
+    """Sign `permit` as its owner; returns (v, r, s) as the token's `permit` takes them."""
+    signature = _sign(private_key, permit_digest(permit, token_name, domain))
+    return signature[64], signature[:32], signature[32:64]
+
+
+def published_types() -> dict:
+    """What a wallet needs to show what a client signs (tabs) and what a node signs (commitments): the domain, with the
+    values that vary per deployment named, and every type. eip712.json in the repository is this, checked by a test."""
+    return {
+        "domain": {
+            "name": DOMAIN_NAME,
+            "version": DOMAIN_VERSION,
+            "chainId": "the chain's id",
+            "verifyingContract": "PaymentEscrow (tabs) or DisputeManager (commitments), deployments/<chain id>.json",
+        },
+        "types": {
+            "EIP712Domain": EIP712_DOMAIN_TYPE,
+            "Tab": TAB_TYPE,
+            "Entry": ENTRY_TYPE,
+            "Commitment": COMMITMENT_TYPE,
+            "StepContext": STEP_CONTEXT_TYPE,
+        },
+        "primaryTypes": {"tab": "Tab", "commitment": "Commitment"},
+    }

@@ -95,6 +95,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from shardmarket.chain.contracts import ChainError
     from shardmarket.chain.keys import KeystoreError
     from shardmarket.client.api import build_api
+    from shardmarket.client.metrics import ClientMetrics
     from shardmarket.client.routing import RouteError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -109,7 +110,13 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"API key (set SHARDMARKET_CLIENT_API_KEY to choose one): {api_key}", flush=True)
         from shardmarket.ipfs.blockstore import Blockstore
 
-        return build_api(model, api_key, store=Blockstore(config.ipfs.store))
+        metrics = ClientMetrics(model.model_id)
+        if model.market is not None:
+            metrics.units = await asyncio.to_thread(model.market.units)
+        print(f"dashboard: http://{host}:{port}/dashboard (metrics at /metrics)", flush=True)
+        return build_api(
+            model, api_key, store=Blockstore(config.ipfs.store), metrics=metrics, dashboard_key=config.client.dashboard_key
+        )
 
     try:
         web.run_app(app(), host=host, port=port, print=None, access_log=None)

@@ -13,13 +13,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from shardmarket.chain.units import TokenUnits
+
 QUESTIONS = [
     "What is the capital of France? Answer in one sentence.",
     "Name three primary colors.",
     "Why is the sky blue? Answer briefly.",
 ]
 MODEL = "SmolLM2-135M-Instruct"
-# (name, layers, price per token in token units); the spare serves the middle range again
+# (name, layers, price per token in raw base units); the spare serves the middle range again
 NODES = [
     ("node-a", "0:10", 2_000_000_000),
     ("node-b", "10:20", 3_000_000_000),
@@ -37,6 +39,7 @@ def register(commands) -> None:
     demo.add_argument("--serve", action="store_true", help="keep the market running and print the OpenAI base URL and key")
     demo.add_argument("--questions", type=int, default=len(QUESTIONS), help="how many questions the client asks")
     demo.add_argument("--max-tokens", type=int, default=24)
+    demo.add_argument("--raw", action="store_true", help="print amounts in raw base units instead of tokens")
     demo.add_argument("--workdir", type=Path, help="keep the market's files here (default: a temporary folder)")
     demo.add_argument(
         "--cheat",
@@ -80,7 +83,11 @@ def _gas_by_sender(w3, first_block: int) -> dict[str, int]:
     return gas
 
 
-def _table(before: dict, after: dict, names: dict[str, str], gas: dict[str, int]) -> None:
+def _table(before: dict, after: dict, names: dict[str, str], gas: dict[str, int], units: TokenUnits, raw: bool) -> None:
+    """The balances table, in tokens (or raw base units with --raw)."""
+    amount = str if raw else units.tokens
+    change = (lambda v: f"{v:+d}") if raw else (lambda v: units.tokens(v, signed=True))
+    print(f"amounts in {'raw base units' if raw else units.symbol}")
     print(f"{'account':10} {'address':44} {'column':9} {'before':>26} {'after':>26} {'change':>22} {'gas used':>10}")
     for name, address in names.items():
         first = True
@@ -89,8 +96,8 @@ def _table(before: dict, after: dict, names: dict[str, str], gas: dict[str, int]
             if b == 0 and a == 0:
                 continue
             print(
-                f"{name if first else '':10} {address if first else '':44} {column:9} {b:>26} {a:>26} {a - b:>+22} "
-                f"{gas.get(address.lower(), 0) if first else '':>10}"
+                f"{name if first else '':10} {address if first else '':44} {column:9} {amount(b):>26} {amount(a):>26} "
+                f"{change(a - b):>22} {gas.get(address.lower(), 0) if first else '':>10}"
             )
             first = False
 
@@ -204,11 +211,11 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
             market.new_account(name, tokens=STAKE)
             market.node_port(name)
             market.cli(
-                name, "node", "register", "--model", MODEL, "--layers", layers, "--price", str(price), "--stake", str(STAKE)
+                name, "node", "register", "--model", MODEL, "--layers", layers, "--price", f"{price}raw", "--stake", f"{STAKE}raw"
             )
         _say("the client creates keys and deposits into the escrow")
         market.new_account("client", tokens=2 * DEPOSIT + BOND)
-        market.cli("client", "client", "deposit", str(DEPOSIT))
+        market.cli("client", "client", "deposit", f"{DEPOSIT}raw")
         names = {
             "client": market.accounts["client"],
             **{n: market.accounts[n] for n, _, _ in NODES},
@@ -218,6 +225,8 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
             from shardmarket.config import load_config
 
             chain = Market.connect(load_config().chain)
+        units = chain.units()
+        show = str if args.raw else units.format
         before = _snapshot(chain, names)
         _say("starting the 4 node daemons (each fetches its shards by manifest CID)")
         for name, _, _ in NODES:
@@ -276,7 +285,7 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
                 print(f"(first token {time.monotonic() - started:.1f} s after the demo started)", flush=True)
             print(
                 f"[usage: {usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens, "
-                f"cost {usage.get('cost')} token units]",
+                f"cost {show(usage.get('cost', 0))}]",
                 flush=True,
             )
         if args.cheat:
@@ -290,17 +299,20 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
             market.cli(name, "node", "redeem")
         after = _snapshot(chain, names)
         gas = _gas_by_sender(chain.w3, first_block)
-        _say("balances before and after the questions (token units), gas used by each account during the whole demo")
-        _table(before, after, names, gas)
+        _say("balances before and after the questions, gas used by each account during the whole demo")
+        _table(before, after, names, gas, units, args.raw)
         paid = sum(before["client"][c] - after["client"][c] for c in ("escrow", "reserved"))
         earned = sum(after[n]["wallet"] - before[n]["wallet"] for n, _, _ in NODES)
-        print(f"\nclient paid {paid}; nodes earned {earned}; the API reported costs summing to {sum(costs)}", flush=True)
+        print(
+            f"\nclient paid {show(paid)}; nodes earned {show(earned)}; the API reported costs summing to {show(sum(costs))}",
+            flush=True,
+        )
         if args.cheat:  # spot checks paid the checking nodes too
-            print(f"of which {paid - sum(costs)} paid for spot checks", flush=True)
+            print(f"of which {show(paid - sum(costs))} paid for spot checks", flush=True)
         if paid != earned or (not args.cheat and paid != sum(costs)):
             print("error: the balances do not reconcile", file=sys.stderr)
             return 1
-        print(f"reconciled to the last token unit. demo took {time.monotonic() - started:.0f} s", flush=True)
+        print(f"reconciled to the last raw base unit. demo took {time.monotonic() - started:.0f} s", flush=True)
         return 0
     finally:
         if client_api is not None and client_api.poll() is None:

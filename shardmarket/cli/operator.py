@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from eth_utils import is_address, to_checksum_address
 from web3.exceptions import BadFunctionCallOutput
 
+from shardmarket.chain import units
 from shardmarket.chain.contracts import CONTRACTS, ChainError, Market
 from shardmarket.chain.deployments import deployments_path
 from shardmarket.chain.keys import KeystoreError, load_account, read_password, x25519_public
+from shardmarket.chain.units import AMOUNT_HELP, Amount, AmountError, TokenUnits
 from shardmarket.cli.keys import add_password_file, home_keys
 from shardmarket.config import load_config
 
@@ -21,19 +24,33 @@ if TYPE_CHECKING:
     from web3.types import TxReceipt
 
 
-def parse_amount(text: str) -> int:
-    """Token units as an integer; scientific notation (100e18) is accepted."""
+def parse_amount(text: str) -> Amount:
+    """An amount as typed (tokens, or raw base units with 'raw' or an exponent); `connect` turns it into raw units."""
     try:
-        if "e" in text.lower():
-            mantissa, exponent = text.lower().split("e")
-            value = int(mantissa) * 10 ** int(exponent)
-        else:
-            value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"an amount is a whole number of token units (e.g. 100e18), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("an amount cannot be negative")
-    return value
+        return units.parse_amount(text)
+    except AmountError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def resolve_amounts(args: argparse.Namespace, token: TokenUnits) -> None:
+    """Replace every amount in `args` by its raw base units in `token`, and keep `token` as args.units for printing."""
+    for name, value in vars(args).items():
+        if isinstance(value, Amount):
+            try:
+                setattr(args, name, value.raw(token))
+            except AmountError as exc:
+                raise ChainError(str(exc)) from None
+    args.units = token
+
+
+def add_raw_flag(parser: argparse.ArgumentParser) -> None:
+    """`--raw`: print amounts as integers of the token's base units, for scripts."""
+    parser.add_argument("--raw", action="store_true", help="print amounts in raw base units (integers) instead of tokens")
+
+
+def amount_format(args: argparse.Namespace) -> Callable[[int], str]:
+    """How the command prints an amount: tokens with the symbol, or raw base units with --raw."""
+    return str if getattr(args, "raw", False) else args.units.format
 
 
 def connect(args: argparse.Namespace) -> Market:
@@ -48,6 +65,7 @@ def connect(args: argparse.Namespace) -> Market:
     ]
     if missing:
         raise ChainError(f"no contract at the addresses of {', '.join(missing)}: {deployment_advice()}")
+    resolve_amounts(args, market.units())
     return market
 
 
@@ -88,9 +106,12 @@ def add_operator_commands(group) -> None:
     reg = group.add_parser("register", help="stake and register a layer range of a published model")
     reg.add_argument("--model", required=True, help="model name as published on the ModelRegistry")
     reg.add_argument("--layers", required=True, help="layer range A:B (half-open)")
-    reg.add_argument("--price", type=parse_amount, required=True, help="token units per token processed")
+    reg.add_argument("--price", type=parse_amount, required=True, help=f"price per token processed; {AMOUNT_HELP}")
     reg.add_argument(
-        "--stake", type=parse_amount, required=True, help="token units to stake now (with what is staked: at least the minimum)"
+        "--stake",
+        type=parse_amount,
+        required=True,
+        help=f"stake to add now (with what is staked: at least the minimum); {AMOUNT_HELP}",
     )
     reg.add_argument("--endpoint", help="URL clients reach this node at (default: http://node.host:node.port)")
     add_password_file(reg)
@@ -99,7 +120,7 @@ def add_operator_commands(group) -> None:
     upd = group.add_parser("update", help="change price, endpoint, layers or model of the registration")
     upd.add_argument("--model")
     upd.add_argument("--layers")
-    upd.add_argument("--price", type=parse_amount)
+    upd.add_argument("--price", type=parse_amount, help=f"new price per token processed; {AMOUNT_HELP}")
     upd.add_argument("--endpoint")
     add_password_file(upd)
     upd.set_defaults(run=chain_command(cmd_update))
@@ -107,16 +128,18 @@ def add_operator_commands(group) -> None:
     for name, helptext, handler in (
         ("pause", "stop being listed (keeps the registration)", cmd_pause),
         ("unpause", "be listed again", cmd_unpause),
-        ("status", "registration, stake and earnings", cmd_status),
+        ("status", "registration, stake and earnings; the running node's dashboard summary", cmd_status),
         ("earnings", "per client: the newest tab's promise to this node, redeemed and pending", cmd_earnings),
         ("redeem", "settle every client's tab that owes this node, in one transaction, and withdraw the earnings", cmd_redeem),
         ("withdraw", "withdraw unbonded stake after the unbonding delay", cmd_withdraw),
     ):
         sub = group.add_parser(name, help=helptext)
         add_password_file(sub)
+        if name in ("status", "earnings", "redeem"):
+            add_raw_flag(sub)
         sub.set_defaults(run=chain_command(handler))
     unbond = group.add_parser("unbond", help="start unbonding stake (withdraw after the delay)")
-    unbond.add_argument("amount", type=parse_amount)
+    unbond.add_argument("amount", type=parse_amount, help=AMOUNT_HELP)
     add_password_file(unbond)
     unbond.set_defaults(run=chain_command(cmd_unbond))
     add_credit_command(group)
@@ -179,20 +202,22 @@ def cmd_register(args: argparse.Namespace) -> None:
     me = market.address
     minimum = market.read(market.registry.functions.minStake())
     bonded = market.read(market.stake.functions.bondedOf(me))
+    fmt = args.units.format
     if bonded + args.stake < minimum:
         raise ChainError(
-            f"too little stake: the registry needs {minimum} bonded, you have {bonded} and add {args.stake}; raise --stake"
+            f"too little stake: the registry needs {fmt(minimum)} bonded, you have {fmt(bonded)} and add {fmt(args.stake)}; "
+            "raise --stake"
         )
     held = market.read(market.token.functions.balanceOf(me))
     if held < args.stake:
-        raise ChainError(f"too few tokens to stake {args.stake}: {me} holds {held}")
-    print(f"registering {me} for layers {start}:{end} of {args.model} at {args.price} per token", flush=True)
+        raise ChainError(f"too few tokens to stake {fmt(args.stake)}: {me} holds {fmt(held)}")
+    print(f"registering {me} for layers {start}:{end} of {args.model} at {fmt(args.price)} per token", flush=True)
     if args.stake:
         print_tx(
             "approve",
             market.transact(market.token.functions.approve(market.addresses["StakeManager"], args.stake), "approving the stake"),
         )
-        print_tx(f"stake {args.stake}", market.transact(market.stake.functions.stake(args.stake), "staking"))
+        print_tx(f"stake {fmt(args.stake)}", market.transact(market.stake.functions.stake(args.stake), "staking"))
     key = x25519_public(home_keys())
     receipt = market.transact(
         market.registry.functions.register(model_id, start, end, args.price, key, [_endpoint(args)]), "registering the node"
@@ -227,13 +252,15 @@ def cmd_unpause(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     market = connect(args)
     me = market.address
+    fmt = amount_format(args)
     stake = market.read(market.stake.functions.stakeOf(me))
     print(f"operator {me}")
     print(
-        f"stake: bonded {stake.bonded}, unbonding {stake.unbonding} (ready at {stake.unbondReadyAt}), dispute locks {stake.locks}"
+        f"stake: bonded {fmt(stake.bonded)}, unbonding {fmt(stake.unbonding)} (ready at {stake.unbondReadyAt}), "
+        f"dispute locks {stake.locks}"
     )
-    print(f"escrow earnings (redeemed, not withdrawn): {market.read(market.escrow.functions.earningsOf(me))}")
-    print(f"dispute credit (withdraw-credit): {market.read(market.disputes.functions.creditOf(me))}")
+    print(f"escrow earnings (redeemed, not withdrawn): {fmt(market.read(market.escrow.functions.earningsOf(me)))}")
+    print(f"dispute credit (withdraw-credit): {fmt(market.read(market.disputes.functions.creditOf(me)))}")
     try:
         node = market.read(market.registry.functions.getNode(me))
     except ChainError:
@@ -242,9 +269,52 @@ def cmd_status(args: argparse.Namespace) -> None:
     model = market.read(market.models.functions.getModel(node.modelId))
     listed = market.read(market.registry.functions.isListed(me))
     print(
-        f"serving layers {node.layerStart}:{node.layerEnd} of {model.name} at {node.pricePerToken} per token on "
+        f"serving layers {node.layerStart}:{node.layerEnd} of {model.name} at {fmt(node.pricePerToken)} per token on "
         f"{', '.join(node.endpoints)}; {'listed' if listed else 'NOT listed'}{' (paused)' if node.paused else ''}"
     )
+    print_node_summary(fmt)
+
+
+def print_node_summary(fmt: Callable[[int], str]) -> None:
+    """What the running node's dashboard shows, read from its /dashboard/summary.json on this machine."""
+    import requests
+
+    node = load_config().node
+    host = "127.0.0.1" if node.host in ("0.0.0.0", "::", "") else node.host
+    url = f"http://{host}:{node.port}/dashboard/summary.json"
+    headers = {"Authorization": f"Bearer {node.dashboard_key}"} if node.dashboard_key else {}
+    try:
+        s = requests.get(url, headers=headers, timeout=5).json()
+    except (requests.RequestException, ValueError):
+        s = None
+    if not isinstance(s, dict) or "load" not in s:
+        print(f"no node of this home answers at {url} (start it with `shardmarket node up` or `node run`)")
+        return
+    load, reach = s["load"], s["reachability"]
+    checked = "never" if reach["checked_at"] is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(reach["checked_at"]))
+    print(
+        f"running: layers {s['layers'][0]}:{s['layers'][1]} of {s['num_layers']}, up {s['uptime_s']:.0f} s; "
+        f"{load['sessions']} session(s), {load['queued']} queued, {load['steps_served']} steps served, "
+        f"{load['tokens_per_s']:.2f} tokens/s over the last minute, decode step {load['decode_ms']:.1f} ms, "
+        f"KV cache {100 * load['kv_cache']:.1f} % in use"
+    )
+    print(
+        f"reachability: {reach['method']} at {reach['endpoint']}, "
+        f"{'verified' if reach['verified'] else 'not verified'} from outside, last outside check {checked}"
+    )
+    money = s.get("earnings")
+    if money is None:
+        return
+    print(f"earned (promised by tabs) {fmt(money['promised'])}, settled {fmt(money['settled'])}, pending {fmt(money['pending'])}")
+    for c in money["clients"]:
+        print(f"  client {c['client']}: earned {fmt(c['promised'])}, settled {fmt(c['settled'])}, pending {fmt(c['pending'])}")
+    settlement, disputes = s["settlement"], s["disputes"]
+    next_at = time.strftime("%H:%M:%S UTC", time.gmtime(settlement["next_check_at"]))
+    print(
+        f"settlement: next check {next_at} (settles once {fmt(settlement['min_value'])} is pending, at once when a client "
+        f"asks to withdraw); {len(settlement['transactions'])} settlement(s) by this run, {settlement['gas']} gas"
+    )
+    print(f"disputes: {disputes['accused']} against this node, {disputes['verifier']} on its verifier panel")
 
 
 def _node_books(args: argparse.Namespace):
@@ -263,24 +333,31 @@ def cmd_earnings(args: argparse.Namespace) -> None:
     if sync_paid_vectors(market, store, confirmations=confirmations):
         print("the chain forgot blocks this node had read: the settlements they held are pending again", file=sys.stderr)
     rows = store.all()
-    print(f"{'client':44} {'tab':>6} {'served':>14} {'promised':>14} {'redeemed':>14} {'unconfirmed':>14} {'pending':>14}")
+    fmt = amount_format(args) if args.raw else args.units.tokens
+    unit = "raw base units" if args.raw else args.units.symbol
+    print(f"amounts in {unit}")
+    print(f"{'client':44} {'tab':>6} {'served':>20} {'promised':>20} {'redeemed':>20} {'unconfirmed':>20} {'pending':>20}")
     for s in rows:
         unconfirmed = s.redeemed - s.redeemed_final
-        print(f"{s.client:44} {s.tab.seq:>6} {s.served:>14} {s.entry:>14} {s.redeemed_final:>14} {unconfirmed:>14} {s.owed:>14}")
+        print(
+            f"{s.client:44} {s.tab.seq:>6} {fmt(s.served):>20} {fmt(s.entry):>20} {fmt(s.redeemed_final):>20} "
+            f"{fmt(unconfirmed):>20} {fmt(s.owed):>20}"
+        )
     redeemed = market.read(market.escrow.functions.earningsOf(me))
     print(
-        f"total pending {sum(s.owed for s in rows)}; redeemed, in the escrow: {redeemed} (a settlement counts as redeemed "
+        f"total pending {fmt(sum(s.owed for s in rows))}; redeemed, in the escrow: {fmt(redeemed)} (a settlement counts as "
+        f"redeemed "
         f"once {confirmations} block(s) are on top of it)"
     )
-    _print_claims(store.claims())
+    _print_claims(store.claims(), amount_format(args))
 
 
-def _print_claims(claims: Iterable) -> None:
+def _print_claims(claims: Iterable, fmt: Callable[[int], str]) -> None:
     """One line per claim this node sent."""
     for c in claims:
         why = "it had settled a newer tab promising this node less" if c.lowered else "settling could not collect it"
         print(
-            f"claim on client {c.client}'s tab {c.tab_seq} ({why}) collected {c.amount}, {c.from_reserve} of it out of "
+            f"claim on client {c.client}'s tab {c.tab_seq} ({why}) collected {fmt(c.amount)}, {fmt(c.from_reserve)} of it out of "
             f"its reserve for this node: tx {c.tx}"
         )
 
@@ -289,14 +366,15 @@ def cmd_redeem(args: argparse.Namespace) -> None:
     from shardmarket.server.settlement import settle_pending
 
     market, me, store = _node_books(args)
+    fmt = amount_format(args)
     claimed = set(store.claims())
     for r in settle_pending(market, store, confirmations=load_config().chain.confirmations):
-        print(f"settled {r.tabs} client tab(s), {r.paid} to this node: tx {r.tx} ({r.gas} gas)")
-    _print_claims(c for c in store.claims() if c not in claimed)
+        print(f"settled {r.tabs} client tab(s), {fmt(r.paid)} to this node: tx {r.tx} ({r.gas} gas)")
+    _print_claims((c for c in store.claims() if c not in claimed), fmt)
     earnings = market.read(market.escrow.functions.earningsOf(me))
     if earnings:
         print_tx(
-            f"withdraw earnings {earnings} to {me}",
+            f"withdraw earnings {fmt(earnings)} to {me}",
             market.transact(market.escrow.functions.withdrawEarnings(me), "withdrawing earnings"),
         )
     else:
@@ -305,7 +383,7 @@ def cmd_redeem(args: argparse.Namespace) -> None:
 
 def cmd_unbond(args: argparse.Namespace) -> None:
     market = connect(args)
-    print_tx(f"unbond {args.amount}", market.transact(market.stake.functions.unbond(args.amount), "unbonding"))
+    print_tx(f"unbond {args.units.format(args.amount)}", market.transact(market.stake.functions.unbond(args.amount), "unbonding"))
 
 
 def cmd_withdraw(args: argparse.Namespace) -> None:
@@ -320,4 +398,4 @@ def cmd_withdraw_credit(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {market.address} has no dispute credit (disputes credit bonds, rewards and refunds)")
     to = args.to or market.address
     receipt = market.transact(market.disputes.functions.withdrawCredit(to), "withdrawing the dispute credit")
-    print_tx(f"withdraw dispute credit {credit} to {to}", receipt)
+    print_tx(f"withdraw dispute credit {args.units.format(credit)} to {to}", receipt)

@@ -11,10 +11,11 @@ import logging
 import time
 from pathlib import Path
 
+from shardmarket.chain.units import AMOUNT_HELP
 from shardmarket.cli.ipfs import content_store
 from shardmarket.cli.keys import add_password_file, home_keys
 from shardmarket.cli.node import DTYPE_NAMES
-from shardmarket.cli.operator import parse_amount, parse_layers
+from shardmarket.cli.operator import parse_amount, parse_layers, resolve_amounts
 from shardmarket.config import Config, load_config
 
 
@@ -25,9 +26,11 @@ def register(group) -> None:
         "--layers", type=parse_layers, help="layer range A:B (default: as registered, else the least served span that fits)"
     )
     up.add_argument(
-        "--price", type=parse_amount, help="token units per token processed (default: as registered, else node.price)"
+        "--price", type=parse_amount, help=f"price per token processed (default: as registered, else node.price); {AMOUNT_HELP}"
     )
-    up.add_argument("--stake", type=parse_amount, default=0, help="token units to keep bonded (default: the registry's minimum)")
+    up.add_argument(
+        "--stake", type=parse_amount, default=0, help=f"stake to keep bonded (default: the registry's minimum); {AMOUNT_HELP}"
+    )
     up.add_argument("--checkpoint", type=Path, help="serve this local checkpoint instead of fetching the shards")
     up.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0: the router forwards to the LAN address)")
     up.add_argument("--port", type=int, help="port of HTTP, WebSocket and raw TCP sessions (config node.port)")
@@ -106,6 +109,7 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         account = _account(args, config)
         market = Market.connect(config.chain, account)
+        resolve_amounts(args, market.units())
         say(f"chain: {config.chain.rpc_url} (chain {market.chain_id})")
         current = registration_of(market, account.address)
         model = args.model or (current.model if current else None)
@@ -132,6 +136,8 @@ def run_up(args: argparse.Namespace) -> int:
         say(f"error: cannot load the node's layers: {exc}")
         return 2
     reach = reachability_for(args, config, port, account.address)
+    if daemon.dashboard is not None:
+        daemon.dashboard.reach.source = reach
     upkeep = RegistryUpkeep(market, identity, Wanted(model, start, end, price, args.stake))
     ready, gave_up = asyncio.Event(), []
 

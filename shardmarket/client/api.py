@@ -8,12 +8,14 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from shardmarket.client.generation import Completion, RemoteModel
+from shardmarket.client.metrics import DASHBOARD_PATHS, ClientMetrics, RequestTimer, dashboard_routes, on_commitment_too
 from shardmarket.client.routing import RouteError
 from shardmarket.client.session import RequestRefused
 from shardmarket.client.text import TextStream
@@ -22,6 +24,7 @@ from shardmarket.engine.sampling import SamplingParams
 from shardmarket.ipfs.blockstore import Blockstore
 from shardmarket.ipfs.gateway import gateway_routes
 from shardmarket.net import wire
+from shardmarket.net.dashboard import guard, static_routes
 
 log = logging.getLogger("shardmarket.api")
 MAX_TOKENS_LIMIT = 4096
@@ -105,15 +108,36 @@ def _usage(completion: Completion) -> dict:
     }
 
 
+async def _timed(tokens: AsyncGenerator[int, None], timer: RequestTimer) -> AsyncGenerator[int, None]:
+    """`tokens`, each one timed; the request counts as done when the generator closes."""
+    try:
+        async with aclosing(tokens):
+            async for token in tokens:
+                timer.token()
+                yield token
+    finally:
+        timer.done()
+
+
 def build_api(
-    model: RemoteModel, api_key: str, default_max_tokens: int = 256, store: Blockstore | None = None
+    model: RemoteModel,
+    api_key: str,
+    default_max_tokens: int = 256,
+    store: Blockstore | None = None,
+    metrics: ClientMetrics | None = None,
+    dashboard_key: str = "",
 ) -> web.Application:
-    """The aiohttp app serving `model` to callers holding `api_key`."""
+    """The aiohttp app serving `model` to callers holding `api_key`; with `metrics`, /metrics and /dashboard too, for
+    local addresses or holders of `dashboard_key`."""
     routes = web.RouteTableDef()
+    metrics = metrics or ClientMetrics(model.model_id)
+    model.on_commitment = on_commitment_too(metrics, model.on_commitment)
 
     @web.middleware
     async def errors_and_auth(request: web.Request, handler):
         if store is not None and request.path.startswith("/ipfs/"):  # public, content-addressed: no key
+            return await handler(request)
+        if request.path.startswith((*DASHBOARD_PATHS, "/static/")):  # guarded by the dashboard's own rule
             return await handler(request)
         try:
             given = request.headers.get("Authorization", "")
@@ -208,7 +232,8 @@ def build_api(
         created = int(time.time())
         completion = Completion(prompt_tokens=len(req.prompt_ids))
         text = TextStream(model.head.tokenizer)
-        tokens = model.stream(req.prompt_ids, req.params, completion)
+        timer = RequestTimer(metrics, len(req.prompt_ids))
+        tokens = _timed(model.stream(req.prompt_ids, req.params, completion), timer)
 
         def finish_reason() -> str:
             return "length" if len(completion.tokens) >= req.params.max_tokens else "stop"
@@ -299,8 +324,10 @@ def build_api(
     async def close_connections(_app: web.Application) -> None:
         await model.aclose()
 
-    app = web.Application(middlewares=[errors_and_auth])
+    app = web.Application(middlewares=[guard(dashboard_key, DASHBOARD_PATHS), errors_and_auth])
     app.add_routes(routes)
+    app.add_routes(dashboard_routes(metrics, lambda: list(model.nodes)))
+    app.add_routes(static_routes())
     app.on_cleanup.append(close_connections)  # the connections kept to the nodes
     if store is not None:  # the client's block store, where verifiers fetch its dispute evidence
         app.add_routes(gateway_routes(store))

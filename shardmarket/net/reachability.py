@@ -92,6 +92,7 @@ class Reachability:
         self.lease: Lease | None = None
         self.relay: RelayClient | None = None
         self.report = Report()
+        self.checked_at: float | None = None  # unix time a relay last checked the endpoint from outside
         self.news = asyncio.Event()  # set when the router or the relay changed something: `watch` looks at once
 
     def _tried(self, method: str, start: float, ok: bool, detail: str = "") -> None:
@@ -105,6 +106,7 @@ class Reachability:
             except RelayError as exc:
                 log.warning("cannot verify %s: %s", endpoint, exc)
                 continue
+            self.checked_at = time.time()
             if not ok:
                 log.warning("%s", why)
             return ok

@@ -1,4 +1,5 @@
-"""The node daemon's HTTP side (aiohttp): /health, /info, /probe and the WebSocket session endpoint."""
+"""The node daemon's HTTP side (aiohttp): /health, /info, /probe, the WebSocket session endpoint, and (for local
+addresses or a key holder) /metrics and the dashboard."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from shardmarket import __version__
 from shardmarket.chain.proof import sign_challenge
 from shardmarket.net import wire
 from shardmarket.net.channel import SAME_PORT, SESSION_PATH, WebSocketTransport
+from shardmarket.net.dashboard import guard, static_routes
 from shardmarket.net.doorman import peer_of
+from shardmarket.server.dashboard import DASHBOARD_PATHS, Dashboard
 from shardmarket.server.service import NodeService
 
 MAX_PROBE_BYTES = 4 * 2**20
@@ -63,8 +66,8 @@ def info(service: NodeService, listing: NodeListing) -> dict:
     }
 
 
-def build_app(service: NodeService, listing: NodeListing) -> web.Application:
-    """The node's HTTP routes."""
+def build_app(service: NodeService, listing: NodeListing, dashboard: Dashboard | None = None, key: str = "") -> web.Application:
+    """The node's HTTP routes; with `dashboard`, /metrics and /dashboard too, guarded by `key` (or local addresses)."""
     routes = web.RouteTableDef()
 
     @routes.get("/health")
@@ -95,6 +98,9 @@ def build_app(service: NodeService, listing: NodeListing) -> web.Application:
         await service.serve(WebSocketTransport(ws), peer_of(request.transport))
         return ws
 
-    app = web.Application()
+    app = web.Application(middlewares=[guard(key, DASHBOARD_PATHS)] if dashboard is not None else [])
     app.add_routes(routes)
+    if dashboard is not None:
+        app.add_routes(dashboard.routes())
+        app.add_routes(static_routes())
     return app

@@ -35,8 +35,10 @@ from shardmarket.net.doorman import ConnectionLimits, Doorman, peer_of
 from shardmarket.net.listener import first_byte_protocol
 from shardmarket.net.wire import DTYPES
 from shardmarket.server.app import NodeListing, build_app
+from shardmarket.server.dashboard import Dashboard, NodeBooks, step_observer
 from shardmarket.server.faults import Fault, FaultyService
 from shardmarket.server.identity import NodeIdentity, load_or_create_identity
+from shardmarket.server.metrics import EarningsLedger, NodeMetrics
 from shardmarket.server.payments import PaymentGate
 from shardmarket.server.service import NodeService, SessionLimits
 from shardmarket.server.settlement import Settler, escrow_credit_reader, settle_pending
@@ -88,6 +90,8 @@ class NodeDaemon:
     shutdown_timeout_s: float = 30.0
     duties: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: Callable[[], Awaitable[None]] | None = None
+    dashboard: Dashboard | None = None
+    dashboard_key: str = ""
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set by SIGINT/SIGTERM, or a duty that gives up
 
     def stop(self) -> None:
@@ -117,7 +121,8 @@ class NodeDaemon:
         async def handle_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await service.serve(StreamTransport(reader, writer), peer_of(writer.transport))
 
-        runner = web.AppRunner(build_app(service, self.listing), handle_signals=False, access_log=None)
+        app = build_app(service, self.listing, self.dashboard, self.dashboard_key)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         assert runner.server is not None  # set by setup()
         protocol = doorman.protocol(first_byte_protocol(runner.server, handle_tcp, STREAM_BUFFER))
@@ -245,9 +250,17 @@ def paid_daemon(
         except ChainError as exc:
             print(f"could not settle at shutdown ({exc}); run `shardmarket node redeem` later", flush=True)
 
-    daemon = _daemon(options, config, service, NodeListing(name, price), port)
-    daemon.duties = [lambda: settler.run(watch), lambda: duty.run(watch)]
-    daemon.on_stop = settle_at_shutdown
+    ledger = EarningsLedger(config.node.data_dir / "earnings.sqlite")
+    books = NodeBooks(market, tabs, settler, duty, ledger, market.units())
+    daemon = _daemon(options, config, service, NodeListing(name, price), port, books)
+    assert daemon.dashboard is not None
+    daemon.duties = [lambda: settler.run(watch), lambda: duty.run(watch), daemon.dashboard.refresh_chain]
+
+    async def stop() -> None:
+        await settle_at_shutdown()
+        ledger.close()
+
+    daemon.on_stop = stop
     return daemon
 
 
@@ -293,6 +306,14 @@ def _load_service(
     return NodeService(worker, identity, domain, **kwargs)
 
 
-def _daemon(options: ServeOptions, config: Config, service: NodeService, listing: NodeListing, port: int) -> NodeDaemon:
+def _daemon(
+    options: ServeOptions, config: Config, service: NodeService, listing: NodeListing, port: int, books: NodeBooks | None = None
+) -> NodeDaemon:
+    """The daemon, with its metrics and dashboard (a paid node's `books` in them) counting every step it answers."""
     host = options.host or config.node.host
-    return NodeDaemon(service, listing, host, port, limits_from(config.node, ConnectionLimits), options.shutdown_timeout_s)
+    daemon = NodeDaemon(service, listing, host, port, limits_from(config.node, ConnectionLimits), options.shutdown_timeout_s)
+    daemon.dashboard_key = config.node.dashboard_key
+    metrics = NodeMetrics(listing.model_id, books.ledger if books is not None else None)
+    daemon.dashboard = Dashboard(service, listing, metrics, f"http://{host}:{port}", books)
+    service.on_step = step_observer(daemon.dashboard)
+    return daemon

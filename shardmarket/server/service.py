@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -154,6 +155,7 @@ class NodeService:
         self.draining = False
         self.steps_in_flight = 0  # frames being answered
         self.steps_served = 0
+        self.on_step: Callable[[bytes, int, int, float], None] | None = None  # (request id, tokens, position, compute s)
         self._idle = asyncio.Event()
         self._idle.set()
         self._connections: set[Transport] = set()  # until their sessions are closed
@@ -494,6 +496,8 @@ class NodeService:
         session.next_position += hidden.shape[1]
         session.history = chain_history(session.history, input_hash)
         self.steps_served += 1
+        if self.on_step is not None:
+            self.on_step(session.request_id, hidden.shape[1], context.position, compute_s)
         return answer
 
     async def expire_idle(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -313,6 +314,7 @@ class Settler:
         self.market, self.store, self.gate = market, store, gate
         self.interval_s, self.min_value, self.confirmations, self.tick_s = interval_s, min_value, confirmations, tick_s
         self.settlements: list[Settlement] = []
+        self.next_check_at = time.time() + interval_s  # unix time of the next periodic check (the dashboard shows it)
         self._from_block: int | None = None
         self._seen = store.cursor("scanned")  # the newest block this process read, and its hash
 
@@ -382,6 +384,7 @@ class Settler:
                 handled = latest
                 if periodic:
                     elapsed = 0.0
+                    self.next_check_at = time.time() + self.interval_s
             except (ChainError, requests.RequestException) as exc:
                 log.warning("settlement postponed: %s", exc)
             except Exception:

@@ -56,13 +56,15 @@ class RegistryUpkeep:
         bonded = market.read(market.stake.functions.bondedOf(me))
         if bonded >= target:
             return
-        need = target - bonded
+        need, fmt = target - bonded, market.units().format
         held = market.read(market.token.functions.balanceOf(me))
         if held < need:
-            raise ChainError(f"{me} holds {held} tokens and must stake {need} more (to {target}); send it tokens, then retry")
+            raise ChainError(
+                f"{me} holds {fmt(held)} and must stake {fmt(need)} more (to {fmt(target)}); send it tokens, then retry"
+            )
         self._tx(market.token.functions.approve(market.addresses["StakeManager"], need), "approving the stake")
         tx = self._tx(market.stake.functions.stake(need), "staking")
-        say(f"staked: {need} more, {target} bonded (tx {tx})")
+        say(f"staked: {fmt(need)} more, {fmt(target)} bonded (tx {tx})")
 
     def list_at(self, endpoint: str) -> None:
         """Make the registration say `endpoint` and what is wanted, with enough stake, and listed (blocking)."""
@@ -71,7 +73,8 @@ class RegistryUpkeep:
             current = registration_of(market, self.identity.operator)
             self._stake()
             args = (market.model_id(wanted.model), wanted.start, wanted.end, wanted.price, key, [endpoint])
-            what = f"layers {wanted.start}:{wanted.end} of {wanted.model} at {wanted.price} per token on {endpoint}"
+            price = market.units().format(wanted.price)
+            what = f"layers {wanted.start}:{wanted.end} of {wanted.model} at {price} per token on {endpoint}"
             if current is None:
                 say(f"registered: {what} (tx {self._tx(market.registry.functions.register(*args), 'registering')})")
             elif (current.model, current.start, current.end, current.price, current.key, current.endpoints) != (

@@ -86,34 +86,43 @@ def test_structs_and_named_return_values_are_read_by_name(market, chain, capsys)
         MODEL,
         "bafyname",
     )
-    market.cli("operator", "node", "register", "--model", MODEL, "--layers", "2:5", "--price", "7", "--stake", str(STAKE))
+    market.cli("operator", "node", "register", "--model", MODEL, "--layers", "2:5", "--price", "7raw", "--stake", "100")
     stake = chain.read(chain.stake.functions.stakeOf(me))
     assert (stake.bonded, stake.unbonding, stake.unbondReadyAt, stake.locks) == (STAKE, 0, 0, 0)
-    market.cli("operator", "node", "update", "--price", "9")
+    market.cli("operator", "node", "update", "--price", "9raw")
     node = chain.read(chain.registry.functions.getNode(me))
     assert (node.registered, node.paused, node.layerStart, node.layerEnd, node.pricePerToken) == (True, False, 2, 5, 9)
     assert node.modelId == chain.model_id(MODEL) and len(node.encryptionKey) == 32 and len(node.endpoints) == 1
     capsys.readouterr()
     market.cli("operator", "node", "status")
     out = capsys.readouterr().out
-    assert f"stake: bonded {STAKE}, unbonding 0 (ready at 0), dispute locks 0" in out
-    assert f"serving layers 2:5 of {MODEL} at 9 per token on {node.endpoints[0]}; listed" in out
+    assert "stake: bonded 100 SMT, unbonding 0 SMT (ready at 0), dispute locks 0" in out
+    assert f"serving layers 2:5 of {MODEL} at 0.000000000000000009 SMT per token on {node.endpoints[0]}; listed" in out
     chain.transact(chain.token.functions.approve(chain.addresses["PaymentEscrow"], 50), "approving the deposit")
     chain.transact(chain.escrow.functions.deposit(me, 50), "depositing")
     chain.transact(chain.escrow.functions.requestWithdrawal(20), "requesting a withdrawal")
     withdrawal = chain.read(chain.escrow.functions.pendingWithdrawalOf(me))
     assert withdrawal.amount == 20 and withdrawal.readyAt > 0
     market.cli("operator", "client", "balance")
-    assert f"withdrawal of 20 requested, possible from timestamp {withdrawal.readyAt}" in capsys.readouterr().out
+    assert (
+        f"withdrawal of 0.00000000000000002 SMT requested, possible from timestamp {withdrawal.readyAt}"
+        in capsys.readouterr().out
+    )
     payee = Account.create().address
-    market.cli("operator", "client", "reserve", payee, "7")
+    market.cli("operator", "client", "reserve", payee, "7raw")
     market.cli("operator", "client", "release", payee)
     reserve = chain.read(chain.escrow.functions.reserveOf(me, payee))
     assert reserve.amount == 7 and reserve.releaseAt > 0
     capsys.readouterr()
     market.cli("operator", "client", "balance")
     out = capsys.readouterr().out
-    assert "escrow balance 43" in out and f"reserve for node {payee}: 7, released from timestamp {reserve.releaseAt}" in out
+    assert (
+        "escrow balance 0.000000000000000043 SMT" in out
+        and f"reserve for node {payee}: 0.000000000000000007 SMT, released from timestamp {reserve.releaseAt}" in out
+    )
+    market.cli("operator", "client", "balance", "--raw")  # for programs: raw base units
+    out = capsys.readouterr().out
+    assert "escrow balance 43, spendable" in out and f"reserve for node {payee}: 7, released" in out
 
 
 def test_a_tab_packed_in_python_is_what_the_escrow_settles(chain):

@@ -185,7 +185,7 @@ def test_a_paid_node_fetches_its_shards_through_kubo(kubo, tmp_path, monkeypatch
         market.cli("publisher", "model", "publish", "--checkpoint", str(market.checkpoint), "--name", "tiny")
         market.new_account("node", tokens=100 * 10**18)
         market.node_port("node")
-        market.cli("node", "node", "register", "--model", "tiny", "--layers", "1:3", "--price", "1", "--stake", "100e18")
+        market.cli("node", "node", "register", "--model", "tiny", "--layers", "1:3", "--price", "1raw", "--stake", "100e18")
         kubo.calls.clear()
         node = market.start_node("node")
         log = node.log.read_text()

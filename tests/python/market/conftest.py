@@ -25,7 +25,9 @@ def serve_market(root, checkpoint, nodes):
         for name, layers, price, _ in nodes:
             market.new_account(name, tokens=100 * 10**18)
             market.node_port(name)
-            market.cli(name, "node", "register", "--model", MODEL, "--layers", layers, "--price", str(price), "--stake", "100e18")
+            market.cli(
+                name, "node", "register", "--model", MODEL, "--layers", layers, "--price", f"{price}raw", "--stake", "100e18"
+            )
         for name, _, _, extra in nodes:
             market.start_node(name, *extra, wait=False)
         for node in market.nodes.values():
@@ -53,7 +55,7 @@ async def client_model(market: DevMarket, name: str, *, tokens: int = 10**18, sp
 
     if name not in market.accounts:
         market.new_account(name, tokens=tokens)
-        market.cli(name, "client", "deposit", str(10**17))
+        market.cli(name, "client", "deposit", "0.1")
     with market.acting_as(name):
         os.environ["SHARDMARKET_CLIENT_SPOT_CHECK_RATE"] = str(spot_check_rate)
         account, config = load_account(PASSWORD, home_keys()), load_config()

@@ -116,7 +116,7 @@ def test_noisy_node_is_challenged_and_slashed_by_the_verifiers_even_if_their_vot
     set_gas_money(market, verifiers, 0)
     market.new_account("cheat", tokens=100 * 10**18)
     market.node_port("cheat")
-    market.cli("cheat", "node", "register", "--model", MODEL, "--layers", "2:4", "--price", "1", "--stake", "100e18")
+    market.cli("cheat", "node", "register", "--model", MODEL, "--layers", "2:4", "--price", "1raw", "--stake", "100e18")
     market.start_node("cheat", "--cheat-noise", "0.1")  # the cheapest node of its range: every route uses it
 
     async def scenario():
@@ -159,7 +159,7 @@ def test_noisy_node_is_challenged_and_slashed_by_the_verifiers_even_if_their_vot
 def test_equivocating_node_is_slashed(market):
     market.new_account("twofaced", tokens=100 * 10**18)
     market.node_port("twofaced")
-    market.cli("twofaced", "node", "register", "--model", MODEL, "--layers", "4:5", "--price", "5000", "--stake", "100e18")
+    market.cli("twofaced", "node", "register", "--model", MODEL, "--layers", "4:5", "--price", "5000raw", "--stake", "100e18")
     node = market.start_node("twofaced", "--test-fault", "equivocate")
 
     async def scenario():
@@ -234,7 +234,7 @@ def test_a_dispute_its_challenger_leaves_undrawn_is_drawn_by_the_slices_nodes(ma
 
     market.new_account("accused", tokens=100 * 10**18)
     market.node_port("accused")
-    market.cli("accused", "node", "register", "--model", MODEL, "--layers", "2:4", "--price", "1", "--stake", "100e18")
+    market.cli("accused", "node", "register", "--model", MODEL, "--layers", "2:4", "--price", "1raw", "--stake", "100e18")
     market.new_account("idle-challenger", tokens=10 * 10**18)
     with market.acting_as("accused"):
         accused = load_account(PASSWORD, home_keys())

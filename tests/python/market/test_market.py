@@ -58,7 +58,7 @@ def test_pay_per_request_over_three_nodes(market, capsys):
     settlements = chain.escrow.events.TabSettled.get_logs(from_block=0, argument_filters={"client": alice})
     assert len(settlements) == 1  # one signature, one settlement, three nodes paid
     capsys.readouterr()
-    market.cli("node2", "node", "earnings")
+    market.cli("node2", "node", "earnings", "--raw")
     row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(alice))
     assert [int(x) for x in row[2:]] == [
         PRICE * processed,
@@ -154,12 +154,12 @@ def test_operator_mistakes_get_clear_errors_and_change_nothing(market, capsys):
     ]
     for argv, message in cases:
         with pytest.raises(RuntimeError):
-            market.cli("newbie", "node", "register", "--price", "1", *argv)
+            market.cli("newbie", "node", "register", "--price", "1raw", *argv)
         assert message in capsys.readouterr().err
     market.new_account("broke", eth=0, tokens=100 * 10**18)
     market.node_port("broke")
     with pytest.raises(RuntimeError):
-        market.cli("broke", "node", "register", "--model", "tiny", "--layers", "0:2", "--price", "1", "--stake", "100e18")
+        market.cli("broke", "node", "register", "--model", "tiny", "--layers", "0:2", "--price", "1raw", "--stake", "100e18")
     assert "not enough gas money" in capsys.readouterr().err
     with market.acting_as("newbie"):
         os.environ["SHARDMARKET_CHAIN_RPC_URL"] = "http://127.0.0.1:9"
@@ -293,7 +293,7 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
 
     name = f"ivan-{lowered}"
     market.new_account(name, tokens=10**18)
-    market.cli(name, "client", "deposit", "15")
+    market.cli(name, "client", "deposit", "15raw")
     with market.acting_as(name):
         client = load_account(PASSWORD, home_keys())
     first, second = sorted((market.accounts["node0"], market.accounts["node1"]), key=lambda a: int(a, 16))
@@ -312,7 +312,7 @@ def test_a_node_holding_an_older_tab_collects_through_the_newer_one_or_claims_a_
     if lowered:
         assert settle_pending(holder, store) == [] and paid_on_chain(holder, client.address, second) == 5  # the 3 left
         assert settle_pending(holder, store) == [] and len(claims()) == 1  # an empty balance: no claim is sent
-    market.cli(name, "client", "deposit", "100")
+    market.cli(name, "client", "deposit", "100raw")
     settlements = settle_pending(holder, store)
     if lowered:
         assert settlements == [] and paid_on_chain(holder, client.address, second) == 8 and len(claims()) == 2
@@ -352,8 +352,8 @@ def test_a_client_that_lowers_a_node_entry_and_settles_it_itself_still_pays_that
     )
     assert paid_on_chain(chain, lucy, node) == promised // 4
     capsys.readouterr()
-    market.cli("node1", "node", "redeem")
-    market.cli("node1", "node", "earnings")
+    market.cli("node1", "node", "redeem", "--raw")
+    market.cli("node1", "node", "earnings", "--raw")
     out = capsys.readouterr().out
     assert paid_on_chain(chain, lucy, node) == promised
     row = next(line.split() for line in out.splitlines() if line.startswith(lucy))
@@ -392,7 +392,7 @@ def test_a_client_that_drains_its_balance_to_an_alias_still_pays_every_node_what
     as_alias.transact(as_alias.escrow.functions.withdrawEarnings(alias.address), "the alias withdrawing at once")
     for name in names:
         capsys.readouterr()
-        market.cli(name, "node", "redeem")
+        market.cli(name, "node", "redeem", "--raw")
         assert paid_on_chain(chain, oscar, market.accounts[name]) == held[name].entry
         assert f"{held[name].entry} of it out of its reserve for this node" in capsys.readouterr().out
     claims = chain.escrow.events.Claimed.get_logs(from_block=0, argument_filters={"client": oscar})
@@ -415,7 +415,7 @@ def test_a_settlement_the_chain_forgets_is_no_longer_redeemed_and_is_settled_aga
 
     def earnings(name: str) -> list[int]:
         capsys.readouterr()
-        market.cli(name, "node", "earnings")
+        market.cli(name, "node", "earnings", "--raw")
         out = capsys.readouterr()
         said.append(out.err)
         row = next(line.split() for line in out.out.splitlines() if line.startswith(rita))

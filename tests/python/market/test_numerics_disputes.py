@@ -118,7 +118,7 @@ def test_noisy_nodes_are_slashed_whatever_weights_they_announce(market):
     for name, extra in cheaters.items():
         market.new_account(name, tokens=100 * 10**18)
         market.node_port(name)
-        market.cli(name, "node", "register", "--model", MODEL, "--layers", "2:4", "--price", "1", "--stake", "100e18")
+        market.cli(name, "node", "register", "--model", MODEL, "--layers", "2:4", "--price", "1raw", "--stake", "100e18")
         market.start_node(name, "--cheat-noise", "0.1", *extra)
 
         async def scenario():

@@ -48,7 +48,7 @@ def seed(root: Path) -> DevMarket:
         for variant in VARIANTS:
             market.new_account(f"node-{variant}", tokens=200 * 10**18)
         market.new_account("client", tokens=10**18)
-        market.cli("client", "client", "deposit", str(10**17))
+        market.cli("client", "client", "deposit", "0.1")
     finally:
         market.stop()
     return market
@@ -151,7 +151,7 @@ def journey(seeded: DevMarket, variant: str, relay_only: bool = False) -> dict:
         started = time.monotonic()
         node = lab.spawn_in(
             "lan",
-            [*SHARDMARKET, "node", "up", "--model", MODEL, "--price", "1000", "--port", str(NODE_PORT)]
+            [*SHARDMARKET, "node", "up", "--model", MODEL, "--price", "1000raw", "--port", str(NODE_PORT)]
             + (["--methods", ""] if relay_only else []),
             log="node.log",
             env=env(f"node-{variant}") | {"SHARDMARKET_NODE_REDEEM_INTERVAL_S": "1"},
@@ -179,6 +179,11 @@ def journey(seeded: DevMarket, variant: str, relay_only: bool = False) -> dict:
         assert answer.get("chunks", 0) >= 2, answer
         figures["first_answer_s"], figures["ms_per_token"] = answer["seconds"], answer["ms_per_token"]
         _, figures["settled_within_s"] = public.until(operator, lambda e: e["earnings"] > 0, "settling the client's tab")
+        at_port = env(f"node-{variant}") | {"SHARDMARKET_NODE_PORT": str(NODE_PORT)}
+        status = lab.run_in("lan", [*SHARDMARKET, "node", "status"], env=at_port, timeout=60).stdout
+        verified = "verified" if "NOT verified" not in lab.log("node.log") else "not verified"
+        assert f"reachability: {method} at {endpoint}, {verified} from outside, last outside check " in status, status
+        assert verified == "not verified" or "last outside check never" not in status, status
 
         if method == "relay":
             lab.stop(lab.relay)
