@@ -60,8 +60,10 @@ class RemoteModel:
         on_finished: Callable[[InferenceSession], None] | None = None,
         presign: Presign | None = None,
         standing_tab: StandingTab | None = None,
+        push: bool = False,
     ) -> None:
         self.head, self.model_id, self.nodes, self.domain = head, model_id, nodes, domain
+        self.push = push  # nodes send their outputs straight to the next hop (see InferenceSession)
         self.transport, self.step_timeout_s, self.tab_source, self.presign = transport, step_timeout_s, tab_source, presign
         self.standing_tab = standing_tab
         self.on_commitment, self.on_finished = on_commitment, on_finished
@@ -134,6 +136,7 @@ class RemoteModel:
             presign=self.presign,
             pool=self.channels,
             standing_tab=self.standing_tab,
+            push=self.push,
         )
         here = PASSIVE_OPENMP and not self._streams  # a lone stream: its head runs on the event loop's thread
         self._streams += 1

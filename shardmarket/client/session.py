@@ -13,6 +13,7 @@ named when the session opened, the step, its position and the hash chain of ever
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -101,6 +102,7 @@ class Hop:
     inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, hidden) per step
     outputs: list[torch.Tensor] = field(default_factory=list)  # the node's answer per step (for spot checks)
     history: bytes = EMPTY_HISTORY  # chain_history over the hashes of every input answered so far
+    pushes: bool = False  # the node sends its outputs straight to the next hop (which it was told when it opened)
 
     def context(self, request_id: bytes, step: int, position: int, input_hash: bytes) -> StepContext:
         """The context the node must commit to for the next step: its model and layers, this session, its history."""
@@ -133,8 +135,10 @@ class InferenceSession:
         presign: Presign | None = None,
         pool: ChannelPool | None = None,
         standing_tab: StandingTab | None = None,
+        push: bool = False,
     ) -> None:
         self.nodes, self.num_layers, self.domain = nodes, num_layers, domain
+        self.push = push  # ask each node to push its outputs to the next hop (the client still gets every result)
         self.pool = pool  # channels kept open between requests (shared between sessions)
         self.reused_channels = 0  # hops opened on a kept channel
         self.max_length, self.transport, self.step_timeout_s = max_length, transport, step_timeout_s
@@ -178,7 +182,10 @@ class InferenceSession:
     async def _open_hops(self, route: list[NodeInfo]) -> list[Hop]:
         """Open a session on every node of `route` at once (one round of connects and handshakes, not one per hop);
         if any fails, the sessions opened on the others are closed and every failed node is marked."""
-        results = await asyncio.gather(*(self._open_hop(node) for node in route), return_exceptions=True)
+        links = self._links(route)
+        results = await asyncio.gather(
+            *(self._open_hop(node, link) for node, link in zip(route, links, strict=True)), return_exceptions=True
+        )
         hops = [result for result in results if isinstance(result, Hop)]
         failed = [(node, result) for node, result in zip(route, results, strict=True) if not isinstance(result, Hop)]
         if not failed:
@@ -191,11 +198,25 @@ class InferenceSession:
         node, exc = failed[0]
         raise NodeFailure(f"cannot open a session on {node.url}: {exc}")
 
-    async def _open_hop(self, node: NodeInfo) -> Hop:
+    def _links(self, route: list[NodeInfo]) -> list[dict]:
+        """The OPEN fields linking each hop of `route` to the next when pushing: the next node's key and a fresh token that
+        the next node will expect on the steps pushed to it (nodes of different hidden states are not linked)."""
+        links: list[dict] = [{} for _ in route]
+        if not self.push:
+            return links
+        for i, (node, following) in enumerate(itertools.pairwise(route)):
+            if node.dtype == following.dtype and node.hidden_size == following.hidden_size:
+                token = os.urandom(32)
+                links[i]["next"] = {"key": following.x25519_public_key, "token": token}
+                links[i + 1]["previous"] = token
+        return links
+
+    async def _open_hop(self, node: NodeInfo, link: dict | None = None) -> Hop:
+        link = link or {}
         if self.pool is not None:
             while (channel := await self.pool.take(self._pool_key(node))) is not None:
                 try:  # a kept connection that went dead without a word must not cost a whole step timeout
-                    hop = await self._open_session(node, channel, min(self.step_timeout_s, KEPT_OPEN_TIMEOUT_S))
+                    hop = await self._open_session(node, channel, min(self.step_timeout_s, KEPT_OPEN_TIMEOUT_S), link)
                     self.reused_channels += 1
                     return hop
                 except (TimeoutError, ConnectionError, OSError, WireError, DecryptError):
@@ -206,10 +227,10 @@ class InferenceSession:
         except BaseException:
             await transport.close()
             raise
-        return await self._open_session(node, channel, self.step_timeout_s)
+        return await self._open_session(node, channel, self.step_timeout_s, link)
 
-    async def _open_session(self, node: NodeInfo, channel: SecureChannel, timeout_s: float) -> Hop:
-        fields: dict = {"max_length": self.max_length}
+    async def _open_session(self, node: NodeInfo, channel: SecureChannel, timeout_s: float, link: dict) -> Hop:
+        fields: dict = {"max_length": self.max_length, **link}
         tab = self.tab or (self.standing_tab(node) if self.standing_tab is not None else None)
         if tab is not None:  # names who pays: a paid node opens sessions for strangers only sparingly
             fields["tab"] = tab
@@ -229,7 +250,7 @@ class InferenceSession:
         if not isinstance(nonce, bytes) or len(nonce) != 32:
             await channel.close()
             raise NodeFailure(f"node {node.url} opened the session without a 32-byte session nonce")
-        return Hop(node, channel, nonce)
+        return Hop(node, channel, nonce, pushes="next" in link and reply.fields.get("push") is True)
 
     def _pool_key(self, node: NodeInfo) -> tuple:
         return node.url, self.transport, node.tcp_port, node.x25519_public_key
@@ -251,11 +272,15 @@ class InferenceSession:
         while True:
             answered = len(self.hops[0].inputs)
             try:
-                output, unchecked = await self._run_step(hidden, position)
+                if any(hop.pushes for hop in self.hops):
+                    output, unchecked = await self._run_step_pushed(hidden, position)
+                else:
+                    output, last = await self._run_step(hidden, position)
+                    unchecked = [] if last is None else [last]
             except CommitmentFailure as exc:
                 await self._restart(answered, exc)
                 continue
-            check = None if unchecked is None and self.presign is None else asyncio.ensure_future(self._after_step(unchecked))
+            check = None if not unchecked and self.presign is None else asyncio.ensure_future(self._after_step(unchecked))
             self._unconfirmed = (check, hidden, positions, answered)
             return output
 
@@ -309,13 +334,69 @@ class InferenceSession:
             index += 1
         return hidden, unchecked  # the last hop's commitment: checked before the output is used (`confirm`)
 
-    async def _after_step(self, unchecked: _CommitmentCheck | None) -> None:
+    async def _after_step(self, unchecked: list[_CommitmentCheck]) -> None:
         """What follows a step while its output is being used: the next decode step's tab is signed ahead (while the
-        last node signs its commitment), then the last hop's commitment is checked."""
+        last node signs its commitment), then the commitments not checked yet are."""
         if self.presign is not None:
             self.presign([(hop.node, 1) for hop in self.hops])
-        if unchecked is not None:
-            await unchecked()
+        for check in unchecked:
+            await check()
+
+    async def _run_step_pushed(self, hidden: torch.Tensor, position: int) -> tuple[torch.Tensor, list[_CommitmentCheck]]:
+        """One step through a route whose nodes push to each other: the client sends the step to the first hop of each
+        run of linked hops and reads every hop's result as it comes (the last one is the step's output); every
+        commitment is checked after the output was returned. A hop that could not push is relayed to by the client."""
+        tokens = hidden.shape[1]
+        self.pay([(hop.node, tokens) for hop in self.hops])
+        index, checks = 0, list[_CommitmentCheck]()
+        while index < len(self.hops):
+            last, step = index, len(self.hops[index].inputs)
+            while last + 1 < len(self.hops) and self.hops[last].pushes and len(self.hops[last + 1].inputs) == step:
+                last += 1
+            try:
+                hidden, index = await self._run_linked(index, last, step, position, hidden, checks)
+            except _HopFailed as exc:
+                await self._replace(exc.index, exc.cause, tokens)
+                if exc.index > 0:  # it was told to push to the node just replaced
+                    self.hops[exc.index - 1].pushes = False
+                index, hidden = exc.index, exc.hidden
+        return hidden, checks
+
+    async def _run_linked(
+        self, first: int, last: int, step: int, position: int, hidden: torch.Tensor, checks: list[_CommitmentCheck]
+    ) -> tuple[torch.Tensor, int]:
+        """Send the step to hop `first`, which pushes it on through hop `last`; read each hop's result in turn. Returns the
+        last output read and the index of the next hop the client must send to."""
+        hop = self.hops[first]
+        dtype = wire.DTYPES[hop.node.dtype]
+        sent = hidden if hidden.dtype == dtype else hidden.to(dtype)
+        payload = tensor_bytes(sent)
+        fields = self._fields(position) | ({"push": last - first} if last > first else {})
+        started = time.perf_counter()
+        try:
+            await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
+        except HOP_ERRORS as exc:
+            raise _HopFailed(first, exc, hidden) from None
+        for index in range(first, last + 1):
+            hop = self.hops[index]
+            context = hop.context(self.request_id, step, position, tensor_hash(payload))
+            try:
+                async with asyncio.timeout(self.step_timeout_s):
+                    reply = await hop.channel.recv()
+                output = self._check_answer(hop, reply, step, sent)
+            except HOP_ERRORS as exc:
+                raise _HopFailed(index, exc, hidden) from None
+            hop.answered(context)
+            hop.inputs.append((position, hidden))
+            hop.outputs.append(output)
+            compute_s = reply.fields.get("compute_us", 0) / 1e6
+            self.timings.append(HopTiming(hop.node.url, hidden.shape[1], time.perf_counter() - started, compute_s))
+            checks.append(_CommitmentCheck(self, hop, reply, context, hidden.shape[1]))
+            hidden, sent, payload = output, reply.tensor if reply.tensor is not None else sent, reply.payload
+            if index < last and reply.fields.get("pushed") is not True:
+                hop.pushes = False  # it could not reach the next hop: the client relays from now on
+                return hidden, index + 1
+        return hidden, last + 1
 
     async def _step(
         self, hop: Hop, step: int, position: int, hidden: torch.Tensor, previous: _CommitmentCheck | None
@@ -492,6 +573,14 @@ class InferenceSession:
     async def _drop_hops(hops: list[Hop]) -> None:
         """Hang up on `hops` (nodes that failed): the node closes a connection's sessions with it."""
         await asyncio.gather(*(close_quietly(hop.channel) for hop in hops))
+
+
+class _HopFailed(Exception):
+    """Hop `index` of a pushed step failed (`cause`); `hidden` was its input."""
+
+    def __init__(self, index: int, cause: BaseException, hidden: torch.Tensor) -> None:
+        super().__init__(str(cause))
+        self.index, self.cause, self.hidden = index, cause, hidden
 
 
 class _CommitmentCheck:

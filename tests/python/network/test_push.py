@@ -1,0 +1,154 @@
+"""Node-to-node push on loopback: nodes that push their outputs to the next hop give the same greedy tokens as client
+relaying, and the client still gets every hop's signed commitment; a node that cannot reach its next hop relays
+through the client instead; a pushed step must carry the token the client gave the previous node, and the next node
+is named by its key alone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from shardmarket.chain.eip712 import Domain
+from shardmarket.client.generation import Completion, RemoteModel
+from shardmarket.client.session import InferenceSession
+from shardmarket.engine.sampling import SamplingParams
+from shardmarket.net import wire
+from shardmarket.net.channel import SecureChannel, client_handshake, open_transport
+from shardmarket.net.wire import Message
+
+from network_processes import free_port, start_node, stop_all, wait_ready
+
+DOMAIN = Domain(31337, "0x" + "00" * 20)
+HIDDEN = 64  # tiny_config's hidden size
+TOKENS = 8
+PROMPT = list(range(3, 40))
+
+
+@pytest.fixture(scope="module")
+def chain(tiny, tmp_path_factory):
+    """Nodes a [0,2) -> b [2,4) -> c [4,5) that may push to each other, and d [2,4) whose peers leave out c."""
+    home = tmp_path_factory.mktemp("push")
+    ports = {name: free_port() for name in "abcd"}
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    peers = {"a": [url["b"], url["d"]], "b": [url["c"]], "c": [], "d": [url["a"]]}
+    layers = {"a": "0:2", "b": "2:4", "c": "4:5", "d": "2:4"}
+    nodes = {
+        name: start_node(tiny, layers[name], home / name, port=ports[name], settings={"peers": ",".join(peers[name])})
+        for name in "abcd"
+    }
+    try:
+        wait_ready(*nodes.values())
+        yield nodes
+    finally:
+        stop_all(list(nodes.values()))
+
+
+@dataclass
+class Finished:
+    """What a session held when its request finished: each hop's node URL, whether it pushed, its step count."""
+
+    hops: list[tuple[str, bool, int]]
+    commitments: list[str]
+    failovers: int
+
+    @classmethod
+    def of(cls, session: InferenceSession) -> Finished:
+        hops = [(hop.node.url, hop.pushes, len(hop.inputs)) for hop in session.hops]
+        return cls(hops, [url for url, _ in session.commitments], session.failovers)
+
+
+def generate(tiny, urls: list[str], push: bool) -> tuple[list[int], Finished]:
+    async def go():
+        model = await RemoteModel.connect(tiny, urls, DOMAIN, step_timeout_s=30, push=push)
+        sessions: list[Finished] = []
+        model.on_finished = lambda session: sessions.append(Finished.of(session))
+        tokens = [
+            t async for t in model.stream(PROMPT, SamplingParams(max_tokens=TOKENS, ignore_eos=True), Completion(len(PROMPT)))
+        ]
+        await model.aclose()
+        return tokens, sessions[0]
+
+    return asyncio.run(asyncio.wait_for(go(), 120))
+
+
+async def connect(node) -> SecureChannel:
+    transport = await open_transport(node.url, "tcp", node.port, wire.DEFAULT_LIMITS, 10)
+    return await client_handshake(transport, bytes.fromhex(node.info()["x25519_public_key"]))
+
+
+def step(request_id: bytes, number: int, position: int, hidden: torch.Tensor, **fields) -> Message:
+    return Message(wire.STEP, request_id, number, {"position": position, **fields}, hidden)
+
+
+def test_pushed_route_gives_the_relayed_tokens_and_every_hops_commitment(tiny, chain):
+    urls = [chain[name].url for name in "abc"]
+    relayed, _ = generate(tiny, urls, push=False)
+    pushed, session = generate(tiny, urls, push=True)
+    assert pushed == relayed and len(pushed) == TOKENS
+    steps = TOKENS  # the prompt, then every token but the last
+    assert session.hops == [(urls[0], True, steps), (urls[1], True, steps), (urls[2], False, steps)]  # every result said pushed
+    assert session.failovers == 0
+    assert all(session.commitments.count(url) >= steps - 1 for url in urls)  # every hop's commitment checked
+
+
+def test_a_node_that_cannot_reach_its_next_hop_relays_through_the_client(tiny, chain):
+    """d's directory holds a but not c: told to push to c, it answers that it did not, and the client relays."""
+    urls = [chain[name].url for name in "abc"]
+    relayed, _ = generate(tiny, urls, push=False)
+    pushed, session = generate(tiny, [chain["a"].url, chain["d"].url, chain["c"].url], push=True)
+    assert pushed == relayed
+    assert [(url, pushes) for url, pushes, _ in session.hops] == [(chain[name].url, name == "a") for name in "adc"]
+    assert session.failovers == 0
+
+
+def test_a_pushed_step_needs_the_token_the_client_gave_the_previous_node(chain):
+    """A step naming a token other than the one the session was opened with is refused, and nothing runs."""
+    node = chain["b"]
+
+    async def go():
+        owner, stranger = await connect(node), await connect(node)
+        request_id = os.urandom(32)
+        await owner.send(Message(wire.OPEN, request_id, 0, {"max_length": 16, "previous": os.urandom(32)}))
+        assert (await owner.recv()).type == wire.OPENED
+        await stranger.send(step(request_id, 0, 0, torch.randn(1, 2, HIDDEN), via=os.urandom(32)))
+        refused = await stranger.recv()
+        await stranger.send(step(request_id, 0, 0, torch.randn(1, 2, HIDDEN)))  # the step is still the next one
+        answered = await stranger.recv()
+        await owner.close(), await stranger.close()
+        return refused, answered
+
+    refused, answered = asyncio.run(asyncio.wait_for(go(), 60))
+    assert refused.type == wire.ERROR and refused.fields["code"] == "bad_push"
+    assert answered.type == wire.RESULT
+
+
+def test_open_names_the_next_node_by_its_key_only(chain):
+    """`next` must be a 32-byte key and token (no address a client could point the node at); a key no peer announces
+    gets a result that says it was not pushed."""
+    node = chain["a"]
+
+    async def go():
+        channel = await connect(node)
+        bad = os.urandom(32)
+        await channel.send(
+            Message(wire.OPEN, bad, 0, {"max_length": 16, "next": {"key": "10.0.0.1:22", "token": os.urandom(32)}})
+        )
+        refused = await channel.recv()
+        request_id = os.urandom(32)
+        await channel.send(
+            Message(wire.OPEN, request_id, 0, {"max_length": 16, "next": {"key": os.urandom(32), "token": os.urandom(32)}})
+        )
+        opened = await channel.recv()
+        await channel.send(step(request_id, 0, 0, torch.randn(1, 2, HIDDEN), push=1))
+        result, commit = await channel.recv(), await channel.recv()
+        await channel.close()
+        return refused, opened, result, commit
+
+    refused, opened, result, commit = asyncio.run(asyncio.wait_for(go(), 60))
+    assert refused.type == wire.ERROR and refused.fields["code"] == "bad_open"
+    assert opened.type == wire.OPENED and opened.fields["push"] is True
+    assert result.type == wire.RESULT and result.fields["pushed"] is False and commit.type == wire.COMMIT
