@@ -1,0 +1,228 @@
+"""WAN benchmark: a 3-node pipeline with the client and every node in a network namespace of its own, each link
+delayed by bench/wanlab.py's user-space switch, at several round-trip times. For each RTT it measures client relaying
+(client -> A -> client -> B -> client -> C -> client: 3 RTT a token) and node-to-node push (client -> A -> B -> C ->
+client: 2 RTT), encryption and signed commitments on: decode ms/token, time to first token of a short chat prompt and of
+a long prompt, and whether the tokens equal local greedy. The floors are computed in the same run: the whole model's
+local decode ms/token (its compute) plus 3 RTT (relay floor) or 2 RTT (push floor) a token; for the first token, the
+local prefill time plus 2 RTT. The switch's delays are checked first with a ping-pong probe while torch keeps every core
+busy. Needs root; prints JSON on its last line.
+
+Usage: .venv/bin/python bench/wan.py [--rtts 10,50,100] [--tokens 24] [--runs 3] [--long-prompt 1000] [--model-1b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from wanlab import WanLab, measure_delays, missing
+
+from shardmarket.chain.eip712 import Domain
+from shardmarket.cli.engine import default_checkpoint
+from shardmarket.client.generation import Completion, RemoteModel
+from shardmarket.config import load_config
+from shardmarket.engine.head import Head
+from shardmarket.engine.models import random_checkpoint, tiny_config
+from shardmarket.engine.sampling import SamplingParams, generate
+from shardmarket.engine.stage import Stage
+
+ROOT = Path(__file__).resolve().parents[1]
+DOMAIN = Domain(31337, "0x" + "00" * 20)
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+NODE_PORT = 7300
+CONFIG_1B = tiny_config(
+    "llama",
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    initializer_range=0.02,
+)
+
+
+def thirds(layers: int) -> list[tuple[int, int]]:
+    a, b = layers // 3, 2 * layers // 3
+    return [(0, a), (a, b), (b, layers)]
+
+
+def timed(tokens) -> tuple[list[int], float, float]:
+    """Tokens, time to the first (s) and decode s/token (first to last) of a token stream."""
+    started, arrivals, out = time.perf_counter(), [], []
+    for token in tokens:
+        arrivals.append(time.perf_counter() - started)
+        out.append(token)
+    return out, arrivals[0], (arrivals[-1] - arrivals[0]) / (len(out) - 1)
+
+
+class Local:
+    """The whole model in this process (the baseline): one greedy request, its first token and decode timed."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.head = Head.load(checkpoint)
+        self.stage = Stage.load(checkpoint, 0, self.head.num_layers)
+
+    def run(self, ids: list[int], tokens: int) -> tuple[list[int], float, float]:
+        session = os.urandom(8).hex()
+        self.stage.open_session(session, len(ids) + tokens)
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+        try:
+            with torch.inference_mode():
+                return timed(generate(self.head, lambda h, p: self.stage.step(session, h, p), ids, params))
+        finally:
+            self.stage.close_session(session)
+
+
+def start_nodes(lab: WanLab, checkpoint: Path, layers: int, home: Path) -> list[str]:
+    """One node per third of the layers, in namespaces a, b, c, each free to push to the others."""
+    urls = {host: f"http://{lab.ip(host)}:{NODE_PORT}" for host in "abc"}
+    for host, (start, end) in zip("abc", thirds(layers), strict=True):
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(ROOT),
+            SHARDMARKET_HOME=str(home / host),
+            SHARDMARKET_NODE_PEERS=",".join(url for other, url in urls.items() if other != host),
+            OMP_WAIT_POLICY="PASSIVE",
+        )
+        argv = [sys.executable, "-m", "shardmarket", "node", "run", "--checkpoint", str(checkpoint), "--layers", f"{start}:{end}"]
+        argv += ["--host", lab.ip(host), "--port", str(NODE_PORT), "--threads", str(torch.get_num_threads())]
+        lab.spawn_in(host, argv, f"node-{host}.log", env=env)
+    for host, url in urls.items():
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                with lab.inside(host):
+                    urllib.request.urlopen(f"{url}/health", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"node {host} not ready: {(lab.dir / f'node-{host}.log').read_text()[-2000:]}") from None
+                time.sleep(0.5)
+    return list(urls.values())
+
+
+async def interleaved(
+    checkpoint: Path, urls: list[str], local: Local, prompts: dict[str, list[int]], tokens: int, runs: int
+) -> dict:
+    """Per prompt, `runs` rounds of local, relay and push requests (after one relay and one push request that connect and
+    handshake: the cold start, not counted); returns (kind, prompt) -> tokens and the median first-token and decode s.
+    The machine's load drifts, so the kinds take turns within each round."""
+    models = {
+        "relay": await RemoteModel.connect(checkpoint, urls, DOMAIN, step_timeout_s=120),
+        "push": await RemoteModel.connect(checkpoint, urls, DOMAIN, step_timeout_s=120, push=True),
+    }
+    timings: dict = {}
+    try:
+        for name, ids in prompts.items():
+            for round_ in range(runs + 1):
+                for kind in ("local", "relay", "push"):
+                    if kind == "local":
+                        if not round_:
+                            continue
+                        out, first, decode = local.run(ids, tokens)
+                    else:
+                        out, first, decode = await remote(models[kind], ids, tokens)
+                    if round_:
+                        timings.setdefault((kind, name), []).append((out, first, decode))
+    finally:
+        for model in models.values():
+            await model.aclose()
+    return {
+        key: {
+            "tokens": runs_[0][0],
+            "same": all(r[0] == runs_[0][0] for r in runs_),
+            "first_s": statistics.median(r[1] for r in runs_),
+            "decode_s": statistics.median(r[2] for r in runs_),
+        }
+        for key, runs_ in timings.items()
+    }
+
+
+async def remote(model: RemoteModel, ids: list[int], tokens: int) -> tuple[list[int], float, float]:
+    started, arrivals, out = time.perf_counter(), [], []
+    async for token in model.stream(ids, SamplingParams(max_tokens=tokens, ignore_eos=True), Completion(len(ids))):
+        arrivals.append(time.perf_counter() - started)
+        out.append(token)
+    return out, arrivals[0], (arrivals[-1] - arrivals[0]) / (len(out) - 1)
+
+
+def bench_model(name: str, checkpoint: Path, rtts: list[float], tokens: int, runs: int, long_prompt: int) -> dict:
+    local = Local(checkpoint)
+    head = local.head
+    text = head.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+    chat = head.tokenizer.encode(text, add_special_tokens=False)
+    story = head.tokenizer.encode(" ".join(["The keeper climbed the stairs and lit the lamp again."] * long_prompt))
+    prompts = {"chat": chat, "long": story[:long_prompt]}
+    out: dict = {}
+    for rtt in rtts:
+        hosts = ["client", "a", "b", "c"]
+        pairs = {(x, y): rtt / 2 for i, x in enumerate(hosts) for y in hosts[i + 1 :]}
+        with WanLab(hosts, pairs) as lab, tempfile.TemporaryDirectory() as home:
+            urls = start_nodes(lab, checkpoint, head.num_layers, Path(home))
+            with lab.inside("client"):
+                measured = asyncio.run(interleaved(checkpoint, urls, local, prompts, tokens, runs))
+        compute = measured[("local", "chat")]["decode_s"]
+        floors = {"relay": compute + 3 * rtt / 1000, "push": compute + 2 * rtt / 1000}
+        key = f"{name}_rtt{rtt:g}"
+        out[f"{key}_local_ms_per_token"] = round(compute * 1000, 2)
+        out[f"{key}_local_first_token_ms_{long_prompt}"] = round(measured[("local", "long")]["first_s"] * 1000, 1)
+        for mode in ("relay", "push"):
+            chat_run, long_run = measured[(mode, "chat")], measured[(mode, "long")]
+            out[f"{key}_{mode}_ms_per_token"] = round(chat_run["decode_s"] * 1000, 2)
+            out[f"{key}_{mode}_first_token_ms"] = round(chat_run["first_s"] * 1000, 1)
+            out[f"{key}_{mode}_first_token_ms_{long_prompt}"] = round(long_run["first_s"] * 1000, 1)
+            reference = measured[("local", "chat")]["tokens"]
+            out[f"{key}_{mode}_same_tokens"] = chat_run["same"] and chat_run["tokens"] == reference
+            out[f"{key}_{mode}_over_{mode}_floor"] = round(floors[mode] / chat_run["decode_s"], 3)
+        out[f"{key}_push_over_relay_floor"] = round(floors["relay"] / measured[("push", "chat")]["decode_s"], 3)
+        out[f"{key}_relay_floor_ms_per_token"] = round(floors["relay"] * 1000, 2)
+        out[f"{key}_push_floor_ms_per_token"] = round(floors["push"] * 1000, 2)
+        ttft_floor = measured[("local", "long")]["first_s"] + 2 * rtt / 1000
+        out[f"{key}_first_token_floor_ms_{long_prompt}"] = round(ttft_floor * 1000, 1)
+        out[f"{key}_push_first_token_over_floor_{long_prompt}"] = round(ttft_floor / measured[("push", "long")]["first_s"], 3)
+        print(json.dumps({k: v for k, v in out.items() if k.startswith(key)}), file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rtts", default="10,50,100", help="round-trip times in ms, comma-separated")
+    parser.add_argument("--tokens", type=int, default=24, help="new tokens per request")
+    parser.add_argument("--runs", type=int, default=3, help="timed requests per case (after one that warms connections)")
+    parser.add_argument("--long-prompt", type=int, default=1000, help="tokens of the long prompt timed for its first token")
+    parser.add_argument("--model-1b", action="store_true", help="also the ~1B random Llama (slow on 2 cores)")
+    args = parser.parse_args()
+    why = missing()
+    if why:
+        print(json.dumps({"skipped": why}))
+        return
+    if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":  # as every shardmarket process runs (see bench/network.py)
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    rtts = [float(x) for x in args.rtts.split(",")]
+    result: dict = {"threads": torch.get_num_threads(), "delay_check": measure_delays(rtts)}
+    result.update(bench_model("smollm2", default_checkpoint(), rtts, args.tokens, args.runs, args.long_prompt))
+    if args.model_1b:
+        path = load_config().home / "models" / "random-1b"
+        if not (path / "config.json").exists():
+            random_checkpoint(CONFIG_1B, path)
+        result.update(bench_model("random1b", path, rtts, args.tokens, args.runs, args.long_prompt))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
