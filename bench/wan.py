@@ -135,10 +135,11 @@ async def interleaved(
                         if not round_:
                             continue
                         out, first, decode = local.run(ids, tokens)
+                        nodes_s = 0.0
                     else:
-                        out, first, decode = await remote(models[kind], ids, tokens)
+                        out, first, decode, nodes_s = await remote(models[kind], ids, tokens)
                     if round_:
-                        timings.setdefault((kind, name), []).append((out, first, decode))
+                        timings.setdefault((kind, name), []).append((out, first, decode, nodes_s))
     finally:
         for model in models.values():
             await model.aclose()
@@ -148,17 +149,20 @@ async def interleaved(
             "same": all(r[0] == runs_[0][0] for r in runs_),
             "first_s": statistics.median(r[1] for r in runs_),
             "decode_s": statistics.median(r[2] for r in runs_),
+            "nodes_s": statistics.median(r[3] for r in runs_),
         }
         for key, runs_ in timings.items()
     }
 
 
-async def remote(model: RemoteModel, ids: list[int], tokens: int) -> tuple[list[int], float, float]:
-    started, arrivals, out = time.perf_counter(), [], []
-    async for token in model.stream(ids, SamplingParams(max_tokens=tokens, ignore_eos=True), Completion(len(ids))):
+async def remote(model: RemoteModel, ids: list[int], tokens: int) -> tuple[list[int], float, float, float]:
+    """Tokens, first-token s, decode s/token, and the nodes' own compute s per decode token (as they report it)."""
+    started, arrivals, out, completion = time.perf_counter(), [], [], Completion(len(ids))
+    async for token in model.stream(ids, SamplingParams(max_tokens=tokens, ignore_eos=True), completion):
         arrivals.append(time.perf_counter() - started)
         out.append(token)
-    return out, arrivals[0], (arrivals[-1] - arrivals[0]) / (len(out) - 1)
+    decode_hops = [t.compute_s for t in completion.hop_timings if t.tokens == 1]
+    return out, arrivals[0], (arrivals[-1] - arrivals[0]) / (len(out) - 1), sum(decode_hops) / max(1, len(out) - 1)
 
 
 def bench_model(name: str, checkpoint: Path, rtts: list[float], tokens: int, runs: int, long_prompt: int) -> dict:
@@ -189,6 +193,7 @@ def bench_model(name: str, checkpoint: Path, rtts: list[float], tokens: int, run
             reference = measured[("local", "chat")]["tokens"]
             out[f"{key}_{mode}_same_tokens"] = chat_run["same"] and chat_run["tokens"] == reference
             out[f"{key}_{mode}_over_{mode}_floor"] = round(floors[mode] / chat_run["decode_s"], 3)
+            out[f"{key}_{mode}_nodes_compute_ms_per_token"] = round(chat_run["nodes_s"] * 1000, 2)
         out[f"{key}_push_over_relay_floor"] = round(floors["relay"] / measured[("push", "chat")]["decode_s"], 3)
         out[f"{key}_relay_floor_ms_per_token"] = round(floors["relay"] * 1000, 2)
         out[f"{key}_push_floor_ms_per_token"] = round(floors["push"] * 1000, 2)

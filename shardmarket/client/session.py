@@ -76,6 +76,7 @@ class CommitmentFailure(Exception):
         self.node = node
 
 
+PREFILL_CHUNK = 128  # positions per step of a long prompt on a pushing route: hop A computes chunk 2 while B has chunk 1
 KEPT_OPEN_TIMEOUT_S = 5.0  # for OPEN on a kept channel; then a new connection is tried
 
 # everything that means "this node failed this step": the session routes around the node
@@ -269,6 +270,12 @@ class InferenceSession:
         if not self.hops:
             await self.open()
         position = int(positions[0, 0])
+        if position == 0 and hidden.shape[1] > PREFILL_CHUNK and self._linked() and not self.hops[0].inputs:
+            prefilled = await self._prefill_chunked(hidden)
+            if prefilled is not None:
+                output, unchecked = prefilled
+                self._unconfirmed = (asyncio.ensure_future(self._after_step(unchecked)), hidden, positions, 0)
+                return output
         while True:
             answered = len(self.hops[0].inputs)
             try:
@@ -341,6 +348,92 @@ class InferenceSession:
             self.presign([(hop.node, 1) for hop in self.hops])
         for check in unchecked:
             await check()
+
+    def _linked(self) -> bool:
+        """Whether every hop but the last pushes to the next."""
+        return all(hop.pushes for hop in self.hops[:-1])
+
+    async def _prefill_chunked(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[_CommitmentCheck]] | None:
+        """Prefill a long prompt on a fully linked route as a train of chunks, one step each, all sent to the first hop at
+        once, so that every hop works on one chunk while the next hop works on the one before. Each hop's results are
+        read as they come (their commitments checked, the last chunk's after the output is returned). On any failure the
+        route is opened again on a new request id, around a failed node, and None returned: the caller prefills in one
+        step as usual."""
+        chunks = hidden.split(PREFILL_CHUNK, dim=1)
+        self.pay([(hop.node, hidden.shape[1]) for hop in self.hops])  # one tab for the whole prompt rides on each chunk
+        dtype = wire.DTYPES[self.hops[0].node.dtype]
+        loop = asyncio.get_running_loop()
+        feeds = [[loop.create_future() for _ in chunks] for _ in self.hops]  # (hidden, payload, tensor sent) per chunk
+        offsets = [sum(c.shape[1] for c in chunks[:i]) for i in range(len(chunks))]
+        last_checks: list[_CommitmentCheck] = []
+        started = time.perf_counter()
+        try:
+            for step, chunk in enumerate(chunks):
+                sent = chunk.to(dtype).contiguous()
+                payload = tensor_bytes(sent)
+                feeds[0][step].set_result((chunk, payload, sent))
+                fields = self._fields(offsets[step]) | {"push": len(self.hops) - 1}
+                await self.hops[0].channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
+        except HOP_ERRORS as exc:
+            await self._prefill_failed(0, exc)
+            return None
+
+        async def read(index: int) -> list[torch.Tensor]:
+            hop, outputs = self.hops[index], []
+            for step in range(len(chunks)):
+                try:
+                    async with asyncio.timeout(self.step_timeout_s):
+                        reply = await hop.channel.recv()
+                    given, payload, sent = await feeds[index][step]
+                    output = self._check_answer(hop, reply, step, sent)
+                    if index + 1 < len(self.hops) and reply.fields.get("pushed") is not True:
+                        raise _NotPushed(f"node {hop.node.url} could not push to the next hop")
+                except (CommitmentFailure, *HOP_ERRORS) as exc:
+                    raise _HopFailed(index, exc, hidden) from None
+                context = hop.context(self.request_id, step, offsets[step], tensor_hash(payload))
+                hop.answered(context)
+                hop.inputs.append((offsets[step], given))
+                hop.outputs.append(output)
+                compute_s = reply.fields.get("compute_us", 0) / 1e6
+                self.timings.append(HopTiming(hop.node.url, given.shape[1], time.perf_counter() - started, compute_s))
+                if index + 1 < len(self.hops):
+                    feeds[index + 1][step].set_result((output, reply.payload, reply.tensor))
+                check = _CommitmentCheck(self, hop, reply, context, given.shape[1])
+                if step + 1 < len(chunks):
+                    try:
+                        await check()
+                    except CommitmentFailure as exc:
+                        raise _HopFailed(index, exc, hidden) from None
+                else:
+                    last_checks.append(check)
+                outputs.append(output)
+            return outputs
+
+        readers = [asyncio.ensure_future(read(index)) for index in range(len(self.hops))]
+        await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)
+        for reader in readers:  # a hop after a failed one would wait for its input forever
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        for reader in readers:
+            failure = None if reader.cancelled() else reader.exception()
+            if isinstance(failure, _HopFailed):
+                await self._prefill_failed(failure.index, failure.cause)
+                return None
+            if failure is not None:
+                raise failure
+        return torch.cat(readers[-1].result(), dim=1), last_checks
+
+    async def _prefill_failed(self, index: int, cause: BaseException) -> None:
+        """Give up a chunked prefill: hang up on every hop and open the route again on a new request id (the node at
+        `index` routed around, unless all it did was fail to push)."""
+        if not isinstance(cause, _NotPushed):
+            self._mark_failed(self.hops[index].node, cause)
+            self.failovers += 1
+        await self._drop_hops(self.hops)
+        self.hops = []
+        self.request_id = os.urandom(32)
+        self.request_ids.append(self.request_id)
+        await self.open()
 
     async def _run_step_pushed(self, hidden: torch.Tensor, position: int) -> tuple[torch.Tensor, list[_CommitmentCheck]]:
         """One step through a route whose nodes push to each other: the client sends the step to the first hop of each
@@ -573,6 +666,10 @@ class InferenceSession:
     async def _drop_hops(hops: list[Hop]) -> None:
         """Hang up on `hops` (nodes that failed): the node closes a connection's sessions with it."""
         await asyncio.gather(*(close_quietly(hop.channel) for hop in hops))
+
+
+class _NotPushed(NodeFailure):
+    """A node answered a step but could not push it on to the next hop."""
 
 
 class _HopFailed(Exception):

@@ -14,7 +14,7 @@ import torch
 
 from shardmarket.chain.eip712 import Domain
 from shardmarket.client.generation import Completion, RemoteModel
-from shardmarket.client.session import InferenceSession
+from shardmarket.client.session import PREFILL_CHUNK, InferenceSession
 from shardmarket.engine.sampling import SamplingParams
 from shardmarket.net import wire
 from shardmarket.net.channel import SecureChannel, client_handshake, open_transport
@@ -54,21 +54,21 @@ class Finished:
     hops: list[tuple[str, bool, int]]
     commitments: list[str]
     failovers: int
+    request_ids: int
 
     @classmethod
     def of(cls, session: InferenceSession) -> Finished:
         hops = [(hop.node.url, hop.pushes, len(hop.inputs)) for hop in session.hops]
-        return cls(hops, [url for url, _ in session.commitments], session.failovers)
+        return cls(hops, [url for url, _ in session.commitments], session.failovers, len(session.request_ids))
 
 
-def generate(tiny, urls: list[str], push: bool) -> tuple[list[int], Finished]:
+def generate(tiny, urls: list[str], push: bool, prompt: list[int] = PROMPT) -> tuple[list[int], Finished]:
     async def go():
         model = await RemoteModel.connect(tiny, urls, DOMAIN, step_timeout_s=30, push=push)
         sessions: list[Finished] = []
         model.on_finished = lambda session: sessions.append(Finished.of(session))
-        tokens = [
-            t async for t in model.stream(PROMPT, SamplingParams(max_tokens=TOKENS, ignore_eos=True), Completion(len(PROMPT)))
-        ]
+        params = SamplingParams(max_tokens=TOKENS, ignore_eos=True)
+        tokens = [t async for t in model.stream(prompt, params, Completion(len(prompt)))]
         await model.aclose()
         return tokens, sessions[0]
 
@@ -103,6 +103,38 @@ def test_a_node_that_cannot_reach_its_next_hop_relays_through_the_client(tiny, c
     assert pushed == relayed
     assert [(url, pushes) for url, pushes, _ in session.hops] == [(chain[name].url, name == "a") for name in "adc"]
     assert session.failovers == 0
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_pipelined_through_the_pushing_route(tiny, chain):
+    """A 300-token prompt goes to the first hop as 3 steps of at most PREFILL_CHUNK positions (each hop works on one
+    while the next works on the one before): the same tokens as one relayed prefill step, every chunk's commitment
+    checked."""
+    urls = [chain[name].url for name in "abc"]
+    prompt = [3 + (i * 7) % 370 for i in range(300)]
+    relayed, one_step = generate(tiny, urls, push=False, prompt=prompt)
+    pushed, chunked = generate(tiny, urls, push=True, prompt=prompt)
+    assert pushed == relayed
+    chunks = -(-len(prompt) // PREFILL_CHUNK)
+    assert [steps for _, _, steps in one_step.hops] == [TOKENS + 1] * 3  # the engine's 256 and 44 positions, then decode
+    assert chunked.hops == [
+        (urls[0], True, chunks + TOKENS - 1),
+        (urls[1], True, chunks + TOKENS - 1),
+        (urls[2], False, chunks + TOKENS - 1),
+    ]
+    assert chunked.failovers == 0 and chunked.request_ids == 1
+    assert all(chunked.commitments.count(url) >= chunks + TOKENS - 2 for url in urls)
+
+
+def test_a_chunked_prefill_that_cannot_push_starts_over_relayed(tiny, chain):
+    """d cannot reach c: the chunked prefill is given up after d's first chunk, and the prompt runs again on a new
+    request id in one step, relayed from d to c, with no node blamed."""
+    urls = [chain[name].url for name in "abc"]
+    prompt = [3 + (i * 5) % 370 for i in range(300)]
+    relayed, _ = generate(tiny, urls, push=False, prompt=prompt)
+    pushed, session = generate(tiny, [chain[name].url for name in "adc"], push=True, prompt=prompt)
+    assert pushed == relayed
+    assert session.request_ids == 2 and session.failovers == 0
+    assert [steps for _, _, steps in session.hops] == [TOKENS] * 3  # the whole prompt in one step
 
 
 def test_a_pushed_step_needs_the_token_the_client_gave_the_previous_node(chain):
