@@ -16,11 +16,13 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
@@ -30,9 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from wanlab import WanLab, measure_delays, missing
 
+from shardmarket.chain.devchain import anvil_binary, deploy
 from shardmarket.chain.eip712 import Domain
+from shardmarket.chain.keys import load_account
+from shardmarket.cli.devmarket import PASSWORD, DevMarket
 from shardmarket.cli.engine import default_checkpoint
+from shardmarket.cli.keys import home_keys
 from shardmarket.client.generation import Completion, RemoteModel
+from shardmarket.client.market import connect_paid
 from shardmarket.config import load_config
 from shardmarket.engine.head import Head
 from shardmarket.engine.models import random_checkpoint, tiny_config
@@ -43,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = Domain(31337, "0x" + "00" * 20)
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 NODE_PORT = 7300
+PRICE = 1000  # token units per token, each node
+Connect = Callable[[bool], Awaitable[RemoteModel]]  # push -> a connected client model
 CONFIG_1B = tiny_config(
     "llama",
     vocab_size=32000,
@@ -116,16 +125,11 @@ def start_nodes(lab: WanLab, checkpoint: Path, layers: int, home: Path) -> list[
     return list(urls.values())
 
 
-async def interleaved(
-    checkpoint: Path, urls: list[str], local: Local, prompts: dict[str, list[int]], tokens: int, runs: int
-) -> dict:
+async def interleaved(connect: Connect, local: Local, prompts: dict[str, list[int]], tokens: int, runs: int) -> dict:
     """Per prompt, `runs` rounds of local, relay and push requests (after one relay and one push request that connect and
     handshake: the cold start, not counted); returns (kind, prompt) -> tokens and the median first-token and decode s.
     The machine's load drifts, so the kinds take turns within each round."""
-    models = {
-        "relay": await RemoteModel.connect(checkpoint, urls, DOMAIN, step_timeout_s=120),
-        "push": await RemoteModel.connect(checkpoint, urls, DOMAIN, step_timeout_s=120, push=True),
-    }
+    models = {"relay": await connect(False), "push": await connect(True)}
     timings: dict = {}
     try:
         for name, ids in prompts.items():
@@ -165,43 +169,110 @@ async def remote(model: RemoteModel, ids: list[int], tokens: int) -> tuple[list[
     return out, arrivals[0], (arrivals[-1] - arrivals[0]) / (len(out) - 1), sum(decode_hops) / max(1, len(out) - 1)
 
 
-def bench_model(name: str, checkpoint: Path, rtts: list[float], tokens: int, runs: int, long_prompt: int) -> dict:
+def bench_model(
+    name: str, checkpoint: Path, rtts: list[float], tokens: int, runs: int, long_prompt: int, paid: bool = True
+) -> dict:
     local = Local(checkpoint)
     head = local.head
     text = head.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
     chat = head.tokenizer.encode(text, add_special_tokens=False)
     story = head.tokenizer.encode(" ".join(["The keeper climbed the stairs and lit the lamp again."] * long_prompt))
     prompts = {"chat": chat, "long": story[:long_prompt]}
-    out: dict = {}
-    for rtt in rtts:
-        hosts = ["client", "a", "b", "c"]
-        pairs = {(x, y): rtt / 2 for i, x in enumerate(hosts) for y in hosts[i + 1 :]}
-        with WanLab(hosts, pairs) as lab, tempfile.TemporaryDirectory() as home:
+    out: dict = {f"{name}_payments": paid}
+    hosts = ["client", "a", "b", "c", *(["chain"] if paid else [])]
+    with WanLab(hosts, {}) as lab, tempfile.TemporaryDirectory() as home:
+        if paid:
+            market, connect = paid_market(lab, checkpoint, Path(home))
+        else:
             urls = start_nodes(lab, checkpoint, head.num_layers, Path(home))
-            with lab.inside("client"):
-                measured = asyncio.run(interleaved(checkpoint, urls, local, prompts, tokens, runs))
-        compute = measured[("local", "chat")]["decode_s"]
-        floors = {"relay": compute + 3 * rtt / 1000, "push": compute + 2 * rtt / 1000}
-        key = f"{name}_rtt{rtt:g}"
-        out[f"{key}_local_ms_per_token"] = round(compute * 1000, 2)
-        out[f"{key}_local_first_token_ms_{long_prompt}"] = round(measured[("local", "long")]["first_s"] * 1000, 1)
-        for mode in ("relay", "push"):
-            chat_run, long_run = measured[(mode, "chat")], measured[(mode, "long")]
-            out[f"{key}_{mode}_ms_per_token"] = round(chat_run["decode_s"] * 1000, 2)
-            out[f"{key}_{mode}_first_token_ms"] = round(chat_run["first_s"] * 1000, 1)
-            out[f"{key}_{mode}_first_token_ms_{long_prompt}"] = round(long_run["first_s"] * 1000, 1)
-            reference = measured[("local", "chat")]["tokens"]
-            out[f"{key}_{mode}_same_tokens"] = chat_run["same"] and chat_run["tokens"] == reference
-            out[f"{key}_{mode}_over_{mode}_floor"] = round(floors[mode] / chat_run["decode_s"], 3)
-            out[f"{key}_{mode}_nodes_compute_ms_per_token"] = round(chat_run["nodes_s"] * 1000, 2)
-        out[f"{key}_push_over_relay_floor"] = round(floors["relay"] / measured[("push", "chat")]["decode_s"], 3)
-        out[f"{key}_relay_floor_ms_per_token"] = round(floors["relay"] * 1000, 2)
-        out[f"{key}_push_floor_ms_per_token"] = round(floors["push"] * 1000, 2)
-        ttft_floor = measured[("local", "long")]["first_s"] + 2 * rtt / 1000
-        out[f"{key}_first_token_floor_ms_{long_prompt}"] = round(ttft_floor * 1000, 1)
-        out[f"{key}_push_first_token_over_floor_{long_prompt}"] = round(ttft_floor / measured[("push", "long")]["first_s"], 3)
-        print(json.dumps({k: v for k, v in out.items() if k.startswith(key)}), file=sys.stderr, flush=True)
+
+            async def connect(push: bool) -> RemoteModel:
+                return await RemoteModel.connect(checkpoint, urls, DOMAIN, step_timeout_s=120, push=push)
+
+        try:
+            for rtt in rtts:
+                timed_hosts = ["client", "a", "b", "c"]  # the chain's links have no delay: it is off the step path
+                lab.set_delays({(x, y): rtt / 2 for i, x in enumerate(timed_hosts) for y in timed_hosts[i + 1 :]})
+                with lab.inside("client"):
+                    measured = asyncio.run(interleaved(connect, local, prompts, tokens, runs))
+                out.update(figures(name, rtt, measured, long_prompt))
+        finally:
+            if paid:
+                market.stop()
     return out
+
+
+def figures(name: str, rtt: float, measured: dict, long_prompt: int) -> dict:
+    """The JSON figures of one model at one RTT."""
+    out: dict = {}
+    compute = measured[("local", "chat")]["decode_s"]
+    floors = {"relay": compute + 3 * rtt / 1000, "push": compute + 2 * rtt / 1000}
+    key = f"{name}_rtt{rtt:g}"
+    out[f"{key}_local_ms_per_token"] = round(compute * 1000, 2)
+    out[f"{key}_local_first_token_ms_{long_prompt}"] = round(measured[("local", "long")]["first_s"] * 1000, 1)
+    for mode in ("relay", "push"):
+        chat_run, long_run = measured[(mode, "chat")], measured[(mode, "long")]
+        out[f"{key}_{mode}_ms_per_token"] = round(chat_run["decode_s"] * 1000, 2)
+        out[f"{key}_{mode}_first_token_ms"] = round(chat_run["first_s"] * 1000, 1)
+        out[f"{key}_{mode}_first_token_ms_{long_prompt}"] = round(long_run["first_s"] * 1000, 1)
+        reference = measured[("local", "chat")]["tokens"]
+        out[f"{key}_{mode}_same_tokens"] = chat_run["same"] and chat_run["tokens"] == reference
+        out[f"{key}_{mode}_over_{mode}_floor"] = round(floors[mode] / chat_run["decode_s"], 3)
+        out[f"{key}_{mode}_nodes_compute_ms_per_token"] = round(chat_run["nodes_s"] * 1000, 2)
+    out[f"{key}_push_over_relay_floor"] = round(floors["relay"] / measured[("push", "chat")]["decode_s"], 3)
+    out[f"{key}_relay_floor_ms_per_token"] = round(floors["relay"] * 1000, 2)
+    out[f"{key}_push_floor_ms_per_token"] = round(floors["push"] * 1000, 2)
+    ttft_floor = measured[("local", "long")]["first_s"] + 2 * rtt / 1000
+    out[f"{key}_first_token_floor_ms_{long_prompt}"] = round(ttft_floor * 1000, 1)
+    out[f"{key}_push_first_token_over_floor_{long_prompt}"] = round(ttft_floor / measured[("push", "long")]["first_s"], 3)
+    print(json.dumps(out), file=sys.stderr, flush=True)
+    return out
+
+
+def paid_market(lab: WanLab, checkpoint: Path, root: Path) -> tuple[DevMarket, Connect]:
+    """A chain (anvil, every contract) in namespace `chain`, the model published, one paid node per third of the layers
+    registered at its lab address and started in its namespace, and two funded clients (one relays, one pushes: each
+    signs its own tabs). Returns the market and how to connect a paying client."""
+    market = DevMarket(root, threads=torch.get_num_threads())
+    market.chain_port, chain_ip = 8545, lab.ip("chain")
+    market.rpc_url = f"http://{chain_ip}:{market.chain_port}"
+    anvil = [anvil_binary(), "--host", chain_ip, "--port", str(market.chain_port), "--block-base-fee-per-gas", "0"]
+    market.anvil = lab.spawn_in("chain", [*anvil, "--accounts", "10", "--chain-id", "31337"], "anvil.log")
+    model, layers = checkpoint.name, Head.load(checkpoint).num_layers
+    with lab.inside("client"):
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection((chain_ip, market.chain_port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        market.addresses = deploy(market.rpc_url, root / "deployments")
+        market.new_account("publisher")
+        market.cli("publisher", "model", "publish", "--checkpoint", str(checkpoint), "--name", model)
+        for host, (start, end) in zip("abc", thirds(layers), strict=True):
+            market.new_account(host, tokens=100 * 10**18)
+            endpoint = f"http://{lab.ip(host)}:{NODE_PORT}"
+            register = ["node", "register", "--model", model, "--layers", f"{start}:{end}", "--price", str(PRICE)]
+            market.cli(host, *register, "--stake", "100e18", "--endpoint", endpoint)
+        for client in ("relay-client", "push-client"):
+            market.new_account(client, tokens=10**20)
+            market.cli(client, "client", "deposit", str(10**19))
+    for host in "abc":
+        with lab.inside(host):
+            market.start_node(host, "--checkpoint", str(checkpoint), "--host", lab.ip(host), "--port", str(NODE_PORT), wait=False)
+    for host in "abc":
+        market.wait_ready(market.nodes[host])
+
+    async def connect(push: bool) -> RemoteModel:
+        client = "push-client" if push else "relay-client"
+        with market.acting_as(client):
+            account, config = load_account(PASSWORD, home_keys()), load_config()
+        return await connect_paid(checkpoint, config, account, model, step_timeout_s=120, push=push)
+
+    return market, connect
 
 
 def main() -> None:
@@ -211,6 +282,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed requests per case (after one that warms connections)")
     parser.add_argument("--long-prompt", type=int, default=1000, help="tokens of the long prompt timed for its first token")
     parser.add_argument("--model-1b", action="store_true", help="also the ~1B random Llama (slow on 2 cores)")
+    parser.add_argument("--free", action="store_true", help="free nodes, no chain (payments off)")
     args = parser.parse_args()
     why = missing()
     if why:
@@ -220,12 +292,12 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
     rtts = [float(x) for x in args.rtts.split(",")]
     result: dict = {"threads": torch.get_num_threads(), "delay_check": measure_delays(rtts)}
-    result.update(bench_model("smollm2", default_checkpoint(), rtts, args.tokens, args.runs, args.long_prompt))
+    result.update(bench_model("smollm2", default_checkpoint(), rtts, args.tokens, args.runs, args.long_prompt, not args.free))
     if args.model_1b:
         path = load_config().home / "models" / "random-1b"
         if not (path / "config.json").exists():
             random_checkpoint(CONFIG_1B, path)
-        result.update(bench_model("random1b", path, rtts, args.tokens, args.runs, args.long_prompt))
+        result.update(bench_model("random1b", path, rtts, args.tokens, args.runs, args.long_prompt, not args.free))
     print(json.dumps(result))
 
 
