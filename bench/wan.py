@@ -86,6 +86,18 @@ class Local:
         self.head = Head.load(checkpoint)
         self.stage = Stage.load(checkpoint, 0, self.head.num_layers)
 
+    def head_s(self, repeats: int = 20) -> float:
+        """The client's own work per decode token (embedding, LM head, picking the token), median seconds."""
+        times = []
+        hidden = torch.randn(1, 1, self.head.config.hidden_size)
+        with torch.inference_mode():
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self.head.embed(torch.tensor([[1]]))
+                int(self.head.logits(hidden)[0, -1].argmax())
+                times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
     def run(self, ids: list[int], tokens: int) -> tuple[list[int], float, float]:
         session = os.urandom(8).hex()
         self.stage.open_session(session, len(ids) + tokens)
@@ -195,20 +207,23 @@ def bench_model(
                 lab.set_delays({(x, y): rtt / 2 for i, x in enumerate(timed_hosts) for y in timed_hosts[i + 1 :]})
                 with lab.inside("client"):
                     measured = asyncio.run(interleaved(connect, local, prompts, tokens, runs))
-                out.update(figures(name, rtt, measured, long_prompt))
+                out.update(figures(name, rtt, measured, long_prompt, local.head_s()))
         finally:
             if paid:
                 market.stop()
     return out
 
 
-def figures(name: str, rtt: float, measured: dict, long_prompt: int) -> dict:
-    """The JSON figures of one model at one RTT."""
+def figures(name: str, rtt: float, measured: dict, long_prompt: int, head_s: float) -> dict:
+    """The JSON figures of one model at one RTT. Besides the floors on the local run's compute, `*_over_*_floor_own`
+    put each mode against the compute of its own run (what the nodes reported plus the client's head): on a machine
+    other work shares, one local process and three node processes do not get the same share of the cores."""
     out: dict = {}
     compute = measured[("local", "chat")]["decode_s"]
     floors = {"relay": compute + 3 * rtt / 1000, "push": compute + 2 * rtt / 1000}
     key = f"{name}_rtt{rtt:g}"
     out[f"{key}_local_ms_per_token"] = round(compute * 1000, 2)
+    out[f"{key}_client_head_ms_per_token"] = round(head_s * 1000, 2)
     out[f"{key}_local_first_token_ms_{long_prompt}"] = round(measured[("local", "long")]["first_s"] * 1000, 1)
     for mode in ("relay", "push"):
         chat_run, long_run = measured[(mode, "chat")], measured[(mode, "long")]
@@ -219,6 +234,8 @@ def figures(name: str, rtt: float, measured: dict, long_prompt: int) -> dict:
         out[f"{key}_{mode}_same_tokens"] = chat_run["same"] and chat_run["tokens"] == reference
         out[f"{key}_{mode}_over_{mode}_floor"] = round(floors[mode] / chat_run["decode_s"], 3)
         out[f"{key}_{mode}_nodes_compute_ms_per_token"] = round(chat_run["nodes_s"] * 1000, 2)
+        own = chat_run["nodes_s"] + head_s + (3 if mode == "relay" else 2) * rtt / 1000
+        out[f"{key}_{mode}_over_{mode}_floor_own"] = round(own / chat_run["decode_s"], 3)
     out[f"{key}_push_over_relay_floor"] = round(floors["relay"] / measured[("push", "chat")]["decode_s"], 3)
     out[f"{key}_relay_floor_ms_per_token"] = round(floors["relay"] * 1000, 2)
     out[f"{key}_push_floor_ms_per_token"] = round(floors["push"] * 1000, 2)
@@ -291,13 +308,15 @@ def main() -> None:
     if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":  # as every shardmarket process runs (see bench/network.py)
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
     rtts = [float(x) for x in args.rtts.split(",")]
-    result: dict = {"threads": torch.get_num_threads(), "delay_check": measure_delays(rtts)}
+    result: dict = {"threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0]}
+    result["delay_check"] = measure_delays(rtts)
     result.update(bench_model("smollm2", default_checkpoint(), rtts, args.tokens, args.runs, args.long_prompt, not args.free))
     if args.model_1b:
         path = load_config().home / "models" / "random-1b"
         if not (path / "config.json").exists():
             random_checkpoint(CONFIG_1B, path)
         result.update(bench_model("random1b", path, rtts, args.tokens, args.runs, args.long_prompt, not args.free))
+    result["load_average_at_end"] = os.getloadavg()[0]  # other work on the machine skews every ratio
     print(json.dumps(result))
 
 

@@ -8,6 +8,10 @@ hop at once and the commitment is checked while that hop works; a bad one redoes
 request, every hop's answered steps replayed, with the forger routed around. The client checks each commitment
 against the context it rebuilds itself: the node's model and layers as registered, the session nonce the node
 named when the session opened, the step, its position and the hash chain of every input it sent that hop.
+
+With `push`, each node is told the next one when its session opens and sends its output there itself; the client sends
+a step to the first hop and reads every hop's result as it comes (the input hash of each hop is that of the result its
+predecessor sent the client), and relays where a node says it could not push.
 """
 
 from __future__ import annotations

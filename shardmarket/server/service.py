@@ -9,7 +9,11 @@ A step is answered with two frames: the result, sent as soon as the layers are d
 to it (the client passes the result on to the next hop while the node signs, and checks the signature while
 that hop works). A paid session's later steps run on the client's credit: their tab is checked and stored while
 the commitment is signed, and a bad tab gets an error frame in the commitment's place; the commitment is the
-node's acknowledgement, so a tab it acknowledged is always on disk."""
+node's acknowledgement, so a tab it acknowledged is always on disk.
+
+A client may name the next node of its route when it opens a session (server/push.py): the node then also sends each
+step's output to that node as its step, before the result goes back to the client. A step pushed that way carries the
+token the client gave both nodes, and its answers go to the client that holds the session."""
 
 from __future__ import annotations
 

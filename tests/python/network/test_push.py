@@ -30,15 +30,19 @@ PROMPT = list(range(3, 40))
 
 @pytest.fixture(scope="module")
 def chain(tiny, tmp_path_factory):
-    """Nodes a [0,2) -> b [2,4) -> c [4,5) that may push to each other, and d [2,4) whose peers leave out c."""
+    """Nodes a [0,2) -> b [2,4) -> c [4,5) that may push to each other, d [2,4) whose peers leave out c, and f [2,4)
+    that pushes to c but forges its commitments from its fourth step on."""
     home = tmp_path_factory.mktemp("push")
-    ports = {name: free_port() for name in "abcd"}
+    ports = {name: free_port() for name in "abcdf"}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    peers = {"a": [url["b"], url["d"]], "b": [url["c"]], "c": [], "d": [url["a"]]}
-    layers = {"a": "0:2", "b": "2:4", "c": "4:5", "d": "2:4"}
+    peers = {"a": [url["b"], url["d"], url["f"]], "b": [url["c"]], "c": [], "d": [url["a"]], "f": [url["c"]]}
+    layers = {"a": "0:2", "b": "2:4", "c": "4:5", "d": "2:4", "f": "2:4"}
+    extra = {"f": ["--test-fault", "forge-commitments"]}
     nodes = {
-        name: start_node(tiny, layers[name], home / name, port=ports[name], settings={"peers": ",".join(peers[name])})
-        for name in "abcd"
+        name: start_node(
+            tiny, layers[name], home / name, *extra.get(name, []), port=ports[name], settings={"peers": ",".join(peers[name])}
+        )
+        for name in "abcdf"
     }
     try:
         wait_ready(*nodes.values())
@@ -62,9 +66,17 @@ class Finished:
         return cls(hops, [url for url, _ in session.commitments], session.failovers, len(session.request_ids))
 
 
-def generate(tiny, urls: list[str], push: bool, prompt: list[int] = PROMPT) -> tuple[list[int], Finished]:
+def generate(
+    tiny, urls: list[str], push: bool, prompt: list[int] = PROMPT, spare: str | None = None
+) -> tuple[list[int], Finished]:
+    """Greedy tokens through `urls` (with `spare` priced so that routes take it only in place of a failed node) and what
+    the session held at the end."""
+
     async def go():
-        model = await RemoteModel.connect(tiny, urls, DOMAIN, step_timeout_s=30, push=push)
+        model = await RemoteModel.connect(tiny, urls + ([spare] if spare else []), DOMAIN, step_timeout_s=30, push=push)
+        for node in model.nodes:
+            if node.url == spare:
+                node.price = 1000
         sessions: list[Finished] = []
         model.on_finished = lambda session: sessions.append(Finished.of(session))
         params = SamplingParams(max_tokens=TOKENS, ignore_eos=True)
@@ -103,6 +115,18 @@ def test_a_node_that_cannot_reach_its_next_hop_relays_through_the_client(tiny, c
     assert pushed == relayed
     assert [(url, pushes) for url, pushes, _ in session.hops] == [(chain[name].url, name == "a") for name in "adc"]
     assert session.failovers == 0
+
+
+def test_a_forged_commitment_of_a_pushing_hop_redoes_the_step_around_it(tiny, chain):
+    """f's forged commitment is found after its output went on to c (checked while the client picks the token): the
+    step is redone on a new request id, every answered step replayed, with b in f's place; the text is unchanged."""
+    urls = [chain[name].url for name in "abc"]
+    relayed, _ = generate(tiny, urls, push=False)
+    pushed, session = generate(tiny, [chain[name].url for name in "afc"], push=True, spare=chain["b"].url)
+    assert pushed == relayed
+    assert session.failovers >= 1 and session.request_ids == 2
+    assert chain["f"].url not in [url for url, _, _ in session.hops]
+    assert [url for url, _, _ in session.hops] == urls
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_pipelined_through_the_pushing_route(tiny, chain):
