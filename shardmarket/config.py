@@ -59,6 +59,9 @@ class NodeConfig:
     redeem_interval_s: float = 60.0  # how often a node checks whether settling is worth it
     dispute_tolerance: float = 1e-3  # verifier duty: largest relative difference of hidden states counted as equal
     dashboard_key: str = ""  # /dashboard and /metrics for whoever presents it; empty: for local addresses only
+    # free nodes this node may push its outputs to when a client's route names them next (their keys read from their /info);
+    # a paid node pushes only to nodes listed on the NodeRegistry
+    peers: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class ClientConfig:
     api_key: str = ""
     nodes: list[str] = field(default_factory=list)  # base URLs of free nodes to use instead of the NodeRegistry
     transport: str = "tcp"  # "tcp" or "ws"
+    push: bool = False  # nodes send their outputs straight to the next hop instead of back to the client (2 RTT a token, not 3)
     step_timeout_s: float = 60.0
     spot_check_rate: float = 0.0  # fraction of requests whose hops are re-run on another node (or locally)
     spot_check_tolerance: float = 1e-3  # largest relative difference of hidden states still counted as equal

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from shardmarket.client.payer import Payer
 
 _DONE = object()
+PROMPT_STEP = 256  # the engine's prefill step
+PUSHED_PROMPT_STEP = 1024  # a node's default max_step_tokens
 
 
 class GenerationCancelled(Exception):
@@ -61,8 +63,10 @@ class RemoteModel:
         on_finished: Callable[[InferenceSession], None] | None = None,
         presign: Presign | None = None,
         standing_tab: StandingTab | None = None,
+        push: bool = False,
     ) -> None:
         self.head, self.model_id, self.nodes, self.domain = head, model_id, nodes, domain
+        self.push = push  # nodes send their outputs straight to the next hop (see InferenceSession)
         self.transport, self.step_timeout_s, self.tab_source, self.presign = transport, step_timeout_s, tab_source, presign
         self.standing_tab = standing_tab
         self.on_commitment, self.on_finished = on_commitment, on_finished
@@ -142,6 +146,7 @@ class RemoteModel:
             presign=self.presign,
             pool=self.channels,
             standing_tab=self.standing_tab,
+            push=self.push,
         )
         here = PASSIVE_OPENMP and not self._streams  # a lone stream: its head runs on the event loop's thread
         self._streams += 1
@@ -167,7 +172,7 @@ class RemoteModel:
         """Generate on the event loop's thread: no hand-off to a generating thread and back per token (two thread
         wake-ups). The head then holds the loop for a few ms per token, which is fine while no other stream runs;
         OpenMP does not mind a second team with OMP_WAIT_POLICY=PASSIVE (see shardmarket/engine/openmp.py)."""
-        steps = generation_steps(self.head, prompt_ids, params, confirming=True)
+        steps = generation_steps(self.head, prompt_ids, params, chunk_size=self._prompt_step(), confirming=True)
         answer = None
         while True:
             try:
@@ -202,7 +207,7 @@ class RemoteModel:
 
         def produce() -> None:
             try:
-                for token in generate(self.head, run_layers, prompt_ids, params, confirm=confirm):
+                for token in generate(self.head, run_layers, prompt_ids, params, chunk_size=self._prompt_step(), confirm=confirm):
                     loop.call_soon_threadsafe(queue.put_nowait, token)
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
             except BaseException as exc:  # handed to the consumer, which re-raises it
@@ -217,6 +222,11 @@ class RemoteModel:
         finally:
             cancelled.set()
             await asyncio.shield(worker)
+
+    def _prompt_step(self) -> int:
+        """Prompt positions handed to the session at once: a pushing route takes a whole prompt up to the nodes' usual
+        step limit and pipelines it in chunks of its own (see InferenceSession), a relaying one takes the engine's."""
+        return PUSHED_PROMPT_STEP if self.push else PROMPT_STEP
 
 
 async def in_passing_thread(fn, *args):

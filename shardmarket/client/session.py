@@ -8,11 +8,16 @@ hop at once and the commitment is checked while that hop works; a bad one redoes
 request, every hop's answered steps replayed, with the forger routed around. The client checks each commitment
 against the context it rebuilds itself: the node's model and layers as registered, the session nonce the node
 named when the session opened, the step, its position and the hash chain of every input it sent that hop.
+
+With `push`, each node is told the next one when its session opens and sends its output there itself; the client sends
+a step to the first hop and reads every hop's result as it comes (the input hash of each hop is that of the result its
+predecessor sent the client), and relays where a node says it could not push.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -81,6 +86,7 @@ class CommitmentFailure(Exception):
         self.node = node
 
 
+PREFILL_CHUNK = 128  # positions per step of a long prompt on a pushing route: hop A computes chunk 2 while B has chunk 1
 KEPT_OPEN_TIMEOUT_S = 5.0  # for OPEN on a kept channel; then a new connection is tried
 
 # everything that means "this node failed this step": the session routes around the node
@@ -107,6 +113,7 @@ class Hop:
     inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, hidden) per step
     outputs: list[torch.Tensor] = field(default_factory=list)  # the node's answer per step (for spot checks)
     history: bytes = EMPTY_HISTORY  # chain_history over the hashes of every input answered so far
+    pushes: bool = False  # the node sends its outputs straight to the next hop (which it was told when it opened)
     held: bool = True  # counted in the node's `held` sessions (from when its route was planned) until closed or dropped
 
     def release(self) -> None:
@@ -146,8 +153,10 @@ class InferenceSession:
         presign: Presign | None = None,
         pool: ChannelPool | None = None,
         standing_tab: StandingTab | None = None,
+        push: bool = False,
     ) -> None:
         self.nodes, self.num_layers, self.domain = nodes, num_layers, domain
+        self.push = push  # ask each node to push its outputs to the next hop (the client still gets every result)
         self.pool = pool  # channels kept open between requests (shared between sessions)
         self.reused_channels = 0  # hops opened on a kept channel
         self.max_length, self.transport, self.step_timeout_s = max_length, transport, step_timeout_s
@@ -194,7 +203,10 @@ class InferenceSession:
         session from now on, before the first await: concurrent requests planning meanwhile see it."""
         for node in route:
             node.held += 1
-        results = await asyncio.gather(*(self._open_hop(node) for node in route), return_exceptions=True)
+        links = self._links(route)
+        results = await asyncio.gather(
+            *(self._open_hop(node, link) for node, link in zip(route, links, strict=True)), return_exceptions=True
+        )
         hops = [result for result in results if isinstance(result, Hop)]
         failed = [(node, result) for node, result in zip(route, results, strict=True) if not isinstance(result, Hop)]
         for node, _ in failed:
@@ -209,11 +221,25 @@ class InferenceSession:
         node, exc = failed[0]
         raise NodeFailure(f"cannot open a session on {node.url}: {exc}")
 
-    async def _open_hop(self, node: NodeInfo) -> Hop:
+    def _links(self, route: list[NodeInfo]) -> list[dict]:
+        """The OPEN fields linking each hop of `route` to the next when pushing: the next node's key and a fresh token that
+        the next node will expect on the steps pushed to it (nodes of different hidden states are not linked)."""
+        links: list[dict] = [{} for _ in route]
+        if not self.push:
+            return links
+        for i, (node, following) in enumerate(itertools.pairwise(route)):
+            if node.dtype == following.dtype and node.hidden_size == following.hidden_size:
+                token = os.urandom(32)
+                links[i]["next"] = {"key": following.x25519_public_key, "token": token}
+                links[i + 1]["previous"] = token
+        return links
+
+    async def _open_hop(self, node: NodeInfo, link: dict | None = None) -> Hop:
+        link = link or {}
         if self.pool is not None:
             while (channel := await self.pool.take(self._pool_key(node))) is not None:
                 try:  # a kept connection that went dead without a word must not cost a whole step timeout
-                    hop = await self._open_session(node, channel, min(self.step_timeout_s, KEPT_OPEN_TIMEOUT_S))
+                    hop = await self._open_session(node, channel, min(self.step_timeout_s, KEPT_OPEN_TIMEOUT_S), link)
                     self.reused_channels += 1
                     return hop
                 except (TimeoutError, ConnectionError, OSError, WireError, DecryptError):
@@ -224,10 +250,10 @@ class InferenceSession:
         except BaseException:
             await transport.close()
             raise
-        return await self._open_session(node, channel, self.step_timeout_s)
+        return await self._open_session(node, channel, self.step_timeout_s, link)
 
-    async def _open_session(self, node: NodeInfo, channel: SecureChannel, timeout_s: float) -> Hop:
-        fields: dict = {"max_length": self.max_length}
+    async def _open_session(self, node: NodeInfo, channel: SecureChannel, timeout_s: float, link: dict) -> Hop:
+        fields: dict = {"max_length": self.max_length, **link}
         tab = self.tab or (self.standing_tab(node) if self.standing_tab is not None else None)
         if tab is not None:  # names who pays: a paid node opens sessions for strangers only sparingly
             fields["tab"] = tab
@@ -247,7 +273,7 @@ class InferenceSession:
         if not isinstance(nonce, bytes) or len(nonce) != 32:
             await channel.close()
             raise NodeFailure(f"node {node.url} opened the session without a 32-byte session nonce")
-        return Hop(node, channel, nonce)
+        return Hop(node, channel, nonce, pushes="next" in link and reply.fields.get("push") is True)
 
     def _pool_key(self, node: NodeInfo) -> tuple:
         return node.url, self.transport, node.tcp_port, node.x25519_public_key
@@ -266,14 +292,24 @@ class InferenceSession:
         if not self.hops:
             await self.open()
         position = int(positions[0, 0])
+        if position == 0 and hidden.shape[1] > PREFILL_CHUNK and self._linked() and not self.hops[0].inputs:
+            prefilled = await self._prefill_chunked(hidden)
+            if prefilled is not None:
+                output, unchecked = prefilled
+                self._unconfirmed = (asyncio.ensure_future(self._after_step(unchecked)), hidden, positions, 0)
+                return output
         while True:
             answered = len(self.hops[0].inputs)
             try:
-                output, unchecked = await self._run_step(hidden, position)
+                if any(hop.pushes for hop in self.hops):
+                    output, unchecked = await self._run_step_pushed(hidden, position)
+                else:
+                    output, last = await self._run_step(hidden, position)
+                    unchecked = [] if last is None else [last]
             except CommitmentFailure as exc:
                 await self._restart(answered, exc)
                 continue
-            check = None if unchecked is None and self.presign is None else asyncio.ensure_future(self._after_step(unchecked))
+            check = None if not unchecked and self.presign is None else asyncio.ensure_future(self._after_step(unchecked))
             self._unconfirmed = (check, hidden, positions, answered)
             return output
 
@@ -327,13 +363,155 @@ class InferenceSession:
             index += 1
         return hidden, unchecked  # the last hop's commitment: checked before the output is used (`confirm`)
 
-    async def _after_step(self, unchecked: _CommitmentCheck | None) -> None:
+    async def _after_step(self, unchecked: list[_CommitmentCheck]) -> None:
         """What follows a step while its output is being used: the next decode step's tab is signed ahead (while the
-        last node signs its commitment), then the last hop's commitment is checked."""
+        last node signs its commitment), then the commitments not checked yet are."""
         if self.presign is not None:
             self.presign([(hop.node, 1) for hop in self.hops])
-        if unchecked is not None:
-            await unchecked()
+        for check in unchecked:
+            await check()
+
+    def _linked(self) -> bool:
+        """Whether every hop but the last pushes to the next."""
+        return all(hop.pushes for hop in self.hops[:-1])
+
+    async def _prefill_chunked(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[_CommitmentCheck]] | None:
+        """Prefill a long prompt on a fully linked route as a train of chunks, one step each, all sent to the first hop at
+        once, so that every hop works on one chunk while the next hop works on the one before. Each hop's results are
+        read as they come (their commitments checked, the last chunk's after the output is returned). On any failure the
+        route is opened again on a new request id, around a failed node, and None returned: the caller prefills in one
+        step as usual."""
+        chunks = hidden.split(PREFILL_CHUNK, dim=1)
+        self.pay([(hop.node, hidden.shape[1]) for hop in self.hops])  # one tab for the whole prompt rides on each chunk
+        dtype = wire.DTYPES[self.hops[0].node.dtype]
+        loop = asyncio.get_running_loop()
+        feeds = [[loop.create_future() for _ in chunks] for _ in self.hops]  # (hidden, payload, tensor sent) per chunk
+        offsets = [sum(c.shape[1] for c in chunks[:i]) for i in range(len(chunks))]
+        last_checks: list[_CommitmentCheck] = []
+        started = time.perf_counter()
+        try:
+            for step, chunk in enumerate(chunks):
+                sent = chunk.to(dtype).contiguous()
+                payload = tensor_bytes(sent)
+                feeds[0][step].set_result((chunk, payload, sent))
+                fields = self._fields(offsets[step]) | {"push": len(self.hops) - 1}
+                await self.hops[0].channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
+        except HOP_ERRORS as exc:
+            await self._prefill_failed(0, exc)
+            return None
+
+        async def read(index: int) -> list[torch.Tensor]:
+            hop, outputs = self.hops[index], []
+            for step in range(len(chunks)):
+                try:
+                    async with asyncio.timeout(self.step_timeout_s):
+                        reply = await hop.channel.recv()
+                    given, payload, sent = await feeds[index][step]
+                    output = self._check_answer(hop, reply, step, sent)
+                    if index + 1 < len(self.hops) and reply.fields.get("pushed") is not True:
+                        raise _NotPushed(f"node {hop.node.url} could not push to the next hop")
+                except (CommitmentFailure, *HOP_ERRORS) as exc:
+                    raise _HopFailed(index, exc, hidden) from None
+                context = hop.context(self.request_id, step, offsets[step], tensor_hash(payload))
+                hop.answered(context)
+                hop.inputs.append((offsets[step], given))
+                hop.outputs.append(output)
+                compute_s = reply.fields.get("compute_us", 0) / 1e6
+                self.timings.append(HopTiming(hop.node.url, given.shape[1], time.perf_counter() - started, compute_s))
+                if index + 1 < len(self.hops):
+                    feeds[index + 1][step].set_result((output, reply.payload, reply.tensor))
+                check = _CommitmentCheck(self, hop, reply, context, given.shape[1])
+                if step + 1 < len(chunks):
+                    try:
+                        await check()
+                    except CommitmentFailure as exc:
+                        raise _HopFailed(index, exc, hidden) from None
+                else:
+                    last_checks.append(check)
+                outputs.append(output)
+            return outputs
+
+        readers = [asyncio.ensure_future(read(index)) for index in range(len(self.hops))]
+        await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)
+        for reader in readers:  # a hop after a failed one would wait for its input forever
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        for reader in readers:
+            failure = None if reader.cancelled() else reader.exception()
+            if isinstance(failure, _HopFailed):
+                await self._prefill_failed(failure.index, failure.cause)
+                return None
+            if failure is not None:
+                raise failure
+        return torch.cat(readers[-1].result(), dim=1), last_checks
+
+    async def _prefill_failed(self, index: int, cause: BaseException) -> None:
+        """Give up a chunked prefill: hang up on every hop and open the route again on a new request id (the node at
+        `index` routed around, unless all it did was fail to push)."""
+        if not isinstance(cause, _NotPushed):
+            self._mark_failed(self.hops[index].node, cause)
+            self.failovers += 1
+        await self._drop_hops(self.hops)
+        self.hops = []
+        self.request_id = os.urandom(32)
+        self.request_ids.append(self.request_id)
+        await self.open()
+
+    async def _run_step_pushed(self, hidden: torch.Tensor, position: int) -> tuple[torch.Tensor, list[_CommitmentCheck]]:
+        """One step through a route whose nodes push to each other: the client sends the step to the first hop of each
+        run of linked hops and reads every hop's result as it comes (the last one is the step's output); every
+        commitment is checked after the output was returned. A hop that could not push is relayed to by the client."""
+        tokens = hidden.shape[1]
+        self.pay([(hop.node, tokens) for hop in self.hops])
+        index, checks = 0, list[_CommitmentCheck]()
+        while index < len(self.hops):
+            last, step = index, len(self.hops[index].inputs)
+            while last + 1 < len(self.hops) and self.hops[last].pushes and len(self.hops[last + 1].inputs) == step:
+                last += 1
+            try:
+                hidden, index = await self._run_linked(index, last, step, position, hidden, checks)
+            except _HopFailed as exc:
+                await self._replace(exc.index, exc.cause, tokens)
+                if exc.index > 0:  # it was told to push to the node just replaced
+                    self.hops[exc.index - 1].pushes = False
+                index, hidden = exc.index, exc.hidden
+        return hidden, checks
+
+    async def _run_linked(
+        self, first: int, last: int, step: int, position: int, hidden: torch.Tensor, checks: list[_CommitmentCheck]
+    ) -> tuple[torch.Tensor, int]:
+        """Send the step to hop `first`, which pushes it on through hop `last`; read each hop's result in turn. Returns the
+        last output read and the index of the next hop the client must send to."""
+        hop = self.hops[first]
+        dtype = wire.DTYPES[hop.node.dtype]
+        sent = hidden if hidden.dtype == dtype else hidden.to(dtype)
+        payload = tensor_bytes(sent)
+        fields = self._fields(position) | ({"push": last - first} if last > first else {})
+        started = time.perf_counter()
+        try:
+            await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
+        except HOP_ERRORS as exc:
+            raise _HopFailed(first, exc, hidden) from None
+        for index in range(first, last + 1):
+            hop = self.hops[index]
+            context = hop.context(self.request_id, step, position, tensor_hash(payload))
+            try:
+                async with asyncio.timeout(self.step_timeout_s):
+                    reply = await hop.channel.recv()
+                output = self._check_answer(hop, reply, step, sent)
+            except HOP_ERRORS as exc:
+                raise _HopFailed(index, exc, hidden) from None
+            hop.answered(context)
+            hop.inputs.append((position, hidden))
+            hop.outputs.append(output)
+            compute_s = reply.fields.get("compute_us", 0) / 1e6
+            self.timings.append(HopTiming(hop.node.url, hidden.shape[1], time.perf_counter() - started, compute_s))
+            checks.append(_CommitmentCheck(self, hop, reply, context, hidden.shape[1]))
+            hidden, sent, payload = output, reply.tensor if reply.tensor is not None else sent, reply.payload
+            if index < last and reply.fields.get("pushed") is not True:
+                hop.pushes = False  # it could not reach the next hop: the client relays from now on
+                return hidden, index + 1
+        return hidden, last + 1
 
     async def _step(
         self, hop: Hop, step: int, position: int, hidden: torch.Tensor, previous: _CommitmentCheck | None
@@ -515,6 +693,18 @@ class InferenceSession:
         for hop in hops:
             hop.release()
         await asyncio.gather(*(close_quietly(hop.channel) for hop in hops))
+
+
+class _NotPushed(NodeFailure):
+    """A node answered a step but could not push it on to the next hop."""
+
+
+class _HopFailed(Exception):
+    """Hop `index` of a pushed step failed (`cause`); `hidden` was its input."""
+
+    def __init__(self, index: int, cause: BaseException, hidden: torch.Tensor) -> None:
+        super().__init__(str(cause))
+        self.index, self.cause, self.hidden = index, cause, hidden
 
 
 class _CommitmentCheck:

@@ -21,7 +21,7 @@ from eth_utils import keccak
 
 from shardmarket.chain.commitment import commitment_domain
 from shardmarket.chain.contracts import ChainError, Market
-from shardmarket.chain.registry import Registration, registration_of
+from shardmarket.chain.registry import Registration, listed_nodes, registration_of
 from shardmarket.chain.watch import BlockWatch
 from shardmarket.config import Config, NodeConfig
 from shardmarket.engine.models import default_model
@@ -40,6 +40,7 @@ from shardmarket.server.faults import Fault, FaultyService
 from shardmarket.server.identity import NodeIdentity, load_or_create_identity
 from shardmarket.server.metrics import EarningsLedger, NodeMetrics
 from shardmarket.server.payments import PaymentGate
+from shardmarket.server.push import PeerDirectory, Successors, peers_source
 from shardmarket.server.service import NodeService, SessionLimits
 from shardmarket.server.settlement import Settler, escrow_credit_reader, settle_pending
 from shardmarket.server.tabs import TabStore, tab_store_path
@@ -144,6 +145,8 @@ class NodeDaemon:
         await service.drain(self.shutdown_timeout_s)
         expiry.cancel()
         await runner.cleanup()
+        if service.successors is not None:
+            await service.successors.close()
         await service.worker.stop()
         print("node stopped", flush=True)
 
@@ -170,7 +173,10 @@ def build_daemon(
     port = options.port if options.port is not None else config.node.port
     print(f"loading layers {options.layers[0]}:{options.layers[1]} of {checkpoint}", flush=True)
     listing = NodeListing(options.model_id or checkpoint.name, price)
-    service = _load_service(options, config, checkpoint, listing.model_id, options.layers, identity, threads)
+    successors = Successors(PeerDirectory(peers_source(config.node.peers))) if config.node.peers else None
+    service = _load_service(
+        options, config, checkpoint, listing.model_id, options.layers, identity, threads, successors=successors
+    )
     return _daemon(options, config, service, listing, port)
 
 
@@ -231,7 +237,14 @@ def paid_daemon(
         confirmations=config.chain.confirmations,
     )
     print(f"loading layers {start}:{end} of {name}, price {price}", flush=True)
-    service = _load_service(options, config, checkpoint, name, (start, end), identity, threads, payments=gate)
+
+    async def registered() -> dict[bytes, str]:
+        return {node["key"]: node["url"] for node in await asyncio.to_thread(listed_nodes, market, name)}
+
+    successors = Successors(PeerDirectory(registered))
+    service = _load_service(
+        options, config, checkpoint, name, (start, end), identity, threads, payments=gate, successors=successors
+    )
     duty = VerifierDuty(
         market,
         service.worker,
@@ -273,6 +286,7 @@ def _load_service(
     identity: NodeIdentity,
     threads: int,
     payments: PaymentGate | None = None,
+    successors: Successors | None = None,
 ) -> NodeService:
     """Load layers `layers` of `checkpoint` on the compute thread (every torch operation of the node runs there) and
     build the session service of model `model` (its name on the ModelRegistry), the faulty one when `options.fault`
@@ -300,6 +314,7 @@ def _load_service(
         "idle_timeout_s": config.node.idle_timeout_s,
         "payments": payments,
         "session_limits": limits_from(config.node, SessionLimits),
+        "successors": successors,
     }
     if options.fault:
         return FaultyService(worker, identity, domain, fault=options.fault, **kwargs)

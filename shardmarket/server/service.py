@@ -9,12 +9,17 @@ A step is answered with two frames: the result, sent as soon as the layers are d
 to it (the client passes the result on to the next hop while the node signs, and checks the signature while
 that hop works). A paid session's later steps run on the client's credit: their tab is checked and stored while
 the commitment is signed, and a bad tab gets an error frame in the commitment's place; the commitment is the
-node's acknowledgement, so a tab it acknowledged is always on disk."""
+node's acknowledgement, so a tab it acknowledged is always on disk.
+
+A client may name the next node of its route when it opens a session (server/push.py): the node then also sends each
+step's output to that node as its step, before the result goes back to the client. A step pushed that way carries the
+token the client gave both nodes, and its answers go to the client that holds the session."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import time
@@ -45,6 +50,7 @@ from shardmarket.net.ratelog import RateLimitedLog
 from shardmarket.net.wire import Limits, Message, StreamDesync, WireError
 from shardmarket.server.identity import NodeIdentity
 from shardmarket.server.payments import Credit, PaymentGate, PaymentRefused
+from shardmarket.server.push import Successor, Successors
 from shardmarket.server.worker import StageWorker
 
 log = logging.getLogger("shardmarket.node")
@@ -108,6 +114,7 @@ class _Connection:
 
     peer: Peer
     sessions: set[bytes] = field(default_factory=set)
+    channel: SecureChannel | None = None  # where the answers to its sessions' pushed steps go
 
 
 @dataclass
@@ -122,6 +129,8 @@ class _Session:
     answers: OrderedDict[int, _Answer] = field(default_factory=OrderedDict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
+    successor: Successor | None = None  # the next node of the client's route, when this node pushes its outputs there
+    previous_token: bytes | None = None  # what the previous node's pushed steps must carry
 
     @property
     def stage_id(self) -> str:
@@ -141,6 +150,7 @@ class NodeService:
         idle_timeout_s: float = 300.0,
         payments: PaymentGate | None = None,
         session_limits: SessionLimits = SessionLimits(),
+        successors: Successors | None = None,
     ) -> None:
         self.worker, self.identity, self.domain = worker, identity, domain
         self.stage = worker.stage
@@ -149,6 +159,7 @@ class NodeService:
         self.model_id = model_id  # keccak256 of the model's name, as the ModelRegistry names it: every commitment carries it
         self.idle_timeout_s = idle_timeout_s
         self.payments = payments
+        self.successors = successors  # None: this node never pushes (the client relays its outputs)
         self.sessions: dict[bytes, _Session] = {}
         self._live: set[_Connection] = set()  # connections past their handshake
         self._warn = RateLimitedLog(log).warning
@@ -181,6 +192,7 @@ class NodeService:
         try:
             channel = await self._handshake(transport)
             if channel is not None:
+                connection.channel = channel
                 connection.peer.handshaken()
                 self._live.add(connection)
                 await self._serve_channel(channel, connection)
@@ -243,13 +255,52 @@ class NodeService:
             self._idle.clear()
             try:
                 reply, answer = await self._answer(message, connection)
-                await channel.send(reply)
-                if answer is not None:
-                    await channel.send(await self._acknowledge(answer))
+                out = self._answer_channel(message, channel)
+                if answer is not None and reply.type == wire.RESULT and message.fields.get("push"):
+                    reply.fields["pushed"] = await self._push(answer, message)
+                try:
+                    await out.send(reply)
+                    if answer is not None:
+                        await out.send(await self._acknowledge(answer))
+                except ChannelClosed:
+                    if out is channel:
+                        raise
             finally:
                 self.steps_in_flight -= 1
                 if not self.steps_in_flight:
                     self._idle.set()
+
+    def _answer_channel(self, message: Message, channel: SecureChannel) -> SecureChannel:
+        """Where the answer to `message` goes: a step pushed by the previous node is answered to the client that holds the
+        session; everything else on the channel it came on."""
+        via = message.fields.get("via") if message.type == wire.STEP else None
+        session = self.sessions.get(message.session) if via is not None else None
+        if session is not None and session.owner.channel is not None and _token_matches(via, session.previous_token):
+            return session.owner.channel
+        return channel
+
+    async def _push(self, answer: _Answer, message: Message) -> bool:
+        """Send `answer`'s output on to the session's next node as its step (the client's fields ride along); False when
+        there is none or it cannot be reached (the client then relays)."""
+        session = self.sessions.get(answer.request_id)
+        hops = message.fields.get("push")
+        if session is None or session.successor is None or self.successors is None or not isinstance(hops, int) or hops < 1:
+            return False
+        successor = session.successor
+        channel = await self.successors.channel(successor.key)
+        if channel is None:
+            session.successor = None
+            return False
+        fields = {"position": message.fields.get("position"), "push": hops - 1, "via": successor.token}
+        if "tab" in message.fields:
+            fields["tab"] = message.fields["tab"]
+        try:
+            await channel.send(Message(wire.STEP, answer.request_id, answer.step, fields, answer.output, answer.payload))
+        except ChannelClosed:
+            self.successors.forget(successor.key, channel)
+            session.successor = None
+            return False
+        return True
 
     async def _answer(self, message: Message, connection: _Connection) -> tuple[Message, _Answer | None]:
         """The reply to `message` and, for a step, the answer whose commitment follows it."""
@@ -307,12 +358,13 @@ class NodeService:
         if existing is not None:  # a reconnect before the old connection was noticed gone: the session moves here
             if existing.owner is not connection:
                 self._move(existing, connection)
-            fields = {"position": existing.next_position, "nonce": existing.nonce}
+            fields = {"position": existing.next_position, "nonce": existing.nonce, "push": existing.successor is not None}
             return Message(wire.OPENED, request_id, existing.next_step, fields)
         max_length = message.fields.get("max_length")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or not 0 < max_length <= 1 << 20:
             raise StepRefused("bad_open", "open needs max_length, a positive integer")
         tab = message.fields.get("tab")
+        successor, previous_token = self._links(message)
         self._check_room(connection, unpaid=self.payments is not None and tab is None)
         connection.sessions.add(request_id)  # claimed before the first await, so that concurrent opens count it
         try:
@@ -322,8 +374,24 @@ class NodeService:
             if self.payments is not None:
                 self.payments.release(request_id)
             raise
+        session.successor, session.previous_token = successor, previous_token
         self.sessions[request_id] = session
-        return Message(wire.OPENED, request_id, 0, {"position": 0, "nonce": session.nonce})
+        if successor is not None and self.successors is not None:
+            self.successors.warm(successor.key)  # connected while the client sends its first step
+        return Message(wire.OPENED, request_id, 0, {"position": 0, "nonce": session.nonce, "push": successor is not None})
+
+    def _links(self, message: Message) -> tuple[Successor | None, bytes | None]:
+        """The next node an OPEN asks this node to push to (none if this node does not push) and the token the previous
+        node's pushed steps will carry."""
+        successor, previous = message.fields.get("next"), message.fields.get("previous")
+        if previous is not None and (not isinstance(previous, bytes) or len(previous) != 32):
+            raise StepRefused("bad_open", "previous must be the 32-byte token the previous node's pushed steps carry")
+        if successor is None or self.successors is None:
+            return None, previous
+        key, token = (successor.get("key"), successor.get("token")) if isinstance(successor, dict) else (None, None)
+        if not (isinstance(key, bytes) and len(key) == 32 and isinstance(token, bytes) and len(token) == 32):
+            raise StepRefused("bad_open", "next must name the next node's 32-byte X25519 key and a 32-byte token")
+        return Successor(key, token), previous
 
     async def _new_session(self, request_id: bytes, max_length: int, tab: object, connection: _Connection) -> _Session:
         """A session with its KV cache reserved; on a paid node, `tab` (if any) names its payer first."""
@@ -409,6 +477,9 @@ class NodeService:
         if session is None:
             raise StepRefused("unknown_session", "no open session with this request id (expired or never opened); open it again")
         session.last_used = time.monotonic()
+        via = message.fields.get("via")
+        if via is not None and not _token_matches(via, session.previous_token):
+            raise StepRefused("bad_push", "a pushed step must carry the token the client gave this session's previous node")
         async with session.lock:
             answer = self._cached(session, message)
             if answer is None:
@@ -525,3 +596,8 @@ class NodeService:
             await transport.close()
         with contextlib.suppress(TimeoutError):  # their sessions close on the compute thread, which stops next
             await asyncio.wait_for(self._no_connections.wait(), 5.0)
+
+
+def _token_matches(given: object, expected: bytes | None) -> bool:
+    """Whether a pushed step's token is the one the client gave this session's previous node."""
+    return expected is not None and isinstance(given, bytes) and hmac.compare_digest(given, expected)

@@ -1,0 +1,324 @@
+"""WAN benchmark: a 3-node pipeline with the client and every node in a network namespace of its own, each link
+delayed by bench/wanlab.py's user-space switch, at several round-trip times. For each RTT it measures client relaying
+(client -> A -> client -> B -> client -> C -> client: 3 RTT a token) and node-to-node push (client -> A -> B -> C ->
+client: 2 RTT), encryption and signed commitments on: decode ms/token, time to first token of a short chat prompt and of
+a long prompt, and whether the tokens equal local greedy. The floors are computed in the same run: the whole model's
+local decode ms/token (its compute) plus 3 RTT (relay floor) or 2 RTT (push floor) a token; for the first token, the
+local prefill time plus 2 RTT. The switch's delays are checked first with a ping-pong probe while torch keeps every core
+busy. Needs root; prints JSON on its last line.
+
+Usage: .venv/bin/python bench/wan.py [--rtts 10,50,100] [--tokens 24] [--runs 3] [--long-prompt 1000] [--model-1b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from wanlab import WanLab, measure_delays, missing
+
+from shardmarket.chain.devchain import anvil_binary, deploy
+from shardmarket.chain.eip712 import Domain
+from shardmarket.chain.keys import load_account
+from shardmarket.cli.devmarket import PASSWORD, DevMarket
+from shardmarket.cli.engine import default_checkpoint
+from shardmarket.cli.keys import home_keys
+from shardmarket.client.generation import Completion, RemoteModel
+from shardmarket.client.market import connect_paid
+from shardmarket.config import load_config
+from shardmarket.engine.head import Head
+from shardmarket.engine.models import random_checkpoint, tiny_config
+from shardmarket.engine.sampling import SamplingParams, generate
+from shardmarket.engine.stage import Stage
+
+ROOT = Path(__file__).resolve().parents[1]
+DOMAIN = Domain(31337, "0x" + "00" * 20)
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+NODE_PORT = 7300
+PRICE = 1000  # token units per token, each node
+Connect = Callable[[bool], Awaitable[RemoteModel]]  # push -> a connected client model
+CONFIG_1B = tiny_config(
+    "llama",
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    initializer_range=0.02,
+)
+
+
+def thirds(layers: int) -> list[tuple[int, int]]:
+    a, b = layers // 3, 2 * layers // 3
+    return [(0, a), (a, b), (b, layers)]
+
+
+def timed(tokens) -> tuple[list[int], float, float]:
+    """Tokens, time to the first (s) and decode s/token (first to last) of a token stream."""
+    started, arrivals, out = time.perf_counter(), [], []
+    for token in tokens:
+        arrivals.append(time.perf_counter() - started)
+        out.append(token)
+    return out, arrivals[0], (arrivals[-1] - arrivals[0]) / (len(out) - 1)
+
+
+class Local:
+    """The whole model in this process (the baseline): one greedy request, its first token and decode timed."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.head = Head.load(checkpoint)
+        self.stage = Stage.load(checkpoint, 0, self.head.num_layers)
+
+    def head_s(self, repeats: int = 20) -> float:
+        """The client's own work per decode token (embedding, LM head, picking the token), median seconds."""
+        times = []
+        hidden = torch.randn(1, 1, self.head.config.hidden_size)
+        with torch.inference_mode():
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self.head.embed(torch.tensor([[1]]))
+                int(self.head.logits(hidden)[0, -1].argmax())
+                times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    def run(self, ids: list[int], tokens: int) -> tuple[list[int], float, float]:
+        session = os.urandom(8).hex()
+        self.stage.open_session(session, len(ids) + tokens)
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+        try:
+            with torch.inference_mode():
+                return timed(generate(self.head, lambda h, p: self.stage.step(session, h, p), ids, params))
+        finally:
+            self.stage.close_session(session)
+
+
+def start_nodes(lab: WanLab, checkpoint: Path, layers: int, home: Path) -> list[str]:
+    """One node per third of the layers, in namespaces a, b, c, each free to push to the others."""
+    urls = {host: f"http://{lab.ip(host)}:{NODE_PORT}" for host in "abc"}
+    for host, (start, end) in zip("abc", thirds(layers), strict=True):
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(ROOT),
+            SHARDMARKET_HOME=str(home / host),
+            SHARDMARKET_NODE_PEERS=",".join(url for other, url in urls.items() if other != host),
+            OMP_WAIT_POLICY="PASSIVE",
+        )
+        argv = [sys.executable, "-m", "shardmarket", "node", "run", "--checkpoint", str(checkpoint), "--layers", f"{start}:{end}"]
+        argv += ["--host", lab.ip(host), "--port", str(NODE_PORT), "--threads", str(torch.get_num_threads())]
+        lab.spawn_in(host, argv, f"node-{host}.log", env=env)
+    for host, url in urls.items():
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                with lab.inside(host):
+                    urllib.request.urlopen(f"{url}/health", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"node {host} not ready: {(lab.dir / f'node-{host}.log').read_text()[-2000:]}") from None
+                time.sleep(0.5)
+    return list(urls.values())
+
+
+async def interleaved(connect: Connect, local: Local, prompts: dict[str, list[int]], tokens: int, runs: int) -> dict:
+    """Per prompt, `runs` rounds of local, relay and push requests (after one relay and one push request that connect and
+    handshake: the cold start, not counted); returns (kind, prompt) -> tokens and the median first-token and decode s.
+    The machine's load drifts, so the kinds take turns within each round."""
+    models = {"relay": await connect(False), "push": await connect(True)}
+    timings: dict = {}
+    try:
+        for name, ids in prompts.items():
+            for round_ in range(runs + 1):
+                for kind in ("local", "relay", "push"):
+                    if kind == "local":
+                        if not round_:
+                            continue
+                        out, first, decode = local.run(ids, tokens)
+                        nodes_s = 0.0
+                    else:
+                        out, first, decode, nodes_s = await remote(models[kind], ids, tokens)
+                    if round_:
+                        timings.setdefault((kind, name), []).append((out, first, decode, nodes_s))
+    finally:
+        for model in models.values():
+            await model.aclose()
+    return {
+        key: {
+            "tokens": runs_[0][0],
+            "same": all(r[0] == runs_[0][0] for r in runs_),
+            "first_s": statistics.median(r[1] for r in runs_),
+            "decode_s": statistics.median(r[2] for r in runs_),
+            "nodes_s": statistics.median(r[3] for r in runs_),
+        }
+        for key, runs_ in timings.items()
+    }
+
+
+async def remote(model: RemoteModel, ids: list[int], tokens: int) -> tuple[list[int], float, float, float]:
+    """Tokens, first-token s, decode s/token, and the nodes' own compute s per decode token (as they report it)."""
+    started, arrivals, out, completion = time.perf_counter(), [], [], Completion(len(ids))
+    async for token in model.stream(ids, SamplingParams(max_tokens=tokens, ignore_eos=True), completion):
+        arrivals.append(time.perf_counter() - started)
+        out.append(token)
+    decode_hops = [t.compute_s for t in completion.hop_timings if t.tokens == 1]
+    return out, arrivals[0], (arrivals[-1] - arrivals[0]) / (len(out) - 1), sum(decode_hops) / max(1, len(out) - 1)
+
+
+def bench_model(
+    name: str, checkpoint: Path, rtts: list[float], tokens: int, runs: int, long_prompt: int, paid: bool = True
+) -> dict:
+    local = Local(checkpoint)
+    head = local.head
+    text = head.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+    chat = head.tokenizer.encode(text, add_special_tokens=False)
+    story = head.tokenizer.encode(" ".join(["The keeper climbed the stairs and lit the lamp again."] * long_prompt))
+    prompts = {"chat": chat, "long": story[:long_prompt]}
+    out: dict = {f"{name}_payments": paid}
+    hosts = ["client", "a", "b", "c", *(["chain"] if paid else [])]
+    with WanLab(hosts, {}) as lab, tempfile.TemporaryDirectory() as home:
+        if paid:
+            market, connect = paid_market(lab, checkpoint, Path(home))
+        else:
+            urls = start_nodes(lab, checkpoint, head.num_layers, Path(home))
+
+            async def connect(push: bool) -> RemoteModel:
+                return await RemoteModel.connect(checkpoint, urls, DOMAIN, step_timeout_s=120, push=push)
+
+        try:
+            for rtt in rtts:
+                timed_hosts = ["client", "a", "b", "c"]  # the chain's links have no delay: it is off the step path
+                lab.set_delays({(x, y): rtt / 2 for i, x in enumerate(timed_hosts) for y in timed_hosts[i + 1 :]})
+                with lab.inside("client"):
+                    measured = asyncio.run(interleaved(connect, local, prompts, tokens, runs))
+                out.update(figures(name, rtt, measured, long_prompt, local.head_s()))
+        finally:
+            if paid:
+                market.stop()
+    return out
+
+
+def figures(name: str, rtt: float, measured: dict, long_prompt: int, head_s: float) -> dict:
+    """The JSON figures of one model at one RTT. Besides the floors on the local run's compute, `*_over_*_floor_own`
+    put each mode against the compute of its own run (what the nodes reported plus the client's head): on a machine
+    other work shares, one local process and three node processes do not get the same share of the cores."""
+    out: dict = {}
+    compute = measured[("local", "chat")]["decode_s"]
+    floors = {"relay": compute + 3 * rtt / 1000, "push": compute + 2 * rtt / 1000}
+    key = f"{name}_rtt{rtt:g}"
+    out[f"{key}_local_ms_per_token"] = round(compute * 1000, 2)
+    out[f"{key}_client_head_ms_per_token"] = round(head_s * 1000, 2)
+    out[f"{key}_local_first_token_ms_{long_prompt}"] = round(measured[("local", "long")]["first_s"] * 1000, 1)
+    for mode in ("relay", "push"):
+        chat_run, long_run = measured[(mode, "chat")], measured[(mode, "long")]
+        out[f"{key}_{mode}_ms_per_token"] = round(chat_run["decode_s"] * 1000, 2)
+        out[f"{key}_{mode}_first_token_ms"] = round(chat_run["first_s"] * 1000, 1)
+        out[f"{key}_{mode}_first_token_ms_{long_prompt}"] = round(long_run["first_s"] * 1000, 1)
+        reference = measured[("local", "chat")]["tokens"]
+        out[f"{key}_{mode}_same_tokens"] = chat_run["same"] and chat_run["tokens"] == reference
+        out[f"{key}_{mode}_over_{mode}_floor"] = round(floors[mode] / chat_run["decode_s"], 3)
+        out[f"{key}_{mode}_nodes_compute_ms_per_token"] = round(chat_run["nodes_s"] * 1000, 2)
+        own = chat_run["nodes_s"] + head_s + (3 if mode == "relay" else 2) * rtt / 1000
+        out[f"{key}_{mode}_over_{mode}_floor_own"] = round(own / chat_run["decode_s"], 3)
+    out[f"{key}_push_over_relay_floor"] = round(floors["relay"] / measured[("push", "chat")]["decode_s"], 3)
+    out[f"{key}_relay_floor_ms_per_token"] = round(floors["relay"] * 1000, 2)
+    out[f"{key}_push_floor_ms_per_token"] = round(floors["push"] * 1000, 2)
+    ttft_floor = measured[("local", "long")]["first_s"] + 2 * rtt / 1000
+    out[f"{key}_first_token_floor_ms_{long_prompt}"] = round(ttft_floor * 1000, 1)
+    out[f"{key}_push_first_token_over_floor_{long_prompt}"] = round(ttft_floor / measured[("push", "long")]["first_s"], 3)
+    print(json.dumps(out), file=sys.stderr, flush=True)
+    return out
+
+
+def paid_market(lab: WanLab, checkpoint: Path, root: Path) -> tuple[DevMarket, Connect]:
+    """A chain (anvil, every contract) in namespace `chain`, the model published, one paid node per third of the layers
+    registered at its lab address and started in its namespace, and two funded clients (one relays, one pushes: each
+    signs its own tabs). Returns the market and how to connect a paying client."""
+    market = DevMarket(root, threads=torch.get_num_threads())
+    market.chain_port, chain_ip = 8545, lab.ip("chain")
+    market.rpc_url = f"http://{chain_ip}:{market.chain_port}"
+    anvil = [anvil_binary(), "--host", chain_ip, "--port", str(market.chain_port), "--block-base-fee-per-gas", "0"]
+    market.anvil = lab.spawn_in("chain", [*anvil, "--accounts", "10", "--chain-id", "31337"], "anvil.log")
+    model, layers = checkpoint.name, Head.load(checkpoint).num_layers
+    with lab.inside("client"):
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection((chain_ip, market.chain_port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        market.addresses = deploy(market.rpc_url, root / "deployments")
+        market.new_account("publisher")
+        market.cli("publisher", "model", "publish", "--checkpoint", str(checkpoint), "--name", model)
+        for host, (start, end) in zip("abc", thirds(layers), strict=True):
+            market.new_account(host, tokens=100 * 10**18)
+            endpoint = f"http://{lab.ip(host)}:{NODE_PORT}"
+            register = ["node", "register", "--model", model, "--layers", f"{start}:{end}", "--price", str(PRICE)]
+            market.cli(host, *register, "--stake", "100e18", "--endpoint", endpoint)
+        for client in ("relay-client", "push-client"):
+            market.new_account(client, tokens=10**20)
+            market.cli(client, "client", "deposit", str(10**19))
+    for host in "abc":
+        with lab.inside(host):
+            market.start_node(host, "--checkpoint", str(checkpoint), "--host", lab.ip(host), "--port", str(NODE_PORT), wait=False)
+    for host in "abc":
+        market.wait_ready(market.nodes[host])
+
+    async def connect(push: bool) -> RemoteModel:
+        client = "push-client" if push else "relay-client"
+        with market.acting_as(client):
+            account, config = load_account(PASSWORD, home_keys()), load_config()
+        return await connect_paid(checkpoint, config, account, model, step_timeout_s=120, push=push)
+
+    return market, connect
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rtts", default="10,50,100", help="round-trip times in ms, comma-separated")
+    parser.add_argument("--tokens", type=int, default=24, help="new tokens per request")
+    parser.add_argument("--runs", type=int, default=3, help="timed requests per case (after one that warms connections)")
+    parser.add_argument("--long-prompt", type=int, default=1000, help="tokens of the long prompt timed for its first token")
+    parser.add_argument("--model-1b", action="store_true", help="also the ~1B random Llama (slow on 2 cores)")
+    parser.add_argument("--free", action="store_true", help="free nodes, no chain (payments off)")
+    args = parser.parse_args()
+    why = missing()
+    if why:
+        print(json.dumps({"skipped": why}))
+        return
+    if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":  # as every shardmarket process runs (see bench/network.py)
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    rtts = [float(x) for x in args.rtts.split(",")]
+    result: dict = {"threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0]}
+    result["delay_check"] = measure_delays(rtts)
+    result.update(bench_model("smollm2", default_checkpoint(), rtts, args.tokens, args.runs, args.long_prompt, not args.free))
+    if args.model_1b:
+        path = load_config().home / "models" / "random-1b"
+        if not (path / "config.json").exists():
+            random_checkpoint(CONFIG_1B, path)
+        result.update(bench_model("random1b", path, rtts, args.tokens, args.runs, args.long_prompt, not args.free))
+    result["load_average_at_end"] = os.getloadavg()[0]  # other work on the machine skews every ratio
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
