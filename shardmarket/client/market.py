@@ -20,10 +20,11 @@ from shardmarket.ipfs.blockstore import Blockstore
 log = logging.getLogger("shardmarket.client")
 
 
-async def chain_nodes(market: Market, model_name: str) -> list[NodeInfo]:
-    """Measure the registered nodes; a node whose /info disagrees with the chain (key, operator, range) is skipped."""
+async def chain_nodes(market: Market, model_name: str, relay: str = "") -> list[NodeInfo]:
+    """Measure the registered nodes (through `relay`, when given); a node whose /info disagrees with the chain (key,
+    operator, range) is skipped."""
     registered = await asyncio.to_thread(listed_nodes, market, model_name)
-    measured = {n.url: n for n in await discover([r["url"] for r in registered], model_name)}
+    measured = {n.url: n for n in await discover([r["url"] for r in registered], model_name, relay=relay)}
     nodes = []
     for entry in registered:
         node = measured.get(entry["url"])
@@ -51,7 +52,9 @@ async def connect_paid(checkpoint: Path, config: Config, account, model_name: st
     """A RemoteModel over the chain's nodes of `model_name`, paying with `account`'s escrow deposit."""
     market = await asyncio.to_thread(Market.connect, config.chain, account)
     head = await in_passing_thread(Head.load, checkpoint)
-    nodes = await chain_nodes(market, model_name)
+    privacy = kwargs.get("privacy")
+    relay = privacy.relay if privacy is not None else ""
+    nodes = await chain_nodes(market, model_name, relay)
     payer = Payer(account, market.escrow_domain(), config.home / "client" / "ledger.sqlite")
     model = RemoteModel(
         head,
@@ -80,7 +83,7 @@ async def connect_paid(checkpoint: Path, config: Config, account, model_name: st
     model.on_commitment, model.on_finished = on_commitment, auditor.on_finished
     model.request_costs = payer.request_costs
     model.payer, model.market, model.auditor = payer, market, auditor
-    model.refresh_nodes = lambda: chain_nodes(market, model_name)
+    model.refresh_nodes = lambda: chain_nodes(market, model_name, relay)
     plan_route(nodes, 0, head.num_layers, head.config.hidden_size * 4)
     spendable = await asyncio.to_thread(market.read, market.escrow.functions.spendableOf(account.address))
     if spendable == 0:

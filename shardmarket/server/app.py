@@ -55,6 +55,7 @@ def info(service: NodeService, listing: NodeListing) -> dict:
             "in_flight": service.steps_in_flight,
             "decode_ms": round(service.worker.decode_ms, 3),
             "steps_served": service.steps_served,
+            "frames_received": service.frames_received,
             "draining": service.draining,
         },
         "x25519_public_key": service.identity.x25519_public.hex(),
