@@ -39,7 +39,7 @@ def register(commands) -> None:
         help="also forward clients to nodes on this port (HTTP CONNECT), so that nodes never see the clients' addresses",
     )
     relay.add_argument(
-        "--forward-private", action="store_true", help="forward to private addresses too (a LAN or a lab, not the internet)"
+        "--forward-local", action="store_true", help="forward to private and loopback addresses too (a LAN or a lab)"
     )
     relay.set_defaults(run=run_relay)
 
@@ -136,7 +136,7 @@ def run_relay(args) -> int:
     print(f"relay on http://{args.host}:{args.port}, public host {args.public_host}, {args.rate_mbit:g} Mbit/s per node")
     app = server.app()
     if args.forward_port is not None:
-        proxy = ForwardProxy(args.forward_private, args.rate_mbit * 1e6 / 8)
+        proxy = ForwardProxy(args.forward_local, args.rate_mbit * 1e6 / 8)
 
         async def start_forwarding(_app: web.Application) -> None:
             port = await proxy.start(args.host, args.forward_port)

@@ -232,14 +232,14 @@ class RelayServer:
 
 class ForwardProxy:
     """Forwards clients' TCP connections to nodes: `CONNECT host:port` (then raw bytes both ways) or a plain HTTP request
-    in absolute form (`GET http://host:port/path`, passed on as it is). It refuses loopback, link-local, multicast and
-    unspecified destinations (the relay's own services), private ones unless `allow_private`, caps the streams per
-    client address and in total, and the bytes per second of each stream."""
+    in absolute form (`GET http://host:port/path`, passed on as it is). It refuses link-local, multicast and unspecified
+    destinations, loopback and private ones (the relay's own services and LAN) unless `allow_local`, caps the streams
+    per client address and in total, and the bytes per second of each stream."""
 
     def __init__(
-        self, allow_private: bool = False, rate_bytes_per_s: float = 10e6, max_streams: int = 1024, per_address: int = 64
+        self, allow_local: bool = False, rate_bytes_per_s: float = 10e6, max_streams: int = 1024, per_address: int = 64
     ) -> None:
-        self.allow_private, self.rate = allow_private, rate_bytes_per_s
+        self.allow_local, self.rate = allow_local, rate_bytes_per_s
         self.max_streams, self.per_address = max_streams, per_address
         self.streams: dict[str, int] = {}  # client address -> open streams
         self.server: asyncio.Server | None = None
@@ -260,10 +260,10 @@ class ForwardProxy:
             raise ValueError(f"no such port {port}")
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         address = ipaddress.ip_address(infos[0][4][0])
-        if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified:
+        if address.is_link_local or address.is_multicast or address.is_unspecified:
             raise ValueError(f"{address} is not forwarded to")
-        if address.is_private and not self.allow_private:
-            raise ValueError(f"{address} is a private address; this relay forwards to public ones only")
+        if (address.is_loopback or address.is_private) and not self.allow_local:
+            raise ValueError(f"{address} is a local address; this relay forwards to public ones only")
         return str(address)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
