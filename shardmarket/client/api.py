@@ -3,7 +3,8 @@ without a key, the client's block store as a trustless gateway at /ipfs/ (verifi
 
 Beyond OpenAI's fields a request may carry `"private": true` (or name the model `<model>:private`): only trusted
 operators' nodes serve it, or it fails with code `no_private_route`; and `"hidden": true`: every node is reached
-through the client's relay, so none sees this client's address."""
+through the client's relay, so none sees this client's address. Neither can lower the client's defaults
+(client.private, client.hidden)."""
 
 from __future__ import annotations
 
@@ -208,7 +209,7 @@ def build_api(
         return await _respond(request, _within_context(req, "prompt"), chat=False)
 
     def _privacy(body: dict) -> tuple[bool | None, bool | None]:
-        """The request's `private` and `hidden` (None: the client's default); a `:private` model name is private."""
+        """The request's `private` and `hidden` (None: not asked); a `:private` model name is private."""
         private = _flag(body, "private")
         if body.get("model") == model.model_id + PRIVATE_SUFFIX:
             if private is False:

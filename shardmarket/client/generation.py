@@ -45,7 +45,8 @@ class Completion:
 
 @dataclass(frozen=True)
 class Privacy:
-    """Who may see a request and whether nodes may see this client's address: the defaults, which a request can raise.
+    """Who may see a request and whether nodes may see this client's address: the client's defaults, which a request can
+    raise but not lower.
 
     `trusted` operators (addresses) alone serve a private request; `relay` (host:port of a relay that forwards) carries
     every connection to the nodes of a hidden request, so that no node sees where it came from."""
@@ -62,11 +63,11 @@ class Privacy:
         return cls(frozenset(address.lower() for address in trusted), relay, private, hidden)
 
     def session_options(self, private: bool | None, hidden: bool | None) -> dict:
-        """The InferenceSession options of one request asking for `private` and `hidden` (None: the default)."""
-        hidden = self.hidden if hidden is None else hidden
+        """The InferenceSession options of one request asking for `private` and `hidden` (None, False: the default)."""
+        hidden = self.hidden or bool(hidden)
         if hidden and not self.relay:
             raise RouteError("this request asks to hide the client's address, but no relay is set (client.relay, --relay)")
-        private = self.private if private is None else private
+        private = self.private or bool(private)
         return {"trusted": self.trusted if private else None, "relay": self.relay if hidden else None}
 
 
@@ -146,7 +147,7 @@ class RemoteModel:
     ) -> AsyncGenerator[int, None]:
         """Yield generated token ids as they come; the pipeline session is closed at the end. When no route works before
         the first token, the nodes are read again (`refresh_nodes`) and the request tried once more. `private` and
-        `hidden` override `privacy`'s defaults for this request."""
+        `hidden` ask more of this request than `privacy`'s defaults."""
         options = self.privacy.session_options(private, hidden)
         try:
             async with aclosing(self._stream(prompt_ids, params, completion, options)) as tokens:
