@@ -300,6 +300,10 @@ class ForwardProxy:
             writer.write(f"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nX-Reason: {exc}\r\n\r\n".encode())
             await writer.drain()
             return
+        for stream in (writer, upstream_writer):  # frames pass one by one: no waiting to fill a segment (Nagle)
+            sock = stream.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             if method == "CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
