@@ -171,11 +171,8 @@ def build_api(
 
     @routes.get("/v1/models")
     async def models(request: web.Request) -> web.Response:
-        entries = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "shardmarket"}
-            for name in (model.model_id, model.model_id + PRIVATE_SUFFIX)
-        ]
-        return web.json_response({"object": "list", "data": entries})
+        entry = {"id": model.model_id, "object": "model", "created": 0, "owned_by": "shardmarket"}
+        return web.json_response({"object": "list", "data": [entry]})
 
     @routes.post("/v1/chat/completions")
     async def chat(request: web.Request) -> web.StreamResponse:
