@@ -82,6 +82,13 @@ class ClientConfig:
     # `client serve` address as seen from the internet (it serves its block store at /ipfs/), or any gateway holding it
     evidence_gateways: list[str] = field(default_factory=list)
     dashboard_key: str = ""  # /dashboard and /metrics of `client serve` for whoever presents it; empty: local addresses only
+    # operators (addresses) whose nodes may serve a private request: the client's own machines, friends' (README "privacy")
+    trusted_operators: list[str] = field(default_factory=list)
+    private: bool = False  # every request is private: served by trusted operators alone, or refused
+    # host:port of a relay that forwards clients (`node relay --forward-port`): node discovery goes through it, and
+    # every hop of a hidden request, so that no node sees this client's address
+    relay: str = ""
+    hidden: bool = False  # every request is hidden behind the relay
 
 
 @dataclass(frozen=True)

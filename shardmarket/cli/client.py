@@ -22,6 +22,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--password-file", type=Path, help="keystore password file (paid mode; else SHARDMARKET_PASSWORD or a prompt)"
     )
+    parser.add_argument(
+        "--trust",
+        help="comma-separated operator addresses whose nodes may serve private requests (adds to client.trusted_operators)",
+    )
+    parser.add_argument(
+        "--private", action="store_true", help="only trusted operators' nodes see the request, or it fails (client.private)"
+    )
+    parser.add_argument("--relay", help="HOST:PORT of a relay that forwards clients to nodes (client.relay)")
+    parser.add_argument(
+        "--hidden", action="store_true", help="reach every node through the relay: no node sees this address (client.hidden)"
+    )
 
 
 def register(commands) -> None:
@@ -57,6 +68,7 @@ async def _connect(args: argparse.Namespace):
     from shardmarket.client.generation import RemoteModel
 
     config = load_config()
+    privacy = _privacy(args, config)
     checkpoint = args.checkpoint
     if checkpoint is None:
         from shardmarket.engine.models import default_model
@@ -77,6 +89,7 @@ async def _connect(args: argparse.Namespace):
             transport=args.transport or config.client.transport,
             step_timeout_s=config.client.step_timeout_s,
             push=config.client.push,
+            privacy=privacy,
         )
     if not urls:
         raise SystemExit("error: no nodes known: pass --nodes http://HOST:PORT,... or set client.nodes in the config")
@@ -88,7 +101,21 @@ async def _connect(args: argparse.Namespace):
         transport=args.transport or config.client.transport,
         step_timeout_s=config.client.step_timeout_s,
         push=config.client.push,
+        privacy=privacy,
     )
+
+
+def _privacy(args: argparse.Namespace, config):
+    """The client's privacy defaults: the config's, raised by the command line."""
+    from shardmarket.client.generation import Privacy
+
+    trusted = config.client.trusted_operators + ([a.strip() for a in args.trust.split(",") if a.strip()] if args.trust else [])
+    try:
+        return Privacy.of(
+            trusted, args.relay or config.client.relay, args.private or config.client.private, args.hidden or config.client.hidden
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from eth_account import Account
 from shardmarket.chain.proof import proves, sign_challenge
 from shardmarket.config import Config, load_config
 from shardmarket.net.reachability import Reachability, Report
-from shardmarket.net.relay import RelayServer
+from shardmarket.net.relay import ForwardProxy, RelayServer
 
 
 def register(commands) -> None:
@@ -33,6 +33,14 @@ def register(commands) -> None:
     relay.add_argument("--port", type=int, default=8400, help="port of the relay's HTTP/WebSocket API (default 8400)")
     relay.add_argument("--rate-mbit", type=float, default=80.0, help="bandwidth cap per node in Mbit/s (default 80)")
     relay.add_argument("--max-nodes", type=int, default=64, help="nodes served at most (default 64)")
+    relay.add_argument(
+        "--forward-port",
+        type=int,
+        help="also forward clients to nodes on this port (HTTP CONNECT), so that nodes never see the clients' addresses",
+    )
+    relay.add_argument(
+        "--forward-local", action="store_true", help="forward to private and loopback addresses too (a LAN or a lab)"
+    )
     relay.set_defaults(run=run_relay)
 
 
@@ -126,5 +134,18 @@ def run_reachability(args) -> int:
 def run_relay(args) -> int:
     server = RelayServer(args.public_host, args.host, args.rate_mbit * 1e6 / 8, args.max_nodes)
     print(f"relay on http://{args.host}:{args.port}, public host {args.public_host}, {args.rate_mbit:g} Mbit/s per node")
-    web.run_app(server.app(), host=args.host, port=args.port, print=None)
+    app = server.app()
+    if args.forward_port is not None:
+        proxy = ForwardProxy(args.forward_local, args.rate_mbit * 1e6 / 8)
+
+        async def start_forwarding(_app: web.Application) -> None:
+            port = await proxy.start(args.host, args.forward_port)
+            print(f'forwarding clients to nodes on {args.host}:{port} (client.relay = "{args.public_host}:{port}")', flush=True)
+
+        async def stop_forwarding(_app: web.Application) -> None:
+            await proxy.close()
+
+        app.on_startup.append(start_forwarding)
+        app.on_cleanup.append(stop_forwarding)
+    web.run_app(app, host=args.host, port=args.port, print=None)
     return 0

@@ -1,5 +1,10 @@
 """OpenAI-compatible HTTP API over the remote pipeline: /v1/models, /v1/chat/completions, /v1/completions; and,
-without a key, the client's block store as a trustless gateway at /ipfs/ (verifiers fetch dispute evidence there)."""
+without a key, the client's block store as a trustless gateway at /ipfs/ (verifiers fetch dispute evidence there).
+
+Beyond OpenAI's fields a request may carry `"private": true` (or name the model `<model>:private`): only trusted
+operators' nodes serve it, or it fails with code `no_private_route`; and `"hidden": true`: every node is reached
+through the client's relay, so none sees this client's address. Neither can lower the client's defaults
+(client.private, client.hidden)."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from aiohttp import web
 from shardmarket.client.generation import Completion, RemoteModel
 from shardmarket.client.metrics import DASHBOARD_PATHS, ClientMetrics, RequestTimer, dashboard_routes, on_commitment_too
 from shardmarket.client.routing import RouteError
-from shardmarket.client.session import RequestRefused
+from shardmarket.client.session import PrivateRouteError, RequestRefused
 from shardmarket.client.text import TextStream
 from shardmarket.engine.errors import EngineError
 from shardmarket.engine.sampling import SamplingParams
@@ -28,6 +33,7 @@ from shardmarket.net.dashboard import guard, static_routes
 
 log = logging.getLogger("shardmarket.api")
 MAX_TOKENS_LIMIT = 4096
+PRIVATE_SUFFIX = ":private"  # a model name ending so asks for a private request
 
 
 class ApiError(Exception):
@@ -53,6 +59,20 @@ class _Request:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    private: bool | None = None  # None: the client's default
+    hidden: bool | None = None
+
+
+def _flag(body: dict, name: str) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false", param=name)
+    return value
+
+
+def _no_route(exc: RouteError) -> ApiError:
+    code = "no_private_route" if isinstance(exc, PrivateRouteError) else "no_route"
+    return ApiError(503, str(exc), "server_error", code=code)
 
 
 def _number(body: dict, name: str, default, kind, low, high):
@@ -149,7 +169,7 @@ def build_api(
         except web.HTTPException as exc:
             return web.json_response(ApiError(exc.status, exc.reason).body(), status=exc.status)
         except RouteError as exc:
-            return web.json_response(ApiError(503, str(exc), "server_error", code="no_route").body(), status=503)
+            return web.json_response(_no_route(exc).body(), status=503)
         except RequestRefused as exc:
             status = 503 if exc.code in wire.DECLINES else 400  # every node full or unpaid: retry later
             return web.json_response(ApiError(status, str(exc), code=exc.code).body(), status=status)
@@ -166,7 +186,7 @@ def build_api(
             raise ApiError(400, "the request body must be JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
-        if body.get("model") not in (None, model.model_id):
+        if body.get("model") not in (None, model.model_id, model.model_id + PRIVATE_SUFFIX):
             raise ApiError(
                 404,
                 f"The model '{body.get('model')}' does not exist; this endpoint serves '{model.model_id}'.",
@@ -196,7 +216,7 @@ def build_api(
             )
         params, stream, include_usage = _sampling(body, default_max_tokens)
         messages = [{"role": _text(m["role"], "messages"), "content": _text(m["content"], "messages")} for m in messages]
-        req = _Request(model.chat_ids(messages), params, stream, include_usage)
+        req = _Request(model.chat_ids(messages), params, stream, include_usage, *_privacy(body))
         return await _respond(request, _within_context(req, "messages"), chat=True)
 
     @routes.post("/v1/completions")
@@ -208,8 +228,19 @@ def build_api(
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
         params, stream, include_usage = _sampling(body, default_max_tokens)
-        req = _Request(model.prompt_ids(_text(prompt, "prompt")), params, stream, include_usage)
+        req = _Request(model.prompt_ids(_text(prompt, "prompt")), params, stream, include_usage, *_privacy(body))
         return await _respond(request, _within_context(req, "prompt"), chat=False)
+
+    def _privacy(body: dict) -> tuple[bool | None, bool | None]:
+        """The request's `private` and `hidden` (None: not asked); a `:private` model name is private."""
+        private = _flag(body, "private")
+        if body.get("model") == model.model_id + PRIVATE_SUFFIX:
+            if private is False:
+                raise ApiError(
+                    400, f"model '{body['model']}' asks for a private request, and 'private' is false", param="private"
+                )
+            private = True
+        return private, _flag(body, "hidden")
 
     def _within_context(req: _Request, param: str) -> _Request:
         """`req` if its prompt and its max_tokens fit the model's context: a caller's mistake, answered as OpenAI does,
@@ -233,7 +264,7 @@ def build_api(
         completion = Completion(prompt_tokens=len(req.prompt_ids))
         text = TextStream(model.head.tokenizer)
         timer = RequestTimer(metrics, len(req.prompt_ids))
-        tokens = _timed(model.stream(req.prompt_ids, req.params, completion), timer)
+        tokens = _timed(model.stream(req.prompt_ids, req.params, completion, private=req.private, hidden=req.hidden), timer)
 
         def finish_reason() -> str:
             return "length" if len(completion.tokens) >= req.params.max_tokens else "stop"
@@ -309,7 +340,7 @@ def build_api(
                 await send({**chunk(None, None), "choices": [], "usage": _usage(completion)})
         except RouteError as exc:
             log.warning("generation %s failed: %s", ident, exc)
-            await send(ApiError(503, str(exc), "server_error", code="no_route").body())
+            await send(_no_route(exc).body())
         except RequestRefused as exc:
             await send(ApiError(503 if exc.code in wire.DECLINES else 400, str(exc), code=exc.code).body())
         except ConnectionResetError:

@@ -24,7 +24,7 @@ from shardmarket.chain.contracts import ChainError, Market
 from shardmarket.chain.disputes import draw_panel
 from shardmarket.chain.eip712 import context_hash
 from shardmarket.chain.evidence import Evidence, publish, relative_difference
-from shardmarket.client.routing import NodeInfo
+from shardmarket.client.routing import NodeInfo, trusted_nodes
 from shardmarket.client.session import InferenceSession, NodeFailure
 from shardmarket.engine.errors import EngineError
 from shardmarket.engine.formats import FLOATS, Numerics, tolerance
@@ -105,7 +105,7 @@ class Auditor:
                     list(hop.outputs),
                     by_session.get(hop.nonce, {}),
                 )
-                self._spawn(self._spot_check(record, session.max_length))
+                self._spawn(self._spot_check(record, session.max_length, session.trusted, session.relay))
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -129,7 +129,7 @@ class Auditor:
         self.findings.append(Finding("equivocation", node.operator, receipt["transactionHash"].hex()))
 
     async def _rerun_remote(
-        self, other: NodeInfo, record: _HopRecord, max_length: int
+        self, other: NodeInfo, record: _HopRecord, max_length: int, relay: str | None
     ) -> tuple[list[torch.Tensor], dict[int, SignedCommitment]]:
         checker = InferenceSession(
             [other],
@@ -141,6 +141,7 @@ class Auditor:
             tab_source=self.model.tab_source,
             on_commitment=self.model.payer.answered,
             standing_tab=self.model.standing_tab,
+            relay=relay,
         )
         try:
             hops = await checker._open_hops([other])
@@ -183,19 +184,24 @@ class Auditor:
             return False, None
         return True, self._first_mismatch(outputs, local, tolerance(node.numerics, node.numerics, self.tolerance))
 
-    async def _spot_check(self, record: _HopRecord, max_length: int) -> None:
+    async def _spot_check(
+        self, record: _HopRecord, max_length: int, trusted: frozenset[str] | None = None, relay: str | None = None
+    ) -> None:
+        """Re-run a hop on a peer (or locally) and challenge the node that is wrong. A private request's hop is re-run
+        only on trusted operators' nodes or locally, and never challenged: a dispute publishes the hop's inputs."""
         self.checks += 1
         node = record.node
+        nodes = self.model.nodes if trusted is None else trusted_nodes(self.model.nodes, trusted)
         peers = [
             n
-            for n in self.model.nodes
+            for n in nodes
             if (n.start, n.end) == (node.start, node.end) and n.url != node.url and n.url not in self.model.failed.current()
         ]
         same = [n for n in peers if n.numerics == node.numerics]
         if same or (peers and self.checkpoint is None):  # a peer computing otherwise is only asked when nothing else can
             other = self.rng.choice(same or peers)
             try:
-                outputs, commitments = await self._rerun_remote(other, record, max_length)
+                outputs, commitments = await self._rerun_remote(other, record, max_length, relay)
             except (TimeoutError, NodeFailure, ConnectionError, OSError) as exc:
                 log.info("spot check on %s failed to run (%s)", other.url, exc)
                 return
@@ -222,6 +228,9 @@ class Auditor:
                 node.end,
                 node.numerics,
             )
+        if trusted is not None:
+            log.warning("spot check of a private request: not opening a dispute, which would publish its hidden states")
+            return
         for culprit, outputs, commitments, at in suspects:
             await self._challenge(culprit, record, outputs, commitments, at)
 

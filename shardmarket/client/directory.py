@@ -91,8 +91,10 @@ class Discovery:
         concurrency: int = 256,
         timeout_s: float = 2.0,
         connect_timeout_s: float = 1.0,
+        relay: str = "",
     ) -> None:
         self.model_name = model_name
+        self.relay = relay  # host:port of a relay every probe goes through, so that no node sees this client's address
         model_file = model_name.replace("/", "_")
         self.index = RegistryIndex(market, model_name, data_dir / f"registry-{model_file}.json", confirmations)
         self.measured_path = data_dir / f"measured-{model_file}.json"
@@ -167,12 +169,13 @@ class Discovery:
         try:
             if fresh:  # its round trip and throughput are known: /info alone says it is there, who it is and its load
                 timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.connect_timeout_s)
-                async with http.get(f"{url}/info", timeout=timeout) as response:
+                proxy = f"http://{self.relay}" if self.relay else None
+                async with http.get(f"{url}/info", timeout=timeout, proxy=proxy) as response:
                     response.raise_for_status()
                     node = NodeInfo.from_info(url, await response.json())
                 node.rtt_s, node.bytes_per_s = seen["rtt_s"], seen["bytes_per_s"]
             else:
-                node = await measure_node(http, url, self.timeout_s, self.connect_timeout_s)
+                node = await measure_node(http, url, self.timeout_s, self.connect_timeout_s, self.relay)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError) as exc:
             log.info("node %s is unreachable or answered badly (%s); skipping it", url, exc or type(exc).__name__)
             self._measured[url] = {**seen, "failed_at": time.time()}

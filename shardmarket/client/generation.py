@@ -46,6 +46,34 @@ class Completion:
     hop_timings: list[HopTiming] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Privacy:
+    """Who may see a request and whether nodes may see this client's address: the client's defaults, which a request can
+    raise but not lower.
+
+    `trusted` operators (addresses) alone serve a private request; `relay` (host:port of a relay that forwards) carries
+    every connection to the nodes of a hidden request, so that no node sees where it came from."""
+
+    trusted: frozenset[str] = frozenset()
+    relay: str = ""
+    private: bool = False  # every request is private
+    hidden: bool = False  # every request goes through the relay
+
+    @classmethod
+    def of(cls, trusted: list[str], relay: str = "", private: bool = False, hidden: bool = False) -> Privacy:
+        if hidden and not relay:
+            raise ValueError("hiding this client's address needs a relay: set client.relay or pass --relay HOST:PORT")
+        return cls(frozenset(address.lower() for address in trusted), relay, private, hidden)
+
+    def session_options(self, private: bool | None, hidden: bool | None) -> dict:
+        """The InferenceSession options of one request asking for `private` and `hidden` (None, False: the default)."""
+        hidden = self.hidden or bool(hidden)
+        if hidden and not self.relay:
+            raise RouteError("this request asks to hide the client's address, but no relay is set (client.relay, --relay)")
+        private = self.private or bool(private)
+        return {"trusted": self.trusted if private else None, "relay": self.relay if hidden else None}
+
+
 class RemoteModel:
     """Generates with a local Head and a remote pipeline chosen by routing over the known nodes."""
 
@@ -64,9 +92,11 @@ class RemoteModel:
         presign: Presign | None = None,
         standing_tab: StandingTab | None = None,
         push: bool = False,
+        privacy: Privacy | None = None,
     ) -> None:
         self.head, self.model_id, self.nodes, self.domain = head, model_id, nodes, domain
         self.push = push  # nodes send their outputs straight to the next hop (see InferenceSession)
+        self.privacy = privacy or Privacy()
         self.transport, self.step_timeout_s, self.tab_source, self.presign = transport, step_timeout_s, tab_source, presign
         self.standing_tab = standing_tab
         self.on_commitment, self.on_finished = on_commitment, on_finished
@@ -91,7 +121,8 @@ class RemoteModel:
         """Load the Head, measure the nodes, and check that some route covers every layer."""
         head = await in_passing_thread(Head.load, checkpoint)
         model_id = model_id or checkpoint.name
-        nodes = await discover(urls, model_id)
+        privacy = kwargs.get("privacy")
+        nodes = await discover(urls, model_id, relay=privacy.relay if privacy is not None else "")
         mismatched = [n.url for n in nodes if n.num_layers != head.num_layers]
         if mismatched:
             raise RouteError(f"nodes {mismatched} serve a model with a different layer count than {checkpoint}")
@@ -117,22 +148,34 @@ class RemoteModel:
         text = self.head.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.head.tokenizer.encode(text, add_special_tokens=False)
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams, completion: Completion) -> AsyncGenerator[int, None]:
+    async def stream(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        completion: Completion,
+        *,
+        private: bool | None = None,
+        hidden: bool | None = None,
+    ) -> AsyncGenerator[int, None]:
         """Yield generated token ids as they come; the pipeline session is closed at the end. When no route works before
-        the first token, the nodes are read again (`refresh_nodes`) and the request tried once more."""
+        the first token, the nodes are read again (`refresh_nodes`) and the request tried once more. `private` and
+        `hidden` ask more of this request than `privacy`'s defaults."""
+        options = self.privacy.session_options(private, hidden)
         try:
-            async with aclosing(self._stream(prompt_ids, params, completion)) as tokens:
+            async with aclosing(self._stream(prompt_ids, params, completion, options)) as tokens:
                 async for token in tokens:
                     yield token
         except RouteError:
             if completion.tokens or self.refresh_nodes is None:
                 raise
             self.nodes, self.failed = await self.refresh_nodes(), RecentFailures()
-            async with aclosing(self._stream(prompt_ids, params, completion)) as tokens:
+            async with aclosing(self._stream(prompt_ids, params, completion, options)) as tokens:
                 async for token in tokens:
                     yield token
 
-    async def _stream(self, prompt_ids: list[int], params: SamplingParams, completion: Completion) -> AsyncGenerator[int, None]:
+    async def _stream(
+        self, prompt_ids: list[int], params: SamplingParams, completion: Completion, options: dict
+    ) -> AsyncGenerator[int, None]:
         session = InferenceSession(
             self.nodes,
             self.head.num_layers,
@@ -147,6 +190,7 @@ class RemoteModel:
             pool=self.channels,
             standing_tab=self.standing_tab,
             push=self.push,
+            **options,
         )
         here = PASSIVE_OPENMP and not self._streams  # a lone stream: its head runs on the event loop's thread
         self._streams += 1

@@ -25,7 +25,9 @@ async def connect_paid(checkpoint: Path, config: Config, account, model_name: st
     """A RemoteModel over the chain's nodes of `model_name`, paying with `account`'s escrow deposit."""
     market = await asyncio.to_thread(Market.connect, config.chain, account)
     head = await in_passing_thread(Head.load, checkpoint)
-    discovery = Discovery(market, model_name, config.home / "client", confirmations=config.chain.confirmations)
+    privacy = kwargs.get("privacy")
+    relay = privacy.relay if privacy is not None else ""
+    discovery = Discovery(market, model_name, config.home / "client", confirmations=config.chain.confirmations, relay=relay)
     payload_bytes = head.config.hidden_size * 4
     nodes = await discovery.find(head.num_layers, payload_bytes)
     payer = Payer(account, market.escrow_domain(), config.home / "client" / "ledger.sqlite")

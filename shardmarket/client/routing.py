@@ -122,32 +122,36 @@ class NodeInfo:
 
 
 async def measure_node(
-    http: aiohttp.ClientSession, url: str, timeout: float = 5.0, connect_timeout: float | None = None
+    http: aiohttp.ClientSession, url: str, timeout: float = 5.0, connect_timeout: float | None = None, relay: str = ""
 ) -> NodeInfo:
-    """Fetch a node's /info, then time three /health round trips and one /probe download."""
+    """Fetch a node's /info, then time three /health round trips and one /probe download (through `relay`, host:port,
+    when given: the node then sees the relay's address, not this client's)."""
     url = url.rstrip("/")
     client_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
-    async with http.get(f"{url}/info", timeout=client_timeout) as response:
+    proxy = f"http://{relay}" if relay else None
+    async with http.get(f"{url}/info", timeout=client_timeout, proxy=proxy) as response:
         response.raise_for_status()
         node = NodeInfo.from_info(url, await response.json())
     rtts = []
     for _ in range(3):
         started = time.perf_counter()
-        async with http.get(f"{url}/health", timeout=client_timeout) as response:
+        async with http.get(f"{url}/health", timeout=client_timeout, proxy=proxy) as response:
             await response.read()
         rtts.append(time.perf_counter() - started)
     node.rtt_s = min(rtts)  # the least the path takes; a busy moment on either side only adds to it
     started = time.perf_counter()
-    async with http.get(f"{url}/probe", params={"bytes": str(PROBE_BYTES)}, timeout=client_timeout) as response:
+    params = {"bytes": str(PROBE_BYTES)}
+    async with http.get(f"{url}/probe", params=params, timeout=client_timeout, proxy=proxy) as response:
         size = len(await response.read())
     node.bytes_per_s = size / max(time.perf_counter() - started - node.rtt_s, 1e-6)
     return node
 
 
-async def discover(urls: list[str], model_id: str | None = None, timeout: float = 5.0) -> list[NodeInfo]:
-    """Measure every reachable node (of `model_id` if given); unreachable ones are logged and skipped."""
+async def discover(urls: list[str], model_id: str | None = None, timeout: float = 5.0, relay: str = "") -> list[NodeInfo]:
+    """Measure every reachable node (of `model_id` if given; through `relay` when given); unreachable ones are logged and
+    skipped."""
     async with aiohttp.ClientSession() as http:
-        results = await asyncio.gather(*(measure_node(http, url, timeout) for url in urls), return_exceptions=True)
+        results = await asyncio.gather(*(measure_node(http, url, timeout, relay=relay) for url in urls), return_exceptions=True)
     nodes = []
     for url, result in zip(urls, results, strict=True):
         if isinstance(result, BaseException):
@@ -157,6 +161,11 @@ async def discover(urls: list[str], model_id: str | None = None, timeout: float 
         else:
             log.info("node %s serves %s, not %s; skipping it", url, result.model_id, model_id)
     return nodes
+
+
+def trusted_nodes(nodes: list[NodeInfo], trusted: frozenset[str]) -> list[NodeInfo]:
+    """The nodes run by one of the `trusted` operators (lowercase addresses)."""
+    return [node for node in nodes if node.operator.lower() in trusted]
 
 
 def plan_route(

@@ -31,7 +31,7 @@ from eth_utils import keccak
 from shardmarket.chain.commitment import CommitmentError, SignedCommitment, check_commitment
 from shardmarket.chain.eip712 import EMPTY_HISTORY, Domain, StepContext, chain_history, tensor_hash
 from shardmarket.client.failures import RecentFailures
-from shardmarket.client.routing import FULL_FOR_S, NodeInfo, RouteError, plan_route
+from shardmarket.client.routing import FULL_FOR_S, NodeInfo, RouteError, plan_route, trusted_nodes
 from shardmarket.engine.tensors import tensor_bytes
 from shardmarket.net import wire
 from shardmarket.net.channel import ChannelPool, SecureChannel, client_handshake, close_quietly, open_transport
@@ -48,6 +48,10 @@ Presign = Callable[[list[tuple[NodeInfo, int]]], None]
 CommitmentSink = Callable[[NodeInfo, SignedCommitment, int], None]
 # standing_tab(node) -> the client's newest signed tab, promising nothing new: it rides on OPEN to name who pays
 StandingTab = Callable[[NodeInfo], bytes]
+
+
+class PrivateRouteError(RouteError):
+    """A private request found no route served by trusted operators alone; it is never sent to anyone else."""
 
 
 class NodeFailure(Exception):
@@ -154,9 +158,14 @@ class InferenceSession:
         pool: ChannelPool | None = None,
         standing_tab: StandingTab | None = None,
         push: bool = False,
+        trusted: frozenset[str] | None = None,
+        relay: str | None = None,
     ) -> None:
         self.nodes, self.num_layers, self.domain = nodes, num_layers, domain
         self.push = push  # ask each node to push its outputs to the next hop (the client still gets every result)
+        # a private request: only nodes of these operators (lowercase addresses) ever see one of its frames
+        self.trusted = trusted
+        self.relay = relay  # a relay every hop is reached through, so that no node sees this client's address
         self.pool = pool  # channels kept open between requests (shared between sessions)
         self.reused_channels = 0  # hops opened on a kept channel
         self.max_length, self.transport, self.step_timeout_s = max_length, transport, step_timeout_s
@@ -179,12 +188,19 @@ class InferenceSession:
 
     def _plan(self, start: int, end: int) -> list[NodeInfo]:
         """The cheapest route over [start, end) around the nodes that failed lately and those that refused this request;
-        when none is left and some node refused the request, that refusal is the answer."""
+        when none is left and some node refused the request, that refusal is the answer. A private request plans over
+        the trusted operators' nodes alone, and fails with PrivateRouteError rather than use anyone else's."""
+        nodes = self.nodes if self.trusted is None else trusted_nodes(self.nodes, self.trusted)
         try:
-            return plan_route(self.nodes, start, end, self._payload_bytes(), self.failed.current() | self.refusals.keys())
-        except RouteError:
+            return plan_route(nodes, start, end, self._payload_bytes(), self.failed.current() | self.refusals.keys())
+        except RouteError as exc:
             if self.refusals:
                 raise next(iter(self.refusals.values())) from None
+            if self.trusted is not None:
+                raise PrivateRouteError(
+                    f"private request: no route of trusted operators covers layers [{start}, {end}) ({exc}); it is sent to "
+                    "no other node. Trust more operators (client.trusted_operators or --trust) or send it without private"
+                ) from None
             raise
 
     async def open(self) -> None:
@@ -244,7 +260,9 @@ class InferenceSession:
                     return hop
                 except (TimeoutError, ConnectionError, OSError, WireError, DecryptError):
                     await close_quietly(channel)  # the node dropped this kept connection meanwhile
-        transport = await open_transport(node.url, self.transport, node.tcp_port, wire.DEFAULT_LIMITS, self.step_timeout_s)
+        transport = await open_transport(
+            node.url, self.transport, node.tcp_port, wire.DEFAULT_LIMITS, self.step_timeout_s, relay=self.relay
+        )
         try:
             channel = await asyncio.wait_for(client_handshake(transport, node.x25519_public_key), self.step_timeout_s)
         except BaseException:
@@ -276,7 +294,7 @@ class InferenceSession:
         return Hop(node, channel, nonce, pushes="next" in link and reply.fields.get("push") is True)
 
     def _pool_key(self, node: NodeInfo) -> tuple:
-        return node.url, self.transport, node.tcp_port, node.x25519_public_key
+        return node.url, self.transport, node.tcp_port, node.x25519_public_key, self.relay
 
     async def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Send `hidden` [1, T, H] at absolute `positions` [1, T] through every hop; returns the last hop's output,

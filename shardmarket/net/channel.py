@@ -125,13 +125,19 @@ class SecureChannel:
         await self.transport.close()
 
 
-async def open_transport(base_url: str, kind: str, tcp_port: int | None, limits: Limits, timeout: float) -> Transport:
-    """Connect to a node's session endpoint over `kind` ("tcp" or "ws")."""
+async def open_transport(
+    base_url: str, kind: str, tcp_port: int | None, limits: Limits, timeout: float, relay: str | None = None
+) -> Transport:
+    """Connect to a node's session endpoint over `kind` ("tcp" or "ws"), through `relay` (host:port of a forwarding
+    relay, net.relay.ForwardProxy) when given: the node then sees the relay's address, and the relay only ciphertext."""
     url = aiohttp.client.URL(base_url)
     if kind == "tcp":
         if not tcp_port:
             raise ConnectionError(f"node {base_url} offers no raw TCP port; use the ws transport")
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(url.host, tcp_port, limit=2**20), timeout)
+        if relay:
+            reader, writer = await asyncio.wait_for(connect_through(relay, str(url.host), tcp_port), timeout)
+        else:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(url.host, tcp_port, limit=2**20), timeout)
         return StreamTransport(reader, writer)
     if kind == "ws":
         session = aiohttp.ClientSession()
@@ -140,12 +146,36 @@ async def open_transport(base_url: str, kind: str, tcp_port: int | None, limits:
                 url.with_path(SESSION_PATH),
                 max_msg_size=limits.max_frame_bytes,
                 timeout=aiohttp.ClientWSTimeout(ws_close=timeout),
+                proxy=f"http://{relay}" if relay else None,
             )
         except BaseException:
             await session.close()
             raise
         return WebSocketTransport(ws, session)
     raise ValueError(f"unknown transport {kind!r}; use tcp or ws")
+
+
+async def connect_through(relay: str, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP stream to host:port tunnelled through the relay at `relay` (host:port) with HTTP CONNECT."""
+    relay_host, _, relay_port = relay.rpartition(":")
+    if not relay_host or not relay_port.isdigit():
+        raise ValueError(f"a relay is given as HOST:PORT, got {relay!r}")
+    reader, writer = await asyncio.open_connection(relay_host.strip("[]"), int(relay_port), limit=2**20)
+    try:
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        writer.close()
+        raise ConnectionError(f"relay {relay} closed the connection instead of answering CONNECT: {exc}") from None
+    except BaseException:
+        writer.close()
+        raise
+    status = head.split(b"\r\n", 1)[0].decode("latin-1")
+    if status.split(" ")[1:2] != ["200"]:
+        writer.close()
+        raise ConnectionError(f"relay {relay} would not connect to {host}:{port}: {status}")
+    return reader, writer
 
 
 async def client_handshake(transport: Transport, node_public_key: bytes, limits: Limits = wire.DEFAULT_LIMITS) -> SecureChannel:

@@ -3,6 +3,10 @@
 The node keeps one outgoing WebSocket to the relay; every client connection to the relayed port becomes a
 stream multiplexed over it as binary frames `kind (1 byte) | stream id (4 bytes) | payload`. The relay moves
 opaque bytes (the node protocol is end-to-end encrypted above it) and caps each node's bandwidth.
+
+The other way round, a relay may forward clients (ForwardProxy): a client that must not be located by the nodes
+reaches each of them through it (HTTP CONNECT for sessions, absolute-form GET for /info, /health and /probe), so a
+node sees the relay's address; the sessions stay encrypted to each node, so the relay sees only ciphertext.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import ipaddress
 import json
 import logging
 import secrets
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -223,6 +228,103 @@ class RelayServer:
                 return web.json_response({"reachable": True, "status": resp.status, "body": body[:4096]})
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return web.json_response({"reachable": False, "error": str(exc) or type(exc).__name__})
+
+
+class ForwardProxy:
+    """Forwards clients' TCP connections to nodes: `CONNECT host:port` (then raw bytes both ways) or a plain HTTP request
+    in absolute form (`GET http://host:port/path`, passed on as it is). It refuses link-local, multicast and unspecified
+    destinations, loopback and private ones (the relay's own services and LAN) unless `allow_local`, caps the streams
+    per client address and in total, and the bytes per second of each stream."""
+
+    def __init__(
+        self, allow_local: bool = False, rate_bytes_per_s: float = 10e6, max_streams: int = 1024, per_address: int = 64
+    ) -> None:
+        self.allow_local, self.rate = allow_local, rate_bytes_per_s
+        self.max_streams, self.per_address = max_streams, per_address
+        self.streams: dict[str, int] = {}  # client address -> open streams
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0: any free port); returns the port."""
+        self.server = await asyncio.start_server(self._client, host, port, limit=2**16)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _destination(self, host: str, port: int) -> str:
+        """The address to connect to for host:port; raises ValueError when this relay does not forward there."""
+        if not 0 < port < 65536:
+            raise ValueError(f"no such port {port}")
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        address = ipaddress.ip_address(infos[0][4][0])
+        if address.is_link_local or address.is_multicast or address.is_unspecified:
+            raise ValueError(f"{address} is not forwarded to")
+        if (address.is_loopback or address.is_private) and not self.allow_local:
+            raise ValueError(f"{address} is a local address; this relay forwards to public ones only")
+        return str(address)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        address = str(peer[0])
+        if self.streams.get(address, 0) >= self.per_address or sum(self.streams.values()) >= self.max_streams:
+            writer.close()
+            return
+        self.streams[address] = self.streams.get(address, 0) + 1
+        try:
+            await self._forward(reader, writer)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            pass
+        finally:
+            self.streams[address] -= 1
+            if not self.streams[address]:
+                del self.streams[address]
+            writer.close()
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+        method, target, *_ = [*head.split(b"\r\n", 1)[0].decode("latin-1").split(" "), "", ""]
+        try:
+            if method == "CONNECT":
+                host, _, port = target.rpartition(":")
+            else:
+                url = urlsplit(target)
+                if url.scheme != "http":
+                    raise ValueError("send CONNECT host:port or an absolute http:// request")
+                host, port = url.hostname or "", str(url.port or 80)
+            address = await self._destination(host.strip("[]"), int(port))
+            upstream_reader, upstream_writer = await asyncio.wait_for(asyncio.open_connection(address, int(port)), 10.0)
+        except (ValueError, OSError, TimeoutError) as exc:
+            writer.write(f"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nX-Reason: {exc}\r\n\r\n".encode())
+            await writer.drain()
+            return
+        for stream in (writer, upstream_writer):  # frames pass one by one: no waiting to fill a segment (Nagle)
+            sock = stream.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if method == "CONNECT":
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                upstream_writer.write(head)
+            await asyncio.gather(self.copy(reader, upstream_writer), self.copy(upstream_reader, writer))
+        finally:
+            upstream_writer.close()
+
+    async def copy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Copy one direction until it ends, then end the other side's writing."""
+        bucket = TokenBucket(self.rate)
+        try:
+            while chunk := await reader.read(CHUNK):
+                await bucket.take(len(chunk))
+                writer.write(chunk)
+                await writer.drain()
+        finally:
+            if writer.can_write_eof() and not writer.is_closing():
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
 
 
 class RelayClient:

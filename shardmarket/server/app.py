@@ -56,6 +56,7 @@ def info(service: NodeService, listing: NodeListing) -> dict:
         | {
             "in_flight": service.steps_in_flight,
             "steps_served": service.steps_served,
+            "frames_received": service.frames_received,
             "draining": service.draining,
         },
         "x25519_public_key": service.identity.x25519_public.hex(),

@@ -167,6 +167,7 @@ class NodeService:
         self.steps_in_flight = 0  # frames being answered
         self.steps_served = 0
         self.on_step: Callable[[bytes, int, int, float], None] | None = None  # (request id, tokens, position, compute s)
+        self.frames_received = 0  # session frames decrypted (open, step, close): what this node saw of any request
         self._idle = asyncio.Event()
         self._idle.set()
         self._connections: set[Transport] = set()  # until their sessions are closed
@@ -251,6 +252,7 @@ class NodeService:
             except WireError as exc:
                 await channel.send(wire.error_message(exc.code, f"{exc}; fix the frame and send it again"))
                 continue
+            self.frames_received += 1
             self.steps_in_flight += 1
             self._idle.clear()
             try:
