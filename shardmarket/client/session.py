@@ -24,7 +24,7 @@ import torch
 from eth_utils import keccak
 
 from shardmarket.chain.commitment import CommitmentError, SignedCommitment, check_commitment
-from shardmarket.chain.eip712 import EMPTY_HISTORY, Domain, StepContext, chain_history, tensor_hash
+from shardmarket.chain.eip712 import EMPTY_HISTORY, Domain, StepContext, chain_history, chain_rollback, tensor_hash
 from shardmarket.client.failures import RecentFailures
 from shardmarket.client.routing import NodeInfo, RouteError, plan_route
 from shardmarket.engine.tensors import tensor_bytes
@@ -76,6 +76,7 @@ class CommitmentFailure(Exception):
 
 
 KEPT_OPEN_TIMEOUT_S = 5.0  # for OPEN on a kept channel; then a new connection is tried
+MAX_DRAFT_STEP = 16  # positions of the longest speculative step (the last token and its draft)
 
 # everything that means "this node failed this step": the session routes around the node
 HOP_ERRORS = (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError, DecryptError)
@@ -101,17 +102,21 @@ class Hop:
     inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, hidden) per step
     outputs: list[torch.Tensor] = field(default_factory=list)  # the node's answer per step (for spot checks)
     history: bytes = EMPTY_HISTORY  # chain_history over the hashes of every input answered so far
+    next_position: int = 0  # where the node's KV cache ends
 
     def context(self, request_id: bytes, step: int, position: int, input_hash: bytes) -> StepContext:
-        """The context the node must commit to for the next step: its model and layers, this session, its history."""
+        """The context the node must commit to for the next step: its model and layers, this session, its history (with
+        the rollback a step starting before `next_position` makes)."""
         node = self.node
+        history = self.history if position >= self.next_position else chain_rollback(self.history, position)
         return StepContext(
-            keccak(text=node.model_id), node.start, node.end, request_id, self.nonce, step, position, self.history, input_hash
+            keccak(text=node.model_id), node.start, node.end, request_id, self.nonce, step, position, history, input_hash
         )
 
-    def answered(self, context: StepContext) -> None:
-        """Take an answered step into the session's history."""
-        self.history = chain_history(self.history, context.input_hash)
+    def answered(self, context: StepContext, tokens: int) -> None:
+        """Take an answered step of `tokens` positions into the session's history."""
+        self.history = chain_history(context.history_hash, context.input_hash)
+        self.next_position = context.position + tokens
 
 
 class InferenceSession:
@@ -255,7 +260,11 @@ class InferenceSession:
             except CommitmentFailure as exc:
                 await self._restart(answered, exc)
                 continue
-            check = None if unchecked is None and self.presign is None else asyncio.ensure_future(self._after_step(unchecked))
+            check = (
+                None
+                if unchecked is None and self.presign is None
+                else asyncio.ensure_future(self._after_step(unchecked, hidden.shape[1]))
+            )
             self._unconfirmed = (check, hidden, positions, answered)
             return output
 
@@ -309,11 +318,12 @@ class InferenceSession:
             index += 1
         return hidden, unchecked  # the last hop's commitment: checked before the output is used (`confirm`)
 
-    async def _after_step(self, unchecked: _CommitmentCheck | None) -> None:
-        """What follows a step while its output is being used: the next decode step's tab is signed ahead (while the
-        last node signs its commitment), then the last hop's commitment is checked."""
+    async def _after_step(self, unchecked: _CommitmentCheck | None, tokens: int) -> None:
+        """What follows a step of `tokens` positions while its output is being used: the next decode step's tab is signed
+        ahead (while the last node signs its commitment), then the last hop's commitment is checked. A speculative
+        step is guessed to be followed by one as long; a prefill chunk by a one-token step."""
         if self.presign is not None:
-            self.presign([(hop.node, 1) for hop in self.hops])
+            self.presign([(hop.node, tokens if tokens <= MAX_DRAFT_STEP else 1) for hop in self.hops])
         if unchecked is not None:
             await unchecked()
 
@@ -338,7 +348,7 @@ class InferenceSession:
         async with asyncio.timeout(self.step_timeout_s):
             reply = await hop.channel.recv()
         output = self._check_answer(hop, reply, step, sent)
-        hop.answered(context)
+        hop.answered(context, sent.shape[1])
         self.timings.append(
             HopTiming(node.url, hidden.shape[1], time.perf_counter() - started, reply.fields.get("compute_us", 0) / 1e6)
         )
@@ -450,7 +460,7 @@ class InferenceSession:
                 reply = await hop.channel.recv()
             output = self._check_answer(hop, reply, step, tensor)
             context = hop.context(self.request_id, step, inputs[step][0], tensor_hash(payload))
-            hop.answered(context)
+            hop.answered(context, tensor.shape[1])
             try:
                 await _CommitmentCheck(self, hop, reply, context, tensor.shape[1])()
             except CommitmentFailure as exc:
