@@ -76,6 +76,7 @@ async def _connect(args: argparse.Namespace):
             args.model_id or checkpoint.name,
             transport=args.transport or config.client.transport,
             step_timeout_s=config.client.step_timeout_s,
+            max_draft=config.client.max_draft,
         )
     if not urls:
         raise SystemExit("error: no nodes known: pass --nodes http://HOST:PORT,... or set client.nodes in the config")
@@ -86,6 +87,7 @@ async def _connect(args: argparse.Namespace):
         model_id=args.model_id,
         transport=args.transport or config.client.transport,
         step_timeout_s=config.client.step_timeout_s,
+        max_draft=config.client.max_draft,
     )
 
 
