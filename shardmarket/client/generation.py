@@ -170,10 +170,10 @@ class RemoteModel:
                 self.on_finished(session)
             completion.hop_timings = session.timings
             completion.computed_positions = sum(hidden.shape[1] for _, hidden in session.hops[0].inputs) if session.hops else 0
+            await session.close()
             if speculator is not None:
                 completion.speculation = speculator.stats
                 speculator.drafter.close()
-            await session.close()
 
     async def _generate_here(
         self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams, speculator: Speculator | None

@@ -493,7 +493,8 @@ def _closed_port() -> int:
 def test_speculative_steps_pay_every_position_each_node_computes_rejected_drafts_included(market, capsys):
     """Draft tokens ride on the decode steps (the model's own greedy continuation with its last token spoiled, so every
     pass keeps some and rejects one): the text is the greedy text, each node is promised and serves price x every
-    position it computed, and the cost per kept token is what the request cost over its tokens."""
+    position it computed, and a spot check of every hop (re-run from the committed inputs, rollbacks and all) finds
+    the honest nodes honest."""
     from shardmarket.engine.speculation import Draft, ModelDrafter
 
     head = Head.load(market.checkpoint)
@@ -512,9 +513,15 @@ def test_speculative_steps_pay_every_position_each_node_computes_rejected_drafts
         def close(self) -> None:
             self.drafter.close()
 
-    model = asyncio.run(client_model(market, "frank"))
-    model.max_draft, model.drafter = 4, SpoiledLast
-    tokens, completion = asyncio.run(generate(model, PROMPT, 12))
+    async def speculate():
+        model = await client_model(market, "frank", spot_check_rate=1.0)
+        model.max_draft, model.drafter = 4, SpoiledLast
+        tokens, completion = await generate(model, PROMPT, 12)
+        await model.auditor.wait()
+        return tokens, completion, model.auditor
+
+    tokens, completion, auditor = asyncio.run(speculate())
+    assert auditor.checks == len(RANGES) and not auditor.findings
     stage.open_session("local", 64)
     assert tokens == list(local_generate(head, lambda h, p: stage.step("local", h, p), PROMPT, SamplingParams(max_tokens=12)))
     stats = completion.speculation

@@ -45,7 +45,9 @@ async def exchange(node, info, steps: list[tuple[int, torch.Tensor]], then: list
     answers, errors = [], []
     for number, (position, hidden) in enumerate(steps):
         await channel.send(Message(wire.STEP, request_id, number, {"position": position}, hidden))
-        answers.append((await channel.recv(), await channel.recv()))
+        result = await channel.recv()
+        assert result.type == wire.RESULT, f"step {number} at position {position}: {result.fields}"
+        answers.append((result, await channel.recv()))
     for position in then:
         await channel.send(Message(wire.STEP, request_id, len(steps), {"position": position}, torch.randn(1, 1, HIDDEN)))
         errors.append(await channel.recv())
