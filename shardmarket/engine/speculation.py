@@ -44,7 +44,7 @@ class PromptLookup:
     (the longest n from `max_ngram` down to `min_ngram` that occurred before). Free to compute, and good wherever the
     answer repeats its input: rewriting, summarising, editing code, quoting."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 2) -> None:
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 3) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise EngineError(f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -148,8 +148,9 @@ class Speculator:
             raise EngineError(f"max_draft must be at least 1, got {max_draft}")
         self.drafter, self.max_draft, self.min_rate = drafter, max_draft, min_rate
         self.stats = SpeculationStats()
-        self.length = min(4, max_draft)
-        self._rate = 1.0  # moving average of the kept fraction of recent drafts
+        # a request starts with short drafts and pauses after two that fail: a free-form answer pays for few of them
+        self.length = min(2, max_draft)
+        self._rate = 0.5  # moving average of the kept fraction of recent drafts
         self._pause, self._paused = 0, 0  # passes to skip drafting after a failed try, and how many skipped so far
 
     def propose(self, tokens: Sequence[int], room: int) -> Draft:
