@@ -74,6 +74,9 @@ class ClientConfig:
     push: bool = False  # nodes send their outputs straight to the next hop instead of back to the client (2 RTT a token, not 3)
     step_timeout_s: float = 60.0
     spot_check_rate: float = 0.0  # fraction of requests whose hops are re-run on another node (or locally)
+    # speculative decoding: up to this many tokens drafted by prompt lookup ride on each decode step, checked in the
+    # same pass (more tokens per round trip where the answer repeats the prompt); 0: off
+    max_draft: int = 0
     spot_check_tolerance: float = 1e-3  # largest relative difference of hidden states still counted as equal
     # token units set aside in the escrow for each node the client pays (only that node can draw on it, so nodes serve
     # up to it without trusting the shared balance); 0: half the spendable balance, shared among the model's nodes

@@ -404,6 +404,17 @@ def chain_history(history: bytes, input_hash: bytes) -> bytes:
     return _keccak(bytes(history) + bytes(input_hash))
 
 
+ROLLBACK_TAG = keccak(text="shardmarket.rollback")
+
+
+def chain_rollback(history: bytes, position: int) -> bytes:
+    """A session's history hash once its KV cache dropped every position from `position` on (a step that starts before
+    the previous one ended, e.g. after rejected draft tokens): keccak256(history || ROLLBACK_TAG || uint256 position).
+    It hashes 96 bytes where an input's link hashes 64, so the two kinds of link never collide."""
+    _check_uint(position, UINT64_MAX, "position")
+    return _keccak(bytes(history) + ROLLBACK_TAG + position.to_bytes(32, "big"))
+
+
 def tab_typed_data(tab: Tab, domain: Domain) -> dict:
     """The tab as an EIP-712 typed-data message (for wallets' eth_signTypedData_v4: they show every entry)."""
     data = _typed_data(

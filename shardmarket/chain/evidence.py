@@ -23,6 +23,7 @@ from shardmarket.chain.eip712 import (
     InvalidSignature,
     StepContext,
     chain_history,
+    chain_rollback,
     recover_commitment_signer,
     tensor_hash,
 )
@@ -88,14 +89,17 @@ class Evidence:
 
     def check(self, accused: str, domain: Domain) -> None:
         """The inputs are the session's up to the challenged step (positions, history hash and input hash as committed),
-        the answer is the committed output, and `accused` signed it; raises EvidenceError otherwise."""
+        the answer is the committed output, and `accused` signed it; raises EvidenceError otherwise. A step may start
+        before the previous one ended (a rollback, as the node accepts one): the history hash binds where."""
         context = self.context
         if len(self.inputs) != context.step + 1 or len(self.positions) != len(self.inputs):
             raise EvidenceError(f"evidence for step {context.step} needs {context.step + 1} inputs and positions")
-        position, history = 0, EMPTY_HISTORY
+        position, last_start, history = 0, -1, EMPTY_HISTORY
         for step, (tensor, at) in enumerate(zip(self.inputs, self.positions, strict=True)):
-            if tensor.dim() != 3 or at != position:
-                raise EvidenceError(f"input {step} is not a [1, T, H] tensor at position {position}")
+            if tensor.dim() != 3 or not isinstance(at, int) or not last_start < at <= position:
+                raise EvidenceError(f"input {step} is not a [1, T, H] tensor at a position within {last_start + 1}..{position}")
+            if at < position:
+                history = chain_rollback(history, at)
             if step == context.step:
                 if at != context.position or history != context.history_hash:
                     raise EvidenceError("the earlier inputs are not the ones the node committed to (position or history)")
@@ -103,7 +107,7 @@ class Evidence:
                     raise EvidenceError("the challenged input is not what the node committed to")
             else:
                 history = chain_history(history, tensor_hash(tensor_bytes(tensor)))
-            position += tensor.shape[1]
+            last_start, position = at, at + tensor.shape[1]
         if tensor_hash(tensor_bytes(self.output)) != self.challenged.commitment.output_hash:
             raise EvidenceError("the answer is not what the node committed to")
         try:

@@ -90,6 +90,7 @@ async def _connect(args: argparse.Namespace):
             step_timeout_s=config.client.step_timeout_s,
             push=config.client.push,
             privacy=privacy,
+            max_draft=config.client.max_draft,
         )
     if not urls:
         raise SystemExit("error: no nodes known: pass --nodes http://HOST:PORT,... or set client.nodes in the config")
@@ -102,6 +103,7 @@ async def _connect(args: argparse.Namespace):
         step_timeout_s=config.client.step_timeout_s,
         push=config.client.push,
         privacy=privacy,
+        max_draft=config.client.max_draft,
     )
 
 

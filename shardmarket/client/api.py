@@ -119,13 +119,20 @@ def _sampling(body: dict, default_max_tokens: int) -> tuple[SamplingParams, bool
 
 
 def _usage(completion: Completion) -> dict:
+    """OpenAI's token counts (completion tokens are the accepted ones), what the request cost, and what each hop computed
+    and billed: speculation computes positions of draft tokens it then rejects."""
     n = len(completion.tokens)
-    return {
+    usage: dict[str, object] = {
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": n,
         "total_tokens": completion.prompt_tokens + n,
         "cost": completion.cost,
+        "cost_per_completion_token": completion.cost / n if n else 0,
+        "computed_positions": completion.computed_positions,
     }
+    if completion.speculation is not None:
+        usage["speculation"] = completion.speculation.as_dict()
+    return usage
 
 
 async def _timed(tokens: AsyncGenerator[int, None], timer: RequestTimer) -> AsyncGenerator[int, None]:

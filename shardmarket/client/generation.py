@@ -14,10 +14,19 @@ from typing import TYPE_CHECKING
 from shardmarket.chain.eip712 import Domain
 from shardmarket.client.failures import RecentFailures
 from shardmarket.client.routing import NodeInfo, RouteError, discover, plan_route
-from shardmarket.client.session import CommitmentSink, HopTiming, InferenceSession, Presign, StandingTab, TabSource
+from shardmarket.client.session import (
+    MAX_DRAFT_STEP,
+    CommitmentSink,
+    HopTiming,
+    InferenceSession,
+    Presign,
+    StandingTab,
+    TabSource,
+)
 from shardmarket.engine.head import Head
 from shardmarket.engine.openmp import PASSIVE_OPENMP
 from shardmarket.engine.sampling import CONFIRM, LAYERS, SamplingParams, generate, generation_steps
+from shardmarket.engine.speculation import Drafter, PromptLookup, SpeculationStats, Speculator
 from shardmarket.net.channel import ChannelPool
 
 if TYPE_CHECKING:
@@ -44,6 +53,8 @@ class Completion:
     failovers: int = 0
     cost: int = 0  # token units promised to the nodes for this request
     hop_timings: list[HopTiming] = field(default_factory=list)
+    computed_positions: int = 0  # positions each hop computed (and billed): the prompt, kept tokens and rejected drafts
+    speculation: SpeculationStats | None = None  # when the request drafted tokens
 
 
 @dataclass(frozen=True)
@@ -93,10 +104,16 @@ class RemoteModel:
         standing_tab: StandingTab | None = None,
         push: bool = False,
         privacy: Privacy | None = None,
+        max_draft: int = 0,
+        drafter: Callable[[], Drafter] = PromptLookup,
     ) -> None:
         self.head, self.model_id, self.nodes, self.domain = head, model_id, nodes, domain
         self.push = push  # nodes send their outputs straight to the next hop (see InferenceSession)
         self.privacy = privacy or Privacy()
+        # speculative decoding: up to `max_draft` tokens proposed by a fresh `drafter()` per request (0: none)
+        if not 0 <= max_draft < MAX_DRAFT_STEP:
+            raise ValueError(f"max_draft must be within 0..{MAX_DRAFT_STEP - 1} (0 turns speculation off), got {max_draft}")
+        self.max_draft, self.drafter = max_draft, drafter
         self.transport, self.step_timeout_s, self.tab_source, self.presign = transport, step_timeout_s, tab_source, presign
         self.standing_tab = standing_tab
         self.on_commitment, self.on_finished = on_commitment, on_finished
@@ -193,10 +210,11 @@ class RemoteModel:
             **options,
         )
         here = PASSIVE_OPENMP and not self._streams  # a lone stream: its head runs on the event loop's thread
+        speculator = Speculator(self.drafter(), self.max_draft) if self.max_draft else None
         self._streams += 1
         try:
             generating = self._generate_here if here else self._generate_in_thread
-            async with aclosing(generating(session, prompt_ids, params)) as tokens:
+            async with aclosing(generating(session, prompt_ids, params, speculator)) as tokens:
                 async for token in tokens:
                     completion.tokens.append(token)
                     yield token
@@ -208,15 +226,21 @@ class RemoteModel:
             if self.on_finished is not None:
                 self.on_finished(session)
             completion.hop_timings = session.timings
+            completion.computed_positions = sum(hidden.shape[1] for _, hidden in session.hops[0].inputs) if session.hops else 0
             await session.close()
+            if speculator is not None:
+                completion.speculation = speculator.stats
+                speculator.drafter.close()
 
     async def _generate_here(
-        self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams
+        self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams, speculator: Speculator | None
     ) -> AsyncGenerator[int, None]:
         """Generate on the event loop's thread: no hand-off to a generating thread and back per token (two thread
         wake-ups). The head then holds the loop for a few ms per token, which is fine while no other stream runs;
         OpenMP does not mind a second team with OMP_WAIT_POLICY=PASSIVE (see shardmarket/engine/openmp.py)."""
-        steps = generation_steps(self.head, prompt_ids, params, chunk_size=self._prompt_step(), confirming=True)
+        steps = generation_steps(
+            self.head, prompt_ids, params, chunk_size=self._prompt_step(), confirming=True, speculator=speculator
+        )
         answer = None
         while True:
             try:
@@ -232,7 +256,7 @@ class RemoteModel:
                 yield step[1]
 
     async def _generate_in_thread(
-        self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams
+        self, session: InferenceSession, prompt_ids: list[int], params: SamplingParams, speculator: Speculator | None
     ) -> AsyncGenerator[int, None]:
         """Generate on a thread of its own, so that concurrent streams' heads run side by side and never hold the loop."""
         loop = asyncio.get_running_loop()
@@ -251,7 +275,15 @@ class RemoteModel:
 
         def produce() -> None:
             try:
-                for token in generate(self.head, run_layers, prompt_ids, params, chunk_size=self._prompt_step(), confirm=confirm):
+                for token in generate(
+                    self.head,
+                    run_layers,
+                    prompt_ids,
+                    params,
+                    chunk_size=self._prompt_step(),
+                    confirm=confirm,
+                    speculator=speculator,
+                ):
                     loop.call_soon_threadsafe(queue.put_nowait, token)
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
             except BaseException as exc:  # handed to the consumer, which re-raises it

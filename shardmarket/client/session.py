@@ -29,7 +29,7 @@ import torch
 from eth_utils import keccak
 
 from shardmarket.chain.commitment import CommitmentError, SignedCommitment, check_commitment
-from shardmarket.chain.eip712 import EMPTY_HISTORY, Domain, StepContext, chain_history, tensor_hash
+from shardmarket.chain.eip712 import EMPTY_HISTORY, Domain, StepContext, chain_history, chain_rollback, tensor_hash
 from shardmarket.client.failures import RecentFailures
 from shardmarket.client.routing import FULL_FOR_S, NodeInfo, RouteError, plan_route, trusted_nodes
 from shardmarket.engine.tensors import tensor_bytes
@@ -92,6 +92,7 @@ class CommitmentFailure(Exception):
 
 PREFILL_CHUNK = 128  # positions per step of a long prompt on a pushing route: hop A computes chunk 2 while B has chunk 1
 KEPT_OPEN_TIMEOUT_S = 5.0  # for OPEN on a kept channel; then a new connection is tried
+MAX_DRAFT_STEP = 16  # positions of the longest speculative step (the last token and its draft)
 
 # everything that means "this node failed this step": the session routes around the node
 HOP_ERRORS = (NodeFailure, ConnectionError, OSError, asyncio.TimeoutError, WireError, DecryptError)
@@ -118,6 +119,7 @@ class Hop:
     outputs: list[torch.Tensor] = field(default_factory=list)  # the node's answer per step (for spot checks)
     history: bytes = EMPTY_HISTORY  # chain_history over the hashes of every input answered so far
     pushes: bool = False  # the node sends its outputs straight to the next hop (which it was told when it opened)
+    next_position: int = 0  # where the node's KV cache ends
     held: bool = True  # counted in the node's `held` sessions (from when its route was planned) until closed or dropped
 
     def release(self) -> None:
@@ -127,15 +129,18 @@ class Hop:
             self.node.held -= 1
 
     def context(self, request_id: bytes, step: int, position: int, input_hash: bytes) -> StepContext:
-        """The context the node must commit to for the next step: its model and layers, this session, its history."""
+        """The context the node must commit to for the next step: its model and layers, this session, its history (with
+        the rollback a step starting before `next_position` makes)."""
         node = self.node
+        history = self.history if position >= self.next_position else chain_rollback(self.history, position)
         return StepContext(
-            keccak(text=node.model_id), node.start, node.end, request_id, self.nonce, step, position, self.history, input_hash
+            keccak(text=node.model_id), node.start, node.end, request_id, self.nonce, step, position, history, input_hash
         )
 
-    def answered(self, context: StepContext) -> None:
-        """Take an answered step into the session's history."""
-        self.history = chain_history(self.history, context.input_hash)
+    def answered(self, context: StepContext, tokens: int) -> None:
+        """Take an answered step of `tokens` positions into the session's history."""
+        self.history = chain_history(context.history_hash, context.input_hash)
+        self.next_position = context.position + tokens
 
 
 class InferenceSession:
@@ -314,7 +319,7 @@ class InferenceSession:
             prefilled = await self._prefill_chunked(hidden)
             if prefilled is not None:
                 output, unchecked = prefilled
-                self._unconfirmed = (asyncio.ensure_future(self._after_step(unchecked)), hidden, positions, 0)
+                self._unconfirmed = (asyncio.ensure_future(self._after_step(unchecked, hidden.shape[1])), hidden, positions, 0)
                 return output
         while True:
             answered = len(self.hops[0].inputs)
@@ -327,7 +332,11 @@ class InferenceSession:
             except CommitmentFailure as exc:
                 await self._restart(answered, exc)
                 continue
-            check = None if not unchecked and self.presign is None else asyncio.ensure_future(self._after_step(unchecked))
+            check = (
+                None
+                if not unchecked and self.presign is None
+                else asyncio.ensure_future(self._after_step(unchecked, hidden.shape[1]))
+            )
             self._unconfirmed = (check, hidden, positions, answered)
             return output
 
@@ -381,11 +390,12 @@ class InferenceSession:
             index += 1
         return hidden, unchecked  # the last hop's commitment: checked before the output is used (`confirm`)
 
-    async def _after_step(self, unchecked: list[_CommitmentCheck]) -> None:
-        """What follows a step while its output is being used: the next decode step's tab is signed ahead (while the
-        last node signs its commitment), then the commitments not checked yet are."""
+    async def _after_step(self, unchecked: list[_CommitmentCheck], tokens: int) -> None:
+        """What follows a step of `tokens` positions while its output is being used: the next decode step's tab is signed
+        ahead (while the last node signs its commitment), then the commitments not checked yet are. A speculative step is
+        guessed to be followed by one as long; a prefill chunk by a one-token step."""
         if self.presign is not None:
-            self.presign([(hop.node, 1) for hop in self.hops])
+            self.presign([(hop.node, tokens if tokens <= MAX_DRAFT_STEP else 1) for hop in self.hops])
         for check in unchecked:
             await check()
 
@@ -431,7 +441,7 @@ class InferenceSession:
                 except (CommitmentFailure, *HOP_ERRORS) as exc:
                     raise _HopFailed(index, exc, hidden) from None
                 context = hop.context(self.request_id, step, offsets[step], tensor_hash(payload))
-                hop.answered(context)
+                hop.answered(context, given.shape[1])
                 hop.inputs.append((offsets[step], given))
                 hop.outputs.append(output)
                 compute_s = reply.fields.get("compute_us", 0) / 1e6
@@ -519,7 +529,7 @@ class InferenceSession:
                 output = self._check_answer(hop, reply, step, sent)
             except HOP_ERRORS as exc:
                 raise _HopFailed(index, exc, hidden) from None
-            hop.answered(context)
+            hop.answered(context, hidden.shape[1])
             hop.inputs.append((position, hidden))
             hop.outputs.append(output)
             compute_s = reply.fields.get("compute_us", 0) / 1e6
@@ -552,7 +562,7 @@ class InferenceSession:
         async with asyncio.timeout(self.step_timeout_s):
             reply = await hop.channel.recv()
         output = self._check_answer(hop, reply, step, sent)
-        hop.answered(context)
+        hop.answered(context, sent.shape[1])
         if isinstance(reply.fields.get("load"), dict):
             node.report(reply.fields["load"])
         self.timings.append(
@@ -666,7 +676,7 @@ class InferenceSession:
                 reply = await hop.channel.recv()
             output = self._check_answer(hop, reply, step, tensor)
             context = hop.context(self.request_id, step, inputs[step][0], tensor_hash(payload))
-            hop.answered(context)
+            hop.answered(context, tensor.shape[1])
             try:
                 await _CommitmentCheck(self, hop, reply, context, tensor.shape[1])()
             except CommitmentFailure as exc:

@@ -10,6 +10,7 @@ import torch
 
 from shardmarket.engine.errors import EngineError
 from shardmarket.engine.head import Head
+from shardmarket.engine.speculation import Draft, Speculator, verify
 
 RunLayers = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # confirm(hidden): the layers' output that stands; another tensor when the step had to be redone (see InferenceSession)
@@ -79,12 +80,14 @@ def generation_steps(
     *,
     chunk_size: int = 256,
     confirming: bool = False,
+    speculator: Speculator | None = None,
 ) -> Generator[Step, torch.Tensor | None, None]:
     """Generation without I/O, for a driver to run (`generate`, or an async one): it yields (LAYERS, (hidden,
     positions)) and must be sent the layers' output; with `confirming`, (CONFIRM, output) once the token is picked,
     and must be sent the output that stands (another tensor when the step had to be redone: the token is then picked
     again from the same random state); and (TOKEN, id) for each new token (sent nothing). Stops on EOS (not
-    yielded), a stop string (its tokens not yielded) or max_tokens."""
+    yielded), a stop string (its tokens not yielded) or max_tokens. With a `speculator`, a decode step carries the last
+    token and a draft after it, starting where the kept tokens end: the layers drop the positions of rejected drafts."""
     params.check()
     if not prompt_ids:
         raise EngineError("the prompt holds no token")
@@ -95,35 +98,56 @@ def generation_steps(
         ids = torch.tensor([prompt_ids[begin : begin + chunk_size]])
         positions = torch.arange(begin, begin + ids.shape[1])[None]
         hidden = _sent((yield LAYERS, (head.embed(ids), positions)))
+    context = list(prompt_ids)  # the prompt and every token picked: what the drafter continues
     emitted: list[int] = []
     held: list[int] = []
-    token = -1
-    for count in range(params.max_tokens):
-        if count:
-            position = len(prompt_ids) + count - 1
-            hidden = _sent((yield LAYERS, (head.embed(torch.tensor([[token]])), torch.tensor([[position]]))))
+    draft = Draft()
+    while True:
+        rows = len(draft.tokens) + 1
         state = generator.get_state() if generator is not None and confirming else None
-        token = pick_token(head.logits(hidden[:, -1:])[0, -1], params, generator)
+        new = _pick(head, hidden[:, -rows:], draft, params, generator)
         if confirming and (checked := _sent((yield CONFIRM, hidden))) is not hidden:
             hidden = checked
             if generator is not None and state is not None:
                 generator.set_state(state)
-            token = pick_token(head.logits(hidden[:, -1:])[0, -1], params, generator)
-        if token in head.eos_token_ids and not params.ignore_eos:
+            new = _pick(head, hidden[:, -rows:], draft, params, generator)
+        if speculator is not None and len(context) > len(prompt_ids):  # a decode pass (not the prompt's)
+            speculator.update(len(draft.tokens), len(new) - 1)
+        finished = False
+        for token in new[: params.max_tokens - (len(context) - len(prompt_ids))]:
+            context.append(token)
+            if token in head.eos_token_ids and not params.ignore_eos:
+                finished = True
+                break
+            held.append(token)
+            if params.stop:
+                text = head.tokenizer.decode(emitted + held)
+                if any(stop in text for stop in params.stop):
+                    return
+                if _holds_stop_prefix(text, params.stop):
+                    continue
+            for held_token in held:
+                yield TOKEN, held_token
+            emitted += held
+            held = []
+        left = params.max_tokens - (len(context) - len(prompt_ids))
+        if finished or left <= 0:
             break
-        held.append(token)
-        if params.stop:
-            text = head.tokenizer.decode(emitted + held)
-            if any(stop in text for stop in params.stop):
-                return
-            if _holds_stop_prefix(text, params.stop):
-                continue
-        for held_token in held:
-            yield TOKEN, held_token
-        emitted += held
-        held = []
+        # a draft of more than left - 1 tokens would be wasted: the pass yields a token of its own after it
+        draft = Draft() if speculator is None else speculator.propose(context, left - 1)
+        ids = torch.tensor([[context[-1], *draft.tokens]])
+        positions = torch.arange(len(context) - 1, len(context) + len(draft.tokens))[None]
+        hidden = _sent((yield LAYERS, (head.embed(ids), positions)))
     for held_token in held:
         yield TOKEN, held_token
+
+
+def _pick(head: Head, hidden: torch.Tensor, draft: Draft, params: SamplingParams, generator: torch.Generator | None) -> list[int]:
+    """The tokens a pass yields from the last layer's `hidden` [1, len(draft) + 1, H]: one picked token without a draft."""
+    logits = head.logits(hidden)[0]
+    if not draft.tokens:
+        return [pick_token(logits[-1], params, generator)]
+    return verify(logits, draft, params, generator, lambda row: pick_token(row, params, generator))
 
 
 def generate(
@@ -134,11 +158,14 @@ def generate(
     *,
     chunk_size: int = 256,
     confirm: Confirm | None = None,
+    speculator: Speculator | None = None,
 ) -> Iterator[int]:
     """Yield new token ids (see `generation_steps`), running the layers with `run_layers`. With `confirm`, each
     token is picked while the step that led to it is still being checked, and picked again (from the same random
     state) if `confirm` hands back another output."""
-    steps = generation_steps(head, prompt_ids, params, chunk_size=chunk_size, confirming=confirm is not None)
+    steps = generation_steps(
+        head, prompt_ids, params, chunk_size=chunk_size, confirming=confirm is not None, speculator=speculator
+    )
     answer = None
     while True:
         try:

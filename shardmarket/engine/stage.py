@@ -200,9 +200,10 @@ class Stage:
             self._expired.pop(session_id, None)
 
     def rerun(self, positions: list[int], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The outputs of a hop's steps (`inputs[i]` at `positions[i]`) in a private session: a checker's re-run."""
+        """The outputs of a hop's steps (`inputs[i]` at `positions[i]`; a step may start early, dropping the positions
+        after it) in a private session: a checker's re-run."""
         session = f"rerun-{uuid.uuid4().hex}"
-        self.open_session(session, max(positions[-1] + inputs[-1].shape[1], 1))
+        self.open_session(session, max([p + x.shape[1] for p, x in zip(positions, inputs, strict=True)] + [1]))
         try:
             return [
                 self.step(session, x.to(self.dtype), torch.arange(p, p + x.shape[1]).unsqueeze(0))

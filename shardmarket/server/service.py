@@ -38,6 +38,7 @@ from shardmarket.chain.eip712 import (
     Domain,
     StepContext,
     chain_history,
+    chain_rollback,
     tensor_hash,
 )
 from shardmarket.engine.errors import CapacityError, EngineError, ShapeError, UnknownSession
@@ -126,6 +127,7 @@ class _Session:
     history: bytes = EMPTY_HISTORY  # chain_history over every input answered so far
     next_step: int = 0
     next_position: int = 0
+    last_start: int = -1  # where the last step started: a step may roll the cache back to just after it
     answers: OrderedDict[int, _Answer] = field(default_factory=OrderedDict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
@@ -529,8 +531,13 @@ class NodeService:
         if tab is not None and (not isinstance(tab, bytes) or len(tab) > MAX_TAB_BYTES):
             raise StepRefused("bad_tab", f"the tab field must be at most {MAX_TAB_BYTES} bytes")
         position = message.fields.get("position")
-        if position != session.next_position:
-            raise StepRefused("bad_position", f"step starts at position {position!r}, expected {session.next_position}")
+        lowest = session.last_start + 1  # a rollback drops positions of the last step only (its rejected draft tokens)
+        if not isinstance(position, int) or isinstance(position, bool) or not lowest <= position <= session.next_position:
+            raise StepRefused(
+                "bad_position",
+                f"step starts at position {position!r}; expected {session.next_position}, or from {lowest} on to drop "
+                "positions of the last step",
+            )
         if position + hidden.shape[1] > session.max_length:
             raise StepRefused(
                 "too_long", f"positions up to {position + hidden.shape[1]} exceed the session's max_length {session.max_length}"
@@ -550,6 +557,9 @@ class NodeService:
         output = output.contiguous()
         payload = tensor_bytes(output)
         input_hash = tensor_hash(message.payload)
+        position = int(positions[0, 0])
+        # a step starting early drops the positions after it: the history says so, for disputes and spot checks
+        history = session.history if position == session.next_position else chain_rollback(session.history, position)
         context = StepContext(
             self.model_id,
             self.stage.start,
@@ -557,8 +567,8 @@ class NodeService:
             session.request_id,
             session.nonce,
             message.step,
-            session.next_position,
-            session.history,
+            position,
+            history,
             input_hash,
         )
         answer = _Answer(context, output, payload, int(compute_s * 1e6))
@@ -566,8 +576,8 @@ class NodeService:
         while len(session.answers) > CACHED_STEPS:
             session.answers.popitem(last=False)
         session.next_step += 1
-        session.next_position += hidden.shape[1]
-        session.history = chain_history(session.history, input_hash)
+        session.last_start, session.next_position = position, position + hidden.shape[1]
+        session.history = chain_history(history, input_hash)
         self.steps_served += 1
         if self.on_step is not None:
             self.on_step(session.request_id, hidden.shape[1], context.position, compute_s)

@@ -2,7 +2,8 @@
 long prefill cut into chunks with the waiting decode steps run between them (a 2,000-token prompt must not stall every
 other session's next token for its whole length).
 
-A lone session's decode step skips the queue; `shardmarket.engine.openmp` says on which thread it runs.
+A lone session's decode step (one token, or a few when the client speculates) skips the queue;
+`shardmarket.engine.openmp` says on which thread it runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 
 from shardmarket.engine.openmp import PASSIVE_OPENMP
 from shardmarket.engine.stage import Stage
+
+FAST_STEP_TOKENS = 16  # a lone session's steps up to this long skip the queue: decode steps, with a draft or not
 
 
 @dataclass
@@ -95,14 +98,16 @@ class StageWorker:
 
     async def step(self, session_id: str, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Run this stage's layers on `hidden`; returns the output and the seconds the layers took (its batch's)."""
-        if hidden.shape[1] == 1 and not self._running and self._queue.empty() and len(self.stage.session_ids()) == 1:
+        fast = hidden.shape[1] <= FAST_STEP_TOKENS
+        if fast and not self._running and self._queue.empty() and len(self.stage.session_ids()) == 1:
             self._running = True
             try:
                 work = [_Work(session_id, hidden, positions, None)]
                 outputs, elapsed = self._compute(work) if PASSIVE_OPENMP else await self.call(self._compute, work)
             finally:
                 self._running = False
-            self._timed_decode(elapsed)
+            if hidden.shape[1] == 1:
+                self._timed_decode(elapsed)
             return outputs[0], elapsed
         done = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Work(session_id, hidden, positions, done))

@@ -489,3 +489,50 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_speculative_steps_pay_every_position_each_node_computes_rejected_drafts_included(market, capsys):
+    """Draft tokens ride on the decode steps (the model's own greedy continuation with its last token spoiled, so every
+    pass keeps some and rejects one): the text is the greedy text, each node is promised and serves price x every
+    position it computed, and a spot check of every hop (re-run from the committed inputs, rollbacks and all) finds
+    the honest nodes honest."""
+    from shardmarket.engine.speculation import Draft, ModelDrafter
+
+    head = Head.load(market.checkpoint)
+    stage = Stage.load(market.checkpoint, 0, head.num_layers)
+
+    class SpoiledLast:
+        def __init__(self) -> None:
+            self.drafter = ModelDrafter(head, stage, max_length=64)
+
+        def propose(self, tokens, k):
+            draft = self.drafter.propose(tokens, k)
+            if len(draft.tokens) < 2:
+                return draft
+            return Draft([*draft.tokens[:-1], (draft.tokens[-1] + 1) % head.config.vocab_size])
+
+        def close(self) -> None:
+            self.drafter.close()
+
+    async def speculate():
+        model = await client_model(market, "frank", spot_check_rate=1.0)
+        model.max_draft, model.drafter = 4, SpoiledLast
+        tokens, completion = await generate(model, PROMPT, 12)
+        await model.auditor.wait()
+        return tokens, completion, model.auditor
+
+    tokens, completion, auditor = asyncio.run(speculate())
+    assert auditor.checks == len(RANGES) and not auditor.findings
+    stage.open_session("local", 64)
+    assert tokens == list(local_generate(head, lambda h, p: stage.step("local", h, p), PROMPT, SamplingParams(max_tokens=12)))
+    stats = completion.speculation
+    assert stats is not None and 0 < stats.accepted < stats.drafted
+    computed = len(PROMPT) + len(tokens) - 1 + stats.drafted - stats.accepted
+    assert completion.computed_positions == computed
+    assert completion.cost == len(RANGES) * PRICE * computed
+    capsys.readouterr()
+    frank = market.accounts["frank"]
+    for name in ("node0", "node1", "node2"):
+        market.cli(name, "node", "earnings")
+        row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(frank))
+        assert [int(x) for x in row[2:4]] == [PRICE * computed, PRICE * computed]  # served, promised
