@@ -36,7 +36,13 @@ MAX_TOKENS = 40
 @pytest.fixture(scope="module")
 def route(smollm, tmp_path_factory):
     home = tmp_path_factory.mktemp("speculation")
-    nodes = [start_node(smollm, layers, home / layers.replace(":", "-")) for layers in ("0:10", "10:20", "20:30")]
+    spans = ("0:10", "10:20", "20:30")
+    ports = [free_port() for _ in spans]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    nodes = [  # each may push to the next when a route asks it to
+        start_node(smollm, layers, home / layers.replace(":", "-"), port=port, settings={"peers": ",".join(urls[i + 1 : i + 2])})
+        for i, (layers, port) in enumerate(zip(spans, ports, strict=True))
+    ]
     try:
         wait_ready(*nodes)
         yield [node.url for node in nodes]
@@ -75,6 +81,28 @@ def test_greedy_text_with_drafts_is_the_text_without_and_every_computed_position
     rewrite = drafted[0][1].speculation
     assert rewrite is not None and rewrite.accepted >= MAX_TOKENS / 2  # half the text came from drafts
     assert sum(c.speculation.drafted - c.speculation.accepted for _, c in drafted) > 0  # caches were rolled back
+
+
+def test_drafts_on_a_pushing_route_give_the_same_greedy_text(smollm, route):
+    """Speculative steps pushed node to node: every node rolls back from the position the pushed step carries."""
+
+    async def go():
+        model = await RemoteModel.connect(smollm, route, DOMAIN, step_timeout_s=30)
+        pushed = await RemoteModel.connect(smollm, route, DOMAIN, step_timeout_s=30, push=True, max_draft=8)
+        pushes: list[list[bool]] = []
+        pushed.on_finished = lambda session: pushes.append([hop.pushes for hop in session.hops])
+        try:
+            plain = [await complete(model, p) for p in PROMPTS[:2]]
+            return plain, [await complete(pushed, p) for p in PROMPTS[:2]], pushes
+        finally:
+            await model.aclose()
+            await pushed.aclose()
+
+    plain, drafted, pushes = asyncio.run(asyncio.wait_for(go(), 300))
+    assert pushes == [[True, True, False]] * 2  # the first two nodes pushed every step on
+    for (expected, _), (tokens, completion) in zip(plain, drafted, strict=True):
+        assert tokens == expected
+        assert completion.speculation is not None and completion.speculation.accepted > 0
 
 
 def test_usage_reports_the_accepted_tokens_and_what_speculation_did(smollm, route):
