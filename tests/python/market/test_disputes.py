@@ -170,7 +170,7 @@ def test_equivocating_node_is_slashed(market):
         hidden = torch.randn(1, 3, target.hidden_size)
         session.pay([(target, 3)])
         for _ in range(2):  # the second is a retry: the node answers differently and signs it again
-            hop.history = EMPTY_HISTORY  # step 0 again, after no earlier input
+            hop.history, hop.next_position = EMPTY_HISTORY, 0  # step 0 again, after no earlier input
             _, check = await session._step(hop, 0, 0, hidden, None)
             await check()
         await session.close()
