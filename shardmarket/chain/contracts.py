@@ -4,6 +4,7 @@ deployments file; transactions signed locally, reverts decoded into their custom
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import cache, lru_cache
@@ -28,6 +29,17 @@ from shardmarket.chain.units import TokenUnits
 BUILD_DIR = Path(__file__).resolve().parents[2] / "build" / "contracts"
 DECIMALS_SELECTOR = HexStr("0x313ce567")  # decimals()
 SYMBOL_SELECTOR = HexStr("0x95d89b41")  # symbol()
+# One lock per sending account in this process: two threads sending from one account (a client's background reserve
+# funding and its auditor's report) would otherwise both read the same pending nonce, and one transaction would fail.
+_SENDERS: dict[str, threading.Lock] = {}
+_SENDERS_GUARD = threading.Lock()
+
+
+def _sending(sender: str) -> threading.Lock:
+    with _SENDERS_GUARD:
+        return _SENDERS.setdefault(sender, threading.Lock())
+
+
 CONTRACTS = ("TestToken", "StakeManager", "ModelRegistry", "NodeRegistry", "PaymentEscrow", "DisputeManager")
 
 
@@ -263,19 +275,21 @@ class Market:
         """Sign and send `call` from the account, wait for it to be mined; returns the receipt."""
         sender = self.address
         try:
-            params = {"from": sender, "nonce": self.w3.eth.get_transaction_count(sender, "pending"), "chainId": self.chain_id}
-            # A margin over the estimate: some calls (a dispute's verifier draw) cost more in the block they land in.
-            params["gas"] = gas if gas is not None else call.estimate_gas({"from": sender}) * 3 // 2 + 50_000
-            tx = call.build_transaction(params)
-            cost = tx["gas"] * tx.get("maxFeePerGas", tx.get("gasPrice", 0))
-            balance = self.w3.eth.get_balance(sender)
-            if balance < cost:
-                raise ChainError(
-                    f"{what}: not enough gas money: {sender} holds {balance / 1e18:.6f} ETH, the transaction may cost "
-                    f"{cost / 1e18:.6f}; send ETH to that account"
-                )
-            signed = self._signer().sign_transaction(tx)
-            tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            with _sending(sender):  # from reading the pending nonce until the transaction is in the pool
+                nonce = self.w3.eth.get_transaction_count(sender, "pending")
+                params = {"from": sender, "nonce": nonce, "chainId": self.chain_id}
+                # A margin over the estimate: some calls (a dispute's verifier draw) cost more in the block they land in.
+                params["gas"] = gas if gas is not None else call.estimate_gas({"from": sender}) * 3 // 2 + 50_000
+                tx = call.build_transaction(params)
+                cost = tx["gas"] * tx.get("maxFeePerGas", tx.get("gasPrice", 0))
+                balance = self.w3.eth.get_balance(sender)
+                if balance < cost:
+                    raise ChainError(
+                        f"{what}: not enough gas money: {sender} holds {balance / 1e18:.6f} ETH, the transaction may cost "
+                        f"{cost / 1e18:.6f}; send ETH to that account"
+                    )
+                signed = self._signer().sign_transaction(tx)
+                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
             receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
         except (ContractCustomError, ContractLogicError) as exc:
             raise _explain(exc, what) from None

@@ -155,3 +155,21 @@ def test_a_tab_packed_in_python_is_what_the_escrow_settles(chain):
     _, call = chain.escrow.decode_function_input(chain.w3.eth.get_transaction(receipt["transactionHash"])["input"])
     assert eip712.split_packed_tabs(call["tabs"]) == [packed]
     assert eip712.unpack_tab(packed)[0] == newer
+
+
+def test_threads_sending_from_one_account_each_get_their_own_nonce(market, chain):
+    """A client sends from one account in several threads at once (its background reserve funding, its auditor's
+    report): every transaction lands, none is refused for a nonce another thread took."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with market.acting_as("operator"):
+        others = [Market.connect(load_config().chain, load_account(PASSWORD, home_keys())) for _ in range(4)]
+    payees = [Account.create().address for _ in range(8)]
+
+    def pay(i: int) -> int:
+        sender = others[i % len(others)]
+        return sender.transact(sender.token.functions.transfer(payees[i], i + 1), f"payment {i}")["status"]
+
+    with ThreadPoolExecutor(len(payees)) as pool:
+        assert list(pool.map(pay, range(len(payees)))) == [1] * len(payees)
+    assert [chain.read(chain.token.functions.balanceOf(p)) for p in payees] == list(range(1, len(payees) + 1))
