@@ -6,11 +6,13 @@ a long prompt, and whether the tokens equal local greedy. The floors are compute
 local decode ms/token (its compute) plus 3 RTT (relay floor) or 2 RTT (push floor) a token; for the first token, the
 local prefill time plus 2 RTT. The switch's delays are checked first with a ping-pong probe while torch keeps every core
 busy. With --speculation it measures instead, on the push route, greedy tokens/s without and with prompt-lookup drafts
-on bench/speculative.py's workloads (REWRITE: drafts help; STORY: they do not) and whether the text is the same. Needs
-root; prints JSON on its last line.
+on bench/speculative.py's workloads (REWRITE: drafts help; STORY: they do not) and whether the text is the same; with
+--open, the first token of the chat prompt on kept connections, the first step sent right after the OPENs or once every
+node answered. Needs root; prints JSON on its last line.
 
 Usage: .venv/bin/python bench/wan.py [--rtts 10,50,100] [--tokens 24] [--runs 3] [--long-prompt 1000] [--model-1b]
        .venv/bin/python bench/wan.py --speculation --rtts 50 --tokens 48 [--max-draft 8]
+       .venv/bin/python bench/wan.py --open --rtts 50 --runs 9
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from shardmarket.cli.engine import default_checkpoint
 from shardmarket.cli.keys import home_keys
 from shardmarket.client.generation import Completion, RemoteModel
 from shardmarket.client.market import connect_paid
+from shardmarket.client.session import InferenceSession
 from shardmarket.config import load_config
 from shardmarket.engine.head import Head
 from shardmarket.engine.models import random_checkpoint, tiny_config
@@ -259,6 +262,45 @@ def bench_speculation(name: str, checkpoint: Path, rtts: list[float], tokens: in
     return out
 
 
+def bench_open(name: str, checkpoint: Path, rtts: list[float], runs: int, paid: bool) -> dict:
+    """Per RTT, time to first token of the chat prompt on kept connections (push on), the first step sent right after the
+    OPENs (pipelined) or once every node answered its OPEN (waited), `runs` rounds taking turns; medians, and the median
+    of each round's saving."""
+    out: dict = {f"{name}_payments": paid}
+
+    async def measure() -> dict[bool, list[float]]:
+        model = await connect(True)
+        ids = model.chat_ids(PROMPT)
+        firsts: dict[bool, list[float]] = {True: [], False: []}
+        try:
+            await remote(model, ids, 2)  # connects and handshakes: the connections are kept from then on
+            for round_ in range(runs):
+                for pipelined in (True, False) if round_ % 2 else (False, True):
+                    InferenceSession.pipelined_open = pipelined
+                    firsts[pipelined].append((await remote(model, ids, 2))[1])
+        finally:
+            InferenceSession.pipelined_open = True
+            await model.aclose()
+        return firsts
+
+    with lab_route(checkpoint, paid) as (lab, connect):
+        for rtt in rtts:
+            set_rtt(lab, rtt)
+            with lab.inside("client"):
+                firsts = asyncio.run(measure())
+            key = f"{name}_rtt{rtt:g}_push"
+            figures = {
+                f"{key}_first_token_ms_waited_open": round(statistics.median(firsts[False]) * 1000, 1),
+                f"{key}_first_token_ms_pipelined_open": round(statistics.median(firsts[True]) * 1000, 1),
+                f"{key}_pipelined_open_saves_ms": round(
+                    statistics.median(w - p for w, p in zip(firsts[False], firsts[True], strict=True)) * 1000, 1
+                ),
+            }
+            print(json.dumps(figures), file=sys.stderr, flush=True)
+            out.update(figures)
+    return out
+
+
 def figures(name: str, rtt: float, measured: dict, long_prompt: int, head_s: float) -> dict:
     """The JSON figures of one model at one RTT. Besides the floors on the local run's compute, `*_over_*_floor_own`
     put each mode against the compute of its own run (what the nodes reported plus the client's head): on a machine
@@ -351,6 +393,11 @@ def main() -> None:
         help="instead of relay vs push: tokens/s without and with drafts on the push route (bench/speculative.py's workloads)",
     )
     parser.add_argument("--max-draft", type=int, default=8, help="drafted tokens per pass with --speculation")
+    parser.add_argument(
+        "--open",
+        action="store_true",
+        help="instead of relay vs push: first token on kept connections, the first step pipelined after the OPENs or not",
+    )
     args = parser.parse_args()
     why = missing()
     if why:
@@ -369,6 +416,8 @@ def main() -> None:
     for name, checkpoint in checkpoints.items():
         if args.speculation:
             result.update(bench_speculation(name, checkpoint, rtts, args.tokens, args.runs, args.max_draft, not args.free))
+        elif args.open:
+            result.update(bench_open(name, checkpoint, rtts, args.runs, not args.free))
         else:
             result.update(bench_model(name, checkpoint, rtts, args.tokens, args.runs, args.long_prompt, not args.free))
     result["load_average_at_end"] = os.getloadavg()[0]  # other work on the machine skews every ratio
