@@ -128,6 +128,15 @@ class Hop:
         if self.opening is not None:
             await self.opening
 
+    async def send(self, message: Message) -> None:
+        """Send on this hop's channel; where that fails because the node refused a pipelined OPEN (and hung up), raise
+        that refusal."""
+        try:
+            await self.channel.send(message)
+        except HOP_ERRORS:
+            await self.ready()
+            raise
+
     def release(self) -> None:
         """The session on this node is closed or dropped: it no longer counts in the node's load."""
         if self.held:
@@ -471,7 +480,7 @@ class InferenceSession:
                 payload = tensor_bytes(sent)
                 feeds[0][step].set_result((chunk, payload, sent))
                 fields = self._fields(offsets[step]) | {"push": len(self.hops) - 1}
-                await self.hops[0].channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
+                await self.hops[0].send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
         except HOP_ERRORS as exc:
             await self._prefill_failed(0, exc)
             return None
@@ -566,7 +575,7 @@ class InferenceSession:
         fields = self._fields(position) | ({"push": last - first} if last > first else {})
         started = time.perf_counter()
         try:
-            await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
+            await hop.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
         except HOP_ERRORS as exc:
             raise _HopFailed(first, exc, hidden) from None
         for index in range(first, last + 1):
@@ -605,7 +614,7 @@ class InferenceSession:
             payload = tensor_bytes(sent)
         fields = self._fields(position)
         started = time.perf_counter()
-        await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
+        await hop.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
         await hop.ready()
         context = hop.context(self.request_id, step, position, tensor_hash(payload))
         if previous is not None:
