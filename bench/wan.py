@@ -5,15 +5,21 @@ client: 2 RTT), encryption and signed commitments on: decode ms/token, time to f
 a long prompt, and whether the tokens equal local greedy. The floors are computed in the same run: the whole model's
 local decode ms/token (its compute) plus 3 RTT (relay floor) or 2 RTT (push floor) a token; for the first token, the
 local prefill time plus 2 RTT. The switch's delays are checked first with a ping-pong probe while torch keeps every core
-busy. Needs root; prints JSON on its last line.
+busy. With --speculation it measures instead, on the push route, greedy tokens/s without and with prompt-lookup drafts
+on bench/speculative.py's workloads (REWRITE: drafts help; STORY: they do not) and whether the text is the same; with
+--open, the first token of the chat prompt on kept connections, the first step sent right after the OPENs or once every
+node answered. Needs root; prints JSON on its last line.
 
 Usage: .venv/bin/python bench/wan.py [--rtts 10,50,100] [--tokens 24] [--runs 3] [--long-prompt 1000] [--model-1b]
+       .venv/bin/python bench/wan.py --speculation --rtts 50 --tokens 48 [--max-draft 8]
+       .venv/bin/python bench/wan.py --open --rtts 50 --runs 9
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -22,7 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from speculative import REWRITE, STORY, compare
 from wanlab import WanLab, measure_delays, missing
 
 from shardmarket.chain.devchain import anvil_binary, deploy
@@ -40,6 +47,7 @@ from shardmarket.cli.engine import default_checkpoint
 from shardmarket.cli.keys import home_keys
 from shardmarket.client.generation import Completion, RemoteModel
 from shardmarket.client.market import connect_paid
+from shardmarket.client.session import InferenceSession
 from shardmarket.config import load_config
 from shardmarket.engine.head import Head
 from shardmarket.engine.models import random_checkpoint, tiny_config
@@ -50,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = Domain(31337, "0x" + "00" * 20)
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 NODE_PORT = 7300
-PRICE = 1000  # token units per token, each node
+PRICE = 1000  # base units of the token per token, each node
 Connect = Callable[[bool], Awaitable[RemoteModel]]  # push -> a connected client model
 CONFIG_1B = tiny_config(
     "llama",
@@ -181,6 +189,32 @@ async def remote(model: RemoteModel, ids: list[int], tokens: int) -> tuple[list[
     return out, arrivals[0], (arrivals[-1] - arrivals[0]) / (len(out) - 1), sum(decode_hops) / max(1, len(out) - 1)
 
 
+@contextlib.contextmanager
+def lab_route(checkpoint: Path, paid: bool) -> Iterator[tuple[WanLab, Connect]]:
+    """A lab with the client, three nodes (and, paid, a chain) and how to connect a client to its route; torn down after."""
+    hosts = ["client", "a", "b", "c", *(["chain"] if paid else [])]
+    with WanLab(hosts, {}) as lab, tempfile.TemporaryDirectory() as home:
+        if paid:
+            market, connect = paid_market(lab, checkpoint, Path(home))
+        else:
+            urls = start_nodes(lab, checkpoint, Head.load(checkpoint).num_layers, Path(home))
+
+            async def connect(push: bool) -> RemoteModel:
+                return await RemoteModel.connect(checkpoint, urls, DOMAIN, step_timeout_s=120, push=push)
+
+        try:
+            yield lab, connect
+        finally:
+            if paid:
+                market.stop()
+
+
+def set_rtt(lab: WanLab, rtt: float) -> None:
+    """Every link between the client and the nodes at `rtt` ms (the chain's links have no delay: it is off the step path)."""
+    timed_hosts = ["client", "a", "b", "c"]
+    lab.set_delays({(x, y): rtt / 2 for i, x in enumerate(timed_hosts) for y in timed_hosts[i + 1 :]})
+
+
 def bench_model(
     name: str, checkpoint: Path, rtts: list[float], tokens: int, runs: int, long_prompt: int, paid: bool = True
 ) -> dict:
@@ -191,26 +225,79 @@ def bench_model(
     story = head.tokenizer.encode(" ".join(["The keeper climbed the stairs and lit the lamp again."] * long_prompt))
     prompts = {"chat": chat, "long": story[:long_prompt]}
     out: dict = {f"{name}_payments": paid}
-    hosts = ["client", "a", "b", "c", *(["chain"] if paid else [])]
-    with WanLab(hosts, {}) as lab, tempfile.TemporaryDirectory() as home:
-        if paid:
-            market, connect = paid_market(lab, checkpoint, Path(home))
-        else:
-            urls = start_nodes(lab, checkpoint, head.num_layers, Path(home))
+    with lab_route(checkpoint, paid) as (lab, connect):
+        for rtt in rtts:
+            set_rtt(lab, rtt)
+            with lab.inside("client"):
+                measured = asyncio.run(interleaved(connect, local, prompts, tokens, runs))
+            out.update(figures(name, rtt, measured, long_prompt, local.head_s()))
+    return out
 
-            async def connect(push: bool) -> RemoteModel:
-                return await RemoteModel.connect(checkpoint, urls, DOMAIN, step_timeout_s=120, push=push)
 
+def bench_speculation(name: str, checkpoint: Path, rtts: list[float], tokens: int, runs: int, max_draft: int, paid: bool) -> dict:
+    """Per RTT, bench/speculative.py's `compare` on the push route: greedy tokens/s without and with prompt-lookup drafts
+    on a workload where drafts help (REWRITE) and one where they do not (STORY), and whether the text is the same."""
+    out: dict = {f"{name}_payments": paid, f"{name}_speculation_max_draft": max_draft}
+    out.update({f"{name}_speculation_workload_{w.name}": w.about for w in (REWRITE, STORY)})
+
+    async def measure() -> dict:
+        model = await connect(True)
         try:
-            for rtt in rtts:
-                timed_hosts = ["client", "a", "b", "c"]  # the chain's links have no delay: it is off the step path
-                lab.set_delays({(x, y): rtt / 2 for i, x in enumerate(timed_hosts) for y in timed_hosts[i + 1 :]})
-                with lab.inside("client"):
-                    measured = asyncio.run(interleaved(connect, local, prompts, tokens, runs))
-                out.update(figures(name, rtt, measured, long_prompt, local.head_s()))
+            # the cold start (connections, handshakes) is not counted
+            await remote(model, model.chat_ids([{"role": "user", "content": STORY.prompt}]), 4)
+            figures: dict = {}
+            for workload in (REWRITE, STORY):
+                figures.update(await compare(model, workload, max_draft=max_draft, tokens=tokens, runs=runs))
+            return figures
         finally:
-            if paid:
-                market.stop()
+            await model.aclose()
+
+    with lab_route(checkpoint, paid) as (lab, connect):
+        for rtt in rtts:
+            set_rtt(lab, rtt)
+            with lab.inside("client"):
+                figures = {f"{name}_rtt{rtt:g}_push_{k}": v for k, v in asyncio.run(measure()).items()}
+            print(json.dumps(figures), file=sys.stderr, flush=True)
+            out.update(figures)
+    return out
+
+
+def bench_open(name: str, checkpoint: Path, rtts: list[float], runs: int, paid: bool) -> dict:
+    """Per RTT, time to first token of the chat prompt on kept connections (push on), the first step sent right after the
+    OPENs (pipelined) or once every node answered its OPEN (waited), `runs` rounds taking turns; medians, and the median
+    of each round's saving."""
+    out: dict = {f"{name}_payments": paid}
+
+    async def measure() -> dict[bool, list[float]]:
+        model = await connect(True)
+        ids = model.chat_ids(PROMPT)
+        firsts: dict[bool, list[float]] = {True: [], False: []}
+        try:
+            await remote(model, ids, 2)  # connects and handshakes: the connections are kept from then on
+            for round_ in range(runs):
+                for pipelined in (True, False) if round_ % 2 else (False, True):
+                    InferenceSession.pipelined_open = pipelined
+                    firsts[pipelined].append((await remote(model, ids, 2))[1])
+        finally:
+            InferenceSession.pipelined_open = True
+            await model.aclose()
+        return firsts
+
+    with lab_route(checkpoint, paid) as (lab, connect):
+        for rtt in rtts:
+            set_rtt(lab, rtt)
+            with lab.inside("client"):
+                firsts = asyncio.run(measure())
+            key = f"{name}_rtt{rtt:g}_push"
+            figures = {
+                f"{key}_first_token_ms_waited_open": round(statistics.median(firsts[False]) * 1000, 1),
+                f"{key}_first_token_ms_pipelined_open": round(statistics.median(firsts[True]) * 1000, 1),
+                f"{key}_pipelined_open_saves_ms": round(
+                    statistics.median(w - p for w, p in zip(firsts[False], firsts[True], strict=True)) * 1000, 1
+                ),
+            }
+            print(json.dumps(figures), file=sys.stderr, flush=True)
+            out.update(figures)
     return out
 
 
@@ -272,11 +359,11 @@ def paid_market(lab: WanLab, checkpoint: Path, root: Path) -> tuple[DevMarket, C
         for host, (start, end) in zip("abc", thirds(layers), strict=True):
             market.new_account(host, tokens=100 * 10**18)
             endpoint = f"http://{lab.ip(host)}:{NODE_PORT}"
-            register = ["node", "register", "--model", model, "--layers", f"{start}:{end}", "--price", str(PRICE)]
+            register = ["node", "register", "--model", model, "--layers", f"{start}:{end}", "--price", f"{PRICE}raw"]
             market.cli(host, *register, "--stake", "100e18", "--endpoint", endpoint)
         for client in ("relay-client", "push-client"):
             market.new_account(client, tokens=10**20)
-            market.cli(client, "client", "deposit", str(10**19))
+            market.cli(client, "client", "deposit", f"{10**19}raw")
     for host in "abc":
         with lab.inside(host):
             market.start_node(host, "--checkpoint", str(checkpoint), "--host", lab.ip(host), "--port", str(NODE_PORT), wait=False)
@@ -300,6 +387,17 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=1000, help="tokens of the long prompt timed for its first token")
     parser.add_argument("--model-1b", action="store_true", help="also the ~1B random Llama (slow on 2 cores)")
     parser.add_argument("--free", action="store_true", help="free nodes, no chain (payments off)")
+    parser.add_argument(
+        "--speculation",
+        action="store_true",
+        help="instead of relay vs push: tokens/s without and with drafts on the push route (bench/speculative.py's workloads)",
+    )
+    parser.add_argument("--max-draft", type=int, default=8, help="drafted tokens per pass with --speculation")
+    parser.add_argument(
+        "--open",
+        action="store_true",
+        help="instead of relay vs push: first token on kept connections, the first step pipelined after the OPENs or not",
+    )
     args = parser.parse_args()
     why = missing()
     if why:
@@ -310,12 +408,18 @@ def main() -> None:
     rtts = [float(x) for x in args.rtts.split(",")]
     result: dict = {"threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0]}
     result["delay_check"] = measure_delays(rtts)
-    result.update(bench_model("smollm2", default_checkpoint(), rtts, args.tokens, args.runs, args.long_prompt, not args.free))
+    checkpoints = {"smollm2": default_checkpoint()}
     if args.model_1b:
-        path = load_config().home / "models" / "random-1b"
-        if not (path / "config.json").exists():
-            random_checkpoint(CONFIG_1B, path)
-        result.update(bench_model("random1b", path, rtts, args.tokens, args.runs, args.long_prompt, not args.free))
+        checkpoints["random1b"] = load_config().home / "models" / "random-1b"
+        if not (checkpoints["random1b"] / "config.json").exists():
+            random_checkpoint(CONFIG_1B, checkpoints["random1b"])
+    for name, checkpoint in checkpoints.items():
+        if args.speculation:
+            result.update(bench_speculation(name, checkpoint, rtts, args.tokens, args.runs, args.max_draft, not args.free))
+        elif args.open:
+            result.update(bench_open(name, checkpoint, rtts, args.runs, not args.free))
+        else:
+            result.update(bench_model(name, checkpoint, rtts, args.tokens, args.runs, args.long_prompt, not args.free))
     result["load_average_at_end"] = os.getloadavg()[0]  # other work on the machine skews every ratio
     print(json.dumps(result))
 

@@ -121,6 +121,21 @@ class Hop:
     pushes: bool = False  # the node sends its outputs straight to the next hop (which it was told when it opened)
     next_position: int = 0  # where the node's KV cache ends
     held: bool = True  # counted in the node's `held` sessions (from when its route was planned) until closed or dropped
+    opening: asyncio.Future[None] | None = None  # reads the answer to an OPEN sent without waiting (the nonce comes with it)
+
+    async def ready(self) -> None:
+        """Wait for the answer to this hop's OPEN, if it was sent pipelined: read it before anything else on the channel."""
+        if self.opening is not None:
+            await self.opening
+
+    async def send(self, message: Message) -> None:
+        """Send on this hop's channel; where that fails because the node refused a pipelined OPEN (and hung up), raise
+        that refusal."""
+        try:
+            await self.channel.send(message)
+        except HOP_ERRORS:
+            await self.ready()
+            raise
 
     def release(self) -> None:
         """The session on this node is closed or dropped: it no longer counts in the node's load."""
@@ -145,6 +160,10 @@ class Hop:
 
 class InferenceSession:
     """One request's pipeline: `run_layers(hidden, positions)` runs every layer on the remote route."""
+
+    # the first step follows the OPENs without waiting for their answers (False: after every node answered, one more
+    # round trip; bench/wan.py --open compares the two)
+    pipelined_open = True
 
     def __init__(
         self,
@@ -208,17 +227,18 @@ class InferenceSession:
                 ) from None
             raise
 
-    async def open(self) -> None:
-        """Plan the route over live nodes and open a session on each hop."""
+    async def open(self, pipelined: bool = False) -> None:
+        """Plan the route over live nodes and open a session on each hop; `pipelined`, without waiting for the nodes'
+        answers (each hop's is read before its first result: a refusal then fails that hop's step)."""
         while True:
             route = self._plan(0, self.num_layers)
             try:
-                self.hops = await self._open_hops(route)
+                self.hops = await self._open_hops(route, pipelined)
                 return
             except NodeFailure:
                 continue  # the failing node is now excluded; plan again
 
-    async def _open_hops(self, route: list[NodeInfo]) -> list[Hop]:
+    async def _open_hops(self, route: list[NodeInfo], pipelined: bool = False) -> list[Hop]:
         """Open a session on every node of `route` at once (one round of connects and handshakes, not one per hop);
         if any fails, the sessions opened on the others are closed and every failed node is marked. Each node counts the
         session from now on, before the first await: concurrent requests planning meanwhile see it."""
@@ -226,7 +246,7 @@ class InferenceSession:
             node.held += 1
         links = self._links(route)
         results = await asyncio.gather(
-            *(self._open_hop(node, link) for node, link in zip(route, links, strict=True)), return_exceptions=True
+            *(self._open_hop(node, link, pipelined) for node, link in zip(route, links, strict=True)), return_exceptions=True
         )
         hops = [result for result in results if isinstance(result, Hop)]
         failed = [(node, result) for node, result in zip(route, results, strict=True) if not isinstance(result, Hop)]
@@ -255,12 +275,15 @@ class InferenceSession:
                 links[i + 1]["previous"] = token
         return links
 
-    async def _open_hop(self, node: NodeInfo, link: dict | None = None) -> Hop:
+    async def _open_hop(self, node: NodeInfo, link: dict | None = None, pipelined: bool = False) -> Hop:
         link = link or {}
         if self.pool is not None:
             while (channel := await self.pool.take(self._pool_key(node))) is not None:
                 try:  # a kept connection that went dead without a word must not cost a whole step timeout
-                    hop = await self._open_session(node, channel, min(self.step_timeout_s, KEPT_OPEN_TIMEOUT_S), link)
+                    if pipelined:
+                        hop = await self._send_open(node, channel, link, kept=True)
+                    else:
+                        hop = await self._open_session(node, channel, min(self.step_timeout_s, KEPT_OPEN_TIMEOUT_S), link)
                     self.reused_channels += 1
                     return hop
                 except (TimeoutError, ConnectionError, OSError, WireError, DecryptError):
@@ -273,19 +296,53 @@ class InferenceSession:
         except BaseException:
             await transport.close()
             raise
+        if pipelined:
+            return await self._send_open(node, channel, link, kept=False)
         return await self._open_session(node, channel, self.step_timeout_s, link)
 
-    async def _open_session(self, node: NodeInfo, channel: SecureChannel, timeout_s: float, link: dict) -> Hop:
+    def _open_message(self, node: NodeInfo, link: dict) -> Message:
         fields: dict = {"max_length": self.max_length, **link}
         tab = self.tab or (self.standing_tab(node) if self.standing_tab is not None else None)
         if tab is not None:  # names who pays: a paid node opens sessions for strangers only sparingly
             fields["tab"] = tab
+        return Message(wire.OPEN, self.request_id, 0, fields)
+
+    async def _send_open(self, node: NodeInfo, channel: SecureChannel, link: dict, kept: bool) -> Hop:
+        """A hop whose OPEN is sent but not answered yet: the first step follows straight away (the node answers a
+        channel's frames in order, and waits a little for an OPEN that a pushed step overtook)."""
         try:
-            await channel.send(Message(wire.OPEN, self.request_id, 0, fields))
+            await channel.send(self._open_message(node, link))
+        except BaseException:
+            await channel.close()
+            raise
+        hop = Hop(node, channel, b"", pushes="next" in link)
+
+        async def opened() -> None:
+            try:  # a kept connection that went dead without a word must not cost a whole step timeout
+                async with asyncio.timeout(min(self.step_timeout_s, KEPT_OPEN_TIMEOUT_S) if kept else self.step_timeout_s):
+                    reply = await channel.recv()
+            except (ConnectionError, OSError, WireError, DecryptError) as exc:
+                if kept:  # the node dropped this kept connection meanwhile: no fault of the node
+                    raise _KeptChannelDead(f"kept connection to {node.url} is gone: {exc}") from None
+                raise
+            hop.nonce = await self._check_opened(node, channel, reply)
+            hop.pushes = hop.pushes and reply.fields.get("push") is True
+
+        hop.opening = asyncio.ensure_future(opened())
+        return hop
+
+    async def _open_session(self, node: NodeInfo, channel: SecureChannel, timeout_s: float, link: dict) -> Hop:
+        try:
+            await channel.send(self._open_message(node, link))
             reply = await asyncio.wait_for(channel.recv(), timeout_s)
         except BaseException:
             await channel.close()
             raise
+        nonce = await self._check_opened(node, channel, reply)
+        return Hop(node, channel, nonce, pushes="next" in link and reply.fields.get("push") is True)
+
+    async def _check_opened(self, node: NodeInfo, channel: SecureChannel, reply: Message) -> bytes:
+        """The session nonce of a node's answer to OPEN; raises (the channel closed) if it is not an OPENED."""
         if reply.type == wire.ERROR:
             await channel.close()
             raise _refusal(node, reply, "the session")
@@ -296,7 +353,7 @@ class InferenceSession:
         if not isinstance(nonce, bytes) or len(nonce) != 32:
             await channel.close()
             raise NodeFailure(f"node {node.url} opened the session without a 32-byte session nonce")
-        return Hop(node, channel, nonce, pushes="next" in link and reply.fields.get("push") is True)
+        return nonce
 
     def _pool_key(self, node: NodeInfo) -> tuple:
         return node.url, self.transport, node.tcp_port, node.x25519_public_key, self.relay
@@ -313,7 +370,7 @@ class InferenceSession:
         if self._unconfirmed is not None:
             await self.confirm(None)
         if not self.hops:
-            await self.open()
+            await self.open(pipelined=self.pipelined_open)
         position = int(positions[0, 0])
         if position == 0 and hidden.shape[1] > PREFILL_CHUNK and self._linked() and not self.hops[0].inputs:
             prefilled = await self._prefill_chunked(hidden)
@@ -423,7 +480,7 @@ class InferenceSession:
                 payload = tensor_bytes(sent)
                 feeds[0][step].set_result((chunk, payload, sent))
                 fields = self._fields(offsets[step]) | {"push": len(self.hops) - 1}
-                await self.hops[0].channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
+                await self.hops[0].send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
         except HOP_ERRORS as exc:
             await self._prefill_failed(0, exc)
             return None
@@ -432,6 +489,7 @@ class InferenceSession:
             hop, outputs = self.hops[index], []
             for step in range(len(chunks)):
                 try:
+                    await hop.ready()
                     async with asyncio.timeout(self.step_timeout_s):
                         reply = await hop.channel.recv()
                     given, payload, sent = await feeds[index][step]
@@ -517,13 +575,14 @@ class InferenceSession:
         fields = self._fields(position) | ({"push": last - first} if last > first else {})
         started = time.perf_counter()
         try:
-            await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
+            await hop.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
         except HOP_ERRORS as exc:
             raise _HopFailed(first, exc, hidden) from None
         for index in range(first, last + 1):
             hop = self.hops[index]
-            context = hop.context(self.request_id, step, position, tensor_hash(payload))
             try:
+                await hop.ready()
+                context = hop.context(self.request_id, step, position, tensor_hash(payload))
                 async with asyncio.timeout(self.step_timeout_s):
                     reply = await hop.channel.recv()
                 output = self._check_answer(hop, reply, step, sent)
@@ -555,7 +614,8 @@ class InferenceSession:
             payload = tensor_bytes(sent)
         fields = self._fields(position)
         started = time.perf_counter()
-        await hop.channel.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
+        await hop.send(Message(wire.STEP, self.request_id, step, fields, sent, payload))
+        await hop.ready()
         context = hop.context(self.request_id, step, position, tensor_hash(payload))
         if previous is not None:
             await previous()
@@ -595,6 +655,8 @@ class InferenceSession:
 
     def _mark_failed(self, node: NodeInfo, reason: BaseException) -> None:
         """Route around `node`: for every request a while, or for this one alone when it refused the request itself."""
+        if isinstance(reason, _KeptChannelDead):
+            return
         if isinstance(reason, RequestRefused):
             log.info("%s; trying another node for this request", reason)
             self.refusals[node.url] = reason
@@ -703,9 +765,10 @@ class InferenceSession:
         async def close_session(hop: Hop) -> None:
             hop.release()
             try:
+                await hop.ready()
                 await hop.channel.send(Message(wire.CLOSE, self.request_id))
                 reply = await asyncio.wait_for(hop.channel.recv(), 2.0)
-            except (TimeoutError, ConnectionError, OSError, WireError, DecryptError, ValueError):
+            except (*HOP_ERRORS, ValueError):
                 reply = None
             # a node answers a channel's frames in order: after this CLOSED nothing more is on its way
             if self.pool is not None and reply is not None and reply.type == wire.CLOSED and reply.session == self.request_id:
@@ -720,7 +783,14 @@ class InferenceSession:
         """Hang up on `hops` (nodes that failed): the node closes a connection's sessions with it."""
         for hop in hops:
             hop.release()
+            if hop.opening is not None:
+                hop.opening.cancel()
         await asyncio.gather(*(close_quietly(hop.channel) for hop in hops))
+        await asyncio.gather(*(hop.opening for hop in hops if hop.opening is not None), return_exceptions=True)
+
+
+class _KeptChannelDead(NodeFailure):
+    """A kept connection went dead before a pipelined OPEN's answer came: the node is tried again on a new connection."""
 
 
 class _NotPushed(NodeFailure):

@@ -34,6 +34,10 @@ class Transport(Protocol):
         """The next frame; one over `limits.max_frame_bytes` raises StreamDesync (the connection must close)."""
         ...
 
+    def hung_up(self) -> bool:
+        """Whether the other side closed the connection (as far as this side has seen, without a round trip)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -62,6 +66,9 @@ class StreamTransport:
             raise ChannelClosed("connection closed by the other side") from None
         except (ConnectionError, OSError) as exc:
             raise ChannelClosed(f"connection broke: {exc}") from None
+
+    def hung_up(self) -> bool:
+        return self.reader.at_eof() or self.writer.is_closing()
 
     async def close(self) -> None:
         self.writer.close()
@@ -99,6 +106,9 @@ class WebSocketTransport:
             raise ChannelClosed("WebSocket message exceeds the frame size limit")
         raise ChannelClosed(f"WebSocket closed ({msg.type.name})")
 
+    def hung_up(self) -> bool:
+        return self.ws.closed
+
     async def close(self) -> None:
         await self.ws.close()
         if self._session is not None:
@@ -120,6 +130,9 @@ class SecureChannel:
     async def recv(self) -> Message:
         """The next message; raises DecryptError, WireError or ChannelClosed."""
         return wire.decode(self.cipher.open(await self.transport.recv(self.limits)), self.limits)
+
+    def hung_up(self) -> bool:
+        return self.transport.hung_up()
 
     async def close(self) -> None:
         await self.transport.close()
@@ -213,12 +226,13 @@ class ChannelPool:
             self._idle, self._loop = {}, loop  # old one can neither be used nor closed from this one
 
     async def take(self, key: tuple) -> SecureChannel | None:
-        """The most recently kept channel for `key` that has not been idle too long, or None."""
+        """The most recently kept channel for `key` that has not been idle too long nor been hung up on, or None (a
+        request may send its OPEN and first step on it at once, so a channel known dead must not be handed out)."""
         self._bind()
         idle, now = self._idle.get(key, []), time.monotonic()
         while idle:
             since, channel = idle.pop()
-            if now - since <= self.idle_s:
+            if now - since <= self.idle_s and not channel.hung_up():
                 return channel
             await close_quietly(channel)
         return None

@@ -57,6 +57,9 @@ from shardmarket.server.worker import StageWorker
 log = logging.getLogger("shardmarket.node")
 CACHED_STEPS = 4  # answers kept per session for retries
 MAX_BAD_FRAMES = 8  # frames failing authentication before the node hangs up
+# a client sends its OPENs and the first step back to back, so a step pushed by the previous node may come before its
+# session's OPEN (which travelled on the client's own connection): it waits this long for that OPEN to be answered
+PUSHED_OPEN_WAIT_S = 2.0
 MAX_TAB_BYTES = TAB_HEADER_BYTES + ENTRY_BYTES * MAX_ENTRIES  # the client's signed tab riding on a step, naming every node
 
 
@@ -163,6 +166,7 @@ class NodeService:
         self.payments = payments
         self.successors = successors  # None: this node never pushes (the client relays its outputs)
         self.sessions: dict[bytes, _Session] = {}
+        self._opening: dict[bytes, asyncio.Event] = {}  # request ids that pushed steps wait on, set once their OPEN is answered
         self._live: set[_Connection] = set()  # connections past their handshake
         self._warn = RateLimitedLog(log).warning
         self.draining = False
@@ -310,7 +314,11 @@ class NodeService:
         """The reply to `message` and, for a step, the answer whose commitment follows it."""
         try:
             if message.type == wire.OPEN:
-                return await self._open(message, connection), None
+                try:
+                    return await self._open(message, connection), None
+                finally:  # opened or refused: a pushed step waiting for it goes on (and finds the session or not)
+                    if (opening := self._opening.pop(message.session, None)) is not None:
+                        opening.set()
             if message.type == wire.STEP:
                 answer = await self._step(message)
                 fields = {"compute_us": answer.compute_us, "load": self.load()}
@@ -477,7 +485,10 @@ class NodeService:
                 await self._close_stage_session(session)
 
     async def _step(self, message: Message) -> _Answer:
-        session = self.sessions.get(self._check_request_id(message))
+        request_id = self._check_request_id(message)
+        session = self.sessions.get(request_id)
+        if session is None and message.fields.get("via") is not None:
+            session = await self._pushed_before_open(request_id)
         if session is None:
             raise StepRefused("unknown_session", "no open session with this request id (expired or never opened); open it again")
         session.last_used = time.monotonic()
@@ -493,6 +504,18 @@ class NodeService:
                     self._run(session, message) if self.payments is None else self._run_paid(self.payments, session, message)
                 )
         return answer
+
+    async def _pushed_before_open(self, request_id: bytes) -> _Session | None:
+        """The session of a pushed step that came before its OPEN, once that OPEN is answered (None if it was refused or
+        did not come within PUSHED_OPEN_WAIT_S)."""
+        opening = self._opening.setdefault(request_id, asyncio.Event())
+        try:
+            async with asyncio.timeout(PUSHED_OPEN_WAIT_S):
+                await opening.wait()
+        except TimeoutError:
+            if self._opening.get(request_id) is opening:
+                del self._opening[request_id]
+        return self.sessions.get(request_id)
 
     async def _run_paid(self, payments: PaymentGate, session: _Session, message: Message) -> _Answer:
         """Run the step as the payment gate admits it; a refused step's answer never goes out (its session is dropped,

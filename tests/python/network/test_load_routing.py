@@ -67,7 +67,10 @@ def test_concurrent_sessions_spread_over_the_nodes_of_a_span_and_answers_report_
     assert after == [0, 0]
 
 
-def test_a_full_node_declines_a_session_without_being_marked_failed(nodes):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["open-awaited", "open-pipelined"])
+def test_a_full_node_declines_a_session_without_being_marked_failed(nodes, pipelined):
+    """Also when the first step followed the OPEN at once: the node refuses that step too, and the client routes the
+    step around it."""
     a, b = nodes[0], nodes[2]
 
     async def go():
@@ -79,7 +82,8 @@ def test_a_full_node_declines_a_session_without_being_marked_failed(nodes):
         infos[1].held = 0  # as if another client held it: this client routes to b, the cheaper node by its own count
         infos[0].held = 3
         session = InferenceSession(infos, 5, DOMAIN, max_length=16, failed=failed)
-        await session.open()
+        if not pipelined:
+            await session.open()
         output = await session.run_layers(torch.randn(1, 2, HIDDEN), torch.arange(2)[None])
         route = [hop.node.url for hop in session.hops]
         refusal = session.refusals.get(b.url)

@@ -1,7 +1,7 @@
 """Node-to-node push on loopback: nodes that push their outputs to the next hop give the same greedy tokens as client
 relaying, and the client still gets every hop's signed commitment; a node that cannot reach its next hop relays
-through the client instead; a pushed step must carry the token the client gave the previous node, and the next node
-is named by its key alone."""
+through the client instead; a pushed step must carry the token the client gave the previous node, may come before its
+session's OPEN (and waits for it), and the next node is named by its key alone."""
 
 from __future__ import annotations
 
@@ -180,6 +180,40 @@ def test_a_pushed_step_needs_the_token_the_client_gave_the_previous_node(chain):
     refused, answered = asyncio.run(asyncio.wait_for(go(), 60))
     assert refused.type == wire.ERROR and refused.fields["code"] == "bad_push"
     assert answered.type == wire.RESULT
+
+
+async def overtaken_open(node, open_fields: dict) -> tuple[Message, Message, Message | None]:
+    """A step pushed (by `pusher`) before its session's OPEN (by `owner`) reached the node, as when a client sends the
+    OPENs and the first step back to back: the owner's answer to OPEN, the next frame on the owner's channel and on
+    the pusher's (None where nothing came within 5 s)."""
+    owner, pusher = await connect(node), await connect(node)
+    request_id, token = os.urandom(32), os.urandom(32)
+    await pusher.send(step(request_id, 0, 0, torch.randn(1, 2, HIDDEN), via=token))
+    pushed_answer = asyncio.ensure_future(pusher.recv())
+    while (await asyncio.to_thread(node.info))["load"]["in_flight"] < 1:  # until the node holds the pushed step
+        if (await asyncio.wait({pushed_answer}, timeout=0.01))[0]:  # or answered it at once
+            return pushed_answer.result(), pushed_answer.result(), None
+    await owner.send(Message(wire.OPEN, request_id, 0, {**open_fields, "previous": token}))
+    opened = await owner.recv()
+    frames = []
+    for channel, pending in ((owner, None), (pusher, pushed_answer)):
+        try:
+            frames.append(await asyncio.wait_for(pending or channel.recv(), 5))
+        except TimeoutError:
+            frames.append(None)
+    await owner.close(), await pusher.close()
+    return opened, frames[0], frames[1]
+
+
+def test_a_pushed_step_that_overtook_its_open_waits_for_it(chain):
+    """Answered once the OPEN is, to the client that opened the session; refused if the node refuses that OPEN."""
+    opened, answer, to_pusher = asyncio.run(asyncio.wait_for(overtaken_open(chain["b"], {"max_length": 16}), 60))
+    assert opened.type == wire.OPENED
+    assert answer.type == wire.RESULT and answer.step == 0 and to_pusher is None
+    refused, nothing, to_pusher = asyncio.run(asyncio.wait_for(overtaken_open(chain["b"], {"max_length": 0}), 60))
+    assert refused.type == wire.ERROR and refused.fields["code"] == "bad_open"
+    assert to_pusher is not None and to_pusher.type == wire.ERROR and to_pusher.fields["code"] == "unknown_session"
+    assert nothing is None  # the refused session ran nothing
 
 
 def test_open_names_the_next_node_by_its_key_only(chain):
