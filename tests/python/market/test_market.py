@@ -533,6 +533,6 @@ def test_speculative_steps_pay_every_position_each_node_computes_rejected_drafts
     capsys.readouterr()
     frank = market.accounts["frank"]
     for name in ("node0", "node1", "node2"):
-        market.cli(name, "node", "earnings")
+        market.cli(name, "node", "earnings", "--raw")
         row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(frank))
         assert [int(x) for x in row[2:4]] == [PRICE * computed, PRICE * computed]  # served, promised
