@@ -279,7 +279,7 @@ def bench_open(name: str, checkpoint: Path, rtts: list[float], runs: int, paid: 
                     InferenceSession.pipelined_open = pipelined
                     firsts[pipelined].append((await remote(model, ids, 2))[1])
         finally:
-            InferenceSession.pipelined_open = False
+            InferenceSession.pipelined_open = True
             await model.aclose()
         return firsts
 

@@ -161,9 +161,9 @@ class Hop:
 class InferenceSession:
     """One request's pipeline: `run_layers(hidden, positions)` runs every layer on the remote route."""
 
-    # True: the first step follows the OPENs without waiting for their answers, one round trip less (bench/wan.py --open
-    # compares the two). Off until a speculative request's tabs over a pipelined open promise only what nodes computed.
-    pipelined_open = False
+    # the first step follows the OPENs without waiting for their answers (False: after every node answered, one more
+    # round trip; bench/wan.py --open compares the two)
+    pipelined_open = True
 
     def __init__(
         self,

@@ -82,7 +82,6 @@ def test_a_full_node_declines_a_session_without_being_marked_failed(nodes, pipel
         infos[1].held = 0  # as if another client held it: this client routes to b, the cheaper node by its own count
         infos[0].held = 3
         session = InferenceSession(infos, 5, DOMAIN, max_length=16, failed=failed)
-        session.pipelined_open = pipelined
         if not pipelined:
             await session.open()
         output = await session.run_layers(torch.randn(1, 2, HIDDEN), torch.arange(2)[None])
