@@ -515,7 +515,7 @@ def test_speculative_steps_pay_every_position_each_node_computes_rejected_drafts
             self.drafter.close()
 
     async def speculate():
-        model = await client_model(market, "frank", spot_check_rate=1.0)
+        model = await client_model(market, "sienna", spot_check_rate=1.0)
         model.max_draft, model.drafter = 4, SpoiledLast
         tokens, completion = await generate(model, PROMPT, 12)
         await model.auditor.wait()
@@ -531,8 +531,8 @@ def test_speculative_steps_pay_every_position_each_node_computes_rejected_drafts
     assert completion.computed_positions == computed
     assert completion.cost == len(RANGES) * PRICE * computed
     capsys.readouterr()
-    frank = market.accounts["frank"]
+    sienna = market.accounts["sienna"]  # a client of its own: what it promised is this request alone
     for name in ("node0", "node1", "node2"):
         market.cli(name, "node", "earnings", "--raw")
-        row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(frank))
+        row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(sienna))
         assert [int(x) for x in row[2:4]] == [PRICE * computed, PRICE * computed]  # served, promised
