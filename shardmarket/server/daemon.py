@@ -127,7 +127,10 @@ class NodeDaemon:
         await runner.setup()
         assert runner.server is not None  # set by setup()
         protocol = doorman.protocol(first_byte_protocol(runner.server, handle_tcp, STREAM_BUFFER))
-        server = await loop.create_server(protocol, self.host, self.port)
+        # A burst of connects past the accept queue waits in the kernel, where no deadline runs, and the SYN-ACKs the
+        # kernel resends back off for seconds: the queue holds as many connections as the doorman would admit.
+        backlog = max(100, self.connection_limits.max_connections)
+        server = await loop.create_server(protocol, self.host, self.port, backlog=backlog)
         self.port = server.sockets[0].getsockname()[1]
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
