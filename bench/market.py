@@ -44,13 +44,8 @@ PRICE = 1000
 
 def _register(market: DevMarket, names_layers: list[tuple[str, str]], model: str) -> None:
     for name, layers in names_layers:
-        market.new_account(name, tokens=100 * 10**18)
-        market.node_port(name)
-        market.cli(name, "node", "register", "--model", model, "--layers", layers, "--price", f"{PRICE}raw", "--stake", "100e18")
-    for name, _ in names_layers:
-        market.start_node(name, wait=False)
-    for name, _ in names_layers:
-        market.wait_ready(market.nodes[name])
+        market.register_node(name, model, layers, PRICE)
+    market.start_nodes([name for name, _ in names_layers])
 
 
 async def _client(market: DevMarket, name: str, checkpoint: Path, model: str) -> RemoteModel:

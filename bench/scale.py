@@ -87,13 +87,8 @@ def start_market(market: DevMarket, root: Path, per_span: int) -> Path:
     market.cli("publisher", "model", "publish", "--checkpoint", str(checkpoint), "--name", MODEL)
     names = [(f"n{s}{i}", f"{start}:{end}") for s, (start, end) in enumerate(SPANS) for i in range(per_span)]
     for name, layers in names:
-        market.new_account(name, tokens=STAKE)
-        market.node_port(name)
-        market.cli(name, "node", "register", "--model", MODEL, "--layers", layers, "--price", f"{PRICE}raw", "--stake", "100e18")
-    for name, _ in names:
-        market.start_node(name, wait=False)
-    for name, _ in names:
-        market.wait_ready(market.nodes[name])
+        market.register_node(name, MODEL, layers, PRICE, STAKE)
+    market.start_nodes([name for name, _ in names])
     return checkpoint
 
 

@@ -7,10 +7,12 @@ local decode ms/token (its compute) plus 3 RTT (relay floor) or 2 RTT (push floo
 local prefill time plus 2 RTT. The switch's delays are checked first with a ping-pong probe while torch keeps every core
 busy. With --speculation it measures instead, on the push route, greedy tokens/s without and with prompt-lookup drafts
 on bench/speculative.py's workloads (REWRITE: drafts help; STORY: they do not) and whether the text is the same; with
---open, the first token of the chat prompt on kept connections, the first step sent right after the OPENs or once every
-node answered. Needs root; prints JSON on its last line.
+--open, the first token of the chat prompt on kept connections and on new ones (the client's kept connections closed, as
+after 30 s idle), the first step sent right after the OPENs or once every node answered. Needs root; prints JSON on its
+last line.
 
-Usage: .venv/bin/python bench/wan.py [--rtts 10,50,100] [--tokens 24] [--runs 3] [--long-prompt 1000] [--model-1b]
+Usage: .venv/bin/python bench/wan.py [--rtts 10,50,100] [--tokens 24] [--runs 3] [--long-prompt 1000]
+                                     [--models smollm2,random1b]
        .venv/bin/python bench/wan.py --speculation --rtts 50 --tokens 48 [--max-draft 8]
        .venv/bin/python bench/wan.py --open --rtts 50 --runs 9
 """
@@ -263,39 +265,55 @@ def bench_speculation(name: str, checkpoint: Path, rtts: list[float], tokens: in
 
 
 def bench_open(name: str, checkpoint: Path, rtts: list[float], runs: int, paid: bool) -> dict:
-    """Per RTT, time to first token of the chat prompt on kept connections (push on), the first step sent right after the
-    OPENs (pipelined) or once every node answered its OPEN (waited), `runs` rounds taking turns; medians, and the median
-    of each round's saving."""
+    """Per RTT, time to first token of the chat prompt (push on) on kept connections and on new ones (the client's pool
+    closed first: a connect and a handshake per hop, and TCP's slow start for the prompt's hidden states), the first step
+    sent right after the OPENs (pipelined) or once every node answered its OPEN (waited), `runs` rounds taking turns;
+    medians, and the median of each round's saving. Against the floor: the local prefill plus 2 RTT."""
     out: dict = {f"{name}_payments": paid}
+    cases = [(connections, pipelined) for connections in ("kept", "new") for pipelined in (False, True)]
 
-    async def measure() -> dict[bool, list[float]]:
+    async def measure() -> dict[tuple[str, bool], list[float]]:
         model = await connect(True)
         ids = model.chat_ids(PROMPT)
-        firsts: dict[bool, list[float]] = {True: [], False: []}
+        firsts: dict[tuple[str, bool], list[float]] = {case: [] for case in cases}
         try:
             await remote(model, ids, 2)  # connects and handshakes: the connections are kept from then on
             for round_ in range(runs):
-                for pipelined in (True, False) if round_ % 2 else (False, True):
+                for connections, pipelined in cases if round_ % 2 else cases[::-1]:
+                    if connections == "new":
+                        await model.channels.close()
                     InferenceSession.pipelined_open = pipelined
-                    firsts[pipelined].append((await remote(model, ids, 2))[1])
+                    firsts[connections, pipelined].append((await remote(model, ids, 2))[1])
         finally:
             InferenceSession.pipelined_open = True
             await model.aclose()
         return firsts
 
+    local = Local(checkpoint)
+    tokenizer = local.head.tokenizer
+    chat = tokenizer.encode(
+        tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    )
+    prefill_s = statistics.median(local.run(chat, 2)[1] for _ in range(runs))
+    del local
     with lab_route(checkpoint, paid) as (lab, connect):
         for rtt in rtts:
             set_rtt(lab, rtt)
             with lab.inside("client"):
                 firsts = asyncio.run(measure())
             key = f"{name}_rtt{rtt:g}_push"
-            figures = {
-                f"{key}_first_token_ms_waited_open": round(statistics.median(firsts[False]) * 1000, 1),
-                f"{key}_first_token_ms_pipelined_open": round(statistics.median(firsts[True]) * 1000, 1),
-                f"{key}_pipelined_open_saves_ms": round(
-                    statistics.median(w - p for w, p in zip(firsts[False], firsts[True], strict=True)) * 1000, 1
-                ),
-            }
+            figures = {f"{key}_first_token_floor_ms": round((prefill_s + 2 * rtt / 1000) * 1000, 1)}
+            for connections in ("kept", "new"):
+                waited, pipelined = firsts[connections, False], firsts[connections, True]
+                figures[f"{key}_{connections}_connections_first_token_ms_waited_open"] = round(
+                    statistics.median(waited) * 1000, 1
+                )
+                figures[f"{key}_{connections}_connections_first_token_ms_pipelined_open"] = round(
+                    statistics.median(pipelined) * 1000, 1
+                )
+                figures[f"{key}_{connections}_connections_pipelined_open_saves_ms"] = round(
+                    statistics.median(w - p for w, p in zip(waited, pipelined, strict=True)) * 1000, 1
+                )
             print(json.dumps(figures), file=sys.stderr, flush=True)
             out.update(figures)
     return out
@@ -385,7 +403,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24, help="new tokens per request")
     parser.add_argument("--runs", type=int, default=3, help="timed requests per case (after one that warms connections)")
     parser.add_argument("--long-prompt", type=int, default=1000, help="tokens of the long prompt timed for its first token")
-    parser.add_argument("--model-1b", action="store_true", help="also the ~1B random Llama (slow on 2 cores)")
+    parser.add_argument(
+        "--models", default="smollm2", help="comma-separated: smollm2, random1b (a ~1B random Llama, slow on 2 cores)"
+    )
     parser.add_argument("--free", action="store_true", help="free nodes, no chain (payments off)")
     parser.add_argument(
         "--speculation",
@@ -408,11 +428,16 @@ def main() -> None:
     rtts = [float(x) for x in args.rtts.split(",")]
     result: dict = {"threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0]}
     result["delay_check"] = measure_delays(rtts)
-    checkpoints = {"smollm2": default_checkpoint()}
-    if args.model_1b:
-        checkpoints["random1b"] = load_config().home / "models" / "random-1b"
-        if not (checkpoints["random1b"] / "config.json").exists():
-            random_checkpoint(CONFIG_1B, checkpoints["random1b"])
+    checkpoints = {}
+    for name in args.models.split(","):
+        if name == "smollm2":
+            checkpoints[name] = default_checkpoint()
+        elif name == "random1b":
+            checkpoints[name] = load_config().home / "models" / "random-1b"
+            if not (checkpoints[name] / "config.json").exists():
+                random_checkpoint(CONFIG_1B, checkpoints[name])
+        else:
+            parser.error(f"unknown model {name!r}: choose smollm2 or random1b")
     for name, checkpoint in checkpoints.items():
         if args.speculation:
             result.update(bench_speculation(name, checkpoint, rtts, args.tokens, args.runs, args.max_draft, not args.free))

@@ -208,11 +208,7 @@ def _demo(args: argparse.Namespace, root: Path) -> int:
         market.cli("publisher", "model", "publish", "--checkpoint", str(checkpoint), "--name", MODEL)
         _say("4 operators create keys, stake and register (3 layer ranges and a spare)")
         for name, layers, price in NODES:
-            market.new_account(name, tokens=STAKE)
-            market.node_port(name)
-            market.cli(
-                name, "node", "register", "--model", MODEL, "--layers", layers, "--price", f"{price}raw", "--stake", f"{STAKE}raw"
-            )
+            market.register_node(name, MODEL, layers, price, STAKE)
         _say("the client creates keys and deposits into the escrow")
         market.new_account("client", tokens=2 * DEPOSIT + BOND)
         market.cli("client", "client", "deposit", f"{DEPOSIT}raw")

@@ -215,6 +215,21 @@ class DevMarket:
             if errors:
                 raise RuntimeError(f"{len(errors)} of {len(body)} calls failed, the first: {errors[0]}")
 
+    def register_node(self, name: str, model: str, layers: str, price: int, stake: int = 100 * 10**18) -> None:
+        """Create operator `name` holding `stake` base units of the token, pick its node's port and register it (`node
+        register`) for `layers` of `model` at `price` base units a token, staking all it holds."""
+        self.new_account(name, tokens=stake)
+        self.node_port(name)
+        register = ["node", "register", "--model", model, "--layers", layers, "--price", f"{price}raw", "--stake", f"{stake}raw"]
+        self.cli(name, *register)
+
+    def start_nodes(self, names: list[str], extra: dict[str, list[str]] | None = None) -> None:
+        """Start every node of `names` (with its `extra` arguments of `node run`) at once; returns once all are ready."""
+        for name in names:
+            self.start_node(name, *(extra or {}).get(name, []), wait=False)
+        for name in names:
+            self.wait_ready(self.nodes[name])
+
     def start_node(self, name: str, *extra: str, wait: bool = True) -> NodeProcess:
         """Start `shardmarket node run` (chain mode) as `name`; returns once it is ready (if `wait`)."""
         log = self.root / f"{name}.log"

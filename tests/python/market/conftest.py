@@ -23,15 +23,8 @@ def serve_market(root, checkpoint, nodes):
         market.new_account("publisher")
         market.cli("publisher", "model", "publish", "--checkpoint", str(checkpoint), "--name", MODEL)
         for name, layers, price, _ in nodes:
-            market.new_account(name, tokens=100 * 10**18)
-            market.node_port(name)
-            market.cli(
-                name, "node", "register", "--model", MODEL, "--layers", layers, "--price", f"{price}raw", "--stake", "100e18"
-            )
-        for name, _, _, extra in nodes:
-            market.start_node(name, *extra, wait=False)
-        for node in market.nodes.values():
-            market.wait_ready(node)
+            market.register_node(name, MODEL, layers, price)
+        market.start_nodes([name for name, *_ in nodes], {name: extra for name, _, _, extra in nodes})
         yield market
     finally:
         market.stop()
