@@ -14,7 +14,7 @@ last line.
 Usage: .venv/bin/python bench/wan.py [--rtts 10,50,100] [--tokens 24] [--runs 3] [--long-prompt 1000]
                                      [--models smollm2,random1b]
        .venv/bin/python bench/wan.py --speculation --rtts 50 --tokens 48 [--max-draft 8]
-       .venv/bin/python bench/wan.py --open --rtts 50 --runs 9
+       .venv/bin/python bench/wan.py --open --rtts 50 --runs 9 [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from shardmarket.engine.head import Head
 from shardmarket.engine.models import random_checkpoint, tiny_config
 from shardmarket.engine.sampling import SamplingParams, generate
 from shardmarket.engine.stage import Stage
+from shardmarket.net.wire import DTYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = Domain(31337, "0x" + "00" * 20)
@@ -92,9 +93,9 @@ def timed(tokens) -> tuple[list[int], float, float]:
 class Local:
     """The whole model in this process (the baseline): one greedy request, its first token and decode timed."""
 
-    def __init__(self, checkpoint: Path) -> None:
+    def __init__(self, checkpoint: Path, dtype: str = "float32") -> None:
         self.head = Head.load(checkpoint)
-        self.stage = Stage.load(checkpoint, 0, self.head.num_layers)
+        self.stage = Stage.load(checkpoint, 0, self.head.num_layers, dtype=DTYPES[dtype])
 
     def head_s(self, repeats: int = 20) -> float:
         """The client's own work per decode token (embedding, LM head, picking the token), median seconds."""
@@ -112,14 +113,18 @@ class Local:
         session = os.urandom(8).hex()
         self.stage.open_session(session, len(ids) + tokens)
         params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+
+        def layers(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # in the stage's dtype, as nodes get it
+            return self.stage.step(session, hidden.to(self.stage.dtype), positions).float()
+
         try:
             with torch.inference_mode():
-                return timed(generate(self.head, lambda h, p: self.stage.step(session, h, p), ids, params))
+                return timed(generate(self.head, layers, ids, params))
         finally:
             self.stage.close_session(session)
 
 
-def start_nodes(lab: WanLab, checkpoint: Path, layers: int, home: Path) -> list[str]:
+def start_nodes(lab: WanLab, checkpoint: Path, layers: int, home: Path, node_args: list[str]) -> list[str]:
     """One node per third of the layers, in namespaces a, b, c, each free to push to the others."""
     urls = {host: f"http://{lab.ip(host)}:{NODE_PORT}" for host in "abc"}
     for host, (start, end) in zip("abc", thirds(layers), strict=True):
@@ -131,7 +136,7 @@ def start_nodes(lab: WanLab, checkpoint: Path, layers: int, home: Path) -> list[
             OMP_WAIT_POLICY="PASSIVE",
         )
         argv = [sys.executable, "-m", "shardmarket", "node", "run", "--checkpoint", str(checkpoint), "--layers", f"{start}:{end}"]
-        argv += ["--host", lab.ip(host), "--port", str(NODE_PORT), "--threads", str(torch.get_num_threads())]
+        argv += ["--host", lab.ip(host), "--port", str(NODE_PORT), "--threads", str(torch.get_num_threads()), *node_args]
         lab.spawn_in(host, argv, f"node-{host}.log", env=env)
     for host, url in urls.items():
         deadline = time.monotonic() + 600
@@ -192,14 +197,15 @@ async def remote(model: RemoteModel, ids: list[int], tokens: int) -> tuple[list[
 
 
 @contextlib.contextmanager
-def lab_route(checkpoint: Path, paid: bool) -> Iterator[tuple[WanLab, Connect]]:
-    """A lab with the client, three nodes (and, paid, a chain) and how to connect a client to its route; torn down after."""
+def lab_route(checkpoint: Path, paid: bool, node_args: list[str] | None = None) -> Iterator[tuple[WanLab, Connect]]:
+    """A lab with the client, three nodes (`node run` given `node_args` too; and, paid, a chain) and how to connect a
+    client to its route; torn down after."""
     hosts = ["client", "a", "b", "c", *(["chain"] if paid else [])]
     with WanLab(hosts, {}) as lab, tempfile.TemporaryDirectory() as home:
         if paid:
-            market, connect = paid_market(lab, checkpoint, Path(home))
+            market, connect = paid_market(lab, checkpoint, Path(home), node_args or [])
         else:
-            urls = start_nodes(lab, checkpoint, Head.load(checkpoint).num_layers, Path(home))
+            urls = start_nodes(lab, checkpoint, Head.load(checkpoint).num_layers, Path(home), node_args or [])
 
             async def connect(push: bool) -> RemoteModel:
                 return await RemoteModel.connect(checkpoint, urls, DOMAIN, step_timeout_s=120, push=push)
@@ -264,12 +270,13 @@ def bench_speculation(name: str, checkpoint: Path, rtts: list[float], tokens: in
     return out
 
 
-def bench_open(name: str, checkpoint: Path, rtts: list[float], runs: int, paid: bool) -> dict:
+def bench_open(name: str, checkpoint: Path, rtts: list[float], runs: int, paid: bool, dtype: str) -> dict:
     """Per RTT, time to first token of the chat prompt (push on) on kept connections and on new ones (the client's pool
     closed first: a connect and a handshake per hop, and TCP's slow start for the prompt's hidden states), the first step
     sent right after the OPENs (pipelined) or once every node answered its OPEN (waited), `runs` rounds taking turns;
-    medians, and the median of each round's saving. Against the floor: the local prefill plus 2 RTT."""
-    out: dict = {f"{name}_payments": paid}
+    medians, and the median of each round's saving. Against the floor: the local prefill plus 2 RTT. The nodes and the
+    local baseline compute in `dtype`, which is also what the hidden states travel in."""
+    out: dict = {f"{name}_payments": paid, f"{name}_dtype": dtype}
     cases = [(connections, pipelined) for connections in ("kept", "new") for pipelined in (False, True)]
 
     async def measure() -> dict[tuple[str, bool], list[float]]:
@@ -289,14 +296,14 @@ def bench_open(name: str, checkpoint: Path, rtts: list[float], runs: int, paid: 
             await model.aclose()
         return firsts
 
-    local = Local(checkpoint)
+    local = Local(checkpoint, dtype)
     tokenizer = local.head.tokenizer
     chat = tokenizer.encode(
         tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False), add_special_tokens=False
     )
     prefill_s = statistics.median(local.run(chat, 2)[1] for _ in range(runs))
     del local
-    with lab_route(checkpoint, paid) as (lab, connect):
+    with lab_route(checkpoint, paid, ["--dtype", dtype]) as (lab, connect):
         for rtt in rtts:
             set_rtt(lab, rtt)
             with lab.inside("client"):
@@ -351,7 +358,7 @@ def figures(name: str, rtt: float, measured: dict, long_prompt: int, head_s: flo
     return out
 
 
-def paid_market(lab: WanLab, checkpoint: Path, root: Path) -> tuple[DevMarket, Connect]:
+def paid_market(lab: WanLab, checkpoint: Path, root: Path, node_args: list[str]) -> tuple[DevMarket, Connect]:
     """A chain (anvil, every contract) in namespace `chain`, the model published, one paid node per third of the layers
     registered at its lab address and started in its namespace, and two funded clients (one relays, one pushes: each
     signs its own tabs). Returns the market and how to connect a paying client."""
@@ -384,7 +391,8 @@ def paid_market(lab: WanLab, checkpoint: Path, root: Path) -> tuple[DevMarket, C
             market.cli(client, "client", "deposit", f"{10**19}raw")
     for host in "abc":
         with lab.inside(host):
-            market.start_node(host, "--checkpoint", str(checkpoint), "--host", lab.ip(host), "--port", str(NODE_PORT), wait=False)
+            where = ["--host", lab.ip(host), "--port", str(NODE_PORT)]
+            market.start_node(host, "--checkpoint", str(checkpoint), *where, *node_args, wait=False)
     for host in "abc":
         market.wait_ready(market.nodes[host])
 
@@ -418,6 +426,12 @@ def main() -> None:
         action="store_true",
         help="instead of relay vs push: first token on kept connections, the first step pipelined after the OPENs or not",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="with --open: what the nodes and the local baseline compute in, and the hidden states travel in",
+    )
     args = parser.parse_args()
     why = missing()
     if why:
@@ -442,7 +456,7 @@ def main() -> None:
         if args.speculation:
             result.update(bench_speculation(name, checkpoint, rtts, args.tokens, args.runs, args.max_draft, not args.free))
         elif args.open:
-            result.update(bench_open(name, checkpoint, rtts, args.runs, not args.free))
+            result.update(bench_open(name, checkpoint, rtts, args.runs, not args.free, args.dtype))
         else:
             result.update(bench_model(name, checkpoint, rtts, args.tokens, args.runs, args.long_prompt, not args.free))
     result["load_average_at_end"] = os.getloadavg()[0]  # other work on the machine skews every ratio
