@@ -124,7 +124,7 @@ class Local:
             self.stage.close_session(session)
 
 
-def start_nodes(lab: WanLab, checkpoint: Path, layers: int, home: Path, node_args: list[str]) -> list[str]:
+def start_nodes(lab: WanLab, checkpoint: Path, layers: int, home: Path, node_args: list[str] | None = None) -> list[str]:
     """One node per third of the layers, in namespaces a, b, c, each free to push to the others."""
     urls = {host: f"http://{lab.ip(host)}:{NODE_PORT}" for host in "abc"}
     for host, (start, end) in zip("abc", thirds(layers), strict=True):
@@ -136,7 +136,7 @@ def start_nodes(lab: WanLab, checkpoint: Path, layers: int, home: Path, node_arg
             OMP_WAIT_POLICY="PASSIVE",
         )
         argv = [sys.executable, "-m", "shardmarket", "node", "run", "--checkpoint", str(checkpoint), "--layers", f"{start}:{end}"]
-        argv += ["--host", lab.ip(host), "--port", str(NODE_PORT), "--threads", str(torch.get_num_threads()), *node_args]
+        argv += ["--host", lab.ip(host), "--port", str(NODE_PORT), "--threads", str(torch.get_num_threads()), *(node_args or [])]
         lab.spawn_in(host, argv, f"node-{host}.log", env=env)
     for host, url in urls.items():
         deadline = time.monotonic() + 600
