@@ -118,7 +118,6 @@ class StageWorker:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             first = await self._queue.get()
             batch = [first]
@@ -132,16 +131,10 @@ class StageWorker:
             elif first.parts or first.hidden.shape[1] > self.prefill_chunk:
                 await self._prefill_chunk(first)
                 continue
-            self._running = True
-            try:
-                outputs, elapsed = await loop.run_in_executor(self._executor, self._compute, batch)
-            except Exception as exc:  # engine errors go back to each waiting step
-                for item in batch:
-                    if item.done is not None and not item.done.done():
-                        item.done.set_exception(exc)
+            computed = await self._execute(batch, batch)
+            if computed is None:
                 continue
-            finally:
-                self._running = False
+            outputs, elapsed = computed
             if first.decode:
                 self._timed_decode(elapsed)
             for item, output in zip(batch, outputs, strict=True):
@@ -153,21 +146,30 @@ class StageWorker:
         decode batch and each other prefill gets a turn before its next chunk."""
         size = self.prefill_chunk
         chunk = _Work(item.session_id, item.hidden[:, :size], item.positions[:, :size], None)
-        self._running = True
-        try:
-            outputs, elapsed = await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, [chunk])
-        except Exception as exc:
-            if item.done is not None and not item.done.done():
-                item.done.set_exception(exc)
+        computed = await self._execute([chunk], [item])
+        if computed is None:
             return
-        finally:
-            self._running = False
+        outputs, elapsed = computed
         rest = _Work(item.session_id, item.hidden[:, size:], item.positions[:, size:], item.done, [*item.parts, outputs[0]])
         rest.elapsed = item.elapsed + elapsed
         if rest.hidden.shape[1]:
             self._queue.put_nowait(rest)
         elif item.done is not None and not item.done.done():
             item.done.set_result((torch.cat(rest.parts, dim=1), rest.elapsed))
+
+    async def _execute(self, batch: list[_Work], waiting: list[_Work]) -> tuple[list[torch.Tensor], float] | None:
+        """Compute `batch` on the engine's thread: its outputs and the seconds it took, or None after an engine error,
+        which goes back to each step of `waiting`."""
+        self._running = True
+        try:
+            return await self.call(self._compute, batch)
+        except Exception as exc:  # engine errors go back to each waiting step
+            for item in waiting:
+                if item.done is not None and not item.done.done():
+                    item.done.set_exception(exc)
+            return None
+        finally:
+            self._running = False
 
     def _timed_decode(self, elapsed: float) -> None:
         elapsed_ms = elapsed * 1000
