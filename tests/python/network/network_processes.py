@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +99,13 @@ def wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 1
 def wait_ready(*nodes: NodeProcess) -> None:
     for node in nodes:
         wait_http(f"{node.url}/health", node.process, node.log)
+
+
+@contextlib.contextmanager
+def running(*nodes: NodeProcess) -> Iterator[None]:
+    """Wait until every one of `nodes` is ready; stop them all on leaving, also when one never got ready."""
+    try:
+        wait_ready(*nodes)
+        yield
+    finally:
+        stop_all(list(nodes))

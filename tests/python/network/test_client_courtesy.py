@@ -18,7 +18,7 @@ from shardmarket.client.session import InferenceSession, RequestRefused
 from shardmarket.engine.sampling import SamplingParams
 from shardmarket.net.channel import ChannelPool
 
-from network_processes import ROOT, child_env, free_port, get_json, start_node, stop_all, wait_http, wait_ready
+from network_processes import ROOT, child_env, free_port, get_json, running, start_node, wait_http
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)  # what nodes use when no DisputeManager is deployed
 HIDDEN, CONTEXT = 64, 512  # tiny_config's hidden size and max_position_embeddings
@@ -29,11 +29,8 @@ API_KEY = "courtesy-key"
 def nodes(tiny, tmp_path_factory):
     home = tmp_path_factory.mktemp("courtesy")
     nodes = [start_node(tiny, "0:2", home / "a"), start_node(tiny, "2:5", home / "b")]
-    try:
-        wait_ready(*nodes)
+    with running(*nodes):
         yield nodes
-    finally:
-        stop_all(nodes)
 
 
 def run(coro):

@@ -15,7 +15,7 @@ from shardmarket.engine.sampling import SamplingParams
 from shardmarket.engine.stage import Stage
 from shardmarket.net.relay import ForwardProxy
 
-from network_processes import start_node, stop_all, wait_ready
+from network_processes import running, start_node
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)
 PROMPT = "my password is hunter2"
@@ -44,11 +44,8 @@ class RecordingRelay(ForwardProxy):
 def nodes(tiny, tmp_path_factory):
     home = tmp_path_factory.mktemp("hidden")
     started = [start_node(tiny, "0:2", home / "a"), start_node(tiny, "2:5", home / "b")]
-    try:
-        wait_ready(*started)
+    with running(*started):
         yield started
-    finally:
-        stop_all(started)
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ws"])

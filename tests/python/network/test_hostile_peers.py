@@ -18,7 +18,7 @@ from shardmarket.net import wire
 from shardmarket.net.channel import SESSION_PATH, ChannelClosed, SecureChannel, StreamTransport, client_handshake
 from shardmarket.net.wire import Message
 
-from network_processes import get_json, start_node, wait_ready
+from network_processes import get_json, running, start_node
 
 HIDDEN = 64  # tiny_config's hidden size
 SETTINGS = {
@@ -40,9 +40,8 @@ WS_UPGRADE = (
 @pytest.fixture(scope="module")
 def node(tiny, tmp_path_factory):
     process = start_node(tiny, "0:5", tmp_path_factory.mktemp("guarded"), settings=SETTINGS)
-    wait_ready(process)
-    yield process
-    process.stop()
+    with running(process):
+        yield process
 
 
 def run(coro):
@@ -207,9 +206,8 @@ def full_node(tiny, tmp_path_factory):
     """A node with few connection slots and a handshake deadline longer than the test, so only eviction frees a slot."""
     settings = {"max_connections": 12, "max_handshakes_per_address": 4, "handshake_timeout_s": 60}
     process = start_node(tiny, "0:5", tmp_path_factory.mktemp("full"), settings=settings)
-    wait_ready(process)
-    yield process
-    process.stop()
+    with running(process):
+        yield process
 
 
 async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:

@@ -14,7 +14,7 @@ from shardmarket.client.failures import RecentFailures
 from shardmarket.client.routing import discover
 from shardmarket.client.session import InferenceSession
 
-from network_processes import get_json, start_node, stop_all, wait_ready
+from network_processes import get_json, running, start_node
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)
 HIDDEN = 64
@@ -26,11 +26,8 @@ def nodes(tiny, tmp_path_factory):
     home = tmp_path_factory.mktemp("load")
     nodes = [start_node(tiny, "0:5", home / name) for name in "ab"]
     nodes.append(start_node(tiny, "0:5", home / "c", settings={"max_sessions": 1}))
-    try:
-        wait_ready(*nodes)
+    with running(*nodes):
         yield nodes
-    finally:
-        stop_all(nodes)
 
 
 def run(coro):

@@ -32,7 +32,7 @@ from shardmarket.net.channel import ChannelClosed, ChannelPool, KeyMismatch, Sec
 from shardmarket.net.crypto import public_bytes
 from shardmarket.net.wire import Message
 
-from network_processes import get_json, start_node, wait_ready
+from network_processes import get_json, running, start_node, wait_ready
 
 HIDDEN = 64  # tiny_config's hidden size
 
@@ -40,9 +40,8 @@ HIDDEN = 64  # tiny_config's hidden size
 @pytest.fixture(scope="module")
 def node(tiny, tmp_path_factory):
     process = start_node(tiny, "0:2", tmp_path_factory.mktemp("protocol-node"))
-    wait_ready(process)
-    yield process
-    process.stop()
+    with running(process):
+        yield process
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from shardmarket.engine.head import Head
 from shardmarket.engine.sampling import SamplingParams, generate
 from shardmarket.engine.stage import Stage
 
-from network_processes import ROOT, child_env, free_port, start_node, stop_all, wait_http, wait_ready
+from network_processes import ROOT, child_env, free_port, running, start_node, wait_http, wait_ready
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)  # what nodes use when no DisputeManager is deployed
 QUESTION = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -46,11 +46,8 @@ def cluster(smollm, tmp_path_factory):
         "forger": start_node(smollm, "10:20", home / "forger", "--test-fault", "forge-commitments"),
         "last-forger": start_node(smollm, "20:30", home / "last-forger", "--test-fault", "forge-commitments"),
     }
-    try:
-        wait_ready(*nodes.values())
+    with running(*nodes.values()):
         yield nodes
-    finally:
-        stop_all(list(nodes.values()))
 
 
 @pytest.fixture(scope="module")

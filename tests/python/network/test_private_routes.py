@@ -10,7 +10,7 @@ import sys
 import openai
 import pytest
 
-from network_processes import ROOT, child_env, free_port, start_node, stop_all, wait_http, wait_ready
+from network_processes import ROOT, child_env, free_port, running, start_node, wait_http
 
 API_KEY = "private-key-123"
 QUESTION = [{"role": "user", "content": "My password is hunter2. What is it?"}]
@@ -26,11 +26,8 @@ def market(tiny, tmp_path_factory):
         "u0": start_node(tiny, "0:2", home / "u0", "--price", "1"),
         "u1": start_node(tiny, "2:5", home / "u1", "--price", "1"),
     }
-    try:
-        wait_ready(*nodes.values())
+    with running(*nodes.values()):
         yield nodes
-    finally:
-        stop_all(list(nodes.values()))
 
 
 def frames(market) -> dict[str, int]:

@@ -20,7 +20,7 @@ from shardmarket.net import wire
 from shardmarket.net.channel import SecureChannel, client_handshake, open_transport
 from shardmarket.net.wire import Message
 
-from network_processes import free_port, start_node, stop_all, wait_ready
+from network_processes import free_port, running, start_node
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)
 HIDDEN = 64  # tiny_config's hidden size
@@ -44,11 +44,8 @@ def chain(tiny, tmp_path_factory):
         )
         for name in "abcdf"
     }
-    try:
-        wait_ready(*nodes.values())
+    with running(*nodes.values()):
         yield nodes
-    finally:
-        stop_all(list(nodes.values()))
 
 
 @dataclass

@@ -21,7 +21,7 @@ from shardmarket.net import wire
 from shardmarket.net.channel import client_handshake, open_transport
 from shardmarket.net.wire import Message
 
-from network_processes import start_node, wait_ready
+from network_processes import running, start_node
 
 HIDDEN = 64  # tiny_config's hidden size
 
@@ -29,9 +29,8 @@ HIDDEN = 64  # tiny_config's hidden size
 @pytest.fixture(scope="module")
 def node(tiny, tmp_path_factory):
     process = start_node(tiny, "0:2", tmp_path_factory.mktemp("rollback-node"))
-    wait_ready(process)
-    yield process
-    process.stop()
+    with running(process):
+        yield process
 
 
 async def exchange(node, info, steps: list[tuple[int, torch.Tensor]], then: list[int]) -> tuple[bytes, bytes, list, list]:

@@ -15,7 +15,7 @@ from shardmarket.client.api import build_api
 from shardmarket.client.generation import Completion, RemoteModel
 from shardmarket.engine.sampling import SamplingParams
 
-from network_processes import free_port, start_node, stop_all, wait_ready
+from network_processes import free_port, running, start_node
 
 DOMAIN = Domain(31337, "0x" + "00" * 20)
 TEXT = (
@@ -43,11 +43,8 @@ def route(smollm, tmp_path_factory):
         start_node(smollm, layers, home / layers.replace(":", "-"), port=port, settings={"peers": ",".join(urls[i + 1 : i + 2])})
         for i, (layers, port) in enumerate(zip(spans, ports, strict=True))
     ]
-    try:
-        wait_ready(*nodes)
+    with running(*nodes):
         yield [node.url for node in nodes]
-    finally:
-        stop_all(nodes)
 
 
 async def complete(model: RemoteModel, prompt: str) -> tuple[list[int], Completion]:
